@@ -1,0 +1,1 @@
+"""C++/CUDA sources of semask_fast (installed as data; compiled just in time)."""

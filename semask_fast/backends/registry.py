@@ -1,0 +1,139 @@
+"""Which implementations exist, and which one serves a call.
+
+Implementations register themselves with :func:`register` when their module is
+imported; the modules are listed in ``IMPLEMENTATION_MODULES`` and imported on
+first use (a kernel module is never imported before the user asks for it, so
+``TRITON_INTERPRET`` can still be set).  Selection walks ``BACKENDS`` in
+priority order and takes the first implementation with no reasons against the
+inputs; an automatic fallback to the reference warns once with the reasons, and
+an explicitly requested backend that cannot serve raises them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+import warnings
+from typing import Any, Dict, List, Optional, Type
+
+from .base import OpImpl
+
+#: Priority order for ``backend="auto"``.
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+
+#: Public ops, in the order tables print them.
+OPS = (
+    "window_attention",
+    "window_partition",
+    "window_merge",
+    "shifted_window_attention",
+    "semantic_attention",
+    "atm_attention",
+    "mask_similarity",
+)
+
+#: Modules whose import registers implementations.  A module that does not
+#: exist yet simply registers nothing: its ops report "no implementation".
+IMPLEMENTATION_MODULES = (
+    "semask_fast.backends.reference",
+    "semask_fast.backends.triton.window_attention",
+    "semask_fast.backends.triton.window_process",
+    "semask_fast.backends.triton.semantic_attention",
+    "semask_fast.backends.triton.atm_attention",
+    "semask_fast.backends.triton.mask_similarity",
+    "semask_fast.backends.cuda",
+)
+
+_IMPLS: Dict[str, Dict[str, OpImpl]] = {op: {} for op in OPS}
+_loaded = False
+_lock = threading.Lock()
+_warned: set = set()
+
+
+class BackendNotSupportedError(ValueError):
+    """No backend (or not the requested one) can serve these inputs."""
+
+
+def register(cls: Type[OpImpl]) -> Type[OpImpl]:
+    """Class decorator: make an implementation selectable."""
+    if cls.op not in _IMPLS:
+        raise ValueError(f"unknown op {cls.op!r} (known: {', '.join(OPS)})")
+    if cls.backend not in BACKENDS:
+        raise ValueError(f"unknown backend {cls.backend!r} (known: {', '.join(BACKENDS)})")
+    _IMPLS[cls.op][cls.backend] = cls()
+    return cls
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    with _lock:
+        if _loaded:
+            return
+        for name in IMPLEMENTATION_MODULES:
+            try:
+                importlib.import_module(name)
+            except ModuleNotFoundError as e:
+                # Only the listed module itself may be missing; a missing
+                # dependency inside it is a real error.
+                if e.name != name:
+                    raise
+        _loaded = True
+
+
+def implementation(op: str, backend: str) -> Optional[OpImpl]:
+    _load()
+    return _IMPLS[op].get(backend)
+
+
+def reasons(op: str, backend: str, inp: Any = None) -> List[str]:
+    """Why ``backend`` cannot serve ``op`` (for ``inp``, or in general when None)."""
+    impl = implementation(op, backend)
+    if impl is None:
+        return [f"no {backend} implementation of {op}"]
+    if inp is None:
+        return impl.availability_reasons()
+    return impl.not_supported_reasons(inp)
+
+
+def select(op: str, inp: Any, backend: str = "auto") -> OpImpl:
+    """The implementation that serves this call (see the module docstring)."""
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not a backend (expected 'auto' or one of {BACKENDS})")
+        why = reasons(op, backend, inp)
+        if why:
+            raise BackendNotSupportedError(
+                f"{op}: backend '{backend}' cannot serve these inputs ({inp.describe()}): " + "; ".join(why))
+        return implementation(op, backend)
+
+    rejected: Dict[str, List[str]] = {}
+    for name in BACKENDS:
+        impl = implementation(op, name)
+        if impl is not None and not impl.auto_select:
+            continue
+        why = reasons(op, name, inp)
+        if not why:
+            if name == "reference" and rejected:
+                _warn_fallback(op, rejected)
+            return impl
+        rejected[name] = why
+    raise BackendNotSupportedError(
+        f"{op}: no backend can serve these inputs ({inp.describe()}): "
+        + " | ".join(f"{n}: {'; '.join(r)}" for n, r in rejected.items()))
+
+
+def _warn_fallback(op: str, rejected: Dict[str, List[str]]) -> None:
+    text = "; ".join(f"{n}: {', '.join(r)}" for n, r in rejected.items())
+    key = (op, text)
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(f"semask_fast.{op}: falling back to the reference backend ({text})",
+                  RuntimeWarning, stacklevel=5)
+
+
+def available_backends() -> Dict[str, Dict[str, List[str]]]:
+    """op -> backend -> reasons it is unavailable on this machine ([] = available)."""
+    return {op: {b: reasons(op, b) for b in BACKENDS} for op in OPS}

@@ -1,0 +1,60 @@
+"""The triton backend: what every Triton implementation shares.
+
+Each op's implementation lives in a module of this package (registered through
+``registry.IMPLEMENTATION_MODULES``) and launches kernels from
+``semask_fast.kernels``.  On a machine without a CUDA device the backend runs
+on CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1`` was set
+before the kernels were imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from functools import lru_cache
+from typing import FrozenSet, List
+
+import torch
+
+from ..base import KernelImpl
+
+INTERPRET_HINT = "set TRITON_INTERPRET=1 before importing semask_fast to run Triton's interpreter on CPU tensors"
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in the interpreter (decided when the kernels were imported)."""
+    kernels = sys.modules.get("semask_fast.kernels")
+    if kernels is not None:
+        return kernels.INTERPRETED
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@lru_cache(maxsize=None)
+def _static_reasons() -> tuple:
+    if importlib.util.find_spec("triton") is None:
+        return ("triton is not installed (pip install triton)",)
+    return ()
+
+
+def triton_reasons() -> List[str]:
+    """Reasons the triton backend cannot run at all on this machine."""
+    reasons = list(_static_reasons())
+    if reasons or interpreting():
+        return reasons
+    if not torch.cuda.is_available():
+        return [f"no CUDA device ({INTERPRET_HINT})"]
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return [f"compute capability {major}.{minor} (needs >= 8.0)"]
+    return []
+
+
+class TritonImpl(KernelImpl):
+    backend = "triton"
+
+    def availability_reasons(self) -> List[str]:
+        return triton_reasons()
+
+    def supported_devices(self) -> FrozenSet[str]:
+        return frozenset({"cpu"}) if interpreting() else frozenset({"cuda"})

@@ -1,0 +1,133 @@
+"""Input validation and dispatch shared by the public ops.
+
+Every check raises a ``ValueError`` (``TypeError`` for wrong types) whose
+message names the argument and says what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Optional, Tuple
+
+import torch
+
+from ..backends import registry
+from ..backends.base import FLOAT_DTYPES, note_ran
+
+Pair = Tuple[int, int]
+
+_ALL_FLOAT = FLOAT_DTYPES | {torch.float64}
+
+
+def to_pair(name: str, value: Any, *, minimum: int = 0) -> Pair:
+    """An int or an (h, w) pair of ints, each >= minimum."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        value = (value, value)
+    try:
+        pair = tuple(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if any(v < minimum for v in pair):
+        raise ValueError(f"{name} must be >= {minimum} on both axes, got {pair}")
+    return pair  # type: ignore[return-value]
+
+
+def check_tensor(name: str, t: Any, ndim: int, layout: str) -> torch.Tensor:
+    """A floating tensor of rank ``ndim``; ``layout`` names the dims for the message."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have shape {layout} ({ndim} dims), got shape {tuple(t.shape)}")
+    if t.dtype not in _ALL_FLOAT:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    return t
+
+
+def check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, *, dtype: bool = True) -> None:
+    """Same device (and dtype) as the reference argument."""
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; all inputs must share a device")
+    if dtype and t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
+
+
+def check_dim(name: str, t: torch.Tensor, dim: int, expected: int, what: str) -> None:
+    if t.shape[dim] != expected:
+        raise ValueError(f"{name} must have {what} = {expected} in dim {dim}, got shape {tuple(t.shape)}")
+
+
+def check_probability(name: str, p: Any) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {p!r}")
+    return float(p)
+
+
+def check_scale(name: str, scale: Any, default: float) -> float:
+    if scale is None:
+        return default
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{name} must be a float or None, got {scale!r}")
+    return float(scale)
+
+
+def _describe_value(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"{tuple(v.shape)} {str(v.dtype).replace('torch.', '')} {v.device.type}"
+    return repr(v)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpInputs:
+    """Validated inputs of one call.  Subclasses list their tensors first."""
+
+    #: Names of the tensor fields autograd differentiates, in order.
+    grad_fields: ClassVar[Tuple[str, ...]] = ()
+
+    def differentiable(self) -> Tuple[Optional[torch.Tensor], ...]:
+        return tuple(getattr(self, f) for f in self.grad_fields)
+
+    @property
+    def main(self) -> torch.Tensor:
+        return getattr(self, self.grad_fields[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.main.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.main.dtype
+
+    @property
+    def is_empty(self) -> bool:
+        return any(t is not None and t.numel() == 0 for t in self.differentiable())
+
+    def replace(self, **changes: Any) -> "OpInputs":
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        parts = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is not None:
+                parts.append(f"{f.name}={_describe_value(v)}")
+        return ", ".join(parts)
+
+
+def dispatch(op: str, inp: OpInputs, backend: str) -> Tuple[torch.Tensor, ...]:
+    """Select the implementation for ``inp`` and run it; outputs as a tuple."""
+    if inp.is_empty:
+        # Nothing to compute: the reference returns correctly shaped empty
+        # outputs (and gradients) for any backend.
+        return registry.implementation(op, "reference").run(inp)
+    return registry.select(op, inp, backend).run(inp)
+
+
+__all__ = [
+    "Pair", "to_pair", "check_tensor", "check_like", "check_dim", "check_probability", "check_scale",
+    "OpInputs", "dispatch", "note_ran",
+]

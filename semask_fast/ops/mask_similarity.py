@@ -1,0 +1,61 @@
+"""Segmenter's normalised patch-class similarity: public op and inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from ._common import OpInputs, check_like, check_tensor, dispatch
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSimilarityInputs(OpInputs):
+    patches: torch.Tensor
+    classes: torch.Tensor
+    norm_weight: Optional[torch.Tensor]
+    norm_bias: Optional[torch.Tensor]
+    norm: bool
+    norm_eps: float
+
+    grad_fields = ("patches", "classes", "norm_weight", "norm_bias")
+
+
+def mask_similarity(patches: torch.Tensor, classes: torch.Tensor, *, norm: bool = False,
+                    norm_weight: Optional[torch.Tensor] = None, norm_bias: Optional[torch.Tensor] = None,
+                    norm_eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
+    """Segmenter's masks ``(p / |p|) @ (c / |c|)^T`` (no epsilon, as the official code).
+
+    Args:
+        patches: (B, Np, D) projected patch features.
+        classes: (B, K, D) projected class embeddings.
+        norm: apply Segmenter's ``mask_norm`` (LayerNorm over K) as an epilogue.
+        norm_weight, norm_bias: (K,) affine parameters of that LayerNorm, optional.
+        norm_eps: its epsilon.
+
+    Returns:
+        (B, Np, K), differentiable in every tensor argument.
+    """
+    check_tensor("patches", patches, 3, "(B, Np, D)")
+    check_tensor("classes", classes, 3, "(B, K, D)")
+    check_like("classes", classes, "patches", patches)
+    if classes.shape[0] != patches.shape[0] or classes.shape[2] != patches.shape[2]:
+        raise ValueError(f"classes must have shape (B, K, D) = ({patches.shape[0]}, K, {patches.shape[2]}) "
+                         f"to match patches, got {tuple(classes.shape)}")
+    kcls = classes.shape[1]
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if t is None:
+            continue
+        if not norm:
+            raise ValueError(f"{name} is given but norm=False")
+        check_tensor(name, t, 1, f"({kcls},)")
+        check_like(name, t, "patches", patches, dtype=False)
+        if t.shape[0] != kcls:
+            raise ValueError(f"{name} must have shape ({kcls},), got {tuple(t.shape)}")
+    inp = MaskSimilarityInputs(patches=patches, classes=classes, norm_weight=norm_weight, norm_bias=norm_bias,
+                               norm=bool(norm), norm_eps=float(norm_eps))
+    return dispatch("mask_similarity", inp, backend)[0]
+
+
+__all__ = ["mask_similarity", "MaskSimilarityInputs"]

@@ -1,0 +1,95 @@
+"""Zero-copy shifted-window attention on the image layout: public op and inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from ._common import (OpInputs, Pair, check_like, check_probability, check_scale, check_tensor, dispatch,
+                      to_pair)
+from .window_process import padded_grid
+
+
+@dataclasses.dataclass(frozen=True)
+class ShiftedWindowAttentionInputs(OpInputs):
+    qkv: torch.Tensor
+    bias_table: Optional[torch.Tensor]
+    qkv_bias: Optional[torch.Tensor]
+    num_heads: int
+    window_size: Pair
+    shift_size: Pair
+    pad_then_roll: bool
+    scale: float
+    mask_value: float
+    dropout_p: float
+
+    grad_fields = ("qkv", "bias_table", "qkv_bias")
+
+    @property
+    def head_dim(self) -> int:
+        return self.qkv.shape[-1] // (3 * self.num_heads)
+
+    @property
+    def grid(self) -> Pair:
+        return padded_grid(self.qkv.shape[1], self.qkv.shape[2], self.window_size)
+
+
+def shifted_window_attention(qkv: torch.Tensor, bias_table: Optional[torch.Tensor] = None, *, num_heads: int,
+                             window_size, shift_size=0, pad_then_roll: bool = True,
+                             qkv_bias: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                             mask_value: float = -100.0, dropout_p: float = 0.0,
+                             backend: str = "auto") -> torch.Tensor:
+    """Swin (S)W-MSA straight from the qkv projection's image layout.
+
+    Equivalent to pad/roll -> :func:`window_partition` -> :func:`window_attention`
+    with the shift mask -> :func:`window_merge`, without the copies.
+
+    Args:
+        qkv: (B, H, W, 3*h*d), channels [q | k | v], each head-major (timm's
+            ``qkv`` Linear applied to the unpadded image), any H, W.
+        bias_table: ((2Wh-1)(2Ww-1), h) relative-position bias table, optional.
+        num_heads: h.
+        window_size, shift_size, pad_then_roll: as :func:`window_partition`.
+        qkv_bias: (3*h*d,) bias of the qkv projection: padded tokens are zero
+            before the projection, so they carry this value (zero when None).
+        scale, mask_value, dropout_p: as :func:`window_attention`.
+
+    Returns:
+        (B, H, W, h*d) attention output, un-rolled and cropped (before ``proj``).
+    """
+    check_tensor("qkv", qkv, 4, "(B, H, W, 3*heads*head_dim)")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    c3 = qkv.shape[-1]
+    if c3 % (3 * num_heads):
+        raise ValueError(f"qkv's last dim must be 3*num_heads*head_dim, got {c3} with num_heads={num_heads}")
+    ws = to_pair("window_size", window_size, minimum=1)
+    shift = to_pair("shift_size", shift_size)
+    if any(s >= w for s, w in zip(shift, ws)):
+        raise ValueError(f"shift_size must be smaller than window_size {ws} on both axes, got {shift}")
+    if not isinstance(pad_then_roll, bool):
+        raise TypeError(f"pad_then_roll must be a bool, got {pad_then_roll!r}")
+    if bias_table is not None:
+        check_tensor("bias_table", bias_table, 2, "((2Wh-1)*(2Ww-1), heads)")
+        check_like("bias_table", bias_table, "qkv", qkv, dtype=False)
+        rows = (2 * ws[0] - 1) * (2 * ws[1] - 1)
+        if tuple(bias_table.shape) != (rows, num_heads):
+            raise ValueError(f"bias_table must have shape ({rows}, {num_heads}), got {tuple(bias_table.shape)}")
+        if bias_table.dtype not in (qkv.dtype, torch.float32):
+            raise TypeError(f"bias_table must have qkv's dtype {qkv.dtype} or float32, got {bias_table.dtype}")
+    if qkv_bias is not None:
+        check_tensor("qkv_bias", qkv_bias, 1, f"({c3},)")
+        check_like("qkv_bias", qkv_bias, "qkv", qkv, dtype=False)
+        if qkv_bias.shape[0] != c3:
+            raise ValueError(f"qkv_bias must have shape ({c3},), got {tuple(qkv_bias.shape)}")
+    d = c3 // (3 * num_heads)
+    inp = ShiftedWindowAttentionInputs(
+        qkv=qkv, bias_table=bias_table, qkv_bias=qkv_bias, num_heads=num_heads, window_size=ws,
+        shift_size=shift, pad_then_roll=pad_then_roll, scale=check_scale("scale", scale, d ** -0.5),
+        mask_value=float(mask_value), dropout_p=check_probability("dropout_p", dropout_p))
+    return dispatch("shifted_window_attention", inp, backend)[0]
+
+
+__all__ = ["shifted_window_attention", "ShiftedWindowAttentionInputs"]

@@ -1,0 +1,119 @@
+"""Swin (shifted-)window attention: the public op and its validated inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from ._common import (OpInputs, Pair, check_like, check_probability, check_scale, check_tensor, dispatch,
+                      to_pair)
+
+_QKV = "(B*nW, heads, N, head_dim)"
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowAttentionInputs(OpInputs):
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    bias_table: Optional[torch.Tensor]
+    mask: Optional[torch.Tensor]
+    window_size: Pair
+    shift_size: Pair
+    grid: Optional[Pair]
+    scale: float
+    mask_value: float
+    dropout_p: float
+
+    grad_fields = ("q", "k", "v", "bias_table")
+
+    @property
+    def num_windows(self) -> Optional[int]:
+        """Windows per image (nW), when known from the grid or the mask."""
+        if self.mask is not None:
+            return self.mask.shape[0]
+        if self.grid is not None:
+            return self.grid[0] * self.grid[1]
+        return None
+
+    @property
+    def shifted(self) -> bool:
+        """True when the shift mask is computed from (grid, window, shift)."""
+        return self.mask is None and any(self.shift_size)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: Optional[torch.Tensor] = None,
+                     *, window_size, shift_size=0, grid=None, mask: Optional[torch.Tensor] = None,
+                     scale: Optional[float] = None, mask_value: float = -100.0, dropout_p: float = 0.0,
+                     backend: str = "auto") -> torch.Tensor:
+    """Swin W-MSA / SW-MSA attention inside windows.
+
+    ``out = dropout(softmax(scale * q @ k^T + bias + mask)) @ v`` per window and head.
+
+    Args:
+        q, k, v: (B*nW, h, N, d), N = Wh*Ww; window index varies fastest in the
+            batch (official ``window_partition`` order).
+        bias_table: ((2Wh-1)(2Ww-1), h) relative-position bias table, gathered
+            with the official index; same dtype as q, or float32.  Optional.
+        window_size: Wh, Ww (int or pair).
+        shift_size: cyclic shift (int or pair).  When > 0, the official SW-MSA
+            mask (0 within a region, ``mask_value`` across) is derived from ``grid``.
+        grid: (nWh, nWw) windows per image; required when ``shift_size`` > 0.
+        mask: explicit additive mask (nW, N, N), as timm's ``WindowAttention``
+            receives it; exclusive with ``shift_size`` > 0.
+        scale: logit scale, default d ** -0.5 (applied to q before the product).
+        mask_value: value of the computed shift mask across regions (official: -100).
+        dropout_p: attention dropout probability (pass 0 in eval mode).
+        backend: ``"auto"`` or one of ``semask_fast.backends.registry.BACKENDS``.
+
+    Returns:
+        (B*nW, h, N, d), differentiable in q, k, v and bias_table.
+    """
+    check_tensor("q", q, 4, _QKV)
+    check_tensor("k", k, 4, _QKV)
+    check_tensor("v", v, 4, _QKV)
+    for name, t in (("k", k), ("v", v)):
+        check_like(name, t, "q", q)
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
+    b_, h, n, d = q.shape
+    ws = to_pair("window_size", window_size, minimum=1)
+    shift = to_pair("shift_size", shift_size)
+    if n != ws[0] * ws[1]:
+        raise ValueError(f"q must have N = Wh*Ww = {ws[0] * ws[1]} tokens for window_size={ws}, got N={n}")
+    if any(s >= w for s, w in zip(shift, ws)):
+        raise ValueError(f"shift_size must be smaller than window_size {ws} on both axes, got {shift}")
+    if bias_table is not None:
+        check_tensor("bias_table", bias_table, 2, "((2Wh-1)*(2Ww-1), heads)")
+        check_like("bias_table", bias_table, "q", q, dtype=False)
+        rows = (2 * ws[0] - 1) * (2 * ws[1] - 1)
+        if tuple(bias_table.shape) != (rows, h):
+            raise ValueError(f"bias_table must have shape ({rows}, {h}) for window_size={ws} and {h} heads, "
+                             f"got {tuple(bias_table.shape)}")
+        if bias_table.dtype not in (q.dtype, torch.float32):
+            raise TypeError(f"bias_table must have q's dtype {q.dtype} or float32, got {bias_table.dtype}")
+    if grid is not None:
+        grid = to_pair("grid", grid, minimum=1)
+        if b_ % (grid[0] * grid[1]):
+            raise ValueError(f"grid={grid} means {grid[0] * grid[1]} windows per image, which does not "
+                             f"divide the batch B*nW={b_} of q")
+    if mask is not None:
+        if any(shift):
+            raise ValueError("pass either mask or shift_size > 0 (with grid), not both")
+        check_tensor("mask", mask, 3, "(nW, N, N)")
+        check_like("mask", mask, "q", q, dtype=False)
+        if mask.shape[1:] != (n, n) or mask.shape[0] == 0 or b_ % mask.shape[0]:
+            raise ValueError(f"mask must have shape (nW, {n}, {n}) with nW dividing B*nW={b_}, "
+                             f"got {tuple(mask.shape)}")
+    elif any(shift) and grid is None:
+        raise ValueError("grid=(nWh, nWw) is required when shift_size > 0 (the shift mask depends on it)")
+    inp = WindowAttentionInputs(
+        q=q, k=k, v=v, bias_table=bias_table, mask=mask, window_size=ws, shift_size=shift, grid=grid,
+        scale=check_scale("scale", scale, d ** -0.5), mask_value=float(mask_value),
+        dropout_p=check_probability("dropout_p", dropout_p))
+    return dispatch("window_attention", inp, backend)[0]
+
+
+__all__ = ["window_attention", "WindowAttentionInputs"]

@@ -1,0 +1,110 @@
+"""Window roll/pad/partition and its inverse: the public ops and their inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ._common import OpInputs, Pair, check_tensor, dispatch, to_pair
+
+
+def _check_geometry(window_size, shift_size):
+    ws = to_pair("window_size", window_size, minimum=1)
+    shift = to_pair("shift_size", shift_size)
+    if any(s >= w for s, w in zip(shift, ws)):
+        raise ValueError(f"shift_size must be smaller than window_size {ws} on both axes, got {shift}")
+    return ws, shift
+
+
+def _check_order(pad_then_roll) -> bool:
+    if not isinstance(pad_then_roll, bool):
+        raise TypeError(f"pad_then_roll must be a bool, got {pad_then_roll!r}")
+    return pad_then_roll
+
+
+def padded_grid(H: int, W: int, window_size: Pair) -> Pair:
+    """(nWh, nWw): windows per image after padding H x W to window multiples."""
+    return -(-H // window_size[0]), -(-W // window_size[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowPartitionInputs(OpInputs):
+    x: torch.Tensor
+    window_size: Pair
+    shift_size: Pair
+    pad_then_roll: bool
+
+    grad_fields = ("x",)
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowMergeInputs(OpInputs):
+    windows: torch.Tensor  # always (B*nW, Wh, Ww, C)
+    window_size: Pair
+    shift_size: Pair
+    H: int
+    W: int
+    pad_then_roll: bool
+
+    grad_fields = ("windows",)
+
+
+def window_partition(x: torch.Tensor, window_size, shift_size=0, pad_then_roll: bool = True,
+                     backend: str = "auto") -> torch.Tensor:
+    """Pad to window multiples, roll by -shift, and cut into windows.
+
+    Args:
+        x: (B, H, W, C) tokens, any H and W.
+        window_size: Wh, Ww (int or pair).
+        shift_size: cyclic shift (int or pair), each < the window.
+        pad_then_roll: True pads (with zeros) then rolls, as the segmentation Swin
+            that SeMask builds on; False rolls then pads, as timm (SPEC.md section 1).
+        backend: ``"auto"`` or a backend name.
+
+    Returns:
+        (B*nW, Wh, Ww, C) windows, window index fastest, windows row-major.
+    """
+    check_tensor("x", x, 4, "(B, H, W, C)")
+    ws, shift = _check_geometry(window_size, shift_size)
+    inp = WindowPartitionInputs(x=x, window_size=ws, shift_size=shift, pad_then_roll=_check_order(pad_then_roll))
+    return dispatch("window_partition", inp, backend)[0]
+
+
+def window_merge(windows: torch.Tensor, window_size, shift_size, H: int, W: int, pad_then_roll: bool = True,
+                 backend: str = "auto") -> torch.Tensor:
+    """Exact inverse of :func:`window_partition`: merge windows, un-roll, crop.
+
+    Args:
+        windows: (B*nW, Wh, Ww, C) or (B*nW, N, C).
+        window_size, shift_size, pad_then_roll: as given to :func:`window_partition`.
+        H, W: the unpadded image size.
+
+    Returns:
+        (B, H, W, C).
+    """
+    if not isinstance(windows, torch.Tensor) or windows.dim() not in (3, 4):
+        shape = tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows).__name__
+        raise ValueError(f"windows must have shape (B*nW, Wh, Ww, C) or (B*nW, N, C), got {shape}")
+    check_tensor("windows", windows, windows.dim(), "(B*nW, Wh, Ww, C)")
+    ws, shift = _check_geometry(window_size, shift_size)
+    for name, size in (("H", H), ("W", W)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{name} must be a positive int, got {size!r}")
+    if windows.dim() == 3:
+        if windows.shape[1] != ws[0] * ws[1]:
+            raise ValueError(f"windows must have N = {ws[0] * ws[1]} tokens for window_size={ws}, "
+                             f"got shape {tuple(windows.shape)}")
+        windows = windows.view(windows.shape[0], ws[0], ws[1], windows.shape[2])
+    elif tuple(windows.shape[1:3]) != ws:
+        raise ValueError(f"windows must have window dims {ws}, got shape {tuple(windows.shape)}")
+    nwh, nww = padded_grid(H, W, ws)
+    if windows.shape[0] % (nwh * nww):
+        raise ValueError(f"windows has {windows.shape[0]} windows, not a multiple of the {nwh * nww} "
+                         f"windows of a {H}x{W} image with window_size={ws}")
+    inp = WindowMergeInputs(windows=windows, window_size=ws, shift_size=shift, H=H, W=W,
+                            pad_then_roll=_check_order(pad_then_roll))
+    return dispatch("window_merge", inp, backend)[0]
+
+
+__all__ = ["window_partition", "window_merge", "padded_grid", "WindowPartitionInputs", "WindowMergeInputs"]
