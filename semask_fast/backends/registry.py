@@ -32,17 +32,13 @@ OPS = (
     "mask_similarity",
 )
 
-#: Modules whose import registers implementations.  A module that does not
-#: exist yet simply registers nothing: its ops report "no implementation".
-IMPLEMENTATION_MODULES = (
-    "semask_fast.backends.reference",
-    "semask_fast.backends.triton.window_attention",
-    "semask_fast.backends.triton.window_process",
-    "semask_fast.backends.triton.semantic_attention",
-    "semask_fast.backends.triton.atm_attention",
-    "semask_fast.backends.triton.mask_similarity",
-    "semask_fast.backends.cuda",
-)
+#: Modules whose import registers implementations: the reference, then one
+#: module per (kernel backend package, op family).  A module that does not
+#: exist registers nothing, and its ops report "no implementation".
+_OP_MODULES = ("window_attention", "window_process", "shifted_window_attention", "semantic_attention",
+               "atm_attention", "mask_similarity")
+IMPLEMENTATION_MODULES = ("semask_fast.backends.reference",) + tuple(
+    f"semask_fast.backends.{package}.{module}" for package in ("triton", "cuda") for module in _OP_MODULES)
 
 _IMPLS: Dict[str, Dict[str, OpImpl]] = {op: {} for op in OPS}
 _loaded = False

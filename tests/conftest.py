@@ -1,0 +1,47 @@
+"""Test configuration shared by every test file.
+
+Without a CUDA device, the Triton kernels run on CPU tensors in Triton's
+interpreter: TRITON_INTERPRET must be set before ``semask_fast.kernels`` is
+first imported, i.e. here, before any test module is collected.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from semask_fast.backends import registry  # noqa: E402
+
+#: Kernel backends every op test runs over.  ``cpu`` is the CUDA C++ source run
+#: by the CPU SIMT harness (``pytest -k harness`` selects it).
+KERNEL_BACKENDS = [
+    pytest.param("triton", id="triton"),
+    pytest.param("cuda", id="cuda"),
+    pytest.param("cpu", id="cpu-harness", marks=pytest.mark.harness),
+]
+
+#: Backends that must run here (comma list, e.g. "triton,cpu" in CI): for them a
+#: missing backend fails the test instead of skipping it.
+REQUIRED_BACKENDS = {b for b in os.environ.get("SEMASK_FAST_REQUIRE_BACKENDS", "").split(",") if b}
+
+
+def require_backend(op: str, backend: str) -> torch.device:
+    """Skip (or fail, if required) when ``backend`` cannot run ``op`` here; return its device."""
+    why = registry.reasons(op, backend)
+    if why:
+        msg = f"{backend} cannot run {op} here: {'; '.join(why)}"
+        if backend in REQUIRED_BACKENDS:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    impl = registry.implementation(op, backend)
+    return torch.device("cuda" if "cuda" in impl.supported_devices() else "cpu")
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernel_backend(request) -> str:
+    """Each kernel backend in turn (tests call ``require_backend`` with their op)."""
+    return request.param
