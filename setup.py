@@ -12,6 +12,7 @@ setup(
         "semask_fast.backends",
         "semask_fast.backends.triton",
         "semask_fast.ops",
+        "semask_fast.nn",
         "semask_fast.models",
         "semask_fast.kernels",
         "semask_fast.csrc",

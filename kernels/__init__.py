@@ -23,3 +23,32 @@ def dot_fp32(dtype) -> bool:
     import torch
 
     return BF16_DOT_UPCAST and dtype == torch.bfloat16
+
+
+class AOTConfig:
+    """One shipped kernel configuration, compiled ahead of time for sm_80 and sm_90.
+
+    Every kernel module lists its shipped configurations in ``AOT_CONFIGS``;
+    ``benchmarks/aot_compile.py`` compiles them all with
+    ``triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget(...))``
+    and reports registers, spills and shared memory.
+
+    Args:
+        kernel: the ``@triton.jit`` function.
+        name: readable name of the configuration, e.g. ``"window_attention_fwd[N=49,d=32,fp16]"``.
+        signature: argument name -> Triton type (``"*fp16"``, ``"i32"``, ``"i64"``, ``"fp32"``,
+            ``"constexpr"``), in argument order.
+        constexprs: values of the ``tl.constexpr`` arguments.
+        num_warps, num_stages: launch options as the launcher uses them.
+    """
+
+    def __init__(self, kernel, name, signature, constexprs, num_warps=4, num_stages=2):
+        self.kernel = kernel
+        self.name = name
+        self.signature = dict(signature)
+        self.constexprs = dict(constexprs)
+        self.num_warps = num_warps
+        self.num_stages = num_stages
+
+    def __repr__(self):
+        return f"AOTConfig({self.name}, warps={self.num_warps}, stages={self.num_stages})"

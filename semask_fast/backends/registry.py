@@ -71,9 +71,9 @@ def _load() -> None:
             try:
                 importlib.import_module(name)
             except ModuleNotFoundError as e:
-                # Only the listed module itself may be missing; a missing
-                # dependency inside it is a real error.
-                if e.name != name:
+                # Only the listed module (or its package) may be missing; a
+                # missing dependency inside it is a real error.
+                if e.name is None or not (name == e.name or name.startswith(e.name + ".")):
                     raise
         _loaded = True
 

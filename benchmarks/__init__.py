@@ -1,0 +1,1 @@
+"""Benchmarks, resource tables and traffic models (run as ``python -m benchmarks.<name>``)."""
