@@ -152,3 +152,81 @@ def assert_parity(*args, **kwargs) -> List[Comparison]:
     if bad:
         raise AssertionError(f"{kwargs.get('op')} on {kwargs.get('backend')} ({args[3]}): " + "; ".join(bad))
     return results
+
+
+# --------------------------------------------------------------------------- #
+# Small cases of every op, used by ``python -m semask_fast check``
+# --------------------------------------------------------------------------- #
+@dataclasses.dataclass(frozen=True)
+class Case:
+    op: str
+    name: str
+    fn: Callable[..., Sequence[torch.Tensor]]
+    tensors: Callable[[torch.Generator], Dict[str, Optional[torch.Tensor]]]
+    grad_names: Tuple[str, ...]
+    exact: bool = False
+
+
+def _randn(gen: torch.Generator, *shape: int, std: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen, dtype=torch.float64) * std
+
+
+def small_cases() -> List[Case]:
+    """One or two small, representative inputs per op (fast enough for an interpreter)."""
+    from . import ops
+
+    def wa(backend, **t):
+        return ops.window_attention(t["q"], t["k"], t["v"], t["bias_table"], window_size=(4, 4), shift_size=2,
+                                    grid=(2, 2), backend=backend)
+
+    def wa_mask(backend, **t):
+        return ops.window_attention(t["q"], t["k"], t["v"], t["bias_table"], window_size=(3, 5), mask=t["mask"],
+                                    backend=backend)
+
+    def part(backend, **t):
+        return ops.window_partition(t["x"], 4, 2, True, backend=backend)
+
+    def merge(backend, **t):
+        return ops.window_merge(t["windows"], 4, 2, 7, 6, False, backend=backend)
+
+    def swa(backend, **t):
+        return ops.shifted_window_attention(t["qkv"], t["bias_table"], num_heads=2, window_size=4, shift_size=2,
+                                            qkv_bias=t["qkv_bias"], backend=backend)
+
+    def sem(backend, **t):
+        return ops.semantic_attention(t["sq"], t["sk"], t["yv"], backend=backend)
+
+    def atm(backend, **t):
+        return ops.atm_attention(t["q"], t["k"], t["v"], backend=backend)
+
+    def msim(backend, **t):
+        return ops.mask_similarity(t["patches"], t["classes"], norm=True, norm_weight=t["w"], norm_bias=t["b"],
+                                   backend=backend)
+
+    def mask_tensor(g):
+        return torch.where(torch.rand(2, 15, 15, generator=g) < 0.3, -100.0, 0.0).double()
+
+    return [
+        Case("window_attention", "8 windows 4x4, h=2, d=16, shift 2", wa,
+             lambda g: dict(q=_randn(g, 8, 2, 16, 16), k=_randn(g, 8, 2, 16, 16), v=_randn(g, 8, 2, 16, 16),
+                            bias_table=_randn(g, 49, 2)), ("q", "k", "v", "bias_table")),
+        Case("window_attention", "4 windows 3x5, h=1, d=32, explicit mask", wa_mask,
+             lambda g: dict(q=_randn(g, 4, 1, 15, 32), k=_randn(g, 4, 1, 15, 32), v=_randn(g, 4, 1, 15, 32),
+                            bias_table=_randn(g, 45, 1), mask=mask_tensor(g)), ("q", "k", "v", "bias_table")),
+        Case("window_partition", "2x7x6x8, window 4, shift 2, pad then roll", part,
+             lambda g: dict(x=_randn(g, 2, 7, 6, 8)), ("x",), exact=True),
+        Case("window_merge", "8 windows 4x4 -> 2x7x6x8, roll then pad", merge,
+             lambda g: dict(windows=_randn(g, 8, 4, 4, 8)), ("windows",), exact=True),
+        Case("shifted_window_attention", "1x7x6, h=2, d=16, window 4, shift 2", swa,
+             lambda g: dict(qkv=_randn(g, 1, 7, 6, 96), bias_table=_randn(g, 49, 2), qkv_bias=_randn(g, 96)),
+             ("qkv", "bias_table", "qkv_bias")),
+        Case("semantic_attention", "6 windows N=16, K=19, C=24", sem,
+             lambda g: dict(sq=_randn(g, 6, 16, 19, std=0.3), sk=_randn(g, 6, 16, 19, std=0.3),
+                            yv=_randn(g, 6, 16, 24)), ("sq", "sk", "yv")),
+        Case("atm_attention", "B=2, h=2, Nq=19, Nk=40, d=16", atm,
+             lambda g: dict(q=_randn(g, 2, 2, 19, 16), k=_randn(g, 2, 2, 40, 16), v=_randn(g, 2, 2, 40, 16)),
+             ("q", "k", "v")),
+        Case("mask_similarity", "B=2, Np=30, K=19, D=32, with mask_norm", msim,
+             lambda g: dict(patches=_randn(g, 2, 30, 32), classes=_randn(g, 2, 19, 32), w=1 + _randn(g, 19, std=0.1),
+                            b=_randn(g, 19, std=0.1)), ("patches", "classes", "w", "b")),
+    ]
