@@ -1,0 +1,72 @@
+"""Triton implementation of ``window_attention`` (kernels in ``semask_fast.kernels.window_attention``)."""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from ..registry import register
+from . import TritonImpl
+
+
+def _kernels():
+    from semask_fast.kernels import window_attention as k
+
+    return k
+
+
+def geometry_reasons(head_dim: int, n: int) -> List[str]:
+    """Reasons shared by the window and zero-copy implementations."""
+    from semask_fast.kernels.window_attention import MAX_HEAD_DIM
+
+    reasons = []
+    if head_dim > MAX_HEAD_DIM:
+        reasons.append(f"head_dim={head_dim} (supported: 1..{MAX_HEAD_DIM})")
+    if n > MAX_WINDOW_TOKENS:
+        reasons.append(f"window of N={n} tokens (supported: N <= {MAX_WINDOW_TOKENS})")
+    return reasons
+
+
+#: Beyond this the table-gradient partials (one N x N fp32 tile per program) grow large.
+MAX_WINDOW_TOKENS = 1024
+
+
+@register
+class WindowAttentionTriton(TritonImpl):
+    op = "window_attention"
+
+    def input_reasons(self, inp) -> List[str]:
+        return geometry_reasons(inp.q.shape[-1], inp.q.shape[2])
+
+    @staticmethod
+    def _geometry(inp):
+        k = _kernels()
+        b_, h, n, d = inp.q.shape
+        return k.Geometry(inp.window_size, b_, h, d, grid=inp.grid, shift=inp.shift_size)
+
+    @staticmethod
+    def _unit_stride(t):
+        return t if t.stride(-1) == 1 else t.contiguous()
+
+    def forward(self, inp):
+        k = _kernels()
+        q, kk, v = (self._unit_stride(t) for t in (inp.q, inp.k, inp.v))
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        seed = k.draw_seed() if inp.dropout_p > 0 else 0
+        lse = k.window_attention_forward(q, kk, v, out, self._geometry(inp), inp.bias_table, inp.mask,
+                                         scale=inp.scale, mask_value=inp.mask_value, dropout_p=inp.dropout_p,
+                                         seed=seed)
+        return (out,), (out, lse, torch.tensor(seed, dtype=torch.int64))
+
+    def backward(self, inp, saved, grad_outputs):
+        k = _kernels()
+        out, lse, seed = saved
+        q, kk, v = (self._unit_stride(t) for t in (inp.q, inp.k, inp.v))
+        dout = self._unit_stride(grad_outputs[0])
+        dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+        d_table, _ = k.window_attention_backward(q, kk, v, out, dout, lse, dq, dk, dv, self._geometry(inp),
+                                                 inp.bias_table, inp.mask, scale=inp.scale,
+                                                 mask_value=inp.mask_value, dropout_p=inp.dropout_p,
+                                                 seed=int(seed.item()))
+        return dq, dk, dv, d_table
