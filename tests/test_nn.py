@@ -1,0 +1,188 @@
+"""Drop-in modules: timm parity, patched timm models, official layouts, state_dicts."""
+
+import pytest
+import timm
+import torch
+from timm.models import swin_transformer as timm_swin
+from torch import nn
+
+import semask_fast
+from semask_fast import record_dispatch
+from semask_fast.nn import ATMAttention, SemanticAttention, WindowAttention
+
+
+@pytest.fixture(autouse=True)
+def _quiet_fallback(recwarn):
+    """The reference fallback warning is expected on a CPU machine."""
+    yield
+
+
+def _with_bias(m):
+    with torch.no_grad():
+        m.relative_position_bias_table.normal_()
+    return m
+
+
+@pytest.mark.parametrize("window,heads,head_dim", [(7, 3, None), ((4, 6), 2, 12)])
+def test_window_attention_matches_timm(window, heads, head_dim):
+    torch.manual_seed(0)
+    t = _with_bias(timm_swin.WindowAttention(32, heads, head_dim=head_dim, window_size=window)).eval()
+    m = WindowAttention(32, heads, head_dim=head_dim, window_size=window).eval()
+    m.load_state_dict(t.state_dict())
+    n = m.window_area
+    x = torch.randn(6, n, 32)
+    mask = torch.where(torch.rand(3, n, n) < 0.3, -100.0, 0.0)
+    for msk in (None, mask):
+        torch.testing.assert_close(m(x, msk), t(x, msk), atol=1e-5, rtol=0)
+
+
+def test_window_attention_gradients_match_timm():
+    torch.manual_seed(1)
+    t = _with_bias(timm_swin.WindowAttention(24, 3, window_size=4))
+    m = WindowAttention(24, 3, window_size=4)
+    m.load_state_dict(t.state_dict())
+    x = torch.randn(4, 16, 24)
+    mask = torch.where(torch.rand(2, 16, 16) < 0.3, -100.0, 0.0)
+    t(x, mask).square().sum().backward()
+    m(x, mask).square().sum().backward()
+    for (name, a), b in zip(m.named_parameters(), t.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_state_dict_round_trip_with_timm():
+    t = timm_swin.WindowAttention(48, 4, window_size=(6, 4))
+    m = WindowAttention(48, 4, window_size=(6, 4))
+    assert m.state_dict().keys() == t.state_dict().keys()
+    m.load_state_dict(t.state_dict())
+    t2 = timm_swin.WindowAttention(48, 4, window_size=(6, 4))
+    t2.load_state_dict(m.state_dict())
+    for k, v in t.state_dict().items():
+        assert torch.equal(t2.state_dict()[k], v)
+    assert {n for n, _ in m.named_buffers()} == {"relative_position_index"}
+    assert torch.equal(m.relative_position_index, t.relative_position_index)
+
+
+def test_patch_timm_swin_model_same_outputs_and_grads():
+    torch.manual_seed(2)
+    kw = dict(img_size=(64, 96), patch_size=4, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
+              num_classes=5, drop_path_rate=0.0)
+    orig = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **kw)
+    patched = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **kw)
+    patched.load_state_dict(orig.state_dict())
+    n = semask_fast.patch_timm(patched)
+    assert n == 4
+    assert not any(type(m) is timm_swin.WindowAttention for m in patched.modules())
+    x = torch.randn(2, 3, 64, 96)
+    with record_dispatch() as ran:
+        out = patched(x)
+    assert len(ran) == 4 and all(op == "window_attention" for op, _, _ in ran)
+    ref_out = orig(x)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    ref_out.square().sum().backward()
+    for (name, a), b in zip(patched.named_parameters(), orig.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_patch_timm_keeps_mode_and_dropout():
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=4,
+                              window_size=4, embed_dim=16, depths=(1,), num_heads=(2,), attn_drop_rate=0.2)
+    model.eval()
+    semask_fast.patch_timm(model)
+    attn = [m for m in model.modules() if isinstance(m, WindowAttention)]
+    assert attn and all(not m.training and m.attn_drop.p == 0.2 for m in attn)
+
+
+# ---------------------------------------------------------------- SeMask
+class _OfficialSemanticAttention(nn.Module):
+    """SeMask's class, transcribed from SPEC.md section 2 for comparison."""
+
+    def __init__(self, dim, n_cls):
+        super().__init__()
+        self.mlp_cls_q = nn.Linear(dim, n_cls)
+        self.mlp_cls_k = nn.Linear(dim, n_cls)
+        self.mlp_v = nn.Linear(dim, dim)
+        self.mlp_res = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        q, k, v = self.mlp_cls_q(x), self.mlp_cls_k(x), self.mlp_v(x)
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        return q, self.gamma * self.proj_drop(self.mlp_res(attn @ v)) + x
+
+
+def test_semantic_attention_matches_official_and_state_dict():
+    torch.manual_seed(3)
+    off = _OfficialSemanticAttention(16, 7).eval()
+    with torch.no_grad():
+        off.gamma.fill_(0.7)
+    m = SemanticAttention(16, 7).eval()
+    assert m.state_dict().keys() == off.state_dict().keys()
+    m.load_state_dict(off.state_dict())
+    x = torch.randn(5, 9, 16)
+    for a, b in zip(m(x), off(x)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_semantic_attention_init_is_the_official_class_init():
+    m = SemanticAttention(16, 7)
+    assert torch.count_nonzero(m.mlp_res.weight) == 0 and torch.count_nonzero(m.mlp_res.bias) == 0
+    assert m.gamma.item() == 0.0 and m.proj_drop.p == 0.1
+    assert torch.count_nonzero(m.mlp_cls_q.weight) > 0
+    x = torch.randn(2, 4, 16)
+    prior, out = m(x)
+    assert prior.shape == (2, 4, 7) and torch.equal(out, x)  # gamma = 0: the branch starts silent
+
+
+# ---------------------------------------------------------------- SegViT ATM
+class _OfficialATMAttention(nn.Module):
+    """SegViT's ATM ``Attention``, transcribed for comparison."""
+
+    def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, xq, xk, xv):
+        b, nq, c = xq.size()
+        nk = xk.size()[1]
+        h = self.num_heads
+        q = self.q(xq).reshape(b, nq, h, c // h).permute(0, 2, 1, 3)
+        k = self.k(xk).reshape(b, nk, h, c // h).permute(0, 2, 1, 3)
+        v = self.v(xv).reshape(b, nk, h, c // h).permute(0, 2, 1, 3)
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        attn_save = attn.clone()
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = (attn @ v).transpose(1, 2).reshape(b, nq, c)
+        x = self.proj_drop(self.proj(x))
+        return x.transpose(0, 1), attn_save.sum(dim=1) / h
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_atm_attention_matches_official(qkv_bias):
+    torch.manual_seed(4)
+    off = _OfficialATMAttention(32, num_heads=4, qkv_bias=qkv_bias)
+    m = ATMAttention(32, num_heads=4, qkv_bias=qkv_bias)
+    assert m.state_dict().keys() == off.state_dict().keys()
+    m.load_state_dict(off.state_dict())
+    xq, xk = torch.randn(2, 5, 32, requires_grad=True), torch.randn(2, 11, 32, requires_grad=True)
+    (out, logits), (ref_out, ref_logits) = m(xq, xk, xk), off(xq, xk, xk)
+    assert out.shape == (5, 2, 32) and logits.shape == (2, 5, 11)
+    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-6, rtol=1e-6)
+    g = torch.autograd.grad((out.square().sum() + logits.sin().sum()), [xq, xk])
+    g_ref = torch.autograd.grad((ref_out.square().sum() + ref_logits.sin().sum()), [xq, xk])
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_atm_defaults_are_official():
+    m = ATMAttention(64)
+    assert m.num_heads == 8 and m.q.bias is None and m.attn_drop.p == 0.0 and m.scale == 8 ** -0.5

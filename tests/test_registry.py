@@ -1,0 +1,135 @@
+"""Backend selection: declared support, reasons, fallback warnings, the CLI."""
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import semask_fast as sf
+from semask_fast.backends import BackendNotSupportedError, KernelImpl, record_dispatch, registry
+from semask_fast.reference import semantic_attention as ref_semantic
+
+
+class _FakeSemantic(KernelImpl):
+    """A 'kernel' backend for tests: the reference math with a hand-written backward."""
+
+    op = "semantic_attention"
+    backend = "cuda"
+    dtypes = frozenset({torch.float32})
+
+    def supported_devices(self):
+        return frozenset({"cpu"})
+
+    def input_reasons(self, inp):
+        return [f"K={inp.sq.shape[-1]} (supported: <= 8)"] if inp.sq.shape[-1] > 8 else []
+
+    def forward(self, inp):
+        p = torch.softmax(inp.sq @ inp.sk.transpose(-2, -1), -1)
+        return (p @ inp.yv,), (p,)
+
+    def backward(self, inp, saved, grads):
+        (p,), (g,) = saved, grads
+        dp = g @ inp.yv.transpose(-2, -1)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+        return ds @ inp.sk, ds.transpose(-2, -1) @ inp.sq, p.transpose(-2, -1) @ g
+
+
+@pytest.fixture
+def fake_backend(monkeypatch):
+    """Only the fake kernel backend and the reference serve semantic_attention."""
+    registry._load()
+    impls = registry._IMPLS["semantic_attention"]
+    for other in ("triton", "cpu"):
+        monkeypatch.delitem(impls, other, raising=False)
+    monkeypatch.setitem(impls, "cuda", _FakeSemantic())
+    monkeypatch.setattr(registry, "_warned", set())
+
+
+def _inputs(k=5, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(2, 6, n, generator=g, dtype=dtype).requires_grad_() for n in (k, k, 7)]
+
+
+def test_auto_picks_a_supporting_kernel_backend_and_autograd_uses_its_backward(fake_backend):
+    sq, sk, yv = _inputs()
+    with record_dispatch() as ran:
+        out = sf.semantic_attention(sq, sk, yv)
+        out.sum().backward()
+    assert ran == [("semantic_attention", "cuda", "forward"), ("semantic_attention", "cuda", "backward")]
+    grads = [t.grad.clone() for t in (sq, sk, yv)]
+    for t in (sq, sk, yv):
+        t.grad = None
+    ref_semantic(sq, sk, yv).sum().backward()
+    for g, t in zip(grads, (sq, sk, yv)):
+        torch.testing.assert_close(g, t.grad)
+
+
+def test_auto_falls_back_with_one_warning_giving_reasons(fake_backend):
+    sq, sk, yv = _inputs(k=9)
+    expected = r"falling back to the reference backend \(cuda: K=9 \(supported: <= 8\); triton: no triton impl"
+    with pytest.warns(RuntimeWarning, match=expected):
+        with record_dispatch() as ran:
+            sf.semantic_attention(sq, sk, yv)
+    assert ran == [("semantic_attention", "reference", "forward")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sf.semantic_attention(sq, sk, yv)  # the same reason warns only once
+
+
+def test_explicit_backend_that_cannot_serve_raises_with_reasons(fake_backend):
+    sq, sk, yv = _inputs(dtype=torch.float64)
+    with pytest.raises(BackendNotSupportedError, match=r"backend 'cuda' cannot serve .*dtype=float64 \(supported: float32\)"):
+        sf.semantic_attention(sq, sk, yv, backend="cuda")
+
+
+def test_explicit_backend_without_implementation_raises():
+    registry._load()
+    if registry.implementation("semantic_attention", "cpu") is not None:
+        pytest.skip("a cpu implementation exists")
+    with pytest.raises(BackendNotSupportedError, match="no cpu implementation of semantic_attention"):
+        sf.semantic_attention(*_inputs(), backend="cpu")
+
+
+def test_available_backends_lists_every_op_and_backend():
+    table = sf.available_backends()
+    assert set(table) == set(registry.OPS)
+    for per_backend in table.values():
+        assert set(per_backend) == set(registry.BACKENDS)
+        assert per_backend["reference"] == []
+        assert all(isinstance(r, str) and r for why in per_backend.values() for r in why)
+
+
+def test_register_rejects_unknown_names():
+    class Bad(KernelImpl):
+        op = "nope"
+        backend = "cuda"
+
+    with pytest.raises(ValueError, match="unknown op 'nope'"):
+        registry.register(Bad)
+
+
+def test_kernel_function_checks_gradient_count(fake_backend, monkeypatch):
+    monkeypatch.setattr(_FakeSemantic, "backward", lambda self, inp, saved, grads: (None,))
+    out = sf.semantic_attention(*_inputs())
+    with pytest.raises(RuntimeError, match="returned 1 gradients, expected 3"):
+        out.sum().backward()
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "semask_fast", *args], capture_output=True, text=True, timeout=900)
+
+
+def test_cli_info_prints_the_backend_table():
+    res = _cli("info")
+    assert res.returncode == 0, res.stderr
+    assert "| op " in res.stdout and "| reference |" in res.stdout
+    for op in registry.OPS:
+        assert op in res.stdout
+
+
+def test_cli_check_runs_and_reports():
+    res = _cli("check", "--dtype", "float32", "--op", "mask_similarity")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "checks ran, 0 failed" in res.stdout
