@@ -1,0 +1,310 @@
+"""SeMask semantic attention ``softmax(Sq Sk^T) Yv`` (no scale): Triton kernels and launchers.
+
+Layout (contiguous): sq, sk (B_, N, K), yv and out (B_, N, C), lse (B_, N) fp32.
+B_ is windows x batch (windowed stages, N = 49 or 144) or batch (global stages,
+N up to ~1600).  K is the class count (150, 19): the score product runs over K
+in chunks of ``BLOCK_K`` masked in registers, so K is never padded in memory.
+C (up to 1536, one head) is tiled over the grid; every C tile recomputes the
+scores, which costs K / BLOCK_C of the P.Yv FLOPs per extra tile.
+
+Flash-style: online softmax over key tiles, no N x N tensor in memory, fp32 row
+logsumexp saved for backward.  Small windows: one program loops over
+``WPP`` windows (several windows per program) so launches stay large-grained.
+
+Backward (dO given): D = rowsum(dO * O) (``row_dot``), then
+  dS = P * (dO Yv^T - D),  dSq = dS Sk,  dSk = dS^T Sq,  dYv = P^T dO,
+with a key-major kernel (dSk, dYv) and a query-major kernel (dSq); P is
+recomputed from the saved logsumexp.  Their dSq/dSk accumulators hold all of
+K padded to a power of two in registers (K <= 256).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import AOTConfig, dot_fp32
+
+#: Largest class count K the backward accumulators hold (K padded to a power of two).
+MAX_K = 256
+
+
+@triton.jit
+def _mm(a, b, DOT_FP32: tl.constexpr):
+    """a @ b in fp32; fp32 operands use IEEE products (no tf32) to keep 1e-4 parity on GPUs."""
+    if DOT_FP32:  # interpreter bf16 tl.dot bug (triton issue 11584): upcast just for the product
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _scores(q_base, k_base, offs_m, offs_n, m_ok, n_ok, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) fp32 tile of Sq Sk^T, summed over K in BLOCK_K chunks."""
+    s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < K
+        q = tl.load(q_base + offs_m[:, None] * K + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        kt = tl.load(k_base + offs_n[None, :] * K + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        s += _mm(q, kt, DOT_FP32)
+    return s
+
+
+@triton.jit
+def _sem_fwd_kernel(SQ, SK, YV, OUT, LSE, B, N, K, C, WPP,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+                    DOT_FP32: tl.constexpr):
+    num_c = tl.cdiv(C, BLOCK_C)
+    pid_m = tl.program_id(0) // num_c
+    pid_c = tl.program_id(0) % num_c
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    for w in range(0, WPP):
+        b = tl.program_id(1).to(tl.int64) * WPP + w
+        m_ok = (offs_m < N) & (b < B)
+        q_base = SQ + b * N * K
+        k_base = SK + b * N * K
+        v_base = YV + b * N * C
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = (offs_n < N) & (b < B)
+            s = _scores(q_base, k_base, offs_m, offs_n, m_ok, n_ok, K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32)
+            s = tl.where((offs_n < N)[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs_n[:, None] * C + offs_c[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT_FP32)
+            m_i = m_new
+        acc = acc / l_i[:, None]
+        tl.store(OUT + b * N * C + offs_m[:, None] * C + offs_c[None, :], acc.to(OUT.dtype.element_ty),
+                 mask=m_ok[:, None] & c_ok[None, :])
+        # Every C tile computes the same statistics; the first one stores them.
+        tl.store(LSE + b * N + offs_m, m_i + tl.log(l_i), mask=m_ok & (pid_c == 0))
+
+
+@triton.jit
+def _row_dot_kernel(A, B, OUT, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """OUT[r] = sum_c A[r, c] * B[r, c] in fp32 (the backward's D = rowsum(dO * O))."""
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask = r_ok[:, None] & (offs_c < C)[None, :]
+        a = tl.load(A + offs_r[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+        bb = tl.load(B + offs_r[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(a * bb, 1)
+    tl.store(OUT + offs_r, acc, mask=r_ok)
+
+
+@triton.jit
+def _dp_tile(do_base, v_base, offs_m, offs_n, m_ok, n_ok, C, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_C: tl.constexpr, DOT_FP32: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) fp32 tile of dO Yv^T, summed over all of C."""
+    dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cc < C
+        do = tl.load(do_base + offs_m[:, None] * C + cc[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+        vt = tl.load(v_base + offs_n[None, :] * C + cc[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        dp += _mm(do, vt, DOT_FP32)
+    return dp
+
+
+@triton.jit
+def _sem_bwd_kv_kernel(SQ, SK, YV, DO, LSE, DELTA, DSK, DYV, B, N, K, C, WPP,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
+                       BLOCK_C: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Key-major: dYv for one (key block, C tile); the C tile 0 program also computes dSk."""
+    num_c = tl.cdiv(C, BLOCK_C)
+    pid_n = tl.program_id(0) // num_c
+    pid_c = tl.program_id(0) % num_c
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_k = tl.arange(0, BLOCK_KP)
+    c_ok = offs_c < C
+    k_ok = offs_k < K
+    for w in range(0, WPP):
+        b = tl.program_id(1).to(tl.int64) * WPP + w
+        n_ok = (offs_n < N) & (b < B)
+        kf = tl.load(SK + b * N * K + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                     other=0.0)
+        dsk = tl.zeros([BLOCK_N, BLOCK_KP], dtype=tl.float32)
+        dyv = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        for m0 in range(0, N, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = (offs_m < N) & (b < B)
+            qf = tl.load(SQ + b * N * K + offs_m[:, None] * K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                         other=0.0)
+            s = _mm(qf, tl.trans(kf), DOT_FP32)
+            lse = tl.load(LSE + b * N + offs_m, mask=m_ok, other=0.0)
+            p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+            do = tl.load(DO + b * N * C + offs_m[:, None] * C + offs_c[None, :], mask=m_ok[:, None] & c_ok[None, :],
+                         other=0.0)
+            dyv += _mm(tl.trans(p.to(do.dtype)), do, DOT_FP32)
+            if pid_c == 0:
+                dp = _dp_tile(DO + b * N * C, YV + b * N * C, offs_m, offs_n, m_ok, n_ok, C, BLOCK_M, BLOCK_N,
+                              BLOCK_C, DOT_FP32)
+                delta = tl.load(DELTA + b * N + offs_m, mask=m_ok, other=0.0)
+                ds = p * (dp - delta[:, None])
+                dsk += _mm(tl.trans(ds.to(qf.dtype)), qf, DOT_FP32)
+        tl.store(DYV + b * N * C + offs_n[:, None] * C + offs_c[None, :], dyv.to(DYV.dtype.element_ty),
+                 mask=n_ok[:, None] & c_ok[None, :])
+        tl.store(DSK + b * N * K + offs_n[:, None] * K + offs_k[None, :], dsk.to(DSK.dtype.element_ty),
+                 mask=n_ok[:, None] & k_ok[None, :] & (pid_c == 0))
+
+
+@triton.jit
+def _sem_bwd_q_kernel(SQ, SK, YV, DO, LSE, DELTA, DSQ, B, N, K, C, WPP,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
+                      BLOCK_C: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Query-major: dSq = dS Sk for one query block."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_KP)
+    k_ok = offs_k < K
+    for w in range(0, WPP):
+        b = tl.program_id(1).to(tl.int64) * WPP + w
+        m_ok = (offs_m < N) & (b < B)
+        qf = tl.load(SQ + b * N * K + offs_m[:, None] * K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                     other=0.0)
+        lse = tl.load(LSE + b * N + offs_m, mask=m_ok, other=0.0)
+        delta = tl.load(DELTA + b * N + offs_m, mask=m_ok, other=0.0)
+        dsq = tl.zeros([BLOCK_M, BLOCK_KP], dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = (offs_n < N) & (b < B)
+            kf = tl.load(SK + b * N * K + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                         other=0.0)
+            s = _mm(qf, tl.trans(kf), DOT_FP32)
+            p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+            dp = _dp_tile(DO + b * N * C, YV + b * N * C, offs_m, offs_n, m_ok, n_ok, C, BLOCK_M, BLOCK_N, BLOCK_C,
+                          DOT_FP32)
+            ds = p * (dp - delta[:, None])
+            dsq += _mm(ds.to(kf.dtype), kf, DOT_FP32)
+        tl.store(DSQ + b * N * K + offs_m[:, None] * K + offs_k[None, :], dsq.to(DSQ.dtype.element_ty),
+                 mask=m_ok[:, None] & k_ok[None, :])
+
+
+# --------------------------------------------------------------------------- #
+# Launch configuration
+# --------------------------------------------------------------------------- #
+def _p2(x: int, lo: int = 16, hi: int = 1 << 30) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
+
+
+def forward_config(N: int, K: int, C: int) -> dict:
+    return dict(BLOCK_M=_p2(N, hi=64), BLOCK_N=_p2(N, hi=64), BLOCK_K=_p2(K, hi=32), BLOCK_C=_p2(C, hi=128))
+
+
+def backward_config(N: int, K: int, C: int) -> dict:
+    kp = _p2(K)
+    # The (block x K) dSq/dSk accumulators live in registers: smaller blocks for large K.
+    block = _p2(N, hi=32 if kp > 64 else 64)
+    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_KP=kp, BLOCK_C=_p2(C, hi=64))
+
+
+def windows_per_program(B: int, blocks_per_window: int) -> int:
+    """Windows one program loops over: >1 only when there are far more blocks than a GPU's
+    resident programs, so packing cuts launch granularity without idling SMs."""
+    return max(1, min(8, (B * blocks_per_window) // 2048))
+
+
+def _wpp(B: int, blocks: int, override) -> int:
+    return windows_per_program(B, blocks) if override is None else int(override)
+
+
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """fp32 sum over the last dim of a * b, both contiguous and of the same shape."""
+    cols = a.shape[-1]
+    rows = a.numel() // max(cols, 1)
+    out = torch.empty(a.shape[:-1], device=a.device, dtype=torch.float32)
+    block_c = _p2(cols, hi=128)
+    _row_dot_kernel[(triton.cdiv(rows, 32),)](a, b, out, rows, cols, BLOCK_R=32, BLOCK_C=block_c)
+    return out
+
+
+def semantic_attention_forward(sq, sk, yv, *, windows_per_program=None):
+    """(out (B_, N, C), lse (B_, N) fp32) for contiguous sq, sk (B_, N, K), yv (B_, N, C)."""
+    B, N, K = sq.shape
+    C = yv.shape[-1]
+    out = torch.empty_like(yv)
+    lse = torch.empty((B, N), device=sq.device, dtype=torch.float32)
+    cfg = forward_config(N, K, C)
+    m_blocks = triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(C, cfg["BLOCK_C"])
+    wpp = _wpp(B, m_blocks, windows_per_program)
+    _sem_fwd_kernel[(m_blocks, triton.cdiv(B, wpp))](sq, sk, yv, out, lse, B, N, K, C, wpp,
+                                                     DOT_FP32=dot_fp32(sq.dtype), **cfg)
+    return out, lse
+
+
+def semantic_attention_backward(sq, sk, yv, out, lse, dout, *, windows_per_program=None):
+    """(dSq, dSk, dYv) given the forward's out and lse and the output gradient (all contiguous)."""
+    B, N, K = sq.shape
+    C = yv.shape[-1]
+    delta = row_dot(dout, out)
+    dsq, dsk, dyv = torch.empty_like(sq), torch.empty_like(sk), torch.empty_like(yv)
+    cfg = backward_config(N, K, C)
+    flag = dot_fp32(sq.dtype)
+    kv_blocks = triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(C, cfg["BLOCK_C"])
+    wpp = _wpp(B, kv_blocks, windows_per_program)
+    _sem_bwd_kv_kernel[(kv_blocks, triton.cdiv(B, wpp))](sq, sk, yv, dout, lse, delta, dsk, dyv, B, N, K, C, wpp,
+                                                         DOT_FP32=flag, **cfg)
+    q_blocks = triton.cdiv(N, cfg["BLOCK_M"])
+    wpp = _wpp(B, q_blocks, windows_per_program)
+    _sem_bwd_q_kernel[(q_blocks, triton.cdiv(B, wpp))](sq, sk, yv, dout, lse, delta, dsq, B, N, K, C, wpp,
+                                                       DOT_FP32=flag, **cfg)
+    return dsq, dsk, dyv
+
+
+# --------------------------------------------------------------------------- #
+# Shipped configurations (compiled ahead of time by benchmarks/aot_compile.py)
+# --------------------------------------------------------------------------- #
+_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+#: (name, N, K, C): SeMask-T..L windowed (ws 7/12) and global stages, ADE20K (150) and Cityscapes (19).
+SHIPPED_SHAPES = [
+    ("win7", 49, 150, 96), ("win12", 144, 150, 192), ("global", 1024, 150, 384), ("global-c1536", 400, 150, 1536),
+    ("win7-city", 49, 19, 96), ("global-city", 1024, 19, 768),
+]
+
+
+def _aot_configs():
+    configs = []
+    for dtype, ty in _TY.items():
+        for name, N, K, C in SHIPPED_SHAPES:
+            f = forward_config(N, K, C)
+            sig = dict(SQ=f"*{ty}", SK=f"*{ty}", YV=f"*{ty}", OUT=f"*{ty}", LSE="*fp32", B="i32", N="i32",
+                       K="i32", C="i32", WPP="i32", BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr",
+                       BLOCK_C="constexpr", DOT_FP32="constexpr")
+            configs.append(AOTConfig(_sem_fwd_kernel, f"semantic_attention_fwd[{name},{ty}]", sig,
+                                     dict(f, DOT_FP32=False)))
+            bcfg = dict(backward_config(N, K, C), DOT_FP32=False)
+            base = dict(SQ=f"*{ty}", SK=f"*{ty}", YV=f"*{ty}", DO=f"*{ty}", LSE="*fp32", DELTA="*fp32")
+            tail = dict(B="i32", N="i32", K="i32", C="i32", WPP="i32", BLOCK_M="constexpr", BLOCK_N="constexpr",
+                        BLOCK_KP="constexpr", BLOCK_C="constexpr", DOT_FP32="constexpr")
+            configs.append(AOTConfig(_sem_bwd_kv_kernel, f"semantic_attention_bwd_kv[{name},{ty}]",
+                                     dict(base, DSK=f"*{ty}", DYV=f"*{ty}", **tail), bcfg))
+            configs.append(AOTConfig(_sem_bwd_q_kernel, f"semantic_attention_bwd_q[{name},{ty}]",
+                                     dict(base, DSQ=f"*{ty}", **tail), bcfg))
+        configs.append(AOTConfig(_row_dot_kernel, f"row_dot[{ty}]",
+                                 dict(A=f"*{ty}", B=f"*{ty}", OUT="*fp32", R="i32", C="i32", BLOCK_R="constexpr",
+                                      BLOCK_C="constexpr"), dict(BLOCK_R=32, BLOCK_C=128)))
+    return configs
+
+
+AOT_CONFIGS = _aot_configs()
+
+__all__ = ["semantic_attention_forward", "semantic_attention_backward", "row_dot", "forward_config",
+           "backward_config", "windows_per_program", "MAX_K", "AOT_CONFIGS"]
