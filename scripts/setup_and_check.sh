@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up semask_fast on a fresh machine and run the main job:
+#   install (torch 2.14.1 from this machine's local wheel store, the package
+#   editable with its test extras), then `info` (what can run here and why
+#   not) and `check` (every available backend against the reference).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install --quiet "torch==2.14.1" -e ".[test]"
+# torch's extension builder looks for the CUDA toolkit in CUDA_HOME.
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+python -m semask_fast info
+python -m semask_fast check
