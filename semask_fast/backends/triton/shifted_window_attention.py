@@ -1,0 +1,73 @@
+"""Triton implementation of the zero-copy ``shifted_window_attention``.
+
+The window-attention kernels in image mode: q, k, v are read straight from the
+(B, H, W, 3*h*d) qkv image (pad, roll and partition by index arithmetic; pad
+tokens take ``qkv_bias``) and the output is written un-rolled and cropped to
+(B, H, W, h*d).  Backward writes dqkv in image layout; the gradient reaching pad
+tokens is summed into d(qkv_bias).
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from ..registry import register
+from . import TritonImpl
+from .window_attention import geometry_reasons
+
+
+def _kernels():
+    from semask_fast.kernels import window_attention as k
+
+    return k
+
+
+@register
+class ShiftedWindowAttentionTriton(TritonImpl):
+    op = "shifted_window_attention"
+
+    def input_reasons(self, inp) -> List[str]:
+        return geometry_reasons(inp.head_dim, inp.window_size[0] * inp.window_size[1])
+
+    @staticmethod
+    def _prepare(inp):
+        qkv = inp.qkv if inp.qkv.stride(-1) == 1 else inp.qkv.contiguous()
+        b, h, w, _ = qkv.shape
+        grid = inp.grid
+        geo = _kernels().Geometry(inp.window_size, b * grid[0] * grid[1], inp.num_heads, inp.head_dim, grid=grid,
+                                  shift=inp.shift_size, image_hw=(h, w), pad_then_roll=inp.pad_then_roll)
+        padded = h % inp.window_size[0] != 0 or w % inp.window_size[1] != 0
+        # Without pad tokens the qkv bias plays no part in the attention.
+        qkv_bias = inp.qkv_bias if padded else None
+        return qkv, geo, qkv_bias
+
+    @staticmethod
+    def _split(t, c):
+        return t[..., :c], t[..., c:2 * c], t[..., 2 * c:]
+
+    def forward(self, inp):
+        k = _kernels()
+        qkv, geo, qkv_bias = self._prepare(inp)
+        c = inp.num_heads * inp.head_dim
+        out = torch.empty(qkv.shape[:3] + (c,), dtype=qkv.dtype, device=qkv.device)
+        seed = k.draw_seed() if inp.dropout_p > 0 else 0
+        lse = k.window_attention_forward(*self._split(qkv, c), out, geo, inp.bias_table, None, qkv_bias,
+                                         scale=inp.scale, mask_value=inp.mask_value, dropout_p=inp.dropout_p,
+                                         seed=seed)
+        return (out,), (out, lse, torch.tensor(seed, dtype=torch.int64))
+
+    def backward(self, inp, saved, grad_outputs):
+        k = _kernels()
+        out, lse, seed = saved
+        qkv, geo, qkv_bias = self._prepare(inp)
+        c = inp.num_heads * inp.head_dim
+        dout = grad_outputs[0] if grad_outputs[0].stride(-1) == 1 else grad_outputs[0].contiguous()
+        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+        d_table, d_qkv_bias = k.window_attention_backward(
+            *self._split(qkv, c), out, dout, lse, *self._split(dqkv, c), geo, inp.bias_table, None, qkv_bias,
+            scale=inp.scale, mask_value=inp.mask_value, dropout_p=inp.dropout_p, seed=int(seed.item()))
+        if inp.qkv_bias is not None and d_qkv_bias is None:
+            d_qkv_bias = torch.zeros_like(inp.qkv_bias)
+        return dqkv, d_table, d_qkv_bias
