@@ -1,0 +1,317 @@
+"""SegViT ATM cross-attention: Triton kernels and launchers.
+
+Layout (contiguous): q, out (B, h, Nq, d); k, v (B, h, Nk, d); mask logits
+M (B, Nq, Nk); lse (B, h, Nq) fp32.  Official semantics (SPEC.md section 3):
+S_h = (q_h k_h^T) * scale, M = sum_h S_h / h (before softmax and dropout),
+out_h = dropout(softmax(S_h)) v_h.
+
+Forward, one program per (class-token block, image), all heads inside it so the
+(B, h, Nq, Nk) logits never exist:
+  pass 1, key tiles outer / heads inner: sum S_h over heads into the M tile
+          (stored once) and update each head's running row max and sum of
+          exponentials, kept as (BLOCK_M, heads) register tiles;
+  pass 2, heads outer / key tiles inner: P = exp(S - lse) with the final
+          logsumexp, out_h = P v (no rescaling), lse stored for backward.
+S is computed twice (q k^T is d/(d+d) of the FLOPs); k is read twice, v once.
+
+Dropout: Philox ``tl.rand(seed, ((b*h + head)*Nq + i)*Nk + j) >= p`` keeps an
+element, identical in forward and backward; ``dropout_keep_mask`` materialises
+it for a seed so tests can replay it in the reference.
+
+Backward takes dO and dM: D = rowsum(dO * O) (also right with dropout), then
+  dP = (dO v^T) * Z,  dS_h = P * (dP - D) + dM / h,  Z = keep / (1 - p),
+  dq = scale dS k,  dk = scale dS^T q,  dv = (P * Z)^T dO,
+key-major for (dk, dv) and query-major for dq, one (block, image, head) each.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import AOTConfig, dot_fp32
+from .semantic_attention import row_dot
+
+#: Supported head dims and head counts (the pass-1 statistics hold all heads in registers).
+MIN_HEAD_DIM, MAX_HEAD_DIM, MAX_HEADS = 16, 128, 64
+
+
+@triton.jit
+def _mm(a, b, DOT_FP32: tl.constexpr):
+    """a @ b in fp32; fp32 operands use IEEE products (no tf32) to keep 1e-4 parity on GPUs."""
+    if DOT_FP32:  # interpreter bf16 tl.dot bug (triton issue 11584): upcast just for the product
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _keep(seed, bh, offs_m, offs_n, NQ, NK, dropout_p):
+    return tl.rand(seed, (bh * NQ + offs_m[:, None]) * NK + offs_n[None, :]) >= dropout_p
+
+
+@triton.jit
+def _atm_fwd_kernel(Q, K, V, OUT, M, LSE, seed, H, NQ, NK, D, scale, dropout_p,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+                    DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = tl.arange(0, BLOCK_H)
+    m_ok = offs_m < NQ
+    d_ok = offs_d < D
+    q_mask = m_ok[:, None] & d_ok[None, :]
+
+    # Pass 1: head-mean logits and every head's softmax statistics.
+    row_max = tl.full([BLOCK_M, BLOCK_H], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    for n0 in range(0, NK, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < NK
+        s_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for hh in range(0, H):
+            bh = b * H + hh
+            q = tl.load(Q + (bh * NQ + offs_m[:, None]) * D + offs_d[None, :], mask=q_mask, other=0.0)
+            kt = tl.load(K + (bh * NK + offs_n[None, :]) * D + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :],
+                         other=0.0)
+            s = _mm(q, kt, DOT_FP32) * scale
+            s_sum += s
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            this = heads[None, :] == hh
+            m_old = tl.max(tl.where(this, row_max, float("-inf")), 1)
+            l_old = tl.sum(tl.where(this, row_sum, 0.0), 1)
+            m_new = tl.maximum(m_old, tl.max(s, 1))
+            l_new = l_old * tl.exp(m_old - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+            row_max = tl.where(this, m_new[:, None], row_max)
+            row_sum = tl.where(this, l_new[:, None], row_sum)
+        tl.store(M + (b * NQ + offs_m[:, None]) * NK + offs_n[None, :], (s_sum / H).to(M.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+    # Padding heads (>= H) have no statistics: log(1) keeps them finite; they are never selected.
+    lse_all = row_max + tl.log(tl.where(heads[None, :] < H, row_sum, 1.0))
+
+    # Pass 2: each head's output with the final statistics.
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    for hh in range(0, H):
+        bh = b * H + hh
+        lse = tl.max(tl.where(heads[None, :] == hh, lse_all, float("-inf")), 1)
+        q = tl.load(Q + (bh * NQ + offs_m[:, None]) * D + offs_d[None, :], mask=q_mask, other=0.0)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for n0 in range(0, NK, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < NK
+            kt = tl.load(K + (bh * NK + offs_n[None, :]) * D + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :],
+                         other=0.0)
+            s = _mm(q, kt, DOT_FP32) * scale
+            p = tl.where(n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+            if DROPOUT:
+                p = tl.where(_keep(seed, bh, offs_m, offs_n, NQ, NK, dropout_p), p * keep_scale, 0.0)
+            v = tl.load(V + (bh * NK + offs_n[:, None]) * D + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            acc += _mm(p.to(v.dtype), v, DOT_FP32)
+        tl.store(OUT + (bh * NQ + offs_m[:, None]) * D + offs_d[None, :], acc.to(OUT.dtype.element_ty), mask=q_mask)
+        tl.store(LSE + bh * NQ + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _grad_logits(q, kt, v_t, do, lse, delta, DM_tile, m_ok, n_ok, keep, scale, keep_scale, H,
+                 DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """(P, P*Z, dS) for one (query block, key block) tile of one head."""
+    s = _mm(q, kt, DOT_FP32) * scale
+    valid = m_ok[:, None] & n_ok[None, :]
+    p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+    dp = _mm(do, v_t, DOT_FP32)
+    pz = p
+    if DROPOUT:
+        pz = tl.where(keep, p * keep_scale, 0.0)
+        dp = tl.where(keep, dp * keep_scale, 0.0)
+    ds = p * (dp - delta[:, None]) + DM_tile / H
+    return pz, ds
+
+
+@triton.jit
+def _atm_bwd_kv_kernel(Q, K, V, DO, DM, LSE, DELTA, DK, DV, seed, H, NQ, NK, D, scale, dropout_p,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < NK
+    d_ok = offs_d < D
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + (bh * NK + offs_n[:, None]) * D + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + (bh * NK + offs_n[:, None]) * D + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    for m0 in range(0, NQ, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < NQ
+        q_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + (bh * NQ + offs_m[:, None]) * D + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + (bh * NQ + offs_m[:, None]) * D + offs_d[None, :], mask=q_mask, other=0.0)
+        lse = tl.load(LSE + bh * NQ + offs_m, mask=m_ok, other=0.0)
+        delta = tl.load(DELTA + bh * NQ + offs_m, mask=m_ok, other=0.0)
+        dm = tl.load(DM + (b * NQ + offs_m[:, None]) * NK + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                     other=0.0).to(tl.float32)
+        keep = m_ok[:, None]
+        if DROPOUT:
+            keep = _keep(seed, bh, offs_m, offs_n, NQ, NK, dropout_p)
+        pz, ds = _grad_logits(q, tl.trans(k), tl.trans(v), do, lse, delta, dm, m_ok, n_ok, keep, scale, keep_scale,
+                              H, DROPOUT, DOT_FP32)
+        dv += _mm(tl.trans(pz.to(do.dtype)), do, DOT_FP32)
+        dk += _mm(tl.trans(ds.to(q.dtype)), q, DOT_FP32)
+    tl.store(DK + (bh * NK + offs_n[:, None]) * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=kv_mask)
+    tl.store(DV + (bh * NK + offs_n[:, None]) * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _atm_bwd_q_kernel(Q, K, V, DO, DM, LSE, DELTA, DQ, seed, H, NQ, NK, D, scale, dropout_p,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < NQ
+    d_ok = offs_d < D
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + (bh * NQ + offs_m[:, None]) * D + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + (bh * NQ + offs_m[:, None]) * D + offs_d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(LSE + bh * NQ + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + bh * NQ + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    for n0 in range(0, NK, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < NK
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + (bh * NK + offs_n[:, None]) * D + offs_d[None, :], mask=kv_mask, other=0.0)
+        vt = tl.load(V + (bh * NK + offs_n[None, :]) * D + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :],
+                     other=0.0)
+        dm = tl.load(DM + (b * NQ + offs_m[:, None]) * NK + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                     other=0.0).to(tl.float32)
+        keep = m_ok[:, None]
+        if DROPOUT:
+            keep = _keep(seed, bh, offs_m, offs_n, NQ, NK, dropout_p)
+        _, ds = _grad_logits(q, tl.trans(k), vt, do, lse, delta, dm, m_ok, n_ok, keep, scale, keep_scale, H,
+                             DROPOUT, DOT_FP32)
+        dq += _mm(ds.to(k.dtype), k, DOT_FP32)
+    tl.store(DQ + (bh * NQ + offs_m[:, None]) * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=q_mask)
+
+
+@triton.jit
+def _atm_keep_kernel(KEEP, seed, NQ, NK, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    bh = tl.program_id(2).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _keep(seed, bh, offs_m, offs_n, NQ, NK, dropout_p)
+    tl.store(KEEP + (bh * NQ + offs_m[:, None]) * NK + offs_n[None, :], keep.to(tl.int8),
+             mask=(offs_m < NQ)[:, None] & (offs_n < NK)[None, :])
+
+
+# --------------------------------------------------------------------------- #
+# Launchers
+# --------------------------------------------------------------------------- #
+def _p2(x: int, lo: int = 16, hi: int = 1 << 30) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
+
+
+def forward_config(heads: int, nq: int, nk: int, d: int) -> dict:
+    return dict(BLOCK_M=_p2(nq, hi=64), BLOCK_N=_p2(nk, hi=64), BLOCK_D=_p2(d), BLOCK_H=_p2(heads, lo=1))
+
+
+def backward_config(nq: int, nk: int, d: int) -> dict:
+    block = 64 if d <= 64 else 32
+    return dict(BLOCK_M=_p2(nq, hi=block), BLOCK_N=_p2(nk, hi=block), BLOCK_D=_p2(d))
+
+
+def draw_seed() -> int:
+    """Dropout seed from torch's default generator (``torch.manual_seed`` reproduces it)."""
+    return int(torch.randint(0, 2 ** 31 - 1, (), dtype=torch.int64).item())
+
+
+def atm_attention_forward(q, k, v, *, scale: float, dropout_p: float = 0.0, seed: int = 0):
+    """(out, mask_logits, lse) for contiguous q (B, h, Nq, d), k, v (B, h, Nk, d)."""
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    out = torch.empty_like(q)
+    mask_logits = torch.empty((B, NQ, NK), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, H, NQ), device=q.device, dtype=torch.float32)
+    cfg = forward_config(H, NQ, NK, D)
+    _atm_fwd_kernel[(triton.cdiv(NQ, cfg["BLOCK_M"]), B)](
+        q, k, v, out, mask_logits, lse, seed, H, NQ, NK, D, scale, dropout_p,
+        DROPOUT=dropout_p > 0, DOT_FP32=dot_fp32(q.dtype), **cfg)
+    return out, mask_logits, lse
+
+
+def atm_attention_backward(q, k, v, out, lse, dout, dmask, *, scale: float, dropout_p: float = 0.0, seed: int = 0):
+    """(dq, dk, dv) from the gradients of both outputs (all contiguous)."""
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    delta = row_dot(dout, out)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    cfg = backward_config(NQ, NK, D)
+    flags = dict(DROPOUT=dropout_p > 0, DOT_FP32=dot_fp32(q.dtype), **cfg)
+    args = (seed, H, NQ, NK, D, scale, dropout_p)
+    _atm_bwd_kv_kernel[(triton.cdiv(NK, cfg["BLOCK_N"]), B * H)](q, k, v, dout, dmask, lse, delta, dk, dv, *args,
+                                                                **flags)
+    _atm_bwd_q_kernel[(triton.cdiv(NQ, cfg["BLOCK_M"]), B * H)](q, k, v, dout, dmask, lse, delta, dq, *args,
+                                                               **flags)
+    return dq, dk, dv
+
+
+def dropout_keep_mask(seed: int, batch: int, heads: int, nq: int, nk: int, dropout_p: float,
+                      device=None) -> torch.Tensor:
+    """(B, h, Nq, Nk) bool keep-mask the kernels draw for ``seed`` (replay it in the reference)."""
+    keep = torch.empty((batch, heads, nq, nk), device=device, dtype=torch.int8)
+    grid = (triton.cdiv(nq, 32), triton.cdiv(nk, 32), batch * heads)
+    _atm_keep_kernel[grid](keep, seed, nq, nk, dropout_p, BLOCK_M=32, BLOCK_N=32)
+    return keep.bool()
+
+
+# --------------------------------------------------------------------------- #
+# Shipped configurations (compiled ahead of time by benchmarks/aot_compile.py)
+# --------------------------------------------------------------------------- #
+_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+#: (name, heads, Nq, Nk, d): SegViT ViT-L (dim 512, h 16) and ViT-B (dim 384, h 12) at ADE20K; d 64/128 variants.
+SHIPPED_SHAPES = [("vitl", 16, 150, 1600, 32), ("vitb", 12, 150, 1024, 32), ("d64", 8, 150, 1024, 64),
+                  ("d128", 4, 150, 1024, 128), ("d16", 8, 150, 1024, 16)]
+
+
+def _aot_configs():
+    configs = []
+    ptrs = ("Q", "K", "V")
+    scalars = dict(seed="i32", H="i32", NQ="i32", NK="i32", D="i32", scale="fp32", dropout_p="fp32")
+    for dtype, ty in _TY.items():
+        for name, H, NQ, NK, D in SHIPPED_SHAPES:
+            for dropout in (False, True):
+                tag = f"{name},{ty}{',dropout' if dropout else ''}"
+                fcfg = dict(forward_config(H, NQ, NK, D), DROPOUT=dropout, DOT_FP32=False)
+                sig = {p: f"*{ty}" for p in ptrs + ("OUT", "M")}
+                sig.update(LSE="*fp32", **scalars, **{c: "constexpr" for c in fcfg})
+                configs.append(AOTConfig(_atm_fwd_kernel, f"atm_attention_fwd[{tag}]", sig, fcfg))
+                bcfg = dict(backward_config(NQ, NK, D), DROPOUT=dropout, DOT_FP32=False)
+                base = {p: f"*{ty}" for p in ptrs + ("DO", "DM")}
+                base.update(LSE="*fp32", DELTA="*fp32")
+                tail = dict(**scalars, **{c: "constexpr" for c in bcfg})
+                configs.append(AOTConfig(_atm_bwd_kv_kernel, f"atm_attention_bwd_kv[{tag}]",
+                                         dict(base, DK=f"*{ty}", DV=f"*{ty}", **tail), bcfg))
+                configs.append(AOTConfig(_atm_bwd_q_kernel, f"atm_attention_bwd_q[{tag}]",
+                                         dict(base, DQ=f"*{ty}", **tail), bcfg))
+    configs.append(AOTConfig(_atm_keep_kernel, "atm_attention_keep",
+                             dict(KEEP="*i8", seed="i32", NQ="i32", NK="i32", dropout_p="fp32", BLOCK_M="constexpr",
+                                  BLOCK_N="constexpr"), dict(BLOCK_M=32, BLOCK_N=32)))
+    return configs
+
+
+AOT_CONFIGS = _aot_configs()
+
+__all__ = ["atm_attention_forward", "atm_attention_backward", "dropout_keep_mask", "draw_seed", "forward_config",
+           "backward_config", "MIN_HEAD_DIM", "MAX_HEAD_DIM", "MAX_HEADS", "AOT_CONFIGS"]

@@ -1,0 +1,43 @@
+"""Triton implementation of ``atm_attention`` (kernels in ``semask_fast.kernels.atm_attention``)."""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from ..registry import register
+from . import TritonImpl
+
+
+@register
+class ATMAttentionTriton(TritonImpl):
+    op = "atm_attention"
+
+    def input_reasons(self, inp) -> List[str]:
+        from ...kernels.atm_attention import MAX_HEAD_DIM, MAX_HEADS, MIN_HEAD_DIM
+
+        reasons = []
+        heads, d = inp.q.shape[1], inp.q.shape[3]
+        if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+            reasons.append(f"head_dim={d} (supported: {MIN_HEAD_DIM}..{MAX_HEAD_DIM})")
+        if heads > MAX_HEADS:
+            reasons.append(f"heads={heads} (supported: 1..{MAX_HEADS}; one program reduces all heads)")
+        return reasons
+
+    def forward(self, inp):
+        from ...kernels import atm_attention as k
+
+        q, kk, v = inp.q.contiguous(), inp.k.contiguous(), inp.v.contiguous()
+        seed = k.draw_seed() if inp.dropout_p > 0 else 0
+        out, mask_logits, lse = k.atm_attention_forward(q, kk, v, scale=inp.scale, dropout_p=inp.dropout_p, seed=seed)
+        # The seed travels as a tensor so autograd keeps it with the other saved state.
+        return (out, mask_logits), (q, kk, v, out, lse, torch.tensor(seed, dtype=torch.int64))
+
+    def backward(self, inp, saved, grad_outputs):
+        from ...kernels import atm_attention as k
+
+        q, kk, v, out, lse, seed = saved
+        dout, dmask = (g.contiguous() for g in grad_outputs)
+        return k.atm_attention_backward(q, kk, v, out, lse, dout, dmask, scale=inp.scale, dropout_p=inp.dropout_p,
+                                        seed=int(seed.item()))

@@ -1,0 +1,101 @@
+"""Parity of ``atm_attention`` (SegViT ATM cross-attention) on every kernel backend.
+
+Both outputs (attention output and head-mean mask logits) and the gradients of
+q, k, v (taken through both outputs) are compared with the float64 reference
+through ``assert_parity``, which also asserts the requested backend ran forward
+and backward.  Shapes: Nq = 150 class tokens over Nk = 400 spatial tokens,
+h = 1 / 8 / 16, head_dim 16..128, odd sizes, batch 1.  Dropout: the Triton
+kernels' Philox keep-mask is materialised for the seed and replayed in the
+reference (outputs and gradients).
+
+bf16 under Triton's interpreter: ``tl.dot`` is wrong on bf16 operands there
+(triton issue 11584), so the kernels upcast the two dot operands to fp32 right
+before each ``tl.dot`` (``DOT_FP32``).  bf16 loads, casts of P and dS to bf16
+and bf16 stores are exercised; the bf16 tensor-core product itself is not.
+"""
+
+import pytest
+import torch
+
+import semask_fast
+from semask_fast.testing import assert_parity
+from tests.conftest import require_backend
+
+OP = "atm_attention"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (B, h, Nq, Nk, d)
+SHAPES = [
+    (1, 8, 150, 400, 32),   # SegViT class tokens over a 20x20 map, batch 1
+    (2, 16, 19, 100, 32),   # h = 16 (ViT-L), Cityscapes classes
+    (2, 1, 37, 81, 64),     # one head, odd sizes
+    (1, 3, 21, 50, 128),    # largest head dim
+    (1, 5, 9, 33, 16),      # smallest head dim, odd head count
+]
+
+
+def _inputs(B, H, NQ, NK, D, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(B, H, rows, D, generator=g, dtype=torch.float64).to(device)
+            for n, rows in (("q", NQ), ("k", NK), ("v", NK))}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_parity(kernel_backend, shape, dtype):
+    device = require_backend(OP, kernel_backend)
+    assert_parity(semask_fast.atm_attention, _inputs(*shape, device), ["q", "k", "v"], dtype,
+                  backend=kernel_backend, op=OP)
+
+
+def test_parity_custom_scale(kernel_backend):
+    device = require_backend(OP, kernel_backend)
+    fn = lambda backend, **t: semask_fast.atm_attention(**t, scale=0.3, backend=backend)  # noqa: E731
+    assert_parity(fn, _inputs(2, 4, 30, 70, 32, device), ["q", "k", "v"], torch.float32, backend=kernel_backend,
+                  op=OP)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_triton_dropout_replay(dtype):
+    """Forward and backward dropout equal the reference with the kernels' keep-mask for the seed."""
+    require_backend(OP, "triton")
+    from semask_fast import reference
+    from semask_fast.kernels.atm_attention import draw_seed, dropout_keep_mask
+
+    B, H, NQ, NK, D, p = 2, 3, 40, 90, 32, 0.1
+    t = {n: x.to(dtype).requires_grad_() for n, x in _inputs(B, H, NQ, NK, D, "cpu").items()}
+    torch.manual_seed(7)
+    out, mask_logits = semask_fast.atm_attention(t["q"], t["k"], t["v"], dropout_p=p, backend="triton")
+    torch.manual_seed(7)
+    keep = dropout_keep_mask(draw_seed(), B, H, NQ, NK, p)
+    assert 0.85 < keep.float().mean().item() < 0.95  # about 1 - p kept
+    gout, gmask = torch.randn_like(out), torch.randn_like(mask_logits)
+    torch.autograd.backward([out, mask_logits], [gout, gmask])
+
+    r = {n: x.detach().double().requires_grad_() for n, x in t.items()}
+    r_out, r_mask = reference.atm_attention(r["q"], r["k"], r["v"], dropout_p=p, dropout_keep=keep)
+    torch.autograd.backward([r_out, r_mask], [gout.double(), gmask.double()])
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out.double(), r_out, **tol)
+    torch.testing.assert_close(mask_logits.double(), r_mask, **tol)
+    for n in t:
+        torch.testing.assert_close(t[n].grad.double(), r[n].grad, **tol)
+    # Without the keep-mask the reference differs: the test can fail.
+    assert not torch.allclose(out.double(), reference.atm_attention(r["q"], r["k"], r["v"])[0], atol=1e-2)
+
+
+def test_triton_dropout_seed_changes_mask():
+    require_backend(OP, "triton")
+    from semask_fast.kernels.atm_attention import dropout_keep_mask
+
+    a, b = dropout_keep_mask(1, 1, 2, 20, 30, 0.5), dropout_keep_mask(2, 1, 2, 20, 30, 0.5)
+    assert not torch.equal(a, b)
+    assert torch.equal(a, dropout_keep_mask(1, 1, 2, 20, 30, 0.5))
+
+
+@pytest.mark.parametrize("d", [8, 256])
+def test_triton_rejects_head_dim(d):
+    require_backend(OP, "triton")
+    t = _inputs(1, 2, 4, 8, d, "cpu")
+    with pytest.raises(ValueError, match=f"head_dim={d}"):
+        semask_fast.atm_attention(t["q"].float(), t["k"].float(), t["v"].float(), backend="triton")
