@@ -1,0 +1,573 @@
+// CPU SIMT harness: runs CUDA C++ kernel sources, unchanged, on the CPU with CUDA's semantics.
+//
+// Included (through sf_common.cuh) when a .cu file is compiled by g++ with -DSF_SIMT.
+//
+// Execution model
+// - A launch runs every block of the grid; blocks are spread over several host threads
+//   (SF_SIMT_THREADS, default: hardware concurrency).  Each host thread runs one block at a time.
+// - The threads of a block are cooperative fibers on that host thread.  A fiber runs until it
+//   reaches a barrier (__syncthreads, or a warp-level operation) or returns.  Between two barriers
+//   the order in which the fibers run is a seeded random permutation (SF_SIMT_SEED, default 0;
+//   fixed per (seed, block) so runs are reproducible), so a kernel that relies on an order the
+//   hardware does not guarantee (a missing __syncthreads) computes wrong values in tests.
+// - Static __shared__ variables are thread_local statics: one copy per host thread, i.e. per
+//   running block.  Dynamic shared memory is declared with SF_DYNAMIC_SHARED(T, name) (the
+//   harness cannot express `extern __shared__ T name[]`); it is filled with 0xFF bytes (NaN for
+//   every float type) before each block, so reading shared memory nobody wrote shows up.
+// - Warp operations (__shfl*_sync, __ballot_sync, __any/__all_sync, __syncwarp and the MMA
+//   emulation of sf_mma.cuh) are exchanges through a per-warp buffer guarded by a warp barrier:
+//   every lane named in the mask must reach the same operation, as on sm_70+.
+// - Barrier misuse is an error, not a hang: if some threads wait at a barrier that the others
+//   can no longer reach (they returned, or wait at another warp operation), the launch throws
+//   std::runtime_error naming the block and the barrier.
+// - Atomics are real host atomics (blocks run concurrently on several host threads).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// CUDA keywords.  The CUDA headers define most of them to nothing under a host compiler;
+// __shared__ must become per-block (= per host thread) storage.
+// ---------------------------------------------------------------------------------------------
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#undef __noinline__
+#undef __shared__
+#undef __launch_bounds__
+#undef __constant__
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline __attribute__((always_inline))
+#define __noinline__ __attribute__((noinline))
+#define __shared__ static thread_local
+#define __constant__ static const
+#define __launch_bounds__(...)
+
+namespace sf {
+namespace simt {
+
+constexpr int kWarpSize = 32;
+constexpr int kMaxThreadsPerBlock = 1024;
+// Largest dynamic shared memory a block may opt in to (sm_90: 227 KiB).
+constexpr size_t kMaxDynamicSmem = 227 * 1024;
+// Bytes each lane may contribute to one warp exchange (the MMA emulation needs 24).
+constexpr size_t kExchangeSlot = 64;
+constexpr size_t kFiberStack = 256 * 1024;
+
+struct Fiber {
+  void* sp = nullptr;  // saved stack pointer while switched out
+#if !defined(__x86_64__)
+  ucontext_t ctx;
+#endif
+  dim3 tid;
+  int linear = 0;
+  int warp = 0;
+  int lane = 0;
+  unsigned exchanges = 0;  // warp exchanges done: selects the buffer (double buffering)
+  enum State { kReady, kAtBlockBarrier, kAtWarpBarrier, kDone } state = kReady;
+  char* stack = nullptr;
+};
+
+struct Warp {
+  int lanes = 0;             // lanes that exist (the last warp of a block may be partial)
+  unsigned exists = 0;       // bitmask of those lanes
+  unsigned mask = 0;         // mask of the warp barrier being gathered (0: none)
+  int arrived = 0;
+  alignas(16) unsigned char buf[2][kWarpSize][kExchangeSlot];
+};
+
+void run_fiber_body();
+
+// One per host thread: runs blocks one after another.
+struct BlockRunner {
+  std::vector<Fiber> fibers;
+  std::vector<Warp> warps;
+  std::vector<Fiber*> ready, next;
+  std::vector<unsigned char> dynamic_smem;
+  void* scheduler_sp = nullptr;
+#if !defined(__x86_64__)
+  ucontext_t scheduler_ctx;
+#endif
+  Fiber* current = nullptr;
+  const std::function<void()>* body = nullptr;
+  dim3 block_idx, block_dim, grid_dim;
+  int nthreads = 0;
+  int at_block_barrier = 0;
+  std::string error;
+
+  ~BlockRunner() {
+    for (Fiber& f : fibers) std::free(f.stack);
+  }
+};
+
+inline thread_local BlockRunner* tls_runner = nullptr;
+
+inline BlockRunner& runner() { return *tls_runner; }
+inline Fiber& fiber() { return *tls_runner->current; }
+
+// ---------------------------------------------------------------------------------------------
+// Context switch.  x86-64: saves the callee-saved registers on the old stack and swaps stack
+// pointers (a few ns; ucontext's swapcontext makes a sigprocmask system call per switch).
+// ---------------------------------------------------------------------------------------------
+#if defined(__x86_64__)
+extern "C" void sf_simt_switch(void** save_sp, void* next_sp);
+asm(R"(
+    .text
+    .weak sf_simt_switch
+    .hidden sf_simt_switch
+    .type sf_simt_switch, @function
+sf_simt_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size sf_simt_switch, .-sf_simt_switch
+)");
+
+inline void fiber_entry() {
+  run_fiber_body();  // never returns
+}
+
+inline void prepare_fiber(Fiber& f) {
+  // Stack top aligned to 16; `ret` into fiber_entry leaves rsp = top - 8, as after a call.
+  auto top = reinterpret_cast<uintptr_t>(f.stack + kFiberStack) & ~uintptr_t(15);
+  auto* slot = reinterpret_cast<void**>(top);
+  slot[-1] = nullptr;                                             // fake return address
+  slot[-2] = reinterpret_cast<void*>(&fiber_entry);               // popped by ret
+  for (int i = 3; i <= 8; ++i) slot[-i] = nullptr;                // rbp rbx r12-r15
+  f.sp = &slot[-8];
+}
+
+inline void switch_to_fiber(BlockRunner& r, Fiber& f) { sf_simt_switch(&r.scheduler_sp, f.sp); }
+inline void switch_to_scheduler(BlockRunner& r, Fiber& f) { sf_simt_switch(&f.sp, r.scheduler_sp); }
+#else
+inline void prepare_fiber(Fiber& f) {
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = f.stack;
+  f.ctx.uc_stack.ss_size = kFiberStack;
+  f.ctx.uc_link = nullptr;
+  makecontext(&f.ctx, &run_fiber_body, 0);
+}
+inline void switch_to_fiber(BlockRunner& r, Fiber& f) { swapcontext(&r.scheduler_ctx, &f.ctx); }
+inline void switch_to_scheduler(BlockRunner& r, Fiber& f) { swapcontext(&f.ctx, &r.scheduler_ctx); }
+#endif
+
+// Stop the current fiber for good with an error; the launch throws it.
+[[noreturn]] inline void fail(const std::string& msg) {
+  BlockRunner& r = runner();
+  Fiber& f = fiber();
+  if (r.error.empty()) {
+    r.error = "block (" + std::to_string(r.block_idx.x) + "," + std::to_string(r.block_idx.y) + "," +
+              std::to_string(r.block_idx.z) + ") thread (" + std::to_string(f.tid.x) + "," +
+              std::to_string(f.tid.y) + "," + std::to_string(f.tid.z) + "): " + msg;
+  }
+  f.state = Fiber::kDone;
+  switch_to_scheduler(r, f);
+  __builtin_unreachable();
+}
+
+inline void run_fiber_body() {
+  BlockRunner& r = runner();
+  (*r.body)();
+  Fiber& f = fiber();
+  f.state = Fiber::kDone;
+  switch_to_scheduler(r, f);
+  __builtin_unreachable();
+}
+
+// __syncthreads(): wait until every thread of the block is here.
+inline void block_barrier() {
+  BlockRunner& r = runner();
+  Fiber& f = fiber();
+  f.state = Fiber::kAtBlockBarrier;
+  if (++r.at_block_barrier == r.nthreads) {
+    r.at_block_barrier = 0;
+    for (int t = 0; t < r.nthreads; ++t) {
+      r.fibers[t].state = Fiber::kReady;
+      r.next.push_back(&r.fibers[t]);
+    }
+  }
+  switch_to_scheduler(r, f);
+}
+
+// Warp barrier over the lanes of `mask` (that exist); every one of them must pass the same mask.
+inline void warp_barrier(unsigned mask) {
+  BlockRunner& r = runner();
+  Fiber& f = fiber();
+  Warp& w = r.warps[f.warp];
+  unsigned members = mask & w.exists;
+  if (!(members >> f.lane & 1u)) fail("warp operation with a mask that excludes the calling lane");
+  if (w.mask == 0) {
+    w.mask = mask;
+  } else if (w.mask != mask) {
+    fail("lanes of one warp reached warp operations with different masks");
+  }
+  f.state = Fiber::kAtWarpBarrier;
+  if (++w.arrived == __builtin_popcount(members)) {
+    w.mask = 0;
+    w.arrived = 0;
+    int base = f.warp * kWarpSize;
+    for (int l = 0; l < w.lanes; ++l) {
+      if (members >> l & 1u) {
+        Fiber& g = r.fibers[base + l];
+        g.state = Fiber::kReady;
+        r.next.push_back(&g);
+      }
+    }
+  }
+  switch_to_scheduler(r, f);
+}
+
+// Every lane of `mask` contributes `bytes` bytes; returns the warp's buffer: lane l's bytes at
+// [l * kExchangeSlot].  Valid until this lane's next-but-one exchange (two buffers alternate; a
+// lane cannot start the exchange after next before every lane has left this one).
+inline const unsigned char* warp_exchange(unsigned mask, const void* data, size_t bytes) {
+  Fiber& f = fiber();
+  Warp& w = runner().warps[f.warp];
+  unsigned char (*buf)[kExchangeSlot] = w.buf[f.exchanges++ & 1u];
+  std::memcpy(buf[f.lane], data, bytes);
+  warp_barrier(mask);
+  return &buf[0][0];
+}
+
+inline int lane_id() { return fiber().lane; }
+
+inline unsigned long long mix64(unsigned long long x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+inline unsigned long long env_u64(const char* name, unsigned long long fallback) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::strtoull(v, nullptr, 10) : fallback;
+}
+
+inline std::string dim_str(dim3 d) {
+  return "(" + std::to_string(d.x) + "," + std::to_string(d.y) + "," + std::to_string(d.z) + ")";
+}
+
+inline void setup_runner(BlockRunner& r, dim3 grid, dim3 block, size_t smem) {
+  r.grid_dim = grid;
+  r.block_dim = block;
+  r.nthreads = int(block.x * block.y * block.z);
+  if (int(r.fibers.size()) < r.nthreads) {
+    size_t old = r.fibers.size();
+    r.fibers.resize(r.nthreads);  // Fibers own raw stacks: moving them keeps the pointers
+    for (size_t i = old; i < r.fibers.size(); ++i) {
+      r.fibers[i].stack = static_cast<char*>(std::malloc(kFiberStack));
+      if (!r.fibers[i].stack) throw std::runtime_error("SIMT harness: out of memory for fiber stacks");
+    }
+  }
+  int nwarps = (r.nthreads + kWarpSize - 1) / kWarpSize;
+  r.warps.assign(nwarps, Warp{});
+  for (int w = 0; w < nwarps; ++w) {
+    int lanes = std::min(kWarpSize, r.nthreads - w * kWarpSize);
+    r.warps[w].lanes = lanes;
+    r.warps[w].exists = lanes == kWarpSize ? 0xFFFFFFFFu : ((1u << lanes) - 1u);
+  }
+  r.dynamic_smem.resize(std::max<size_t>(smem, 16));
+}
+
+inline void run_block(BlockRunner& r, dim3 bidx, unsigned long long seed) {
+  r.block_idx = bidx;
+  r.error.clear();
+  r.at_block_barrier = 0;
+  std::memset(r.dynamic_smem.data(), 0xFF, r.dynamic_smem.size());
+  r.ready.clear();
+  r.next.clear();
+  for (int t = 0; t < r.nthreads; ++t) {
+    Fiber& f = r.fibers[t];
+    f.tid = dim3(t % r.block_dim.x, (t / r.block_dim.x) % r.block_dim.y, t / (r.block_dim.x * r.block_dim.y));
+    f.linear = t;
+    f.warp = t / kWarpSize;
+    f.lane = t % kWarpSize;
+    f.exchanges = 0;
+    f.state = Fiber::kReady;
+    prepare_fiber(f);
+    r.ready.push_back(&f);
+  }
+  for (Warp& w : r.warps) w.mask = 0, w.arrived = 0;
+  unsigned long long block_linear = bidx.x + (unsigned long long)r.grid_dim.x * (bidx.y + (unsigned long long)r.grid_dim.y * bidx.z);
+  unsigned long long state = mix64(seed * 0x2545F4914F6CDD1Dull + block_linear);
+  while (!r.ready.empty()) {
+    // Fisher-Yates with the block's generator: the order of this round.
+    for (size_t i = r.ready.size() - 1; i > 0; --i) {
+      state = mix64(state);
+      std::swap(r.ready[i], r.ready[state % (i + 1)]);
+    }
+    for (Fiber* f : r.ready) {
+      r.current = f;
+      switch_to_fiber(r, *f);
+      if (!r.error.empty()) throw std::runtime_error(r.error);
+    }
+    r.ready.swap(r.next);
+    r.next.clear();
+  }
+  r.current = nullptr;
+  int done = 0, at_block = 0, at_warp = 0;
+  for (int t = 0; t < r.nthreads; ++t) {
+    done += r.fibers[t].state == Fiber::kDone;
+    at_block += r.fibers[t].state == Fiber::kAtBlockBarrier;
+    at_warp += r.fibers[t].state == Fiber::kAtWarpBarrier;
+  }
+  if (done != r.nthreads) {
+    throw std::runtime_error("block " + dim_str(bidx) + ": deadlock: " + std::to_string(at_block) +
+                             " threads wait at __syncthreads(), " + std::to_string(at_warp) +
+                             " at a warp operation, " + std::to_string(done) +
+                             " returned (every thread of the block, or every lane of the mask, "
+                             "must reach the same barrier)");
+  }
+}
+
+// Runs `body` (the kernel call with its arguments bound) for every thread of the grid.
+inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
+  unsigned long long nthreads = (unsigned long long)block.x * block.y * block.z;
+  if (nthreads == 0 || nthreads > kMaxThreadsPerBlock)
+    throw std::runtime_error("SIMT launch: block " + dim_str(block) + " must have 1..1024 threads");
+  if (grid.y > 65535 || grid.z > 65535)
+    throw std::runtime_error("SIMT launch: grid " + dim_str(grid) + ": y and z must be <= 65535");
+  if (smem > kMaxDynamicSmem)
+    throw std::runtime_error("SIMT launch: " + std::to_string(smem) + " bytes of dynamic shared memory (max " +
+                             std::to_string(kMaxDynamicSmem) + ")");
+  unsigned long long nblocks = (unsigned long long)grid.x * grid.y * grid.z;
+  if (nblocks == 0) return;
+  unsigned long long seed = env_u64("SF_SIMT_SEED", 0);
+  unsigned long long want = env_u64("SF_SIMT_THREADS", std::max(1u, std::thread::hardware_concurrency()));
+  unsigned workers = unsigned(std::max<unsigned long long>(1, std::min(want, nblocks)));
+
+  std::atomic<unsigned long long> next_block{0};
+  std::mutex error_mutex;
+  std::string first_error;
+  auto work = [&]() {
+    thread_local std::unique_ptr<BlockRunner> mine;
+    if (!mine) mine = std::make_unique<BlockRunner>();
+    BlockRunner* saved = tls_runner;  // a launch from inside a kernel is not supported; keep state sane
+    tls_runner = mine.get();
+    try {
+      setup_runner(*mine, grid, block, smem);
+      mine->body = &body;
+      for (unsigned long long b; (b = next_block.fetch_add(1)) < nblocks;) {
+        dim3 bidx(unsigned(b % grid.x), unsigned((b / grid.x) % grid.y), unsigned(b / ((unsigned long long)grid.x * grid.y)));
+        run_block(*mine, bidx, seed);
+      }
+    } catch (const std::exception& e) {
+      next_block.store(nblocks);
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (first_error.empty()) first_error = e.what();
+    }
+    tls_runner = saved;
+  };
+  std::vector<std::thread> threads;
+  for (unsigned i = 1; i < workers; ++i) threads.emplace_back(work);
+  work();
+  for (std::thread& t : threads) t.join();
+  if (!first_error.empty()) throw std::runtime_error("SIMT harness: " + first_error);
+}
+
+template <typename T>
+inline T* dynamic_shared() {
+  return reinterpret_cast<T*>(runner().dynamic_smem.data());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Warp primitives
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+inline T shuffle_from(unsigned mask, T value, int src, bool keep_own) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffle of a type larger than 8 bytes");
+  const unsigned char* buf = warp_exchange(mask, &value, sizeof(T));
+  const Warp& w = runner().warps[fiber().warp];
+  if (keep_own || src < 0 || src >= w.lanes) return value;  // out of range: the lane keeps its value
+  T out;
+  std::memcpy(&out, buf + src * kExchangeSlot, sizeof(T));
+  return out;
+}
+
+inline void check_width(int width) {
+  if (width < 1 || width > kWarpSize || (width & (width - 1))) fail("shuffle width must be a power of 2 <= 32");
+}
+
+}  // namespace simt
+}  // namespace sf
+
+// ---------------------------------------------------------------------------------------------
+// Built-in variables and device functions, in the global namespace as CUDA has them.
+// ---------------------------------------------------------------------------------------------
+#define threadIdx (::sf::simt::fiber().tid)
+#define blockIdx (::sf::simt::runner().block_idx)
+#define blockDim (::sf::simt::runner().block_dim)
+#define gridDim (::sf::simt::runner().grid_dim)
+#define warpSize 32
+
+inline void __syncthreads() { sf::simt::block_barrier(); }
+inline void __syncwarp(unsigned mask = 0xFFFFFFFFu) { sf::simt::warp_exchange(mask, &mask, 0); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+[[noreturn]] inline void __trap() { sf::simt::fail("__trap()"); }
+
+template <typename T>
+inline T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize) {
+  sf::simt::check_width(width);
+  int lane = sf::simt::lane_id();
+  return sf::simt::shuffle_from(mask, var, (lane & ~(width - 1)) + (src_lane & (width - 1)), false);
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize) {
+  sf::simt::check_width(width);
+  int lane = sf::simt::lane_id();
+  int src = lane ^ lane_mask;
+  return sf::simt::shuffle_from(mask, var, src, (src & ~(width - 1)) != (lane & ~(width - 1)));
+}
+template <typename T>
+inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warpSize) {
+  sf::simt::check_width(width);
+  int lane = sf::simt::lane_id();
+  int src = lane + int(delta);
+  return sf::simt::shuffle_from(mask, var, src, (src & ~(width - 1)) != (lane & ~(width - 1)));
+}
+template <typename T>
+inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = warpSize) {
+  sf::simt::check_width(width);
+  int lane = sf::simt::lane_id();
+  int src = lane - int(delta);
+  return sf::simt::shuffle_from(mask, var, src, src < (lane & ~(width - 1)));
+}
+
+inline unsigned __ballot_sync(unsigned mask, int predicate) {
+  int mine = predicate != 0;
+  const unsigned char* buf = sf::simt::warp_exchange(mask, &mine, sizeof(int));
+  const sf::simt::Warp& w = sf::simt::runner().warps[sf::simt::fiber().warp];
+  unsigned out = 0;
+  for (int l = 0; l < w.lanes; ++l) {
+    int p;
+    std::memcpy(&p, buf + l * sf::simt::kExchangeSlot, sizeof(int));
+    if ((mask >> l & 1u) && p) out |= 1u << l;
+  }
+  return out;
+}
+inline int __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) != 0; }
+inline int __all_sync(unsigned mask, int predicate) {
+  return __ballot_sync(mask, predicate) == (mask & sf::simt::runner().warps[sf::simt::fiber().warp].exists);
+}
+inline unsigned __activemask() { return sf::simt::runner().warps[sf::simt::fiber().warp].exists; }
+
+// Atomics (blocks run concurrently on several host threads).
+template <typename T>
+inline T sf_simt_atomic_rmw(T* address, T val, T (*op)(T, T)) {
+  std::atomic_ref<T> ref(*address);
+  T old = ref.load(std::memory_order_relaxed);
+  while (!ref.compare_exchange_weak(old, op(old, val), std::memory_order_relaxed)) {
+  }
+  return old;
+}
+inline float atomicAdd(float* a, float v) { return sf_simt_atomic_rmw<float>(a, v, [](float x, float y) { return x + y; }); }
+inline double atomicAdd(double* a, double v) {
+  return sf_simt_atomic_rmw<double>(a, v, [](double x, double y) { return x + y; });
+}
+inline int atomicAdd(int* a, int v) { return std::atomic_ref<int>(*a).fetch_add(v, std::memory_order_relaxed); }
+inline unsigned atomicAdd(unsigned* a, unsigned v) {
+  return std::atomic_ref<unsigned>(*a).fetch_add(v, std::memory_order_relaxed);
+}
+inline unsigned long long atomicAdd(unsigned long long* a, unsigned long long v) {
+  return std::atomic_ref<unsigned long long>(*a).fetch_add(v, std::memory_order_relaxed);
+}
+inline int atomicMax(int* a, int v) { return sf_simt_atomic_rmw<int>(a, v, [](int x, int y) { return x > y ? x : y; }); }
+inline int atomicMin(int* a, int v) { return sf_simt_atomic_rmw<int>(a, v, [](int x, int y) { return x < y ? x : y; }); }
+inline int atomicExch(int* a, int v) { return std::atomic_ref<int>(*a).exchange(v, std::memory_order_relaxed); }
+inline float atomicExch(float* a, float v) { return std::atomic_ref<float>(*a).exchange(v, std::memory_order_relaxed); }
+inline int atomicCAS(int* a, int compare, int v) {
+  std::atomic_ref<int>(*a).compare_exchange_strong(compare, v, std::memory_order_relaxed);
+  return compare;
+}
+inline unsigned atomicCAS(unsigned* a, unsigned compare, unsigned v) {
+  std::atomic_ref<unsigned>(*a).compare_exchange_strong(compare, v, std::memory_order_relaxed);
+  return compare;
+}
+inline unsigned long long atomicCAS(unsigned long long* a, unsigned long long compare, unsigned long long v) {
+  std::atomic_ref<unsigned long long>(*a).compare_exchange_strong(compare, v, std::memory_order_relaxed);
+  return compare;
+}
+
+// Math intrinsics: the fast-math forms map to the accurate C library functions (the GPU versions
+// are approximations within a few ulp; kernels must not depend on their exact error).
+inline float __expf(float x) { return expf(x); }
+inline float __exp10f(float x) { return exp10f(x); }
+inline float __logf(float x) { return logf(x); }
+inline float __log2f(float x) { return log2f(x); }
+inline float __powf(float x, float y) { return powf(x, y); }
+inline float __sinf(float x) { return sinf(x); }
+inline float __cosf(float x) { return cosf(x); }
+inline float __tanhf(float x) { return tanhf(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __frcp_rn(float x) { return 1.0f / x; }
+inline float __fsqrt_rn(float x) { return sqrtf(x); }
+inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline double rsqrt(double x) { return 1.0 / sqrt(x); }
+inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
+inline int __float_as_int(float x) { int i; std::memcpy(&i, &x, 4); return i; }
+inline float __uint_as_float(unsigned x) { float f; std::memcpy(&f, &x, 4); return f; }
+inline unsigned __float_as_uint(float x) { unsigned i; std::memcpy(&i, &x, 4); return i; }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(unsigned(x)); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline unsigned __umulhi(unsigned a, unsigned b) { return unsigned(((unsigned long long)a * b) >> 32); }
+inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) {
+  return (unsigned long long)(((unsigned __int128)a * b) >> 64);
+}
+template <typename T>
+inline T __ldg(const T* p) { return *p; }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+inline float min(float a, float b) { return fminf(a, b); }
+inline float max(float a, float b) { return fmaxf(a, b); }
+
+// The kernel launch: SF_LAUNCH(kernel, grid, block, smem, stream, args...) expands to this.
+template <typename... Params, typename... Args>
+inline void sf_simt_launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args&&... args) {
+  std::function<void()> body = [&]() { kernel(args...); };
+  sf::simt::launch(grid, block, smem, body);
+}

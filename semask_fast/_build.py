@@ -1,0 +1,215 @@
+"""Just-in-time builds of the C++/CUDA sources in ``csrc/`` (installed as ``semask_fast.csrc``).
+
+Every ``csrc/ops/<name>.cu`` is built on its own, in two flavours:
+
+* ``"simt"``: g++ compiles the ``.cu`` as C++ with ``-DSF_SIMT``, so its kernels run on CPU
+  tensors in the SIMT harness (``csrc/harness/sf_simt.h``); ops appear as
+  ``torch.ops.semask_fast_simt.<op>_forward`` / ``_backward``.
+* ``"cuda"``: nvcc for sm_80 and sm_90; ops appear as ``torch.ops.semask_fast_cuda.*``.
+
+One shared library per (flavour, source file): a file that does not compile only takes its own
+ops down, and editing one kernel rebuilds one library.  Builds go through
+``torch.utils.cpp_extension.load`` (ninja) into a directory named after a hash of everything
+that affects the binary (the source, every header under ``csrc/include`` and ``csrc/harness``,
+flags, torch version), under ``$SEMASK_FAST_BUILD_DIR`` or ``~/.cache/semask_fast``, so a build
+is reused across processes and CI runs until an input changes.
+
+Nothing here runs at import time: a pure install never compiles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+from typing import Dict, List, Optional
+
+FLAVOURS = ("simt", "cuda")
+
+#: torch.ops namespace of each flavour (SF_TORCH_NS in csrc/include/sf_torch.h).
+NAMESPACES = {"simt": "semask_fast_simt", "cuda": "semask_fast_cuda"}
+
+#: GPU architectures of the cuda flavour.
+CUDA_ARCHS = ("80", "90")
+
+# torch compiles every nvcc source with these (cpp_extension.COMMON_NVCC_FLAGS); the harness build
+# uses them too, so a kernel that compiles under the harness compiles under nvcc.
+_HALF_FLAGS = [
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+]
+SIMT_CFLAGS = ["-O2", "-std=c++20", "-DSF_SIMT", "-fno-strict-aliasing", "-Wno-unused-function"] + _HALF_FLAGS
+CUDA_CFLAGS = (["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
+               + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS])
+
+
+class BuildError(RuntimeError):
+    """A source failed to compile; ``first_error`` is the compiler's first error line."""
+
+    def __init__(self, flavour: str, source: str, log: str):
+        self.flavour, self.source, self.log = flavour, source, log
+        self.first_error = first_error_line(log)
+        super().__init__(f"{flavour} build of {source} failed: {self.first_error}")
+
+
+def first_error_line(log: str) -> str:
+    for line in log.splitlines():
+        if re.search(r"\berror\b", line, re.IGNORECASE) and "Error building extension" not in line:
+            return line.strip()
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
+def csrc_dir() -> Path:
+    spec = importlib.util.find_spec("semask_fast.csrc")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("semask_fast.csrc is not installed (the C++/CUDA sources are missing)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def op_sources() -> List[Path]:
+    """Every kernel source file, ``csrc/ops/*.cu``."""
+    return sorted((csrc_dir() / "ops").glob("*.cu"))
+
+
+def source_path(name: str) -> Path:
+    """``name`` is a file of ``csrc/ops`` (``"window_process.cu"``) or a path relative to ``csrc``."""
+    base = csrc_dir()
+    path = base / name if "/" in name else base / "ops" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"no C++/CUDA source {path}")
+    return path
+
+
+def cuda_home() -> Optional[Path]:
+    """The CUDA toolkit: $CUDA_HOME, $CUDA_PATH, /usr/local/cuda, or the toolkit of nvcc on PATH."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(os.path.realpath(nvcc)).parent.parent))
+    for c in candidates:
+        if c and (Path(c) / "include" / "cuda_fp16.h").is_file():
+            return Path(c)
+    return None
+
+
+def toolchain_reasons(flavour: str) -> List[str]:
+    """Why ``flavour`` cannot be built on this machine ([] = it can)."""
+    reasons = []
+    if importlib.util.find_spec("ninja") is None and shutil.which("ninja") is None:
+        reasons.append("ninja is not installed (pip install ninja)")
+    home = cuda_home()
+    if flavour == "simt":
+        if shutil.which(os.environ.get("CXX", "g++")) is None:
+            reasons.append("no C++ compiler (g++ or $CXX) for the SIMT harness build")
+        if home is None:
+            reasons.append("CUDA headers (cuda_fp16.h) not found: set CUDA_HOME to a CUDA toolkit")
+    elif flavour == "cuda":
+        if home is None or not (home / "bin" / "nvcc").is_file():
+            reasons.append("nvcc not found: set CUDA_HOME to a CUDA toolkit")
+    else:
+        raise ValueError(f"unknown flavour {flavour!r} (expected one of {FLAVOURS})")
+    return reasons
+
+
+def _cpp_extension():
+    """torch.utils.cpp_extension, pointed at the toolkit :func:`cuda_home` found."""
+    home = cuda_home()
+    if home is not None and "torch.utils.cpp_extension" not in __import__("sys").modules:
+        # cpp_extension fixes CUDA_HOME at import; a wrapper script named nvcc on PATH (as on
+        # some machines) would otherwise make it guess a directory without the headers.
+        os.environ.setdefault("CUDA_HOME", str(home))
+    from torch.utils import cpp_extension
+
+    return cpp_extension
+
+
+def _digest(flavour: str, source: Path) -> str:
+    import torch
+
+    h = hashlib.sha256()
+    h.update(f"{flavour}|{torch.__version__}|{SIMT_CFLAGS if flavour == 'simt' else CUDA_CFLAGS}".encode())
+    files = [source] + sorted((csrc_dir() / "include").glob("*")) + sorted((csrc_dir() / "harness").glob("*"))
+    for f in files:
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_root() -> Path:
+    return Path(os.environ.get("SEMASK_FAST_BUILD_DIR") or Path.home() / ".cache" / "semask_fast")
+
+
+def library_path(flavour: str, name: str) -> Path:
+    """Where the shared library of ``name`` (see :func:`source_path`) is (or will be) built."""
+    source = source_path(name)
+    stem = re.sub(r"\W", "_", source.stem)
+    return build_root() / f"{flavour}-{stem}-{_digest(flavour, source)}" / f"sf_{flavour}_{stem}.so"
+
+
+_lock = threading.Lock()
+_loaded: Dict[tuple, object] = {}
+
+
+def load(flavour: str, name: str, verbose: bool = False):
+    """Build (or reuse) and load ``name``; return the ``torch.ops`` namespace of ``flavour``.
+
+    Raises :class:`BuildError` with the compiler's first error line; the failure is remembered
+    for the process, so availability checks do not recompile.
+    """
+    key = (flavour, name)
+    with _lock:
+        if key not in _loaded:
+            try:
+                _loaded[key] = _build_and_load(flavour, name, verbose)
+            except BuildError as e:
+                _loaded[key] = e
+        result = _loaded[key]
+    if isinstance(result, BuildError):
+        raise result
+    return result
+
+
+def _build_and_load(flavour: str, name: str, verbose: bool):
+    import torch
+
+    reasons = toolchain_reasons(flavour)
+    if reasons:
+        raise BuildError(flavour, name, "error: " + "; ".join(reasons))
+    source = source_path(name)
+    out = library_path(flavour, name)
+    if not out.is_file():
+        _compile(flavour, source, out, verbose)
+    torch.ops.load_library(str(out))
+    return getattr(torch.ops, NAMESPACES[flavour])
+
+
+def _compile(flavour: str, source: Path, out: Path, verbose: bool) -> None:
+    cpp_extension = _cpp_extension()
+    build_dir = out.parent
+    build_dir.mkdir(parents=True, exist_ok=True)
+    includes = [str(csrc_dir() / "include")]
+    home = cuda_home()
+    if flavour == "simt":
+        includes += [str(csrc_dir() / "harness"), str(home / "include")]
+        # The .cu is compiled as C++: a wrapper translation unit includes it.
+        wrapper = build_dir / f"{source.stem}_simt.cpp"
+        wrapper.write_text(f'#include "{source}"\n')
+        sources, kwargs = [str(wrapper)], dict(extra_cflags=list(SIMT_CFLAGS), with_cuda=False)
+    else:
+        sources = [str(source)]
+        kwargs = dict(extra_cflags=["-O2", "-std=c++20"], extra_cuda_cflags=list(CUDA_CFLAGS), with_cuda=True)
+    try:
+        cpp_extension.load(name=out.stem, sources=sources, extra_include_paths=includes,
+                           build_directory=str(build_dir), is_python_module=False, verbose=verbose, **kwargs)
+    except (RuntimeError, OSError) as e:
+        raise BuildError(flavour, source.name, str(e)) from None
+    if not out.is_file():
+        raise BuildError(flavour, source.name, f"error: the build produced no {out.name}")

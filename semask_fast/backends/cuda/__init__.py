@@ -1,0 +1,99 @@
+"""The CUDA C++ kernels of ``csrc/ops``, as two backends.
+
+* ``cuda`` (:class:`CudaImpl`): the nvcc build (sm_80, sm_90) on CUDA tensors.
+* ``cpu`` (:class:`SimtImpl`): the same kernel sources compiled by g++ into the CPU SIMT
+  harness, on CPU tensors.  A correctness tool (every kernel runs in CI without a GPU), slower
+  than the reference, so it is never picked automatically: ask for ``backend="cpu"``.
+
+Each op family has a module here (``window_process``, ``mask_similarity``, ...) with one
+``KernelImpl`` mixin that calls ``self.library().<op>_forward`` / ``_backward`` and registers a
+``CudaImpl`` and a ``SimtImpl`` class built from it.  The kernels of that module live in
+``csrc/ops/<module name>.cu`` (override with the ``source`` class attribute); that file is built
+on first use (see :mod:`semask_fast._build`).  A failed build is an availability reason carrying
+the compiler's first error line, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import ClassVar, FrozenSet, List
+
+import torch
+
+from ... import _build
+from ..base import KernelImpl
+
+#: Oldest GPU the kernels are built for (sm_80: mma.sync with bf16, cp.async).
+MIN_COMPUTE_CAPABILITY = (8, 0)
+
+
+@lru_cache(maxsize=None)
+def _toolchain_reasons(flavour: str) -> tuple:
+    return tuple(_build.toolchain_reasons(flavour))
+
+
+def cuda_device_reasons() -> List[str]:
+    """Why the nvcc-built kernels cannot launch on this machine ([] = they can)."""
+    if torch.version.cuda is None:
+        return ["torch was built without CUDA"]
+    if not torch.cuda.is_available():
+        return ["no CUDA device"]
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < MIN_COMPUTE_CAPABILITY:
+        return [f"compute capability {major}.{minor} (needs >= 8.0)"]
+    return []
+
+
+class _CompiledImpl(KernelImpl):
+    """An op whose kernels come from one ``csrc/ops/*.cu`` file, in one build flavour."""
+
+    flavour: ClassVar[str]
+    #: File of ``csrc/ops`` with this op's kernels; empty means ``<module name>.cu``.
+    source: ClassVar[str] = ""
+
+    @classmethod
+    def source_name(cls) -> str:
+        return cls.source or cls.__module__.rsplit(".", 1)[-1] + ".cu"
+
+    def library(self):
+        """The loaded ``torch.ops`` namespace (``semask_fast_cuda`` / ``semask_fast_simt``)."""
+        return _build.load(self.flavour, self.source_name())
+
+    def build_reasons(self) -> List[str]:
+        reasons = list(_toolchain_reasons(self.flavour))
+        if reasons:
+            return reasons
+        try:
+            self.library()
+        except _build.BuildError as e:
+            return [f"{self.flavour} build of csrc/ops/{self.source_name()} failed: {e.first_error}"]
+        except FileNotFoundError as e:
+            return [str(e)]
+        return []
+
+
+class CudaImpl(_CompiledImpl):
+    backend = "cuda"
+    flavour = "cuda"
+
+    def availability_reasons(self) -> List[str]:
+        # Without a device nothing could launch: do not spend minutes compiling.
+        return cuda_device_reasons() or self.build_reasons()
+
+    def supported_devices(self) -> FrozenSet[str]:
+        return frozenset({"cuda"})
+
+
+class SimtImpl(_CompiledImpl):
+    backend = "cpu"
+    flavour = "simt"
+    auto_select = False
+
+    def availability_reasons(self) -> List[str]:
+        return self.build_reasons()
+
+    def supported_devices(self) -> FrozenSet[str]:
+        return frozenset({"cpu"})
+
+
+__all__ = ["CudaImpl", "SimtImpl", "cuda_device_reasons", "MIN_COMPUTE_CAPABILITY"]
