@@ -10,6 +10,8 @@ import semask_fast
 from semask_fast import record_dispatch
 from semask_fast.nn import ATMAttention, SemanticAttention, WindowAttention
 
+from tests.conftest import require_backend
+
 
 @pytest.fixture(autouse=True)
 def _quiet_fallback(recwarn):
@@ -62,26 +64,41 @@ def test_state_dict_round_trip_with_timm():
     assert torch.equal(m.relative_position_index, t.relative_position_index)
 
 
-def test_patch_timm_swin_model_same_outputs_and_grads():
+def _twin_swins(**kw):
     torch.manual_seed(2)
-    kw = dict(img_size=(64, 96), patch_size=4, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
-              num_classes=5, drop_path_rate=0.0)
+    kw = dict(patch_size=4, window_size=4, num_classes=5, drop_path_rate=0.0, **kw)
     orig = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **kw)
     patched = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **kw)
     patched.load_state_dict(orig.state_dict())
-    n = semask_fast.patch_timm(patched)
-    assert n == 4
-    assert not any(type(m) is timm_swin.WindowAttention for m in patched.modules())
-    x = torch.randn(2, 3, 64, 96)
+    return orig, patched
+
+
+def _assert_same_outputs_and_grads(orig, patched, x, backend, tol):
     with record_dispatch() as ran:
         out = patched(x)
-    assert len(ran) == 4 and all(op == "window_attention" for op, _, _ in ran)
+        out.square().sum().backward()
+    assert ran and {op for op, _, _ in ran} == {"window_attention"}
+    assert {b for _, b, _ in ran} == {backend}
     ref_out = orig(x)
-    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
-    out.square().sum().backward()
+    torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
     ref_out.square().sum().backward()
     for (name, a), b in zip(patched.named_parameters(), orig.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4, msg=name)
+        torch.testing.assert_close(a.grad, b.grad, atol=10 * tol, rtol=10 * tol, msg=name)
+
+
+def test_patch_timm_swin_model_same_outputs_and_grads():
+    orig, patched = _twin_swins(img_size=(64, 96), embed_dim=24, depths=(2, 2), num_heads=(2, 4))
+    assert semask_fast.patch_timm(patched, backend="reference") == 4
+    assert not any(type(m) is timm_swin.WindowAttention for m in patched.modules())
+    _assert_same_outputs_and_grads(orig, patched, torch.randn(2, 3, 64, 96), "reference", 1e-5)
+
+
+def test_patch_timm_with_the_triton_backend():
+    """End to end through the Triton kernels (in the interpreter here): a small model."""
+    require_backend("window_attention", "triton")
+    orig, patched = _twin_swins(img_size=(32, 48), embed_dim=16, depths=(2,), num_heads=(2,))
+    assert semask_fast.patch_timm(patched, backend="triton") == 2
+    _assert_same_outputs_and_grads(orig, patched, torch.randn(1, 3, 32, 48), "triton", 1e-4)
 
 
 def test_patch_timm_keeps_mode_and_dropout():
