@@ -1,0 +1,81 @@
+"""Parity of ``mask_similarity`` (Segmenter's normalised masks) on every kernel backend.
+
+The output and every gradient (patches, classes, and the fused LayerNorm's
+weight and bias when present) are compared with the float64 reference through
+``assert_parity``, which also asserts the requested backend ran forward and
+backward.  Shapes: Segmenter's (Np patches x K = 150 / 19 classes) scaled down,
+odd sizes, batch 1; with and without the ``mask_norm`` epilogue, with and
+without its affine parameters.
+
+bf16 under Triton's interpreter: ``tl.dot`` is wrong on bf16 operands there
+(triton issue 11584), so the kernels upcast the two dot operands to fp32 right
+before each ``tl.dot`` (``DOT_FP32``).  bf16 loads, the bf16 cast of dS and
+bf16 stores are exercised; the bf16 tensor-core product itself is not.
+"""
+
+import pytest
+import torch
+
+import semask_fast
+from semask_fast.testing import assert_parity
+from tests.conftest import require_backend
+
+OP = "mask_similarity"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (B, Np, K, D)
+SHAPES = [
+    (1, 256, 150, 96),    # ADE20K classes, batch 1
+    (2, 100, 19, 64),     # Cityscapes classes
+    (3, 37, 9, 33),       # odd sizes
+]
+# (norm, affine)
+EPILOGUES = [(False, False), (True, True), (True, False)]
+
+
+def _inputs(B, NP, K, D, device, affine, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = {"patches": torch.randn(B, NP, D, generator=g, dtype=torch.float64),
+         "classes": torch.randn(B, K, D, generator=g, dtype=torch.float64)}
+    if affine:
+        t["norm_weight"] = 1 + 0.1 * torch.randn(K, generator=g, dtype=torch.float64)
+        t["norm_bias"] = 0.1 * torch.randn(K, generator=g, dtype=torch.float64)
+    return {n: x.to(device) for n, x in t.items()}
+
+
+def _op(norm):
+    return lambda backend, **t: semask_fast.mask_similarity(**t, norm=norm, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("norm,affine", EPILOGUES, ids=["plain", "norm-affine", "norm"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_parity(kernel_backend, shape, norm, affine, dtype):
+    device = require_backend(OP, kernel_backend)
+    t = _inputs(*shape, device, affine)
+    assert_parity(_op(norm), t, list(t), dtype, backend=kernel_backend, op=OP)
+
+
+def test_parity_fp32_norm_params_with_half_inputs(kernel_backend):
+    """Mixed precision as under autocast: fp16 features, fp32 LayerNorm parameters (their grads stay fp32)."""
+    device = require_backend(OP, kernel_backend)
+    t = _inputs(1, 64, 150, 64, device, affine=True)
+    p, c = (t[n].half().requires_grad_() for n in ("patches", "classes"))
+    w, b = (t[n].float().requires_grad_() for n in ("norm_weight", "norm_bias"))
+    out = semask_fast.mask_similarity(p, c, norm=True, norm_weight=w, norm_bias=b, backend=kernel_backend)
+    out.float().square().sum().backward()
+    assert out.dtype == torch.float16 and w.grad.dtype == torch.float32
+    ref = [x.detach().double().requires_grad_() for x in (p, c, w, b)]
+    r = semask_fast.mask_similarity(ref[0], ref[1], norm=True, norm_weight=ref[2], norm_bias=ref[3],
+                                    backend="reference")
+    r.square().sum().backward()
+    torch.testing.assert_close(out.double(), r, atol=1e-2, rtol=1e-2)
+    for x, y in zip((p, c, w, b), ref):
+        torch.testing.assert_close(x.grad.double(), y.grad, atol=5e-2, rtol=1e-2)
+
+
+def test_triton_rejects_too_many_classes():
+    require_backend(OP, "triton")
+    t = _inputs(1, 8, 300, 16, "cpu", affine=False)
+    with pytest.raises(ValueError, match="K=300"):
+        semask_fast.mask_similarity(t["patches"].float(), t["classes"].float(), backend="triton")
