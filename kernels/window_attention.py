@@ -471,13 +471,15 @@ def _constexprs(geo: Geometry, table, mask, qkv_bias, dropout_p, dtype, wpp):
 
 
 def window_attention_forward(q, k, v, out, geo: Geometry, table=None, mask=None, qkv_bias=None, *, scale: float,
-                             mask_value: float = -100.0, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+                             mask_value: float = -100.0, dropout_p: float = 0.0, seed: int = 0,
+                             wpp: Optional[int] = None) -> torch.Tensor:
     """Runs the forward kernel, writing ``out``; returns the (B*nW, h, N) fp32 logsumexp.
 
     Window layout: q, k, v, out (B*nW, h, N, d).  Image layout: q, k, v are the three
-    channel blocks of the qkv image (views), out (B, H, W, h*d).
+    channel blocks of the qkv image (views), out (B, H, W, h*d).  ``wpp`` overrides
+    :func:`windows_per_program` (it must divide B*nW).
     """
-    wpp = windows_per_program(geo.num_windows, geo.heads, geo.n)
+    wpp = wpp or windows_per_program(geo.num_windows, geo.heads, geo.n)
     lse = torch.empty((geo.num_windows, geo.heads, geo.n), dtype=torch.float32, device=q.device)
     c = _constexprs(geo, table, mask, qkv_bias, dropout_p, q.dtype, wpp)
     dummy = lse
@@ -493,12 +495,12 @@ def window_attention_forward(q, k, v, out, geo: Geometry, table=None, mask=None,
 
 def window_attention_backward(q, k, v, out, dout, lse, dq, dk, dv, geo: Geometry, table=None, mask=None,
                               qkv_bias=None, *, scale: float, mask_value: float = -100.0, dropout_p: float = 0.0,
-                              seed: int = 0):
+                              seed: int = 0, wpp: Optional[int] = None):
     """Writes dq, dk, dv (same layouts as q, k, v); returns (d_table or None, d_qkv_bias or None).
 
     The table gradient is bitwise reproducible: per-program partials reduced in a fixed order.
     """
-    wpp = windows_per_program(geo.num_windows, geo.heads, geo.n)
+    wpp = wpp or windows_per_program(geo.num_windows, geo.heads, geo.n)
     groups = geo.num_windows // wpp
     c = _constexprs(geo, table, mask, qkv_bias, dropout_p, q.dtype, wpp)
     np_ = c["NT"] * c["BLOCK"]

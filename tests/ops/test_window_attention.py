@@ -1,0 +1,225 @@
+"""Parity of ``window_attention`` (Swin W-MSA / SW-MSA) on every kernel backend.
+
+The output and every gradient (dq, dk, dv, d(bias_table)) are compared with the
+float64 reference through ``assert_parity``, which also asserts that the
+requested backend ran forward and backward.  The shape matrix covers N = 49 and
+144 (one tile and the online-softmax key loop), non-square windows, shift on and
+off (mask computed in the kernel), an explicit (nW, N, N) mask, head_dim
+16/20/32/48/64/128, batch 1 and odd batches, in fp32, fp16 and bf16.
+
+bf16 under Triton's interpreter: ``tl.dot`` is wrong on bf16 operands there
+(triton issue 11584), so the kernels upcast the two dot operands to fp32 right
+before each ``tl.dot`` (``DOT_FP32``).  bf16 loads, the casts of P and dS to
+bf16, and bf16 stores are exercised; the bf16 tensor-core product itself is not
+(it is on a GPU, where ``DOT_FP32`` is always False).
+
+Tests at the end are Triton-specific (logsumexp, dropout replay, determinism of
+the table gradient, several windows per program).
+"""
+
+import functools
+
+import pytest
+import torch
+
+import semask_fast
+from semask_fast import reference
+from semask_fast.backends.base import record_dispatch
+from semask_fast.backends.registry import BackendNotSupportedError
+from semask_fast.testing import assert_parity
+from tests.conftest import require_backend
+
+OP = "window_attention"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GRADS = ["q", "k", "v", "bias_table"]
+
+# (B*nW, heads, window, head_dim, shift, grid, explicit-mask nW)
+SHAPES = {
+    "swin-t-sw-msa": (4, 2, (7, 7), 32, (3, 3), (2, 2), None),
+    "batch1-d16": (1, 1, (7, 7), 16, (0, 0), None, None),
+    "ws12-n144": (2, 1, (12, 12), 32, (6, 6), (1, 2), None),
+    "nonsquare-odd-batch-d48": (9, 1, (3, 5), 48, (1, 2), (3, 1), None),
+    "explicit-mask-d64": (4, 1, (7, 7), 64, (0, 0), None, 2),
+    "d128-batch3": (3, 1, (4, 4), 128, (0, 0), None, None),
+    "tiny-d20-shift-one-axis": (6, 3, (2, 3), 20, (0, 1), (1, 2), None),
+}
+
+
+def _inputs(b_, h, ws, d, mask_nw, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = ws[0] * ws[1]
+    t = {name: torch.randn(b_, h, n, d, generator=g, dtype=torch.float64) for name in ("q", "k", "v")}
+    t["bias_table"] = torch.randn((2 * ws[0] - 1) * (2 * ws[1] - 1), h, generator=g, dtype=torch.float64)
+    if mask_nw:
+        # Swin-like: 0 or -100 per pair, never a whole row masked.
+        m = torch.where(torch.rand(mask_nw, n, n, generator=g) < 0.3, -100.0, 0.0).double()
+        t["mask"] = m * (1 - torch.eye(n, dtype=torch.float64))
+    return {k: v.to(device) for k, v in t.items()}
+
+
+def _fn(ws, shift, grid, **kw):
+    return functools.partial(semask_fast.window_attention, window_size=ws, shift_size=shift, grid=grid, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_parity(kernel_backend, name, dtype):
+    device = require_backend(OP, kernel_backend)
+    b_, h, ws, d, shift, grid, mask_nw = SHAPES[name]
+    assert_parity(_fn(ws, shift, grid), _inputs(b_, h, ws, d, mask_nw, device), GRADS, dtype,
+                  backend=kernel_backend, op=OP)
+
+
+def test_no_bias_table_custom_scale_mask_value(kernel_backend):
+    """No table (only q, k, v grads), qk_scale override and a non-default mask value."""
+    device = require_backend(OP, kernel_backend)
+    t = _inputs(4, 2, (7, 7), 32, None, device)
+    del t["bias_table"]
+    assert_parity(_fn((7, 7), (3, 3), (2, 2), scale=0.3, mask_value=-1e4), t, ["q", "k", "v"], torch.float32,
+                  backend=kernel_backend, op=OP)
+
+
+def test_fp32_table_with_half_inputs(kernel_backend):
+    """An fp32 bias table with fp16 q, k, v (autocast-style mixed inputs)."""
+    device = require_backend(OP, kernel_backend)
+    t = _inputs(4, 2, (7, 7), 32, None, device)
+    t = {k: v.half() for k, v in t.items()}
+    t["bias_table"] = t["bias_table"].float()
+
+    def fn(backend, q, k, v, bias_table):
+        return semask_fast.window_attention(q, k, v, bias_table.float(), window_size=7, shift_size=3, grid=(2, 2),
+                                            backend=backend)
+
+    # _clone_inputs casts every input to the test dtype, so cast the table back in fn.
+    assert_parity(fn, t, GRADS, torch.float16, backend=kernel_backend, op=OP)
+
+
+def test_strided_qkv(kernel_backend):
+    """q, k, v as timm makes them: permuted views of one qkv tensor (non-contiguous)."""
+    device = require_backend(OP, kernel_backend)
+    b_, h, n, d = 4, 3, 49, 32
+    qkv = torch.randn(b_, n, 3, h, d, dtype=torch.float64, device=device)
+    bias = torch.randn(169, h, dtype=torch.float64, device=device)
+
+    def fn(backend, qkv, bias_table):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return semask_fast.window_attention(q, k, v, bias_table, window_size=7, shift_size=3, grid=(1, 2),
+                                            backend=backend)
+
+    assert_parity(fn, {"qkv": qkv, "bias_table": bias}, ["qkv", "bias_table"], torch.float32,
+                  backend=kernel_backend, op=OP)
+
+
+# --------------------------------------------------------------------------- #
+# Triton-specific
+# --------------------------------------------------------------------------- #
+
+
+def _triton():
+    require_backend(OP, "triton")
+    from semask_fast.kernels import window_attention as k
+
+    return k
+
+
+def _reference_logits(q, k, table, ws, shift, grid, scale):
+    attn = (q * scale) @ k.transpose(-2, -1)
+    n = q.shape[2]
+    idx = reference.relative_position_index(ws)
+    attn = attn + table[idx.view(-1)].view(n, n, -1).permute(2, 0, 1)
+    if any(shift):
+        m = reference.shift_mask(grid, ws, shift, dtype=attn.dtype)
+        attn = (attn.view(-1, m.shape[0], *attn.shape[1:]) + m[None, :, None]).view(attn.shape)
+    return attn
+
+
+@pytest.mark.parametrize("ws,shift,grid", [((7, 7), (3, 3), (2, 2)), ((12, 12), (6, 6), (1, 2))],
+                         ids=["n49", "n144"])
+def test_triton_logsumexp(ws, shift, grid):
+    k = _triton()
+    t = {n: v.float() for n, v in _inputs(4, 2, ws, 32, None, "cpu").items()}
+    out = torch.empty_like(t["q"])
+    geo = k.Geometry(ws, 4, 2, 32, grid=grid, shift=shift)
+    lse = k.window_attention_forward(t["q"], t["k"], t["v"], out, geo, t["bias_table"], scale=32 ** -0.5)
+    logits = _reference_logits(*(t[n].double() for n in ("q", "k", "bias_table")), ws, shift, grid, 32 ** -0.5)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(logits, -1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_triton_dropout_replay(dtype):
+    """The kernel's keep-mask, materialised for the same seed, reproduces forward and every gradient."""
+    k = _triton()
+    p = 0.3
+    t = {n: v.to(dtype).requires_grad_() for n, v in _inputs(4, 2, (7, 7), 32, None, "cpu").items()}
+    torch.manual_seed(123)
+    seed = k.draw_seed()
+    keep = k.dropout_keep_mask(seed, 4, 2, 49, p)
+    assert 0.6 < keep.float().mean().item() < 0.8
+    torch.manual_seed(123)
+    with record_dispatch() as ran:
+        out = semask_fast.window_attention(t["q"], t["k"], t["v"], t["bias_table"], window_size=7, shift_size=3,
+                                           grid=(2, 2), dropout_p=p, backend="triton")
+        gout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, [t[n] for n in GRADS], gout)
+    assert ran == [(OP, "triton", "forward"), (OP, "triton", "backward")]
+    ref_in = {n: v.detach().double().requires_grad_() for n, v in t.items()}
+    ref = reference.window_attention(ref_in["q"], ref_in["k"], ref_in["v"], ref_in["bias_table"], window_size=(7, 7),
+                                     shift_size=(3, 3), grid=(2, 2), dropout_p=p, dropout_keep=keep)
+    ref_grads = torch.autograd.grad(ref, [ref_in[n] for n in GRADS], gout.double())
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    for name, g, r in zip(GRADS, grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=tol, rtol=tol, msg=lambda m: f"d{name}: {m}")
+
+
+def test_triton_dropout_seed_changes_mask():
+    k = _triton()
+    a = k.dropout_keep_mask(1, 2, 2, 49, 0.5)
+    b = k.dropout_keep_mask(2, 2, 2, 49, 0.5)
+    assert torch.equal(a, k.dropout_keep_mask(1, 2, 2, 49, 0.5))
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("ws,grid", [((7, 7), (2, 3)), ((12, 12), (1, 3))], ids=["n49", "n144"])
+def test_triton_table_grad_deterministic(ws, grid):
+    """Two backward runs give a bitwise-identical table gradient (no atomics)."""
+    _triton()
+    t = {n: v.float() for n, v in _inputs(6 if ws[0] == 7 else 3, 1, ws, 16, None, "cpu").items()}
+    table_grads = []
+    for _ in range(2):
+        table = t["bias_table"].clone().requires_grad_()
+        out = semask_fast.window_attention(t["q"], t["k"], t["v"], table, window_size=ws, shift_size=ws[0] // 2,
+                                           grid=grid, backend="triton")
+        out.backward(torch.ones_like(out))
+        table_grads.append(table.grad)
+    assert torch.equal(table_grads[0], table_grads[1])
+
+
+@pytest.mark.parametrize("wpp", [2, 4])
+def test_triton_windows_per_program(wpp):
+    """Several windows per program (the packing large batches get) against the reference."""
+    k = _triton()
+    ws, grid, shift = (7, 7), (2, 2), (3, 3)
+    t = {n: v.float() for n, v in _inputs(8, 2, ws, 32, None, "cpu").items()}
+    geo = k.Geometry(ws, 8, 2, 32, grid=grid, shift=shift)
+    out = torch.empty_like(t["q"])
+    lse = k.window_attention_forward(t["q"], t["k"], t["v"], out, geo, t["bias_table"], scale=32 ** -0.5, wpp=wpp)
+    gout = torch.randn_like(out)
+    dq, dk, dv = (torch.empty_like(out) for _ in range(3))
+    d_table, _ = k.window_attention_backward(t["q"], t["k"], t["v"], out, gout, lse, dq, dk, dv, geo,
+                                             t["bias_table"], scale=32 ** -0.5, wpp=wpp)
+    ref_in = {n: v.double().requires_grad_() for n, v in t.items()}
+    ref = reference.window_attention(ref_in["q"], ref_in["k"], ref_in["v"], ref_in["bias_table"], window_size=ws,
+                                     shift_size=shift, grid=grid)
+    ref_grads = torch.autograd.grad(ref, [ref_in[n] for n in GRADS], gout.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip((dq, dk, dv, d_table), ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=1e-4)
+
+
+def test_triton_reasons_head_dim():
+    """Unsupported-but-valid inputs give a readable reason; forcing the backend raises it."""
+    _triton()
+    q = torch.randn(1, 1, 4, 256)
+    with pytest.raises(BackendNotSupportedError, match="head_dim=256"):
+        semask_fast.window_attention(q, q, q, window_size=2, backend="triton")
