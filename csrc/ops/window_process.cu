@@ -1,0 +1,208 @@
+// window_partition / window_merge, forward and backward: pad + roll + partition and its inverse
+// as single gather copies (SPEC.md section 1).
+//
+// Geometry: x (B, H, W, C) is padded with zeros to Hp x Wp (multiples of the window Wh x Ww) and
+// rolled by (-sy, -sx), in either order:
+//   pad_then_roll (segmentation Swin / SeMask): the roll wraps around the padded Hp x Wp grid;
+//   roll_then_pad (timm): the roll wraps around the H x W image, padding is added after.
+// Window row b_ = b * nW + wy * nWw + wx holds the padded-rolled pixels (wy*Wh + i, wx*Ww + j).
+//
+// The two kernels are the two directions of one bijection between image pixels and the non-pad
+// window positions: partition gathers windows from the image (zeros at pad positions), merge
+// gathers the image from the windows.  merge is the gradient of partition and vice versa.
+//
+// Pure copies, so the kernels move bytes: each thread copies one vector V (16, 8, 4 or 2 bytes) of
+// a token's C channels; the widest V that divides the row size and the pointers' alignment is
+// used.  dtype does not matter (bitwise exact for every dtype).  Index math is 64-bit where it
+// can pass 2^31 (element counts), 32-bit inside one image.
+#include "sf_common.cuh"
+
+namespace {
+
+struct Geometry {
+  int H, W;      // image
+  int Hp, Wp;    // padded image
+  int Wh, Ww;    // window
+  int nWw, nW;   // windows per padded row, per image
+  int sy, sx;    // roll (shift)
+  bool pad_then_roll;
+};
+
+// Window position (in the padded, rolled frame) -> image pixel, or false for a pad position.
+SF_DEVICE_INLINE bool window_to_pixel(const Geometry& g, int py, int px, int& y, int& x) {
+  if (g.pad_then_roll) {
+    y = py + g.sy;
+    x = px + g.sx;
+    if (y >= g.Hp) y -= g.Hp;
+    if (x >= g.Wp) x -= g.Wp;
+    return y < g.H && x < g.W;
+  }
+  if (py >= g.H || px >= g.W) return false;
+  y = py + g.sy;
+  x = px + g.sx;
+  if (y >= g.H) y -= g.H;
+  if (x >= g.W) x -= g.W;
+  return true;
+}
+
+// Image pixel -> window position (py, px) in the padded, rolled frame.
+SF_DEVICE_INLINE void pixel_to_window(const Geometry& g, int y, int x, int& py, int& px) {
+  const int mh = g.pad_then_roll ? g.Hp : g.H, mw = g.pad_then_roll ? g.Wp : g.W;
+  py = y - g.sy;
+  px = x - g.sx;
+  if (py < 0) py += mh;
+  if (px < 0) px += mw;
+}
+
+// out: (B * nW, Wh, Ww, vpt) vectors, x: (B, H, W, vpt).
+template <typename V>
+__global__ void __launch_bounds__(256) partition_kernel(const V* __restrict__ x, V* __restrict__ out, Geometry g,
+                                                        int vpt, int64_t total) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t o = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += stride) {
+    const int64_t token = o / vpt;
+    const int v = int(o - token * vpt);
+    const int j = int(token % g.Ww);
+    const int64_t t = token / g.Ww;
+    const int i = int(t % g.Wh);
+    const int64_t bw = t / g.Wh;  // window row b_
+    const int w = int(bw % g.nW);
+    const int64_t b = bw / g.nW;
+    int y, xx;
+    V value{};
+    if (window_to_pixel(g, (w / g.nWw) * g.Wh + i, (w % g.nWw) * g.Ww + j, y, xx)) {
+      value = x[((b * g.H + y) * g.W + xx) * vpt + v];
+    }
+    out[o] = value;
+  }
+}
+
+// out: (B, H, W, vpt) vectors, windows: (B * nW, Wh, Ww, vpt).
+template <typename V>
+__global__ void __launch_bounds__(256) merge_kernel(const V* __restrict__ windows, V* __restrict__ out, Geometry g,
+                                                    int vpt, int64_t total) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t o = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += stride) {
+    const int64_t pixel = o / vpt;
+    const int v = int(o - pixel * vpt);
+    const int x = int(pixel % g.W);
+    const int64_t t = pixel / g.W;
+    const int y = int(t % g.H);
+    const int64_t b = t / g.H;
+    int py, px;
+    pixel_to_window(g, y, x, py, px);
+    const int64_t bw = b * g.nW + (py / g.Wh) * g.nWw + px / g.Ww;
+    out[o] = windows[((bw * g.Wh + py % g.Wh) * g.Ww + px % g.Ww) * vpt + v];
+  }
+}
+
+constexpr int kThreads = 256;
+// Enough resident blocks to saturate memory bandwidth on an H100 (132 SMs x 8 blocks of 256);
+// larger inputs loop (grid-stride).
+constexpr int64_t kMaxBlocks = 132 * 8;
+
+// Copies every token row (row_bytes bytes) of the gather; kMerge picks the direction.
+template <bool kMerge>
+void launch_copy(const void* src, void* dst, const Geometry& g, int64_t tokens, int64_t row_bytes,
+                 cudaStream_t stream) {
+  // Widest vector dividing the row and both pointers' alignment.
+  const auto align = uintptr_t(src) | uintptr_t(dst) | uintptr_t(row_bytes);
+  const int vbytes = (align % 16 == 0) ? 16 : (align % 8 == 0) ? 8 : (align % 4 == 0) ? 4 : 2;
+  const int vpt = int(row_bytes / vbytes);
+  const int64_t total = tokens * vpt;
+  if (total == 0) return;
+  const int blocks = int(std::min<int64_t>(sf::ceil_div(total, kThreads), kMaxBlocks));
+  auto run = [&](auto vector) {
+    using V = decltype(vector);
+    auto kernel = kMerge ? merge_kernel<V> : partition_kernel<V>;
+    SF_LAUNCH(kernel, blocks, kThreads, 0, stream, static_cast<const V*>(src), static_cast<V*>(dst), g, vpt, total);
+  };
+  switch (vbytes) {
+    case 16: run(uint4{}); break;
+    case 8: run(uint2{}); break;
+    case 4: run(uint32_t{}); break;
+    default: run(uint16_t{});
+  }
+  SF_CHECK_LAUNCH();
+}
+
+Geometry make_geometry(int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sy, int64_t sx, bool pad_then_roll) {
+  SF_CHECK(H > 0 && W > 0 && wh > 0 && ww > 0, "window_process: H, W and the window must be positive");
+  SF_CHECK(sy >= 0 && sx >= 0 && sy < wh && sx < ww, "window_process: shift must be in [0, window)");
+  Geometry g;
+  g.H = int(H);
+  g.W = int(W);
+  g.Wh = int(wh);
+  g.Ww = int(ww);
+  g.Hp = int(sf::ceil_div(H, wh) * wh);
+  g.Wp = int(sf::ceil_div(W, ww) * ww);
+  g.nWw = g.Wp / g.Ww;
+  g.nW = (g.Hp / g.Wh) * g.nWw;
+  g.sy = int(sy);
+  g.sx = int(sx);
+  g.pad_then_roll = pad_then_roll;
+  SF_CHECK(int64_t(g.Hp) * g.Wp < (int64_t(1) << 31), "window_process: padded image too large");
+  return g;
+}
+
+}  // namespace
+
+#include "sf_torch.h"
+
+namespace {
+
+// (B, H, W, C) -> (B * nW, Wh, Ww, C)
+at::Tensor partition(const at::Tensor& x, int64_t wh, int64_t ww, int64_t sy, int64_t sx, bool pad_then_roll) {
+  SF_CHECK_INPUT(x, 4);
+  SF_DEVICE_GUARD(x);
+  const Geometry g = make_geometry(x.size(1), x.size(2), wh, ww, sy, sx, pad_then_roll);
+  const int64_t B = x.size(0), C = x.size(3);
+  at::Tensor out = at::empty({B * g.nW, wh, ww, C}, x.options());
+  launch_copy<false>(x.data_ptr(), out.data_ptr(), g, out.numel() / std::max<int64_t>(C, 1),
+                         C * int64_t(x.element_size()), sf::current_stream());
+  return out;
+}
+
+// (B * nW, Wh, Ww, C) -> (B, H, W, C)
+at::Tensor merge(const at::Tensor& windows, int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sy, int64_t sx,
+                 bool pad_then_roll) {
+  SF_CHECK_INPUT(windows, 4);
+  SF_DEVICE_GUARD(windows);
+  const Geometry g = make_geometry(H, W, wh, ww, sy, sx, pad_then_roll);
+  TORCH_CHECK(windows.size(1) == wh && windows.size(2) == ww, "windows must have window dims (", wh, ", ", ww,
+              "), got ", windows.sizes());
+  TORCH_CHECK(windows.size(0) % g.nW == 0, "windows has ", windows.size(0), " windows, not a multiple of ", g.nW);
+  const int64_t B = windows.size(0) / g.nW, C = windows.size(3);
+  at::Tensor out = at::empty({B, H, W, C}, windows.options());
+  launch_copy<true>(windows.data_ptr(), out.data_ptr(), g, B * H * W, C * int64_t(windows.element_size()),
+                     sf::current_stream());
+  return out;
+}
+
+// d(partition)/dx is merge of the gradient, and d(merge)/dwindows is partition of the gradient.
+at::Tensor partition_backward(const at::Tensor& grad, int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sy,
+                              int64_t sx, bool pad_then_roll) {
+  return merge(grad, H, W, wh, ww, sy, sx, pad_then_roll);
+}
+
+at::Tensor merge_backward(const at::Tensor& grad, int64_t wh, int64_t ww, int64_t sy, int64_t sx, bool pad_then_roll) {
+  return partition(grad, wh, ww, sy, sx, pad_then_roll);
+}
+
+}  // namespace
+
+SF_TORCH_LIBRARY_FRAGMENT(m) {
+  m.def("window_partition_forward(Tensor x, int wh, int ww, int sy, int sx, bool pad_then_roll) -> Tensor");
+  m.def("window_partition_backward(Tensor grad, int H, int W, int wh, int ww, int sy, int sx, "
+        "bool pad_then_roll) -> Tensor");
+  m.def("window_merge_forward(Tensor windows, int H, int W, int wh, int ww, int sy, int sx, "
+        "bool pad_then_roll) -> Tensor");
+  m.def("window_merge_backward(Tensor grad, int wh, int ww, int sy, int sx, bool pad_then_roll) -> Tensor");
+}
+
+SF_TORCH_LIBRARY_IMPL(m) {
+  m.impl("window_partition_forward", &partition);
+  m.impl("window_partition_backward", &partition_backward);
+  m.impl("window_merge_forward", &merge);
+  m.impl("window_merge_backward", &merge_backward);
+}
