@@ -4,13 +4,13 @@ import pytest
 import timm
 import torch
 from timm.models import swin_transformer as timm_swin
-from torch import nn
 
 import semask_fast
 from semask_fast import record_dispatch
 from semask_fast.nn import ATMAttention, SemanticAttention, WindowAttention
 
 from tests.conftest import require_backend
+from tests.official import OfficialATMAttention, OfficialSemanticAttention
 
 
 @pytest.fixture(autouse=True)
@@ -111,27 +111,9 @@ def test_patch_timm_keeps_mode_and_dropout():
 
 
 # ---------------------------------------------------------------- SeMask
-class _OfficialSemanticAttention(nn.Module):
-    """SeMask's class, transcribed from SPEC.md section 2 for comparison."""
-
-    def __init__(self, dim, n_cls):
-        super().__init__()
-        self.mlp_cls_q = nn.Linear(dim, n_cls)
-        self.mlp_cls_k = nn.Linear(dim, n_cls)
-        self.mlp_v = nn.Linear(dim, dim)
-        self.mlp_res = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(0.1)
-        self.gamma = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x):
-        q, k, v = self.mlp_cls_q(x), self.mlp_cls_k(x), self.mlp_v(x)
-        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
-        return q, self.gamma * self.proj_drop(self.mlp_res(attn @ v)) + x
-
-
 def test_semantic_attention_matches_official_and_state_dict():
     torch.manual_seed(3)
-    off = _OfficialSemanticAttention(16, 7).eval()
+    off = OfficialSemanticAttention(16, 7).eval()
     with torch.no_grad():
         off.gamma.fill_(0.7)
     m = SemanticAttention(16, 7).eval()
@@ -153,39 +135,10 @@ def test_semantic_attention_init_is_the_official_class_init():
 
 
 # ---------------------------------------------------------------- SegViT ATM
-class _OfficialATMAttention(nn.Module):
-    """SegViT's ATM ``Attention``, transcribed for comparison."""
-
-    def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None):
-        super().__init__()
-        self.num_heads = num_heads
-        self.scale = qk_scale or (dim // num_heads) ** -0.5
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.k = nn.Linear(dim, dim, bias=qkv_bias)
-        self.v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(0.0)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(0.0)
-
-    def forward(self, xq, xk, xv):
-        b, nq, c = xq.size()
-        nk = xk.size()[1]
-        h = self.num_heads
-        q = self.q(xq).reshape(b, nq, h, c // h).permute(0, 2, 1, 3)
-        k = self.k(xk).reshape(b, nk, h, c // h).permute(0, 2, 1, 3)
-        v = self.v(xv).reshape(b, nk, h, c // h).permute(0, 2, 1, 3)
-        attn = (q @ k.transpose(-2, -1)) * self.scale
-        attn_save = attn.clone()
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        x = (attn @ v).transpose(1, 2).reshape(b, nq, c)
-        x = self.proj_drop(self.proj(x))
-        return x.transpose(0, 1), attn_save.sum(dim=1) / h
-
-
 @pytest.mark.parametrize("qkv_bias", [False, True])
 def test_atm_attention_matches_official(qkv_bias):
     torch.manual_seed(4)
-    off = _OfficialATMAttention(32, num_heads=4, qkv_bias=qkv_bias)
+    off = OfficialATMAttention(32, num_heads=4, qkv_bias=qkv_bias)
     m = ATMAttention(32, num_heads=4, qkv_bias=qkv_bias)
     assert m.state_dict().keys() == off.state_dict().keys()
     m.load_state_dict(off.state_dict())

@@ -1,0 +1,8 @@
+"""Model pieces assembled from the drop-in modules: SeMask, SegViT's ATM, Segmenter."""
+
+from .atm import ATMDecoderLayer
+from .segmenter import MaskTransformerHead
+from .semask import SemanticLayer, reinit_linears, semantic_prior_logits, semask_loss
+
+__all__ = ["ATMDecoderLayer", "MaskTransformerHead", "SemanticLayer", "reinit_linears", "semantic_prior_logits",
+           "semask_loss"]

@@ -1,0 +1,123 @@
+"""Model pieces against transcriptions of the official code."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from semask_fast.models import ATMDecoderLayer, MaskTransformerHead, SemanticLayer, reinit_linears, semantic_prior_logits
+from semask_fast.models import semask_loss
+from tests.official import OfficialSemanticAttention
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _official_semantic_layer(layer, x, H, W, ws):
+    """SWSeMaskBlock as SPEC.md describes it: LN, zero-pad, partition, blocks, reverse, crop."""
+    b, _, c = x.shape
+    x = layer.norm(x).view(b, H, W, c)
+    hp, wp = -(-H // ws) * ws, -(-W // ws) * ws
+    x = F.pad(x, (0, 0, 0, wp - W, 0, hp - H))
+    win = x.view(b, hp // ws, ws, wp // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
+    prior = None
+    for blk in layer.blocks:
+        off = OfficialSemanticAttention(c, blk.nc)
+        off.load_state_dict(blk.state_dict())
+        prior, win = off.eval()(win)
+
+    def reverse(t):
+        ch = t.shape[-1]
+        t = t.view(b, hp // ws, wp // ws, ws, ws, ch).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, ch)
+        return t[:, :H, :W]
+
+    return reverse(win).reshape(b, H * W, c), reverse(prior).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("hw", [(14, 14), (9, 13)])
+def test_semantic_layer_matches_official_order(hw):
+    layer = SemanticLayer(16, 5, window_size=7, num_blocks=2, backend="reference").eval()
+    reinit_linears(layer)
+    with torch.no_grad():
+        for blk in layer.blocks:
+            blk.gamma.fill_(0.5)
+    x = torch.randn(2, hw[0] * hw[1], 16)
+    out, prior = layer(x, *hw)
+    exp_out, exp_prior = _official_semantic_layer(layer, x, *hw, 7)
+    assert prior.shape == (2, 5, *hw)
+    torch.testing.assert_close(out, exp_out, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(prior, exp_prior, atol=1e-6, rtol=1e-6)
+
+
+def test_global_semantic_layer_is_one_window_per_image():
+    layer = SemanticLayer(8, 3, window_size=None, backend="reference").eval()
+    x = torch.randn(2, 20, 8)
+    out, prior = layer(x, 4, 5)
+    blk = layer.blocks[0]
+    exp_prior, exp_out = blk(layer.norm(x))
+    torch.testing.assert_close(out, exp_out)
+    torch.testing.assert_close(prior, exp_prior.view(2, 4, 5, 3).permute(0, 3, 1, 2))
+
+
+def test_fpn_reinit_rescues_the_semantic_branch():
+    """The class's own init gives the branch zero gradient; the FPN model's re-init does not."""
+    layer = SemanticLayer(8, 3, window_size=4, backend="reference")
+    x = torch.randn(1, 16, 8)
+
+    def grads():
+        layer.zero_grad()
+        out, prior = layer(x, 4, 4)
+        (out.square().sum() + prior.sum()).backward()
+        blk = layer.blocks[0]
+        return blk.gamma.grad.abs().item(), blk.mlp_res.weight.grad.abs().max().item()
+
+    assert grads() == (0.0, 0.0)
+    assert reinit_linears(layer) == 4
+    g_gamma, _ = grads()
+    assert g_gamma > 0
+
+
+def test_semantic_prior_logits_and_loss():
+    p0, p1, p2 = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 4, 4)
+    up = lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False)  # noqa: E731
+    torch.testing.assert_close(semantic_prior_logits([p0, p1, p2]), p0 + up(p1) + up(up(p2)))
+    labels = torch.randint(0, 4, (2, 64, 64))
+    labels[0, 0, 0] = 255
+    main = torch.randn(2, 4, 16, 16)
+    big = lambda t: F.interpolate(t, size=(64, 64), mode="bilinear", align_corners=False)  # noqa: E731
+    expected = F.cross_entropy(big(main), labels, ignore_index=255) + 0.4 * F.cross_entropy(big(p0), labels,
+                                                                                            ignore_index=255)
+    torch.testing.assert_close(semask_loss(main, p0, labels), expected)
+
+
+def test_atm_decoder_layer_post_norm_and_mask_logits():
+    layer = ATMDecoderLayer(32, 4, backend="reference").eval()
+    tgt, mem = torch.randn(6, 2, 32), torch.randn(10, 2, 32)
+    out, logits = layer(tgt, mem)
+    assert out.shape == (6, 2, 32) and logits.shape == (2, 6, 10)
+    t1 = layer.norm1(tgt + layer.self_attn(tgt, tgt, tgt)[0])
+    attn = layer.multihead_attn
+    q = attn.q(t1.transpose(0, 1)).view(2, 6, 4, 8).transpose(1, 2)
+    k = attn.k(mem.transpose(0, 1)).view(2, 10, 4, 8).transpose(1, 2)
+    torch.testing.assert_close(logits, ((q @ k.transpose(-2, -1)) * 8 ** -0.5).mean(1), atol=1e-5, rtol=1e-5)
+    (out.sum() + logits.sum()).backward()
+    assert all(p.grad is not None for p in layer.parameters())
+
+
+def test_mask_transformer_head_matches_transcription():
+    head = MaskTransformerHead(5, d_encoder=24, d_model=32, n_layers=2, n_heads=2, backend="reference").eval()
+    with torch.no_grad():
+        head.mask_norm.weight.uniform_(0.5, 1.5)
+        head.mask_norm.bias.normal_()
+    x = torch.randn(2, 12, 24)
+    masks = head(x, (3, 4))
+    assert masks.shape == (2, 5, 3, 4)
+    t = torch.cat((head.proj_dec(x), head.cls_emb.expand(2, -1, -1)), 1)
+    for blk in head.blocks:
+        t = blk(t)
+    t = head.decoder_norm(t)
+    p, c = t[:, :12] @ head.proj_patch, t[:, 12:] @ head.proj_classes
+    p, c = p / p.norm(dim=-1, keepdim=True), c / c.norm(dim=-1, keepdim=True)
+    expected = head.mask_norm(p @ c.transpose(1, 2)).transpose(1, 2).reshape(2, 5, 3, 4)
+    torch.testing.assert_close(masks, expected, atol=1e-5, rtol=1e-5)
