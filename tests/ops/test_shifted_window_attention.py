@@ -1,0 +1,98 @@
+"""Parity of the zero-copy ``shifted_window_attention`` on every kernel backend.
+
+The op reads q, k, v from the (B, H, W, 3*h*d) qkv image and writes (B, H, W, h*d);
+the reference is the copy-based composition (pad/roll, partition, window attention
+with the shift mask, merge, un-roll/crop).  Output and gradients d(qkv),
+d(bias_table) and, when the image is padded, d(qkv_bias) (pad tokens carry the
+qkv bias) go through ``assert_parity``.  Matrix: both orders of pad and roll,
+H != W with padding, shift on/off/one axis, non-square windows, N = 49 and 144,
+batch 1 and odd batches, fp32/fp16/bf16.
+
+bf16 under Triton's interpreter: the two ``tl.dot`` operands are upcast to fp32
+(``DOT_FP32``, triton issue 11584); bf16 loads, casts and stores are exercised,
+the bf16 tensor-core product is not.
+"""
+
+import functools
+
+import pytest
+import torch
+
+import semask_fast
+from semask_fast import reference
+from semask_fast.backends.base import record_dispatch
+from semask_fast.testing import assert_parity
+from tests.conftest import require_backend
+
+OP = "shifted_window_attention"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (B, H, W, heads, head_dim, window, shift, pad_then_roll)
+SHAPES = {
+    "swin-t-no-pad": (1, 14, 14, 2, 16, (7, 7), (3, 3), True),
+    "pad-then-roll-h-ne-w-odd-batch": (3, 10, 13, 1, 16, (7, 7), (3, 3), True),
+    "roll-then-pad-h-ne-w": (1, 10, 13, 2, 16, (7, 7), (3, 3), False),
+    "no-shift-pad": (1, 9, 12, 1, 32, (7, 7), (0, 0), True),
+    "nonsquare-shift-one-axis": (1, 9, 20, 1, 32, (4, 6), (0, 2), False),
+    "ws12-n144-pad": (1, 13, 12, 1, 16, (12, 12), (6, 6), True),
+}
+
+
+def _inputs(b, H, W, h, d, ws, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = {"qkv": torch.randn(b, H, W, 3 * h * d, generator=g, dtype=torch.float64),
+         "bias_table": torch.randn((2 * ws[0] - 1) * (2 * ws[1] - 1), h, generator=g, dtype=torch.float64)}
+    if H % ws[0] or W % ws[1]:
+        # Only a padded image uses the qkv bias (the reference's gradient is None otherwise).
+        t["qkv_bias"] = torch.randn(3 * h * d, generator=g, dtype=torch.float64)
+    return {k: v.to(device) for k, v in t.items()}
+
+
+def _fn(h, ws, shift, pad_then_roll):
+    return functools.partial(semask_fast.shifted_window_attention, num_heads=h, window_size=ws, shift_size=shift,
+                             pad_then_roll=pad_then_roll)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_parity(kernel_backend, name, dtype):
+    device = require_backend(OP, kernel_backend)
+    b, H, W, h, d, ws, shift, order = SHAPES[name]
+    t = _inputs(b, H, W, h, d, ws, device)
+    assert_parity(_fn(h, ws, shift, order), t, list(t), dtype, backend=kernel_backend, op=OP)
+
+
+def test_no_pad_qkv_bias_gradient_is_zero(kernel_backend):
+    """Without padding the qkv bias takes no part: its gradient is zero (or None)."""
+    device = require_backend(OP, kernel_backend)
+    qkv = torch.randn(1, 14, 14, 96, device=device, requires_grad=True)
+    qb = torch.randn(96, device=device, requires_grad=True)
+    out = semask_fast.shifted_window_attention(qkv, None, qkv_bias=qb, num_heads=2, window_size=7, shift_size=3,
+                                               backend=kernel_backend)
+    (g,) = torch.autograd.grad(out.sum(), [qb], allow_unused=True)
+    assert g is None or not g.any()
+
+
+def test_triton_dropout_replay():
+    """Image layout: the keep-mask is keyed by (window, head, i, j) as in the window layout."""
+    require_backend(OP, "triton")
+    from semask_fast.kernels import window_attention as k
+
+    b, H, W, h, d, ws, p = 2, 10, 13, 2, 16, (7, 7), 0.25
+    t = {n: v.float().requires_grad_() for n, v in _inputs(b, H, W, h, d, ws, "cpu").items()}
+    torch.manual_seed(7)
+    keep = k.dropout_keep_mask(k.draw_seed(), b * 4, h, 49, p)
+    torch.manual_seed(7)
+    with record_dispatch() as ran:
+        out = semask_fast.shifted_window_attention(t["qkv"], t["bias_table"], qkv_bias=t["qkv_bias"], num_heads=h,
+                                                   window_size=ws, shift_size=3, dropout_p=p, backend="triton")
+        gout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, list(t.values()), gout)
+    assert ran == [(OP, "triton", "forward"), (OP, "triton", "backward")]
+    r = {n: v.detach().double().requires_grad_() for n, v in t.items()}
+    ref = reference.shifted_window_attention(r["qkv"], r["bias_table"], qkv_bias=r["qkv_bias"], num_heads=h,
+                                             window_size=ws, shift_size=(3, 3), dropout_p=p, dropout_keep=keep)
+    ref_grads = torch.autograd.grad(ref, list(r.values()), gout.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), rg, atol=1e-4, rtol=1e-4)
