@@ -1,4 +1,4 @@
-"""Command line: ``python -m semask_fast {info,check}``.
+"""Command line: ``python -m semask_fast {info,check,bench}``.
 
 * ``info``: versions, devices, toolchains, and the op x backend table with the
   reason each unavailable backend gives.
@@ -6,6 +6,8 @@
   per dtype, against the float64 reference (outputs and every gradient), and
   prints a parity table.  Without a CUDA device, Triton kernels run in Triton's
   interpreter on CPU tensors.  Exits 1 if any check fails.
+* ``bench``: times every available backend side by side with eager PyTorch on
+  the papers' shapes (or scaled down), names the machine, appends to a CSV.
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ def cmd_check(args) -> int:
                 rows.append([case.op, case.name, backend, "-", "unavailable", "; ".join(why)])
                 continue
             impl = registry.implementation(case.op, backend)
-            device = torch.device("cuda" if "cuda" in impl.supported_devices() else "cpu")
+            device = impl.preferred_device()
             for dtype in wanted:
                 gen = torch.Generator().manual_seed(0)
                 tensors = {n: (t.to(device) if t is not None else None) for n, t in case.tensors(gen).items()}
@@ -153,6 +155,24 @@ def cmd_check(args) -> int:
     return 1 if failures else 0
 
 
+def cmd_bench(args) -> int:
+    import torch
+
+    from semask_fast import _bench
+
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    machine = machine_name()
+    print(f"{args.mode} timings, {args.dtype}, {args.scale} shapes, on {machine}")
+    rows = _bench.run(args.scale, dtype, args.mode, args.backend, include_tools=args.include_tools)
+    table = [[r["op"], r["case"], r["backend"], "-" if r["seconds"] is None else f"{r['seconds'] * 1e3:.3f} ms",
+              "-" if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}x", r["note"]] for r in rows]
+    print(_table(["op", "case", "backend", "median", "vs eager", "note"], table))
+    if args.csv:
+        _bench.write_csv(rows, args.csv, machine, dtype, args.mode)
+        print(f"appended to {args.csv}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m semask_fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,8 +182,16 @@ def main(argv=None) -> int:
     check.add_argument("--op", action="append", help="only this op (repeatable)")
     check.add_argument("--dtype", nargs="+", default=["float32", "float16", "bfloat16"],
                        choices=["float32", "float16", "bfloat16"])
+    bench = sub.add_parser("bench", help="side-by-side timings against eager PyTorch on this machine")
+    bench.add_argument("--backend", action="append", help="only this backend (repeatable)")
+    bench.add_argument("--scale", choices=["small", "paper"], default="small")
+    bench.add_argument("--mode", choices=["fwd", "fwd+bwd"], default="fwd")
+    bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    bench.add_argument("--include-tools", action="store_true",
+                       help="also time the Triton interpreter and the SIMT harness (correctness tools)")
+    bench.add_argument("--csv", help="append the rows to this CSV file")
     args = parser.parse_args(argv)
-    return {"info": cmd_info, "check": cmd_check}[args.command](args)
+    return {"info": cmd_info, "check": cmd_check, "bench": cmd_bench}[args.command](args)
 
 
 if __name__ == "__main__":

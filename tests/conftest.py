@@ -37,8 +37,7 @@ def require_backend(op: str, backend: str) -> torch.device:
         if backend in REQUIRED_BACKENDS:
             pytest.fail(msg)
         pytest.skip(msg)
-    impl = registry.implementation(op, backend)
-    return torch.device("cuda" if "cuda" in impl.supported_devices() else "cpu")
+    return registry.implementation(op, backend).preferred_device()
 
 
 @pytest.fixture(params=KERNEL_BACKENDS)

@@ -79,6 +79,12 @@ class OpImpl:
     def input_reasons(self, inp: Any) -> List[str]:
         return []
 
+    def preferred_device(self) -> torch.device:
+        """Where to put inputs for this implementation on this machine (CUDA when it can)."""
+        devices = self.supported_devices()
+        use_cuda = "cuda" in devices and (torch.cuda.is_available() or "cpu" not in devices)
+        return torch.device("cuda" if use_cuda else "cpu")
+
     def not_supported_reasons(self, inp: Any) -> List[str]:
         reasons = list(self.availability_reasons())
         if reasons:

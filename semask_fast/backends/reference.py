@@ -6,7 +6,7 @@ differentiable through autograd.  Dropout draws from torch's generator.
 
 from __future__ import annotations
 
-from typing import Any, List, Tuple
+from typing import Any, FrozenSet, List, Tuple
 
 import torch
 
@@ -18,6 +18,9 @@ from .registry import register
 class ReferenceImpl(OpImpl):
     backend = "reference"
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+    def supported_devices(self) -> FrozenSet[str]:
+        return frozenset({"cpu", "cuda"})  # and any other device PyTorch runs on
 
     def not_supported_reasons(self, inp: Any) -> List[str]:
         return []
