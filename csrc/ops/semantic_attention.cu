@@ -1,0 +1,563 @@
+// SeMask semantic attention, forward and backward (SPEC.md section 2).
+//
+//   out = softmax(Sq Sk^T) Yv      (one head, no scale)
+//
+// sq, sk: (B_, N, K) with K the number of classes (the inner dimension of the
+// logits, 150 on ADE20K, 19 on Cityscapes); yv, out: (B_, N, C), C up to 1536.
+//
+// Layout of the work (FFMA path, fp32 accumulation for every dtype):
+//   * query tiles of BM = 16 rows (4 per warp), key tiles of BN = 32 keys (one
+//     per lane) so row max / sum are warp shuffles;
+//   * the class dimension K is staged whole in shared memory, padded to
+//     KP = 32 * ceil(K / 32) with zeros (a lane owns K-columns lane + 32u);
+//   * C is tiled over blocks: a forward block owns CT = 32 * CPL output columns
+//     and recomputes the (cheap, K-deep) logits of its query tile.
+// Forward keeps an online softmax over key tiles and saves the fp32 row
+// logsumexp; N x N never reaches global memory.  Backward (deterministic, no
+// atomics): delta_i = rowsum(dO_i * O_i); dYv per (key tile, C tile) block
+// looping over query tiles; dSk per key tile and dSq per query tile, each
+// recomputing dP = dO Yv^T over C in chunks of CC columns.
+
+#include "sf_common.cuh"
+
+#include <cstdint>
+
+namespace sf_semantic_attention {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRowsPerWarp = 4;
+constexpr int BM = kWarps * kRowsPerWarp;
+constexpr int BN = 32;
+constexpr int CC = 64;  // C-chunk of the dP = dO Yv^T products in backward
+constexpr float kNegInf = -__builtin_huge_valf();
+
+struct Params {
+  const void* sq;
+  const void* sk;
+  const void* yv;
+  int64_t batch;
+  int n, k, c;
+  int kp;  // K padded to a multiple of 32
+};
+
+SF_DEVICE_INLINE float warp_max(float x) {
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+SF_DEVICE_INLINE float warp_sum(float x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Stage rows [row0, row0 + rows) x cols [col0, col0 + width) of a (n, cols) matrix as
+// fp32 with leading dimension ld, zero padded.
+template <typename T>
+SF_DEVICE_INLINE void load_tile(float* dst, int ld, const T* src, int row0, int rows, int n, int col0, int width,
+                                int cols) {
+  for (int e = threadIdx.x; e < rows * width; e += kThreads) {
+    const int r = e / width, t = e % width;
+    const int row = row0 + r, col = col0 + t;
+    dst[r * ld + t] = (row < n && col < cols) ? sf::to_float(src[static_cast<int64_t>(row) * cols + col]) : 0.f;
+  }
+}
+
+SF_DEVICE_INLINE float dot(const float* a, const float* b, int len) {
+  float s = 0.f;
+#pragma unroll 4
+  for (int t = 0; t < len; ++t) s = fmaf(a[t], b[t], s);
+  return s;
+}
+
+// Leading dimension of a key tile: odd, so lane j reading row j is conflict-free.
+SF_HOST_DEVICE inline int key_ld(int width) { return width | 1; }
+
+// ---------------------------------------------------------------- forward --
+SF_HOST_DEVICE inline int64_t fwd_smem_floats(int kp, int ct) {
+  return static_cast<int64_t>(BM) * kp + BN * key_ld(kp) + BN * ct;
+}
+
+// grid (B_ * ceil(C / CT), ceil(N / BM)).
+template <typename T, int CPL>
+__global__ void __launch_bounds__(kThreads) semantic_attention_fwd_kernel(Params p, T* __restrict__ out,
+                                                                          float* __restrict__ lse) {
+  constexpr int CT = 32 * CPL;
+  SF_DYNAMIC_SHARED(float, smem);
+  const int ldk = key_ld(p.kp);
+  float* qs = smem;               // [BM][KP]
+  float* ks = qs + BM * p.kp;     // [BN][ldk]
+  float* vs = ks + BN * ldk;      // [BN][CT]
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int ctiles = (p.c + CT - 1) / CT;
+  const int64_t b = blockIdx.x / ctiles;
+  const int c0 = static_cast<int>(blockIdx.x % ctiles) * CT;
+  const int q0 = blockIdx.y * BM;
+  const T* sqg = static_cast<const T*>(p.sq) + b * p.n * p.k;
+  const T* skg = static_cast<const T*>(p.sk) + b * p.n * p.k;
+  const T* yvg = static_cast<const T*>(p.yv) + b * p.n * p.c;
+  load_tile<T>(qs, p.kp, sqg, q0, BM, p.n, 0, p.kp, p.k);
+
+  float m[kRowsPerWarp], l[kRowsPerWarp], o[kRowsPerWarp][CPL];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    m[r] = kNegInf;
+    l[r] = 0.f;
+#pragma unroll
+    for (int u = 0; u < CPL; ++u) o[r][u] = 0.f;
+  }
+  for (int k0 = 0; k0 < p.n; k0 += BN) {
+    __syncthreads();
+    load_tile<T>(ks, ldk, skg, k0, BN, p.n, 0, p.kp, p.k);
+    load_tile<T>(vs, CT, yvg, k0, BN, p.n, c0, CT, p.c);
+    __syncthreads();
+    const int j = k0 + lane;
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int row = warp * kRowsPerWarp + r, i = q0 + row;
+      const float s = dot(qs + row * p.kp, ks + lane * ldk, p.k);
+      const float x = (i < p.n && j < p.n) ? s : kNegInf;
+      const float m_new = fmaxf(m[r], warp_max(x));
+      const float alpha = m[r] == kNegInf ? 0.f : __expf(m[r] - m_new);
+      const float prob = x == kNegInf ? 0.f : __expf(x - m_new);
+      l[r] = l[r] * alpha + warp_sum(prob);
+      m[r] = m_new;
+#pragma unroll
+      for (int u = 0; u < CPL; ++u) o[r][u] *= alpha;
+      for (int jj = 0; jj < BN; ++jj) {
+        const float pj = __shfl_sync(0xffffffffu, prob, jj);
+#pragma unroll
+        for (int u = 0; u < CPL; ++u) o[r][u] = fmaf(pj, vs[jj * CT + lane + 32 * u], o[r][u]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int i = q0 + warp * kRowsPerWarp + r;
+    if (i >= p.n) continue;
+    const float inv = 1.f / l[r];
+#pragma unroll
+    for (int u = 0; u < CPL; ++u) {
+      const int col = c0 + lane + 32 * u;
+      if (col < p.c) out[(b * p.n + i) * p.c + col] = sf::from_float<T>(o[r][u] * inv);
+    }
+    if (lane == 0 && c0 == 0) lse[b * p.n + i] = m[r] + logf(l[r]);
+  }
+}
+
+// --------------------------------------------------------------- backward --
+template <typename T>
+__global__ void __launch_bounds__(kThreads) semantic_attention_delta_kernel(const T* __restrict__ out,
+                                                                            const T* __restrict__ dout,
+                                                                            float* __restrict__ delta, int64_t rows,
+                                                                            int c) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;  // whole warp leaves together
+  float s = 0.f;
+  for (int t = lane; t < c; t += 32) s += sf::to_float(out[row * c + t]) * sf::to_float(dout[row * c + t]);
+  s = warp_sum(s);
+  if (lane == 0) delta[row] = s;
+}
+
+SF_HOST_DEVICE inline int64_t dv_smem_floats(int kp, int ct) {
+  return static_cast<int64_t>(BM) * kp + BN * key_ld(kp) + BM * ct + BM * (BN + 1) + BM;
+}
+
+// grid (B_ * ceil(C / CT), ceil(N / BN)): dYv of one key tile and C tile.
+template <typename T, int CPL>
+__global__ void __launch_bounds__(kThreads) semantic_attention_dv_kernel(Params p, const T* __restrict__ dout,
+                                                                         const float* __restrict__ lse,
+                                                                         T* __restrict__ dyv) {
+  constexpr int CT = 32 * CPL;
+  SF_DYNAMIC_SHARED(float, smem);
+  const int ldk = key_ld(p.kp);
+  float* qs = smem;                  // [BM][KP]
+  float* ks = qs + BM * p.kp;        // [BN][ldk]
+  float* dos = ks + BN * ldk;        // [BM][CT]
+  float* ps = dos + BM * CT;         // [BM][BN + 1]
+  float* lses = ps + BM * (BN + 1);  // [BM]
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int ctiles = (p.c + CT - 1) / CT;
+  const int64_t b = blockIdx.x / ctiles;
+  const int c0 = static_cast<int>(blockIdx.x % ctiles) * CT;
+  const int k0 = blockIdx.y * BN;
+  const T* sqg = static_cast<const T*>(p.sq) + b * p.n * p.k;
+  const T* skg = static_cast<const T*>(p.sk) + b * p.n * p.k;
+  const T* dog = dout + b * p.n * p.c;
+  load_tile<T>(ks, ldk, skg, k0, BN, p.n, 0, p.kp, p.k);
+
+  constexpr int KPW = BN / kWarps;
+  float acc[KPW][CPL];
+#pragma unroll
+  for (int a = 0; a < KPW; ++a)
+#pragma unroll
+    for (int u = 0; u < CPL; ++u) acc[a][u] = 0.f;
+  const int j = k0 + lane;
+  for (int q0 = 0; q0 < p.n; q0 += BM) {
+    __syncthreads();
+    load_tile<T>(qs, p.kp, sqg, q0, BM, p.n, 0, p.kp, p.k);
+    load_tile<T>(dos, CT, dog, q0, BM, p.n, c0, CT, p.c);
+    for (int e = threadIdx.x; e < BM; e += kThreads) lses[e] = q0 + e < p.n ? lse[b * p.n + q0 + e] : 0.f;
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int row = warp * kRowsPerWarp + r, i = q0 + row;
+      const float s = dot(qs + row * p.kp, ks + lane * ldk, p.k);
+      ps[row * (BN + 1) + lane] = (i < p.n && j < p.n) ? __expf(s - lses[row]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int a = 0; a < KPW; ++a) {
+      const int key = warp * KPW + a;
+      for (int row = 0; row < BM; ++row) {
+        const float pv = ps[row * (BN + 1) + key];
+#pragma unroll
+        for (int u = 0; u < CPL; ++u) acc[a][u] = fmaf(pv, dos[row * CT + lane + 32 * u], acc[a][u]);
+      }
+    }
+  }
+#pragma unroll
+  for (int a = 0; a < KPW; ++a) {
+    const int key = k0 + warp * KPW + a;
+    if (key >= p.n) continue;
+#pragma unroll
+    for (int u = 0; u < CPL; ++u) {
+      const int col = c0 + lane + 32 * u;
+      if (col < p.c) dyv[(b * p.n + key) * p.c + col] = sf::from_float<T>(acc[a][u]);
+    }
+  }
+}
+
+// dP for the 4 rows of this warp against key `lane` of the staged key tile, over
+// all of C in chunks of CC columns (block-wide: every thread must call it).
+template <typename T>
+SF_DEVICE_INLINE void dp_rows(const Params& p, const T* dog, const T* yvg, int q0, int k0, float* dos, float* ys,
+                              float (&dp)[kRowsPerWarp]) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) dp[r] = 0.f;
+  for (int c0 = 0; c0 < p.c; c0 += CC) {
+    __syncthreads();
+    load_tile<T>(dos, CC, dog, q0, BM, p.n, c0, CC, p.c);
+    load_tile<T>(ys, CC + 1, yvg, k0, BN, p.n, c0, CC, p.c);
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) dp[r] += dot(dos + (warp * kRowsPerWarp + r) * CC, ys + lane * (CC + 1), CC);
+  }
+}
+
+SF_HOST_DEVICE inline int64_t dk_smem_floats(int kp) {
+  return static_cast<int64_t>(BM) * kp + BN * key_ld(kp) + BM * CC + BN * (CC + 1) + BM * (BN + 1) + 2 * BM;
+}
+
+// grid (B_, ceil(N / BN)): dSk of one key tile.
+template <typename T, int KPL>
+__global__ void __launch_bounds__(kThreads) semantic_attention_dk_kernel(Params p, const T* __restrict__ dout,
+                                                                         const float* __restrict__ lse,
+                                                                         const float* __restrict__ delta,
+                                                                         T* __restrict__ dsk) {
+  SF_DYNAMIC_SHARED(float, smem);
+  const int ldk = key_ld(p.kp);
+  float* qs = smem;                    // [BM][KP]
+  float* ks = qs + BM * p.kp;          // [BN][ldk]
+  float* dos = ks + BN * ldk;          // [BM][CC]
+  float* ys = dos + BM * CC;           // [BN][CC + 1]
+  float* dss = ys + BN * (CC + 1);     // [BM][BN + 1]
+  float* lses = dss + BM * (BN + 1);   // [BM]
+  float* deltas = lses + BM;           // [BM]
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t b = blockIdx.x;
+  const int k0 = blockIdx.y * BN;
+  const T* sqg = static_cast<const T*>(p.sq) + b * p.n * p.k;
+  const T* skg = static_cast<const T*>(p.sk) + b * p.n * p.k;
+  const T* yvg = static_cast<const T*>(p.yv) + b * p.n * p.c;
+  const T* dog = dout + b * p.n * p.c;
+  load_tile<T>(ks, ldk, skg, k0, BN, p.n, 0, p.kp, p.k);
+
+  constexpr int KPW = BN / kWarps;
+  float acc[KPW][KPL];
+#pragma unroll
+  for (int a = 0; a < KPW; ++a)
+#pragma unroll
+    for (int u = 0; u < KPL; ++u) acc[a][u] = 0.f;
+  const int j = k0 + lane;
+  for (int q0 = 0; q0 < p.n; q0 += BM) {
+    __syncthreads();
+    load_tile<T>(qs, p.kp, sqg, q0, BM, p.n, 0, p.kp, p.k);
+    for (int e = threadIdx.x; e < BM; e += kThreads) {
+      const bool ok = q0 + e < p.n;
+      lses[e] = ok ? lse[b * p.n + q0 + e] : 0.f;
+      deltas[e] = ok ? delta[b * p.n + q0 + e] : 0.f;
+    }
+    float dp[kRowsPerWarp];
+    dp_rows<T>(p, dog, yvg, q0, k0, dos, ys, dp);  // starts with a barrier: qs, lses are visible after it
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int row = warp * kRowsPerWarp + r, i = q0 + row;
+      float ds = 0.f;
+      if (i < p.n && j < p.n) {
+        const float prob = __expf(dot(qs + row * p.kp, ks + lane * ldk, p.k) - lses[row]);
+        ds = prob * (dp[r] - deltas[row]);
+      }
+      dss[row * (BN + 1) + lane] = ds;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int a = 0; a < KPW; ++a) {
+      const int key = warp * KPW + a;
+      for (int row = 0; row < BM; ++row) {
+        const float sv = dss[row * (BN + 1) + key];
+#pragma unroll
+        for (int u = 0; u < KPL; ++u) acc[a][u] = fmaf(sv, qs[row * p.kp + lane + 32 * u], acc[a][u]);
+      }
+    }
+  }
+#pragma unroll
+  for (int a = 0; a < KPW; ++a) {
+    const int key = k0 + warp * KPW + a;
+    if (key >= p.n) continue;
+#pragma unroll
+    for (int u = 0; u < KPL; ++u) {
+      const int col = lane + 32 * u;
+      if (col < p.k) dsk[(b * p.n + key) * p.k + col] = sf::from_float<T>(acc[a][u]);
+    }
+  }
+}
+
+SF_HOST_DEVICE inline int64_t dq_smem_floats(int kp) {
+  return static_cast<int64_t>(BM) * kp + BN * key_ld(kp) + BM * CC + BN * (CC + 1) + 2 * BM;
+}
+
+// grid (B_, ceil(N / BM)): dSq of one query tile.
+template <typename T, int KPL>
+__global__ void __launch_bounds__(kThreads) semantic_attention_dq_kernel(Params p, const T* __restrict__ dout,
+                                                                         const float* __restrict__ lse,
+                                                                         const float* __restrict__ delta,
+                                                                         T* __restrict__ dsq) {
+  SF_DYNAMIC_SHARED(float, smem);
+  const int ldk = key_ld(p.kp);
+  float* qs = smem;                    // [BM][KP]
+  float* ks = qs + BM * p.kp;          // [BN][ldk]
+  float* dos = ks + BN * ldk;          // [BM][CC]
+  float* ys = dos + BM * CC;           // [BN][CC + 1]
+  float* lses = ys + BN * (CC + 1);    // [BM]
+  float* deltas = lses + BM;           // [BM]
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t b = blockIdx.x;
+  const int q0 = blockIdx.y * BM;
+  const T* sqg = static_cast<const T*>(p.sq) + b * p.n * p.k;
+  const T* skg = static_cast<const T*>(p.sk) + b * p.n * p.k;
+  const T* yvg = static_cast<const T*>(p.yv) + b * p.n * p.c;
+  const T* dog = dout + b * p.n * p.c;
+  load_tile<T>(qs, p.kp, sqg, q0, BM, p.n, 0, p.kp, p.k);
+  for (int e = threadIdx.x; e < BM; e += kThreads) {
+    const bool ok = q0 + e < p.n;
+    lses[e] = ok ? lse[b * p.n + q0 + e] : 0.f;
+    deltas[e] = ok ? delta[b * p.n + q0 + e] : 0.f;
+  }
+  float acc[kRowsPerWarp][KPL];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+    for (int u = 0; u < KPL; ++u) acc[r][u] = 0.f;
+  for (int k0 = 0; k0 < p.n; k0 += BN) {
+    __syncthreads();  // previous key tile's readers are done
+    load_tile<T>(ks, ldk, skg, k0, BN, p.n, 0, p.kp, p.k);
+    float dp[kRowsPerWarp];
+    dp_rows<T>(p, dog, yvg, q0, k0, dos, ys, dp);  // its barriers publish ks
+    const int j = k0 + lane;
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int row = warp * kRowsPerWarp + r, i = q0 + row;
+      float ds = 0.f;
+      if (i < p.n && j < p.n) {
+        const float prob = __expf(dot(qs + row * p.kp, ks + lane * ldk, p.k) - lses[row]);
+        ds = prob * (dp[r] - deltas[row]);
+      }
+      for (int jj = 0; jj < BN; ++jj) {
+        const float sj = __shfl_sync(0xffffffffu, ds, jj);
+#pragma unroll
+        for (int u = 0; u < KPL; ++u) acc[r][u] = fmaf(sj, ks[jj * ldk + lane + 32 * u], acc[r][u]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int i = q0 + warp * kRowsPerWarp + r;
+    if (i >= p.n) continue;
+#pragma unroll
+    for (int u = 0; u < KPL; ++u) {
+      const int col = lane + 32 * u;
+      if (col < p.k) dsq[(b * p.n + i) * p.k + col] = sf::from_float<T>(acc[r][u]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- launchers --
+inline unsigned cdiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
+
+template <typename K>
+void allow_smem(K kernel, size_t bytes) {
+#ifndef SF_SIMT
+  // More than the 48 KiB default needs an opt-in (sm_80: 163 KiB, sm_90: 227 KiB).
+  if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+#else
+  (void)kernel;
+  (void)bytes;
+#endif
+}
+
+template <typename T, int CPL>
+void forward(const Params& p, T* out, float* lse, cudaStream_t stream) {
+  const size_t smem = sizeof(float) * fwd_smem_floats(p.kp, 32 * CPL);
+  auto kernel = semantic_attention_fwd_kernel<T, CPL>;
+  allow_smem(kernel, smem);
+  SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * cdiv(p.c, 32 * CPL)), cdiv(p.n, BM)), dim3(kThreads), smem,
+            stream, p, out, lse);
+  SF_CHECK_LAUNCH();
+}
+
+template <typename T, int CPL>
+void backward_dv(const Params& p, const T* dout, const float* lse, T* dyv, cudaStream_t stream) {
+  const size_t smem = sizeof(float) * dv_smem_floats(p.kp, 32 * CPL);
+  auto kernel = semantic_attention_dv_kernel<T, CPL>;
+  allow_smem(kernel, smem);
+  SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * cdiv(p.c, 32 * CPL)), cdiv(p.n, BN)), dim3(kThreads), smem,
+            stream, p, dout, lse, dyv);
+  SF_CHECK_LAUNCH();
+}
+
+template <typename T, int KPL>
+void backward_dqk(const Params& p, const T* dout, const float* lse, const float* delta, T* dsq, T* dsk,
+                  cudaStream_t stream) {
+  const size_t smem_k = sizeof(float) * dk_smem_floats(p.kp);
+  auto kk = semantic_attention_dk_kernel<T, KPL>;
+  allow_smem(kk, smem_k);
+  SF_LAUNCH(kk, dim3(static_cast<unsigned>(p.batch), cdiv(p.n, BN)), dim3(kThreads), smem_k, stream, p, dout, lse,
+            delta, dsk);
+  const size_t smem_q = sizeof(float) * dq_smem_floats(p.kp);
+  auto qk = semantic_attention_dq_kernel<T, KPL>;
+  allow_smem(qk, smem_q);
+  SF_LAUNCH(qk, dim3(static_cast<unsigned>(p.batch), cdiv(p.n, BM)), dim3(kThreads), smem_q, stream, p, dout, lse,
+            delta, dsq);
+  SF_CHECK_LAUNCH();
+}
+
+template <typename T>
+void backward_delta(const T* out, const T* dout, float* delta, int64_t rows, int c, cudaStream_t stream) {
+  SF_LAUNCH(semantic_attention_delta_kernel<T>, dim3(cdiv(rows, kWarps)), dim3(kThreads), 0, stream, out, dout, delta,
+            rows, c);
+  SF_CHECK_LAUNCH();
+}
+
+}  // namespace sf_semantic_attention
+
+// ----------------------------------------------------------------- bindings --
+#include "sf_torch.h"
+
+#include <ATen/ops/empty_like.h>
+
+#include <tuple>
+#include <type_traits>
+
+namespace sf_semantic_attention {
+
+// Largest class count served: the K tile is staged whole (KP <= 256).
+constexpr int kMaxClasses = 256;
+
+template <int I, typename F>
+void with_int(int value, F&& f) {
+  // value in 1..I: calls f(std::integral_constant<int, value>).
+  if constexpr (I >= 1) {
+    if (value == I) return f(std::integral_constant<int, I>{});
+    with_int<I - 1>(value, f);
+  }
+}
+
+Params make_params(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv) {
+  SF_CHECK_INPUT(sq, 3);
+  SF_CHECK_INPUT(sk, 3);
+  SF_CHECK_INPUT(yv, 3);
+  SF_CHECK_FLOAT(sq);
+  SF_CHECK_SAME_DTYPE(sk, sq);
+  SF_CHECK_SAME_DTYPE(yv, sq);
+  TORCH_CHECK(sk.sizes() == sq.sizes(), "semantic_attention: sk must have sq's shape");
+  TORCH_CHECK(yv.size(0) == sq.size(0) && yv.size(1) == sq.size(1), "semantic_attention: yv must be (B_, N, C)");
+  TORCH_CHECK(sq.size(2) >= 1 && sq.size(2) <= kMaxClasses, "semantic_attention: K must be in 1..", kMaxClasses,
+              ", got ", sq.size(2));
+  Params p{};
+  p.sq = sq.data_ptr();
+  p.sk = sk.data_ptr();
+  p.yv = yv.data_ptr();
+  p.batch = sq.size(0);
+  p.n = static_cast<int>(sq.size(1));
+  p.k = static_cast<int>(sq.size(2));
+  p.c = static_cast<int>(yv.size(2));
+  p.kp = (p.k + 31) / 32 * 32;
+  return p;
+}
+
+// Output columns per lane: C tiles of up to 128 columns.
+inline int cols_per_lane(int c) { return c >= 128 ? 4 : (c + 31) / 32; }
+
+std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv) {
+  const Params p = make_params(sq, sk, yv);
+  SF_DEVICE_GUARD(sq);
+  at::Tensor out = at::empty_like(yv);
+  at::Tensor lse = at::empty({sq.size(0), sq.size(1)}, sq.options().dtype(at::kFloat));
+  SF_DISPATCH_FLOAT(sq.scalar_type(), "semantic_attention", [&] {
+    with_int<4>(cols_per_lane(p.c), [&](auto cpl) {
+      forward<scalar_t, decltype(cpl)::value>(p, sf::data_ptr<scalar_t>(out), lse.data_ptr<float>(),
+                                              sf::current_stream());
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dout, const at::Tensor& sq,
+                                                           const at::Tensor& sk, const at::Tensor& yv,
+                                                           const at::Tensor& out, const at::Tensor& lse) {
+  const Params p = make_params(sq, sk, yv);
+  SF_DEVICE_GUARD(sq);
+  SF_CHECK_INPUT(dout, 3);
+  SF_CHECK_INPUT(out, 3);
+  SF_CHECK_INPUT(lse, 2);
+  SF_CHECK_SAME_DTYPE(dout, sq);
+  SF_CHECK_DTYPE(lse, at::kFloat);
+  TORCH_CHECK(dout.sizes() == yv.sizes() && out.sizes() == yv.sizes(), "semantic_attention: dout/out must match yv");
+  at::Tensor dsq = at::empty_like(sq), dsk = at::empty_like(sk), dyv = at::empty_like(yv);
+  at::Tensor delta = at::empty_like(lse);
+  SF_DISPATCH_FLOAT(sq.scalar_type(), "semantic_attention", [&] {
+    const cudaStream_t stream = sf::current_stream();
+    backward_delta<scalar_t>(sf::data_ptr<scalar_t>(out), sf::data_ptr<scalar_t>(dout), delta.data_ptr<float>(),
+                             p.batch * p.n, p.c, stream);
+    with_int<4>(cols_per_lane(p.c), [&](auto cpl) {
+      backward_dv<scalar_t, decltype(cpl)::value>(p, sf::data_ptr<scalar_t>(dout), lse.data_ptr<float>(),
+                                                  sf::data_ptr<scalar_t>(dyv), stream);
+    });
+    with_int<kMaxClasses / 32>(p.kp / 32, [&](auto kpl) {
+      backward_dqk<scalar_t, decltype(kpl)::value>(p, sf::data_ptr<scalar_t>(dout), lse.data_ptr<float>(),
+                                                   delta.data_ptr<float>(), sf::data_ptr<scalar_t>(dsq),
+                                                   sf::data_ptr<scalar_t>(dsk), stream);
+    });
+  });
+  return {dsq, dsk, dyv};
+}
+
+}  // namespace sf_semantic_attention
+
+SF_TORCH_LIBRARY_FRAGMENT(m) {
+  m.def("semantic_attention_forward(Tensor sq, Tensor sk, Tensor yv) -> (Tensor, Tensor)");
+  m.def("semantic_attention_backward(Tensor dout, Tensor sq, Tensor sk, Tensor yv, Tensor out, Tensor lse) "
+        "-> (Tensor, Tensor, Tensor)");
+}
+
+SF_TORCH_LIBRARY_IMPL(m) {
+  m.impl("semantic_attention_forward", &sf_semantic_attention::forward_op);
+  m.impl("semantic_attention_backward", &sf_semantic_attention::backward_op);
+}

@@ -1,0 +1,700 @@
+// Swin (shifted-)window attention, forward and backward (SPEC.md section 1).
+//
+//   out = dropout(softmax(scale * q k^T + bias + mask)) v     per window and head
+//
+// q, k, v, out: (B_, h, N, d) contiguous, window index fastest inside B_.
+// The relative-position bias is gathered from the fp32 table with the official
+// index computed in-kernel; the SW-MSA mask is either computed in-kernel from
+// (grid, window, shift) with region ids (reference.shift_region_ids) or read
+// from an explicit fp32 (nW, N, N) mask.  Nothing of size N x N per window is
+// written to global memory: the forward keeps an online softmax over key tiles
+// and saves the fp32 row logsumexp; the backward recomputes the probabilities.
+//
+// Layout of the work (FFMA path, fp32 accumulation for every dtype):
+//   * a block is 4 warps; a query tile is BM = 16 rows, 4 rows per warp;
+//   * a key tile is BN = 32 keys, one key per lane for the logits, so row
+//     max / sum are warp shuffles, and P v is a shuffle-broadcast loop where a
+//     lane owns head-dim columns lane, lane+32, ...;
+//   * head_dim is padded to DP in {32, 64, 128} in shared memory (zeros).
+// Backward, deterministic (no float atomics):
+//   1. delta_i = rowsum(dO_i * O_i);
+//   2. dK, dV: a block owns a key tile and loops over the query tiles;
+//   3. dQ: a block owns a query tile of one head and loops over a chunk of
+//      windows; it also accumulates sum over the chunk's windows of dS[i, j]
+//      into its own slice of a (chunks, h, N, N) fp32 buffer (plain
+//      read-modify-write: every element has exactly one owner thread);
+//   4. table gradient: a block per (table row, head) sums the buffer's (i, j)
+//      pairs with that index in a fixed order (fixed-shape tree reduction).
+//   The result is bitwise reproducible run to run.
+// Dropout: keep(element) = philox(seed, element index) >= p, with the element
+// index ((b_ * h + head) * N + i) * N + j; forward and backward evaluate the
+// same hash, so no mask is stored.
+
+#include "sf_common.cuh"
+
+#include <cstdint>
+
+namespace sf_window_attention {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRowsPerWarp = 4;
+constexpr int BM = kWarps * kRowsPerWarp;  // query rows per tile
+constexpr int BN = 32;                     // keys per tile
+constexpr float kNegInf = -__builtin_huge_valf();
+
+struct Params {
+  const void* q;
+  const void* k;
+  const void* v;
+  const float* table;  // ((2Wh-1)(2Ww-1), h) or nullptr
+  const float* mask;   // (nW, N, N) or nullptr
+  int64_t batch;       // B_ = B * nW
+  int heads, n, d;
+  int wh, ww;
+  int nw, nw_cols;     // windows per image, windows per grid row (shift mode)
+  int hp, wp;          // padded grid in tokens (shift mode)
+  int shift_h, shift_w;
+  int shifted;         // 1: compute the shift mask from the region ids
+  float scale, mask_value, dropout_p;
+  uint64_t seed;
+};
+
+// ---------------------------------------------------------------- helpers --
+SF_DEVICE_INLINE float warp_max(float x) {
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+SF_DEVICE_INLINE float warp_sum(float x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+SF_DEVICE_INLINE uint32_t mulhi32(uint32_t a, uint32_t b) {
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+}
+
+// Philox-4x32-10 keyed by the seed, counter = (index lo, index hi, 0, 0);
+// returns the first output word.  The Python tests replay it bit for bit.
+SF_DEVICE_INLINE uint32_t philox(uint64_t seed, uint64_t index) {
+  uint32_t c0 = static_cast<uint32_t>(index), c1 = static_cast<uint32_t>(index >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    const uint32_t hi0 = mulhi32(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
+    const uint32_t hi1 = mulhi32(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+// Multiplier of an attention probability under dropout: 1/(1-p) if kept, else 0.
+SF_DEVICE_INLINE float dropout_factor(const Params& p, uint64_t index) {
+  if (p.dropout_p <= 0.f) return 1.f;
+  const float u = static_cast<float>(philox(p.seed, index) >> 8) * (1.0f / 16777216.0f);
+  return u >= p.dropout_p ? 1.f / (1.f - p.dropout_p) : 0.f;
+}
+
+// Region id (0..8) of token t of window w (shift mode), as reference.shift_region_ids.
+SF_DEVICE_INLINE int region_id(const Params& p, int w, int t) {
+  const int y = (w / p.nw_cols) * p.wh + t / p.ww;
+  const int x = (w % p.nw_cols) * p.ww + t % p.ww;
+  const int ry = p.shift_h ? (y >= p.hp - p.wh) + (y >= p.hp - p.shift_h) : 0;
+  const int rx = p.shift_w ? (x >= p.wp - p.ww) + (x >= p.wp - p.shift_w) : 0;
+  return ry * 3 + rx;
+}
+
+SF_HOST_DEVICE inline int table_rows(const Params& p) { return (2 * p.wh - 1) * (2 * p.ww - 1); }
+
+// Logit of (i, j) in window w given the raw dot product; -inf outside the window.
+// tb is the head's table column staged in shared memory.
+struct RowInfo {
+  int y, x, region;
+};
+
+SF_DEVICE_INLINE RowInfo row_info(const Params& p, int w, int t) {
+  RowInfo r;
+  r.y = t / p.ww;
+  r.x = t % p.ww;
+  r.region = p.shifted ? region_id(p, w, t) : 0;
+  return r;
+}
+
+SF_DEVICE_INLINE float logit(const Params& p, const float* tb, int w, int i, int j, const RowInfo& ri,
+                             const RowInfo& rj, float dot) {
+  float x = dot * p.scale;
+  if (tb) x += tb[(ri.y - rj.y + p.wh - 1) * (2 * p.ww - 1) + (ri.x - rj.x + p.ww - 1)];
+  if (p.shifted) x += ri.region == rj.region ? 0.f : p.mask_value;
+  if (p.mask) x += p.mask[(static_cast<int64_t>(w) * p.n + i) * p.n + j];
+  return x;
+}
+
+// Stage rows [row0, row0 + rows) x [0, DP) of a (n, d) matrix as fp32, zero padded.
+template <typename T, int DP>
+SF_DEVICE_INLINE void load_tile(float* dst, int ld, const T* src, int row0, int rows, int n, int d) {
+  for (int e = threadIdx.x; e < rows * DP; e += kThreads) {
+    const int r = e / DP, t = e % DP;
+    const int row = row0 + r;
+    dst[r * ld + t] = (row < n && t < d) ? sf::to_float(src[static_cast<int64_t>(row) * d + t]) : 0.f;
+  }
+}
+
+SF_DEVICE_INLINE void load_table(float* tb, const Params& p, int head) {
+  const int rows = table_rows(p);
+  for (int e = threadIdx.x; e < rows; e += kThreads) tb[e] = p.table[static_cast<int64_t>(e) * p.heads + head];
+}
+
+template <int DP>
+SF_DEVICE_INLINE float dot_row(const float* a, const float* b) {
+  float s = 0.f;
+#pragma unroll 8
+  for (int t = 0; t < DP; ++t) s = fmaf(a[t], b[t], s);
+  return s;
+}
+
+// ---------------------------------------------------------------- forward --
+// grid (B_ * h, ceil(N / BM)); dynamic smem: see fwd_smem_floats.
+template <int DP>
+SF_HOST_DEVICE constexpr int fwd_smem_floats_fixed() {
+  return BM * DP + BN * (DP + 1) + BN * DP;
+}
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(kThreads) window_attention_fwd_kernel(Params p, T* __restrict__ out,
+                                                                        float* __restrict__ lse) {
+  SF_DYNAMIC_SHARED(float, smem);
+  float* qs = smem;                 // [BM][DP]
+  float* ks = qs + BM * DP;         // [BN][DP + 1]
+  float* vs = ks + BN * (DP + 1);   // [BN][DP]
+  float* tb = p.table ? vs + BN * DP : nullptr;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t bh = blockIdx.x;
+  const int head = static_cast<int>(bh % p.heads);
+  const int w = static_cast<int>((bh / p.heads) % p.nw);
+  const int q0 = blockIdx.y * BM;
+  const int64_t base = bh * p.n * p.d;
+  const T* qg = static_cast<const T*>(p.q) + base;
+  const T* kg = static_cast<const T*>(p.k) + base;
+  const T* vg = static_cast<const T*>(p.v) + base;
+
+  load_tile<T, DP>(qs, DP, qg, q0, BM, p.n, p.d);
+  if (tb) load_table(tb, p, head);
+
+  constexpr int C = DP / 32;
+  float m[kRowsPerWarp], l[kRowsPerWarp], o[kRowsPerWarp][C];
+  RowInfo ri[kRowsPerWarp];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    m[r] = kNegInf;
+    l[r] = 0.f;
+    ri[r] = row_info(p, w, q0 + warp * kRowsPerWarp + r);
+#pragma unroll
+    for (int c = 0; c < C; ++c) o[r][c] = 0.f;
+  }
+
+  for (int k0 = 0; k0 < p.n; k0 += BN) {
+    __syncthreads();  // the previous tile's readers are done
+    load_tile<T, DP>(ks, DP + 1, kg, k0, BN, p.n, p.d);
+    load_tile<T, DP>(vs, DP, vg, k0, BN, p.n, p.d);
+    __syncthreads();
+    const int j = k0 + lane;
+    const RowInfo rj = row_info(p, w, j);
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int row = warp * kRowsPerWarp + r, i = q0 + row;
+      const float dot = dot_row<DP>(qs + row * DP, ks + lane * (DP + 1));
+      // Padded rows and keys stay -inf (their table/mask indices are out of range).
+      const float x = (i < p.n && j < p.n) ? logit(p, tb, w, i, j, ri[r], rj, dot) : kNegInf;
+      const float m_new = fmaxf(m[r], warp_max(x));
+      // A row whose logits are all -inf so far keeps m = -inf: guard the exps.
+      const float alpha = m[r] == kNegInf ? 0.f : __expf(m[r] - m_new);
+      const float prob = x == kNegInf ? 0.f : __expf(x - m_new);
+      l[r] = l[r] * alpha + warp_sum(prob);
+      m[r] = m_new;
+      const float pd = prob * dropout_factor(p, (static_cast<uint64_t>(bh) * p.n + i) * p.n + j);
+#pragma unroll
+      for (int c = 0; c < C; ++c) o[r][c] *= alpha;
+      for (int jj = 0; jj < BN; ++jj) {
+        const float pj = __shfl_sync(0xffffffffu, pd, jj);
+#pragma unroll
+        for (int c = 0; c < C; ++c) o[r][c] = fmaf(pj, vs[jj * DP + lane + 32 * c], o[r][c]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int i = q0 + warp * kRowsPerWarp + r;
+    if (i >= p.n) continue;
+    const float inv = 1.f / l[r];
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const int t = lane + 32 * c;
+      if (t < p.d) out[base + static_cast<int64_t>(i) * p.d + t] = sf::from_float<T>(o[r][c] * inv);
+    }
+    if (lane == 0) lse[bh * p.n + i] = m[r] + logf(l[r]);
+  }
+}
+
+// --------------------------------------------------------------- backward --
+// delta_i = sum_t dO[i, t] * O[i, t]: one warp per row.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) window_attention_delta_kernel(const T* __restrict__ out,
+                                                                          const T* __restrict__ dout,
+                                                                          float* __restrict__ delta, int64_t rows,
+                                                                          int d) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;  // whole warp leaves together
+  float s = 0.f;
+  for (int t = lane; t < d; t += 32) s += sf::to_float(out[row * d + t]) * sf::to_float(dout[row * d + t]);
+  s = warp_sum(s);
+  if (lane == 0) delta[row] = s;
+}
+
+// Recompute, for row `row` of the staged query tile and key j = k0 + lane:
+// P (after softmax), the dropout factor, and dS = P * (f * dP' - delta).
+struct Grads {
+  float pd;  // dropped, rescaled probability (what multiplies v)
+  float ds;  // gradient of the logit
+};
+
+template <int DP>
+SF_DEVICE_INLINE Grads recompute(const Params& p, const float* tb, const float* qs, const float* dos,
+                                 const float* ks, const float* vs, int ldk, int64_t bh, int w, int row, int i,
+                                 int j, const RowInfo& ri, const RowInfo& rj, float lse_i, float delta_i) {
+  Grads g{0.f, 0.f};
+  if (i >= p.n || j >= p.n) return g;
+  const int lane = j % BN;
+  const float x = logit(p, tb, w, i, j, ri, rj, dot_row<DP>(qs + row * DP, ks + lane * ldk));
+  const float prob = __expf(x - lse_i);
+  const float f = dropout_factor(p, (static_cast<uint64_t>(bh) * p.n + i) * p.n + j);
+  const float dp = dot_row<DP>(dos + row * DP, vs + lane * ldk);
+  g.pd = prob * f;
+  g.ds = prob * (dp * f - delta_i);
+  return g;
+}
+
+template <int DP>
+SF_HOST_DEVICE constexpr int dkv_smem_floats_fixed() {
+  return 2 * BN * (DP + 1) + 2 * BM * DP + 2 * BM * (BN + 1) + 2 * BM;
+}
+
+// grid (B_ * h, ceil(N / BN)): dK, dV of one key tile.
+template <typename T, int DP>
+__global__ void __launch_bounds__(kThreads) window_attention_dkv_kernel(Params p, const T* __restrict__ dout,
+                                                                        const float* __restrict__ lse,
+                                                                        const float* __restrict__ delta,
+                                                                        T* __restrict__ dk, T* __restrict__ dv) {
+  SF_DYNAMIC_SHARED(float, smem);
+  float* ks = smem;                     // [BN][DP + 1]
+  float* vs = ks + BN * (DP + 1);       // [BN][DP + 1]
+  float* qs = vs + BN * (DP + 1);       // [BM][DP]
+  float* dos = qs + BM * DP;            // [BM][DP]
+  float* ps = dos + BM * DP;            // [BM][BN + 1]
+  float* dss = ps + BM * (BN + 1);      // [BM][BN + 1]
+  float* lses = dss + BM * (BN + 1);    // [BM]
+  float* deltas = lses + BM;            // [BM]
+  float* tb = p.table ? deltas + BM : nullptr;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t bh = blockIdx.x;
+  const int head = static_cast<int>(bh % p.heads);
+  const int w = static_cast<int>((bh / p.heads) % p.nw);
+  const int k0 = blockIdx.y * BN;
+  const int64_t base = bh * p.n * p.d;
+  const T* qg = static_cast<const T*>(p.q) + base;
+  const T* kg = static_cast<const T*>(p.k) + base;
+  const T* vg = static_cast<const T*>(p.v) + base;
+  const T* dog = dout + base;
+
+  load_tile<T, DP>(ks, DP + 1, kg, k0, BN, p.n, p.d);
+  load_tile<T, DP>(vs, DP + 1, vg, k0, BN, p.n, p.d);
+  if (tb) load_table(tb, p, head);
+
+  constexpr int C = DP / 32;
+  constexpr int KPW = BN / kWarps;  // keys accumulated per warp
+  float dka[KPW][C], dva[KPW][C];
+#pragma unroll
+  for (int a = 0; a < KPW; ++a)
+#pragma unroll
+    for (int c = 0; c < C; ++c) dka[a][c] = dva[a][c] = 0.f;
+
+  const int j = k0 + lane;
+  const RowInfo rj = row_info(p, w, j);
+  for (int q0 = 0; q0 < p.n; q0 += BM) {
+    __syncthreads();  // previous tile's readers are done
+    load_tile<T, DP>(qs, DP, qg, q0, BM, p.n, p.d);
+    load_tile<T, DP>(dos, DP, dog, q0, BM, p.n, p.d);
+    for (int e = threadIdx.x; e < BM; e += kThreads) {
+      const bool ok = q0 + e < p.n;
+      lses[e] = ok ? lse[bh * p.n + q0 + e] : 0.f;
+      deltas[e] = ok ? delta[bh * p.n + q0 + e] : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int row = warp * kRowsPerWarp + r, i = q0 + row;
+      const Grads g = recompute<DP>(p, tb, qs, dos, ks, vs, DP + 1, bh, w, row, i, j, row_info(p, w, i), rj,
+                                    lses[row], deltas[row]);
+      ps[row * (BN + 1) + lane] = g.pd;
+      dss[row * (BN + 1) + lane] = g.ds;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int a = 0; a < KPW; ++a) {
+      const int key = warp * KPW + a;
+      for (int row = 0; row < BM; ++row) {
+        const float pv = ps[row * (BN + 1) + key], sv = dss[row * (BN + 1) + key];
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+          dva[a][c] = fmaf(pv, dos[row * DP + lane + 32 * c], dva[a][c]);
+          dka[a][c] = fmaf(sv, qs[row * DP + lane + 32 * c], dka[a][c]);
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int a = 0; a < KPW; ++a) {
+    const int key = k0 + warp * KPW + a;
+    if (key >= p.n) continue;
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const int t = lane + 32 * c;
+      if (t >= p.d) continue;
+      const int64_t at = base + static_cast<int64_t>(key) * p.d + t;
+      dk[at] = sf::from_float<T>(dka[a][c] * p.scale);
+      dv[at] = sf::from_float<T>(dva[a][c]);
+    }
+  }
+}
+
+template <int DP>
+SF_HOST_DEVICE constexpr int dq_smem_floats_fixed() {
+  return 2 * BN * (DP + 1) + 2 * BM * DP + 2 * BM;
+}
+
+// grid (h * chunks, ceil(N / BM)): dQ of one query tile for every window of a
+// chunk of `per_chunk` consecutive windows; with a table, also the chunk's
+// partial sum of dS into dsum (chunks, h, N, N), zero-initialised.
+template <typename T, int DP>
+__global__ void __launch_bounds__(kThreads) window_attention_dq_kernel(Params p, const T* __restrict__ dout,
+                                                                       const float* __restrict__ lse,
+                                                                       const float* __restrict__ delta,
+                                                                       T* __restrict__ dq, float* __restrict__ dsum,
+                                                                       int64_t per_chunk) {
+  SF_DYNAMIC_SHARED(float, smem);
+  float* ks = smem;                     // [BN][DP + 1]
+  float* vs = ks + BN * (DP + 1);       // [BN][DP + 1]
+  float* qs = vs + BN * (DP + 1);       // [BM][DP]
+  float* dos = qs + BM * DP;            // [BM][DP]
+  float* lses = dos + BM * DP;          // [BM]
+  float* deltas = lses + BM;            // [BM]
+  float* tb = p.table ? deltas + BM : nullptr;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int head = static_cast<int>(blockIdx.x % p.heads);
+  const int64_t chunk = blockIdx.x / p.heads;
+  const int q0 = blockIdx.y * BM;
+  if (tb) load_table(tb, p, head);
+  float* part = dsum ? dsum + (chunk * p.heads + head) * p.n * p.n : nullptr;
+
+  constexpr int C = DP / 32;
+  const int64_t b_end = (chunk + 1) * per_chunk < p.batch ? (chunk + 1) * per_chunk : p.batch;
+  for (int64_t b = chunk * per_chunk; b < b_end; ++b) {
+    const int64_t bh = b * p.heads + head;
+    const int w = static_cast<int>(b % p.nw);
+    const int64_t base = bh * p.n * p.d;
+    const T* qg = static_cast<const T*>(p.q) + base;
+    const T* kg = static_cast<const T*>(p.k) + base;
+    const T* vg = static_cast<const T*>(p.v) + base;
+    __syncthreads();  // previous window's readers are done
+    load_tile<T, DP>(qs, DP, qg, q0, BM, p.n, p.d);
+    load_tile<T, DP>(dos, DP, dout + base, q0, BM, p.n, p.d);
+    for (int e = threadIdx.x; e < BM; e += kThreads) {
+      const bool ok = q0 + e < p.n;
+      lses[e] = ok ? lse[bh * p.n + q0 + e] : 0.f;
+      deltas[e] = ok ? delta[bh * p.n + q0 + e] : 0.f;
+    }
+    float acc[kRowsPerWarp][C];
+    RowInfo ri[kRowsPerWarp];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      ri[r] = row_info(p, w, q0 + warp * kRowsPerWarp + r);
+#pragma unroll
+      for (int c = 0; c < C; ++c) acc[r][c] = 0.f;
+    }
+    for (int k0 = 0; k0 < p.n; k0 += BN) {
+      __syncthreads();
+      load_tile<T, DP>(ks, DP + 1, kg, k0, BN, p.n, p.d);
+      load_tile<T, DP>(vs, DP + 1, vg, k0, BN, p.n, p.d);
+      __syncthreads();
+      const int j = k0 + lane;
+      const RowInfo rj = row_info(p, w, j);
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        const int row = warp * kRowsPerWarp + r, i = q0 + row;
+        const Grads g = recompute<DP>(p, tb, qs, dos, ks, vs, DP + 1, bh, w, row, i, j, ri[r], rj, lses[row],
+                                      deltas[row]);
+        if (part && i < p.n && j < p.n) part[static_cast<int64_t>(i) * p.n + j] += g.ds;
+        for (int jj = 0; jj < BN; ++jj) {
+          const float sj = __shfl_sync(0xffffffffu, g.ds, jj);
+#pragma unroll
+          for (int c = 0; c < C; ++c) acc[r][c] = fmaf(sj, ks[jj * (DP + 1) + lane + 32 * c], acc[r][c]);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int i = q0 + warp * kRowsPerWarp + r;
+      if (i >= p.n) continue;
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        const int t = lane + 32 * c;
+        if (t < p.d) dq[base + static_cast<int64_t>(i) * p.d + t] = sf::from_float<T>(acc[r][c] * p.scale);
+      }
+    }
+  }
+}
+
+// grid (table rows, h): dtable[r, head] = sum over chunks and over the (i, j)
+// pairs of index r of dsum[chunk, head, i, j].  Each thread sums a fixed
+// strided subset in a fixed order, then a fixed-shape tree: deterministic.
+__global__ void __launch_bounds__(kThreads) window_attention_table_grad_kernel(const float* __restrict__ dsum,
+                                                                               float* __restrict__ dtable,
+                                                                               int64_t chunks, int heads, int n,
+                                                                               int wh, int ww) {
+  __shared__ float red[kThreads];
+  const int r = blockIdx.x, head = blockIdx.y;
+  const int dy = r / (2 * ww - 1) - (wh - 1), dx = r % (2 * ww - 1) - (ww - 1);
+  // Query rows yi with yj = yi - dy inside the window, likewise for x.
+  const int y_lo = dy > 0 ? dy : 0, y_hi = dy > 0 ? wh : wh + dy;
+  const int x_lo = dx > 0 ? dx : 0, x_hi = dx > 0 ? ww : ww + dx;
+  const int ny = y_hi - y_lo, nx = x_hi - x_lo;
+  const int64_t pairs = static_cast<int64_t>(ny) * nx;
+  float s = 0.f;
+  for (int64_t e = threadIdx.x; e < chunks * pairs; e += kThreads) {
+    const int64_t chunk = e / pairs;
+    const int pr = static_cast<int>(e % pairs);
+    const int yi = y_lo + pr / nx, xi = x_lo + pr % nx;
+    const int i = yi * ww + xi, j = (yi - dy) * ww + (xi - dx);
+    s += dsum[((chunk * heads + head) * n + i) * n + j];
+  }
+  red[threadIdx.x] = s;
+  __syncthreads();
+  for (int half = kThreads / 2; half > 0; half >>= 1) {
+    if (threadIdx.x < half) red[threadIdx.x] += red[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) dtable[static_cast<int64_t>(r) * heads + head] = red[0];
+}
+
+// ---------------------------------------------------------------- launchers --
+inline int cdiv(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+template <typename K>
+void allow_smem(K kernel, size_t bytes) {
+#ifndef SF_SIMT
+  // Tiles for head_dim 128 pass the 48 KiB default; sm_80/sm_90 allow more on request.
+  if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+#else
+  (void)kernel;
+  (void)bytes;
+#endif
+}
+
+template <typename T, int DP>
+void forward(const Params& p, T* out, float* lse, cudaStream_t stream) {
+  const size_t smem = sizeof(float) * (fwd_smem_floats_fixed<DP>() + (p.table ? table_rows(p) : 0));
+  auto kernel = window_attention_fwd_kernel<T, DP>;
+  allow_smem(kernel, smem);
+  SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * p.heads), cdiv(p.n, BM)), dim3(kThreads), smem, stream,
+            p, out, lse);
+  SF_CHECK_LAUNCH();
+}
+
+template <typename T, int DP>
+void backward(const Params& p, const T* out, const T* dout, const float* lse, float* delta, T* dq, T* dk, T* dv,
+              float* dsum, int64_t chunks, int64_t per_chunk, float* dtable, cudaStream_t stream) {
+  const int64_t rows = p.batch * p.heads * p.n;
+  SF_LAUNCH(window_attention_delta_kernel<T>, dim3(cdiv(rows, kWarps)), dim3(kThreads), 0, stream, out, dout, delta,
+            rows, p.d);
+  const size_t tsm = p.table ? table_rows(p) : 0;
+  const size_t smem_kv = sizeof(float) * (dkv_smem_floats_fixed<DP>() + tsm);
+  auto kv = window_attention_dkv_kernel<T, DP>;
+  allow_smem(kv, smem_kv);
+  SF_LAUNCH(kv, dim3(static_cast<unsigned>(p.batch * p.heads), cdiv(p.n, BN)), dim3(kThreads), smem_kv, stream, p,
+            dout, lse, delta, dk, dv);
+  const size_t smem_q = sizeof(float) * (dq_smem_floats_fixed<DP>() + tsm);
+  auto qk = window_attention_dq_kernel<T, DP>;
+  allow_smem(qk, smem_q);
+  SF_LAUNCH(qk, dim3(static_cast<unsigned>(chunks * p.heads), cdiv(p.n, BM)), dim3(kThreads), smem_q, stream, p,
+            dout, lse, delta, dq, dsum, per_chunk);
+  if (p.table)
+    SF_LAUNCH(window_attention_table_grad_kernel, dim3(table_rows(p), p.heads), dim3(kThreads), 0, stream, dsum,
+              dtable, chunks, p.heads, p.n, p.wh, p.ww);
+  SF_CHECK_LAUNCH();
+}
+
+}  // namespace sf_window_attention
+
+// ----------------------------------------------------------------- bindings --
+#include "sf_torch.h"
+
+#include <ATen/ops/empty_like.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+namespace sf_window_attention {
+
+template <typename F>
+void dispatch(const at::Tensor& q, F&& f) {
+  const int64_t d = q.size(3);
+  SF_DISPATCH_FLOAT(q.scalar_type(), "window_attention", [&] {
+    if (d <= 32) f(scalar_t{}, std::integral_constant<int, 32>{});
+    else if (d <= 64) f(scalar_t{}, std::integral_constant<int, 64>{});
+    else f(scalar_t{}, std::integral_constant<int, 128>{});
+  });
+}
+
+Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& mask, int64_t wh,
+                   int64_t ww, int64_t grid_h, int64_t grid_w, int64_t shift_h, int64_t shift_w, double scale,
+                   double mask_value, double dropout_p, int64_t seed) {
+  SF_CHECK_INPUT(q, 4);
+  SF_CHECK_INPUT(k, 4);
+  SF_CHECK_INPUT(v, 4);
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "window_attention: k and v must have q's shape");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "window_attention: q, k, v must share a dtype");
+  TORCH_CHECK(q.size(2) == wh * ww, "window_attention: N = ", q.size(2), " is not Wh*Ww = ", wh * ww);
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 128, "window_attention: head_dim must be in 1..128, got ", q.size(3));
+  Params p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.batch = q.size(0);
+  p.heads = static_cast<int>(q.size(1));
+  p.n = static_cast<int>(q.size(2));
+  p.d = static_cast<int>(q.size(3));
+  p.wh = static_cast<int>(wh);
+  p.ww = static_cast<int>(ww);
+  p.nw = 1;
+  p.nw_cols = 1;
+  if (table) {
+    SF_CHECK_INPUT(*table, 2);
+    TORCH_CHECK(table->scalar_type() == at::kFloat, "window_attention: bias_table must be float32 here");
+    TORCH_CHECK(table->size(0) == (2 * wh - 1) * (2 * ww - 1) && table->size(1) == q.size(1),
+                "window_attention: bias_table must be ((2Wh-1)(2Ww-1), heads)");
+    p.table = table->data_ptr<float>();
+  }
+  if (mask) {
+    SF_CHECK_INPUT(*mask, 3);
+    TORCH_CHECK(mask->scalar_type() == at::kFloat, "window_attention: mask must be float32 here");
+    TORCH_CHECK(mask->size(1) == p.n && mask->size(2) == p.n && p.batch % mask->size(0) == 0,
+                "window_attention: mask must be (nW, N, N) with nW dividing B_");
+    TORCH_CHECK(shift_h == 0 && shift_w == 0, "window_attention: mask and shift are exclusive");
+    p.mask = mask->data_ptr<float>();
+    p.nw = static_cast<int>(mask->size(0));
+  }
+  if (shift_h || shift_w) {
+    TORCH_CHECK(grid_h > 0 && grid_w > 0 && p.batch % (grid_h * grid_w) == 0,
+                "window_attention: a shift needs a grid whose window count divides B_");
+    p.shifted = 1;
+    p.nw = static_cast<int>(grid_h * grid_w);
+    p.nw_cols = static_cast<int>(grid_w);
+    p.hp = static_cast<int>(grid_h * wh);
+    p.wp = static_cast<int>(grid_w * ww);
+    p.shift_h = static_cast<int>(shift_h);
+    p.shift_w = static_cast<int>(shift_w);
+  }
+  p.scale = static_cast<float>(scale);
+  p.mask_value = static_cast<float>(mask_value);
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.seed = static_cast<uint64_t>(seed);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const std::optional<at::Tensor>& table,
+                                              const std::optional<at::Tensor>& mask, int64_t wh, int64_t ww,
+                                              int64_t grid_h, int64_t grid_w, int64_t shift_h, int64_t shift_w,
+                                              double scale, double mask_value, double dropout_p, int64_t seed) {
+  const Params p = make_params(q, k, v, table, mask, wh, ww, grid_h, grid_w, shift_h, shift_w, scale, mask_value,
+                               dropout_p, seed);
+  SF_DEVICE_GUARD(q);
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  dispatch(q, [&](auto tag, auto dp) {
+    using T = decltype(tag);
+    forward<T, decltype(dp)::value>(p, reinterpret_cast<T*>(out.data_ptr()), lse.data_ptr<float>(),
+                                    sf::current_stream());
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& mask, int64_t wh,
+    int64_t ww, int64_t grid_h, int64_t grid_w, int64_t shift_h, int64_t shift_w, double scale, double mask_value,
+    double dropout_p, int64_t seed) {
+  const Params p = make_params(q, k, v, table, mask, wh, ww, grid_h, grid_w, shift_h, shift_w, scale, mask_value,
+                               dropout_p, seed);
+  SF_DEVICE_GUARD(q);
+  SF_CHECK_INPUT(dout, 4);
+  SF_CHECK_INPUT(out, 4);
+  SF_CHECK_INPUT(lse, 3);
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "window_attention: dout/out must match q");
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(q), dv = at::empty_like(q);
+  at::Tensor delta = at::empty_like(lse);
+  // The table gradient goes through per-chunk partial sums of dS (chunks, h, N, N):
+  // chunks of consecutive windows, the buffer capped at 4M floats.
+  int64_t chunks = p.batch, per_chunk = 1;
+  at::Tensor dsum, dtable;
+  if (table) {
+    const int64_t slice = static_cast<int64_t>(p.heads) * p.n * p.n;
+    const int64_t cap = std::max<int64_t>(1, std::min<int64_t>(128, (int64_t(1) << 22) / slice));
+    per_chunk = (p.batch + std::min(cap, p.batch) - 1) / std::min(cap, p.batch);
+    chunks = (p.batch + per_chunk - 1) / per_chunk;
+    dsum = at::zeros({chunks, p.heads, p.n, p.n}, q.options().dtype(at::kFloat));
+    dtable = at::empty_like(*table);
+  } else {
+    dtable = at::empty({0}, q.options().dtype(at::kFloat));
+  }
+  dispatch(q, [&](auto tag, auto dp) {
+    using T = decltype(tag);
+    backward<T, decltype(dp)::value>(
+        p, reinterpret_cast<const T*>(out.data_ptr()), reinterpret_cast<const T*>(dout.data_ptr()),
+        lse.data_ptr<float>(), delta.data_ptr<float>(), reinterpret_cast<T*>(dq.data_ptr()),
+        reinterpret_cast<T*>(dk.data_ptr()), reinterpret_cast<T*>(dv.data_ptr()),
+        table ? dsum.data_ptr<float>() : nullptr, chunks, per_chunk, table ? dtable.data_ptr<float>() : nullptr,
+        sf::current_stream());
+  });
+  return {dq, dk, dv, dtable};
+}
+
+}  // namespace sf_window_attention
+
+SF_TORCH_LIBRARY_FRAGMENT(m) {
+  m.def("window_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? bias_table, Tensor? mask, int wh, int ww, "
+        "int grid_h, int grid_w, int shift_h, int shift_w, float scale, float mask_value, float dropout_p, "
+        "int seed) -> (Tensor, Tensor)");
+  m.def("window_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor? bias_table, Tensor? mask, int wh, int ww, int grid_h, int grid_w, int shift_h, int shift_w, "
+        "float scale, float mask_value, float dropout_p, int seed) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+SF_TORCH_LIBRARY_IMPL(m) {
+  m.impl("window_attention_forward", &sf_window_attention::forward_op);
+  m.impl("window_attention_backward", &sf_window_attention::backward_op);
+}
