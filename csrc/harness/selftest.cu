@@ -122,7 +122,6 @@ __global__ void mma_kernel(const T* a, const T* b, const T* bt, const T* b2, con
 }  // namespace
 
 #include "sf_torch.h"
-#include <ATen/ops/empty_like.h>
 
 namespace {
 

@@ -22,6 +22,8 @@
 #define SF_DYNAMIC_SHARED(T, name) T* name = ::sf::simt::dynamic_shared<T>()
 // The harness has no launch errors to collect after the fact: a failing launch throws.
 #define SF_CHECK_LAUNCH() ((void)0)
+// Opt a kernel in to more than 48 KiB of dynamic shared memory (no limit to lift in the harness).
+#define SF_ALLOW_DYNAMIC_SMEM(kernel, bytes) ((void)(kernel), (void)(bytes))
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -31,6 +33,15 @@
 #define SF_DYNAMIC_SHARED(T, name) \
   extern __shared__ __align__(16) unsigned char sf_dynamic_smem_[]; \
   T* name = reinterpret_cast<T*>(sf_dynamic_smem_)
+#define SF_ALLOW_DYNAMIC_SMEM(kernel, bytes)                                                          \
+  do {                                                                                                \
+    if ((bytes) > 48 * 1024) {                                                                        \
+      cudaError_t sf_err_ = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, \
+                                                 int(bytes));                                         \
+      SF_CHECK(sf_err_ == cudaSuccess, "cannot give a kernel ", bytes, " bytes of shared memory: ",   \
+               cudaGetErrorString(sf_err_));                                                          \
+    }                                                                                                 \
+  } while (0)
 #define SF_CHECK_LAUNCH()                                                            \
   do {                                                                               \
     cudaError_t sf_err_ = cudaGetLastError();                                        \

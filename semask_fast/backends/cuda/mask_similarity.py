@@ -1,0 +1,55 @@
+"""mask_similarity from ``csrc/ops/mask_similarity.cu`` (cuda and SIMT-harness backends).
+
+Forward: one kernel per (batch, 32 patch rows) computes the cosines with the norms folded into
+the GEMM, and the optional LayerNorm over K as an epilogue from shared memory.  Backward: dS per
+row block (recomputing S), a deterministic reduction of the per-class sums, then two GEMMs for
+dP and dC with the normalisation's projection in their epilogues.  Nothing is saved but the
+inputs.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from ...ops.mask_similarity import MaskSimilarityInputs
+from ..registry import register
+from . import CudaImpl, SimtImpl
+
+#: The kernels keep a 32-row block of scores (32 x K fp32) in shared memory.
+MAX_CLASSES = 1024
+
+
+def _affine(t):
+    return None if t is None else t.float().contiguous()
+
+
+class _MaskSimilarityKernels:
+    op = "mask_similarity"
+
+    def input_reasons(self, inp: MaskSimilarityInputs) -> List[str]:
+        k = inp.classes.shape[1]
+        return [f"K={k} classes (the kernels support K <= {MAX_CLASSES})"] if k > MAX_CLASSES else []
+
+    def forward(self, inp: MaskSimilarityInputs):
+        out = self.library().mask_similarity_forward(inp.patches.contiguous(), inp.classes.contiguous(),
+                                                     _affine(inp.norm_weight), _affine(inp.norm_bias), inp.norm,
+                                                     inp.norm_eps)
+        return (out,), ()
+
+    def backward(self, inp: MaskSimilarityInputs, saved, grad_outputs):
+        dp, dc, dw, db = self.library().mask_similarity_backward(
+            grad_outputs[0].contiguous(), inp.patches.contiguous(), inp.classes.contiguous(),
+            _affine(inp.norm_weight), inp.norm, inp.norm_eps)
+        dw = None if inp.norm_weight is None else dw.to(inp.norm_weight.dtype)
+        db = None if inp.norm_bias is None else db.to(inp.norm_bias.dtype)
+        return dp, dc, dw, db
+
+
+@register
+class MaskSimilarityCuda(_MaskSimilarityKernels, CudaImpl):
+    pass
+
+
+@register
+class MaskSimilaritySimt(_MaskSimilarityKernels, SimtImpl):
+    pass
