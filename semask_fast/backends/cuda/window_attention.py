@@ -1,0 +1,104 @@
+"""window_attention from ``csrc/ops/window_attention.cu`` (cuda and SIMT-harness backends).
+
+Forward saves the output and the fp32 row logsumexp; backward recomputes the
+probabilities tile by tile (nothing N x N per window is stored) and returns a
+bitwise reproducible bias-table gradient (per-chunk partials reduced in a fixed
+order, no float atomics).  The bias table and an explicit mask enter the kernels
+as fp32 (they are small); the table gradient is returned in the table's dtype.
+Dropout keeps an element when ``philox(seed, ((b_ * h + head) * N + i) * N + j)``
+clears ``p`` (see :func:`dropout_keep`); forward and backward evaluate the same
+hash, so no mask is stored.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import numpy as np
+import torch
+
+from ...ops.window_attention import WindowAttentionInputs
+from ..registry import register
+from . import CudaImpl, SimtImpl
+
+def draw_seed() -> int:
+    """A dropout seed from torch's default generator (reproducible under ``torch.manual_seed``)."""
+    return int(torch.randint(0, 2 ** 62, ()).item())
+
+
+def philox(seed: int, index: np.ndarray) -> np.ndarray:
+    """The kernels' dropout hash, bit for bit: first word of Philox-4x32-10 with key ``seed``
+    and counter ``(index lo, index hi, 0, 0)``; ``index`` an integer array, uint32 result."""
+    m0, m1, w0, w1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57), 0x9E3779B9, 0xBB67AE85
+    lo32 = np.uint64(0xFFFFFFFF)
+    index = np.asarray(index, dtype=np.uint64)
+    c0, c1 = index & lo32, index >> np.uint64(32)
+    c2 = c3 = np.zeros_like(index)
+    k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    for _ in range(10):
+        p0, p1 = m0 * c0, m1 * c2  # < 2**64: exact in uint64
+        c0, c1, c2, c3 = ((p1 >> np.uint64(32)) ^ c1 ^ np.uint64(k0), p1 & lo32,
+                          (p0 >> np.uint64(32)) ^ c3 ^ np.uint64(k1), p0 & lo32)
+        k0, k1 = (k0 + w0) & 0xFFFFFFFF, (k1 + w1) & 0xFFFFFFFF
+    return c0.astype(np.uint32)
+
+
+def dropout_keep(seed: int, shape, p: float) -> torch.Tensor:
+    """Boolean keep-mask of ``shape`` = (..., rows, cols) that the kernels apply for ``seed``:
+    element index = row-major position in ``shape``; kept when (hash >> 8) / 2**24 >= p
+    (fp32 compare, as on the device).  Replays a kernel's dropout in the reference."""
+    n = int(np.prod(shape))
+    u = (philox(seed, np.arange(n, dtype=np.uint64)) >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)
+    return torch.from_numpy(u >= np.float32(p)).reshape(tuple(shape))
+
+
+#: Head dims are padded to 32, 64 or 128 in shared memory.
+MAX_HEAD_DIM = 128
+
+
+def _geometry(inp: WindowAttentionInputs):
+    """(grid_h, grid_w, shift_h, shift_w) as the kernels take them: a grid only for the shift mask."""
+    if inp.shifted:
+        return (*inp.grid, *inp.shift_size)
+    return (0, 0, 0, 0)
+
+
+class _WindowAttentionKernels:
+    op = "window_attention"
+
+    def input_reasons(self, inp: WindowAttentionInputs) -> List[str]:
+        d = inp.q.shape[-1]
+        return [f"head_dim={d} (supported: 1..{MAX_HEAD_DIM})"] if d > MAX_HEAD_DIM else []
+
+    @staticmethod
+    def _fp32(t):
+        return None if t is None else t.float().contiguous()
+
+    def _args(self, inp: WindowAttentionInputs, seed: int):
+        return (self._fp32(inp.bias_table), self._fp32(inp.mask), *inp.window_size, *_geometry(inp), inp.scale,
+                inp.mask_value, inp.dropout_p, seed)
+
+    def forward(self, inp: WindowAttentionInputs):
+        seed = draw_seed() if inp.dropout_p > 0 else 0
+        q, k, v = (t.contiguous() for t in (inp.q, inp.k, inp.v))
+        out, lse = self.library().window_attention_forward(q, k, v, *self._args(inp, seed))
+        return (out,), (out, lse, torch.tensor(seed, dtype=torch.int64))
+
+    def backward(self, inp: WindowAttentionInputs, saved, grad_outputs):
+        out, lse, seed = saved
+        q, k, v = (t.contiguous() for t in (inp.q, inp.k, inp.v))
+        dq, dk, dv, dtable = self.library().window_attention_backward(
+            grad_outputs[0].contiguous(), q, k, v, out, lse, *self._args(inp, int(seed)))
+        if inp.bias_table is None:
+            return dq, dk, dv, None
+        return dq, dk, dv, dtable.to(inp.bias_table.dtype)
+
+
+@register
+class WindowAttentionCuda(_WindowAttentionKernels, CudaImpl):
+    pass
+
+
+@register
+class WindowAttentionSimt(_WindowAttentionKernels, SimtImpl):
+    pass
