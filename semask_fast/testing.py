@@ -94,7 +94,8 @@ def run_with_grads(fn: Callable[..., Sequence[torch.Tensor]], tensors: Dict[str,
     if names:
         gs = torch.autograd.grad(outs, [tensors[n] for n in names],
                                  [g.to(o.dtype) for g, o in zip(grad_outputs, outs)], allow_unused=True)
-        grads = dict(zip(names, gs))
+        # An input the graph does not use (e.g. a padding value when nothing is padded) has zero gradient.
+        grads = {n: torch.zeros_like(tensors[n]) if g is None else g for n, g in zip(names, gs)}
     return outs, grads
 
 

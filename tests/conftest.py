@@ -30,14 +30,19 @@ REQUIRED_BACKENDS = {b for b in os.environ.get("SEMASK_FAST_REQUIRE_BACKENDS", "
 
 
 def require_backend(op: str, backend: str) -> torch.device:
-    """Skip (or fail, if required) when ``backend`` cannot run ``op`` here; return its device."""
-    why = registry.reasons(op, backend)
+    """Skip when ``backend`` has no implementation of ``op``; skip (or fail, if the
+    backend is required here) when it has one that cannot run on this machine.
+    Returns the device its inputs go on."""
+    impl = registry.implementation(op, backend)
+    if impl is None:
+        pytest.skip(f"{backend} has no implementation of {op}")
+    why = impl.availability_reasons()
     if why:
         msg = f"{backend} cannot run {op} here: {'; '.join(why)}"
         if backend in REQUIRED_BACKENDS:
             pytest.fail(msg)
         pytest.skip(msg)
-    return registry.implementation(op, backend).preferred_device()
+    return impl.preferred_device()
 
 
 @pytest.fixture(params=KERNEL_BACKENDS)
