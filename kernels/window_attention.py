@@ -389,29 +389,40 @@ def window_attention_keep_kernel(KEEP, seed, HEADS, dropout_p, N: tl.constexpr, 
 # Launchers
 # --------------------------------------------------------------------------- #
 
-#: Largest window handled as one tile; larger windows loop over key tiles of this size.
+#: Largest window (and head dim) handled as one tile; beyond it, tiles of MULTI_TILE tokens with a key loop.
 SINGLE_TILE_MAX = 64
+MULTI_TILE = 32
 MAX_HEAD_DIM = 128
 
 
-def tiling(n: int, head_dim: int) -> Tuple[int, int, int]:
-    """(BLOCK, BLOCK_D, NT): token tile, padded head dim, tiles per window."""
-    block = max(16, triton.next_power_of_2(n)) if n <= SINGLE_TILE_MAX else SINGLE_TILE_MAX
-    return block, max(16, triton.next_power_of_2(head_dim)), triton.cdiv(n, block)
+def tiling(n: int, head_dim: int, backward: bool = False, image: bool = False) -> Tuple[int, int, int]:
+    """(BLOCK, BLOCK_D, NT): token tile, padded head dim, tiles per window.
+
+    32-token tiles beyond one 64-token tile keep the backward's five live score
+    tiles and its dk/dv accumulators in registers (no spills, see the AOT table),
+    and waste less padding at N = 144 (160 vs 192 slots).  The image-layout
+    backward (pad-token bias gradients on top) always uses them.
+    """
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if n <= SINGLE_TILE_MAX and block_d <= 64 and not (backward and image):
+        block = max(16, triton.next_power_of_2(n))
+    else:
+        block = MULTI_TILE
+    return block, block_d, triton.cdiv(n, block)
 
 
-def windows_per_program(num_windows: int, heads: int, n: int) -> int:
-    """Windows one program owns: 8 for small windows (amortises the bias gather and, in
-    backward, shrinks the table-gradient partials 8x) when that still leaves >= 4 programs
-    per SM of a large GPU; fewer otherwise.  A function of the shape only (determinism)."""
+def windows_per_program(num_windows: int, heads: int, n: int, nt: int = 1) -> int:
+    """Windows one program owns: 8 for one-tile windows (amortises the launch and, in backward,
+    shrinks the table-gradient partials 8x) when that still leaves >= 512 programs (about 4
+    per SM of a large GPU); fewer otherwise.  A function of the shape only (determinism)."""
     for wpp in (8, 4, 2):
-        if n <= SINGLE_TILE_MAX and num_windows % wpp == 0 and (num_windows // wpp) * heads >= 512:
+        if nt == 1 and num_windows % wpp == 0 and (num_windows // wpp) * heads >= 512:
             return wpp
     return 1
 
 
 def num_warps(block: int, block_d: int) -> int:
-    return 4 if block * block_d <= 64 * 64 else 8
+    return 8 if block >= 64 else 4
 
 
 def draw_seed() -> int:
@@ -461,8 +472,8 @@ def _common_args(geo: Geometry, table, mask):
     return (stt, sth, smw, smi, smj, geo.heads, nw, geo.grid[1], geo.hw[0], geo.hw[1], geo.shift[0], geo.shift[1])
 
 
-def _constexprs(geo: Geometry, table, mask, qkv_bias, dropout_p, dtype, wpp):
-    block, block_d, nt = tiling(geo.n, geo.head_dim)
+def _constexprs(geo: Geometry, table, mask, qkv_bias, dropout_p, dtype, wpp, backward=False):
+    block, block_d, nt = tiling(geo.n, geo.head_dim, backward, geo.image)
     return dict(N=geo.n, WH=geo.window_size[0], WW=geo.window_size[1], D=geo.head_dim, BLOCK=block,
                 BLOCK_D=block_d, NT=nt, WPP=wpp, IMAGE=geo.image, PAD_THEN_ROLL=geo.pad_then_roll,
                 HAS_TABLE=table is not None,
@@ -479,7 +490,7 @@ def window_attention_forward(q, k, v, out, geo: Geometry, table=None, mask=None,
     channel blocks of the qkv image (views), out (B, H, W, h*d).  ``wpp`` overrides
     :func:`windows_per_program` (it must divide B*nW).
     """
-    wpp = wpp or windows_per_program(geo.num_windows, geo.heads, geo.n)
+    wpp = wpp or windows_per_program(geo.num_windows, geo.heads, geo.n, tiling(geo.n, geo.head_dim)[2])
     lse = torch.empty((geo.num_windows, geo.heads, geo.n), dtype=torch.float32, device=q.device)
     c = _constexprs(geo, table, mask, qkv_bias, dropout_p, q.dtype, wpp)
     dummy = lse
@@ -500,9 +511,10 @@ def window_attention_backward(q, k, v, out, dout, lse, dq, dk, dv, geo: Geometry
 
     The table gradient is bitwise reproducible: per-program partials reduced in a fixed order.
     """
-    wpp = wpp or windows_per_program(geo.num_windows, geo.heads, geo.n)
+    wpp = wpp or windows_per_program(geo.num_windows, geo.heads, geo.n,
+                                     tiling(geo.n, geo.head_dim, True, geo.image)[2])
     groups = geo.num_windows // wpp
-    c = _constexprs(geo, table, mask, qkv_bias, dropout_p, q.dtype, wpp)
+    c = _constexprs(geo, table, mask, qkv_bias, dropout_p, q.dtype, wpp, backward=True)
     np_ = c["NT"] * c["BLOCK"]
     want_table = table is not None
     part = torch.zeros((groups, geo.heads, np_, np_) if want_table else (1,), dtype=torch.float32,
@@ -569,15 +581,16 @@ def _aot_configs():
              ("w7-d128", (7, 7), 128, False, 0, False), ("w12", (12, 12), 32, False, 2, False),
              ("w12-d128", (12, 12), 128, False, 2, False),
              ("img-w7", (7, 7), 32, True, 2, False), ("img-w12", (12, 12), 32, True, 2, False)]
-    for dtype in ("fp16", "bf16", "fp32"):
-        for label, ws, hd, image, mask_mode, drop in cases:
+    for label, ws, hd, image, mask_mode, drop in cases:
+        # Every dtype for the main Swin shapes; fp16 stands for the half types elsewhere.
+        for dtype in ("fp16", "bf16", "fp32") if label in ("w7", "w12", "img-w7") else ("fp16",):
             n = ws[0] * ws[1]
-            block, block_d, nt = tiling(n, hd)
-            base = dict(N=n, WH=ws[0], WW=ws[1], D=hd, BLOCK=block, BLOCK_D=block_d, NT=nt, WPP=8 if nt == 1 else 1,
-                        IMAGE=image, PAD_THEN_ROLL=True, HAS_TABLE=True, MASK_MODE=mask_mode, HAS_QKVB=image,
-                        DROPOUT=drop, DOT_FP32=False)
-            warps = num_warps(block, block_d)
             for kernel, kind in ((window_attention_fwd_kernel, "fwd"), (window_attention_bwd_kernel, "bwd")):
+                block, block_d, nt = tiling(n, hd, kind == "bwd", image)
+                base = dict(N=n, WH=ws[0], WW=ws[1], D=hd, BLOCK=block, BLOCK_D=block_d, NT=nt,
+                            WPP=8 if nt == 1 else 1, IMAGE=image, PAD_THEN_ROLL=True, HAS_TABLE=True,
+                            MASK_MODE=mask_mode, HAS_QKVB=image, DROPOUT=drop, DOT_FP32=False)
+                warps = num_warps(block, block_d)
                 configs.append(AOTConfig(kernel, f"window_attention_{kind}[{label},d={hd},{dtype}]",
                                          _aot_signature(kernel, dtype, "fp32"), base, num_warps=warps,
                                          num_stages=1))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import types
 
+import torch
 from torch import nn
 
 from .window_attention import WindowAttention
@@ -29,15 +31,37 @@ def _from_timm(m: nn.Module, backend: str) -> WindowAttention:
     return new
 
 
-def patch_timm(model: nn.Module, backend: str = "auto") -> int:
+def _is_timm_swin_block(m: nn.Module) -> bool:
+    cls = type(m)
+    return cls.__name__ == "SwinTransformerBlock" and cls.__module__ == "timm.models.swin_transformer"
+
+
+def _zero_copy_attn(self, x: torch.Tensor) -> torch.Tensor:
+    # timm rolls, then pads (SPEC.md section 1); its mask is the official one computed on the
+    # padded grid, which the zero-copy op computes from the geometry.
+    return self.attn.forward_image(x, self.shift_size, pad_then_roll=False)
+
+
+def patch_timm(model: nn.Module, backend: str = "auto", zero_copy: bool = False) -> int:
     """Replace every timm Swin ``WindowAttention`` in ``model`` by ours, in place.
 
     Weights, device, dtype and train/eval mode are kept; returns how many modules
     were replaced.  The patched model computes the same outputs.
+
+    With ``zero_copy=True`` each timm ``SwinTransformerBlock`` (whose geometry is
+    known) also gets its ``_attn`` (roll, pad, partition, attention, merge, crop,
+    un-roll) replaced by :meth:`WindowAttention.forward_image`, the zero-copy
+    :func:`semask_fast.shifted_window_attention` between the qkv and output
+    projections.  Blocks with timm's ``dynamic_mask`` keep the copy path.
     """
     targets = [(name, m) for name, m in model.named_modules() if name and _is_timm_window_attention(m)]
     for name, m in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, _from_timm(m, backend))
+    if zero_copy:
+        for m in model.modules():
+            if _is_timm_swin_block(m) and isinstance(m.attn, WindowAttention) and not getattr(m, "dynamic_mask",
+                                                                                               False):
+                m._attn = types.MethodType(_zero_copy_attn, m)
     return len(targets)

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..ops import window_attention
+from ..ops import shifted_window_attention, window_attention
 from ..reference import relative_position_index
 
 __all__ = ["WindowAttention"]
@@ -79,4 +79,19 @@ class WindowAttention(nn.Module):
                              scale=self.scale, dropout_p=self.attn_drop.p if self.training else 0.0,
                              backend=self.backend)
         x = x.transpose(1, 2).reshape(b_, n, -1)
+        return self.proj_drop(self.proj(x))
+
+    def forward_image(self, x: torch.Tensor, shift_size=0, pad_then_roll: bool = True) -> torch.Tensor:
+        """(S)W-MSA of a whole image, (B, H, W, C) -> (B, H, W, C), without partition or merge copies.
+
+        Same numbers as padding (zeros), rolling by -shift in the order ``pad_then_roll``
+        says, partitioning, :meth:`forward` with the SW-MSA mask, merging, un-rolling and
+        cropping: the qkv projection runs on the unpadded image and the zero-copy op
+        (:func:`semask_fast.shifted_window_attention`) gives pad tokens the qkv bias.
+        """
+        qkv = self.qkv(x)
+        x = shifted_window_attention(qkv, self.relative_position_bias_table, num_heads=self.num_heads,
+                                     window_size=self.window_size, shift_size=shift_size,
+                                     pad_then_roll=pad_then_roll, qkv_bias=self.qkv.bias, scale=self.scale,
+                                     dropout_p=self.attn_drop.p if self.training else 0.0, backend=self.backend)
         return self.proj_drop(self.proj(x))

@@ -96,3 +96,30 @@ def test_triton_dropout_replay():
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), rg, atol=1e-4, rtol=1e-4)
+
+
+def test_patch_timm_zero_copy_matches_timm(kernel_backend):
+    """``patch_timm(zero_copy=True)``: timm Swin blocks run the zero-copy op, same outputs and gradients.
+
+    4x5 tokens with window 4: timm clamps the H shift to 0 (per-axis shift) and pads W.
+    """
+    timm = pytest.importorskip("timm")
+    require_backend(OP, kernel_backend)
+    kw = dict(patch_size=4, window_size=4, num_classes=5, drop_path_rate=0.0, img_size=(16, 20), embed_dim=16,
+              depths=(2,), num_heads=(2,))
+    torch.manual_seed(2)
+    orig = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **kw)
+    patched = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **kw)
+    patched.load_state_dict(orig.state_dict())
+    assert semask_fast.patch_timm(patched, backend=kernel_backend, zero_copy=True) == 2
+    x = torch.randn(1, 3, 16, 20)
+    with record_dispatch() as ran:
+        out = patched(x)
+        out.square().sum().backward()
+    assert {(op, b) for op, b, _ in ran} == {(OP, kernel_backend)}
+    assert [phase for _, _, phase in ran].count("backward") == 2
+    ref = orig(x)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    for (name, a), b in zip(patched.named_parameters(), orig.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-3, rtol=1e-3, msg=name)
