@@ -20,12 +20,12 @@ __global__ void reverse_kernel(const float* __restrict__ x, float* __restrict__ 
 }
 
 // Same through dynamic shared memory; `write` false reads memory nobody wrote (poisoned: NaN).
-__global__ void reverse_dynamic_kernel(const float* __restrict__ x, float* __restrict__ out, bool write) {
+__global__ void reverse_dynamic_kernel(const float* __restrict__ x, float* __restrict__ out, bool sync, bool write) {
   SF_DYNAMIC_SHARED(float, tile);
   const int t = threadIdx.x, n = blockDim.x;
   const int64_t base = int64_t(blockIdx.x) * n;
   if (write) tile[t] = x[base + t];
-  __syncthreads();
+  if (sync) __syncthreads();
   out[base + t] = tile[n - 1 - t];
 }
 
@@ -125,7 +125,7 @@ __global__ void mma_kernel(const T* a, const T* b, const T* bt, const T* b2, con
 
 namespace {
 
-at::Tensor reverse(const at::Tensor& x, int64_t block, bool sync, bool dynamic) {
+at::Tensor reverse(const at::Tensor& x, int64_t block, bool sync, bool dynamic, bool write) {
   SF_CHECK_INPUT(x, 1);
   SF_CHECK_DTYPE(x, at::kFloat);
   TORCH_CHECK(block >= 1 && block <= 1024 && x.numel() % block == 0, "block must divide x.numel()");
@@ -133,7 +133,7 @@ at::Tensor reverse(const at::Tensor& x, int64_t block, bool sync, bool dynamic) 
   const int grid = int(x.numel() / block);
   if (dynamic) {
     SF_LAUNCH(reverse_dynamic_kernel, grid, int(block), block * sizeof(float), nullptr, x.data_ptr<float>(),
-              out.data_ptr<float>(), sync);
+              out.data_ptr<float>(), sync, write);
   } else {
     SF_LAUNCH(reverse_kernel, grid, int(block), 0, nullptr, x.data_ptr<float>(), out.data_ptr<float>(), sync);
   }
@@ -203,7 +203,7 @@ std::vector<at::Tensor> mma(const at::Tensor& a, const at::Tensor& b, const at::
 }  // namespace
 
 SF_TORCH_LIBRARY_FRAGMENT(m) {
-  m.def("selftest_reverse(Tensor x, int block, bool sync, bool dynamic) -> Tensor");
+  m.def("selftest_reverse(Tensor x, int block, bool sync, bool dynamic, bool write=True) -> Tensor");
   m.def("selftest_warp_ops(Tensor x, int block, int width) -> Tensor");
   m.def("selftest_block_sum(Tensor x, int threads) -> Tensor");
   m.def("selftest_atomics(int blocks, int threads) -> Tensor[]");

@@ -1,0 +1,175 @@
+"""The CPU SIMT harness itself: CUDA semantics of the runtime that runs csrc/ops/*.cu in CI.
+
+The kernels are in csrc/harness/selftest.cu (harness build only).  Each test compares a kernel's
+result with values computed here independently, or checks that a deliberately broken kernel is
+caught: a missing ``__syncthreads()`` gives wrong results under the seeded shuffle of thread
+order, a barrier not every thread reaches raises instead of hanging.
+"""
+
+import os
+
+import pytest
+import torch
+
+from semask_fast import _build
+from tests.conftest import REQUIRED_BACKENDS
+
+pytestmark = pytest.mark.harness
+
+
+@pytest.fixture(scope="module")
+def simt():
+    reasons = _build.toolchain_reasons("simt")
+    if reasons:
+        msg = "SIMT harness cannot build here: " + "; ".join(reasons)
+        if "cpu" in REQUIRED_BACKENDS:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return _build.load("simt", "harness/selftest.cu")
+
+
+@pytest.fixture
+def seed(monkeypatch):
+    """Set SF_SIMT_SEED (read by every launch) for the duration of a test."""
+
+    def set_seed(value):
+        monkeypatch.setenv("SF_SIMT_SEED", str(value))
+
+    return set_seed
+
+
+def _reversed(x, block):
+    return x.view(-1, block).flip(1).reshape(-1)
+
+
+@pytest.mark.parametrize("block", [1, 33, 64, 256])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static-smem", "dynamic-smem"])
+def test_barrier_makes_shared_memory_exchange_correct(simt, seed, block, dynamic):
+    x = torch.randn(block * 5)
+    for s in range(3):
+        seed(s)
+        assert torch.equal(simt.selftest_reverse(x, block, True, dynamic), _reversed(x, block))
+
+
+@pytest.mark.parametrize("s", range(4))
+def test_missing_barrier_is_caught(simt, seed, s):
+    """The barrier removed: threads read shared slots other threads have not written yet."""
+    seed(s)
+    x = torch.randn(64 * 8)
+    out = simt.selftest_reverse(x, 64, False, False)
+    wrong = (out != _reversed(x, 64)).float().mean().item()
+    assert wrong > 0.2, f"only {wrong:.0%} wrong: the thread order is not shuffled enough"
+
+
+def test_thread_order_is_seeded(simt, seed):
+    # Dynamic shared memory is poisoned per block, so the result of the racy kernel depends only on
+    # the order the threads ran in (static shared memory would keep another launch's data).
+    x = torch.randn(64 * 8)
+    seed(7)
+    a = simt.selftest_reverse(x, 64, False, True)
+    b = simt.selftest_reverse(x, 64, False, True)
+    seed(8)
+    c = simt.selftest_reverse(x, 64, False, True)
+    assert torch.equal(a.isnan(), b.isnan()), "same seed, different order"
+    assert not torch.equal(a.isnan(), c.isnan()), "different seeds, same order"
+
+
+def test_dynamic_shared_memory_is_poisoned(simt):
+    """Reading dynamic shared memory nobody wrote gives NaN, not stale or zero data."""
+    out = simt.selftest_reverse(torch.randn(128), 64, True, True, False)
+    assert out.isnan().all()
+
+
+def _warp_expected(x, block, width):
+    """Per thread the 8 results of warp_ops_kernel, from the CUDA definitions."""
+    vals = x.tolist()
+    out = []
+    for t, v in enumerate(vals):
+        i = t % block
+        base = (t // block) * block + (i // 32) * 32
+        lanes = min(32, block - (i // 32) * 32)
+        lane = i % 32
+        warp = vals[base:base + lanes]
+        seg = lane & ~(width - 1)
+
+        def get(src, keep):
+            return v if keep or src < 0 or src >= lanes else warp[src]
+
+        xor_src = lane ^ 5
+        o = [
+            get(xor_src, xor_src & ~(width - 1) != seg),
+            get(seg + (3 & (width - 1)), False),
+            get(lane + 2, (lane + 2) & ~(width - 1) != seg),
+            get(lane - 3, lane - 3 < seg),
+        ]
+        ballot = sum(1 << l for l, w in enumerate(warp) if w > 0)
+        o.append(ballot - (1 << 32) if ballot >= 1 << 31 else ballot)
+        o.append(int(any(w > 10 for w in warp)))
+        o.append(int(all(w > -10 for w in warp)))
+        s = list(warp)
+        for m in (16, 8, 4, 2, 1):
+            s = [s[l] + (s[l ^ m] if (l ^ m) < lanes else s[l]) for l in range(lanes)]
+        o.append(s[lane])
+        out.append(o)
+    return torch.tensor(out, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("block,width", [(64, 32), (96, 8), (32, 16), (48, 32), (40, 4)],
+                         ids=["2-warps", "width-8", "width-16", "partial-warp", "partial-width-4"])
+def test_warp_primitives(simt, seed, block, width):
+    gen = torch.Generator().manual_seed(block + width)
+    x = torch.randint(-8, 20, (block * 3,), generator=gen, dtype=torch.int32)
+    for s in range(2):
+        seed(s)
+        assert torch.equal(simt.selftest_warp_ops(x, block, width), _warp_expected(x, block, width))
+
+
+@pytest.mark.parametrize("threads", [32, 128, 1024])
+def test_block_reduction_across_warps(simt, threads):
+    x = torch.randint(-100, 100, (6, 1000)).float()  # integers: every summation order is exact
+    assert torch.equal(simt.selftest_block_sum(x, threads), x.sum(1))
+
+
+def test_atomics_from_every_thread_of_every_block(simt, monkeypatch):
+    monkeypatch.setenv("SF_SIMT_THREADS", "2")
+    f, d, i, u = simt.selftest_atomics(200, 128)
+    n = 200 * 128
+    assert f.item() == n and d.item() == 0.5 * n and i.item() == 2 * n and u.item() == 3 * n
+
+
+def test_blocks_run_on_several_host_threads(simt, monkeypatch):
+    monkeypatch.setenv("SF_SIMT_THREADS", "2")
+    assert simt.selftest_host_threads(512).unique().numel() == 2
+    monkeypatch.setenv("SF_SIMT_THREADS", "1")
+    assert simt.selftest_host_threads(64).unique().numel() == 1
+
+
+def test_barrier_not_reached_by_every_thread_raises(simt):
+    with pytest.raises(RuntimeError, match="deadlock: 63 threads wait at __syncthreads"):
+        simt.selftest_early_exit(64)
+    # The runtime is usable after the error.
+    x = torch.randn(64)
+    assert torch.equal(simt.selftest_reverse(x, 64, True, False), _reversed(x, 64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("trial", range(3))
+def test_mma_wrapper_matches_matrix_product(simt, dtype, trial):
+    """sf::mma_m16n8k16_f32 and the fragment loaders vs plain products (inputs exact in dtype)."""
+    gen = torch.Generator().manual_seed(trial)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    a, b, bt, b2, b3 = rnd(16, 16), rnd(8, 16), rnd(16, 8), rnd(8, 16), rnd(16, 8)
+    d, dt, e = simt.selftest_mma(a, b, bt, b2, b3)
+    A, B, BT, B2, B3 = (t.double() for t in (a, b, bt, b2, b3))
+    # Products of 16-bit floats are exact in fp32; only the fp32 accumulation rounds.
+    torch.testing.assert_close(d.double(), A @ B.T, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(dt.double(), A.T @ BT, rtol=1e-6, atol=1e-5)
+    # acc_to_a_frag rounds the fp32 accumulators to dtype, as a kernel re-using P as an operand; a
+    # value on a rounding boundary may round the other way here, hence a tolerance of a few ulp.
+    p = torch.cat([d, (A @ B2.T).float()], dim=1).to(dtype).double()
+    torch.testing.assert_close(e.double(), p @ B3, rtol=2e-2, atol=2e-2)
+    # And the layout is not accidentally symmetric: a transposed A gives a different product.
+    assert not torch.allclose(d.double(), A.T @ B.T, atol=1e-2)
