@@ -14,7 +14,9 @@ that affects the binary (the source, every header under ``csrc/include`` and ``c
 flags, torch version), under ``$SEMASK_FAST_BUILD_DIR`` or ``~/.cache/semask_fast``, so a build
 is reused across processes and CI runs until an input changes.
 
-Nothing here runs at import time: a pure install never compiles.
+Nothing here runs at import time: a pure install never compiles.  ``SEMASK_FAST_BUILD_CUDA=1``
+makes setup.py build the cuda flavour ahead of time into ``semask_fast/_prebuilt`` (used while
+its hash matches, see :func:`prebuilt_module`).
 """
 
 from __future__ import annotations
@@ -130,12 +132,14 @@ def _cpp_extension():
     return cpp_extension
 
 
-def _digest(flavour: str, source: Path) -> str:
+def _digest(flavour: str, source: Path, csrc: Optional[Path] = None) -> str:
     import torch
 
+    csrc = csrc or csrc_dir()
     h = hashlib.sha256()
     h.update(f"{flavour}|{torch.__version__}|{SIMT_CFLAGS if flavour == 'simt' else CUDA_CFLAGS}".encode())
-    files = [source] + sorted((csrc_dir() / "include").glob("*")) + sorted((csrc_dir() / "harness").glob("*"))
+    headers = [f for d in ("include", "harness") for f in sorted((csrc / d).iterdir()) if f.suffix in (".h", ".cuh")]
+    files = [source] + headers
     for f in files:
         if f.is_file():
             h.update(f.name.encode())
@@ -152,6 +156,26 @@ def library_path(flavour: str, name: str) -> Path:
     source = source_path(name)
     stem = re.sub(r"\W", "_", source.stem)
     return build_root() / f"{flavour}-{stem}-{_digest(flavour, source)}" / f"sf_{flavour}_{stem}.so"
+
+
+#: Where ``SEMASK_FAST_BUILD_CUDA=1 pip install .`` puts the ahead-of-time nvcc builds.
+PREBUILT_DIR = Path(__file__).resolve().parent / "_prebuilt"
+
+
+def prebuilt_module(source: Path, csrc: Optional[Path] = None) -> str:
+    """Module name of the ahead-of-time cuda build of ``source`` (setup.py).
+
+    The name carries the same hash as the JIT build directory, so a prebuilt library is used only
+    while the sources, headers, flags and torch version it was built from are unchanged.
+    """
+    stem = re.sub(r"\W", "_", source.stem)
+    return f"semask_fast._prebuilt.sf_cuda_{stem}_{_digest('cuda', source, csrc)}"
+
+
+def _prebuilt_library(source: Path) -> Optional[Path]:
+    name = prebuilt_module(source).rsplit(".", 1)[1]
+    found = sorted(PREBUILT_DIR.glob(name + "*.so")) if PREBUILT_DIR.is_dir() else []
+    return found[0] if found else None
 
 
 _lock = threading.Lock()
@@ -185,7 +209,10 @@ def _build_and_load(flavour: str, name: str, verbose: bool):
         raise BuildError(flavour, name, "error: " + "; ".join(reasons))
     source = source_path(name)
     out = library_path(flavour, name)
-    if not out.is_file():
+    prebuilt = _prebuilt_library(source) if flavour == "cuda" else None
+    if prebuilt is not None:
+        out = prebuilt
+    elif not out.is_file():
         _compile(flavour, source, out, verbose)
     torch.ops.load_library(str(out))
     return getattr(torch.ops, NAMESPACES[flavour])
