@@ -389,22 +389,11 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dq_kernel(Params p, co
 // ---------------------------------------------------------------- launchers --
 inline unsigned cdiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
-template <typename K>
-void allow_smem(K kernel, size_t bytes) {
-#ifndef SF_SIMT
-  // More than the 48 KiB default needs an opt-in (sm_80: 163 KiB, sm_90: 227 KiB).
-  if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
-#else
-  (void)kernel;
-  (void)bytes;
-#endif
-}
-
 template <typename T, int DP>
 void forward(const Params& p, T* out, T* mask_logits, float* lse, cudaStream_t stream) {
   const size_t smem = sizeof(float) * fwd_smem_floats<DP>(p.heads);
   auto kernel = atm_attention_fwd_kernel<T, DP>;
-  allow_smem(kernel, smem);
+  SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
   SF_LAUNCH(kernel, dim3(cdiv(p.nq, BM), static_cast<unsigned>(p.batch)), dim3(kThreads), smem, stream, p, out,
             mask_logits, lse);
   SF_CHECK_LAUNCH();
@@ -418,12 +407,12 @@ void backward(const Params& p, const T* out, const T* dout, const T* dmask, cons
             rows, p.d);
   const size_t smem_kv = sizeof(float) * dkv_smem_floats<DP>();
   auto kv = atm_attention_dkv_kernel<T, DP>;
-  allow_smem(kv, smem_kv);
+  SF_ALLOW_DYNAMIC_SMEM(kv, smem_kv);
   SF_LAUNCH(kv, dim3(static_cast<unsigned>(p.batch * p.heads), cdiv(p.nk, BN)), dim3(kThreads), smem_kv, stream, p,
             dout, dmask, lse, delta, dk, dv);
   const size_t smem_q = sizeof(float) * dq_smem_floats<DP>();
   auto qk = atm_attention_dq_kernel<T, DP>;
-  allow_smem(qk, smem_q);
+  SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
   SF_LAUNCH(qk, dim3(static_cast<unsigned>(p.batch * p.heads), cdiv(p.nq, BM)), dim3(kThreads), smem_q, stream, p,
             dout, dmask, lse, delta, dq);
   SF_CHECK_LAUNCH();

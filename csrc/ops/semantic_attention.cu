@@ -401,22 +401,11 @@ __global__ void __launch_bounds__(kThreads) semantic_attention_dq_kernel(Params 
 // ---------------------------------------------------------------- launchers --
 inline unsigned cdiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
-template <typename K>
-void allow_smem(K kernel, size_t bytes) {
-#ifndef SF_SIMT
-  // More than the 48 KiB default needs an opt-in (sm_80: 163 KiB, sm_90: 227 KiB).
-  if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
-#else
-  (void)kernel;
-  (void)bytes;
-#endif
-}
-
 template <typename T, int CPL>
 void forward(const Params& p, T* out, float* lse, cudaStream_t stream) {
   const size_t smem = sizeof(float) * fwd_smem_floats(p.kp, 32 * CPL);
   auto kernel = semantic_attention_fwd_kernel<T, CPL>;
-  allow_smem(kernel, smem);
+  SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
   SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * cdiv(p.c, 32 * CPL)), cdiv(p.n, BM)), dim3(kThreads), smem,
             stream, p, out, lse);
   SF_CHECK_LAUNCH();
@@ -426,7 +415,7 @@ template <typename T, int CPL>
 void backward_dv(const Params& p, const T* dout, const float* lse, T* dyv, cudaStream_t stream) {
   const size_t smem = sizeof(float) * dv_smem_floats(p.kp, 32 * CPL);
   auto kernel = semantic_attention_dv_kernel<T, CPL>;
-  allow_smem(kernel, smem);
+  SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
   SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * cdiv(p.c, 32 * CPL)), cdiv(p.n, BN)), dim3(kThreads), smem,
             stream, p, dout, lse, dyv);
   SF_CHECK_LAUNCH();
@@ -437,12 +426,12 @@ void backward_dqk(const Params& p, const T* dout, const float* lse, const float*
                   cudaStream_t stream) {
   const size_t smem_k = sizeof(float) * dk_smem_floats(p.kp);
   auto kk = semantic_attention_dk_kernel<T, KPL>;
-  allow_smem(kk, smem_k);
+  SF_ALLOW_DYNAMIC_SMEM(kk, smem_k);
   SF_LAUNCH(kk, dim3(static_cast<unsigned>(p.batch), cdiv(p.n, BN)), dim3(kThreads), smem_k, stream, p, dout, lse,
             delta, dsk);
   const size_t smem_q = sizeof(float) * dq_smem_floats(p.kp);
   auto qk = semantic_attention_dq_kernel<T, KPL>;
-  allow_smem(qk, smem_q);
+  SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
   SF_LAUNCH(qk, dim3(static_cast<unsigned>(p.batch), cdiv(p.n, BM)), dim3(kThreads), smem_q, stream, p, dout, lse,
             delta, dsq);
   SF_CHECK_LAUNCH();

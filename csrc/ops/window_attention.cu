@@ -31,8 +31,10 @@
 // same hash, so no mask is stored.
 
 #include "sf_common.cuh"
+#include "sf_mma.cuh"
 
 #include <cstdint>
+#include <type_traits>
 
 namespace sf_window_attention {
 
@@ -239,6 +241,179 @@ __global__ void __launch_bounds__(kThreads) window_attention_fwd_kernel(Params p
       if (t < p.d) out[base + static_cast<int64_t>(i) * p.d + t] = sf::from_float<T>(o[r][c] * inv);
     }
     if (lane == 0) lse[bh * p.n + i] = m[r] + logf(l[r]);
+  }
+}
+
+// ------------------------------------------------- forward, tensor cores --
+// fp16 / bf16: the two products run on tensor cores (sf::mma_m16n8k16_f32, fp32
+// accumulation).  A warp owns 16 query rows (a block MBM = 64, so one block
+// covers a whole 7x7 window); Q stays in A fragments for the whole key loop, K
+// and V tiles of MBN = 32 keys are staged in shared memory in the input dtype.
+// The logits stay in the accumulator layout (lane holds rows g, g + 8 and
+// columns 2t, 2t + 1 of each 8-key tile; g = lane / 4, t = lane % 4), so row
+// max / sum reduce over the 4 lanes of a group, and the probabilities become
+// the A operand of P V without leaving registers (rounded to the input dtype,
+// as flash attention does).
+constexpr int kMmaWarps = 4;
+constexpr int MBM = 16 * kMmaWarps;
+constexpr int MBN = 32;
+
+template <int DP>
+SF_HOST_DEVICE constexpr int mma_ld() {
+  return DP + 8;  // halves: rows 16 bytes apart, fragment loads spread over the banks
+}
+
+template <int DP>
+SF_HOST_DEVICE constexpr int fwd_mma_smem_bytes_fixed() {
+  return 2 * (MBM + 2 * MBN) * mma_ld<DP>();
+}
+
+// Stage rows [row0, row0 + rows) x [0, DP) of a (n, d) matrix in its own dtype, zero padded.
+template <typename T, int DP>
+SF_DEVICE_INLINE void load_tile_raw(T* dst, int ld, const T* src, int row0, int rows, int n, int d) {
+  const T zero = sf::from_float<T>(0.f);
+  for (int e = threadIdx.x; e < rows * DP; e += kMmaWarps * 32) {
+    const int r = e / DP, t = e % DP;
+    const int row = row0 + r;
+    dst[r * ld + t] = (row < n && t < d) ? src[static_cast<int64_t>(row) * d + t] : zero;
+  }
+}
+
+SF_DEVICE_INLINE float group_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+SF_DEVICE_INLINE float group_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// grid (B_ * h, ceil(N / MBM)), block kMmaWarps * 32.
+template <typename T, int DP>
+__global__ void __launch_bounds__(kMmaWarps * 32) window_attention_fwd_mma_kernel(Params p, T* __restrict__ out,
+                                                                                  float* __restrict__ lse) {
+  constexpr int LD = mma_ld<DP>();
+  constexpr int KS = DP / 16;   // k-steps of Q K^T
+  constexpr int NT = DP / 8;    // 8-column tiles of O
+  constexpr int ST = MBN / 8;   // 8-key tiles of S
+  SF_DYNAMIC_SHARED(T, smem);
+  T* qs = smem;                // [MBM][LD]
+  T* ks = qs + MBM * LD;       // [MBN][LD]
+  T* vs = ks + MBN * LD;       // [MBN][LD]
+  float* tb = p.table ? reinterpret_cast<float*>(vs + MBN * LD) : nullptr;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int64_t bh = blockIdx.x;
+  const int head = static_cast<int>(bh % p.heads);
+  const int w = static_cast<int>((bh / p.heads) % p.nw);
+  const int q0 = blockIdx.y * MBM;
+  const int64_t base = bh * p.n * p.d;
+  const T* qg = static_cast<const T*>(p.q) + base;
+  const T* kg = static_cast<const T*>(p.k) + base;
+  const T* vg = static_cast<const T*>(p.v) + base;
+
+  load_tile_raw<T, DP>(qs, LD, qg, q0, MBM, p.n, p.d);
+  if (tb) load_table(tb, p, head);
+  __syncthreads();
+  uint32_t qf[KS][4];
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) sf::load_a_frag<T>(qf[kk], qs + warp * 16 * LD + kk * 16, LD, lane);
+
+  int rows[2];
+  RowInfo ri[2];
+  float m[2], l[2];
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    rows[h2] = q0 + warp * 16 + g + 8 * h2;
+    ri[h2] = row_info(p, w, rows[h2]);
+    m[h2] = kNegInf;
+    l[h2] = 0.f;
+  }
+  float o[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[nt][e] = 0.f;
+
+  for (int k0 = 0; k0 < p.n; k0 += MBN) {
+    __syncthreads();  // the previous tile's readers are done
+    load_tile_raw<T, DP>(ks, LD, kg, k0, MBN, p.n, p.d);
+    load_tile_raw<T, DP>(vs, LD, vg, k0, MBN, p.n, p.d);
+    __syncthreads();
+    float s[ST][4];
+#pragma unroll
+    for (int st = 0; st < ST; ++st) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[st][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) {
+        uint32_t b[2];
+        sf::load_b_frag<T>(b, ks + st * 8 * LD + kk * 16, LD, lane);
+        sf::mma_m16n8k16_f32<T>(s[st], qf[kk], b, s[st]);
+      }
+    }
+    float mx[2] = {kNegInf, kNegInf};
+#pragma unroll
+    for (int st = 0; st < ST; ++st)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h2 = e >> 1, i = rows[h2], j = k0 + st * 8 + 2 * t4 + (e & 1);
+        const float x = (i < p.n && j < p.n) ? logit(p, tb, w, i, j, ri[h2], row_info(p, w, j), s[st][e]) : kNegInf;
+        s[st][e] = x;
+        mx[h2] = fmaxf(mx[h2], x);
+      }
+    float alpha[2], m_new[2], sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      m_new[h2] = fmaxf(m[h2], group_max(mx[h2]));
+      alpha[h2] = m[h2] == kNegInf ? 0.f : __expf(m[h2] - m_new[h2]);
+    }
+#pragma unroll
+    for (int st = 0; st < ST; ++st)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h2 = e >> 1, i = rows[h2], j = k0 + st * 8 + 2 * t4 + (e & 1);
+        const float prob = s[st][e] == kNegInf ? 0.f : __expf(s[st][e] - m_new[h2]);
+        sum[h2] += prob;
+        s[st][e] = prob * dropout_factor(p, (static_cast<uint64_t>(bh) * p.n + i) * p.n + j);
+      }
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      l[h2] = l[h2] * alpha[h2] + group_sum(sum[h2]);
+      m[h2] = m_new[h2];
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[nt][e] *= alpha[e >> 1];
+#pragma unroll
+    for (int kk = 0; kk < MBN / 16; ++kk) {
+      uint32_t a[4];
+      sf::acc_to_a_frag<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        uint32_t b[2];
+        sf::load_b_frag_t<T>(b, vs + kk * 16 * LD + nt * 8, LD, lane);
+        sf::mma_m16n8k16_f32<T>(o[nt], a, b, o[nt]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    const int i = rows[h2];
+    if (i >= p.n) continue;
+    const float inv = 1.f / l[h2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int t = nt * 8 + 2 * t4 + c;
+        if (t < p.d) out[base + static_cast<int64_t>(i) * p.d + t] = sf::from_float<T>(o[nt][2 * h2 + c] * inv);
+      }
+    if (t4 == 0) lse[bh * p.n + i] = m[h2] + logf(l[h2]);
   }
 }
 
@@ -496,25 +671,277 @@ __global__ void __launch_bounds__(kThreads) window_attention_table_grad_kernel(c
   if (threadIdx.x == 0) dtable[static_cast<int64_t>(r) * heads + head] = red[0];
 }
 
+// ------------------------------------------------ backward, tensor cores --
+// fp16 / bf16, same decomposition as the FFMA path.  The probabilities and dS are
+// rounded to the input dtype to become A operands (as flash attention does);
+// every product accumulates in fp32.
+
+template <int DP>
+SF_HOST_DEVICE constexpr int bwd_mma_smem_bytes_fixed() {
+  return 2 * 2 * (MBM + MBN) * mma_ld<DP>() + 4 * 2 * MBM;
+}
+
+// grid (B_ * h, ceil(N / MBM)): a warp owns 16 keys; the block loops over query tiles of MBN rows.
+template <typename T, int DP>
+__global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dkv_mma_kernel(
+    Params p, const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+    T* __restrict__ dk, T* __restrict__ dv) {
+  constexpr int LD = mma_ld<DP>();
+  constexpr int KS = DP / 16, NT = DP / 8, ST = MBN / 8;
+  SF_DYNAMIC_SHARED(T, smem);
+  T* ks = smem;               // [MBM][LD]  keys of the block
+  T* vs = ks + MBM * LD;      // [MBM][LD]
+  T* qs = vs + MBM * LD;      // [MBN][LD]  query tile
+  T* dos = qs + MBN * LD;     // [MBN][LD]
+  float* lses = reinterpret_cast<float*>(dos + MBN * LD);  // [MBN]
+  float* deltas = lses + MBN;                              // [MBN]
+  float* tb = p.table ? lses + 2 * MBM : nullptr;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int64_t bh = blockIdx.x;
+  const int head = static_cast<int>(bh % p.heads);
+  const int w = static_cast<int>((bh / p.heads) % p.nw);
+  const int k0 = blockIdx.y * MBM;
+  const int64_t base = bh * p.n * p.d;
+  const T* qg = static_cast<const T*>(p.q) + base;
+  load_tile_raw<T, DP>(ks, LD, static_cast<const T*>(p.k) + base, k0, MBM, p.n, p.d);
+  load_tile_raw<T, DP>(vs, LD, static_cast<const T*>(p.v) + base, k0, MBM, p.n, p.d);
+  if (tb) load_table(tb, p, head);
+
+  int keys[2];
+  RowInfo rk[2];
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    keys[h2] = k0 + warp * 16 + g + 8 * h2;
+    rk[h2] = row_info(p, w, keys[h2]);
+  }
+  float dka[NT][4], dva[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dka[nt][e] = dva[nt][e] = 0.f;
+
+  for (int q0 = 0; q0 < p.n; q0 += MBN) {
+    __syncthreads();  // the previous tile's readers are done
+    load_tile_raw<T, DP>(qs, LD, qg, q0, MBN, p.n, p.d);
+    load_tile_raw<T, DP>(dos, LD, dout + base, q0, MBN, p.n, p.d);
+    for (int e = threadIdx.x; e < MBN; e += kMmaWarps * 32) {
+      const bool ok = q0 + e < p.n;
+      lses[e] = ok ? lse[bh * p.n + q0 + e] : 0.f;
+      deltas[e] = ok ? delta[bh * p.n + q0 + e] : 0.f;
+    }
+    __syncthreads();
+    // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x MBN queries.
+    float st_[ST][4], dpt[ST][4];
+#pragma unroll
+    for (int t = 0; t < ST; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st_[t][e] = dpt[t][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+      uint32_t ka[4], va[4];
+      sf::load_a_frag<T>(ka, ks + warp * 16 * LD + kk * 16, LD, lane);
+      sf::load_a_frag<T>(va, vs + warp * 16 * LD + kk * 16, LD, lane);
+#pragma unroll
+      for (int t = 0; t < ST; ++t) {
+        uint32_t b[2];
+        sf::load_b_frag<T>(b, qs + t * 8 * LD + kk * 16, LD, lane);
+        sf::mma_m16n8k16_f32<T>(st_[t], ka, b, st_[t]);
+        sf::load_b_frag<T>(b, dos + t * 8 * LD + kk * 16, LD, lane);
+        sf::mma_m16n8k16_f32<T>(dpt[t], va, b, dpt[t]);
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < ST; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h2 = e >> 1, j = keys[h2], col = t * 8 + 2 * t4 + (e & 1), i = q0 + col;
+        float pd = 0.f, ds = 0.f;
+        if (i < p.n && j < p.n) {
+          const float x = logit(p, tb, w, i, j, row_info(p, w, i), rk[h2], st_[t][e]);
+          const float prob = __expf(x - lses[col]);
+          const float f = dropout_factor(p, (static_cast<uint64_t>(bh) * p.n + i) * p.n + j);
+          pd = prob * f;
+          ds = prob * (dpt[t][e] * f - deltas[col]);
+        }
+        st_[t][e] = pd;
+        dpt[t][e] = ds;
+      }
+    // dV += P^T dO, dK += dS^T Q (k = the tile's queries).
+#pragma unroll
+    for (int kk = 0; kk < MBN / 16; ++kk) {
+      uint32_t pa[4], sa[4];
+      sf::acc_to_a_frag<T>(pa, st_[2 * kk], st_[2 * kk + 1]);
+      sf::acc_to_a_frag<T>(sa, dpt[2 * kk], dpt[2 * kk + 1]);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        uint32_t b[2];
+        sf::load_b_frag_t<T>(b, dos + kk * 16 * LD + nt * 8, LD, lane);
+        sf::mma_m16n8k16_f32<T>(dva[nt], pa, b, dva[nt]);
+        sf::load_b_frag_t<T>(b, qs + kk * 16 * LD + nt * 8, LD, lane);
+        sf::mma_m16n8k16_f32<T>(dka[nt], sa, b, dka[nt]);
+      }
+    }
+  }
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    const int j = keys[h2];
+    if (j >= p.n) continue;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int t = nt * 8 + 2 * t4 + c;
+        if (t >= p.d) continue;
+        const int64_t at = base + static_cast<int64_t>(j) * p.d + t;
+        dk[at] = sf::from_float<T>(dka[nt][2 * h2 + c] * p.scale);
+        dv[at] = sf::from_float<T>(dva[nt][2 * h2 + c]);
+      }
+  }
+}
+
+// grid (h * chunks, ceil(N / MBM)): a warp owns 16 query rows; the block loops over
+// the windows of its chunk and over key tiles of MBN keys (see the FFMA dq kernel).
+template <typename T, int DP>
+__global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dq_mma_kernel(
+    Params p, const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+    T* __restrict__ dq, float* __restrict__ dsum, int64_t per_chunk) {
+  constexpr int LD = mma_ld<DP>();
+  constexpr int KS = DP / 16, NT = DP / 8, ST = MBN / 8;
+  SF_DYNAMIC_SHARED(T, smem);
+  T* qs = smem;               // [MBM][LD]
+  T* dos = qs + MBM * LD;     // [MBM][LD]
+  T* ks = dos + MBM * LD;     // [MBN][LD]
+  T* vs = ks + MBN * LD;      // [MBN][LD]
+  float* lses = reinterpret_cast<float*>(vs + MBN * LD);  // [MBM]
+  float* deltas = lses + MBM;                             // [MBM]
+  float* tb = p.table ? deltas + MBM : nullptr;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int head = static_cast<int>(blockIdx.x % p.heads);
+  const int64_t chunk = blockIdx.x / p.heads;
+  const int q0 = blockIdx.y * MBM;
+  if (tb) load_table(tb, p, head);
+  float* part = dsum ? dsum + (chunk * p.heads + head) * p.n * p.n : nullptr;
+  int rows[2];
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) rows[h2] = q0 + warp * 16 + g + 8 * h2;
+
+  const int64_t b_end = (chunk + 1) * per_chunk < p.batch ? (chunk + 1) * per_chunk : p.batch;
+  for (int64_t b = chunk * per_chunk; b < b_end; ++b) {
+    const int64_t bh = b * p.heads + head;
+    const int w = static_cast<int>(b % p.nw);
+    const int64_t base = bh * p.n * p.d;
+    __syncthreads();  // the previous window's readers are done
+    load_tile_raw<T, DP>(qs, LD, static_cast<const T*>(p.q) + base, q0, MBM, p.n, p.d);
+    load_tile_raw<T, DP>(dos, LD, dout + base, q0, MBM, p.n, p.d);
+    for (int e = threadIdx.x; e < MBM; e += kMmaWarps * 32) {
+      const bool ok = q0 + e < p.n;
+      lses[e] = ok ? lse[bh * p.n + q0 + e] : 0.f;
+      deltas[e] = ok ? delta[bh * p.n + q0 + e] : 0.f;
+    }
+    __syncthreads();
+    uint32_t qf[KS][4], df[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+      sf::load_a_frag<T>(qf[kk], qs + warp * 16 * LD + kk * 16, LD, lane);
+      sf::load_a_frag<T>(df[kk], dos + warp * 16 * LD + kk * 16, LD, lane);
+    }
+    RowInfo ri[2];
+    float lse_r[2], delta_r[2];
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      ri[h2] = row_info(p, w, rows[h2]);
+      lse_r[h2] = lses[warp * 16 + g + 8 * h2];
+      delta_r[h2] = deltas[warp * 16 + g + 8 * h2];
+    }
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+
+    for (int k0 = 0; k0 < p.n; k0 += MBN) {
+      __syncthreads();
+      load_tile_raw<T, DP>(ks, LD, static_cast<const T*>(p.k) + base, k0, MBN, p.n, p.d);
+      load_tile_raw<T, DP>(vs, LD, static_cast<const T*>(p.v) + base, k0, MBN, p.n, p.d);
+      __syncthreads();
+      float s[ST][4], dp[ST][4];
+#pragma unroll
+      for (int t = 0; t < ST; ++t) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[t][e] = dp[t][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+          uint32_t bb[2];
+          sf::load_b_frag<T>(bb, ks + t * 8 * LD + kk * 16, LD, lane);
+          sf::mma_m16n8k16_f32<T>(s[t], qf[kk], bb, s[t]);
+          sf::load_b_frag<T>(bb, vs + t * 8 * LD + kk * 16, LD, lane);
+          sf::mma_m16n8k16_f32<T>(dp[t], df[kk], bb, dp[t]);
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < ST; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h2 = e >> 1, i = rows[h2], j = k0 + t * 8 + 2 * t4 + (e & 1);
+          float ds = 0.f;
+          if (i < p.n && j < p.n) {
+            const float x = logit(p, tb, w, i, j, ri[h2], row_info(p, w, j), s[t][e]);
+            const float prob = __expf(x - lse_r[h2]);
+            const float f = dropout_factor(p, (static_cast<uint64_t>(bh) * p.n + i) * p.n + j);
+            ds = prob * (dp[t][e] * f - delta_r[h2]);
+            if (part) part[static_cast<int64_t>(i) * p.n + j] += ds;  // one owner thread per element
+          }
+          s[t][e] = ds;
+        }
+#pragma unroll
+      for (int kk = 0; kk < MBN / 16; ++kk) {
+        uint32_t a[4];
+        sf::acc_to_a_frag<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          uint32_t bb[2];
+          sf::load_b_frag_t<T>(bb, ks + kk * 16 * LD + nt * 8, LD, lane);
+          sf::mma_m16n8k16_f32<T>(acc[nt], a, bb, acc[nt]);
+        }
+      }
+    }
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      const int i = rows[h2];
+      if (i >= p.n) continue;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int t = nt * 8 + 2 * t4 + c;
+          if (t < p.d) dq[base + static_cast<int64_t>(i) * p.d + t] = sf::from_float<T>(acc[nt][2 * h2 + c] * p.scale);
+        }
+    }
+  }
+}
+
 // ---------------------------------------------------------------- launchers --
 inline int cdiv(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
-template <typename K>
-void allow_smem(K kernel, size_t bytes) {
-#ifndef SF_SIMT
-  // Tiles for head_dim 128 pass the 48 KiB default; sm_80/sm_90 allow more on request.
-  if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
-#else
-  (void)kernel;
-  (void)bytes;
-#endif
-}
-
 template <typename T, int DP>
 void forward(const Params& p, T* out, float* lse, cudaStream_t stream) {
+  if constexpr (!std::is_same<T, float>::value) {
+    // fp16 / bf16: tensor cores.
+    const size_t smem = fwd_mma_smem_bytes_fixed<DP>() + sizeof(float) * (p.table ? table_rows(p) : 0);
+    auto kernel = window_attention_fwd_mma_kernel<T, DP>;
+    SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
+    SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * p.heads), cdiv(p.n, MBM)), dim3(kMmaWarps * 32), smem,
+              stream, p, out, lse);
+    SF_CHECK_LAUNCH();
+    return;
+  }
   const size_t smem = sizeof(float) * (fwd_smem_floats_fixed<DP>() + (p.table ? table_rows(p) : 0));
   auto kernel = window_attention_fwd_kernel<T, DP>;
-  allow_smem(kernel, smem);
+  SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
   SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * p.heads), cdiv(p.n, BM)), dim3(kThreads), smem, stream,
             p, out, lse);
   SF_CHECK_LAUNCH();
@@ -527,16 +954,29 @@ void backward(const Params& p, const T* out, const T* dout, const float* lse, fl
   SF_LAUNCH(window_attention_delta_kernel<T>, dim3(cdiv(rows, kWarps)), dim3(kThreads), 0, stream, out, dout, delta,
             rows, p.d);
   const size_t tsm = p.table ? table_rows(p) : 0;
+  if constexpr (!std::is_same<T, float>::value) {
+    // fp16 / bf16: tensor cores.
+    const size_t smem = bwd_mma_smem_bytes_fixed<DP>() + sizeof(float) * tsm;
+    auto kv = window_attention_dkv_mma_kernel<T, DP>;
+    SF_ALLOW_DYNAMIC_SMEM(kv, smem);
+    SF_LAUNCH(kv, dim3(static_cast<unsigned>(p.batch * p.heads), cdiv(p.n, MBM)), dim3(kMmaWarps * 32), smem, stream,
+              p, dout, lse, delta, dk, dv);
+    auto qk = window_attention_dq_mma_kernel<T, DP>;
+    SF_ALLOW_DYNAMIC_SMEM(qk, smem);
+    SF_LAUNCH(qk, dim3(static_cast<unsigned>(chunks * p.heads), cdiv(p.n, MBM)), dim3(kMmaWarps * 32), smem, stream,
+              p, dout, lse, delta, dq, dsum, per_chunk);
+  } else {
   const size_t smem_kv = sizeof(float) * (dkv_smem_floats_fixed<DP>() + tsm);
   auto kv = window_attention_dkv_kernel<T, DP>;
-  allow_smem(kv, smem_kv);
+  SF_ALLOW_DYNAMIC_SMEM(kv, smem_kv);
   SF_LAUNCH(kv, dim3(static_cast<unsigned>(p.batch * p.heads), cdiv(p.n, BN)), dim3(kThreads), smem_kv, stream, p,
             dout, lse, delta, dk, dv);
   const size_t smem_q = sizeof(float) * (dq_smem_floats_fixed<DP>() + tsm);
   auto qk = window_attention_dq_kernel<T, DP>;
-  allow_smem(qk, smem_q);
+  SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
   SF_LAUNCH(qk, dim3(static_cast<unsigned>(chunks * p.heads), cdiv(p.n, BM)), dim3(kThreads), smem_q, stream, p,
             dout, lse, delta, dq, dsum, per_chunk);
+  }
   if (p.table)
     SF_LAUNCH(window_attention_table_grad_kernel, dim3(table_rows(p), p.heads), dim3(kThreads), 0, stream, dsum,
               dtable, chunks, p.heads, p.n, p.wh, p.ww);

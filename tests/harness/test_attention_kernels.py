@@ -1,0 +1,225 @@
+"""The CUDA attention kernels (csrc/ops/{window,atm,semantic}_attention.cu) under the SIMT harness.
+
+The shared parity tests in tests/ops/ already run these kernels through the ``cpu``
+backend (``pytest -k harness``).  This file adds what they do not cover:
+
+* dropout: the kernels' Philox hash checked against its known-answer vector, and
+  the dropout of window and ATM attention replayed exactly in the reference with
+  the keep-mask recomputed on the host (outputs and every gradient);
+* the bias-table gradient is bitwise identical across harness seeds (thread
+  order) and host-thread counts, including a batch split into many window chunks;
+* shapes at the edges of the kernels' tiling: head_dim 1 and 80 (padded in shared
+  memory), non-square windows with a one-axis shift, K = 1 and K = 256 classes,
+  C tiles with a remainder, single query / key rows;
+* the reasons the backends give for inputs they do not serve.
+
+Every parity check goes through ``assert_parity`` (float64 reference, and the
+``cpu`` backend must have run forward and backward).  bf16 and fp16 run the same
+kernel code as on a GPU (fp32 accumulation of the FFMA path); nothing is upcast
+for the harness.
+"""
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+import semask_fast
+from semask_fast import reference
+from semask_fast.backends.registry import BackendNotSupportedError
+from semask_fast.testing import assert_parity
+from tests.conftest import require_backend
+
+pytestmark = pytest.mark.harness
+
+BACKEND = "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+IDS = lambda d: str(d).replace("torch.", "")  # noqa: E731
+
+
+def _randn(g, *shape, scale=1.0):
+    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+
+def _cuda_module(name):
+    import importlib
+
+    return importlib.import_module(f"semask_fast.backends.cuda.{name}")
+
+
+# ----------------------------------------------------------------- dropout --
+def test_philox_known_answer():
+    # Random123's known-answer vector for philox4x32-10: counter 0, key 0.
+    philox = _cuda_module("window_attention").philox
+    assert int(philox(0, np.array([0]))[0]) == 0x6627E8D5
+
+
+def test_dropout_keep_rate_and_seed():
+    keep = _cuda_module("window_attention").dropout_keep
+    a = keep(5, (8, 64, 64), 0.25)
+    assert abs(a.float().mean().item() - 0.75) < 0.01
+    assert torch.equal(a, keep(5, (8, 64, 64), 0.25))
+    assert not torch.equal(a, keep(6, (8, 64, 64), 0.25))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_window_dropout_replay(dtype):
+    require_backend("window_attention", BACKEND)
+    wa = _cuda_module("window_attention")
+    b_, h, ws, d, p = 4, 2, (7, 7), 32, 0.3
+    n = ws[0] * ws[1]
+    g = torch.Generator().manual_seed(0)
+    t = {name: _randn(g, b_, h, n, d) for name in ("q", "k", "v")}
+    t["bias_table"] = _randn(g, 13 * 13, h)
+    torch.manual_seed(11)
+    keep = wa.dropout_keep(wa.draw_seed(), (b_, h, n, n), p)
+    geo = dict(window_size=ws, shift_size=(3, 3), grid=(2, 2))
+
+    def fn(backend, **kw):
+        if backend == "reference":
+            return reference.window_attention(**kw, **geo, dropout_p=p, dropout_keep=keep)
+        torch.manual_seed(11)  # the seed the forward draws
+        return semask_fast.window_attention(**kw, **geo, dropout_p=p, backend=backend)
+
+    assert_parity(fn, t, ["q", "k", "v", "bias_table"], dtype, backend=BACKEND, op="window_attention")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_atm_dropout_replay(dtype):
+    require_backend("atm_attention", BACKEND)
+    wa = _cuda_module("window_attention")
+    b, h, nq, nk, d, p = 2, 3, 19, 45, 16, 0.1
+    g = torch.Generator().manual_seed(1)
+    t = {"q": _randn(g, b, h, nq, d), "k": _randn(g, b, h, nk, d), "v": _randn(g, b, h, nk, d)}
+    torch.manual_seed(12)
+    keep = wa.dropout_keep(wa.draw_seed(), (b, h, nq, nk), p)
+
+    def fn(backend, **kw):
+        if backend == "reference":
+            return reference.atm_attention(**kw, dropout_p=p, dropout_keep=keep)
+        torch.manual_seed(12)
+        return semask_fast.atm_attention(**kw, dropout_p=p, backend=backend)
+
+    assert_parity(fn, t, ["q", "k", "v"], dtype, backend=BACKEND, op="atm_attention")
+
+
+# --------------------------------------------- deterministic table gradient --
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=IDS)  # FFMA and tensor-core kernels
+@pytest.mark.parametrize("b_, h, ws, grid", [
+    (4, 2, (7, 7), (2, 2)),
+    # 262 windows: the table gradient is reduced over 88 chunks of 3 windows (the last holds 1).
+    (262, 2, (2, 2), (2, 131)),
+])
+def test_table_grad_bitwise_reproducible(monkeypatch, b_, h, ws, grid, dtype):
+    require_backend("window_attention", BACKEND)
+    g = torch.Generator().manual_seed(2)
+    n = ws[0] * ws[1]
+    q, k, v = (_randn(g, b_, h, n, 8).to(dtype) for _ in range(3))
+    table = _randn(g, (2 * ws[0] - 1) * (2 * ws[1] - 1), h).float()
+    dout = _randn(g, b_, h, n, 8).to(dtype)
+
+    def table_grad():
+        tab = table.clone().requires_grad_()
+        out = semask_fast.window_attention(q, k, v, tab, window_size=ws, shift_size=(1, 1), grid=grid, backend=BACKEND)
+        out.backward(dout)
+        return tab.grad
+
+    runs = []
+    for seed, threads in (("0", "1"), ("7", "2"), ("123", "3")):
+        monkeypatch.setenv("SF_SIMT_SEED", seed)  # thread order inside a block
+        monkeypatch.setenv("SF_SIMT_THREADS", threads)  # blocks on host threads
+        runs.append(table_grad())
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    ref_tab = table.double().requires_grad_()
+    reference.window_attention(q.double(), k.double(), v.double(), ref_tab, window_size=ws, shift_size=(1, 1),
+                               grid=grid).backward(dout.double())
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(runs[0].double(), ref_tab.grad, atol=tol, rtol=tol)
+
+
+# ------------------------------------------------------------- edge shapes --
+WINDOW_SHAPES = {
+    # (B*nW, heads, window, head_dim, shift, grid)
+    "d1": (2, 2, (3, 3), 1, (1, 1), (1, 2)),
+    "d80-padded": (2, 1, (4, 4), 80, (0, 0), None),
+    "nonsquare-12x4-shift-y": (4, 2, (12, 4), 24, (6, 0), (2, 2)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name", list(WINDOW_SHAPES))
+def test_window_edge_shapes(name, dtype):
+    require_backend("window_attention", BACKEND)
+    b_, h, ws, d, shift, grid = WINDOW_SHAPES[name]
+    n = ws[0] * ws[1]
+    g = torch.Generator().manual_seed(3)
+    t = {nm: _randn(g, b_, h, n, d) for nm in ("q", "k", "v")}
+    t["bias_table"] = _randn(g, (2 * ws[0] - 1) * (2 * ws[1] - 1), h)
+    fn = functools.partial(semask_fast.window_attention, window_size=ws, shift_size=shift, grid=grid)
+    assert_parity(fn, t, ["q", "k", "v", "bias_table"], dtype, backend=BACKEND, op="window_attention")
+
+
+def test_window_half_mask_and_table():
+    """An fp16 explicit mask and an fp16 table with fp16 q: the kernels read them as fp32."""
+    require_backend("window_attention", BACKEND)
+    g = torch.Generator().manual_seed(4)
+    ws, n = (4, 4), 16
+    t = {nm: _randn(g, 4, 2, n, 16) for nm in ("q", "k", "v")}
+    t["bias_table"] = _randn(g, 49, 2)
+    t["mask"] = torch.where(torch.rand(2, n, n, generator=g) < 0.3, -100.0, 0.0).double()
+    fn = functools.partial(semask_fast.window_attention, window_size=ws)
+    assert_parity(fn, t, ["q", "k", "v", "bias_table"], torch.float16, backend=BACKEND, op="window_attention")
+
+
+ATM_SHAPES = {
+    # (B, heads, Nq, Nk, head_dim)
+    "one-query-d128": (1, 1, 1, 40, 128),
+    "one-key": (2, 2, 17, 1, 32),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name", list(ATM_SHAPES))
+def test_atm_edge_shapes(name, dtype):
+    require_backend("atm_attention", BACKEND)
+    b, h, nq, nk, d = ATM_SHAPES[name]
+    g = torch.Generator().manual_seed(5)
+    t = {"q": _randn(g, b, h, nq, d), "k": _randn(g, b, h, nk, d), "v": _randn(g, b, h, nk, d)}
+    assert_parity(semask_fast.atm_attention, t, ["q", "k", "v"], dtype, backend=BACKEND, op="atm_attention")
+
+
+SEMANTIC_SHAPES = {
+    # (B_, N, K, C)
+    "k1": (2, 20, 1, 40),
+    "k256-max": (1, 33, 256, 32),
+    "c-remainder-two-tiles": (1, 18, 19, 161),
+    "one-token": (3, 1, 150, 96),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name", list(SEMANTIC_SHAPES))
+def test_semantic_edge_shapes(name, dtype):
+    require_backend("semantic_attention", BACKEND)
+    b_, n, k, c = SEMANTIC_SHAPES[name]
+    g = torch.Generator().manual_seed(6)
+    # SeMask's logits are O(1): keep Sq Sk^T in a range where fp16 is meaningful.
+    t = {"sq": _randn(g, b_, n, k, scale=k ** -0.25), "sk": _randn(g, b_, n, k, scale=k ** -0.25),
+         "yv": _randn(g, b_, n, c)}
+    assert_parity(semask_fast.semantic_attention, t, ["sq", "sk", "yv"], dtype, backend=BACKEND,
+                  op="semantic_attention")
+
+
+# ------------------------------------------------------------------ reasons --
+def test_reasons_for_unsupported_inputs():
+    require_backend("window_attention", BACKEND)
+    q = torch.randn(1, 1, 4, 129)
+    with pytest.raises(BackendNotSupportedError, match="head_dim=129"):
+        semask_fast.window_attention(q, q, q, window_size=2, backend=BACKEND)
+    s = torch.randn(1, 4, 257)
+    with pytest.raises(BackendNotSupportedError, match="K=257"):
+        semask_fast.semantic_attention(s, s, torch.randn(1, 4, 8), backend=BACKEND)
+    q = torch.randn(1, 64, 2, 64)
+    with pytest.raises(BackendNotSupportedError, match="shared memory"):
+        semask_fast.atm_attention(q, q, q, backend=BACKEND)
