@@ -212,10 +212,17 @@ def _build_and_load(flavour: str, name: str, verbose: bool):
     prebuilt = _prebuilt_library(source) if flavour == "cuda" else None
     if prebuilt is not None:
         out = prebuilt
-    elif not out.is_file():
+    elif not _done_marker(out).is_file():
         _compile(flavour, source, out, verbose)
+        _done_marker(out).touch()
     torch.ops.load_library(str(out))
     return getattr(torch.ops, NAMESPACES[flavour])
+
+
+def _done_marker(library: Path) -> Path:
+    # Written after a build completed: a library file alone may still be being linked by another
+    # process (cpp_extension serialises concurrent builds of one directory with a lock file).
+    return library.with_suffix(".done")
 
 
 def _compile(flavour: str, source: Path, out: Path, verbose: bool) -> None:
@@ -228,7 +235,9 @@ def _compile(flavour: str, source: Path, out: Path, verbose: bool) -> None:
         includes += [str(csrc_dir() / "harness"), str(home / "include")]
         # The .cu is compiled as C++: a wrapper translation unit includes it.
         wrapper = build_dir / f"{source.stem}_simt.cpp"
-        wrapper.write_text(f'#include "{source}"\n')
+        text = f'#include "{source}"\n'
+        if not wrapper.is_file() or wrapper.read_text() != text:  # keep its mtime: ninja is up to date
+            wrapper.write_text(text)
         sources, kwargs = [str(wrapper)], dict(extra_cflags=list(SIMT_CFLAGS), with_cuda=False)
     else:
         sources = [str(source)]
