@@ -13,8 +13,9 @@
 //
 // Pure copies, so the kernels move bytes: each thread copies one vector V (16, 8, 4 or 2 bytes) of
 // a token's C channels; the widest V that divides the row size and the pointers' alignment is
-// used.  dtype does not matter (bitwise exact for every dtype).  Index math is 64-bit where it
-// can pass 2^31 (element counts), 32-bit inside one image.
+// used.  dtype does not matter (bitwise exact for every dtype).  Index math runs in I = int64_t
+// when the tensor has 2^31 vectors or more, else in int32_t (64-bit division is many instructions
+// on a GPU); coordinates inside one image are int.
 #include "sf_common.cuh"
 
 namespace {
@@ -55,19 +56,19 @@ SF_DEVICE_INLINE void pixel_to_window(const Geometry& g, int y, int x, int& py, 
 }
 
 // out: (B * nW, Wh, Ww, vpt) vectors, x: (B, H, W, vpt).
-template <typename V>
+template <typename V, typename I>
 __global__ void __launch_bounds__(256) partition_kernel(const V* __restrict__ x, V* __restrict__ out, Geometry g,
-                                                        int vpt, int64_t total) {
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t o = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += stride) {
-    const int64_t token = o / vpt;
+                                                        int vpt, I total) {
+  const I stride = I(gridDim.x) * blockDim.x;
+  for (I o = I(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += stride) {
+    const I token = o / vpt;
     const int v = int(o - token * vpt);
     const int j = int(token % g.Ww);
-    const int64_t t = token / g.Ww;
+    const I t = token / g.Ww;
     const int i = int(t % g.Wh);
-    const int64_t bw = t / g.Wh;  // window row b_
+    const I bw = t / g.Wh;  // window row b_
     const int w = int(bw % g.nW);
-    const int64_t b = bw / g.nW;
+    const I b = bw / g.nW;
     int y, xx;
     V value{};
     if (window_to_pixel(g, (w / g.nWw) * g.Wh + i, (w % g.nWw) * g.Ww + j, y, xx)) {
@@ -78,20 +79,20 @@ __global__ void __launch_bounds__(256) partition_kernel(const V* __restrict__ x,
 }
 
 // out: (B, H, W, vpt) vectors, windows: (B * nW, Wh, Ww, vpt).
-template <typename V>
+template <typename V, typename I>
 __global__ void __launch_bounds__(256) merge_kernel(const V* __restrict__ windows, V* __restrict__ out, Geometry g,
-                                                    int vpt, int64_t total) {
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t o = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += stride) {
-    const int64_t pixel = o / vpt;
+                                                    int vpt, I total) {
+  const I stride = I(gridDim.x) * blockDim.x;
+  for (I o = I(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += stride) {
+    const I pixel = o / vpt;
     const int v = int(o - pixel * vpt);
     const int x = int(pixel % g.W);
-    const int64_t t = pixel / g.W;
+    const I t = pixel / g.W;
     const int y = int(t % g.H);
-    const int64_t b = t / g.H;
+    const I b = t / g.H;
     int py, px;
     pixel_to_window(g, y, x, py, px);
-    const int64_t bw = b * g.nW + (py / g.Wh) * g.nWw + px / g.Ww;
+    const I bw = b * g.nW + (py / g.Wh) * g.nWw + px / g.Ww;
     out[o] = windows[((bw * g.Wh + py % g.Wh) * g.Ww + px % g.Ww) * vpt + v];
   }
 }
@@ -103,8 +104,8 @@ constexpr int64_t kMaxBlocks = 132 * 8;
 
 // Copies every token row (row_bytes bytes) of the gather; kMerge picks the direction.
 template <bool kMerge>
-void launch_copy(const void* src, void* dst, const Geometry& g, int64_t tokens, int64_t row_bytes,
-                 cudaStream_t stream) {
+void launch_copy(const void* src, void* dst, const Geometry& g, int64_t tokens, int64_t src_tokens,
+                 int64_t row_bytes, cudaStream_t stream) {
   // Widest vector dividing the row and both pointers' alignment.
   const auto align = uintptr_t(src) | uintptr_t(dst) | uintptr_t(row_bytes);
   const int vbytes = (align % 16 == 0) ? 16 : (align % 8 == 0) ? 8 : (align % 4 == 0) ? 4 : 2;
@@ -112,10 +113,19 @@ void launch_copy(const void* src, void* dst, const Geometry& g, int64_t tokens, 
   const int64_t total = tokens * vpt;
   if (total == 0) return;
   const int blocks = int(std::min<int64_t>(sf::ceil_div(total, kThreads), kMaxBlocks));
+  // int32 if every index fits: the source's (merge reads the larger, padded windows) and the
+  // grid-stride loop's last step past total.
+  const bool wide = std::max(total, src_tokens * vpt) + int64_t(blocks) * kThreads >= (int64_t(1) << 31);
   auto run = [&](auto vector) {
     using V = decltype(vector);
-    auto kernel = kMerge ? merge_kernel<V> : partition_kernel<V>;
-    SF_LAUNCH(kernel, blocks, kThreads, 0, stream, static_cast<const V*>(src), static_cast<V*>(dst), g, vpt, total);
+    if (wide) {
+      auto kernel = kMerge ? merge_kernel<V, int64_t> : partition_kernel<V, int64_t>;
+      SF_LAUNCH(kernel, blocks, kThreads, 0, stream, static_cast<const V*>(src), static_cast<V*>(dst), g, vpt, total);
+    } else {
+      auto kernel = kMerge ? merge_kernel<V, int32_t> : partition_kernel<V, int32_t>;
+      SF_LAUNCH(kernel, blocks, kThreads, 0, stream, static_cast<const V*>(src), static_cast<V*>(dst), g, vpt,
+                int32_t(total));
+    }
   };
   switch (vbytes) {
     case 16: run(uint4{}); break;
@@ -158,8 +168,8 @@ at::Tensor partition(const at::Tensor& x, int64_t wh, int64_t ww, int64_t sy, in
   const Geometry g = make_geometry(x.size(1), x.size(2), wh, ww, sy, sx, pad_then_roll);
   const int64_t B = x.size(0), C = x.size(3);
   at::Tensor out = at::empty({B * g.nW, wh, ww, C}, x.options());
-  launch_copy<false>(x.data_ptr(), out.data_ptr(), g, out.numel() / std::max<int64_t>(C, 1),
-                         C * int64_t(x.element_size()), sf::current_stream());
+  launch_copy<false>(x.data_ptr(), out.data_ptr(), g, B * g.nW * wh * ww, B * g.H * g.W,
+                     C * int64_t(x.element_size()), sf::current_stream());
   return out;
 }
 
@@ -174,8 +184,8 @@ at::Tensor merge(const at::Tensor& windows, int64_t H, int64_t W, int64_t wh, in
   TORCH_CHECK(windows.size(0) % g.nW == 0, "windows has ", windows.size(0), " windows, not a multiple of ", g.nW);
   const int64_t B = windows.size(0) / g.nW, C = windows.size(3);
   at::Tensor out = at::empty({B, H, W, C}, windows.options());
-  launch_copy<true>(windows.data_ptr(), out.data_ptr(), g, B * H * W, C * int64_t(windows.element_size()),
-                     sf::current_stream());
+  launch_copy<true>(windows.data_ptr(), out.data_ptr(), g, B * H * W, windows.size(0) * wh * ww,
+                    C * int64_t(windows.element_size()), sf::current_stream());
   return out;
 }
 
