@@ -66,7 +66,8 @@ def _key(cfg, arch: int) -> str:
     import triton
 
     fn = getattr(cfg.kernel, "fn", cfg.kernel)
-    text = json.dumps([inspect.getsource(fn), cfg.name, cfg.signature, {k: repr(v) for k, v in cfg.constexprs.items()},
+    # The whole module's source: a kernel's @triton.jit helpers live beside it.
+    text = json.dumps([inspect.getsource(inspect.getmodule(fn)), cfg.name, cfg.signature, {k: repr(v) for k, v in cfg.constexprs.items()},
                        cfg.num_warps, cfg.num_stages, arch, triton.__version__], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
@@ -105,8 +106,9 @@ def _save(cache: dict) -> None:
     CACHE.write_text(json.dumps(dict(sorted(cache.items())), indent=0) + "\n")
 
 
-def collect(jobs: int = 0, only=None) -> list:
-    """Resource rows of every configuration of every module (or of ``only``), compiling what is not cached."""
+def collect(jobs: int = 0, only=None, cached_only: bool = False) -> list:
+    """Resource rows of every configuration of every module (or of ``only``), compiling what is not cached
+    (or, with ``cached_only``, leaving it out)."""
     modules = kernel_modules()
     missing = [name for name, mod in modules.items() if not getattr(mod, "AOT_CONFIGS", None)]
     if missing:
@@ -124,6 +126,10 @@ def collect(jobs: int = 0, only=None) -> list:
                     rows[(name, i, arch)] = cache[key]
                 else:
                     todo.append((name, i, arch, key))
+    if todo and cached_only:
+        print(f"{len(todo)} configurations not compiled yet, left out: "
+              + ", ".join(sorted({f"{n}[{i}]" for n, i, _, _ in todo})), file=sys.stderr)
+        todo = []
     if todo:
         print(f"compiling {len(todo)} kernel configurations ({len(rows)} cached)...", file=sys.stderr, flush=True)
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
@@ -133,7 +139,7 @@ def collect(jobs: int = 0, only=None) -> list:
                 cache[key] = rows[(name, i, arch)] = dict(fut.result(), module=name)
                 if n % 16 == 15:
                     _save(cache)  # keep progress if interrupted
-    if not only:
+    if not only and not cached_only:
         cache = {k: v for k, v in cache.items() if k in used}  # drop entries of configs that changed
     _save(cache)
     return [dict(rows[k], module=k[0]) for k in sorted(rows)]
@@ -184,8 +190,9 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=0, help="compile processes (default: CPU count)")
     parser.add_argument("--json", action="store_true", help="print the rows and the kernel modules as JSON only")
     parser.add_argument("--modules", nargs="*", help="only these kernel modules (implies --no-write)")
+    parser.add_argument("--cached-only", action="store_true", help="compile nothing; table of the cached rows")
     args = parser.parse_args(argv)
-    rows = collect(args.jobs, args.modules)
+    rows = collect(args.jobs, args.modules, args.cached_only)
     if args.json:
         print(json.dumps({"modules": sorted(kernel_modules()), "rows": rows}))
         return 0

@@ -290,9 +290,13 @@ def window_attention_bwd_kernel(
                         ds_acc += ds
                 else:
                     if HAS_TABLE:
-                        # Read-modify-write of this program's own slice: deterministic, no atomics.
+                        # Read-modify-write of this program's own slice: deterministic, no atomics.  The
+                        # first window stores without reading, so the buffer needs no zero fill.
+                        # Only the N x N real pairs are stored (the reduction reads no others).
                         pp = part + i[:, None] * (NT * BLOCK) + j[None, :]
-                        tl.store(pp, tl.load(pp) + ds)
+                        real_pair = (i[:, None] < N) & (j[None, :] < N)
+                        later = tl.full((BLOCK, BLOCK), wi, tl.int32) > 0
+                        tl.store(pp, tl.load(pp, mask=later & real_pair, other=0.0) + ds, mask=real_pair)
                         tl.debug_barrier()
             dk = dk * scale
             pad_j = ((j < N) & (real_j == 0))[:, None]
@@ -338,7 +342,7 @@ def window_attention_bwd_kernel(
                     dbq += tl.sum(tl.where(((i < N) & (real_i == 0))[:, None], dq, 0.0), 0)
     if NT == 1:
         if HAS_TABLE:
-            tl.store(part + r[:, None] * BLOCK + r[None, :], ds_acc)
+            tl.store(part + r[:, None] * BLOCK + r[None, :], ds_acc, mask=(r[:, None] < N) & (r[None, :] < N))
     if HAS_QKVB:
         # (G, 3, HEADS, D) partial sums, reduced on the host in a fixed order.
         db = DB_PART + g.to(tl.int64) * 3 * HEADS * D + hh * D + d
@@ -389,40 +393,47 @@ def window_attention_keep_kernel(KEEP, seed, HEADS, dropout_p, N: tl.constexpr, 
 # Launchers
 # --------------------------------------------------------------------------- #
 
-#: Largest window (and head dim) handled as one tile; beyond it, tiles of MULTI_TILE tokens with a key loop.
+#: Largest window (and head dim) the forward handles as one tile; beyond it, 32-token tiles and a key loop.
 SINGLE_TILE_MAX = 64
 MULTI_TILE = 32
 MAX_HEAD_DIM = 128
 
 
-def tiling(n: int, head_dim: int, backward: bool = False, image: bool = False) -> Tuple[int, int, int]:
+def tiling(n: int, head_dim: int, backward: bool = False, fp32: bool = False) -> Tuple[int, int, int]:
     """(BLOCK, BLOCK_D, NT): token tile, padded head dim, tiles per window.
 
-    32-token tiles beyond one 64-token tile keep the backward's five live score
-    tiles and its dk/dv accumulators in registers (no spills, see the AOT table),
-    and waste less padding at N = 144 (160 vs 192 slots).  The image-layout
-    backward (pad-token bias gradients on top) always uses them.
+    The half-precision forward takes a window of up to 64 tokens as one tile.  The
+    backward (five live score tiles plus dk/dv accumulators), fp32 (no tensor-core
+    operands in ieee mode) and larger windows use 32-token tiles: no spills (see
+    benchmarks/results/resources.md), and less padding at N = 144 (160 slots, not 192).
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if n <= SINGLE_TILE_MAX and block_d <= 64 and not (backward and image):
-        block = max(16, triton.next_power_of_2(n))
-    else:
-        block = MULTI_TILE
+    block = max(16, triton.next_power_of_2(n))
+    if backward or fp32 or n > SINGLE_TILE_MAX or block_d > 64:
+        block = min(block, MULTI_TILE)
     return block, block_d, triton.cdiv(n, block)
 
 
-def windows_per_program(num_windows: int, heads: int, n: int, nt: int = 1) -> int:
-    """Windows one program owns: 8 for one-tile windows (amortises the launch and, in backward,
-    shrinks the table-gradient partials 8x) when that still leaves >= 512 programs (about 4
-    per SM of a large GPU); fewer otherwise.  A function of the shape only (determinism)."""
-    for wpp in (8, 4, 2):
-        if nt == 1 and num_windows % wpp == 0 and (num_windows // wpp) * heads >= 512:
+def windows_per_program(num_windows: int, heads: int, min_programs: int) -> int:
+    """Windows one program owns: the most of 16, 8, 4, 2 that divides B*nW and still leaves
+    ``min_programs`` programs.  Packing amortises the launch and the per-tile index math
+    and, in backward, divides the table-gradient partials (one N x N fp32 tile per program).
+    A function of the shape only, so the table-gradient summation order is reproducible."""
+    for wpp in (16, 8, 4, 2):
+        if num_windows % wpp == 0 and (num_windows // wpp) * heads >= min_programs:
             return wpp
     return 1
 
 
+#: Programs to keep: forward about 4 per SM of a large GPU; backward about one wave
+#: (heavier programs, and fewer partials: table-gradient traffic stays < 10% of the minimum).
+FWD_MIN_PROGRAMS = 512
+BWD_MIN_PROGRAMS = 128
+
+
 def num_warps(block: int, block_d: int) -> int:
-    return 8 if block >= 64 else 4
+    # 8 warps from 32-token tiles up: with 4, the backward spills (AOT table, sm_80 and sm_90).
+    return 8 if block >= 32 else 4
 
 
 def draw_seed() -> int:
@@ -473,7 +484,7 @@ def _common_args(geo: Geometry, table, mask):
 
 
 def _constexprs(geo: Geometry, table, mask, qkv_bias, dropout_p, dtype, wpp, backward=False):
-    block, block_d, nt = tiling(geo.n, geo.head_dim, backward, geo.image)
+    block, block_d, nt = tiling(geo.n, geo.head_dim, backward, dtype == torch.float32)
     return dict(N=geo.n, WH=geo.window_size[0], WW=geo.window_size[1], D=geo.head_dim, BLOCK=block,
                 BLOCK_D=block_d, NT=nt, WPP=wpp, IMAGE=geo.image, PAD_THEN_ROLL=geo.pad_then_roll,
                 HAS_TABLE=table is not None,
@@ -490,7 +501,7 @@ def window_attention_forward(q, k, v, out, geo: Geometry, table=None, mask=None,
     channel blocks of the qkv image (views), out (B, H, W, h*d).  ``wpp`` overrides
     :func:`windows_per_program` (it must divide B*nW).
     """
-    wpp = wpp or windows_per_program(geo.num_windows, geo.heads, geo.n, tiling(geo.n, geo.head_dim)[2])
+    wpp = wpp or windows_per_program(geo.num_windows, geo.heads, FWD_MIN_PROGRAMS)
     lse = torch.empty((geo.num_windows, geo.heads, geo.n), dtype=torch.float32, device=q.device)
     c = _constexprs(geo, table, mask, qkv_bias, dropout_p, q.dtype, wpp)
     dummy = lse
@@ -511,13 +522,12 @@ def window_attention_backward(q, k, v, out, dout, lse, dq, dk, dv, geo: Geometry
 
     The table gradient is bitwise reproducible: per-program partials reduced in a fixed order.
     """
-    wpp = wpp or windows_per_program(geo.num_windows, geo.heads, geo.n,
-                                     tiling(geo.n, geo.head_dim, True, geo.image)[2])
+    wpp = wpp or windows_per_program(geo.num_windows, geo.heads, BWD_MIN_PROGRAMS)
     groups = geo.num_windows // wpp
     c = _constexprs(geo, table, mask, qkv_bias, dropout_p, q.dtype, wpp, backward=True)
     np_ = c["NT"] * c["BLOCK"]
     want_table = table is not None
-    part = torch.zeros((groups, geo.heads, np_, np_) if want_table else (1,), dtype=torch.float32,
+    part = torch.empty((groups, geo.heads, np_, np_) if want_table else (1,), dtype=torch.float32,
                        device=q.device)
     db_part = torch.empty((groups, 3, geo.heads * geo.head_dim) if qkv_bias is not None else (1,),
                           dtype=torch.float32, device=q.device)
@@ -586,9 +596,9 @@ def _aot_configs():
         for dtype in ("fp16", "bf16", "fp32") if label in ("w7", "w12", "img-w7") else ("fp16",):
             n = ws[0] * ws[1]
             for kernel, kind in ((window_attention_fwd_kernel, "fwd"), (window_attention_bwd_kernel, "bwd")):
-                block, block_d, nt = tiling(n, hd, kind == "bwd", image)
+                block, block_d, nt = tiling(n, hd, kind == "bwd", dtype == "fp32")
                 base = dict(N=n, WH=ws[0], WW=ws[1], D=hd, BLOCK=block, BLOCK_D=block_d, NT=nt,
-                            WPP=8 if nt == 1 else 1, IMAGE=image, PAD_THEN_ROLL=True, HAS_TABLE=True,
+                            WPP=8, IMAGE=image, PAD_THEN_ROLL=True, HAS_TABLE=True,
                             MASK_MODE=mask_mode, HAS_QKVB=image, DROPOUT=drop, DOT_FP32=False)
                 warps = num_warps(block, block_d)
                 configs.append(AOTConfig(kernel, f"window_attention_{kind}[{label},d={hd},{dtype}]",
@@ -596,7 +606,7 @@ def _aot_configs():
                                          num_stages=1))
     for ws in ((7, 7), (12, 12)):
         n = ws[0] * ws[1]
-        block, _, nt = tiling(n, 32)
+        block, _, nt = tiling(n, 32, backward=True)
         configs.append(AOTConfig(
             window_attention_table_grad_kernel, f"window_attention_table_grad[{ws[0]}x{ws[1]}]",
             {"DT_PART": "*fp32", "DT": "*fp32", "G": "i32", "HEADS": "i32", "R": "i32", "sdt_r": "i32",

@@ -28,7 +28,8 @@ def window_partition_kernel(X, OUT, total, H, W, nWh, nWw, sy, sx, sxb, sxy, sxx
                             C: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, PAD_THEN_ROLL: tl.constexpr,
                             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """OUT (B*nW*Wh*Ww, C) contiguous <- X (B, H, W, C) with unit channel stride."""
-    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # window token, flat
+    # Token indices fit in int32 (2^31 tokens would be terabytes); element offsets are int64.
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # window token, flat
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = t % (WH * WW)
     b_ = t // (WH * WW)
@@ -47,9 +48,9 @@ def window_partition_kernel(X, OUT, total, H, W, nWh, nWw, sy, sx, sxb, sxy, sxx
         x = (px + sx) % W
     tok = t < total
     cm = c < C
-    src = b * sxb + y * sxy + x * sxx
+    src = b.to(tl.int64) * sxb + y.to(tl.int64) * sxy + x.to(tl.int64) * sxx
     vals = tl.load(X + src[:, None] + c[None, :], mask=(tok & real)[:, None] & cm[None, :], other=0.0)
-    tl.store(OUT + t[:, None] * C + c[None, :], vals, mask=tok[:, None] & cm[None, :])
+    tl.store(OUT + t.to(tl.int64)[:, None] * C + c[None, :], vals, mask=tok[:, None] & cm[None, :])
 
 
 @triton.jit
@@ -57,7 +58,7 @@ def window_merge_kernel(WIN, OUT, total, H, W, nWh, nWw, sy, sx, swb, swn,
                         C: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, PAD_THEN_ROLL: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """OUT (B, H, W, C) contiguous <- WIN (B*nW, Wh*Ww, C) with unit channel stride."""
-    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # image pixel, flat
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # image pixel, flat (int32, as above)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     x = t % W
     y = (t // W) % H
@@ -74,8 +75,12 @@ def window_merge_kernel(WIN, OUT, total, H, W, nWh, nWw, sy, sx, swb, swn,
     n = (py % WH) * WW + px % WW
     tok = t < total
     m = tok[:, None] & (c < C)[None, :]
-    vals = tl.load(WIN + (b_ * swb + n * swn)[:, None] + c[None, :], mask=m, other=0.0)
-    tl.store(OUT + t[:, None] * C + c[None, :], vals, mask=m)
+    vals = tl.load(WIN + (b_.to(tl.int64) * swb + n.to(tl.int64) * swn)[:, None] + c[None, :], mask=m, other=0.0)
+    tl.store(OUT + t.to(tl.int64)[:, None] * C + c[None, :], vals, mask=m)
+
+
+#: 8 warps: a 4096-element tile with 4 warps needs ~255 registers and spills on sm_80.
+NUM_WARPS = 8
 
 
 def _blocks(c: int):
@@ -98,7 +103,7 @@ def window_partition(x: torch.Tensor, window_size, shift_size, pad_then_roll: bo
     block_t, block_c = _blocks(c)
     window_partition_kernel[(triton.cdiv(total, block_t), triton.cdiv(c, block_c))](
         x, out, total, h, w, nwh, nww, shift_size[0], shift_size[1], x.stride(0), x.stride(1), x.stride(2),
-        C=c, WH=wh, WW=ww, PAD_THEN_ROLL=pad_then_roll, BLOCK_T=block_t, BLOCK_C=block_c)
+        C=c, WH=wh, WW=ww, PAD_THEN_ROLL=pad_then_roll, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=NUM_WARPS)
     return out
 
 
@@ -118,7 +123,7 @@ def window_merge(windows: torch.Tensor, window_size, shift_size, H: int, W: int,
     block_t, block_c = _blocks(c)
     window_merge_kernel[(triton.cdiv(total, block_t), triton.cdiv(c, block_c))](
         win, out, total, H, W, nwh, nww, shift_size[0], shift_size[1], win.stride(0), win.stride(2),
-        C=c, WH=wh, WW=ww, PAD_THEN_ROLL=pad_then_roll, BLOCK_T=block_t, BLOCK_C=block_c)
+        C=c, WH=wh, WW=ww, PAD_THEN_ROLL=pad_then_roll, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=NUM_WARPS)
     return out
 
 
@@ -132,11 +137,13 @@ def _aot_configs():
             configs.append(AOTConfig(
                 window_partition_kernel, f"window_partition[C={c},{ws[0]}x{ws[1]},{dtype}]",
                 {"X": f"*{dtype}", "OUT": f"*{dtype}", **{k: "i32" for k in ints},
-                 "sxb": "i64", "sxy": "i64", "sxx": "i64", **{k: "constexpr" for k in const}}, const))
+                 "sxb": "i64", "sxy": "i64", "sxx": "i64", **{k: "constexpr" for k in const}}, const,
+                num_warps=NUM_WARPS))
             configs.append(AOTConfig(
                 window_merge_kernel, f"window_merge[C={c},{ws[0]}x{ws[1]},{dtype}]",
                 {"WIN": f"*{dtype}", "OUT": f"*{dtype}", **{k: "i32" for k in ints},
-                 "swb": "i64", "swn": "i64", **{k: "constexpr" for k in const}}, const))
+                 "swb": "i64", "swn": "i64", **{k: "constexpr" for k in const}}, const,
+                num_warps=NUM_WARPS))
     return configs
 
 

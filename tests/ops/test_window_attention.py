@@ -35,9 +35,9 @@ GRADS = ["q", "k", "v", "bias_table"]
 
 # (B*nW, heads, window, head_dim, shift, grid, explicit-mask nW)
 SHAPES = {
-    "swin-t-sw-msa": (4, 2, (7, 7), 32, (3, 3), (2, 2), None),
+    "swin-t-sw-msa": (4, 1, (7, 7), 32, (3, 3), (2, 2), None),
     "batch1-d16": (1, 1, (7, 7), 16, (0, 0), None, None),
-    "ws12-n144": (2, 1, (12, 12), 32, (6, 6), (1, 2), None),
+    "ws12-n144": (1, 1, (12, 12), 32, (6, 6), (1, 1), None),
     "nonsquare-odd-batch-d48": (9, 1, (3, 5), 48, (1, 2), (3, 1), None),
     "explicit-mask-d64": (4, 1, (7, 7), 64, (0, 0), None, 2),
     "d128-batch3": (3, 1, (4, 4), 128, (0, 0), None, None),
@@ -73,7 +73,7 @@ def test_parity(kernel_backend, name, dtype):
 def test_no_bias_table_custom_scale_mask_value(kernel_backend):
     """No table (only q, k, v grads), qk_scale override and a non-default mask value."""
     device = require_backend(OP, kernel_backend)
-    t = _inputs(4, 2, (7, 7), 32, None, device)
+    t = _inputs(4, 1, (7, 7), 32, None, device)
     del t["bias_table"]
     assert_parity(_fn((7, 7), (3, 3), (2, 2), scale=0.3, mask_value=-1e4), t, ["q", "k", "v"], torch.float32,
                   backend=kernel_backend, op=OP)
@@ -82,7 +82,7 @@ def test_no_bias_table_custom_scale_mask_value(kernel_backend):
 def test_fp32_table_with_half_inputs(kernel_backend):
     """An fp32 bias table with fp16 q, k, v (autocast-style mixed inputs)."""
     device = require_backend(OP, kernel_backend)
-    t = _inputs(4, 2, (7, 7), 32, None, device)
+    t = _inputs(4, 1, (7, 7), 32, None, device)
     t = {k: v.half() for k, v in t.items()}
     t["bias_table"] = t["bias_table"].float()
 
@@ -97,7 +97,7 @@ def test_fp32_table_with_half_inputs(kernel_backend):
 def test_strided_qkv(kernel_backend):
     """q, k, v as timm makes them: permuted views of one qkv tensor (non-contiguous)."""
     device = require_backend(OP, kernel_backend)
-    b_, h, n, d = 4, 3, 49, 32
+    b_, h, n, d = 2, 2, 49, 32
     qkv = torch.randn(b_, n, 3, h, d, dtype=torch.float64, device=device)
     bias = torch.randn(169, h, dtype=torch.float64, device=device)
 
@@ -133,13 +133,13 @@ def _reference_logits(q, k, table, ws, shift, grid, scale):
     return attn
 
 
-@pytest.mark.parametrize("ws,shift,grid", [((7, 7), (3, 3), (2, 2)), ((12, 12), (6, 6), (1, 2))],
+@pytest.mark.parametrize("ws,shift,grid", [((7, 7), (3, 3), (1, 2)), ((12, 12), (6, 6), (1, 2))],
                          ids=["n49", "n144"])
 def test_triton_logsumexp(ws, shift, grid):
     k = _triton()
-    t = {n: v.float() for n, v in _inputs(4, 2, ws, 32, None, "cpu").items()}
+    t = {n: v.float() for n, v in _inputs(2, 2, ws, 32, None, "cpu").items()}
     out = torch.empty_like(t["q"])
-    geo = k.Geometry(ws, 4, 2, 32, grid=grid, shift=shift)
+    geo = k.Geometry(ws, 2, 2, 32, grid=grid, shift=shift)
     lse = k.window_attention_forward(t["q"], t["k"], t["v"], out, geo, t["bias_table"], scale=32 ** -0.5)
     logits = _reference_logits(*(t[n].double() for n in ("q", "k", "bias_table")), ws, shift, grid, 32 ** -0.5)
     torch.testing.assert_close(lse.double(), torch.logsumexp(logits, -1), atol=1e-5, rtol=1e-5)
@@ -150,7 +150,7 @@ def test_triton_dropout_replay(dtype):
     """The kernel's keep-mask, materialised for the same seed, reproduces forward and every gradient."""
     k = _triton()
     p = 0.3
-    t = {n: v.to(dtype).requires_grad_() for n, v in _inputs(4, 2, (7, 7), 32, None, "cpu").items()}
+    t = {n: v.to(dtype).requires_grad_() for n, v in _inputs(4, 2, (7, 7), 16, None, "cpu").items()}
     torch.manual_seed(123)
     seed = k.draw_seed()
     keep = k.dropout_keep_mask(seed, 4, 2, 49, p)
@@ -180,11 +180,11 @@ def test_triton_dropout_seed_changes_mask():
     assert not torch.equal(a, b)
 
 
-@pytest.mark.parametrize("ws,grid", [((7, 7), (2, 3)), ((12, 12), (1, 3))], ids=["n49", "n144"])
+@pytest.mark.parametrize("ws,grid", [((7, 7), (2, 3)), ((12, 12), (1, 2))], ids=["n49", "n144"])
 def test_triton_table_grad_deterministic(ws, grid):
     """Two backward runs give a bitwise-identical table gradient (no atomics)."""
     _triton()
-    t = {n: v.float() for n, v in _inputs(6 if ws[0] == 7 else 3, 1, ws, 16, None, "cpu").items()}
+    t = {n: v.float() for n, v in _inputs(grid[0] * grid[1], 1, ws, 16, None, "cpu").items()}
     table_grads = []
     for _ in range(2):
         table = t["bias_table"].clone().requires_grad_()
@@ -195,13 +195,14 @@ def test_triton_table_grad_deterministic(ws, grid):
     assert torch.equal(table_grads[0], table_grads[1])
 
 
-@pytest.mark.parametrize("wpp", [2, 4])
-def test_triton_windows_per_program(wpp):
-    """Several windows per program (the packing large batches get) against the reference."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_triton_windows_per_program(dtype):
+    """Four windows per program (the packing large batches get) against the reference: the
+    forward's one-tile path (fp16) and the key loop (fp32), and the backward's partial sums."""
     k = _triton()
-    ws, grid, shift = (7, 7), (2, 2), (3, 3)
-    t = {n: v.float() for n, v in _inputs(8, 2, ws, 32, None, "cpu").items()}
-    geo = k.Geometry(ws, 8, 2, 32, grid=grid, shift=shift)
+    ws, grid, shift, wpp = (7, 7), (2, 2), (3, 3), 4
+    t = {n: v.to(dtype) for n, v in _inputs(8, 1, ws, 32, None, "cpu").items()}
+    geo = k.Geometry(ws, 8, 1, 32, grid=grid, shift=shift)
     out = torch.empty_like(t["q"])
     lse = k.window_attention_forward(t["q"], t["k"], t["v"], out, geo, t["bias_table"], scale=32 ** -0.5, wpp=wpp)
     gout = torch.randn_like(out)
@@ -212,9 +213,10 @@ def test_triton_windows_per_program(wpp):
     ref = reference.window_attention(ref_in["q"], ref_in["k"], ref_in["v"], ref_in["bias_table"], window_size=ws,
                                      shift_size=shift, grid=grid)
     ref_grads = torch.autograd.grad(ref, [ref_in[n] for n in GRADS], gout.double())
-    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
     for g, r in zip((dq, dk, dv, d_table), ref_grads):
-        torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(g.double(), r, atol=tol, rtol=tol)
 
 
 def test_triton_reasons_head_dim():
