@@ -19,8 +19,10 @@
 // recomputing dP = dO Yv^T over C in chunks of CC columns.
 
 #include "sf_common.cuh"
+#include "sf_mma.cuh"
 
 #include <cstdint>
+#include <type_traits>
 
 namespace sf_semantic_attention {
 
@@ -143,6 +145,166 @@ __global__ void __launch_bounds__(kThreads) semantic_attention_fwd_kernel(Params
       if (col < p.c) out[(b * p.n + i) * p.c + col] = sf::from_float<T>(o[r][u] * inv);
     }
     if (lane == 0 && c0 == 0) lse[b * p.n + i] = m[r] + logf(l[r]);
+  }
+}
+
+// ------------------------------------------------- forward, tensor cores --
+// fp16 / bf16: S = Sq Sk^T and P Yv on tensor cores (sf::mma_m16n8k16_f32, fp32
+// accumulation).  A warp owns 16 query rows (MBM = 64 per block), key tiles of
+// MBN = 32 keys; K is padded to a multiple of 16 in shared memory and the A
+// fragments of Sq are read from shared memory at every key tile (K up to 256
+// would not fit in registers next to the output accumulators).  The logits stay
+// in the accumulator layout (lane: rows g, g + 8; columns 2t, 2t + 1), the
+// probabilities become the A operand of P Yv in registers, rounded to the
+// input dtype as flash attention does.  A block owns CT = 8 * NT output columns.
+constexpr int kMmaWarps = 4;
+constexpr int MBM = 16 * kMmaWarps;
+constexpr int MBN = 32;
+
+SF_HOST_DEVICE inline int mma_kp(int k) { return (k + 15) / 16 * 16; }
+SF_HOST_DEVICE inline int mma_ld(int width) { return width + 8; }  // rows 16 bytes apart
+
+SF_HOST_DEVICE inline int64_t fwd_mma_smem_bytes(int k, int ct) {
+  return 2 * (static_cast<int64_t>(MBM + MBN) * mma_ld(mma_kp(k)) + MBN * mma_ld(ct));
+}
+
+// Stage rows [row0, row0 + rows) x cols [col0, col0 + width) of a (n, cols) matrix in its dtype, zero padded.
+template <typename T>
+SF_DEVICE_INLINE void load_tile_raw(T* dst, int ld, const T* src, int row0, int rows, int n, int col0, int width,
+                                    int cols) {
+  const T zero = sf::from_float<T>(0.f);
+  for (int e = threadIdx.x; e < rows * width; e += kMmaWarps * 32) {
+    const int r = e / width, t = e % width;
+    const int row = row0 + r, col = col0 + t;
+    dst[r * ld + t] = (row < n && col < cols) ? src[static_cast<int64_t>(row) * cols + col] : zero;
+  }
+}
+
+SF_DEVICE_INLINE float group_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+SF_DEVICE_INLINE float group_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// grid (B_ * ceil(C / CT), ceil(N / MBM)), block kMmaWarps * 32.
+template <typename T, int NT>
+__global__ void __launch_bounds__(kMmaWarps * 32) semantic_attention_fwd_mma_kernel(Params p, T* __restrict__ out,
+                                                                                    float* __restrict__ lse) {
+  constexpr int CT = 8 * NT;
+  constexpr int ST = MBN / 8;
+  const int kp = mma_kp(p.k), ldk = mma_ld(kp), ks_steps = kp / 16;
+  constexpr int LDV = CT + 8;
+  SF_DYNAMIC_SHARED(T, smem);
+  T* qs = smem;              // [MBM][ldk]
+  T* ks = qs + MBM * ldk;    // [MBN][ldk]
+  T* vs = ks + MBN * ldk;    // [MBN][LDV]
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int ctiles = (p.c + CT - 1) / CT;
+  const int64_t b = blockIdx.x / ctiles;
+  const int c0 = static_cast<int>(blockIdx.x % ctiles) * CT;
+  const int q0 = blockIdx.y * MBM;
+  const T* sqg = static_cast<const T*>(p.sq) + b * p.n * p.k;
+  const T* skg = static_cast<const T*>(p.sk) + b * p.n * p.k;
+  const T* yvg = static_cast<const T*>(p.yv) + b * p.n * p.c;
+  load_tile_raw<T>(qs, ldk, sqg, q0, MBM, p.n, 0, kp, p.k);
+
+  int rows[2];
+  float m[2], l[2];
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    rows[h2] = q0 + warp * 16 + g + 8 * h2;
+    m[h2] = kNegInf;
+    l[h2] = 0.f;
+  }
+  float o[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[nt][e] = 0.f;
+
+  for (int k0 = 0; k0 < p.n; k0 += MBN) {
+    __syncthreads();  // the previous tile's readers are done (and, first time, qs is published below)
+    load_tile_raw<T>(ks, ldk, skg, k0, MBN, p.n, 0, kp, p.k);
+    load_tile_raw<T>(vs, LDV, yvg, k0, MBN, p.n, c0, CT, p.c);
+    __syncthreads();
+    float s[ST][4];
+#pragma unroll
+    for (int st = 0; st < ST; ++st)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[st][e] = 0.f;
+    for (int kk = 0; kk < ks_steps; ++kk) {
+      uint32_t a[4];
+      sf::load_a_frag<T>(a, qs + warp * 16 * ldk + kk * 16, ldk, lane);
+#pragma unroll
+      for (int st = 0; st < ST; ++st) {
+        uint32_t bb[2];
+        sf::load_b_frag<T>(bb, ks + st * 8 * ldk + kk * 16, ldk, lane);
+        sf::mma_m16n8k16_f32<T>(s[st], a, bb, s[st]);
+      }
+    }
+    float mx[2] = {kNegInf, kNegInf};
+#pragma unroll
+    for (int st = 0; st < ST; ++st)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h2 = e >> 1, j = k0 + st * 8 + 2 * t4 + (e & 1);
+        if (rows[h2] >= p.n || j >= p.n) s[st][e] = kNegInf;
+        mx[h2] = fmaxf(mx[h2], s[st][e]);
+      }
+    float alpha[2], m_new[2], sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      m_new[h2] = fmaxf(m[h2], group_max(mx[h2]));
+      alpha[h2] = m[h2] == kNegInf ? 0.f : __expf(m[h2] - m_new[h2]);
+    }
+#pragma unroll
+    for (int st = 0; st < ST; ++st)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h2 = e >> 1;
+        s[st][e] = s[st][e] == kNegInf ? 0.f : __expf(s[st][e] - m_new[h2]);
+        sum[h2] += s[st][e];
+      }
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      l[h2] = l[h2] * alpha[h2] + group_sum(sum[h2]);
+      m[h2] = m_new[h2];
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[nt][e] *= alpha[e >> 1];
+#pragma unroll
+    for (int kk = 0; kk < MBN / 16; ++kk) {
+      uint32_t a[4];
+      sf::acc_to_a_frag<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        uint32_t bb[2];
+        sf::load_b_frag_t<T>(bb, vs + kk * 16 * LDV + nt * 8, LDV, lane);
+        sf::mma_m16n8k16_f32<T>(o[nt], a, bb, o[nt]);
+      }
+    }
+  }
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    const int i = rows[h2];
+    if (i >= p.n) continue;
+    const float inv = 1.f / l[h2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int col = c0 + nt * 8 + 2 * t4 + c;
+        if (col < p.c) out[(b * p.n + i) * p.c + col] = sf::from_float<T>(o[nt][2 * h2 + c] * inv);
+      }
+    if (t4 == 0 && c0 == 0) lse[b * p.n + i] = m[h2] + logf(l[h2]);
   }
 }
 
@@ -403,11 +565,23 @@ inline unsigned cdiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b
 
 template <typename T, int CPL>
 void forward(const Params& p, T* out, float* lse, cudaStream_t stream) {
-  const size_t smem = sizeof(float) * fwd_smem_floats(p.kp, 32 * CPL);
-  auto kernel = semantic_attention_fwd_kernel<T, CPL>;
-  SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
-  SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * cdiv(p.c, 32 * CPL)), cdiv(p.n, BM)), dim3(kThreads), smem,
-            stream, p, out, lse);
+  if constexpr (!std::is_same<T, float>::value) {
+    // fp16 / bf16: tensor cores, C tiles of 64 or 128 columns.
+    auto launch = [&](auto kernel, int ct) {
+      const size_t smem = fwd_mma_smem_bytes(p.k, ct);
+      SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
+      SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * cdiv(p.c, ct)), cdiv(p.n, MBM)), dim3(kMmaWarps * 32),
+                smem, stream, p, out, lse);
+    };
+    if (p.c > 64) launch(semantic_attention_fwd_mma_kernel<T, 16>, 128);
+    else launch(semantic_attention_fwd_mma_kernel<T, 8>, 64);
+  } else {
+    const size_t smem = sizeof(float) * fwd_smem_floats(p.kp, 32 * CPL);
+    auto kernel = semantic_attention_fwd_kernel<T, CPL>;
+    SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
+    SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * cdiv(p.c, 32 * CPL)), cdiv(p.n, BM)), dim3(kThreads),
+              smem, stream, p, out, lse);
+  }
   SF_CHECK_LAUNCH();
 }
 

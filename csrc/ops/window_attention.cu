@@ -936,14 +936,13 @@ void forward(const Params& p, T* out, float* lse, cudaStream_t stream) {
     SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
     SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * p.heads), cdiv(p.n, MBM)), dim3(kMmaWarps * 32), smem,
               stream, p, out, lse);
-    SF_CHECK_LAUNCH();
-    return;
+  } else {
+    const size_t smem = sizeof(float) * (fwd_smem_floats_fixed<DP>() + (p.table ? table_rows(p) : 0));
+    auto kernel = window_attention_fwd_kernel<T, DP>;
+    SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
+    SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * p.heads), cdiv(p.n, BM)), dim3(kThreads), smem, stream,
+              p, out, lse);
   }
-  const size_t smem = sizeof(float) * (fwd_smem_floats_fixed<DP>() + (p.table ? table_rows(p) : 0));
-  auto kernel = window_attention_fwd_kernel<T, DP>;
-  SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
-  SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * p.heads), cdiv(p.n, BM)), dim3(kThreads), smem, stream,
-            p, out, lse);
   SF_CHECK_LAUNCH();
 }
 
@@ -966,16 +965,16 @@ void backward(const Params& p, const T* out, const T* dout, const float* lse, fl
     SF_LAUNCH(qk, dim3(static_cast<unsigned>(chunks * p.heads), cdiv(p.n, MBM)), dim3(kMmaWarps * 32), smem, stream,
               p, dout, lse, delta, dq, dsum, per_chunk);
   } else {
-  const size_t smem_kv = sizeof(float) * (dkv_smem_floats_fixed<DP>() + tsm);
-  auto kv = window_attention_dkv_kernel<T, DP>;
-  SF_ALLOW_DYNAMIC_SMEM(kv, smem_kv);
-  SF_LAUNCH(kv, dim3(static_cast<unsigned>(p.batch * p.heads), cdiv(p.n, BN)), dim3(kThreads), smem_kv, stream, p,
-            dout, lse, delta, dk, dv);
-  const size_t smem_q = sizeof(float) * (dq_smem_floats_fixed<DP>() + tsm);
-  auto qk = window_attention_dq_kernel<T, DP>;
-  SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
-  SF_LAUNCH(qk, dim3(static_cast<unsigned>(chunks * p.heads), cdiv(p.n, BM)), dim3(kThreads), smem_q, stream, p,
-            dout, lse, delta, dq, dsum, per_chunk);
+    const size_t smem_kv = sizeof(float) * (dkv_smem_floats_fixed<DP>() + tsm);
+    auto kv = window_attention_dkv_kernel<T, DP>;
+    SF_ALLOW_DYNAMIC_SMEM(kv, smem_kv);
+    SF_LAUNCH(kv, dim3(static_cast<unsigned>(p.batch * p.heads), cdiv(p.n, BN)), dim3(kThreads), smem_kv, stream, p,
+              dout, lse, delta, dk, dv);
+    const size_t smem_q = sizeof(float) * (dq_smem_floats_fixed<DP>() + tsm);
+    auto qk = window_attention_dq_kernel<T, DP>;
+    SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
+    SF_LAUNCH(qk, dim3(static_cast<unsigned>(chunks * p.heads), cdiv(p.n, BM)), dim3(kThreads), smem_q, stream, p,
+              dout, lse, delta, dq, dsum, per_chunk);
   }
   if (p.table)
     SF_LAUNCH(window_attention_table_grad_kernel, dim3(table_rows(p), p.heads), dim3(kThreads), 0, stream, dsum,

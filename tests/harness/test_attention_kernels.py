@@ -126,7 +126,7 @@ def test_table_grad_bitwise_reproducible(monkeypatch, b_, h, ws, grid, dtype):
         return tab.grad
 
     runs = []
-    for seed, threads in (("0", "1"), ("7", "2"), ("123", "3")):
+    for seed, threads in (("0", "1"), ("7", "3")):
         monkeypatch.setenv("SF_SIMT_SEED", seed)  # thread order inside a block
         monkeypatch.setenv("SF_SIMT_THREADS", threads)  # blocks on host threads
         runs.append(table_grad())
