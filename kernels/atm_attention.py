@@ -30,11 +30,17 @@ import torch
 import triton
 import triton.language as tl
 
-from . import AOTConfig, dot_fp32
+from . import INTERPRETED, AOTConfig, dot_fp32
 from .semantic_attention import row_dot
 
 #: Supported head dims and head counts (the pass-1 statistics hold all heads in registers).
 MIN_HEAD_DIM, MAX_HEAD_DIM, MAX_HEADS = 16, 128, 64
+
+#: Triton's interpreter costs per operation, not per element: under it the launchers use the
+#: largest tiles so the tests stay fast.  Compiled kernels always use the register-budgeted tiles
+#: of ``forward_config``/``backward_config`` (the AOT_CONFIGS); tests set this to False on small
+#: shapes to run those tiles too.
+INTERPRETER_TILES = INTERPRETED
 
 
 @triton.jit
@@ -222,13 +228,27 @@ def _p2(x: int, lo: int = 16, hi: int = 1 << 30) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
 
 
-def forward_config(heads: int, nq: int, nk: int, d: int) -> dict:
-    return dict(BLOCK_M=_p2(nq, hi=64), BLOCK_N=_p2(nk, hi=64), BLOCK_D=_p2(d), BLOCK_H=_p2(heads, lo=1))
+def forward_config(heads: int, nq: int, nk: int, d: int, dtype) -> dict:
+    """Block sizes and warps; chosen so every shipped configuration compiles without spills on sm_80
+    and sm_90 (AOT table).  fp32 tiles take twice the registers and use FMA dots (ieee)."""
+    if dtype == torch.float32:
+        bm, bn = (16, 16) if d > 64 else (16, 32)
+    else:
+        bm, bn = (32, 32) if d > 64 else (64, 32)
+    return dict(BLOCK_M=_p2(nq, hi=bm), BLOCK_N=_p2(nk, hi=bn), BLOCK_D=_p2(d), BLOCK_H=_p2(heads, lo=1),
+                num_warps=8)
 
 
-def backward_config(nq: int, nk: int, d: int) -> dict:
-    block = 64 if d <= 64 else 32
-    return dict(BLOCK_M=_p2(nq, hi=block), BLOCK_N=_p2(nk, hi=block), BLOCK_D=_p2(d))
+def backward_config(nq: int, nk: int, d: int, dtype) -> dict:
+    if dtype == torch.float32:
+        bm, bn = (16, 16) if d > 64 else (16, 32)
+    else:
+        bm, bn = (32, 32) if d > 64 else ((64, 32) if d > 32 else (64, 64))
+    return dict(BLOCK_M=_p2(nq, hi=bm), BLOCK_N=_p2(nk, hi=bn), BLOCK_D=_p2(d), num_warps=8)
+
+
+def _tiles(cfg: dict, nq: int, nk: int) -> dict:
+    return dict(cfg, BLOCK_M=_p2(nq, hi=64), BLOCK_N=_p2(nk, hi=64)) if INTERPRETER_TILES else cfg
 
 
 def draw_seed() -> int:
@@ -243,7 +263,7 @@ def atm_attention_forward(q, k, v, *, scale: float, dropout_p: float = 0.0, seed
     out = torch.empty_like(q)
     mask_logits = torch.empty((B, NQ, NK), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, NQ), device=q.device, dtype=torch.float32)
-    cfg = forward_config(H, NQ, NK, D)
+    cfg = _tiles(forward_config(H, NQ, NK, D, q.dtype), NQ, NK)
     _atm_fwd_kernel[(triton.cdiv(NQ, cfg["BLOCK_M"]), B)](
         q, k, v, out, mask_logits, lse, seed, H, NQ, NK, D, scale, dropout_p,
         DROPOUT=dropout_p > 0, DOT_FP32=dot_fp32(q.dtype), **cfg)
@@ -256,7 +276,7 @@ def atm_attention_backward(q, k, v, out, lse, dout, dmask, *, scale: float, drop
     NK = k.shape[2]
     delta = row_dot(dout, out)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    cfg = backward_config(NQ, NK, D)
+    cfg = _tiles(backward_config(NQ, NK, D, q.dtype), NQ, NK)
     flags = dict(DROPOUT=dropout_p > 0, DOT_FP32=dot_fp32(q.dtype), **cfg)
     args = (seed, H, NQ, NK, D, scale, dropout_p)
     _atm_bwd_kv_kernel[(triton.cdiv(NK, cfg["BLOCK_N"]), B * H)](q, k, v, dout, dmask, lse, delta, dk, dv, *args,
@@ -293,18 +313,21 @@ def _aot_configs():
         for name, H, NQ, NK, D in SHIPPED_SHAPES:
             for dropout in (False, True):
                 tag = f"{name},{ty}{',dropout' if dropout else ''}"
-                fcfg = dict(forward_config(H, NQ, NK, D), DROPOUT=dropout, DOT_FP32=False)
+                fcfg = dict(forward_config(H, NQ, NK, D, dtype), DROPOUT=dropout, DOT_FP32=False)
+                fwarps = fcfg.pop("num_warps")
                 sig = {p: f"*{ty}" for p in ptrs + ("OUT", "M")}
                 sig.update(LSE="*fp32", **scalars, **{c: "constexpr" for c in fcfg})
-                configs.append(AOTConfig(_atm_fwd_kernel, f"atm_attention_fwd[{tag}]", sig, fcfg))
-                bcfg = dict(backward_config(NQ, NK, D), DROPOUT=dropout, DOT_FP32=False)
+                configs.append(AOTConfig(_atm_fwd_kernel, f"atm_attention_fwd[{tag}]", sig, fcfg, num_warps=fwarps))
+                bcfg = dict(backward_config(NQ, NK, D, dtype), DROPOUT=dropout, DOT_FP32=False)
+                bwarps = bcfg.pop("num_warps")
                 base = {p: f"*{ty}" for p in ptrs + ("DO", "DM")}
                 base.update(LSE="*fp32", DELTA="*fp32")
                 tail = dict(**scalars, **{c: "constexpr" for c in bcfg})
                 configs.append(AOTConfig(_atm_bwd_kv_kernel, f"atm_attention_bwd_kv[{tag}]",
-                                         dict(base, DK=f"*{ty}", DV=f"*{ty}", **tail), bcfg))
+                                         dict(base, DK=f"*{ty}", DV=f"*{ty}", **tail), bcfg,
+                                         num_warps=bwarps))
                 configs.append(AOTConfig(_atm_bwd_q_kernel, f"atm_attention_bwd_q[{tag}]",
-                                         dict(base, DQ=f"*{ty}", **tail), bcfg))
+                                         dict(base, DQ=f"*{ty}", **tail), bcfg, num_warps=bwarps))
     configs.append(AOTConfig(_atm_keep_kernel, "atm_attention_keep",
                              dict(KEEP="*i8", seed="i32", NQ="i32", NK="i32", dropout_p="fp32", BLOCK_M="constexpr",
                                   BLOCK_N="constexpr"), dict(BLOCK_M=32, BLOCK_N=32)))
@@ -314,4 +337,5 @@ def _aot_configs():
 AOT_CONFIGS = _aot_configs()
 
 __all__ = ["atm_attention_forward", "atm_attention_backward", "dropout_keep_mask", "draw_seed", "forward_config",
-           "backward_config", "MIN_HEAD_DIM", "MAX_HEAD_DIM", "MAX_HEADS", "AOT_CONFIGS"]
+           "backward_config", "MIN_HEAD_DIM", "MAX_HEAD_DIM", "MAX_HEADS", "INTERPRETER_TILES",
+           "AOT_CONFIGS"]

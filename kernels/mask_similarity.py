@@ -25,10 +25,16 @@ import torch
 import triton
 import triton.language as tl
 
-from . import AOTConfig, dot_fp32
+from . import INTERPRETED, AOTConfig, dot_fp32
 
 #: Largest class count: a program holds all K columns (LayerNorm over K) in registers.
 MAX_K = 256
+
+#: Triton's interpreter costs per operation, not per element: under it the launchers use the
+#: largest tiles so the tests stay fast.  Compiled kernels always use the register-budgeted tiles
+#: of the ``*_config`` functions (the AOT_CONFIGS); tests set this to False on small shapes to run
+#: those tiles too.
+INTERPRETER_TILES = INTERPRETED
 
 
 @triton.jit
@@ -180,14 +186,30 @@ def _p2(x: int, lo: int = 16, hi: int = 1 << 30) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
 
 
-def rows_config(np_: int, k: int, d: int) -> dict:
+def forward_config(np_: int, k: int, d: int) -> dict:
+    """Block sizes and warps; chosen so every shipped configuration compiles without spills on sm_80
+    and sm_90 (AOT table).  The (BLOCK_M, K) tile lives in registers: fewer rows for large K."""
     kp = _p2(k)
-    # The (BLOCK_M, K) tile lives in registers: fewer rows for large K.
-    return dict(BLOCK_M=_p2(np_, hi=32 if kp > 64 else 64), BLOCK_KP=kp, BLOCK_D=_p2(d, hi=32))
+    if kp > 64:
+        return dict(BLOCK_M=_p2(np_, hi=32), BLOCK_KP=kp, BLOCK_D=_p2(d, hi=16), num_warps=8)
+    return dict(BLOCK_M=_p2(np_, hi=64), BLOCK_KP=kp, BLOCK_D=_p2(d, hi=32), num_warps=4)
+
+
+def rows_config(np_: int, k: int, d: int, dtype) -> dict:
+    kp = _p2(k)
+    if kp > 64:
+        # fp32 dots run on FMAs (ieee), where an 8-wide D chunk is allowed and keeps the tiles in registers.
+        block_d = 8 if dtype == torch.float32 else 16
+        return dict(BLOCK_M=_p2(np_, hi=16), BLOCK_KP=kp, BLOCK_D=_p2(d, lo=block_d, hi=block_d), num_warps=8)
+    return dict(BLOCK_M=_p2(np_, hi=64), BLOCK_KP=kp, BLOCK_D=_p2(d, hi=32), num_warps=4)
 
 
 def cols_config(np_: int, k: int, d: int) -> dict:
-    return dict(BLOCK_M=_p2(np_, hi=32), BLOCK_K=_p2(k, hi=64), BLOCK_D=_p2(d, hi=64))
+    return dict(BLOCK_M=_p2(np_, hi=32), BLOCK_K=_p2(k, hi=64), BLOCK_D=_p2(d, hi=64), num_warps=4)
+
+
+def _tiles(cfg: dict, np_: int, d: int) -> dict:
+    return dict(cfg, BLOCK_M=_p2(np_, hi=64), BLOCK_D=_p2(d, hi=32)) if INTERPRETER_TILES else cfg
 
 
 def mask_similarity_forward(patches, classes, weight=None, bias=None, *, norm: bool = False, eps: float = 1e-5):
@@ -197,7 +219,7 @@ def mask_similarity_forward(patches, classes, weight=None, bias=None, *, norm: b
     out = torch.empty((B, NP, K), device=patches.device, dtype=patches.dtype)
     rp = torch.empty((B, NP), device=patches.device, dtype=torch.float32)
     rc = torch.empty((B, K), device=patches.device, dtype=torch.float32)
-    cfg = rows_config(NP, K, D)
+    cfg = _tiles(forward_config(NP, K, D), NP, D)
     _mask_sim_fwd_kernel[(triton.cdiv(NP, cfg["BLOCK_M"]), B)](
         patches, classes, weight if weight is not None else rp, bias if bias is not None else rp, out, rp, rc,
         NP, K, D, eps, NORM=norm, HAS_W=weight is not None, HAS_B=bias is not None,
@@ -210,7 +232,7 @@ def mask_similarity_backward(patches, classes, weight, rp, rc, dout, *, norm: bo
     B, NP, D = patches.shape
     K = classes.shape[1]
     flag = dot_fp32(patches.dtype)
-    cfg = rows_config(NP, K, D)
+    cfg = _tiles(rows_config(NP, K, D, patches.dtype), NP, D)
     m_blocks = triton.cdiv(NP, cfg["BLOCK_M"])
     dpatches = torch.empty_like(patches)
     ds = torch.empty((B, NP, K), device=patches.device, dtype=torch.float32)
@@ -245,27 +267,29 @@ def _aot_configs():
         for name, NP, K, D in SHIPPED_SHAPES:
             for norm, has_w in ((False, False), (True, True), (True, False)):
                 tag = f"{name},{ty}{',norm' if norm else ''}{'' if has_w or not norm else ',no-affine'}"
-                rcfg = rows_config(NP, K, D)
                 wty = ty if has_w else "fp32"  # without affine the launcher passes an fp32 dummy
                 fsig = dict(P=f"*{ty}", C=f"*{ty}", W=f"*{wty}", BIAS=f"*{wty}", OUT=f"*{ty}", RP="*fp32", RC="*fp32",
                             NP="i32", K="i32", D="i32", eps="fp32")
-                fc = dict(rcfg, NORM=norm, HAS_W=has_w, HAS_B=has_w, DOT_FP32=False)
+                fc = dict(forward_config(NP, K, D), NORM=norm, HAS_W=has_w, HAS_B=has_w, DOT_FP32=False)
+                warps = fc.pop("num_warps")
                 configs.append(AOTConfig(_mask_sim_fwd_kernel, f"mask_similarity_fwd[{tag}]",
-                                         dict(fsig, **{c: "constexpr" for c in fc}), fc))
+                                         dict(fsig, **{c: "constexpr" for c in fc}), fc, num_warps=warps))
                 bsig = dict(P=f"*{ty}", C=f"*{ty}", W=f"*{wty}", DY=f"*{ty}", RP="*fp32", RC="*fp32", DP=f"*{ty}",
                             DS="*fp32", PART="*fp32", NP="i32", K="i32", D="i32", eps="fp32")
-                bc = dict(rcfg, NORM=norm, HAS_W=has_w, DOT_FP32=False)
+                bc = dict(rows_config(NP, K, D, dtype), NORM=norm, HAS_W=has_w, DOT_FP32=False)
+                warps = bc.pop("num_warps")
                 configs.append(AOTConfig(_mask_sim_bwd_rows_kernel, f"mask_similarity_bwd_rows[{tag}]",
-                                         dict(bsig, **{c: "constexpr" for c in bc}), bc))
+                                         dict(bsig, **{c: "constexpr" for c in bc}), bc, num_warps=warps))
             cc = dict(cols_config(NP, K, D), DOT_FP32=False)
+            warps = cc.pop("num_warps")
             csig = dict(P=f"*{ty}", C=f"*{ty}", DS="*fp32", RP="*fp32", RC="*fp32", PART="*fp32", DC=f"*{ty}",
                         NP="i32", K="i32", D="i32", M_BLOCKS="i32")
             configs.append(AOTConfig(_mask_sim_bwd_cols_kernel, f"mask_similarity_bwd_cols[{name},{ty}]",
-                                     dict(csig, **{c: "constexpr" for c in cc}), cc))
+                                     dict(csig, **{c: "constexpr" for c in cc}), cc, num_warps=warps))
     return configs
 
 
 AOT_CONFIGS = _aot_configs()
 
-__all__ = ["mask_similarity_forward", "mask_similarity_backward", "rows_config", "cols_config", "MAX_K",
-           "AOT_CONFIGS"]
+__all__ = ["mask_similarity_forward", "mask_similarity_backward", "forward_config", "rows_config", "cols_config",
+           "MAX_K", "INTERPRETER_TILES", "AOT_CONFIGS"]

@@ -24,10 +24,16 @@ import torch
 import triton
 import triton.language as tl
 
-from . import AOTConfig, dot_fp32
+from . import INTERPRETED, AOTConfig, dot_fp32
 
 #: Largest class count K the backward accumulators hold (K padded to a power of two).
 MAX_K = 256
+
+#: Triton's interpreter costs per operation, not per element: under it the launchers use the
+#: largest tiles (fewer programs and loop trips) so the tests stay fast.  Compiled kernels always
+#: use the register-budgeted tiles of ``forward_config``/``backward_config`` (the AOT_CONFIGS);
+#: tests set this to False on small shapes to run those tiles too.
+INTERPRETER_TILES = INTERPRETED
 
 
 @triton.jit
@@ -204,15 +210,29 @@ def _p2(x: int, lo: int = 16, hi: int = 1 << 30) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
 
 
-def forward_config(N: int, K: int, C: int) -> dict:
-    return dict(BLOCK_M=_p2(N, hi=64), BLOCK_N=_p2(N, hi=64), BLOCK_K=_p2(K, hi=32), BLOCK_C=_p2(C, hi=128))
+def forward_config(N: int, K: int, C: int, dtype) -> dict:
+    """Block sizes and warps; chosen so every shipped configuration compiles without spills (AOT table)."""
+    wide = dtype == torch.float32  # fp32 tiles take twice the registers and use FMA dots (ieee)
+    return dict(BLOCK_M=_p2(N, hi=32 if wide else 64), BLOCK_N=_p2(N, hi=32 if wide else 64), BLOCK_K=_p2(K, hi=32),
+                BLOCK_C=_p2(C, hi=128), num_warps=8)
 
 
-def backward_config(N: int, K: int, C: int) -> dict:
-    kp = _p2(K)
+def backward_config(N: int, K: int, C: int, dtype) -> dict:
+    wide = dtype == torch.float32
     # The (block x K) dSq/dSk accumulators live in registers: smaller blocks for large K.
-    block = _p2(N, hi=32 if kp > 64 else 64)
-    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_KP=kp, BLOCK_C=_p2(C, hi=64))
+    big_k = _p2(K) > 64
+    if wide:
+        block, block_c, warps = 16, 16, (8 if big_k else 4)
+    elif big_k:
+        block, block_c, warps = 16, 32, 8
+    else:
+        block, block_c, warps = 32, 64, 8
+    return dict(BLOCK_M=_p2(N, hi=block), BLOCK_N=_p2(N, hi=block), BLOCK_KP=_p2(K), BLOCK_C=_p2(C, hi=block_c),
+                num_warps=warps)
+
+
+def _tiles(cfg: dict, **interpreter) -> dict:
+    return dict(cfg, **interpreter) if INTERPRETER_TILES else cfg
 
 
 def windows_per_program(B: int, blocks_per_window: int) -> int:
@@ -231,7 +251,7 @@ def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     rows = a.numel() // max(cols, 1)
     out = torch.empty(a.shape[:-1], device=a.device, dtype=torch.float32)
     block_c = _p2(cols, hi=128)
-    _row_dot_kernel[(triton.cdiv(rows, 32),)](a, b, out, rows, cols, BLOCK_R=32, BLOCK_C=block_c)
+    _row_dot_kernel[(triton.cdiv(rows, 16),)](a, b, out, rows, cols, BLOCK_R=16, BLOCK_C=block_c)
     return out
 
 
@@ -241,7 +261,8 @@ def semantic_attention_forward(sq, sk, yv, *, windows_per_program=None):
     C = yv.shape[-1]
     out = torch.empty_like(yv)
     lse = torch.empty((B, N), device=sq.device, dtype=torch.float32)
-    cfg = forward_config(N, K, C)
+    cfg = _tiles(forward_config(N, K, C, sq.dtype), BLOCK_M=_p2(N, hi=64), BLOCK_N=_p2(N, hi=64),
+                 BLOCK_C=_p2(C, hi=128))
     m_blocks = triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(C, cfg["BLOCK_C"])
     wpp = _wpp(B, m_blocks, windows_per_program)
     _sem_fwd_kernel[(m_blocks, triton.cdiv(B, wpp))](sq, sk, yv, out, lse, B, N, K, C, wpp,
@@ -255,7 +276,8 @@ def semantic_attention_backward(sq, sk, yv, out, lse, dout, *, windows_per_progr
     C = yv.shape[-1]
     delta = row_dot(dout, out)
     dsq, dsk, dyv = torch.empty_like(sq), torch.empty_like(sk), torch.empty_like(yv)
-    cfg = backward_config(N, K, C)
+    cfg = _tiles(backward_config(N, K, C, sq.dtype), BLOCK_M=_p2(N, hi=64), BLOCK_N=_p2(N, hi=64),
+                 BLOCK_C=_p2(C, hi=64))
     flag = dot_fp32(sq.dtype)
     kv_blocks = triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(C, cfg["BLOCK_C"])
     wpp = _wpp(B, kv_blocks, windows_per_program)
@@ -284,27 +306,31 @@ def _aot_configs():
     configs = []
     for dtype, ty in _TY.items():
         for name, N, K, C in SHIPPED_SHAPES:
-            f = forward_config(N, K, C)
+            f = forward_config(N, K, C, dtype)
+            warps = f.pop("num_warps")
             sig = dict(SQ=f"*{ty}", SK=f"*{ty}", YV=f"*{ty}", OUT=f"*{ty}", LSE="*fp32", B="i32", N="i32",
                        K="i32", C="i32", WPP="i32", BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr",
                        BLOCK_C="constexpr", DOT_FP32="constexpr")
             configs.append(AOTConfig(_sem_fwd_kernel, f"semantic_attention_fwd[{name},{ty}]", sig,
-                                     dict(f, DOT_FP32=False)))
-            bcfg = dict(backward_config(N, K, C), DOT_FP32=False)
+                                     dict(f, DOT_FP32=False), num_warps=warps))
+            bcfg = dict(backward_config(N, K, C, dtype), DOT_FP32=False)
+            bwarps = bcfg.pop("num_warps")
             base = dict(SQ=f"*{ty}", SK=f"*{ty}", YV=f"*{ty}", DO=f"*{ty}", LSE="*fp32", DELTA="*fp32")
             tail = dict(B="i32", N="i32", K="i32", C="i32", WPP="i32", BLOCK_M="constexpr", BLOCK_N="constexpr",
                         BLOCK_KP="constexpr", BLOCK_C="constexpr", DOT_FP32="constexpr")
             configs.append(AOTConfig(_sem_bwd_kv_kernel, f"semantic_attention_bwd_kv[{name},{ty}]",
-                                     dict(base, DSK=f"*{ty}", DYV=f"*{ty}", **tail), bcfg))
+                                     dict(base, DSK=f"*{ty}", DYV=f"*{ty}", **tail), bcfg,
+                                     num_warps=bwarps))
             configs.append(AOTConfig(_sem_bwd_q_kernel, f"semantic_attention_bwd_q[{name},{ty}]",
-                                     dict(base, DSQ=f"*{ty}", **tail), bcfg))
-        configs.append(AOTConfig(_row_dot_kernel, f"row_dot[{ty}]",
-                                 dict(A=f"*{ty}", B=f"*{ty}", OUT="*fp32", R="i32", C="i32", BLOCK_R="constexpr",
-                                      BLOCK_C="constexpr"), dict(BLOCK_R=32, BLOCK_C=128)))
+                                     dict(base, DSQ=f"*{ty}", **tail), bcfg, num_warps=bwarps))
+        for block_c in (16, 32, 64, 128):  # row_dot uses the row width, capped at 128
+            configs.append(AOTConfig(_row_dot_kernel, f"row_dot[C<={block_c},{ty}]",
+                                     dict(A=f"*{ty}", B=f"*{ty}", OUT="*fp32", R="i32", C="i32", BLOCK_R="constexpr",
+                                          BLOCK_C="constexpr"), dict(BLOCK_R=16, BLOCK_C=block_c)))
     return configs
 
 
 AOT_CONFIGS = _aot_configs()
 
 __all__ = ["semantic_attention_forward", "semantic_attention_backward", "row_dot", "forward_config",
-           "backward_config", "windows_per_program", "MAX_K", "AOT_CONFIGS"]
+           "backward_config", "windows_per_program", "MAX_K", "INTERPRETER_TILES", "AOT_CONFIGS"]

@@ -99,3 +99,15 @@ def test_triton_rejects_head_dim(d):
     t = _inputs(1, 2, 4, 8, d, "cpu")
     with pytest.raises(ValueError, match=f"head_dim={d}"):
         semask_fast.atm_attention(t["q"].float(), t["k"].float(), t["v"].float(), backend="triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("d", [32, 64, 128])
+def test_triton_gpu_tiles(monkeypatch, d, dtype):
+    """The register-budgeted tiles compiled for GPUs (the interpreter otherwise runs larger ones)."""
+    require_backend(OP, "triton")
+    from semask_fast.kernels import atm_attention as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRETER_TILES", False)
+    assert_parity(semask_fast.atm_attention, _inputs(1, 3, 40, 70, d, "cpu"), ["q", "k", "v"], dtype,
+                  backend="triton", op=OP)

@@ -84,3 +84,15 @@ def test_triton_rejects_too_many_classes():
     t = _inputs(1, 8, 300, 16, "cpu")
     with pytest.raises(ValueError, match="K=300"):
         semask_fast.semantic_attention(t["sq"].float(), t["sk"].float(), t["yv"].float(), backend="triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape", [(2, 49, 150, 40), (1, 70, 19, 70)], ids=["K150", "K19"])
+def test_triton_gpu_tiles(monkeypatch, shape, dtype):
+    """The register-budgeted tiles compiled for GPUs (the interpreter otherwise runs larger ones)."""
+    require_backend(OP, "triton")
+    from semask_fast.kernels import semantic_attention as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRETER_TILES", False)
+    assert_parity(semask_fast.semantic_attention, _inputs(*shape, "cpu"), ["sq", "sk", "yv"], dtype,
+                  backend="triton", op=OP)
