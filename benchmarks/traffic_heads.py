@@ -3,16 +3,18 @@
 Shapes (issue 4), fp16 (what a GPU trains in):
 
 * SeMask-T stage 1, windowed: B=2 images of 56x56 -> 128 windows of 7x7 (N=49), K=150, C=96;
-* SeMask-T stage 3, global: N=1024 tokens (32x32), K=150, C=384, batch 2 in the issue; counted at
-  batch 1 (``--stage3-batch``) because the interpreter logs every address the backward issues
-  (~1.5 GB of logs per image), and every figure of this op is linear in the batch;
+* SeMask-T stage 3, global: N=1024 tokens (32x32), K=150, C=384, B=2;
 * SegViT-L ATM: B=2, dim 512, h=16 (d=32), Nq=150 class tokens, Nk=1600 (40x40).
 
 For each, forward and forward+backward:
 
 * kernel: bytes the Triton kernels read + write, each address once per launch (the DRAM
-  model), counted in Triton's interpreter by ``benchmarks.traffic.triton_bytes``; "issued"
-  counts every masked-on element of every load/store (what reaches L2);
+  model).  Derived from the launches (``semantic_model``, ``atm_model``: every kernel reads each
+  tensor it touches once and writes each output once), and first checked to equal the count of
+  Triton's interpreter (``benchmarks.traffic.triton_bytes``, with the GPU tiles) on small shapes;
+  the script fails if they differ.  The interpreter is too slow (and its address logs too big)
+  at the full shapes on this 2-core machine.  "issued" (every masked-on element of every
+  load/store, what reaches L2) is reported for the checked shapes;
 * minimum: forward reads the inputs and writes the outputs once; backward reads the inputs
   and the output gradients and writes the input gradients once (saved statistics excluded);
 * eager: the reference composition, summing the inputs and outputs of every aten op it runs
@@ -23,7 +25,7 @@ peak) with H100-SXM5 datasheet figures (3.35 TB/s, 989 TFLOP/s dense fp16).  Ker
 count the tiles the kernels issue (padding and recomputation included); eager FLOPs count the
 matmuls PyTorch runs.  The eager time model ignores launch overheads (it flatters eager).
 
-    TRITON_INTERPRET=1 python benchmarks/traffic_heads.py          # ~10 minutes on 2 cores
+    TRITON_INTERPRET=1 python benchmarks/traffic_heads.py          # a few minutes on 2 cores
 
 Writes the tables into ``benchmarks/results/traffic.md`` between ``<!-- heads:begin -->`` and
 ``<!-- heads:end -->`` (other sections of that file are left as they are).
@@ -34,7 +36,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +56,29 @@ GPU = dict(name="H100-SXM5", bw=3.35e12, half=989e12)
 
 def _randn(*shape, scale=1.0, gen):
     return (torch.randn(*shape, generator=gen) * scale).to(torch.float16).requires_grad_()
+
+
+# --------------------------------------------------------------------------- #
+# The kernels' traffic derived from their launches (checked against the interpreter count)
+# --------------------------------------------------------------------------- #
+def semantic_model(B, N, K, C, elt):
+    """(fwd, fwd+bwd) unique bytes: fwd reads sq, sk, yv, writes out and the fp32 lse; backward:
+    row_dot reads dout, out, writes delta; the key-major and query-major kernels each read sq, sk,
+    yv, dout, lse, delta; they write dSk, dYv and dSq."""
+    s, v, r = B * N * K * elt, B * N * C * elt, B * N * 4
+    fwd = 2 * s + v + v + r
+    bwd = (2 * v + r) + 2 * (2 * s + 2 * v + 2 * r) + (s + v) + s
+    return fwd, fwd + bwd
+
+
+def atm_model(B, H, NQ, NK, D, elt):
+    """(fwd, fwd+bwd): fwd reads q, k, v, writes out, the mask logits and the fp32 lse; backward:
+    row_dot reads dout, out, writes delta; the key-major and query-major kernels each read q, k,
+    v, dout, d(mask logits), lse, delta; they write dk, dv and dq."""
+    q, kv, m, r = B * H * NQ * D * elt, B * H * NK * D * elt, B * NQ * NK * elt, B * H * NQ * 4
+    fwd = q + 2 * kv + q + m + r
+    bwd = (2 * q + r) + 2 * (q + 2 * kv + q + m + 2 * r) + 2 * kv + q
+    return fwd, fwd + bwd
 
 
 # --------------------------------------------------------------------------- #
@@ -87,6 +111,7 @@ def semantic_case(name, B, N, K, C):
     fmin = minimum_bytes(inputs, [out])
     bmin = minimum_bytes(inputs + [dout], inputs)
     return dict(name=name, shape=f"B_={B}, N={N}, K={K}, C={C}", fwd=fwd, inputs=inputs, gouts=[dout],
+                model=semantic_model(B, N, K, C, 2),
                 eager=lambda: (ref.semantic_attention(sq, sk, yv),), fmin=fmin, bmin=bmin,
                 kflops=(kflops_f, kflops_b), eflops=(eflops_f, eflops_b))
 
@@ -116,6 +141,7 @@ def atm_case(name, B, H, NQ, NK, D):
     fmin = minimum_bytes(inputs, [out, mask])
     bmin = minimum_bytes(inputs + [dout, dmask], inputs)
     return dict(name=name, shape=f"B={B}, h={H}, Nq={NQ}, Nk={NK}, d={D}", fwd=fwd, inputs=inputs,
+                model=atm_model(B, H, NQ, NK, D, 2),
                 gouts=[dout, dmask], eager=lambda: ref.atm_attention(q, k, v), fmin=fmin, bmin=bmin,
                 kflops=(kflops_f, kflops_b), eflops=(eflops_f, eflops_b))
 
@@ -131,22 +157,34 @@ def _time_us(nbytes, flops):
     return 1e6 * max(nbytes / GPU["bw"], flops / GPU["half"])
 
 
+def check(case) -> list:
+    """Interpreter counts on a small shape; fails unless they equal the model."""
+    rows = []
+    fwd = triton_bytes(lambda: case["fwd"]("triton"))
+    both = triton_bytes(_with_grads(lambda: case["fwd"]("triton"), case))
+    for phase, counted, model in (("fwd", fwd, case["model"][0]), ("fwd+bwd", both, case["model"][1])):
+        if counted.total != model:
+            raise SystemExit(f"{case['name']} {case['shape']} {phase}: interpreter counted {counted.total} bytes, "
+                             f"model says {model}")
+        rows.append(f"| {case['name']} | {case['shape']} | {phase} | {counted.total} | {model} "
+                    f"| {counted.read_issued + counted.written_issued} | {counted.launches} |")
+    return rows
+
+
 def measure(case):
     rows = []
     for phase, idx in (("fwd", 0), ("fwd+bwd", 1)):
         if idx == 0:
-            kern = triton_bytes(lambda: case["fwd"]("triton"))
             eager = aten_bytes(case["eager"])
             minimum = case["fmin"]
             kflops, eflops = case["kflops"][0], case["eflops"][0]
         else:
-            kern = triton_bytes(_with_grads(lambda: case["fwd"]("triton"), case))
             eager = aten_bytes(_with_grads(case["eager"], case))
             minimum = case["fmin"] + case["bmin"]
             kflops, eflops = sum(case["kflops"]), sum(case["eflops"])
-        rows.append(dict(phase=phase, kernel=kern.total, issued=kern.read_issued + kern.written_issued,
-                         launches=kern.launches, minimum=minimum, eager=eager,
-                         t_kernel=_time_us(kern.total, kflops), t_eager=_time_us(eager, eflops)))
+        kernel = case["model"][idx]
+        rows.append(dict(phase=phase, kernel=kernel, minimum=minimum, eager=eager,
+                         t_kernel=_time_us(kernel, kflops), t_eager=_time_us(eager, eflops)))
     return rows
 
 
@@ -155,13 +193,13 @@ def _mb(x):
 
 
 def table(results) -> str:
-    lines = ["| op | shape | phase | kernel MB (launches) | kernel/min | issued MB | minimum MB | eager MB "
+    lines = ["| op | shape | phase | kernel MB | kernel/min | minimum MB | eager MB "
              "| eager/kernel | model kernel us | model eager us |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for case, rows in results:
         for r in rows:
-            lines.append(f"| {case['name']} | {case['shape']} | {r['phase']} | {_mb(r['kernel'])} ({r['launches']}) "
-                         f"| {r['kernel'] / r['minimum']:.2f} | {_mb(r['issued'])} | {_mb(r['minimum'])} "
+            lines.append(f"| {case['name']} | {case['shape']} | {r['phase']} | {_mb(r['kernel'])} "
+                         f"| {r['kernel'] / r['minimum']:.2f} | {_mb(r['minimum'])} "
                          f"| {_mb(r['eager'])} | {r['eager'] / r['kernel']:.1f}x | {r['t_kernel']:.1f} "
                          f"| {r['t_eager']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -186,25 +224,26 @@ def main():
     for module in (atm_attention, mask_similarity, semantic_attention):
         module.INTERPRETER_TILES = False
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--stage3-batch", type=int, default=1, help="images for SeMask-T stage 3 (issue: 2)")
     parser.add_argument("--no-write", action="store_true", help="print the tables only")
     args = parser.parse_args()
+    checks = ["| check | shape | phase | counted (bytes) | model (bytes) | issued (bytes) | launches |",
+              "|---|---|---|---|---|---|---|"]
+    for case in (semantic_case("semantic_attention", 3, 49, 150, 40), semantic_case("semantic_attention", 1, 70, 19, 70),
+                 atm_case("atm_attention", 2, 3, 40, 70, 32)):
+        checks += check(case)
     cases = [semantic_case("semantic_attention (SeMask-T stage 1, windowed)", 128, 49, 150, 96),
-             semantic_case("semantic_attention (SeMask-T stage 3, global)", args.stage3_batch, 1024, 150, 384),
+             semantic_case("semantic_attention (SeMask-T stage 3, global)", 2, 1024, 150, 384),
              atm_case("atm_attention (SegViT-L)", 2, 16, 150, 1600, 32)]
-    results = []
-    for case in cases:
-        t0 = time.time()
-        results.append((case, measure(case)))
-        print(f"{case['name']}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-    text = ("Measured by `TRITON_INTERPRET=1 python benchmarks/traffic_heads.py` (fp16).  kernel: unique bytes "
-            "per launch (DRAM model) counted in Triton's interpreter; issued: every masked-on element of every "
-            "load/store; minimum: inputs and output gradients read once, outputs and input gradients written once; "
-            "eager: inputs + outputs of every aten op of the reference.  "
+    results = [(case, measure(case)) for case in cases]
+    text = ("Produced by `TRITON_INTERPRET=1 python benchmarks/traffic_heads.py` (fp16).  kernel: unique bytes "
+            "per launch (DRAM model) from the launch model, which the interpreter count matches exactly on the "
+            "checked shapes below; minimum: inputs and output gradients read once, outputs and input gradients "
+            "written once; eager: inputs + outputs of every aten op of the reference.  "
             f"**GPU times are a model, not a measurement**: max(bytes / {GPU['bw'] / 1e12:.2f} TB/s, FLOPs / "
             f"{GPU['half'] / 1e12:.0f} TFLOP/s) for {GPU['name']}; kernel FLOPs as issued (padded tiles, "
-            "recomputation), eager without launch overheads.  SeMask-T stage 3 is counted at batch "
-            f"{args.stage3_batch} (the issue's batch 2 doubles every figure of that row).\n\n" + table(results))
+            "recomputation), eager without launch overheads.\n\n" + table(results)
+            + "\nInterpreter checks (GPU tiles; issued = every masked-on element of every load/store):\n\n"
+            + "\n".join(checks) + "\n")
     print(text)
     if not args.no_write:
         write_section(text)
