@@ -87,7 +87,7 @@ def _count_interpreter(traffic: Traffic):
 
     def record(kind, ptrs, mask):
         size = ti._get_np_dtype(ptrs.get_element_ty()).itemsize
-        addrs = ptrs.data[mask.data] if mask is not None else ptrs.data.ravel()
+        addrs = ptrs.data[mask.data.astype(bool)] if mask is not None else ptrs.data.ravel()  # masks may be int32
         addrs = np.asarray(addrs, dtype=np.uint64).ravel()
         if kind == "r":
             traffic.read_issued += addrs.size * size
