@@ -228,8 +228,8 @@ def main():
     args = parser.parse_args()
     checks = ["| check | shape | phase | counted (bytes) | model (bytes) | issued (bytes) | launches |",
               "|---|---|---|---|---|---|---|"]
-    for case in (semantic_case("semantic_attention", 3, 49, 150, 40), semantic_case("semantic_attention", 1, 70, 19, 70),
-                 atm_case("atm_attention", 2, 3, 40, 70, 32)):
+    for case in (semantic_case("semantic_attention", 3, 49, 150, 40),
+                 semantic_case("semantic_attention", 1, 70, 19, 70), atm_case("atm_attention", 2, 3, 40, 70, 32)):
         checks += check(case)
     cases = [semantic_case("semantic_attention (SeMask-T stage 1, windowed)", 128, 49, 150, 96),
              semantic_case("semantic_attention (SeMask-T stage 3, global)", 2, 1024, 150, 384),
