@@ -29,8 +29,6 @@ constexpr int BN = 64;         // columns per tile
 constexpr int BK = 32;         // depth per staged tile
 constexpr int LDS = BK + 8;    // smem row stride: even (32-bit fragment loads), skews banks
 constexpr int kMaxClasses = 1024;
-// Blocks per SM the tile kernels are compiled for (caps registers at 128 per thread).
-constexpr int kMinBlocks = 4;
 
 // The 32x64 block tile: warp w computes rows 16 * (w % 2) .. +16 and columns 32 * (w / 2) .. +32,
 // four 16x8 accumulators in the mma.m16n8k16 layout (sf::acc_row / sf::acc_col).
@@ -145,7 +143,7 @@ SF_DEVICE_INLINE void cosine_rows(const T* __restrict__ P, const T* __restrict__
 
 // out[b, m0 + r, :] for one block of rows; with NORM the LayerNorm over K as epilogue.
 template <typename T, bool NORM>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+__global__ void __launch_bounds__(kThreads)
     similarity_kernel(const T* __restrict__ P, const T* __restrict__ C, const float* __restrict__ rinv_c,
                       const float* __restrict__ weight, const float* __restrict__ bias, T* __restrict__ out, int Np,
                       int K, int D, int Kpad, float eps) {
@@ -187,7 +185,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 // Backward, first step (see the file comment).  Per block of rows: G = dS (in T, the A operand of
 // the gradient GEMMs), rinv_p, rowdot; column partials (fixed order) for coldot, dw, db.
 template <typename T, bool NORM>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+__global__ void __launch_bounds__(kThreads)
     dscore_kernel(const T* __restrict__ P, const T* __restrict__ C, const float* __restrict__ rinv_c,
                   const T* __restrict__ dY, const float* __restrict__ weight, T* __restrict__ G,
                   float* __restrict__ rinv_p, float* __restrict__ rowdot, float* __restrict__ colpart,
@@ -296,7 +294,7 @@ __global__ void __launch_bounds__(kThreads)
 // out[b] (M x D) = rinv_y (A X^ - Y rinv_y dot), A = G[b] (TRANS_A false: M = Np rows, depth K)
 // or G[b]^T (TRANS_A true: M = K rows, depth Np); X^ = X * rinv_x (depth x D), Y (M x D).
 template <typename T, bool TRANS_A>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+__global__ void __launch_bounds__(kThreads)
     grad_gemm_kernel(const T* __restrict__ G, const T* __restrict__ X, const float* __restrict__ rinv_x,
                      const T* __restrict__ Y, const float* __restrict__ rinv_y, const float* __restrict__ dot,
                      T* __restrict__ out, int M, int depth, int D, int Np, int K) {
