@@ -67,8 +67,9 @@ def _key(cfg, arch: int) -> str:
 
     fn = getattr(cfg.kernel, "fn", cfg.kernel)
     # The whole module's source: a kernel's @triton.jit helpers live beside it.
-    text = json.dumps([inspect.getsource(inspect.getmodule(fn)), cfg.name, cfg.signature, {k: repr(v) for k, v in cfg.constexprs.items()},
-                       cfg.num_warps, cfg.num_stages, arch, triton.__version__], sort_keys=True)
+    text = json.dumps([inspect.getsource(inspect.getmodule(fn)), cfg.name, cfg.signature,
+                       {k: repr(v) for k, v in cfg.constexprs.items()}, cfg.num_warps, cfg.num_stages, arch,
+                       triton.__version__], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -102,8 +103,16 @@ def _compile(module: str, index: int, arch: int) -> dict:
             "warps": cfg.num_warps, "stages": cfg.num_stages}
 
 
-def _save(cache: dict) -> None:
-    CACHE.write_text(json.dumps(dict(sorted(cache.items())), indent=0) + "\n")
+def _save(cache: dict, prune: bool = False) -> None:
+    """Merge into the cache file (other runs may be writing it too) and replace it atomically."""
+    if not prune and CACHE.exists():
+        try:
+            cache = {**json.loads(CACHE.read_text()), **cache}
+        except json.JSONDecodeError:
+            pass
+    tmp = CACHE.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(dict(sorted(cache.items())), indent=0) + "\n")
+    os.replace(tmp, CACHE)
 
 
 def collect(jobs: int = 0, only=None, cached_only: bool = False) -> list:
@@ -139,9 +148,10 @@ def collect(jobs: int = 0, only=None, cached_only: bool = False) -> list:
                 cache[key] = rows[(name, i, arch)] = dict(fut.result(), module=name)
                 if n % 16 == 15:
                     _save(cache)  # keep progress if interrupted
-    if not only and not cached_only:
+    prune = not only and not cached_only
+    if prune:
         cache = {k: v for k, v in cache.items() if k in used}  # drop entries of configs that changed
-    _save(cache)
+    _save(cache, prune)
     return [dict(rows[k], module=k[0]) for k in sorted(rows)]
 
 
@@ -158,15 +168,17 @@ def problems(rows) -> list:
     return out
 
 
-def table(rows) -> str:
+def table(rows, missing: int = 0) -> str:
     import triton
 
     head = ("| module | kernel | config | arch | warps | registers | spills (bytes) | shared memory (bytes) "
             "| smem limit |\n|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(f"| {r['module']} | {r['kernel']} | {r['config']} | sm_{r['arch']} | {r['warps']} | "
                    f"{r['registers']} | {r['spill_bytes']} | {r['smem']} | {r['smem_limit']} |\n" for r in rows)
+    note = (f" **{missing} configurations not compiled yet** (table written with `--cached-only`; run the "
+            "command to complete it)." if missing else "")
     return (f"Triton {triton.__version__}, `python benchmarks/aot_compile.py` "
-            f"({len(rows)} compilations, no GPU needed).\n\n" + head + body)
+            f"({len(rows)} compilations, no GPU needed).{note}\n\n" + head + body)
 
 
 def write(text: str, path: Path = RESULTS) -> None:
@@ -196,7 +208,9 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps({"modules": sorted(kernel_modules()), "rows": rows}))
         return 0
-    text = table(rows)
+    expected = sum(len(m.AOT_CONFIGS) for name, m in kernel_modules().items()
+                   if not args.modules or name in args.modules) * len(ARCHS)
+    text = table(rows, expected - len(rows))
     print(text)
     if not args.no_write and not args.modules:
         write(text)

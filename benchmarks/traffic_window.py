@@ -58,7 +58,7 @@ def _grads(outs, inputs, gouts):
 # --------------------------------------------------------------------------- #
 
 
-def attention_model(b, hw, h, d, ws, elt, image, table=True):
+def attention_model(b, hw, h, d, ws, elt, image, table=True, multi_tile=None):
     """(fwd, bwd) Traffic of the window-attention kernels for an image batch (b, hw), unique bytes per launch.
 
     fwd: q, k, v read once, the table column of each head, out and the fp32 logsumexp written.
@@ -76,7 +76,7 @@ def attention_model(b, hw, h, d, ws, elt, image, table=True):
     act = tokens * h * d * elt  # one of q, k, v, out, dout, dq, dk, dv
     lse = b_ * h * n * 4
     fwd = Traffic(read=3 * act + tab, written=act + lse, launches=1)
-    _, _, nt = wa.tiling(n, d, backward=True, fp32=elt == 4)
+    _, _, nt = wa.tiling(n, d, backward=True, fp32=elt == 4, multi_tile=multi_tile)
     wpp = wa.windows_per_program(b_, h, wa.BWD_MIN_PROGRAMS)
     part = (b_ // wpp) * h * n * n * 4 if table else 0  # only the real (i, j) pairs are stored
     part_reread = part if (nt > 1 and wpp > 1) else 0
@@ -105,7 +105,7 @@ def _plus(a, b):
 # --------------------------------------------------------------------------- #
 
 
-def window_attention_case(b, dtype, hw=(56, 56), h=3, d=32, ws=(7, 7), shift=(3, 3)):
+def window_attention_case(b, dtype, hw=(56, 56), h=3, d=32, ws=(7, 7), shift=(3, 3), multi_tile=None):
     """The core op on (B*nW, h, N, d), with the in-kernel shift mask."""
     grid = (hw[0] // ws[0], hw[1] // ws[1])
     n, b_ = ws[0] * ws[1], b * grid[0] * grid[1]
@@ -125,10 +125,10 @@ def window_attention_case(b, dtype, hw=(56, 56), h=3, d=32, ws=(7, 7), shift=(3,
     return dict(name="window_attention", inputs=[q, k, v, table], run=run, out_shape=out.shape,
                 eager=lambda: ref.window_attention(q, k, v, table, **kw), fwd_min=fwd_min,
                 both_min=fwd_min + minimum_bytes([], [lse]) + bwd_min, flops=4 * b_ * h * n * n * d,
-                model=attention_model(b, hw, h, d, ws, elt, image=False))
+                model=attention_model(b, hw, h, d, ws, elt, image=False, multi_tile=multi_tile))
 
 
-def shifted_window_case(b, dtype, hw=(56, 56), h=3, d=32, ws=(7, 7), shift=(3, 3)):
+def shifted_window_case(b, dtype, hw=(56, 56), h=3, d=32, ws=(7, 7), shift=(3, 3), multi_tile=None):
     """Zero-copy op on the (B, H, W, 3C) qkv image vs. roll + partition + attention + merge + roll."""
     c = h * d
     g = torch.Generator().manual_seed(0)
@@ -148,10 +148,10 @@ def shifted_window_case(b, dtype, hw=(56, 56), h=3, d=32, ws=(7, 7), shift=(3, 3
                 eager=lambda: ref.shifted_window_attention(qkv, table, **kw), fwd_min=fwd_min,
                 both_min=fwd_min + minimum_bytes([], [lse]) + bwd_min,
                 flops=4 * b * nw * h * (ws[0] * ws[1]) ** 2 * d,
-                model=attention_model(b, hw, h, d, ws, qkv.element_size(), image=True))
+                model=attention_model(b, hw, h, d, ws, qkv.element_size(), image=True, multi_tile=multi_tile))
 
 
-def partition_case(b, dtype, hw=(56, 56), c=96, ws=(7, 7), shift=(3, 3)):
+def partition_case(b, dtype, hw=(56, 56), c=96, ws=(7, 7), shift=(3, 3), multi_tile=None):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(b, *hw, c, generator=g).to(dtype).requires_grad_()
 
@@ -287,8 +287,11 @@ def main(argv=None) -> int:
         print(f"checking the launch model in the interpreter ({name})...", file=sys.stderr, flush=True)
         checks = check_model(dtype)
         results, flops = [], {}
+        from semask_fast.kernels.window_attention import GPU_MULTI_TILE
+
         for make in CASES:
-            case = make(args.batch, dtype)
+            # The figures are for the GPU tiling (the checks above ran the interpreter's).
+            case = make(args.batch, dtype, multi_tile=GPU_MULTI_TILE)
             dout = torch.randn(case["out_shape"]).to(dtype)
             results.append((case["name"], measure(case, dout)))
             flops[case["name"]] = case["flops"]

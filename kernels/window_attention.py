@@ -27,14 +27,13 @@ table rows.  No atomics anywhere.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from . import AOTConfig, dot_fp32
+from . import INTERPRETED, AOTConfig, dot_fp32
 
 # --------------------------------------------------------------------------- #
 # Shared device helpers
@@ -393,24 +392,29 @@ def window_attention_keep_kernel(KEEP, seed, HEADS, dropout_p, N: tl.constexpr, 
 # Launchers
 # --------------------------------------------------------------------------- #
 
-#: Largest window (and head dim) the forward handles as one tile; beyond it, 32-token tiles and a key loop.
+#: Largest window (and head dim) the forward handles as one tile; beyond it, tiles of MULTI_TILE tokens.
 SINGLE_TILE_MAX = 64
-MULTI_TILE = 32
+#: 16-token tiles on GPUs.  Triton's interpreter (CPU tests) costs per tile operation: there the same
+#: kernel code runs with 32-token tiles, 4x fewer tile pairs; the tests also run GPU_MULTI_TILE.
+GPU_MULTI_TILE = 16
+MULTI_TILE = 32 if INTERPRETED else GPU_MULTI_TILE
 MAX_HEAD_DIM = 128
 
 
-def tiling(n: int, head_dim: int, backward: bool = False, fp32: bool = False) -> Tuple[int, int, int]:
+def tiling(n: int, head_dim: int, backward: bool = False, fp32: bool = False,
+           multi_tile: Optional[int] = None) -> Tuple[int, int, int]:
     """(BLOCK, BLOCK_D, NT): token tile, padded head dim, tiles per window.
 
     The half-precision forward takes a window of up to 64 tokens as one tile.  The
-    backward (five live score tiles plus dk/dv accumulators), fp32 (no tensor-core
-    operands in ieee mode) and larger windows use 32-token tiles: no spills (see
-    benchmarks/results/resources.md), and less padding at N = 144 (160 slots, not 192).
+    backward (five live score tiles, dk/dv accumulators, per-row addressing), fp32
+    (no tensor-core operands in ieee mode) and larger windows use 16-token tiles:
+    32-token tiles still spill a few bytes in backward on sm_80/sm_90, 16 do not (see
+    benchmarks/results/resources.md), and 16 divides N = 144 exactly.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     block = max(16, triton.next_power_of_2(n))
     if backward or fp32 or n > SINGLE_TILE_MAX or block_d > 64:
-        block = min(block, MULTI_TILE)
+        block = min(block, multi_tile or MULTI_TILE)
     return block, block_d, triton.cdiv(n, block)
 
 
@@ -431,9 +435,11 @@ FWD_MIN_PROGRAMS = 512
 BWD_MIN_PROGRAMS = 128
 
 
-def num_warps(block: int, block_d: int) -> int:
-    # 8 warps from 32-token tiles up: with 4, the backward spills (AOT table, sm_80 and sm_90).
-    return 8 if block >= 32 else 4
+def num_warps(block: int, backward: bool) -> int:
+    # Chosen from the AOT table (sm_80 and sm_90): these are the counts at which ptxas spills nothing.
+    if backward or block >= 64:
+        return 8
+    return 4 if block == 32 else 2
 
 
 def draw_seed() -> int:
@@ -511,7 +517,7 @@ def window_attention_forward(q, k, v, out, geo: Geometry, table=None, mask=None,
         *_strides4(q, geo.image, geo.head_dim), *_strides4(k, geo.image, geo.head_dim),
         *_strides4(v, geo.image, geo.head_dim), *_strides4(out, geo.image, geo.head_dim),
         *_common_args(geo, table, mask), scale, mask_value, dropout_p,
-        num_warps=num_warps(c["BLOCK"], c["BLOCK_D"]), num_stages=1, **c)
+        num_warps=num_warps(c["BLOCK"], False), num_stages=1, **c)
     return lse
 
 
@@ -540,7 +546,7 @@ def window_attention_backward(q, k, v, out, dout, lse, dq, dk, dv, geo: Geometry
         *_strides4(dout, geo.image, geo.head_dim), *_strides4(dq, geo.image, geo.head_dim),
         *_strides4(dk, geo.image, geo.head_dim), *_strides4(dv, geo.image, geo.head_dim),
         *_common_args(geo, table, mask), scale, mask_value, dropout_p,
-        num_warps=num_warps(c["BLOCK"], c["BLOCK_D"]), num_stages=1, **c)
+        num_warps=num_warps(c["BLOCK"], True), num_stages=1, **c)
     d_table = None
     if want_table:
         d_table = torch.empty_like(table)
@@ -596,17 +602,17 @@ def _aot_configs():
         for dtype in ("fp16", "bf16", "fp32") if label in ("w7", "w12", "img-w7") else ("fp16",):
             n = ws[0] * ws[1]
             for kernel, kind in ((window_attention_fwd_kernel, "fwd"), (window_attention_bwd_kernel, "bwd")):
-                block, block_d, nt = tiling(n, hd, kind == "bwd", dtype == "fp32")
+                block, block_d, nt = tiling(n, hd, kind == "bwd", dtype == "fp32", GPU_MULTI_TILE)
                 base = dict(N=n, WH=ws[0], WW=ws[1], D=hd, BLOCK=block, BLOCK_D=block_d, NT=nt,
                             WPP=8, IMAGE=image, PAD_THEN_ROLL=True, HAS_TABLE=True,
                             MASK_MODE=mask_mode, HAS_QKVB=image, DROPOUT=drop, DOT_FP32=False)
-                warps = num_warps(block, block_d)
+                warps = num_warps(block, kind == "bwd")
                 configs.append(AOTConfig(kernel, f"window_attention_{kind}[{label},d={hd},{dtype}]",
                                          _aot_signature(kernel, dtype, "fp32"), base, num_warps=warps,
                                          num_stages=1))
     for ws in ((7, 7), (12, 12)):
         n = ws[0] * ws[1]
-        block, _, nt = tiling(n, 32, backward=True)
+        block, _, nt = tiling(n, 32, backward=True, multi_tile=GPU_MULTI_TILE)
         configs.append(AOTConfig(
             window_attention_table_grad_kernel, f"window_attention_table_grad[{ws[0]}x{ws[1]}]",
             {"DT_PART": "*fp32", "DT": "*fp32", "G": "i32", "HEADS": "i32", "R": "i32", "sdt_r": "i32",

@@ -11,6 +11,10 @@ batch 1 and odd batches, fp32/fp16/bf16.
 bf16 under Triton's interpreter: the two ``tl.dot`` operands are upcast to fp32
 (``DOT_FP32``, triton issue 11584); bf16 loads, casts and stores are exercised,
 the bf16 tensor-core product is not.
+
+Tile size under the interpreter: the kernels' multi-tile paths run with 32-token
+tiles (interpreter cost is per tile operation); GPUs use 16-token tiles with the
+same kernel code, which ``test_triton_gpu_tiling`` runs here too.
 """
 
 import functools
@@ -123,3 +127,13 @@ def test_patch_timm_zero_copy_matches_timm(kernel_backend):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     for (name, a), b in zip(patched.named_parameters(), orig.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-3, rtol=1e-3, msg=name)
+
+
+def test_triton_gpu_tiling(monkeypatch):
+    """Image layout with the 16-token tiles GPUs run (the interpreter defaults to 32, same kernel code)."""
+    require_backend(OP, "triton")
+    from semask_fast.kernels import window_attention as k
+
+    monkeypatch.setattr(k, "MULTI_TILE", k.GPU_MULTI_TILE)
+    t = _inputs(1, 10, 13, 1, 16, (7, 7), "cpu")
+    assert_parity(_fn(1, (7, 7), (3, 3), True), t, list(t), torch.float32, backend="triton", op=OP)

@@ -15,6 +15,10 @@ bf16, and bf16 stores are exercised; the bf16 tensor-core product itself is not
 
 Tests at the end are Triton-specific (logsumexp, dropout replay, determinism of
 the table gradient, several windows per program).
+
+Tile size under the interpreter: the kernels' multi-tile paths run with 32-token
+tiles (interpreter cost is per tile operation); GPUs use 16-token tiles with the
+same kernel code, which ``test_triton_gpu_tiling`` runs here too.
 """
 
 import functools
@@ -225,3 +229,13 @@ def test_triton_reasons_head_dim():
     q = torch.randn(1, 1, 4, 256)
     with pytest.raises(BackendNotSupportedError, match="head_dim=256"):
         semask_fast.window_attention(q, q, q, window_size=2, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_triton_gpu_tiling(monkeypatch, dtype):
+    """The 16-token tiles GPUs run (the interpreter defaults to 32-token tiles, same kernel code)."""
+    k = _triton()
+    monkeypatch.setattr(k, "MULTI_TILE", k.GPU_MULTI_TILE)
+    assert k.tiling(49, 32, backward=True)[:3:2] == (16, 4)
+    assert_parity(_fn((7, 7), (3, 3), (1, 2)), _inputs(2, 1, (7, 7), 32, None, "cpu"), GRADS, dtype,
+                  backend="triton", op=OP)
