@@ -186,12 +186,14 @@ def _p2(x: int, lo: int = 16, hi: int = 1 << 30) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
 
 
-def forward_config(np_: int, k: int, d: int) -> dict:
+def forward_config(np_: int, k: int, d: int, dtype) -> dict:
     """Block sizes and warps; chosen so every shipped configuration compiles without spills on sm_80
     and sm_90 (AOT table).  The (BLOCK_M, K) tile lives in registers: fewer rows for large K."""
     kp = _p2(k)
     if kp > 64:
         return dict(BLOCK_M=_p2(np_, hi=32), BLOCK_KP=kp, BLOCK_D=_p2(d, hi=16), num_warps=8)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=_p2(np_, hi=32), BLOCK_KP=kp, BLOCK_D=_p2(d, hi=16), num_warps=4)
     return dict(BLOCK_M=_p2(np_, hi=64), BLOCK_KP=kp, BLOCK_D=_p2(d, hi=32), num_warps=4)
 
 
@@ -201,6 +203,8 @@ def rows_config(np_: int, k: int, d: int, dtype) -> dict:
         # fp32 dots run on FMAs (ieee), where an 8-wide D chunk is allowed and keeps the tiles in registers.
         block_d = 8 if dtype == torch.float32 else 16
         return dict(BLOCK_M=_p2(np_, hi=16), BLOCK_KP=kp, BLOCK_D=_p2(d, lo=block_d, hi=block_d), num_warps=8)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=_p2(np_, hi=32), BLOCK_KP=kp, BLOCK_D=_p2(d, hi=16), num_warps=4)
     return dict(BLOCK_M=_p2(np_, hi=64), BLOCK_KP=kp, BLOCK_D=_p2(d, hi=32), num_warps=4)
 
 
@@ -219,7 +223,7 @@ def mask_similarity_forward(patches, classes, weight=None, bias=None, *, norm: b
     out = torch.empty((B, NP, K), device=patches.device, dtype=patches.dtype)
     rp = torch.empty((B, NP), device=patches.device, dtype=torch.float32)
     rc = torch.empty((B, K), device=patches.device, dtype=torch.float32)
-    cfg = _tiles(forward_config(NP, K, D), NP, D)
+    cfg = _tiles(forward_config(NP, K, D, patches.dtype), NP, D)
     _mask_sim_fwd_kernel[(triton.cdiv(NP, cfg["BLOCK_M"]), B)](
         patches, classes, weight if weight is not None else rp, bias if bias is not None else rp, out, rp, rc,
         NP, K, D, eps, NORM=norm, HAS_W=weight is not None, HAS_B=bias is not None,
@@ -270,7 +274,7 @@ def _aot_configs():
                 wty = ty if has_w else "fp32"  # without affine the launcher passes an fp32 dummy
                 fsig = dict(P=f"*{ty}", C=f"*{ty}", W=f"*{wty}", BIAS=f"*{wty}", OUT=f"*{ty}", RP="*fp32", RC="*fp32",
                             NP="i32", K="i32", D="i32", eps="fp32")
-                fc = dict(forward_config(NP, K, D), NORM=norm, HAS_W=has_w, HAS_B=has_w, DOT_FP32=False)
+                fc = dict(forward_config(NP, K, D, dtype), NORM=norm, HAS_W=has_w, HAS_B=has_w, DOT_FP32=False)
                 warps = fc.pop("num_warps")
                 configs.append(AOTConfig(_mask_sim_fwd_kernel, f"mask_similarity_fwd[{tag}]",
                                          dict(fsig, **{c: "constexpr" for c in fc}), fc, num_warps=warps))
