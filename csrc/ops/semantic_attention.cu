@@ -630,8 +630,9 @@ void backward_delta(const T* out, const T* dout, float* delta, int64_t rows, int
 
 namespace sf_semantic_attention {
 
-// Largest class count served: the K tile is staged whole (KP <= 256).
-constexpr int kMaxClasses = 256;
+// Largest class count served: the K tile is staged whole, and beyond KP = 160 the dSq
+// accumulators of the backward spill registers (ptxas, sm_80 / sm_90).
+constexpr int kMaxClasses = 160;
 
 template <int I, typename F>
 void with_int(int value, F&& f) {

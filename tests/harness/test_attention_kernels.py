@@ -9,7 +9,7 @@ backend (``pytest -k harness``).  This file adds what they do not cover:
 * the bias-table gradient is bitwise identical across harness seeds (thread
   order) and host-thread counts, including a batch split into many window chunks;
 * shapes at the edges of the kernels' tiling: head_dim 1 and 80 (padded in shared
-  memory), non-square windows with a one-axis shift, K = 1 and K = 256 classes,
+  memory), non-square windows with a one-axis shift, K = 1 and K = 160 classes,
   C tiles with a remainder, single query / key rows;
 * the reasons the backends give for inputs they do not serve.
 
@@ -192,7 +192,7 @@ def test_atm_edge_shapes(name, dtype):
 SEMANTIC_SHAPES = {
     # (B_, N, K, C)
     "k1": (2, 20, 1, 40),
-    "k256-max": (1, 33, 256, 32),
+    "k160-max": (1, 33, 160, 32),
     "c-remainder-two-tiles": (1, 18, 19, 161),
     "one-token": (3, 1, 150, 96),
 }
@@ -217,8 +217,8 @@ def test_reasons_for_unsupported_inputs():
     q = torch.randn(1, 1, 4, 129)
     with pytest.raises(BackendNotSupportedError, match="head_dim=129"):
         semask_fast.window_attention(q, q, q, window_size=2, backend=BACKEND)
-    s = torch.randn(1, 4, 257)
-    with pytest.raises(BackendNotSupportedError, match="K=257"):
+    s = torch.randn(1, 4, 161)
+    with pytest.raises(BackendNotSupportedError, match="K=161"):
         semask_fast.semantic_attention(s, s, torch.randn(1, 4, 8), backend=BACKEND)
     q = torch.randn(1, 64, 2, 64)
     with pytest.raises(BackendNotSupportedError, match="shared memory"):
