@@ -38,6 +38,7 @@ setup(
         "semask_fast",
         "semask_fast.backends",
         "semask_fast.backends.triton",
+        "semask_fast.backends.cuda",
         "semask_fast.ops",
         "semask_fast.nn",
         "semask_fast.models",
