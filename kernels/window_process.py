@@ -92,6 +92,12 @@ def _unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _roll(shift_size, h: int, w: int, pad_then_roll: bool):
+    """The roll the kernels apply: rolling before padding rolls the unpadded image, where a
+    shift may exceed H or W (tiny images), and a roll by s is a roll by s mod the length."""
+    return tuple(shift_size) if pad_then_roll else (shift_size[0] % h, shift_size[1] % w)
+
+
 def window_partition(x: torch.Tensor, window_size, shift_size, pad_then_roll: bool) -> torch.Tensor:
     """(B, H, W, C) -> (B*nW, Wh, Ww, C); see the module docstring."""
     x = _unit_channel_stride(x)
@@ -102,7 +108,7 @@ def window_partition(x: torch.Tensor, window_size, shift_size, pad_then_roll: bo
     total = out.numel() // max(c, 1)
     block_t, block_c = _blocks(c)
     window_partition_kernel[(triton.cdiv(total, block_t), triton.cdiv(c, block_c))](
-        x, out, total, h, w, nwh, nww, shift_size[0], shift_size[1], x.stride(0), x.stride(1), x.stride(2),
+        x, out, total, h, w, nwh, nww, *_roll(shift_size, h, w, pad_then_roll), x.stride(0), x.stride(1), x.stride(2),
         C=c, WH=wh, WW=ww, PAD_THEN_ROLL=pad_then_roll, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=NUM_WARPS)
     return out
 
@@ -122,7 +128,7 @@ def window_merge(windows: torch.Tensor, window_size, shift_size, H: int, W: int,
     total = b * H * W
     block_t, block_c = _blocks(c)
     window_merge_kernel[(triton.cdiv(total, block_t), triton.cdiv(c, block_c))](
-        win, out, total, H, W, nwh, nww, shift_size[0], shift_size[1], win.stride(0), win.stride(2),
+        win, out, total, H, W, nwh, nww, *_roll(shift_size, H, W, pad_then_roll), win.stride(0), win.stride(2),
         C=c, WH=wh, WW=ww, PAD_THEN_ROLL=pad_then_roll, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=NUM_WARPS)
     return out
 

@@ -148,8 +148,10 @@ Geometry make_geometry(int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sy,
   g.Wp = int(sf::ceil_div(W, ww) * ww);
   g.nWw = g.Wp / g.Ww;
   g.nW = (g.Hp / g.Wh) * g.nWw;
-  g.sy = int(sy);
-  g.sx = int(sx);
+  // Rolling then padding rolls the unpadded image, where a shift may exceed H or W
+  // (tiny images): a roll by s is a roll by s mod the axis length.
+  g.sy = int(pad_then_roll ? sy : sy % H);
+  g.sx = int(pad_then_roll ? sx : sx % W);
   g.pad_then_roll = pad_then_roll;
   SF_CHECK(int64_t(g.Hp) * g.Wp < (int64_t(1) << 31), "window_process: padded image too large");
   return g;
