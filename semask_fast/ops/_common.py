@@ -60,6 +60,30 @@ def check_dim(name: str, t: torch.Tensor, dim: int, expected: int, what: str) ->
         raise ValueError(f"{name} must have {what} = {expected} in dim {dim}, got shape {tuple(t.shape)}")
 
 
+def check_window_geometry(window_size: Any, shift_size: Any) -> Tuple[Pair, Pair]:
+    """(window, shift) pairs: window >= 1, 0 <= shift < window on each axis."""
+    ws = to_pair("window_size", window_size, minimum=1)
+    shift = to_pair("shift_size", shift_size)
+    if any(s >= w for s, w in zip(shift, ws)):
+        raise ValueError(f"shift_size must be smaller than window_size {ws} on both axes, got {shift}")
+    return ws, shift
+
+
+def check_bias_table(table: Optional[torch.Tensor], ref_name: str, ref: torch.Tensor, window_size: Pair,
+                     heads: int) -> None:
+    """A ((2Wh-1)(2Ww-1), heads) relative-position bias table in the inputs' dtype or float32."""
+    if table is None:
+        return
+    check_tensor("bias_table", table, 2, "((2Wh-1)*(2Ww-1), heads)")
+    check_like("bias_table", table, ref_name, ref, dtype=False)
+    rows = (2 * window_size[0] - 1) * (2 * window_size[1] - 1)
+    if tuple(table.shape) != (rows, heads):
+        raise ValueError(f"bias_table must have shape ({rows}, {heads}) for window_size={window_size} and {heads} "
+                         f"heads, got {tuple(table.shape)}")
+    if table.dtype not in (ref.dtype, torch.float32):
+        raise TypeError(f"bias_table must have {ref_name}'s dtype {ref.dtype} or float32, got {table.dtype}")
+
+
 def check_probability(name: str, p: Any) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
         raise ValueError(f"{name} must be a float in [0, 1), got {p!r}")
@@ -129,5 +153,6 @@ def dispatch(op: str, inp: OpInputs, backend: str) -> Tuple[torch.Tensor, ...]:
 
 __all__ = [
     "Pair", "to_pair", "check_tensor", "check_like", "check_dim", "check_probability", "check_scale",
+    "check_window_geometry", "check_bias_table",
     "OpInputs", "dispatch", "note_ran",
 ]

@@ -7,8 +7,8 @@ from typing import Optional
 
 import torch
 
-from ._common import (OpInputs, Pair, check_like, check_probability, check_scale, check_tensor, dispatch,
-                      to_pair)
+from ._common import (OpInputs, Pair, check_bias_table, check_like, check_probability, check_scale, check_tensor,
+                      check_window_geometry, dispatch)
 from .window_process import padded_grid
 
 
@@ -65,20 +65,10 @@ def shifted_window_attention(qkv: torch.Tensor, bias_table: Optional[torch.Tenso
     c3 = qkv.shape[-1]
     if c3 % (3 * num_heads):
         raise ValueError(f"qkv's last dim must be 3*num_heads*head_dim, got {c3} with num_heads={num_heads}")
-    ws = to_pair("window_size", window_size, minimum=1)
-    shift = to_pair("shift_size", shift_size)
-    if any(s >= w for s, w in zip(shift, ws)):
-        raise ValueError(f"shift_size must be smaller than window_size {ws} on both axes, got {shift}")
+    ws, shift = check_window_geometry(window_size, shift_size)
     if not isinstance(pad_then_roll, bool):
         raise TypeError(f"pad_then_roll must be a bool, got {pad_then_roll!r}")
-    if bias_table is not None:
-        check_tensor("bias_table", bias_table, 2, "((2Wh-1)*(2Ww-1), heads)")
-        check_like("bias_table", bias_table, "qkv", qkv, dtype=False)
-        rows = (2 * ws[0] - 1) * (2 * ws[1] - 1)
-        if tuple(bias_table.shape) != (rows, num_heads):
-            raise ValueError(f"bias_table must have shape ({rows}, {num_heads}), got {tuple(bias_table.shape)}")
-        if bias_table.dtype not in (qkv.dtype, torch.float32):
-            raise TypeError(f"bias_table must have qkv's dtype {qkv.dtype} or float32, got {bias_table.dtype}")
+    check_bias_table(bias_table, "qkv", qkv, ws, num_heads)
     if qkv_bias is not None:
         check_tensor("qkv_bias", qkv_bias, 1, f"({c3},)")
         check_like("qkv_bias", qkv_bias, "qkv", qkv, dtype=False)

@@ -7,8 +7,8 @@ from typing import Optional
 
 import torch
 
-from ._common import (OpInputs, Pair, check_like, check_probability, check_scale, check_tensor, dispatch,
-                      to_pair)
+from ._common import (OpInputs, Pair, check_bias_table, check_like, check_probability, check_scale, check_tensor,
+                      check_window_geometry, dispatch, to_pair)
 
 _QKV = "(B*nW, heads, N, head_dim)"
 
@@ -79,21 +79,10 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_tab
         if t.shape != q.shape:
             raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
     b_, h, n, d = q.shape
-    ws = to_pair("window_size", window_size, minimum=1)
-    shift = to_pair("shift_size", shift_size)
+    ws, shift = check_window_geometry(window_size, shift_size)
     if n != ws[0] * ws[1]:
         raise ValueError(f"q must have N = Wh*Ww = {ws[0] * ws[1]} tokens for window_size={ws}, got N={n}")
-    if any(s >= w for s, w in zip(shift, ws)):
-        raise ValueError(f"shift_size must be smaller than window_size {ws} on both axes, got {shift}")
-    if bias_table is not None:
-        check_tensor("bias_table", bias_table, 2, "((2Wh-1)*(2Ww-1), heads)")
-        check_like("bias_table", bias_table, "q", q, dtype=False)
-        rows = (2 * ws[0] - 1) * (2 * ws[1] - 1)
-        if tuple(bias_table.shape) != (rows, h):
-            raise ValueError(f"bias_table must have shape ({rows}, {h}) for window_size={ws} and {h} heads, "
-                             f"got {tuple(bias_table.shape)}")
-        if bias_table.dtype not in (q.dtype, torch.float32):
-            raise TypeError(f"bias_table must have q's dtype {q.dtype} or float32, got {bias_table.dtype}")
+    check_bias_table(bias_table, "q", q, ws, h)
     if grid is not None:
         grid = to_pair("grid", grid, minimum=1)
         if b_ % (grid[0] * grid[1]):

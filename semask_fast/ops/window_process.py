@@ -6,15 +6,7 @@ import dataclasses
 
 import torch
 
-from ._common import OpInputs, Pair, check_tensor, dispatch, to_pair
-
-
-def _check_geometry(window_size, shift_size):
-    ws = to_pair("window_size", window_size, minimum=1)
-    shift = to_pair("shift_size", shift_size)
-    if any(s >= w for s, w in zip(shift, ws)):
-        raise ValueError(f"shift_size must be smaller than window_size {ws} on both axes, got {shift}")
-    return ws, shift
+from ._common import OpInputs, Pair, check_tensor, check_window_geometry, dispatch
 
 
 def _check_order(pad_then_roll) -> bool:
@@ -66,7 +58,7 @@ def window_partition(x: torch.Tensor, window_size, shift_size=0, pad_then_roll: 
         (B*nW, Wh, Ww, C) windows, window index fastest, windows row-major.
     """
     check_tensor("x", x, 4, "(B, H, W, C)")
-    ws, shift = _check_geometry(window_size, shift_size)
+    ws, shift = check_window_geometry(window_size, shift_size)
     inp = WindowPartitionInputs(x=x, window_size=ws, shift_size=shift, pad_then_roll=_check_order(pad_then_roll))
     return dispatch("window_partition", inp, backend)[0]
 
@@ -87,7 +79,7 @@ def window_merge(windows: torch.Tensor, window_size, shift_size, H: int, W: int,
         shape = tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows).__name__
         raise ValueError(f"windows must have shape (B*nW, Wh, Ww, C) or (B*nW, N, C), got {shape}")
     check_tensor("windows", windows, windows.dim(), "(B*nW, Wh, Ww, C)")
-    ws, shift = _check_geometry(window_size, shift_size)
+    ws, shift = check_window_geometry(window_size, shift_size)
     for name, size in (("H", H), ("W", W)):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"{name} must be a positive int, got {size!r}")

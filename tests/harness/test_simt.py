@@ -6,7 +6,6 @@ caught: a missing ``__syncthreads()`` gives wrong results under the seeded shuff
 order, a barrier not every thread reaches raises instead of hanging.
 """
 
-import os
 
 import pytest
 import torch
