@@ -15,7 +15,7 @@ import torch
 
 from ..registry import register
 from . import TritonImpl
-from .window_attention import geometry_reasons
+from .window_attention import geometry_reasons, unit_stride
 
 
 def _kernels():
@@ -33,7 +33,7 @@ class ShiftedWindowAttentionTriton(TritonImpl):
 
     @staticmethod
     def _prepare(inp):
-        qkv = inp.qkv if inp.qkv.stride(-1) == 1 else inp.qkv.contiguous()
+        qkv = unit_stride(inp.qkv)
         b, h, w, _ = qkv.shape
         grid = inp.grid
         geo = _kernels().Geometry(inp.window_size, b * grid[0] * grid[1], inp.num_heads, inp.head_dim, grid=grid,
@@ -63,7 +63,7 @@ class ShiftedWindowAttentionTriton(TritonImpl):
         out, lse, seed = saved
         qkv, geo, qkv_bias = self._prepare(inp)
         c = inp.num_heads * inp.head_dim
-        dout = grad_outputs[0] if grad_outputs[0].stride(-1) == 1 else grad_outputs[0].contiguous()
+        dout = unit_stride(grad_outputs[0])
         dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
         d_table, d_qkv_bias = k.window_attention_backward(
             *self._split(qkv, c), out, dout, lse, *self._split(dqkv, c), geo, inp.bias_table, None, qkv_bias,

@@ -28,6 +28,11 @@ def geometry_reasons(head_dim: int, n: int) -> List[str]:
     return reasons
 
 
+def unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """The kernels need a unit stride on the last dim (any other strides are fine)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 #: Beyond this the table-gradient partials (one N x N fp32 tile per program) grow large.
 MAX_WINDOW_TOKENS = 1024
 
@@ -45,13 +50,9 @@ class WindowAttentionTriton(TritonImpl):
         b_, h, n, d = inp.q.shape
         return k.Geometry(inp.window_size, b_, h, d, grid=inp.grid, shift=inp.shift_size)
 
-    @staticmethod
-    def _unit_stride(t):
-        return t if t.stride(-1) == 1 else t.contiguous()
-
     def forward(self, inp):
         k = _kernels()
-        q, kk, v = (self._unit_stride(t) for t in (inp.q, inp.k, inp.v))
+        q, kk, v = (unit_stride(t) for t in (inp.q, inp.k, inp.v))
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         seed = k.draw_seed() if inp.dropout_p > 0 else 0
         lse = k.window_attention_forward(q, kk, v, out, self._geometry(inp), inp.bias_table, inp.mask,
@@ -62,8 +63,8 @@ class WindowAttentionTriton(TritonImpl):
     def backward(self, inp, saved, grad_outputs):
         k = _kernels()
         out, lse, seed = saved
-        q, kk, v = (self._unit_stride(t) for t in (inp.q, inp.k, inp.v))
-        dout = self._unit_stride(grad_outputs[0])
+        q, kk, v = (unit_stride(t) for t in (inp.q, inp.k, inp.v))
+        dout = unit_stride(grad_outputs[0])
         dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
         d_table, _ = k.window_attention_backward(q, kk, v, out, dout, lse, dq, dk, dv, self._geometry(inp),
                                                  inp.bias_table, inp.mask, scale=inp.scale,
