@@ -66,8 +66,10 @@ def _key(cfg, arch: int) -> str:
     import triton
 
     fn = getattr(cfg.kernel, "fn", cfg.kernel)
-    # The whole module's source: a kernel's @triton.jit helpers live beside it.
-    text = json.dumps([inspect.getsource(inspect.getmodule(fn)), cfg.name, cfg.signature,
+    # The whole module's source (a kernel's @triton.jit helpers live beside it) and the shared helpers.
+    module = inspect.getmodule(fn)
+    common = importlib.import_module(module.__name__.rpartition(".")[0] + "._common")
+    text = json.dumps([inspect.getsource(module), inspect.getsource(common), cfg.name, cfg.signature,
                        {k: repr(v) for k, v in cfg.constexprs.items()}, cfg.num_warps, cfg.num_stages, arch,
                        triton.__version__], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24]

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED, AOTConfig, dot_fp32
+from ._common import mm
 from .semantic_attention import row_dot
 
 #: Supported head dims and head counts (the pass-1 statistics hold all heads in registers).
@@ -41,17 +42,6 @@ MIN_HEAD_DIM, MAX_HEAD_DIM, MAX_HEADS = 16, 128, 64
 #: of ``forward_config``/``backward_config`` (the AOT_CONFIGS); tests set this to False on small
 #: shapes to run those tiles too.
 INTERPRETER_TILES = INTERPRETED
-
-
-@triton.jit
-def _mm(a, b, DOT_FP32: tl.constexpr):
-    """a @ b in fp32; fp32 operands use IEEE products (no tf32) to keep 1e-4 parity on GPUs."""
-    if DOT_FP32:  # interpreter bf16 tl.dot bug (triton issue 11584): upcast just for the product
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if a.dtype == tl.float32:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
 
 
 @triton.jit
@@ -83,7 +73,7 @@ def _atm_fwd_kernel(Q, K, V, OUT, M, LSE, seed, H, NQ, NK, D, scale, dropout_p,
             q = tl.load(Q + (bh * NQ + offs_m[:, None]) * D + offs_d[None, :], mask=q_mask, other=0.0)
             kt = tl.load(K + (bh * NK + offs_n[None, :]) * D + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :],
                          other=0.0)
-            s = _mm(q, kt, DOT_FP32) * scale
+            s = mm(q, kt, DOT_FP32) * scale
             s_sum += s
             s = tl.where(n_ok[None, :], s, float("-inf"))
             this = heads[None, :] == hh
@@ -110,13 +100,13 @@ def _atm_fwd_kernel(Q, K, V, OUT, M, LSE, seed, H, NQ, NK, D, scale, dropout_p,
             n_ok = offs_n < NK
             kt = tl.load(K + (bh * NK + offs_n[None, :]) * D + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :],
                          other=0.0)
-            s = _mm(q, kt, DOT_FP32) * scale
+            s = mm(q, kt, DOT_FP32) * scale
             p = tl.where(n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
             if DROPOUT:
                 p = tl.where(_keep(seed, bh, offs_m, offs_n, NQ, NK, dropout_p), p * keep_scale, 0.0)
             v = tl.load(V + (bh * NK + offs_n[:, None]) * D + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
                         other=0.0)
-            acc += _mm(p.to(v.dtype), v, DOT_FP32)
+            acc += mm(p.to(v.dtype), v, DOT_FP32)
         tl.store(OUT + (bh * NQ + offs_m[:, None]) * D + offs_d[None, :], acc.to(OUT.dtype.element_ty), mask=q_mask)
         tl.store(LSE + bh * NQ + offs_m, lse, mask=m_ok)
 
@@ -125,10 +115,10 @@ def _atm_fwd_kernel(Q, K, V, OUT, M, LSE, seed, H, NQ, NK, D, scale, dropout_p,
 def _grad_logits(q, kt, v_t, do, lse, delta, DM_tile, m_ok, n_ok, keep, scale, keep_scale, H,
                  DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
     """(P, P*Z, dS) for one (query block, key block) tile of one head."""
-    s = _mm(q, kt, DOT_FP32) * scale
+    s = mm(q, kt, DOT_FP32) * scale
     valid = m_ok[:, None] & n_ok[None, :]
     p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-    dp = _mm(do, v_t, DOT_FP32)
+    dp = mm(do, v_t, DOT_FP32)
     pz = p
     if DROPOUT:
         pz = tl.where(keep, p * keep_scale, 0.0)
@@ -168,8 +158,8 @@ def _atm_bwd_kv_kernel(Q, K, V, DO, DM, LSE, DELTA, DK, DV, seed, H, NQ, NK, D, 
             keep = _keep(seed, bh, offs_m, offs_n, NQ, NK, dropout_p)
         pz, ds = _grad_logits(q, tl.trans(k), tl.trans(v), do, lse, delta, dm, m_ok, n_ok, keep, scale, keep_scale,
                               H, DROPOUT, DOT_FP32)
-        dv += _mm(tl.trans(pz.to(do.dtype)), do, DOT_FP32)
-        dk += _mm(tl.trans(ds.to(q.dtype)), q, DOT_FP32)
+        dv += mm(tl.trans(pz.to(do.dtype)), do, DOT_FP32)
+        dk += mm(tl.trans(ds.to(q.dtype)), q, DOT_FP32)
     tl.store(DK + (bh * NK + offs_n[:, None]) * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=kv_mask)
     tl.store(DV + (bh * NK + offs_n[:, None]) * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -206,7 +196,7 @@ def _atm_bwd_q_kernel(Q, K, V, DO, DM, LSE, DELTA, DQ, seed, H, NQ, NK, D, scale
             keep = _keep(seed, bh, offs_m, offs_n, NQ, NK, dropout_p)
         _, ds = _grad_logits(q, tl.trans(k), vt, do, lse, delta, dm, m_ok, n_ok, keep, scale, keep_scale, H,
                              DROPOUT, DOT_FP32)
-        dq += _mm(ds.to(k.dtype), k, DOT_FP32)
+        dq += mm(ds.to(k.dtype), k, DOT_FP32)
     tl.store(DQ + (bh * NQ + offs_m[:, None]) * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=q_mask)
 

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED, AOTConfig, dot_fp32
+from ._common import mm
 
 #: Largest class count: a program holds all K columns (LayerNorm over K) in registers.
 MAX_K = 256
@@ -35,17 +36,6 @@ MAX_K = 256
 #: of the ``*_config`` functions (the AOT_CONFIGS); tests set this to False on small shapes to run
 #: those tiles too.
 INTERPRETER_TILES = INTERPRETED
-
-
-@triton.jit
-def _mm(a, b, DOT_FP32: tl.constexpr):
-    """a @ b in fp32; fp32 operands use IEEE products (no tf32) to keep 1e-4 parity on GPUs."""
-    if DOT_FP32:  # interpreter bf16 tl.dot bug (triton issue 11584): upcast just for the product
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if a.dtype == tl.float32:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
 
 
 @triton.jit
@@ -60,7 +50,7 @@ def _raw_product(P, C, b, offs_m, offs_k, m_ok, k_ok, NP, K, D, BLOCK_M: tl.cons
         d_ok = dd < D
         p = tl.load(P + (b * NP + offs_m[:, None]) * D + dd[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         ct = tl.load(C + (b * K + offs_k[None, :]) * D + dd[:, None], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += _mm(p, ct, DOT_FP32)
+        acc += mm(p, ct, DOT_FP32)
         pf = p.to(tl.float32)
         cf = ct.to(tl.float32)
         sp += tl.sum(pf * pf, 1)
@@ -144,7 +134,7 @@ def _mask_sim_bwd_rows_kernel(P, C, W, DY, RP, RC, DP, DS, PART, NP, K, D, eps,
         c = tl.load(C + (b * K + offs_k[:, None]) * D + dd[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         p_ptrs = P + (b * NP + offs_m[:, None]) * D + dd[None, :]
         p = tl.load(p_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        dp = rp[:, None] * _mm(dsc.to(c.dtype), c, DOT_FP32) - (rp * rp * r)[:, None] * p
+        dp = rp[:, None] * mm(dsc.to(c.dtype), c, DOT_FP32) - (rp * rp * r)[:, None] * p
         tl.store(DP + (b * NP + offs_m[:, None]) * D + dd[None, :], dp.to(DP.dtype.element_ty),
                  mask=m_ok[:, None] & d_ok[None, :])
 
@@ -167,7 +157,7 @@ def _mask_sim_bwd_cols_kernel(P, C, DS, RP, RC, PART, DC, NP, K, D, M_BLOCKS,
                       other=0.0)
         rp = tl.load(RP + b * NP + offs_m, mask=m_ok, other=0.0)
         p = tl.load(P + (b * NP + offs_m[:, None]) * D + dd[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += _mm((dst * rp[None, :]).to(p.dtype), p, DOT_FP32)
+        acc += mm((dst * rp[None, :]).to(p.dtype), p, DOT_FP32)
     t = tl.zeros([BLOCK_K], dtype=tl.float32)
     for i in range(0, M_BLOCKS):
         t += tl.load(PART + ((b * M_BLOCKS + i) * 3) * K + offs_k, mask=k_ok, other=0.0)

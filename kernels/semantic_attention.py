@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED, AOTConfig, dot_fp32
+from ._common import mm
 
 #: Largest class count K the backward accumulators hold (K padded to a power of two).
 MAX_K = 256
@@ -34,17 +35,6 @@ MAX_K = 256
 #: use the register-budgeted tiles of ``forward_config``/``backward_config`` (the AOT_CONFIGS);
 #: tests set this to False on small shapes to run those tiles too.
 INTERPRETER_TILES = INTERPRETED
-
-
-@triton.jit
-def _mm(a, b, DOT_FP32: tl.constexpr):
-    """a @ b in fp32; fp32 operands use IEEE products (no tf32) to keep 1e-4 parity on GPUs."""
-    if DOT_FP32:  # interpreter bf16 tl.dot bug (triton issue 11584): upcast just for the product
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if a.dtype == tl.float32:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
 
 
 @triton.jit
@@ -58,7 +48,7 @@ def _scores(q_base, k_base, offs_m, offs_n, m_ok, n_ok, K, BLOCK_M: tl.constexpr
         k_ok = kk < K
         q = tl.load(q_base + offs_m[:, None] * K + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         kt = tl.load(k_base + offs_n[None, :] * K + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        s += _mm(q, kt, DOT_FP32)
+        s += mm(q, kt, DOT_FP32)
     return s
 
 
@@ -91,7 +81,7 @@ def _sem_fwd_kernel(SQ, SK, YV, OUT, LSE, B, N, K, C, WPP,
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + offs_n[:, None] * C + offs_c[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT_FP32)
+            acc = acc * alpha[:, None] + mm(p.to(v.dtype), v, DOT_FP32)
             m_i = m_new
         acc = acc / l_i[:, None]
         tl.store(OUT + b * N * C + offs_m[:, None] * C + offs_c[None, :], acc.to(OUT.dtype.element_ty),
@@ -125,7 +115,7 @@ def _dp_tile(do_base, v_base, offs_m, offs_n, m_ok, n_ok, C, BLOCK_M: tl.constex
         c_ok = cc < C
         do = tl.load(do_base + offs_m[:, None] * C + cc[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
         vt = tl.load(v_base + offs_n[None, :] * C + cc[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-        dp += _mm(do, vt, DOT_FP32)
+        dp += mm(do, vt, DOT_FP32)
     return dp
 
 
@@ -154,18 +144,18 @@ def _sem_bwd_kv_kernel(SQ, SK, YV, DO, LSE, DELTA, DSK, DYV, B, N, K, C, WPP,
             m_ok = (offs_m < N) & (b < B)
             qf = tl.load(SQ + b * N * K + offs_m[:, None] * K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                          other=0.0)
-            s = _mm(qf, tl.trans(kf), DOT_FP32)
+            s = mm(qf, tl.trans(kf), DOT_FP32)
             lse = tl.load(LSE + b * N + offs_m, mask=m_ok, other=0.0)
             p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
             do = tl.load(DO + b * N * C + offs_m[:, None] * C + offs_c[None, :], mask=m_ok[:, None] & c_ok[None, :],
                          other=0.0)
-            dyv += _mm(tl.trans(p.to(do.dtype)), do, DOT_FP32)
+            dyv += mm(tl.trans(p.to(do.dtype)), do, DOT_FP32)
             if pid_c == 0:
                 dp = _dp_tile(DO + b * N * C, YV + b * N * C, offs_m, offs_n, m_ok, n_ok, C, BLOCK_M, BLOCK_N,
                               BLOCK_C, DOT_FP32)
                 delta = tl.load(DELTA + b * N + offs_m, mask=m_ok, other=0.0)
                 ds = p * (dp - delta[:, None])
-                dsk += _mm(tl.trans(ds.to(qf.dtype)), qf, DOT_FP32)
+                dsk += mm(tl.trans(ds.to(qf.dtype)), qf, DOT_FP32)
         tl.store(DYV + b * N * C + offs_n[:, None] * C + offs_c[None, :], dyv.to(DYV.dtype.element_ty),
                  mask=n_ok[:, None] & c_ok[None, :])
         tl.store(DSK + b * N * K + offs_n[:, None] * K + offs_k[None, :], dsk.to(DSK.dtype.element_ty),
@@ -193,12 +183,12 @@ def _sem_bwd_q_kernel(SQ, SK, YV, DO, LSE, DELTA, DSQ, B, N, K, C, WPP,
             n_ok = (offs_n < N) & (b < B)
             kf = tl.load(SK + b * N * K + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                          other=0.0)
-            s = _mm(qf, tl.trans(kf), DOT_FP32)
+            s = mm(qf, tl.trans(kf), DOT_FP32)
             p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
             dp = _dp_tile(DO + b * N * C, YV + b * N * C, offs_m, offs_n, m_ok, n_ok, C, BLOCK_M, BLOCK_N, BLOCK_C,
                           DOT_FP32)
             ds = p * (dp - delta[:, None])
-            dsq += _mm(ds.to(kf.dtype), kf, DOT_FP32)
+            dsq += mm(ds.to(kf.dtype), kf, DOT_FP32)
         tl.store(DSQ + b * N * K + offs_m[:, None] * K + offs_k[None, :], dsq.to(DSQ.dtype.element_ty),
                  mask=m_ok[:, None] & k_ok[None, :])
 

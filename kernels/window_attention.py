@@ -34,21 +34,11 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED, AOTConfig, dot_fp32
+from ._common import mm
 
 # --------------------------------------------------------------------------- #
 # Shared device helpers
 # --------------------------------------------------------------------------- #
-
-
-@triton.jit
-def _dot(a, b, DOT_FP32: tl.constexpr):
-    # DOT_FP32: interpreter-only bf16 workaround (see semask_fast.kernels).
-    if DOT_FP32:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if a.dtype == tl.float32:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
 
 
 @triton.jit
@@ -117,7 +107,7 @@ def _logits(q, k, b_, hh, i, j, pyi, pxi, pyj, pxj, TABLE, stt, sth, MASK, smw, 
             scale, mask_value, N: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, HAS_TABLE: tl.constexpr,
             MASK_MODE: tl.constexpr, DOT_FP32: tl.constexpr):
     """fp32 logits scale*q.k^T + bias + mask of one (query tile, key tile); -inf on padded keys."""
-    s = _dot(q, tl.trans(k), DOT_FP32) * scale
+    s = mm(q, tl.trans(k), DOT_FP32) * scale
     valid = (i[:, None] < N) & (j[None, :] < N)
     if HAS_TABLE:
         yi = i // WW
@@ -191,7 +181,7 @@ def window_attention_fwd_kernel(
                 l_i = l_i * alpha + tl.sum(p, 1)
                 if DROPOUT:
                     p = tl.where(_keep(seed, b_, hh, HEADS, i, j, N, dropout_p), p * keep_scale, 0.0)
-                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32)
+                acc = acc * alpha[:, None] + mm(p.to(v.dtype), v, DOT_FP32)
                 m_i = m_new
             out = acc / l_i[:, None]
             dm = d < D
@@ -215,7 +205,7 @@ def _grad_scores(q, k, v, do, o_delta, lse, b_, hh, i, j, pyi, pxi, pyj, pxj, TA
     s = _logits(q, k, b_, hh, i, j, pyi, pxi, pyj, pxj, TABLE, stt, sth, MASK, smw, smi, smj, nW, nWw, sy, sx,
                 scale, mask_value, N, WH, WW, HAS_TABLE, MASK_MODE, DOT_FP32)
     p = tl.exp(s - lse[:, None])
-    dp = _dot(do, tl.trans(v), DOT_FP32)
+    dp = mm(do, tl.trans(v), DOT_FP32)
     if DROPOUT:
         keep = _keep(seed, b_, hh, HEADS, i, j, N, dropout_p)
         keep_scale = 1.0 / (1.0 - dropout_p)
@@ -277,10 +267,10 @@ def window_attention_bwd_kernel(
                 p_drop, ds = _grad_scores(q, k, v, do, o_delta, lse, b_, hh, i, j, pyi, pxi, pyj, pxj, TABLE, stt,
                                           sth, MASK, smw, smi, smj, nW, nWw, sy, sx, scale, mask_value, seed, HEADS,
                                           dropout_p, N, WH, WW, HAS_TABLE, MASK_MODE, DROPOUT, DOT_FP32)
-                dv += _dot(tl.trans(p_drop.to(do.dtype)), do, DOT_FP32)
-                dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_FP32)
+                dv += mm(tl.trans(p_drop.to(do.dtype)), do, DOT_FP32)
+                dk += mm(tl.trans(ds.to(q.dtype)), q, DOT_FP32)
                 if NT == 1:
-                    dq = _dot(ds.to(k.dtype), k, DOT_FP32) * scale
+                    dq = mm(ds.to(k.dtype), k, DOT_FP32) * scale
                     tl.store(DQ + _offsets(img, y, x, hh, sdq_b, sdq_h, sdq_y, sdq_x)[:, None] + d[None, :],
                              dq.to(DQ.dtype.element_ty), mask=real_i[:, None] & dm[None, :])
                     if HAS_QKVB:
@@ -333,7 +323,7 @@ def window_attention_bwd_kernel(
                                               stt, sth, MASK, smw, smi, smj, nW, nWw, sy, sx, scale, mask_value,
                                               seed, HEADS, dropout_p, N, WH, WW, HAS_TABLE, MASK_MODE, DROPOUT,
                                               DOT_FP32)
-                    dq += _dot(ds.to(k.dtype), k, DOT_FP32)
+                    dq += mm(ds.to(k.dtype), k, DOT_FP32)
                 dq = dq * scale
                 tl.store(DQ + _offsets(img, y, x, hh, sdq_b, sdq_h, sdq_y, sdq_x)[:, None] + d[None, :],
                          dq.to(DQ.dtype.element_ty), mask=real_i[:, None] & dm[None, :])
