@@ -185,7 +185,8 @@ __global__ void __launch_bounds__(kThreads)
 // Backward, first step (see the file comment).  Per block of rows: G = dS (in T, the A operand of
 // the gradient GEMMs), rinv_p, rowdot; column partials (fixed order) for coldot, dw, db.
 template <typename T, bool NORM>
-__global__ void __launch_bounds__(kThreads)
+// minBlocks = 1: without it ptxas capped this kernel's registers for occupancy and spilled (sm_90).
+__global__ void __launch_bounds__(kThreads, 1)
     dscore_kernel(const T* __restrict__ P, const T* __restrict__ C, const float* __restrict__ rinv_c,
                   const T* __restrict__ dY, const float* __restrict__ weight, T* __restrict__ G,
                   float* __restrict__ rinv_p, float* __restrict__ rowdot, float* __restrict__ colpart,

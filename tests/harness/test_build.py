@@ -141,7 +141,6 @@ KNOWN_SPILLS = {
     ("atm_attention.cu", "sf_atm_attention::atm_attention_fwd_kernel<float, 32>", "sm_90"),
     ("atm_attention.cu", "sf_atm_attention::atm_attention_fwd_kernel<float, 64>", "sm_80"),
     ("atm_attention.cu", "sf_atm_attention::atm_attention_fwd_kernel<float, 64>", "sm_90"),
-    ("mask_similarity.cu", "dscore_kernel<__half, false>", "sm_90"),
     ("semantic_attention.cu", "sf_semantic_attention::semantic_attention_dv_kernel<__half, 4>", "sm_80"),
     ("semantic_attention.cu", "sf_semantic_attention::semantic_attention_dv_kernel<__nv_bfloat16, 4>", "sm_80"),
     ("semantic_attention.cu", "sf_semantic_attention::semantic_attention_dv_kernel<float, 4>", "sm_80"),
