@@ -66,12 +66,14 @@ def _key(cfg, arch: int) -> str:
     import triton
 
     fn = getattr(cfg.kernel, "fn", cfg.kernel)
-    # The whole module's source (a kernel's @triton.jit helpers live beside it) and the shared helpers.
-    module = inspect.getmodule(fn)
-    common = importlib.import_module(module.__name__.rpartition(".")[0] + "._common")
-    text = json.dumps([inspect.getsource(module), inspect.getsource(common), cfg.name, cfg.signature,
+    # The whole module's source (a kernel's @triton.jit helpers live beside it) and, when it uses
+    # them, the shared helpers of kernels/_common.py.
+    source = inspect.getsource(inspect.getmodule(fn))
+    if "from ._common import" in source:
+        source += inspect.getsource(importlib.import_module(f"{_kernels().__name__}._common"))
+    text = json.dumps([source, cfg.name, cfg.signature,
                        {k: repr(v) for k, v in cfg.constexprs.items()}, cfg.num_warps, cfg.num_stages, arch,
-                       triton.__version__], sort_keys=True)
+                       triton.__version__] + ([cfg.maxnreg] if cfg.maxnreg else []), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -91,7 +93,7 @@ def _compile(module: str, index: int, arch: int) -> dict:
     cfg = kernel_modules()[module].AOT_CONFIGS[index]
     src = ASTSource(cfg.kernel, cfg.signature, cfg.constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                              options=cfg.options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()

@@ -39,16 +39,26 @@ class AOTConfig:
         signature: argument name -> Triton type (``"*fp16"``, ``"i32"``, ``"i64"``, ``"fp32"``,
             ``"constexpr"``), in argument order.
         constexprs: values of the ``tl.constexpr`` arguments.
-        num_warps, num_stages: launch options as the launcher uses them.
+        num_warps, num_stages, maxnreg: launch options as the launcher uses them (``maxnreg``:
+            per-thread register cap handed to ptxas; None keeps ptxas' own choice).
     """
 
-    def __init__(self, kernel, name, signature, constexprs, num_warps=4, num_stages=2):
+    def __init__(self, kernel, name, signature, constexprs, num_warps=4, num_stages=2, maxnreg=None):
         self.kernel = kernel
         self.name = name
         self.signature = dict(signature)
         self.constexprs = dict(constexprs)
         self.num_warps = num_warps
         self.num_stages = num_stages
+        self.maxnreg = maxnreg
 
     def __repr__(self):
-        return f"AOTConfig({self.name}, warps={self.num_warps}, stages={self.num_stages})"
+        return f"AOTConfig({self.name}, warps={self.num_warps}, stages={self.num_stages}, maxnreg={self.maxnreg})"
+
+    @property
+    def options(self) -> dict:
+        """The launch options, as ``triton.compile`` and a kernel launch take them."""
+        opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg is not None:
+            opts["maxnreg"] = self.maxnreg
+        return opts

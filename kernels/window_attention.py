@@ -425,11 +425,17 @@ FWD_MIN_PROGRAMS = 512
 BWD_MIN_PROGRAMS = 128
 
 
-def num_warps(block: int, backward: bool) -> int:
-    # Chosen from the AOT table (sm_80 and sm_90): these are the counts at which ptxas spills nothing.
-    if backward or block >= 64:
-        return 8
-    return 4 if block == 32 else 2
+#: Per-thread register cap handed to ptxas.  The score tiles and accumulators live in registers;
+#: left to itself ptxas capped some configurations (2-warp fp32 forward, 8-warp fp32 backward on
+#: sm_80) at 128 registers and spilled.  Shared memory, not registers, bounds occupancy here.
+MAXNREG = 255
+
+
+def launch_options(block: int, backward: bool) -> dict:
+    """num_warps / num_stages / maxnreg of the attention kernels; chosen from the AOT table
+    (benchmarks/results/resources.md): no configuration spills on sm_80 or sm_90."""
+    warps = 8 if backward or block >= 64 else 4 if block == 32 else 2
+    return dict(num_warps=warps, num_stages=1, maxnreg=MAXNREG)
 
 
 def draw_seed() -> int:
@@ -507,7 +513,7 @@ def window_attention_forward(q, k, v, out, geo: Geometry, table=None, mask=None,
         *_strides4(q, geo.image, geo.head_dim), *_strides4(k, geo.image, geo.head_dim),
         *_strides4(v, geo.image, geo.head_dim), *_strides4(out, geo.image, geo.head_dim),
         *_common_args(geo, table, mask), scale, mask_value, dropout_p,
-        num_warps=num_warps(c["BLOCK"], False), num_stages=1, **c)
+        **launch_options(c["BLOCK"], False), **c)
     return lse
 
 
@@ -536,7 +542,7 @@ def window_attention_backward(q, k, v, out, dout, lse, dq, dk, dv, geo: Geometry
         *_strides4(dout, geo.image, geo.head_dim), *_strides4(dq, geo.image, geo.head_dim),
         *_strides4(dk, geo.image, geo.head_dim), *_strides4(dv, geo.image, geo.head_dim),
         *_common_args(geo, table, mask), scale, mask_value, dropout_p,
-        num_warps=num_warps(c["BLOCK"], True), num_stages=1, **c)
+        **launch_options(c["BLOCK"], True), **c)
     d_table = None
     if want_table:
         d_table = torch.empty_like(table)
@@ -596,10 +602,9 @@ def _aot_configs():
                 base = dict(N=n, WH=ws[0], WW=ws[1], D=hd, BLOCK=block, BLOCK_D=block_d, NT=nt,
                             WPP=8, IMAGE=image, PAD_THEN_ROLL=True, HAS_TABLE=True,
                             MASK_MODE=mask_mode, HAS_QKVB=image, DROPOUT=drop, DOT_FP32=False)
-                warps = num_warps(block, kind == "bwd")
                 configs.append(AOTConfig(kernel, f"window_attention_{kind}[{label},d={hd},{dtype}]",
-                                         _aot_signature(kernel, dtype, "fp32"), base, num_warps=warps,
-                                         num_stages=1))
+                                         _aot_signature(kernel, dtype, "fp32"), base,
+                                         **launch_options(block, kind == "bwd")))
     for ws in ((7, 7), (12, 12)):
         n = ws[0] * ws[1]
         block, _, nt = tiling(n, 32, backward=True, multi_tile=GPU_MULTI_TILE)

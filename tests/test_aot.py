@@ -39,23 +39,9 @@ def test_every_kernel_module_ships_configs(report):
         assert archs == {80, 90}, f"{module}: compiled for {sorted(archs)}"
 
 
-#: Configurations that still spill a few bytes (found by this test; open on issue 3).
-#: The test fails on any spill not listed here AND on a listed one that no longer
-#: spills, so the list can only shrink by fixing kernels, never grow silently.
-KNOWN_SPILLS = {
-    ("window_attention_fwd[w7,d=32,fp32]", 80),
-    ("window_attention_fwd[w7,d=32,fp32]", 90),
-    ("window_attention_fwd[w7-d128,d=128,fp16]", 90),
-    ("window_attention_bwd[img-w7,d=32,fp32]", 80),
-}
-
-
 def test_no_spills(report):
-    spills = {(r["config"], r["arch"]): r["spill_bytes"] for r in report["rows"] if r["spill_bytes"]}
-    new = {f"{c} sm_{a}: {spills[(c, a)]} B" for c, a in spills if (c, a) not in KNOWN_SPILLS}
-    assert not new, f"configurations that spill: {sorted(new)}"
-    fixed = sorted(f"{c} sm_{a}" for c, a in KNOWN_SPILLS if (c, a) not in spills)
-    assert not fixed, f"no longer spill, remove from KNOWN_SPILLS: {fixed}"
+    spills = sorted(f"{r['config']} sm_{r['arch']}: {r['spill_bytes']} B" for r in report["rows"] if r["spill_bytes"])
+    assert not spills, f"configurations that spill registers: {spills}"
 
 
 def test_shared_memory_fits(report):
