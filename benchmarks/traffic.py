@@ -10,6 +10,11 @@
   ``written`` count each address once per launch (the DRAM model: a kernel's
   repeated reads of the same bytes hit in cache); ``read_issued`` and
   ``written_issued`` count every access.
+* :func:`harness_bytes` runs a function whose CUDA C++ kernels execute in the
+  SIMT harness, built in the ``trace`` flavour (every load and store of the
+  kernel source instrumented by the compiler, ``csrc/harness/sf_trace.h``), and
+  counts the same two measures over the op's input tensors and every tensor
+  allocated while it runs (outputs, workspaces).
 * :func:`minimum_bytes`: inputs read once, outputs written once.
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from typing import Callable, Iterable, List
 
 import numpy as np
@@ -150,3 +156,29 @@ def triton_bytes(fn: Callable[[], object]) -> Traffic:
     with _count_interpreter(traffic):
         fn()
     return traffic
+
+
+def harness_bytes(source: str, fn: Callable[[object], object], inputs: Iterable[torch.Tensor]) -> Traffic:
+    """Bytes the CUDA kernels of ``csrc/ops/<source>`` launched by ``fn(lib)`` read and write.
+
+    ``lib`` is the trace build's ``torch.ops`` namespace (same op schemas as the simt and cuda
+    builds); ``inputs`` are the CPU tensors the kernels may read that exist before the call.
+    Memory set by torch calls inside the op (``at::zeros``) is not a kernel access and is not counted.
+    """
+    from semask_fast import _build
+
+    lib = _build.load("trace", source)
+    previous = os.environ.get("SF_SIMT_THREADS")
+    os.environ["SF_SIMT_THREADS"] = "1"  # the counters are per host thread
+    lib.trace_begin([t for t in inputs if t is not None])
+    try:
+        fn(lib)
+    finally:
+        rows = lib.trace_end()
+        if previous is None:
+            del os.environ["SF_SIMT_THREADS"]
+        else:
+            os.environ["SF_SIMT_THREADS"] = previous
+    regions, last = rows[:-1].sum(0).tolist(), rows[-1].tolist()
+    return Traffic(read=regions[2], written=regions[3], read_issued=regions[4], written_issued=regions[5],
+                   launches=last[0])

@@ -1,11 +1,15 @@
 """Just-in-time builds of the C++/CUDA sources in ``csrc/`` (installed as ``semask_fast.csrc``).
 
-Every ``csrc/ops/<name>.cu`` is built on its own, in two flavours:
+Every ``csrc/ops/<name>.cu`` is built on its own, in two flavours (and a third for measurement):
 
 * ``"simt"``: g++ compiles the ``.cu`` as C++ with ``-DSF_SIMT``, so its kernels run on CPU
   tensors in the SIMT harness (``csrc/harness/sf_simt.h``); ops appear as
   ``torch.ops.semask_fast_simt.<op>_forward`` / ``_backward``.
 * ``"cuda"``: nvcc for sm_80 and sm_90; ops appear as ``torch.ops.semask_fast_cuda.*``.
+* ``"trace"``: the simt build with every load and store instrumented
+  (``csrc/harness/sf_trace.h``), which counts the kernels' global-memory traffic; ops appear as
+  ``torch.ops.semask_fast_trace_<name>.*`` beside ``trace_begin`` / ``trace_end``.  Used by
+  ``benchmarks/traffic_cuda.py``, never by a backend.
 
 One shared library per (flavour, source file): a file that does not compile only takes its own
 ops down, and editing one kernel rebuilds one library.  Builds go through
@@ -30,10 +34,17 @@ import threading
 from pathlib import Path
 from typing import Dict, List, Optional
 
-FLAVOURS = ("simt", "cuda")
+FLAVOURS = ("simt", "cuda", "trace")
 
-#: torch.ops namespace of each flavour (SF_TORCH_NS in csrc/include/sf_torch.h).
+#: torch.ops namespace of each flavour (SF_TORCH_NS in csrc/include/sf_torch.h); the trace
+#: flavour has one per source (several traced libraries can be loaded at once).
 NAMESPACES = {"simt": "semask_fast_simt", "cuda": "semask_fast_cuda"}
+
+
+def namespace(flavour: str, source: Path) -> str:
+    if flavour == "trace":
+        return "semask_fast_trace_" + re.sub(r"\W", "_", source.stem)
+    return NAMESPACES[flavour]
 
 #: GPU architectures of the cuda flavour.
 CUDA_ARCHS = ("80", "90")
@@ -47,6 +58,11 @@ _HALF_FLAGS = [
     "-D__CUDA_NO_HALF2_OPERATORS__",
 ]
 SIMT_CFLAGS = ["-O2", "-std=c++20", "-DSF_SIMT", "-fno-strict-aliasing", "-Wno-unused-function"] + _HALF_FLAGS
+#: g++ instruments every load and store with a call (kernel-address mode needs no sanitizer
+#: runtime: csrc/harness/sf_trace.h defines the callbacks).
+TRACE_CFLAGS = SIMT_CFLAGS + ["-DSF_TRACE", "-fsanitize=kernel-address", "-fsanitize-recover=kernel-address",
+                              "--param=asan-instrumentation-with-call-threshold=0", "--param=asan-stack=0",
+                              "--param=asan-globals=0", "--param=asan-use-after-return=0"]
 CUDA_CFLAGS = (["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
                + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS])
 
@@ -107,7 +123,7 @@ def toolchain_reasons(flavour: str) -> List[str]:
     if importlib.util.find_spec("ninja") is None and shutil.which("ninja") is None:
         reasons.append("ninja is not installed (pip install ninja)")
     home = cuda_home()
-    if flavour == "simt":
+    if flavour in ("simt", "trace"):
         if shutil.which(os.environ.get("CXX", "g++")) is None:
             reasons.append("no C++ compiler (g++ or $CXX) for the SIMT harness build")
         if home is None:
@@ -137,7 +153,8 @@ def _digest(flavour: str, source: Path, csrc: Optional[Path] = None) -> str:
 
     csrc = csrc or csrc_dir()
     h = hashlib.sha256()
-    h.update(f"{flavour}|{torch.__version__}|{SIMT_CFLAGS if flavour == 'simt' else CUDA_CFLAGS}".encode())
+    flags = {"simt": SIMT_CFLAGS, "trace": TRACE_CFLAGS}.get(flavour, CUDA_CFLAGS)
+    h.update(f"{flavour}|{torch.__version__}|{flags}".encode())
     headers = [f for d in ("include", "harness") for f in sorted((csrc / d).iterdir()) if f.suffix in (".h", ".cuh")]
     files = [source] + headers
     for f in files:
@@ -216,7 +233,7 @@ def _build_and_load(flavour: str, name: str, verbose: bool):
         _compile(flavour, source, out, verbose)
         _done_marker(out).touch()
     torch.ops.load_library(str(out))
-    return getattr(torch.ops, NAMESPACES[flavour])
+    return getattr(torch.ops, namespace(flavour, source))
 
 
 def _done_marker(library: Path) -> Path:
@@ -231,14 +248,17 @@ def _compile(flavour: str, source: Path, out: Path, verbose: bool) -> None:
     build_dir.mkdir(parents=True, exist_ok=True)
     includes = [str(csrc_dir() / "include")]
     home = cuda_home()
-    if flavour == "simt":
+    if flavour in ("simt", "trace"):
         includes += [str(csrc_dir() / "harness"), str(home / "include")]
         # The .cu is compiled as C++: a wrapper translation unit includes it.
-        wrapper = build_dir / f"{source.stem}_simt.cpp"
+        wrapper = build_dir / f"{source.stem}_{flavour}.cpp"
         text = f'#include "{source}"\n'
         if not wrapper.is_file() or wrapper.read_text() != text:  # keep its mtime: ninja is up to date
             wrapper.write_text(text)
-        sources, kwargs = [str(wrapper)], dict(extra_cflags=list(SIMT_CFLAGS), with_cuda=False)
+        flags = list(SIMT_CFLAGS)
+        if flavour == "trace":
+            flags = TRACE_CFLAGS + [f"-DSF_TRACE_NS={namespace(flavour, source)}"]
+        sources, kwargs = [str(wrapper)], dict(extra_cflags=flags, with_cuda=False)
     else:
         sources = [str(source)]
         kwargs = dict(extra_cflags=["-O2", "-std=c++20"], extra_cuda_cflags=list(CUDA_CFLAGS), with_cuda=True)

@@ -17,8 +17,15 @@
 
 #ifdef SF_SIMT
 #include "sf_simt.h"
+#ifdef SF_TRACE
+// The trace flavour counts each launch's global-memory traffic (csrc/harness/sf_trace.h).
+#include "sf_trace.h"
+#define SF_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  (::sf::trace::on_launch(), sf_simt_launch(kernel, dim3(grid), dim3(block), size_t(smem), ##__VA_ARGS__))
+#else
 #define SF_LAUNCH(kernel, grid, block, smem, stream, ...) \
   sf_simt_launch(kernel, dim3(grid), dim3(block), size_t(smem), ##__VA_ARGS__)
+#endif
 #define SF_DYNAMIC_SHARED(T, name) T* name = ::sf::simt::dynamic_shared<T>()
 // The harness has no launch errors to collect after the fact: a failing launch throws.
 #define SF_CHECK_LAUNCH() ((void)0)

@@ -20,7 +20,11 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
-#ifdef SF_SIMT
+#ifdef SF_TRACE_NS
+#define SF_TORCH_NS SF_TRACE_NS  // the trace flavour: one namespace per source (semask_fast/_build.py)
+#define SF_DISPATCH_KEY CPU
+#define SF_DEVICE_TYPE c10::DeviceType::CPU
+#elif defined(SF_SIMT)
 #define SF_TORCH_NS semask_fast_simt
 #define SF_DISPATCH_KEY CPU
 #define SF_DEVICE_TYPE c10::DeviceType::CPU
