@@ -63,11 +63,11 @@ def _randn(*shape, scale=1.0, gen):
 # --------------------------------------------------------------------------- #
 def semantic_model(B, N, K, C, elt):
     """(fwd, fwd+bwd) unique bytes: fwd reads sq, sk, yv, writes out and the fp32 lse; backward:
-    row_dot reads dout, out, writes delta; the key-major and query-major kernels each read sq, sk,
-    yv, dout, lse, delta; they write dSk, dYv and dSq."""
+    the query-major kernel reads sq, sk, yv, out, dout, lse and writes D = rowsum(dout * out) (fp32)
+    and dSq; the key-major kernel reads sq, sk, yv, dout, lse, D and writes dSk, dYv."""
     s, v, r = B * N * K * elt, B * N * C * elt, B * N * 4
     fwd = 2 * s + v + v + r
-    bwd = (2 * v + r) + 2 * (2 * s + 2 * v + 2 * r) + (s + v) + s
+    bwd = (2 * s + 3 * v + r) + (r + s) + (2 * s + 2 * v + 2 * r) + (s + v)
     return fwd, fwd + bwd
 
 
@@ -96,15 +96,19 @@ def semantic_case(name, B, N, K, C):
     def fwd(backend):
         return (semask_fast.semantic_attention(sq, sk, yv, backend=backend),)
 
-    # Issued FLOPs of the kernels: padded tiles, S recomputed per C tile, dP = dO Yv^T in both backward kernels.
-    f, b = forward_config(N, K, C, sq.dtype), backward_config(N, K, C, sq.dtype)
+    # Issued FLOPs of the kernels (padded tiles and recomputation included).  Forward: S per C tile, P Yv.
+    f, bwd = forward_config(N, K, C, sq.dtype), backward_config(N, K, C, sq.dtype)
     pad = lambda n, blk: triton.cdiv(n, blk) * blk  # noqa: E731
     nm, nn, kk, cc = pad(N, f["BLOCK_M"]), pad(N, f["BLOCK_N"]), pad(K, f["BLOCK_K"]), pad(C, f["BLOCK_C"])
-    ctiles = cc // f["BLOCK_C"]
-    kflops_f = 2 * B * nm * nn * (kk * ctiles + cc)
-    nb, kp, cb = pad(N, b["BLOCK_M"]), b["BLOCK_KP"], pad(C, b["BLOCK_C"])
-    # S in every (key block, C tile) program and in the query kernel; dP, dYv, dSk, dSq.
-    kflops_b = 2 * B * nb * nb * (kp * (cb // b["BLOCK_C"] + 1) + 2 * cb + cb + 2 * kp)
+    kflops_f = 2 * B * nm * nn * (kk * (cc // f["BLOCK_C"]) + cc)
+    # Query-major: S, dP = dO Yv^T, dSq.  Key-major: S and dYv per C tile, dP once (all of C), dSk.
+    q, kv = bwd["q"], bwd["kv"]
+    kflops_q = 2 * B * pad(N, q["BLOCK_M"]) * pad(N, q["BLOCK_N"]) * (2 * q["BLOCK_KP"] + pad(C, q["BLOCK_C"]))
+    ctiles = triton.cdiv(C, kv["BLOCK_C"])
+    dp_c = kv["BLOCK_C"] if kv["SINGLE_C"] else pad(C, kv["BLOCK_CD"])
+    kflops_kv = 2 * B * pad(N, kv["BLOCK_M"]) * pad(N, kv["BLOCK_N"]) * (
+        (kv["BLOCK_KP"] + kv["BLOCK_C"]) * ctiles + dp_c + kv["BLOCK_KP"])
+    kflops_b = kflops_q + kflops_kv
     eflops_f = 2 * B * N * N * (K + C)
     eflops_b = 2 * B * N * N * (2 * K + 2 * C)
     out = torch.empty(B, N, C, dtype=torch.float16)

@@ -38,22 +38,22 @@ INTERPRETER_TILES = INTERPRETED
 
 
 @triton.jit
-def _scores(q_base, k_base, offs_m, offs_n, m_ok, n_ok, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _scores(q_base, k_base, offs_m, offs_n, m_ok, n_ok, K, q_sn, k_sn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) fp32 tile of Sq Sk^T, summed over K in BLOCK_K chunks."""
+    """(BLOCK_M, BLOCK_N) fp32 tile of Sq Sk^T, summed over K in BLOCK_K chunks (q_sn, k_sn: row strides)."""
     s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < K
-        q = tl.load(q_base + offs_m[:, None] * K + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        kt = tl.load(k_base + offs_n[None, :] * K + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        q = tl.load(q_base + offs_m[:, None] * q_sn + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        kt = tl.load(k_base + offs_n[None, :] * k_sn + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         s += mm(q, kt, DOT_FP32)
     return s
 
 
 @triton.jit
-def _sem_fwd_kernel(SQ, SK, YV, OUT, LSE, B, N, K, C, WPP,
+def _sem_fwd_kernel(SQ, SK, YV, OUT, LSE, B, N, K, C, WPP, sq_b, sq_n, sk_b, sk_n, yv_b, yv_n,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
                     DOT_FP32: tl.constexpr):
     num_c = tl.cdiv(C, BLOCK_C)
@@ -65,22 +65,24 @@ def _sem_fwd_kernel(SQ, SK, YV, OUT, LSE, B, N, K, C, WPP,
     for w in range(0, WPP):
         b = tl.program_id(1).to(tl.int64) * WPP + w
         m_ok = (offs_m < N) & (b < B)
-        q_base = SQ + b * N * K
-        k_base = SK + b * N * K
-        v_base = YV + b * N * C
+        q_base = SQ + b * sq_b
+        k_base = SK + b * sk_b
+        v_base = YV + b * yv_b
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = (offs_n < N) & (b < B)
-            s = _scores(q_base, k_base, offs_m, offs_n, m_ok, n_ok, K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32)
+            s = _scores(q_base, k_base, offs_m, offs_n, m_ok, n_ok, K, sq_n, sk_n, BLOCK_M, BLOCK_N, BLOCK_K,
+                        DOT_FP32)
             s = tl.where((offs_n < N)[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + offs_n[:, None] * C + offs_c[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * yv_n + offs_c[None, :], mask=n_ok[:, None] & c_ok[None, :],
+                        other=0.0)
             acc = acc * alpha[:, None] + mm(p.to(v.dtype), v, DOT_FP32)
             m_i = m_new
         acc = acc / l_i[:, None]
@@ -92,7 +94,7 @@ def _sem_fwd_kernel(SQ, SK, YV, OUT, LSE, B, N, K, C, WPP,
 
 @triton.jit
 def _row_dot_kernel(A, B, OUT, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """OUT[r] = sum_c A[r, c] * B[r, c] in fp32 (the backward's D = rowsum(dO * O))."""
+    """OUT[r] = sum_c A[r, c] * B[r, c] in fp32 (the backward's D = rowsum(dO * O); used by the ATM backward)."""
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -106,24 +108,69 @@ def _row_dot_kernel(A, B, OUT, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexp
 
 
 @triton.jit
-def _dp_tile(do_base, v_base, offs_m, offs_n, m_ok, n_ok, C, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _dp_tile(do_base, v_base, offs_m, offs_n, m_ok, n_ok, C, v_sn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_C: tl.constexpr, DOT_FP32: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) fp32 tile of dO Yv^T, summed over all of C."""
+    """(BLOCK_M, BLOCK_N) fp32 tile of dO Yv^T, summed over all of C (dO rows contiguous, Yv row stride v_sn)."""
     dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         c_ok = cc < C
         do = tl.load(do_base + offs_m[:, None] * C + cc[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-        vt = tl.load(v_base + offs_n[None, :] * C + cc[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        vt = tl.load(v_base + offs_n[None, :] * v_sn + cc[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
         dp += mm(do, vt, DOT_FP32)
     return dp
 
 
 @triton.jit
-def _sem_bwd_kv_kernel(SQ, SK, YV, DO, LSE, DELTA, DSK, DYV, B, N, K, C, WPP,
+def _sem_bwd_q_kernel(SQ, SK, YV, OUT, DO, LSE, DELTA, DSQ, B, N, K, C, WPP, sq_b, sq_n, sk_b, sk_n, yv_b, yv_n,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
+                      BLOCK_C: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Query-major, launched first: D = rowsum(dO * O) (stored for the key-major kernel) and dSq = dS Sk."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_KP)
+    k_ok = offs_k < K
+    for w in range(0, WPP):
+        b = tl.program_id(1).to(tl.int64) * WPP + w
+        m_ok = (offs_m < N) & (b < B)
+        delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            mask = m_ok[:, None] & (cc < C)[None, :]
+            rows = b * N * C + offs_m[:, None] * C + cc[None, :]
+            o = tl.load(OUT + rows, mask=mask, other=0.0).to(tl.float32)
+            do = tl.load(DO + rows, mask=mask, other=0.0).to(tl.float32)
+            delta += tl.sum(o * do, 1)
+        tl.store(DELTA + b * N + offs_m, delta, mask=m_ok)
+        qf = tl.load(SQ + b * sq_b + offs_m[:, None] * sq_n + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                     other=0.0)
+        lse = tl.load(LSE + b * N + offs_m, mask=m_ok, other=0.0)
+        dsq = tl.zeros([BLOCK_M, BLOCK_KP], dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = (offs_n < N) & (b < B)
+            kf = tl.load(SK + b * sk_b + offs_n[:, None] * sk_n + offs_k[None, :],
+                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            s = mm(qf, tl.trans(kf), DOT_FP32)
+            p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+            dp = _dp_tile(DO + b * N * C, YV + b * yv_b, offs_m, offs_n, m_ok, n_ok, C, yv_n, BLOCK_M, BLOCK_N,
+                          BLOCK_C, DOT_FP32)
+            ds = p * (dp - delta[:, None])
+            dsq += mm(ds.to(kf.dtype), kf, DOT_FP32)
+        tl.store(DSQ + b * N * K + offs_m[:, None] * K + offs_k[None, :], dsq.to(DSQ.dtype.element_ty),
+                 mask=m_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _sem_bwd_kv_kernel(SQ, SK, YV, DO, LSE, DELTA, DSK, DYV, B, N, K, C, WPP, sq_b, sq_n, sk_b, sk_n, yv_b, yv_n,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
-                       BLOCK_C: tl.constexpr, DOT_FP32: tl.constexpr):
-    """Key-major: dYv for one (key block, C tile); the C tile 0 program also computes dSk."""
+                       BLOCK_C: tl.constexpr, SINGLE_C: tl.constexpr, BLOCK_CD: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Key-major: dYv and dSk for one key block.
+
+    SINGLE_C (C <= BLOCK_C, e.g. SeMask-T stage 1): one program holds all of C, so S, P,
+    dP = dO Yv^T and dS are computed once per (query block, key block) and dO is loaded once for
+    both dP and dYv.  Otherwise the program owns one C tile of dYv (S recomputed per tile) and the
+    tile-0 program also accumulates dP over all of C, in BLOCK_CD chunks, for dSk.
+    """
     num_c = tl.cdiv(C, BLOCK_C)
     pid_n = tl.program_id(0) // num_c
     pid_c = tl.program_id(0) % num_c
@@ -135,24 +182,31 @@ def _sem_bwd_kv_kernel(SQ, SK, YV, DO, LSE, DELTA, DSK, DYV, B, N, K, C, WPP,
     for w in range(0, WPP):
         b = tl.program_id(1).to(tl.int64) * WPP + w
         n_ok = (offs_n < N) & (b < B)
-        kf = tl.load(SK + b * N * K + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+        kf = tl.load(SK + b * sk_b + offs_n[:, None] * sk_n + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                      other=0.0)
+        if SINGLE_C:
+            yv = tl.load(YV + b * yv_b + offs_n[:, None] * yv_n + offs_c[None, :],
+                         mask=n_ok[:, None] & c_ok[None, :], other=0.0)
         dsk = tl.zeros([BLOCK_N, BLOCK_KP], dtype=tl.float32)
         dyv = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
         for m0 in range(0, N, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_ok = (offs_m < N) & (b < B)
-            qf = tl.load(SQ + b * N * K + offs_m[:, None] * K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                         other=0.0)
+            qf = tl.load(SQ + b * sq_b + offs_m[:, None] * sq_n + offs_k[None, :],
+                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             s = mm(qf, tl.trans(kf), DOT_FP32)
             lse = tl.load(LSE + b * N + offs_m, mask=m_ok, other=0.0)
             p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
             do = tl.load(DO + b * N * C + offs_m[:, None] * C + offs_c[None, :], mask=m_ok[:, None] & c_ok[None, :],
                          other=0.0)
             dyv += mm(tl.trans(p.to(do.dtype)), do, DOT_FP32)
-            if pid_c == 0:
-                dp = _dp_tile(DO + b * N * C, YV + b * N * C, offs_m, offs_n, m_ok, n_ok, C, BLOCK_M, BLOCK_N,
-                              BLOCK_C, DOT_FP32)
+            if SINGLE_C:
+                delta = tl.load(DELTA + b * N + offs_m, mask=m_ok, other=0.0)
+                ds = p * (mm(do, tl.trans(yv), DOT_FP32) - delta[:, None])
+                dsk += mm(tl.trans(ds.to(qf.dtype)), qf, DOT_FP32)
+            elif pid_c == 0:
+                dp = _dp_tile(DO + b * N * C, YV + b * yv_b, offs_m, offs_n, m_ok, n_ok, C, yv_n, BLOCK_M, BLOCK_N,
+                              BLOCK_CD, DOT_FP32)
                 delta = tl.load(DELTA + b * N + offs_m, mask=m_ok, other=0.0)
                 ds = p * (dp - delta[:, None])
                 dsk += mm(tl.trans(ds.to(qf.dtype)), qf, DOT_FP32)
@@ -160,37 +214,6 @@ def _sem_bwd_kv_kernel(SQ, SK, YV, DO, LSE, DELTA, DSK, DYV, B, N, K, C, WPP,
                  mask=n_ok[:, None] & c_ok[None, :])
         tl.store(DSK + b * N * K + offs_n[:, None] * K + offs_k[None, :], dsk.to(DSK.dtype.element_ty),
                  mask=n_ok[:, None] & k_ok[None, :] & (pid_c == 0))
-
-
-@triton.jit
-def _sem_bwd_q_kernel(SQ, SK, YV, DO, LSE, DELTA, DSQ, B, N, K, C, WPP,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
-                      BLOCK_C: tl.constexpr, DOT_FP32: tl.constexpr):
-    """Query-major: dSq = dS Sk for one query block."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_KP)
-    k_ok = offs_k < K
-    for w in range(0, WPP):
-        b = tl.program_id(1).to(tl.int64) * WPP + w
-        m_ok = (offs_m < N) & (b < B)
-        qf = tl.load(SQ + b * N * K + offs_m[:, None] * K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                     other=0.0)
-        lse = tl.load(LSE + b * N + offs_m, mask=m_ok, other=0.0)
-        delta = tl.load(DELTA + b * N + offs_m, mask=m_ok, other=0.0)
-        dsq = tl.zeros([BLOCK_M, BLOCK_KP], dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = (offs_n < N) & (b < B)
-            kf = tl.load(SK + b * N * K + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                         other=0.0)
-            s = mm(qf, tl.trans(kf), DOT_FP32)
-            p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
-            dp = _dp_tile(DO + b * N * C, YV + b * N * C, offs_m, offs_n, m_ok, n_ok, C, BLOCK_M, BLOCK_N, BLOCK_C,
-                          DOT_FP32)
-            ds = p * (dp - delta[:, None])
-            dsq += mm(ds.to(kf.dtype), kf, DOT_FP32)
-        tl.store(DSQ + b * N * K + offs_m[:, None] * K + offs_k[None, :], dsq.to(DSQ.dtype.element_ty),
-                 mask=m_ok[:, None] & k_ok[None, :])
 
 
 # --------------------------------------------------------------------------- #
@@ -207,9 +230,22 @@ def forward_config(N: int, K: int, C: int, dtype) -> dict:
                 BLOCK_C=_p2(C, hi=128), num_warps=8)
 
 
+#: Widest C tile of the key-major backward (dYv accumulator + Yv and dO tiles in registers), by fp32-ness.
+KV_MAX_C = {False: 128, True: 64}
+
+
 def backward_config(N: int, K: int, C: int, dtype) -> dict:
+    """Tiles and launch options of the two backward kernels: ``{"q": ..., "kv": ...}``.
+
+    The key-major kernel holds dYv for a C tile as wide as registers allow (``KV_MAX_C``; all of C at
+    SeMask-T stage 1) so S and P are computed once per tile pair and C tile, and dP once per tile
+    pair; the query-major kernel streams C in BLOCK_C chunks.  The
+    (block x K) dSq/dSk accumulators live in registers: smaller blocks for large K.  fp32 tiles
+    take twice the registers and use FMA dots (ieee): narrower C tiles.  One pipeline stage where
+    two spill.
+    Every shipped configuration compiles without spills (AOT table).
+    """
     wide = dtype == torch.float32
-    # The (block x K) dSq/dSk accumulators live in registers: smaller blocks for large K.
     big_k = _p2(K) > 64
     if wide:
         block, block_c, warps = 16, 16, (8 if big_k else 4)
@@ -217,8 +253,13 @@ def backward_config(N: int, K: int, C: int, dtype) -> dict:
         block, block_c, warps = 16, 32, 8
     else:
         block, block_c, warps = 32, 64, 8
-    return dict(BLOCK_M=_p2(N, hi=block), BLOCK_N=_p2(N, hi=block), BLOCK_KP=_p2(K), BLOCK_C=_p2(C, hi=block_c),
-                num_warps=warps)
+    stages = 1 if wide else 2
+    q = dict(BLOCK_M=_p2(N, hi=block), BLOCK_N=_p2(N, hi=block), BLOCK_KP=_p2(K), BLOCK_C=_p2(C, hi=block_c),
+             num_warps=warps, num_stages=stages)
+    kv_c = _p2(C, hi=KV_MAX_C[wide])
+    kv = dict(BLOCK_M=_p2(N, hi=16), BLOCK_N=_p2(N, hi=16), BLOCK_KP=_p2(K), BLOCK_C=kv_c, SINGLE_C=C <= kv_c,
+              BLOCK_CD=_p2(C, hi=16 if wide else 64), num_warps=4 if wide and not big_k else 8, num_stages=1)
+    return dict(q=q, kv=kv)
 
 
 def _tiles(cfg: dict, **interpreter) -> dict:
@@ -245,38 +286,56 @@ def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def row_strides(t: torch.Tensor) -> tuple:
+    """(batch stride, row stride) of a (B_, N, X) tensor whose last dim is contiguous (the kernels' input layout)."""
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"the last dim must be contiguous, got strides {t.stride()}")
+    return t.stride(0), t.stride(1)
+
+
 def semantic_attention_forward(sq, sk, yv, *, windows_per_program=None):
-    """(out (B_, N, C), lse (B_, N) fp32) for contiguous sq, sk (B_, N, K), yv (B_, N, C)."""
+    """(out (B_, N, C) contiguous, lse (B_, N) fp32) for sq, sk (B_, N, K), yv (B_, N, C).
+
+    The inputs may be row-strided views (last dim contiguous), e.g. column slices of one fused
+    projection output: they are read in place.
+    """
     B, N, K = sq.shape
     C = yv.shape[-1]
-    out = torch.empty_like(yv)
+    out = torch.empty((B, N, C), device=yv.device, dtype=yv.dtype)
     lse = torch.empty((B, N), device=sq.device, dtype=torch.float32)
     cfg = _tiles(forward_config(N, K, C, sq.dtype), BLOCK_M=_p2(N, hi=64), BLOCK_N=_p2(N, hi=64),
                  BLOCK_C=_p2(C, hi=128))
     m_blocks = triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(C, cfg["BLOCK_C"])
     wpp = _wpp(B, m_blocks, windows_per_program)
-    _sem_fwd_kernel[(m_blocks, triton.cdiv(B, wpp))](sq, sk, yv, out, lse, B, N, K, C, wpp,
+    _sem_fwd_kernel[(m_blocks, triton.cdiv(B, wpp))](sq, sk, yv, out, lse, B, N, K, C, wpp, *row_strides(sq),
+                                                     *row_strides(sk), *row_strides(yv),
                                                      DOT_FP32=dot_fp32(sq.dtype), **cfg)
     return out, lse
 
 
 def semantic_attention_backward(sq, sk, yv, out, lse, dout, *, windows_per_program=None):
-    """(dSq, dSk, dYv) given the forward's out and lse and the output gradient (all contiguous)."""
+    """(dSq, dSk, dYv), contiguous, given the forward's out and lse and the output gradient (out and
+    dout contiguous; sq, sk, yv as the forward took them)."""
     B, N, K = sq.shape
     C = yv.shape[-1]
-    delta = row_dot(dout, out)
-    dsq, dsk, dyv = torch.empty_like(sq), torch.empty_like(sk), torch.empty_like(yv)
-    cfg = _tiles(backward_config(N, K, C, sq.dtype), BLOCK_M=_p2(N, hi=64), BLOCK_N=_p2(N, hi=64),
-                 BLOCK_C=_p2(C, hi=64))
+    delta = torch.empty((B, N), device=sq.device, dtype=torch.float32)
+    dsq = torch.empty((B, N, K), device=sq.device, dtype=sq.dtype)
+    dsk = torch.empty_like(dsq)
+    dyv = torch.empty_like(out)
+    cfg = backward_config(N, K, C, sq.dtype)
+    strides = (*row_strides(sq), *row_strides(sk), *row_strides(yv))
     flag = dot_fp32(sq.dtype)
-    kv_blocks = triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(C, cfg["BLOCK_C"])
+    q_cfg = _tiles(cfg["q"], BLOCK_M=_p2(N, hi=64), BLOCK_N=_p2(N, hi=64), BLOCK_C=_p2(C, hi=64))
+    q_blocks = triton.cdiv(N, q_cfg["BLOCK_M"])
+    wpp = _wpp(B, q_blocks, windows_per_program)
+    # The query-major kernel first: it also computes D = rowsum(dO * O), which the key-major kernel reads.
+    _sem_bwd_q_kernel[(q_blocks, triton.cdiv(B, wpp))](sq, sk, yv, out, dout, lse, delta, dsq, B, N, K, C, wpp,
+                                                       *strides, DOT_FP32=flag, **q_cfg)
+    kv_cfg = _tiles(cfg["kv"], BLOCK_M=_p2(N, hi=64), BLOCK_N=_p2(N, hi=64))
+    kv_blocks = triton.cdiv(N, kv_cfg["BLOCK_N"]) * triton.cdiv(C, kv_cfg["BLOCK_C"])
     wpp = _wpp(B, kv_blocks, windows_per_program)
     _sem_bwd_kv_kernel[(kv_blocks, triton.cdiv(B, wpp))](sq, sk, yv, dout, lse, delta, dsk, dyv, B, N, K, C, wpp,
-                                                         DOT_FP32=flag, **cfg)
-    q_blocks = triton.cdiv(N, cfg["BLOCK_M"])
-    wpp = _wpp(B, q_blocks, windows_per_program)
-    _sem_bwd_q_kernel[(q_blocks, triton.cdiv(B, wpp))](sq, sk, yv, dout, lse, delta, dsq, B, N, K, C, wpp,
-                                                       DOT_FP32=flag, **cfg)
+                                                         *strides, DOT_FP32=flag, **kv_cfg)
     return dsq, dsk, dyv
 
 
@@ -294,26 +353,26 @@ SHIPPED_SHAPES = [
 
 def _aot_configs():
     configs = []
+    strides = dict(sq_b="i32", sq_n="i32", sk_b="i32", sk_n="i32", yv_b="i32", yv_n="i32")
     for dtype, ty in _TY.items():
         for name, N, K, C in SHIPPED_SHAPES:
             f = forward_config(N, K, C, dtype)
             warps = f.pop("num_warps")
             sig = dict(SQ=f"*{ty}", SK=f"*{ty}", YV=f"*{ty}", OUT=f"*{ty}", LSE="*fp32", B="i32", N="i32",
-                       K="i32", C="i32", WPP="i32", BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr",
-                       BLOCK_C="constexpr", DOT_FP32="constexpr")
+                       K="i32", C="i32", WPP="i32", **strides, BLOCK_M="constexpr", BLOCK_N="constexpr",
+                       BLOCK_K="constexpr", BLOCK_C="constexpr", DOT_FP32="constexpr")
             configs.append(AOTConfig(_sem_fwd_kernel, f"semantic_attention_fwd[{name},{ty}]", sig,
                                      dict(f, DOT_FP32=False), num_warps=warps))
-            bcfg = dict(backward_config(N, K, C, dtype), DOT_FP32=False)
-            bwarps = bcfg.pop("num_warps")
-            base = dict(SQ=f"*{ty}", SK=f"*{ty}", YV=f"*{ty}", DO=f"*{ty}", LSE="*fp32", DELTA="*fp32")
-            tail = dict(B="i32", N="i32", K="i32", C="i32", WPP="i32", BLOCK_M="constexpr", BLOCK_N="constexpr",
-                        BLOCK_KP="constexpr", BLOCK_C="constexpr", DOT_FP32="constexpr")
-            configs.append(AOTConfig(_sem_bwd_kv_kernel, f"semantic_attention_bwd_kv[{name},{ty}]",
-                                     dict(base, DSK=f"*{ty}", DYV=f"*{ty}", **tail), bcfg,
-                                     num_warps=bwarps))
-            configs.append(AOTConfig(_sem_bwd_q_kernel, f"semantic_attention_bwd_q[{name},{ty}]",
-                                     dict(base, DSQ=f"*{ty}", **tail), bcfg, num_warps=bwarps))
-        for block_c in (16, 32, 64, 128):  # row_dot uses the row width, capped at 128
+            scalars = dict(B="i32", N="i32", K="i32", C="i32", WPP="i32", **strides)
+            for part, kernel, ptrs in (("q", _sem_bwd_q_kernel, ("SQ", "SK", "YV", "OUT", "DO", "LSE", "DELTA", "DSQ")),
+                                       ("kv", _sem_bwd_kv_kernel, ("SQ", "SK", "YV", "DO", "LSE", "DELTA", "DSK",
+                                                                   "DYV"))):
+                cfg = dict(backward_config(N, K, C, dtype)[part], DOT_FP32=False)
+                opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+                sig = {p: ("*fp32" if p in ("LSE", "DELTA") else f"*{ty}") for p in ptrs}
+                sig.update(scalars, **{c: "constexpr" for c in cfg})
+                configs.append(AOTConfig(kernel, f"semantic_attention_bwd_{part}[{name},{ty}]", sig, cfg, **opts))
+        for block_c in (16, 32, 64, 128):  # row_dot (the ATM backward's D) uses the row width, capped at 128
             configs.append(AOTConfig(_row_dot_kernel, f"row_dot[C<={block_c},{ty}]",
                                      dict(A=f"*{ty}", B=f"*{ty}", OUT="*fp32", R="i32", C="i32", BLOCK_R="constexpr",
                                           BLOCK_C="constexpr"), dict(BLOCK_R=16, BLOCK_C=block_c)))
@@ -323,4 +382,4 @@ def _aot_configs():
 AOT_CONFIGS = _aot_configs()
 
 __all__ = ["semantic_attention_forward", "semantic_attention_backward", "row_dot", "forward_config",
-           "backward_config", "windows_per_program", "MAX_K", "INTERPRETER_TILES", "AOT_CONFIGS"]
+           "backward_config", "windows_per_program", "row_strides", "MAX_K", "KV_MAX_C", "INTERPRETER_TILES", "AOT_CONFIGS"]
