@@ -5,13 +5,19 @@
 // q: (B, h, Nq, d); k, v: (B, h, Nk, d); out (B, h, Nq, d); M (B, Nq, Nk) in q's
 // dtype, taken before softmax and dropout (as the official code).
 //
-// Forward: a block owns a query tile (BM = 16 rows, 4 rows per warp) of one
-// batch item for EVERY head, and walks the key tiles (BN = 32, one key per lane)
-// in the outer loop and the heads in the inner loop.  So the head sum of the
-// logits stays in registers and M is written once per tile, and the per-head
-// online-softmax state (row max, row sum, output accumulator) lives in shared
-// memory: a lane owns its output columns, a warp its rows.  (B, h, Nq, Nk) never
-// exists in memory.  The fp32 row logsumexp of every head is saved.
+// Forward, split over keys (flash-decoding style): block (query tile of BM = 16
+// rows, key range, batch item) handles EVERY head of that tile and range, so the
+// head sum M of the logits is complete inside the block (exact, no combine).  The
+// warps of a block take heads round-robin; each warp runs a plain online softmax
+// over the range for its head and keeps its running head sum of the logits in its
+// own shared-memory tile, which the block adds up (in warp order) at the end.  With
+// one split the block writes out and the row logsumexp; with several it writes
+// per-head fp32 partials (unnormalised output, row max, row sum) and a combine
+// kernel merges the splits in split order (deterministic).  The split count comes
+// from the caller (semask_fast/backends/cuda/atm_attention.py: about two waves of
+// blocks on the device, a range of at most kMaxSplitTiles key tiles).
+// fp16 / bf16 products (S = q k^T, P v) run on tensor cores (sf_mma.cuh, fp32
+// accumulation); fp32 stays on FFMA.  (B, h, Nq, Nk) never exists in memory.
 // Backward (deterministic, no atomics), per head as flash attention:
 //   delta_i = rowsum(dO_i * O_i);  dS = P * (f dP' - delta) + dM / h;
 //   dK, dV: a block per key tile loops over query tiles; dQ: a block per
@@ -20,8 +26,10 @@
 // hash as window_attention.cu, evaluated in forward and backward.
 
 #include "sf_common.cuh"
+#include "sf_mma.cuh"
 
 #include <cstdint>
+#include <type_traits>
 
 namespace sf_atm_attention {
 
@@ -30,6 +38,14 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kRowsPerWarp = 4;
 constexpr int BM = kWarps * kRowsPerWarp;
 constexpr int BN = 32;
+// A forward split covers at most this many key tiles: each warp's head-sum tile of the
+// logits (BM x range, fp32) lives in shared memory.
+constexpr int kMaxSplitTiles = 8;
+// Minimum resident blocks given to __launch_bounds__ where ptxas, left to its own occupancy
+// target, keeps the registers at 64-80 and spills (measured on sm_80/sm_90): the dq kernel
+// gets up to 128 registers (its shared memory allows 4 blocks per SM at head_dim 128); the
+// fp32 forward kernel asks for 1 (its shared memory, not registers, bounds its occupancy).
+constexpr int kDqMinBlocks = 4;
 constexpr float kNegInf = -__builtin_huge_valf();
 
 struct Params {
@@ -39,7 +55,11 @@ struct Params {
   int64_t batch;
   int heads, nq, nk, d;
   float scale, dropout_p;
+  // 1 / (1 - dropout_p) and 1 / heads, divided once on the host: an IEEE division in a
+  // kernel calls a slow-path subroutine whose call site makes ptxas spill.
+  float keep_scale, inv_heads;
   uint64_t seed;
+  int splits, split_keys;  // forward: key ranges of split_keys keys (a multiple of BN)
 };
 
 SF_DEVICE_INLINE float warp_max(float x) {
@@ -76,7 +96,7 @@ SF_DEVICE_INLINE uint32_t philox(uint64_t seed, uint64_t index) {
 SF_DEVICE_INLINE float dropout_factor(const Params& p, uint64_t index) {
   if (p.dropout_p <= 0.f) return 1.f;
   const float u = static_cast<float>(philox(p.seed, index) >> 8) * (1.0f / 16777216.0f);
-  return u >= p.dropout_p ? 1.f / (1.f - p.dropout_p) : 0.f;
+  return u >= p.dropout_p ? p.keep_scale : 0.f;
 }
 
 template <typename T, int DP>
@@ -97,71 +117,166 @@ SF_DEVICE_INLINE float dot_row(const float* a, const float* b) {
 }
 
 // ---------------------------------------------------------------- forward --
-// Shared memory (floats): q [h][BM][DP], o [h][BM][DP], k/v [BN][DP + 1], m/l [h][BM].
-template <int DP>
-SF_HOST_DEVICE inline int64_t fwd_smem_floats(int heads) {
-  return 2 * static_cast<int64_t>(heads) * BM * DP + 2 * BN * (DP + 1) + 2 * heads * BM;
+// Warps per forward block: fp32 with head_dim > 32 stages fp32 tiles that would not fit four
+// times in shared memory at the largest key range.
+template <typename T, int DP>
+SF_HOST_DEVICE constexpr int fwd_warps() {
+  return (sizeof(T) == 4 && DP > 32) ? 2 : 4;
 }
 
-// grid (ceil(Nq / BM), B).
+// Row stride (elements) of the 16-bit tiles on the tensor-core path: rows 16 bytes apart
+// spread the fragment loads over the banks.
+template <int DP>
+SF_HOST_DEVICE constexpr int mma_ld() {
+  return DP + 8;
+}
+
+// Shared memory of one warp: its head-sum tile M [BM][split_keys] (fp32), then
+//   fp32 (FFMA): q [BM][DP], k/v [BN][DP + 1], o [BM][DP], row max/sum [BM]  (floats);
+//   fp16/bf16 (tensor cores): q [BM][LD], k/v [BN][LD]  (in T).
 template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) atm_attention_fwd_kernel(Params p, T* __restrict__ out,
-                                                                     T* __restrict__ mask_logits,
-                                                                     float* __restrict__ lse) {
-  SF_DYNAMIC_SHARED(float, smem);
-  float* qs = smem;
-  float* os = qs + p.heads * BM * DP;
-  float* ks = os + p.heads * BM * DP;
-  float* vs = ks + BN * (DP + 1);
-  float* ms = vs + BN * (DP + 1);
-  float* ls = ms + p.heads * BM;
+SF_HOST_DEVICE constexpr int64_t fwd_warp_bytes(int split_keys) {
+  return 4 * static_cast<int64_t>(BM) * split_keys +
+         (sizeof(T) == 4 ? 4 * (2 * BM * DP + 2 * BN * (DP + 1) + 2 * BM)
+                         : static_cast<int64_t>(sizeof(T)) * (BM + 2 * BN) * mma_ld<DP>());
+}
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int q0 = blockIdx.x * BM;
-  const int64_t b = blockIdx.y;
-  constexpr int C = DP / 32;
-  for (int hd = 0; hd < p.heads; ++hd)
-    load_tile<T, DP>(qs + hd * BM * DP, DP, static_cast<const T*>(p.q) + (b * p.heads + hd) * p.nq * p.d, q0, BM,
-                     p.nq, p.d);
-  for (int e = threadIdx.x; e < p.heads * BM * DP; e += kThreads) os[e] = 0.f;
-  for (int e = threadIdx.x; e < p.heads * BM; e += kThreads) {
-    ms[e] = kNegInf;
-    ls[e] = 0.f;
+template <typename T, int DP>
+SF_HOST_DEVICE constexpr int64_t fwd_smem_bytes(int split_keys) {
+  return fwd_warps<T, DP>() * fwd_warp_bytes<T, DP>(split_keys);
+}
+
+SF_DEVICE_INLINE void stage(float& dst, float x) { dst = x; }
+SF_DEVICE_INLINE void stage(float& dst, __half x) { dst = sf::to_float(x); }
+SF_DEVICE_INLINE void stage(float& dst, __nv_bfloat16 x) { dst = sf::to_float(x); }
+SF_DEVICE_INLINE void stage(__half& dst, __half x) { dst = x; }
+SF_DEVICE_INLINE void stage(__nv_bfloat16& dst, __nv_bfloat16 x) { dst = x; }
+
+SF_DEVICE_INLINE float group_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+SF_DEVICE_INLINE float group_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// One warp stages rows [row0, row0 + rows) x [0, DP) of a (n, d) matrix, zero padded.
+template <typename S, typename T, int DP>
+SF_DEVICE_INLINE void warp_load_tile(S* dst, int ld, const T* src, int row0, int rows, int n, int d, int lane) {
+  const S zero = sf::from_float<S>(0.f);
+  for (int e = lane; e < rows * DP; e += 32) {
+    const int r = e / DP, t = e % DP;
+    const int row = row0 + r;
+    if (row < n && t < d) stage(dst[r * ld + t], src[static_cast<int64_t>(row) * d + t]);
+    else dst[r * ld + t] = zero;
   }
+}
 
-  for (int k0 = 0; k0 < p.nk; k0 += BN) {
-    const int j = k0 + lane;
-    float msum[kRowsPerWarp];
+// Where a block's result for (head, row i) goes: normalised output and logsumexp (one split),
+// or the split's fp32 partial (unnormalised output, row max, row sum) for the combine kernel.
+template <typename T>
+struct FwdDest {
+  T* out;
+  float* lse;
+  float* part_o;   // [splits][B * h * Nq][d]
+  float* part_ml;  // [splits][B * h * Nq][2]
+};
+
+// Called by the lanes of one warp for one row; `o(t)` is the row's unnormalised output.
+template <typename T, typename O>
+SF_DEVICE_INLINE void store_row(const Params& p, const FwdDest<T>& dst, int64_t bh, int i, float m, float l, int lane,
+                                O o) {
+  const int64_t row = bh * p.nq + i;
+  if (p.splits == 1) {
+    const float inv = __frcp_rn(l);
+    for (int t = lane; t < p.d; t += 32) dst.out[row * p.d + t] = sf::from_float<T>(o(t) * inv);
+    if (lane == 0) dst.lse[row] = m + logf(l);
+  } else {
+    const int64_t prow = static_cast<int64_t>(blockIdx.y) * p.batch * p.heads * p.nq + row;
+    for (int t = lane; t < p.d; t += 32) dst.part_o[prow * p.d + t] = o(t);
+    if (lane == 0) {
+      dst.part_ml[2 * prow] = m;
+      dst.part_ml[2 * prow + 1] = l;
+    }
+  }
+}
+
+// The block's head sum: M = (sum over warps, in warp order, of their head sums) / h.
+template <typename T, int DP>
+SF_DEVICE_INLINE void write_mask_logits(const Params& p, const unsigned char* smem, T* mask_logits, int64_t b, int q0,
+                                        int k0) {
+  constexpr int W = fwd_warps<T, DP>();
+  const int64_t stride = fwd_warp_bytes<T, DP>(p.split_keys) / 4;
+  const float* msum = reinterpret_cast<const float*>(smem);
+  for (int e = threadIdx.x; e < BM * p.split_keys; e += W * 32) {
+    const int r = e / p.split_keys, jj = e % p.split_keys;
+    const int i = q0 + r, j = k0 + jj;
+    if (i >= p.nq || j >= p.nk) continue;
+    float s = 0.f;
 #pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) msum[r] = 0.f;
-    for (int hd = 0; hd < p.heads; ++hd) {
-      const int64_t bh = b * p.heads + hd;
-      __syncthreads();  // the previous tile's readers are done
-      load_tile<T, DP>(ks, DP + 1, static_cast<const T*>(p.k) + bh * p.nk * p.d, k0, BN, p.nk, p.d);
-      load_tile<T, DP>(vs, DP + 1, static_cast<const T*>(p.v) + bh * p.nk * p.d, k0, BN, p.nk, p.d);
-      __syncthreads();
-#pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) {
-        const int row = warp * kRowsPerWarp + r, i = q0 + row;
-        const bool valid = i < p.nq && j < p.nk;
-        const float s = dot_row<DP>(qs + (hd * BM + row) * DP, ks + lane * (DP + 1)) * p.scale;
-        msum[r] += s;
-        const float x = valid ? s : kNegInf;
-        float* mrow = ms + hd * BM + row;
-        float* lrow = ls + hd * BM + row;
-        const float m_old = *mrow, l_old = *lrow;
+    for (int w = 0; w < W; ++w) s += msum[w * stride + e];
+    mask_logits[(b * p.nq + i) * p.nk + j] = sf::from_float<T>(s * p.inv_heads);
+  }
+}
+
+// fp32, FFMA.  Per warp and head: a lane owns one key of the tile for the logits and
+// output columns lane + 32 c for the accumulation; the output rows and the row max/sum
+// live in the warp's shared memory.  grid (ceil(Nq / BM), splits, B).
+template <typename T, int DP>
+__global__ void __launch_bounds__(fwd_warps<T, DP>() * 32, 1) atm_attention_fwd_kernel(Params p, FwdDest<T> dst,
+                                                                                    T* __restrict__ mask_logits) {
+  constexpr int W = fwd_warps<T, DP>();
+  constexpr int C = DP / 32;
+  SF_DYNAMIC_SHARED(unsigned char, smem);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int q0 = blockIdx.x * BM, kb = blockIdx.y * p.split_keys;
+  const int ke = p.nk - kb < p.split_keys ? p.nk : kb + p.split_keys;
+  const int64_t b = blockIdx.z;
+  const int kr = p.split_keys;
+  float* msum = reinterpret_cast<float*>(smem + warp * fwd_warp_bytes<T, DP>(kr));
+  float* qs = msum + BM * kr;
+  float* ks = qs + BM * DP;
+  float* vs = ks + BN * (DP + 1);
+  float* os = vs + BN * (DP + 1);
+  float* mr = os + BM * DP;
+  float* lr = mr + BM;
+  for (int e = lane; e < BM * kr; e += 32) msum[e] = 0.f;
+
+  for (int hd = warp; hd < p.heads; hd += W) {
+    const int64_t bh = b * p.heads + hd;
+    const int64_t kvbase = bh * p.nk * p.d;
+    __syncwarp();  // the previous head's epilogue is done with q/o/m/l
+    warp_load_tile<float, T, DP>(qs, DP, static_cast<const T*>(p.q) + bh * p.nq * p.d, q0, BM, p.nq, p.d, lane);
+    for (int e = lane; e < BM * DP; e += 32) os[e] = 0.f;
+    if (lane < BM) {
+      mr[lane] = kNegInf;
+      lr[lane] = 0.f;
+    }
+    for (int k0 = kb; k0 < ke; k0 += BN) {
+      __syncwarp();  // the previous tile's readers are done
+      warp_load_tile<float, T, DP>(ks, DP + 1, static_cast<const T*>(p.k) + kvbase, k0, BN, p.nk, p.d, lane);
+      warp_load_tile<float, T, DP>(vs, DP + 1, static_cast<const T*>(p.v) + kvbase, k0, BN, p.nk, p.d, lane);
+      __syncwarp();
+      const int j = k0 + lane;
+      for (int r = 0; r < BM; ++r) {
+        const float s = dot_row<DP>(qs + r * DP, ks + lane * (DP + 1)) * p.scale;
+        msum[r * kr + (k0 - kb) + lane] += s;
+        const float x = j < p.nk ? s : kNegInf;
+        const float m_old = mr[r], l_old = lr[r];
         const float m_new = fmaxf(m_old, warp_max(x));
         const float alpha = m_old == kNegInf ? 0.f : __expf(m_old - m_new);
         const float prob = x == kNegInf ? 0.f : __expf(x - m_new);
         const float l_new = l_old * alpha + warp_sum(prob);
         // Every lane read m_old/l_old before the shuffles above: lane 0 may overwrite.
         if (lane == 0) {
-          *mrow = m_new;
-          *lrow = l_new;
+          mr[r] = m_new;
+          lr[r] = l_new;
         }
-        const float pd = prob * dropout_factor(p, (static_cast<uint64_t>(bh) * p.nq + i) * p.nk + j);
+        const float pd = prob * dropout_factor(p, (static_cast<uint64_t>(bh) * p.nq + q0 + r) * p.nk + j);
         float acc[C];
-        float* orow = os + (hd * BM + row) * DP;
+        float* orow = os + r * DP;
 #pragma unroll
         for (int c = 0; c < C; ++c) acc[c] = orow[lane + 32 * c] * alpha;
         for (int jj = 0; jj < BN; ++jj) {
@@ -173,31 +288,170 @@ __global__ void __launch_bounds__(kThreads) atm_attention_fwd_kernel(Params p, T
         for (int c = 0; c < C; ++c) orow[lane + 32 * c] = acc[c];
       }
     }
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int i = q0 + warp * kRowsPerWarp + r;
-      if (i < p.nq && j < p.nk)
-        mask_logits[(b * p.nq + i) * p.nk + j] = sf::from_float<T>(msum[r] / static_cast<float>(p.heads));
-    }
+    __syncwarp();  // lane 0's last row max/sum
+    for (int r = 0; r < BM && q0 + r < p.nq; ++r)
+      store_row<T>(p, dst, bh, q0 + r, mr[r], lr[r], lane, [&](int t) { return os[r * DP + t]; });
   }
+  __syncthreads();  // every warp's head sum is complete
+  write_mask_logits<T, DP>(p, smem, mask_logits, b, q0, kb);
+}
 
-  __syncthreads();  // last m/l writes by lane 0 of each warp
-  for (int hd = 0; hd < p.heads; ++hd) {
+// fp16 / bf16, tensor cores.  Per warp and head: the 16 query rows stay in A fragments,
+// 32-key tiles of K and V are staged in T; the logits stay in the accumulator layout (lane
+// holds rows g, g + 8 and columns 2t, 2t + 1 of each 8-key tile; g = lane / 4,
+// t = lane % 4), so the row max / sum reduce over the 4 lanes of a group and the
+// probabilities become the A operand of P V in registers (rounded to T, as flash
+// attention does).  grid (ceil(Nq / BM), splits, B).
+template <typename T, int DP>
+__global__ void __launch_bounds__(fwd_warps<T, DP>() * 32) atm_attention_fwd_mma_kernel(Params p, FwdDest<T> dst,
+                                                                                        T* __restrict__ mask_logits) {
+  constexpr int W = fwd_warps<T, DP>();
+  constexpr int LD = mma_ld<DP>();
+  constexpr int KS = DP / 16;  // k-steps of q k^T
+  constexpr int NT = DP / 8;   // 8-column tiles of the output
+  constexpr int ST = BN / 8;   // 8-key tiles of S
+  SF_DYNAMIC_SHARED(unsigned char, smem);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int q0 = blockIdx.x * BM, kb = blockIdx.y * p.split_keys;
+  const int ke = p.nk - kb < p.split_keys ? p.nk : kb + p.split_keys;
+  const int64_t b = blockIdx.z;
+  const int kr = p.split_keys;
+  float* msum = reinterpret_cast<float*>(smem + warp * fwd_warp_bytes<T, DP>(kr));
+  T* qs = reinterpret_cast<T*>(msum + BM * kr);
+  T* ks = qs + BM * LD;
+  T* vs = ks + BN * LD;
+  for (int e = lane; e < BM * kr; e += 32) msum[e] = 0.f;
+
+  for (int hd = warp; hd < p.heads; hd += W) {
     const int64_t bh = b * p.heads + hd;
+    const int64_t kvbase = bh * p.nk * p.d;
+    __syncwarp();  // the previous head's readers of q are done
+    warp_load_tile<T, T, DP>(qs, LD, static_cast<const T*>(p.q) + bh * p.nq * p.d, q0, BM, p.nq, p.d, lane);
+    __syncwarp();
+    uint32_t qf[KS][4];
 #pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int row = warp * kRowsPerWarp + r, i = q0 + row;
-      if (i >= p.nq) continue;
-      const float l = ls[hd * BM + row];
-      const float inv = 1.f / l;
+    for (int kk = 0; kk < KS; ++kk) sf::load_a_frag<T>(qf[kk], qs + kk * 16, LD, lane);
+    float m[2] = {kNegInf, kNegInf}, l[2] = {0.f, 0.f};
+    float o[NT][4];
 #pragma unroll
-      for (int c = 0; c < C; ++c) {
-        const int t = lane + 32 * c;
-        if (t < p.d) out[(bh * p.nq + i) * p.d + t] = sf::from_float<T>(os[(hd * BM + row) * DP + t] * inv);
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[nt][e] = 0.f;
+
+    for (int k0 = kb; k0 < ke; k0 += BN) {
+      __syncwarp();  // the previous tile's readers are done
+      warp_load_tile<T, T, DP>(ks, LD, static_cast<const T*>(p.k) + kvbase, k0, BN, p.nk, p.d, lane);
+      warp_load_tile<T, T, DP>(vs, LD, static_cast<const T*>(p.v) + kvbase, k0, BN, p.nk, p.d, lane);
+      __syncwarp();
+      float s[ST][4];
+#pragma unroll
+      for (int st = 0; st < ST; ++st) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[st][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+          uint32_t bf[2];
+          sf::load_b_frag<T>(bf, ks + st * 8 * LD + kk * 16, LD, lane);
+          sf::mma_m16n8k16_f32<T>(s[st], qf[kk], bf, s[st]);
+        }
       }
-      if (lane == 0) lse[bh * p.nq + i] = ms[hd * BM + row] + logf(l);
+      float mx[2] = {kNegInf, kNegInf};
+#pragma unroll
+      for (int st = 0; st < ST; ++st)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = g + 8 * (e >> 1), col = st * 8 + 2 * t4 + (e & 1);
+          const float x = s[st][e] * p.scale;
+          msum[row * kr + (k0 - kb) + col] += x;
+          s[st][e] = k0 + col < p.nk ? x : kNegInf;
+          mx[e >> 1] = fmaxf(mx[e >> 1], s[st][e]);
+        }
+      float alpha[2], m_new[2], sum[2] = {0.f, 0.f};
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        m_new[h2] = fmaxf(m[h2], group_max(mx[h2]));
+        alpha[h2] = m[h2] == kNegInf ? 0.f : __expf(m[h2] - m_new[h2]);
+      }
+#pragma unroll
+      for (int st = 0; st < ST; ++st)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h2 = e >> 1, i = q0 + g + 8 * h2, j = k0 + st * 8 + 2 * t4 + (e & 1);
+          const float prob = s[st][e] == kNegInf ? 0.f : __expf(s[st][e] - m_new[h2]);
+          sum[h2] += prob;
+          s[st][e] = prob * dropout_factor(p, (static_cast<uint64_t>(bh) * p.nq + i) * p.nk + j);
+        }
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        l[h2] = l[h2] * alpha[h2] + group_sum(sum[h2]);
+        m[h2] = m_new[h2];
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[nt][e] *= alpha[e >> 1];
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        uint32_t a[4];
+        sf::acc_to_a_frag<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          uint32_t bf[2];
+          sf::load_b_frag_t<T>(bf, vs + kk * 16 * LD + nt * 8, LD, lane);
+          sf::mma_m16n8k16_f32<T>(o[nt], a, bf, o[nt]);
+        }
+      }
     }
+
+    // The accumulator rows go through the warp's (now free) k tile as fp32 so that
+    // store_row writes each row with all 32 lanes.
+    __syncwarp();
+    // o [BM][DP] and (m, l) [BM][2] as fp32 need 64 DP + 128 bytes; k and v hold 128 (DP + 8).
+    float* ob = reinterpret_cast<float*>(ks);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ob[(g + 8 * (e >> 1)) * DP + nt * 8 + 2 * t4 + (e & 1)] = o[nt][e];
+    float* mlb = ob + BM * DP;
+    if (t4 == 0) {
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        mlb[2 * (g + 8 * h2)] = m[h2];
+        mlb[2 * (g + 8 * h2) + 1] = l[h2];
+      }
+    }
+    __syncwarp();
+    for (int r = 0; r < BM && q0 + r < p.nq; ++r)
+      store_row<T>(p, dst, bh, q0 + r, mlb[2 * r], mlb[2 * r + 1], lane, [&](int t) { return ob[r * DP + t]; });
   }
+  __syncthreads();  // every warp's head sum is complete
+  write_mask_logits<T, DP>(p, smem, mask_logits, b, q0, kb);
+}
+
+// Merges the splits of one (b, head, i) row per warp, in split order:
+//   m = max_s m_s;  l = sum_s l_s e^(m_s - m);  out = sum_s o_s e^(m_s - m) / l;  lse = m + log l.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) atm_attention_combine_kernel(const float* __restrict__ part_o,
+                                                                         const float* __restrict__ part_ml,
+                                                                         int splits, int64_t rows, int d,
+                                                                         T* __restrict__ out,
+                                                                         float* __restrict__ lse) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;  // whole warp leaves together
+  float m = kNegInf;
+  for (int s = 0; s < splits; ++s) m = fmaxf(m, part_ml[2 * (s * rows + row)]);
+  float l = 0.f;
+  for (int s = 0; s < splits; ++s) l += part_ml[2 * (s * rows + row) + 1] * __expf(part_ml[2 * (s * rows + row)] - m);
+  const float inv = __frcp_rn(l);
+  for (int t = lane; t < d; t += 32) {
+    float acc = 0.f;
+    for (int s = 0; s < splits; ++s)
+      acc = fmaf(part_o[(s * rows + row) * d + t], __expf(part_ml[2 * (s * rows + row)] - m), acc);
+    out[row * d + t] = sf::from_float<T>(acc * inv);
+  }
+  if (lane == 0) lse[row] = m + logf(l);
 }
 
 // --------------------------------------------------------------- backward --
@@ -231,7 +485,7 @@ SF_DEVICE_INLINE Grads recompute(const Params& p, const float* qs, const float* 
   const float f = dropout_factor(p, (static_cast<uint64_t>(bh) * p.nq + i) * p.nk + j);
   const float dp = dot_row<DP>(dos + row * DP, vs + lane * (DP + 1));
   g.pd = prob * f;
-  g.ds = prob * (dp * f - delta_i) + sf::to_float(dmask[(b * p.nq + i) * p.nk + j]) / static_cast<float>(p.heads);
+  g.ds = prob * (dp * f - delta_i) + sf::to_float(dmask[(b * p.nq + i) * p.nk + j]) * p.inv_heads;
   return g;
 }
 
@@ -258,7 +512,7 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dkv_kernel(Params p, c
   float* deltas = lses + BM;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t bh = blockIdx.x, b = bh / p.heads;
+  const int64_t bh = blockIdx.x, b = blockIdx.x / static_cast<unsigned>(p.heads);  // 32-bit division
   const int k0 = blockIdx.y * BN;
   const int64_t qbase = bh * p.nq * p.d, kbase = bh * p.nk * p.d;
   load_tile<T, DP>(ks, DP + 1, static_cast<const T*>(p.k) + kbase, k0, BN, p.nk, p.d);
@@ -326,7 +580,7 @@ SF_HOST_DEVICE constexpr int dq_smem_floats() {
 
 // grid (B * h, ceil(Nq / BM)).
 template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) atm_attention_dq_kernel(Params p, const T* __restrict__ dout,
+__global__ void __launch_bounds__(kThreads, kDqMinBlocks) atm_attention_dq_kernel(Params p, const T* __restrict__ dout,
                                                                     const T* __restrict__ dmask,
                                                                     const float* __restrict__ lse,
                                                                     const float* __restrict__ delta,
@@ -340,7 +594,7 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dq_kernel(Params p, co
   float* deltas = lses + BM;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t bh = blockIdx.x, b = bh / p.heads;
+  const int64_t bh = blockIdx.x, b = blockIdx.x / static_cast<unsigned>(p.heads);  // 32-bit division
   const int q0 = blockIdx.y * BM;
   const int64_t qbase = bh * p.nq * p.d, kbase = bh * p.nk * p.d;
   load_tile<T, DP>(qs, DP, static_cast<const T*>(p.q) + qbase, q0, BM, p.nq, p.d);
@@ -390,12 +644,24 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dq_kernel(Params p, co
 inline unsigned cdiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
 template <typename T, int DP>
-void forward(const Params& p, T* out, T* mask_logits, float* lse, cudaStream_t stream) {
-  const size_t smem = sizeof(float) * fwd_smem_floats<DP>(p.heads);
-  auto kernel = atm_attention_fwd_kernel<T, DP>;
-  SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
-  SF_LAUNCH(kernel, dim3(cdiv(p.nq, BM), static_cast<unsigned>(p.batch)), dim3(kThreads), smem, stream, p, out,
-            mask_logits, lse);
+void forward(const Params& p, const FwdDest<T>& dst, T* mask_logits, cudaStream_t stream) {
+  SF_CHECK(p.batch <= 65535 && p.splits <= 65535, "atm_attention: batch and split count must be at most 65535");
+  const size_t smem = fwd_smem_bytes<T, DP>(p.split_keys);
+  const dim3 grid(cdiv(p.nq, BM), static_cast<unsigned>(p.splits), static_cast<unsigned>(p.batch));
+  if constexpr (std::is_same_v<T, float>) {
+    auto kernel = atm_attention_fwd_kernel<T, DP>;
+    SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
+    SF_LAUNCH(kernel, grid, dim3(fwd_warps<T, DP>() * 32), smem, stream, p, dst, mask_logits);
+  } else {
+    auto kernel = atm_attention_fwd_mma_kernel<T, DP>;
+    SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
+    SF_LAUNCH(kernel, grid, dim3(fwd_warps<T, DP>() * 32), smem, stream, p, dst, mask_logits);
+  }
+  if (p.splits > 1) {
+    const int64_t rows = p.batch * p.heads * p.nq;
+    SF_LAUNCH(atm_attention_combine_kernel<T>, dim3(cdiv(rows, kWarps)), dim3(kThreads), 0, stream, dst.part_o,
+              dst.part_ml, p.splits, rows, p.d, dst.out, dst.lse);
+  }
   SF_CHECK_LAUNCH();
 }
 
@@ -463,22 +729,43 @@ Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   p.d = static_cast<int>(q.size(3));
   p.scale = static_cast<float>(scale);
   p.dropout_p = static_cast<float>(dropout_p);
+  p.keep_scale = p.dropout_p < 1.f ? 1.f / (1.f - p.dropout_p) : 0.f;
+  p.inv_heads = 1.f / static_cast<float>(p.heads);
   p.seed = static_cast<uint64_t>(seed);
   return p;
 }
 
+// `splits` key ranges of ceil(tiles / splits) key tiles each; the caller picks a count that
+// leaves no range empty (semask_fast/backends/cuda/atm_attention.py: plan_splits).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v, double scale, double dropout_p,
-                                                          int64_t seed) {
-  const Params p = make_params(q, k, v, scale, dropout_p, seed);
+                                                          int64_t seed, int64_t splits) {
+  Params p = make_params(q, k, v, scale, dropout_p, seed);
+  const int64_t tiles = sf::ceil_div(p.nk, BN);
+  TORCH_CHECK(splits >= 1 && splits <= tiles, "atm_attention: splits must be in 1..", tiles, ", got ", splits);
+  const int64_t per_split = sf::ceil_div(tiles, splits);
+  TORCH_CHECK(per_split <= kMaxSplitTiles, "atm_attention: ", splits, " splits of Nk=", p.nk, " give ", per_split,
+              " key tiles per split (at most ", kMaxSplitTiles, ")");
+  TORCH_CHECK(sf::ceil_div(tiles, per_split) == splits, "atm_attention: ", splits, " splits of ", tiles,
+              " key tiles leave a split empty");
+  p.splits = static_cast<int>(splits);
+  p.split_keys = static_cast<int>(per_split * BN);
   SF_DEVICE_GUARD(q);
   at::Tensor out = at::empty_like(q);
   at::Tensor mask_logits = at::empty({q.size(0), q.size(2), k.size(2)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  at::Tensor part_o, part_ml;
+  if (splits > 1) {
+    const int64_t rows = q.size(0) * q.size(1) * q.size(2);
+    part_o = at::empty({splits, rows, q.size(3)}, lse.options());
+    part_ml = at::empty({splits, rows, 2}, lse.options());
+  }
   dispatch(q, [&](auto tag, auto dp) {
     using T = decltype(tag);
-    forward<T, decltype(dp)::value>(p, sf::data_ptr<T>(out), sf::data_ptr<T>(mask_logits), lse.data_ptr<float>(),
-                                    sf::current_stream());
+    const FwdDest<T> dst{sf::data_ptr<T>(out), lse.data_ptr<float>(),
+                         splits > 1 ? part_o.data_ptr<float>() : nullptr,
+                         splits > 1 ? part_ml.data_ptr<float>() : nullptr};
+    forward<T, decltype(dp)::value>(p, dst, sf::data_ptr<T>(mask_logits), sf::current_stream());
   });
   return {out, mask_logits, lse};
 }
@@ -514,7 +801,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
 }  // namespace sf_atm_attention
 
 SF_TORCH_LIBRARY_FRAGMENT(m) {
-  m.def("atm_attention_forward(Tensor q, Tensor k, Tensor v, float scale, float dropout_p, int seed) "
+  m.def("atm_attention_forward(Tensor q, Tensor k, Tensor v, float scale, float dropout_p, int seed, int splits) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("atm_attention_backward(Tensor dout, Tensor dmask_logits, Tensor q, Tensor k, Tensor v, Tensor out, "
         "Tensor lse, float scale, float dropout_p, int seed) -> (Tensor, Tensor, Tensor)");

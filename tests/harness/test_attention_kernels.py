@@ -11,7 +11,9 @@ backend (``pytest -k harness``).  This file adds what they do not cover:
 * shapes at the edges of the kernels' tiling: head_dim 1 and 80 (padded in shared
   memory), non-square windows with a one-axis shift, K = 1 and K = 160 classes,
   C tiles with a remainder, single query / key rows;
-* the reasons the backends give for inputs they do not serve.
+* the reasons the backends give for inputs they do not serve;
+* the ATM forward's key splits: the plan, forced counts (one split, a partial last
+  range, the 8-tile range limit, 64 heads), dropout, bitwise reproducibility.
 
 Every parity check goes through ``assert_parity`` (float64 reference, and the
 ``cpu`` backend must have run forward and backward).  bf16 and fp16 run the same
@@ -220,6 +222,87 @@ def test_reasons_for_unsupported_inputs():
     s = torch.randn(1, 4, 161)
     with pytest.raises(BackendNotSupportedError, match="K=161"):
         semask_fast.semantic_attention(s, s, torch.randn(1, 4, 8), backend=BACKEND)
-    q = torch.randn(1, 64, 2, 64)
-    with pytest.raises(BackendNotSupportedError, match="shared memory"):
+    q = torch.randn(1, 2, 3, 129)
+    with pytest.raises(BackendNotSupportedError, match="head_dim=129"):
         semask_fast.atm_attention(q, q, q, backend=BACKEND)
+
+
+# ------------------------------------------------ ATM forward key splits --
+# The ATM forward splits the keys into ranges (a block per 16 class tokens x range x batch
+# item, all heads) merged by a combine kernel; `force_splits` replaces the device plan.
+def _atm_inputs(b, h, nq, nk, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"q": _randn(g, b, h, nq, d), "k": _randn(g, b, h, nk, d), "v": _randn(g, b, h, nk, d)}
+
+
+def test_atm_split_plan():
+    plan = _cuda_module("atm_attention").plan_splits
+    h100 = dict(sms=132, smem_limit=232448)
+    # SegViT-L (B=2, Nq=150, Nk=1600, d=32): 10 x 2 query blocks, 13 ranges of 4 key tiles:
+    # 260 blocks, two waves of 132 SMs (one split: 20 blocks).
+    assert plan(2, 150, 1600, torch.float16, 32, **h100) == 13
+    # A large batch fills the device alone; ranges stay within 8 key tiles (256 keys).
+    assert plan(16, 150, 1600, torch.float16, 32, **h100) == 7
+    assert plan(64, 150, 200, torch.float16, 32, **h100) == 1
+    # Shared memory bounds the range: 99 KiB per block (sm_86) fits one key tile at d=128 fp16.
+    assert plan(16, 150, 1600, torch.float16, 128, sms=84, smem_limit=101376) == 50
+    # Forced counts are normalised: no empty range, no range beyond 8 tiles.
+    assert plan(1, 16, 300, torch.float32, 32, requested=4, **h100) == 4  # 3 + 3 + 3 + 1 tiles
+    assert plan(1, 16, 300, torch.float32, 32, requested=1, **h100) == 2  # 10 tiles > 8
+    assert plan(1, 16, 300, torch.float32, 32, requested=99, **h100) == 10
+
+
+ATM_SPLIT_CASES = {
+    # name: ((B, heads, Nq, Nk, head_dim), forced splits, splits run)
+    "one-split-d48": ((2, 5, 19, 200, 48), 1, 1),
+    "four-splits-last-partial": ((1, 6, 33, 300, 32), 4, 4),
+    "max-range-8-tiles": ((1, 2, 17, 513, 16), 1, 3),
+    "five-splits-d128": ((1, 3, 20, 130, 128), 5, 5),
+    "64-heads": ((1, 64, 5, 40, 64), 2, 2),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name", list(ATM_SPLIT_CASES))
+def test_atm_forced_splits(monkeypatch, name, dtype):
+    require_backend("atm_attention", BACKEND)
+    mod = _cuda_module("atm_attention")
+    shape, forced, runs = ATM_SPLIT_CASES[name]
+    b, h, nq, nk, d = shape
+    assert mod.plan_splits(b, nq, nk, dtype, d, sms=1, smem_limit=1 << 30, requested=forced) == runs
+    monkeypatch.setattr(mod, "force_splits", forced)
+    assert_parity(semask_fast.atm_attention, _atm_inputs(*shape, seed=7), ["q", "k", "v"], dtype, backend=BACKEND,
+                  op="atm_attention")
+
+
+@pytest.mark.parametrize("forced", [1, 3])
+def test_atm_dropout_replay_splits(monkeypatch, forced):
+    require_backend("atm_attention", BACKEND)
+    wa, mod = _cuda_module("window_attention"), _cuda_module("atm_attention")
+    b, h, nq, nk, d, p = 1, 4, 18, 90, 32, 0.2
+    monkeypatch.setattr(mod, "force_splits", forced)
+    t = _atm_inputs(b, h, nq, nk, d, seed=8)
+    torch.manual_seed(13)
+    keep = wa.dropout_keep(wa.draw_seed(), (b, h, nq, nk), p)
+
+    def fn(backend, **kw):
+        if backend == "reference":
+            return reference.atm_attention(**kw, dropout_p=p, dropout_keep=keep)
+        torch.manual_seed(13)
+        return semask_fast.atm_attention(**kw, dropout_p=p, backend=backend)
+
+    assert_parity(fn, t, ["q", "k", "v"], torch.float16, backend=BACKEND, op="atm_attention")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=IDS)  # FFMA and tensor-core kernels
+def test_atm_forward_bitwise_reproducible(monkeypatch, dtype):
+    """Several splits and heads per warp: the combine and the head sum run in a fixed order."""
+    require_backend("atm_attention", BACKEND)
+    monkeypatch.setattr(_cuda_module("atm_attention"), "force_splits", 3)
+    t = {n: x.to(dtype) for n, x in _atm_inputs(2, 9, 21, 70, 32, seed=9).items()}
+    runs = []
+    for seed, threads in (("0", "1"), ("5", "3")):
+        monkeypatch.setenv("SF_SIMT_SEED", seed)
+        monkeypatch.setenv("SF_SIMT_THREADS", threads)
+        runs.append(semask_fast.atm_attention(t["q"], t["k"], t["v"], backend=BACKEND))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
