@@ -5,7 +5,9 @@
 // sq, sk: (B_, N, K) with K the number of classes (the inner dimension of the
 // logits, 150 on ADE20K, 19 on Cityscapes); yv, out: (B_, N, C), C up to 1536.
 //
-// Layout of the work (FFMA path, fp32 accumulation for every dtype):
+// fp16 / bf16 run every product, forward and backward, on tensor cores (the
+// "tensor cores" sections below); fp32 runs the FFMA path, so it stays exact.
+// Layout of the FFMA path (fp32 accumulation):
 //   * query tiles of BM = 16 rows (4 per warp), key tiles of BN = 32 keys (one
 //     per lane) so row max / sum are warp shuffles;
 //   * the class dimension K is staged whole in shared memory, padded to
@@ -82,7 +84,8 @@ SF_HOST_DEVICE inline int64_t fwd_smem_floats(int kp, int ct) {
 
 // grid (B_ * ceil(C / CT), ceil(N / BM)).
 template <typename T, int CPL>
-__global__ void __launch_bounds__(kThreads) semantic_attention_fwd_kernel(Params p, T* __restrict__ out,
+// minBlocks = 1: without it ptxas capped this kernel's registers for occupancy and spilled (sm_80).
+__global__ void __launch_bounds__(kThreads, 1) semantic_attention_fwd_kernel(Params p, T* __restrict__ out,
                                                                           float* __restrict__ lse) {
   constexpr int CT = 32 * CPL;
   SF_DYNAMIC_SHARED(float, smem);
@@ -329,7 +332,8 @@ SF_HOST_DEVICE inline int64_t dv_smem_floats(int kp, int ct) {
 
 // grid (B_ * ceil(C / CT), ceil(N / BN)): dYv of one key tile and C tile.
 template <typename T, int CPL>
-__global__ void __launch_bounds__(kThreads) semantic_attention_dv_kernel(Params p, const T* __restrict__ dout,
+// minBlocks = 1: without it ptxas capped this kernel's registers for occupancy and spilled (sm_80).
+__global__ void __launch_bounds__(kThreads, 1) semantic_attention_dv_kernel(Params p, const T* __restrict__ dout,
                                                                          const float* __restrict__ lse,
                                                                          T* __restrict__ dyv) {
   constexpr int CT = 32 * CPL;
@@ -560,6 +564,235 @@ __global__ void __launch_bounds__(kThreads) semantic_attention_dq_kernel(Params 
   }
 }
 
+// ------------------------------------------------ backward, tensor cores --
+// fp16 / bf16: every backward product on tensor cores (sf::mma_m16n8k16_f32, fp32
+// accumulation), the decomposition of the FFMA path.  A block owns MBM = 64 "owner"
+// rows (16 per warp) and loops over tiles of MBN = 32 "other" rows:
+//   dv:  owners = keys, others = queries: S^T = Sk Sq^T, P^T = exp(S^T - lse),
+//        dYv += P^T dO over a C tile of CT = 8 * NT columns;
+//   dqk, KEYS:  owners = keys (dSk), S^T = Sk Sq^T, dP^T = Yv dO^T;
+//   dqk, !KEYS: owners = queries (dSq), S = Sq Sk^T, dP = dO Yv^T;
+//        dS = P (dP - delta) with lse, delta of the query, acc += dS (others' Sq or Sk);
+//        dP is recomputed over C in chunks of MCC columns staged in shared memory.
+// K is staged padded to kp (a multiple of 32) with zeros; the dSq / dSk accumulators
+// cover KT = kp columns.  P and dS are rounded to the input dtype to become A
+// operands (as in the forward and flash attention).
+constexpr int MCC = 64;
+
+SF_HOST_DEVICE inline int64_t dv_mma_smem_bytes(int kp, int ct) {
+  return 2 * (static_cast<int64_t>(MBM + MBN) * mma_ld(kp) + MBN * mma_ld(ct)) + 4 * MBN;
+}
+
+// grid (B_ * ceil(C / CT), ceil(N / MBM)), block kMmaWarps * 32.
+template <typename T, int NT>
+__global__ void __launch_bounds__(kMmaWarps * 32) semantic_attention_dv_mma_kernel(Params p,
+                                                                                   const T* __restrict__ dout,
+                                                                                   const float* __restrict__ lse,
+                                                                                   T* __restrict__ dyv) {
+  constexpr int CT = 8 * NT, LDC = CT + 8, ST = MBN / 8;
+  const int ldk = mma_ld(p.kp), ks_steps = p.kp / 16;
+  SF_DYNAMIC_SHARED(T, smem);
+  T* ks = smem;             // [MBM][ldk] the block's keys
+  T* qs = ks + MBM * ldk;   // [MBN][ldk] query tile
+  T* dos = qs + MBN * ldk;  // [MBN][LDC]
+  float* lses = reinterpret_cast<float*>(dos + MBN * LDC);  // [MBN]
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int ctiles = (p.c + CT - 1) / CT;
+  const int64_t b = blockIdx.x / ctiles;
+  const int c0 = static_cast<int>(blockIdx.x % ctiles) * CT;
+  const int k0 = blockIdx.y * MBM;
+  const T* sqg = static_cast<const T*>(p.sq) + b * p.n * p.k;
+  const T* skg = static_cast<const T*>(p.sk) + b * p.n * p.k;
+  const T* dog = dout + b * p.n * p.c;
+  load_tile_raw<T>(ks, ldk, skg, k0, MBM, p.n, 0, p.kp, p.k);
+  int keys[2];
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) keys[h2] = k0 + warp * 16 + g + 8 * h2;
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+
+  for (int q0 = 0; q0 < p.n; q0 += MBN) {
+    __syncthreads();  // the previous tile's readers are done
+    load_tile_raw<T>(qs, ldk, sqg, q0, MBN, p.n, 0, p.kp, p.k);
+    load_tile_raw<T>(dos, LDC, dog, q0, MBN, p.n, c0, CT, p.c);
+    for (int e = threadIdx.x; e < MBN; e += kMmaWarps * 32) lses[e] = q0 + e < p.n ? lse[b * p.n + q0 + e] : 0.f;
+    __syncthreads();
+    float s[ST][4];
+#pragma unroll
+    for (int st = 0; st < ST; ++st)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[st][e] = 0.f;
+    for (int kk = 0; kk < ks_steps; ++kk) {
+      uint32_t a[4];
+      sf::load_a_frag<T>(a, ks + warp * 16 * ldk + kk * 16, ldk, lane);
+#pragma unroll
+      for (int st = 0; st < ST; ++st) {
+        uint32_t bb[2];
+        sf::load_b_frag<T>(bb, qs + st * 8 * ldk + kk * 16, ldk, lane);
+        sf::mma_m16n8k16_f32<T>(s[st], a, bb, s[st]);
+      }
+    }
+#pragma unroll
+    for (int st = 0; st < ST; ++st)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = st * 8 + 2 * t4 + (e & 1);
+        s[st][e] = (q0 + col < p.n && keys[e >> 1] < p.n) ? __expf(s[st][e] - lses[col]) : 0.f;
+      }
+#pragma unroll
+    for (int kk = 0; kk < MBN / 16; ++kk) {
+      uint32_t a[4];
+      sf::acc_to_a_frag<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        uint32_t bb[2];
+        sf::load_b_frag_t<T>(bb, dos + kk * 16 * LDC + nt * 8, LDC, lane);
+        sf::mma_m16n8k16_f32<T>(acc[nt], a, bb, acc[nt]);
+      }
+    }
+  }
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    const int key = keys[h2];
+    if (key >= p.n) continue;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int col = c0 + nt * 8 + 2 * t4 + c;
+        if (col < p.c) dyv[(b * p.n + key) * p.c + col] = sf::from_float<T>(acc[nt][2 * h2 + c]);
+      }
+  }
+}
+
+SF_HOST_DEVICE inline int64_t dqk_mma_smem_bytes(int kp) {
+  return 2 * static_cast<int64_t>(MBM + MBN) * (mma_ld(kp) + mma_ld(MCC)) + 4 * 2 * MBM;
+}
+
+// grid (B_, ceil(N / MBM)), block kMmaWarps * 32: dSk (KEYS) or dSq of MBM owner rows.
+template <typename T, int KT, bool KEYS>
+__global__ void __launch_bounds__(kMmaWarps * 32) semantic_attention_dqk_mma_kernel(
+    Params p, const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+    T* __restrict__ grad) {
+  constexpr int NTK = KT / 8, ST = MBN / 8, LDC = MCC + 8;
+  const int ldk = mma_ld(p.kp), ks_steps = p.kp / 16;
+  SF_DYNAMIC_SHARED(T, smem);
+  T* oa = smem;             // [MBM][ldk] owners' Sk (KEYS) or Sq
+  T* xa = oa + MBM * ldk;   // [MBN][ldk] others' Sq (KEYS) or Sk
+  T* oc = xa + MBN * ldk;   // [MBM][LDC] owners' Yv (KEYS) or dO, one C chunk
+  T* xc = oc + MBM * LDC;   // [MBN][LDC] others' dO (KEYS) or Yv, one C chunk
+  float* lses = reinterpret_cast<float*>(xc + MBN * LDC);  // per query of the block: [MBN] (KEYS) or [MBM]
+  float* deltas = lses + MBM;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int64_t b = blockIdx.x;
+  const int r0 = blockIdx.y * MBM;
+  const T* sqg = static_cast<const T*>(p.sq) + b * p.n * p.k;
+  const T* skg = static_cast<const T*>(p.sk) + b * p.n * p.k;
+  const T* yvg = static_cast<const T*>(p.yv) + b * p.n * p.c;
+  const T* dog = dout + b * p.n * p.c;
+  const T* own_a = KEYS ? skg : sqg;
+  const T* oth_a = KEYS ? sqg : skg;
+  const T* own_c = KEYS ? yvg : dog;
+  const T* oth_c = KEYS ? dog : yvg;
+  // Query statistics of `rows` rows from row0 into shared memory.
+  auto load_stats = [&](int row0, int rows) {
+    for (int e = threadIdx.x; e < rows; e += kMmaWarps * 32) {
+      const bool ok = row0 + e < p.n;
+      lses[e] = ok ? lse[b * p.n + row0 + e] : 0.f;
+      deltas[e] = ok ? delta[b * p.n + row0 + e] : 0.f;
+    }
+  };
+  load_tile_raw<T>(oa, ldk, own_a, r0, MBM, p.n, 0, p.kp, p.k);
+  if constexpr (!KEYS) load_stats(r0, MBM);
+  int rows[2];
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) rows[h2] = r0 + warp * 16 + g + 8 * h2;
+  float acc[NTK][4];
+#pragma unroll
+  for (int nt = 0; nt < NTK; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+
+  for (int x0 = 0; x0 < p.n; x0 += MBN) {
+    __syncthreads();  // the previous tile's readers of xa (and the stats) are done
+    load_tile_raw<T>(xa, ldk, oth_a, x0, MBN, p.n, 0, p.kp, p.k);
+    if constexpr (KEYS) load_stats(x0, MBN);
+    __syncthreads();
+    float s[ST][4], dp[ST][4];
+#pragma unroll
+    for (int st = 0; st < ST; ++st)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[st][e] = dp[st][e] = 0.f;
+    for (int kk = 0; kk < ks_steps; ++kk) {
+      uint32_t a[4];
+      sf::load_a_frag<T>(a, oa + warp * 16 * ldk + kk * 16, ldk, lane);
+#pragma unroll
+      for (int st = 0; st < ST; ++st) {
+        uint32_t bb[2];
+        sf::load_b_frag<T>(bb, xa + st * 8 * ldk + kk * 16, ldk, lane);
+        sf::mma_m16n8k16_f32<T>(s[st], a, bb, s[st]);
+      }
+    }
+    for (int c0 = 0; c0 < p.c; c0 += MCC) {
+      __syncthreads();  // the previous chunk's readers are done
+      load_tile_raw<T>(oc, LDC, own_c, r0, MBM, p.n, c0, MCC, p.c);
+      load_tile_raw<T>(xc, LDC, oth_c, x0, MBN, p.n, c0, MCC, p.c);
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < MCC / 16; ++kk) {
+        uint32_t a[4];
+        sf::load_a_frag<T>(a, oc + warp * 16 * LDC + kk * 16, LDC, lane);
+#pragma unroll
+        for (int st = 0; st < ST; ++st) {
+          uint32_t bb[2];
+          sf::load_b_frag<T>(bb, xc + st * 8 * LDC + kk * 16, LDC, lane);
+          sf::mma_m16n8k16_f32<T>(dp[st], a, bb, dp[st]);
+        }
+      }
+    }
+#pragma unroll
+    for (int st = 0; st < ST; ++st)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h2 = e >> 1, col = st * 8 + 2 * t4 + (e & 1);
+        const int sr = KEYS ? col : warp * 16 + g + 8 * h2;  // the query's slot in lses / deltas
+        float ds = 0.f;
+        if (rows[h2] < p.n && x0 + col < p.n) ds = __expf(s[st][e] - lses[sr]) * (dp[st][e] - deltas[sr]);
+        s[st][e] = ds;
+      }
+#pragma unroll
+    for (int kk = 0; kk < MBN / 16; ++kk) {
+      uint32_t a[4];
+      sf::acc_to_a_frag<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int nt = 0; nt < NTK; ++nt) {
+        uint32_t bb[2];
+        sf::load_b_frag_t<T>(bb, xa + kk * 16 * ldk + nt * 8, ldk, lane);
+        sf::mma_m16n8k16_f32<T>(acc[nt], a, bb, acc[nt]);
+      }
+    }
+  }
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    const int row = rows[h2];
+    if (row >= p.n) continue;
+#pragma unroll
+    for (int nt = 0; nt < NTK; ++nt)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int col = nt * 8 + 2 * t4 + c;
+        if (col < p.k) grad[(b * p.n + row) * p.k + col] = sf::from_float<T>(acc[nt][2 * h2 + c]);
+      }
+  }
+}
+
 // ---------------------------------------------------------------- launchers --
 inline unsigned cdiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
@@ -587,27 +820,51 @@ void forward(const Params& p, T* out, float* lse, cudaStream_t stream) {
 
 template <typename T, int CPL>
 void backward_dv(const Params& p, const T* dout, const float* lse, T* dyv, cudaStream_t stream) {
-  const size_t smem = sizeof(float) * dv_smem_floats(p.kp, 32 * CPL);
-  auto kernel = semantic_attention_dv_kernel<T, CPL>;
-  SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
-  SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * cdiv(p.c, 32 * CPL)), cdiv(p.n, BN)), dim3(kThreads), smem,
-            stream, p, dout, lse, dyv);
+  if constexpr (!std::is_same<T, float>::value) {
+    // fp16 / bf16: tensor cores, C tiles of 64 or 128 columns.
+    auto launch = [&](auto kernel, int ct) {
+      const size_t smem = dv_mma_smem_bytes(p.kp, ct);
+      SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
+      SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * cdiv(p.c, ct)), cdiv(p.n, MBM)), dim3(kMmaWarps * 32),
+                smem, stream, p, dout, lse, dyv);
+    };
+    if (p.c > 64) launch(semantic_attention_dv_mma_kernel<T, 16>, 128);
+    else launch(semantic_attention_dv_mma_kernel<T, 8>, 64);
+  } else {
+    const size_t smem = sizeof(float) * dv_smem_floats(p.kp, 32 * CPL);
+    auto kernel = semantic_attention_dv_kernel<T, CPL>;
+    SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
+    SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * cdiv(p.c, 32 * CPL)), cdiv(p.n, BN)), dim3(kThreads), smem,
+              stream, p, dout, lse, dyv);
+  }
   SF_CHECK_LAUNCH();
 }
 
 template <typename T, int KPL>
 void backward_dqk(const Params& p, const T* dout, const float* lse, const float* delta, T* dsq, T* dsk,
                   cudaStream_t stream) {
-  const size_t smem_k = sizeof(float) * dk_smem_floats(p.kp);
-  auto kk = semantic_attention_dk_kernel<T, KPL>;
-  SF_ALLOW_DYNAMIC_SMEM(kk, smem_k);
-  SF_LAUNCH(kk, dim3(static_cast<unsigned>(p.batch), cdiv(p.n, BN)), dim3(kThreads), smem_k, stream, p, dout, lse,
-            delta, dsk);
-  const size_t smem_q = sizeof(float) * dq_smem_floats(p.kp);
-  auto qk = semantic_attention_dq_kernel<T, KPL>;
-  SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
-  SF_LAUNCH(qk, dim3(static_cast<unsigned>(p.batch), cdiv(p.n, BM)), dim3(kThreads), smem_q, stream, p, dout, lse,
-            delta, dsq);
+  if constexpr (!std::is_same<T, float>::value) {
+    // fp16 / bf16: tensor cores, the accumulators cover KT = kp = 32 * KPL columns.
+    const size_t smem = dqk_mma_smem_bytes(p.kp);
+    const dim3 grid(static_cast<unsigned>(p.batch), cdiv(p.n, MBM));
+    auto kk = semantic_attention_dqk_mma_kernel<T, 32 * KPL, true>;
+    SF_ALLOW_DYNAMIC_SMEM(kk, smem);
+    SF_LAUNCH(kk, grid, dim3(kMmaWarps * 32), smem, stream, p, dout, lse, delta, dsk);
+    auto qk = semantic_attention_dqk_mma_kernel<T, 32 * KPL, false>;
+    SF_ALLOW_DYNAMIC_SMEM(qk, smem);
+    SF_LAUNCH(qk, grid, dim3(kMmaWarps * 32), smem, stream, p, dout, lse, delta, dsq);
+  } else {
+    const size_t smem_k = sizeof(float) * dk_smem_floats(p.kp);
+    auto kk = semantic_attention_dk_kernel<T, KPL>;
+    SF_ALLOW_DYNAMIC_SMEM(kk, smem_k);
+    SF_LAUNCH(kk, dim3(static_cast<unsigned>(p.batch), cdiv(p.n, BN)), dim3(kThreads), smem_k, stream, p, dout, lse,
+              delta, dsk);
+    const size_t smem_q = sizeof(float) * dq_smem_floats(p.kp);
+    auto qk = semantic_attention_dq_kernel<T, KPL>;
+    SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
+    SF_LAUNCH(qk, dim3(static_cast<unsigned>(p.batch), cdiv(p.n, BM)), dim3(kThreads), smem_q, stream, p, dout, lse,
+              delta, dsq);
+  }
   SF_CHECK_LAUNCH();
 }
 

@@ -2,7 +2,9 @@
 
 The class dimension K is staged whole in shared memory (K <= 160); C is tiled
 over blocks.  Forward saves the output and the fp32 row logsumexp; backward
-recomputes the probabilities (N x N never reaches global memory).
+recomputes the probabilities (N x N never reaches global memory).  fp16 and bf16
+run every product of forward and backward on tensor cores (``sf_mma.cuh``, fp32
+accumulation); fp32 runs FFMA kernels.
 """
 
 from __future__ import annotations
