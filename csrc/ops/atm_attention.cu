@@ -203,6 +203,20 @@ SF_DEVICE_INLINE void store_row(const Params& p, const FwdDest<T>& dst, int64_t 
   }
 }
 
+// Position of (row r, key jj of the range) in a warp's head-sum tile.  FFMA: row-major.
+// Tensor cores: the accumulator layout, [8-key group][fragment element e][lane], so that the
+// lanes of a warp update 32 consecutive floats (row-major would put the 8 rows of a
+// fragment in one bank).
+template <typename T>
+SF_DEVICE_INLINE int msum_index(int r, int jj, int kr) {
+  if constexpr (sizeof(T) == 4) {
+    return r * kr + jj;
+  } else {
+    const int c = jj & 7, e = 2 * (r >> 3) + (c & 1), lane = 4 * (r & 7) + (c >> 1);
+    return ((jj >> 3) * 4 + e) * 32 + lane;
+  }
+}
+
 // The block's head sum: M = (sum over warps, in warp order, of their head sums) / h.
 template <typename T, int DP>
 SF_DEVICE_INLINE void write_mask_logits(const Params& p, const unsigned char* smem, T* mask_logits, int64_t b, int q0,
@@ -214,9 +228,10 @@ SF_DEVICE_INLINE void write_mask_logits(const Params& p, const unsigned char* sm
     const int r = e / p.split_keys, jj = e % p.split_keys;
     const int i = q0 + r, j = k0 + jj;
     if (i >= p.nq || j >= p.nk) continue;
+    const int at = msum_index<T>(r, jj, p.split_keys);
     float s = 0.f;
 #pragma unroll
-    for (int w = 0; w < W; ++w) s += msum[w * stride + e];
+    for (int w = 0; w < W; ++w) s += msum[w * stride + at];
     mask_logits[(b * p.nq + i) * p.nk + j] = sf::from_float<T>(s * p.inv_heads);
   }
 }
@@ -361,9 +376,9 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32) atm_attention_fwd_mma
       for (int st = 0; st < ST; ++st)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int row = g + 8 * (e >> 1), col = st * 8 + 2 * t4 + (e & 1);
+          const int col = st * 8 + 2 * t4 + (e & 1);
           const float x = s[st][e] * p.scale;
-          msum[row * kr + (k0 - kb) + col] += x;
+          msum[(((k0 - kb) / 8 + st) * 4 + e) * 32 + lane] += x;  // = msum_index<T>(g + 8 (e / 2), k0 - kb + col)
           s[st][e] = k0 + col < p.nk ? x : kNegInf;
           mx[e >> 1] = fmaxf(mx[e >> 1], s[st][e]);
         }
