@@ -16,8 +16,9 @@
 // kernel merges the splits in split order (deterministic).  The split count comes
 // from the caller (semask_fast/backends/cuda/atm_attention.py: about two waves of
 // blocks on the device, a range of at most kMaxSplitTiles key tiles).
-// fp16 / bf16 products (S = q k^T, P v) run on tensor cores (sf_mma.cuh, fp32
-// accumulation); fp32 stays on FFMA.  (B, h, Nq, Nk) never exists in memory.
+// fp16 / bf16 products (forward: S = q k^T, P v; backward: S, dP = dO v^T, P^T dO, dS^T q,
+// dS k) run on tensor cores (sf_mma.cuh, fp32 accumulation); fp32 stays on FFMA.
+// (B, h, Nq, Nk) never exists in memory.
 // Backward (deterministic, no atomics), per head as flash attention:
 //   delta_i = rowsum(dO_i * O_i);  dS = P * (f dP' - delta) + dM / h;
 //   dK, dV: a block per key tile loops over query tiles; dQ: a block per
@@ -99,13 +100,30 @@ SF_DEVICE_INLINE float dropout_factor(const Params& p, uint64_t index) {
   return u >= p.dropout_p ? p.keep_scale : 0.f;
 }
 
-template <typename T, int DP>
-SF_DEVICE_INLINE void load_tile(float* dst, int ld, const T* src, int row0, int rows, int n, int d) {
-  for (int e = threadIdx.x; e < rows * DP; e += kThreads) {
+SF_DEVICE_INLINE void stage(float& dst, float x) { dst = x; }
+SF_DEVICE_INLINE void stage(float& dst, __half x) { dst = sf::to_float(x); }
+SF_DEVICE_INLINE void stage(float& dst, __nv_bfloat16 x) { dst = sf::to_float(x); }
+SF_DEVICE_INLINE void stage(__half& dst, __half x) { dst = x; }
+SF_DEVICE_INLINE void stage(__nv_bfloat16& dst, __nv_bfloat16 x) { dst = x; }
+
+// Stage rows [row0, row0 + rows) x [0, DP) of a (n, d) matrix into dst (row stride ld, in S),
+// zero padded; the threads first, first + step, ... share the work (a warp: lane, 32; the
+// block: threadIdx.x, blockDim.x).
+template <typename S, typename T, int DP>
+SF_DEVICE_INLINE void stage_tile(S* dst, int ld, const T* src, int row0, int rows, int n, int d, int first, int step) {
+  const S zero = sf::from_float<S>(0.f);
+  for (int e = first; e < rows * DP; e += step) {
     const int r = e / DP, t = e % DP;
     const int row = row0 + r;
-    dst[r * ld + t] = (row < n && t < d) ? sf::to_float(src[static_cast<int64_t>(row) * d + t]) : 0.f;
+    if (row < n && t < d) stage(dst[r * ld + t], src[static_cast<int64_t>(row) * d + t]);
+    else dst[r * ld + t] = zero;
   }
+}
+
+// The whole (kThreads) block stages a tile.
+template <typename S, typename T, int DP>
+SF_DEVICE_INLINE void load_tile(S* dst, int ld, const T* src, int row0, int rows, int n, int d) {
+  stage_tile<S, T, DP>(dst, ld, src, row0, rows, n, d, threadIdx.x, kThreads);
 }
 
 template <int DP>
@@ -146,12 +164,6 @@ SF_HOST_DEVICE constexpr int64_t fwd_smem_bytes(int split_keys) {
   return fwd_warps<T, DP>() * fwd_warp_bytes<T, DP>(split_keys);
 }
 
-SF_DEVICE_INLINE void stage(float& dst, float x) { dst = x; }
-SF_DEVICE_INLINE void stage(float& dst, __half x) { dst = sf::to_float(x); }
-SF_DEVICE_INLINE void stage(float& dst, __nv_bfloat16 x) { dst = sf::to_float(x); }
-SF_DEVICE_INLINE void stage(__half& dst, __half x) { dst = x; }
-SF_DEVICE_INLINE void stage(__nv_bfloat16& dst, __nv_bfloat16 x) { dst = x; }
-
 SF_DEVICE_INLINE float group_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
@@ -160,18 +172,6 @@ SF_DEVICE_INLINE float group_max(float x) {
 SF_DEVICE_INLINE float group_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
-
-// One warp stages rows [row0, row0 + rows) x [0, DP) of a (n, d) matrix, zero padded.
-template <typename S, typename T, int DP>
-SF_DEVICE_INLINE void warp_load_tile(S* dst, int ld, const T* src, int row0, int rows, int n, int d, int lane) {
-  const S zero = sf::from_float<S>(0.f);
-  for (int e = lane; e < rows * DP; e += 32) {
-    const int r = e / DP, t = e % DP;
-    const int row = row0 + r;
-    if (row < n && t < d) stage(dst[r * ld + t], src[static_cast<int64_t>(row) * d + t]);
-    else dst[r * ld + t] = zero;
-  }
 }
 
 // Where a block's result for (head, row i) goes: normalised output and logsumexp (one split),
@@ -263,7 +263,7 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32, 1) atm_attention_fwd_
     const int64_t bh = b * p.heads + hd;
     const int64_t kvbase = bh * p.nk * p.d;
     __syncwarp();  // the previous head's epilogue is done with q/o/m/l
-    warp_load_tile<float, T, DP>(qs, DP, static_cast<const T*>(p.q) + bh * p.nq * p.d, q0, BM, p.nq, p.d, lane);
+    stage_tile<float, T, DP>(qs, DP, static_cast<const T*>(p.q) + bh * p.nq * p.d, q0, BM, p.nq, p.d, lane, 32);
     for (int e = lane; e < BM * DP; e += 32) os[e] = 0.f;
     if (lane < BM) {
       mr[lane] = kNegInf;
@@ -271,8 +271,8 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32, 1) atm_attention_fwd_
     }
     for (int k0 = kb; k0 < ke; k0 += BN) {
       __syncwarp();  // the previous tile's readers are done
-      warp_load_tile<float, T, DP>(ks, DP + 1, static_cast<const T*>(p.k) + kvbase, k0, BN, p.nk, p.d, lane);
-      warp_load_tile<float, T, DP>(vs, DP + 1, static_cast<const T*>(p.v) + kvbase, k0, BN, p.nk, p.d, lane);
+      stage_tile<float, T, DP>(ks, DP + 1, static_cast<const T*>(p.k) + kvbase, k0, BN, p.nk, p.d, lane, 32);
+      stage_tile<float, T, DP>(vs, DP + 1, static_cast<const T*>(p.v) + kvbase, k0, BN, p.nk, p.d, lane, 32);
       __syncwarp();
       const int j = k0 + lane;
       for (int r = 0; r < BM; ++r) {
@@ -342,7 +342,7 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32) atm_attention_fwd_mma
     const int64_t bh = b * p.heads + hd;
     const int64_t kvbase = bh * p.nk * p.d;
     __syncwarp();  // the previous head's readers of q are done
-    warp_load_tile<T, T, DP>(qs, LD, static_cast<const T*>(p.q) + bh * p.nq * p.d, q0, BM, p.nq, p.d, lane);
+    stage_tile<T, T, DP>(qs, LD, static_cast<const T*>(p.q) + bh * p.nq * p.d, q0, BM, p.nq, p.d, lane, 32);
     __syncwarp();
     uint32_t qf[KS][4];
 #pragma unroll
@@ -356,8 +356,8 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32) atm_attention_fwd_mma
 
     for (int k0 = kb; k0 < ke; k0 += BN) {
       __syncwarp();  // the previous tile's readers are done
-      warp_load_tile<T, T, DP>(ks, LD, static_cast<const T*>(p.k) + kvbase, k0, BN, p.nk, p.d, lane);
-      warp_load_tile<T, T, DP>(vs, LD, static_cast<const T*>(p.v) + kvbase, k0, BN, p.nk, p.d, lane);
+      stage_tile<T, T, DP>(ks, LD, static_cast<const T*>(p.k) + kvbase, k0, BN, p.nk, p.d, lane, 32);
+      stage_tile<T, T, DP>(vs, LD, static_cast<const T*>(p.v) + kvbase, k0, BN, p.nk, p.d, lane, 32);
       __syncwarp();
       float s[ST][4];
 #pragma unroll
@@ -530,8 +530,8 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dkv_kernel(Params p, c
   const int64_t bh = blockIdx.x, b = blockIdx.x / static_cast<unsigned>(p.heads);  // 32-bit division
   const int k0 = blockIdx.y * BN;
   const int64_t qbase = bh * p.nq * p.d, kbase = bh * p.nk * p.d;
-  load_tile<T, DP>(ks, DP + 1, static_cast<const T*>(p.k) + kbase, k0, BN, p.nk, p.d);
-  load_tile<T, DP>(vs, DP + 1, static_cast<const T*>(p.v) + kbase, k0, BN, p.nk, p.d);
+  load_tile<float, T, DP>(ks, DP + 1, static_cast<const T*>(p.k) + kbase, k0, BN, p.nk, p.d);
+  load_tile<float, T, DP>(vs, DP + 1, static_cast<const T*>(p.v) + kbase, k0, BN, p.nk, p.d);
 
   constexpr int C = DP / 32;
   constexpr int KPW = BN / kWarps;
@@ -544,8 +544,8 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dkv_kernel(Params p, c
   const int j = k0 + lane;
   for (int q0 = 0; q0 < p.nq; q0 += BM) {
     __syncthreads();
-    load_tile<T, DP>(qs, DP, static_cast<const T*>(p.q) + qbase, q0, BM, p.nq, p.d);
-    load_tile<T, DP>(dos, DP, dout + qbase, q0, BM, p.nq, p.d);
+    load_tile<float, T, DP>(qs, DP, static_cast<const T*>(p.q) + qbase, q0, BM, p.nq, p.d);
+    load_tile<float, T, DP>(dos, DP, dout + qbase, q0, BM, p.nq, p.d);
     for (int e = threadIdx.x; e < BM; e += kThreads) {
       const bool ok = q0 + e < p.nq;
       lses[e] = ok ? lse[bh * p.nq + q0 + e] : 0.f;
@@ -612,8 +612,8 @@ __global__ void __launch_bounds__(kThreads, kDqMinBlocks) atm_attention_dq_kerne
   const int64_t bh = blockIdx.x, b = blockIdx.x / static_cast<unsigned>(p.heads);  // 32-bit division
   const int q0 = blockIdx.y * BM;
   const int64_t qbase = bh * p.nq * p.d, kbase = bh * p.nk * p.d;
-  load_tile<T, DP>(qs, DP, static_cast<const T*>(p.q) + qbase, q0, BM, p.nq, p.d);
-  load_tile<T, DP>(dos, DP, dout + qbase, q0, BM, p.nq, p.d);
+  load_tile<float, T, DP>(qs, DP, static_cast<const T*>(p.q) + qbase, q0, BM, p.nq, p.d);
+  load_tile<float, T, DP>(dos, DP, dout + qbase, q0, BM, p.nq, p.d);
   for (int e = threadIdx.x; e < BM; e += kThreads) {
     const bool ok = q0 + e < p.nq;
     lses[e] = ok ? lse[bh * p.nq + q0 + e] : 0.f;
@@ -628,8 +628,8 @@ __global__ void __launch_bounds__(kThreads, kDqMinBlocks) atm_attention_dq_kerne
 
   for (int k0 = 0; k0 < p.nk; k0 += BN) {
     __syncthreads();
-    load_tile<T, DP>(ks, DP + 1, static_cast<const T*>(p.k) + kbase, k0, BN, p.nk, p.d);
-    load_tile<T, DP>(vs, DP + 1, static_cast<const T*>(p.v) + kbase, k0, BN, p.nk, p.d);
+    load_tile<float, T, DP>(ks, DP + 1, static_cast<const T*>(p.k) + kbase, k0, BN, p.nk, p.d);
+    load_tile<float, T, DP>(vs, DP + 1, static_cast<const T*>(p.v) + kbase, k0, BN, p.nk, p.d);
     __syncthreads();
     const int j = k0 + lane;
 #pragma unroll
@@ -652,6 +652,232 @@ __global__ void __launch_bounds__(kThreads, kDqMinBlocks) atm_attention_dq_kerne
       const int t = lane + 32 * c;
       if (t < p.d) dq[qbase + static_cast<int64_t>(i) * p.d + t] = sf::from_float<T>(acc[r][c] * p.scale);
     }
+  }
+}
+
+// ------------------------------------------------ backward, tensor cores --
+// fp16 / bf16, the same decomposition as the FFMA path with a warp per 16 keys (dK, dV) or
+// 16 query rows (dQ): S, dP and the products with P and dS on tensor cores.  P and dS are
+// rounded to T to become A operands (as flash attention does); every product accumulates in
+// fp32.
+constexpr int MBM = 16 * kWarps;  // keys (dkv) or query rows (dq) of a block
+constexpr int MBN = 32;           // query rows (dkv) or keys (dq) of a tile
+
+template <int DP>
+SF_HOST_DEVICE constexpr int bwd_mma_smem_bytes() {
+  return 2 * 2 * (MBM + MBN) * mma_ld<DP>() + 4 * 2 * MBM;
+}
+
+// grid (B * h, ceil(Nk / MBM)): dV = P^T dO and dK = dS^T q * scale for the block's keys,
+// looping over query tiles (S^T = k q^T and dP^T = v dO^T: the keys are the rows).
+template <typename T, int DP>
+__global__ void __launch_bounds__(kThreads) atm_attention_dkv_mma_kernel(Params p, const T* __restrict__ dout,
+                                                                         const T* __restrict__ dmask,
+                                                                         const float* __restrict__ lse,
+                                                                         const float* __restrict__ delta,
+                                                                         T* __restrict__ dk, T* __restrict__ dv) {
+  constexpr int LD = mma_ld<DP>();
+  constexpr int KS = DP / 16, NT = DP / 8, ST = MBN / 8;
+  SF_DYNAMIC_SHARED(T, smem);
+  T* ks = smem;            // [MBM][LD]
+  T* vs = ks + MBM * LD;   // [MBM][LD]
+  T* qs = vs + MBM * LD;   // [MBN][LD]
+  T* dos = qs + MBN * LD;  // [MBN][LD]
+  float* lses = reinterpret_cast<float*>(dos + MBN * LD);
+  float* deltas = lses + MBN;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int64_t bh = blockIdx.x, b = blockIdx.x / static_cast<unsigned>(p.heads);  // 32-bit division
+  const int k0 = blockIdx.y * MBM;
+  const int64_t qbase = bh * p.nq * p.d, kbase = bh * p.nk * p.d;
+  load_tile<T, T, DP>(ks, LD, static_cast<const T*>(p.k) + kbase, k0, MBM, p.nk, p.d);
+  load_tile<T, T, DP>(vs, LD, static_cast<const T*>(p.v) + kbase, k0, MBM, p.nk, p.d);
+  int keys[2];
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) keys[h2] = k0 + warp * 16 + g + 8 * h2;
+  float dka[NT][4], dva[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dka[nt][e] = dva[nt][e] = 0.f;
+
+  for (int q0 = 0; q0 < p.nq; q0 += MBN) {
+    __syncthreads();  // the previous tile's readers are done
+    load_tile<T, T, DP>(qs, LD, static_cast<const T*>(p.q) + qbase, q0, MBN, p.nq, p.d);
+    load_tile<T, T, DP>(dos, LD, dout + qbase, q0, MBN, p.nq, p.d);
+    for (int e = threadIdx.x; e < MBN; e += kThreads) {
+      const bool ok = q0 + e < p.nq;
+      lses[e] = ok ? lse[bh * p.nq + q0 + e] : 0.f;
+      deltas[e] = ok ? delta[bh * p.nq + q0 + e] : 0.f;
+    }
+    __syncthreads();
+    float pt[ST][4], dst[ST][4];  // S^T, then P^T (dropped); dP^T, then dS^T
+#pragma unroll
+    for (int t = 0; t < ST; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) pt[t][e] = dst[t][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+      uint32_t ka[4], va[4];
+      sf::load_a_frag<T>(ka, ks + warp * 16 * LD + kk * 16, LD, lane);
+      sf::load_a_frag<T>(va, vs + warp * 16 * LD + kk * 16, LD, lane);
+#pragma unroll
+      for (int t = 0; t < ST; ++t) {
+        uint32_t bf[2];
+        sf::load_b_frag<T>(bf, qs + t * 8 * LD + kk * 16, LD, lane);
+        sf::mma_m16n8k16_f32<T>(pt[t], ka, bf, pt[t]);
+        sf::load_b_frag<T>(bf, dos + t * 8 * LD + kk * 16, LD, lane);
+        sf::mma_m16n8k16_f32<T>(dst[t], va, bf, dst[t]);
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < ST; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int j = keys[e >> 1], col = t * 8 + 2 * t4 + (e & 1), i = q0 + col;
+        float pd = 0.f, ds = 0.f;
+        if (i < p.nq && j < p.nk) {
+          const float prob = __expf(pt[t][e] * p.scale - lses[col]);
+          const float f = dropout_factor(p, (static_cast<uint64_t>(bh) * p.nq + i) * p.nk + j);
+          pd = prob * f;
+          ds = prob * (dst[t][e] * f - deltas[col]) + sf::to_float(dmask[(b * p.nq + i) * p.nk + j]) * p.inv_heads;
+        }
+        pt[t][e] = pd;
+        dst[t][e] = ds;
+      }
+#pragma unroll
+    for (int kk = 0; kk < MBN / 16; ++kk) {
+      uint32_t pa[4], sa[4];
+      sf::acc_to_a_frag<T>(pa, pt[2 * kk], pt[2 * kk + 1]);
+      sf::acc_to_a_frag<T>(sa, dst[2 * kk], dst[2 * kk + 1]);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        uint32_t bf[2];
+        sf::load_b_frag_t<T>(bf, dos + kk * 16 * LD + nt * 8, LD, lane);
+        sf::mma_m16n8k16_f32<T>(dva[nt], pa, bf, dva[nt]);
+        sf::load_b_frag_t<T>(bf, qs + kk * 16 * LD + nt * 8, LD, lane);
+        sf::mma_m16n8k16_f32<T>(dka[nt], sa, bf, dka[nt]);
+      }
+    }
+  }
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    const int j = keys[h2];
+    if (j >= p.nk) continue;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int t = nt * 8 + 2 * t4 + c;
+        if (t >= p.d) continue;
+        const int64_t at = kbase + static_cast<int64_t>(j) * p.d + t;
+        dk[at] = sf::from_float<T>(dka[nt][2 * h2 + c] * p.scale);
+        dv[at] = sf::from_float<T>(dva[nt][2 * h2 + c]);
+      }
+  }
+}
+
+// grid (B * h, ceil(Nq / MBM)): dQ = dS k * scale for the block's query rows, looping over
+// key tiles; q and dO stay in A fragments.
+template <typename T, int DP>
+__global__ void __launch_bounds__(kThreads) atm_attention_dq_mma_kernel(Params p, const T* __restrict__ dout,
+                                                                        const T* __restrict__ dmask,
+                                                                        const float* __restrict__ lse,
+                                                                        const float* __restrict__ delta,
+                                                                        T* __restrict__ dq) {
+  constexpr int LD = mma_ld<DP>();
+  constexpr int KS = DP / 16, NT = DP / 8, ST = MBN / 8;
+  SF_DYNAMIC_SHARED(T, smem);
+  T* qs = smem;            // [MBM][LD]
+  T* dos = qs + MBM * LD;  // [MBM][LD]
+  T* ks = dos + MBM * LD;  // [MBN][LD]
+  T* vs = ks + MBN * LD;   // [MBN][LD]
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int64_t bh = blockIdx.x, b = blockIdx.x / static_cast<unsigned>(p.heads);  // 32-bit division
+  const int q0 = blockIdx.y * MBM;
+  const int64_t qbase = bh * p.nq * p.d, kbase = bh * p.nk * p.d;
+  load_tile<T, T, DP>(qs, LD, static_cast<const T*>(p.q) + qbase, q0, MBM, p.nq, p.d);
+  load_tile<T, T, DP>(dos, LD, dout + qbase, q0, MBM, p.nq, p.d);
+  __syncthreads();
+  uint32_t qf[KS][4], df[KS][4];
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) {
+    sf::load_a_frag<T>(qf[kk], qs + warp * 16 * LD + kk * 16, LD, lane);
+    sf::load_a_frag<T>(df[kk], dos + warp * 16 * LD + kk * 16, LD, lane);
+  }
+  int rows[2];
+  float lse_r[2], delta_r[2];
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    rows[h2] = q0 + warp * 16 + g + 8 * h2;
+    const bool ok = rows[h2] < p.nq;
+    lse_r[h2] = ok ? lse[bh * p.nq + rows[h2]] : 0.f;
+    delta_r[h2] = ok ? delta[bh * p.nq + rows[h2]] : 0.f;
+  }
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+
+  for (int k0 = 0; k0 < p.nk; k0 += MBN) {
+    __syncthreads();  // the previous tile's readers are done
+    load_tile<T, T, DP>(ks, LD, static_cast<const T*>(p.k) + kbase, k0, MBN, p.nk, p.d);
+    load_tile<T, T, DP>(vs, LD, static_cast<const T*>(p.v) + kbase, k0, MBN, p.nk, p.d);
+    __syncthreads();
+    float s[ST][4], dp[ST][4];
+#pragma unroll
+    for (int t = 0; t < ST; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[t][e] = dp[t][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) {
+        uint32_t bf[2];
+        sf::load_b_frag<T>(bf, ks + t * 8 * LD + kk * 16, LD, lane);
+        sf::mma_m16n8k16_f32<T>(s[t], qf[kk], bf, s[t]);
+        sf::load_b_frag<T>(bf, vs + t * 8 * LD + kk * 16, LD, lane);
+        sf::mma_m16n8k16_f32<T>(dp[t], df[kk], bf, dp[t]);
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < ST; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h2 = e >> 1, i = rows[h2], j = k0 + t * 8 + 2 * t4 + (e & 1);
+        float ds = 0.f;
+        if (i < p.nq && j < p.nk) {
+          const float prob = __expf(s[t][e] * p.scale - lse_r[h2]);
+          const float f = dropout_factor(p, (static_cast<uint64_t>(bh) * p.nq + i) * p.nk + j);
+          ds = prob * (dp[t][e] * f - delta_r[h2]) + sf::to_float(dmask[(b * p.nq + i) * p.nk + j]) * p.inv_heads;
+        }
+        s[t][e] = ds;
+      }
+#pragma unroll
+    for (int kk = 0; kk < MBN / 16; ++kk) {
+      uint32_t sa[4];
+      sf::acc_to_a_frag<T>(sa, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        uint32_t bf[2];
+        sf::load_b_frag_t<T>(bf, ks + kk * 16 * LD + nt * 8, LD, lane);
+        sf::mma_m16n8k16_f32<T>(acc[nt], sa, bf, acc[nt]);
+      }
+    }
+  }
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    const int i = rows[h2];
+    if (i >= p.nq) continue;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int t = nt * 8 + 2 * t4 + c;
+        if (t < p.d) dq[qbase + static_cast<int64_t>(i) * p.d + t] = sf::from_float<T>(acc[nt][2 * h2 + c] * p.scale);
+      }
   }
 }
 
@@ -686,16 +912,25 @@ void backward(const Params& p, const T* out, const T* dout, const T* dmask, cons
   const int64_t rows = p.batch * p.heads * p.nq;
   SF_LAUNCH(atm_attention_delta_kernel<T>, dim3(cdiv(rows, kWarps)), dim3(kThreads), 0, stream, out, dout, delta,
             rows, p.d);
-  const size_t smem_kv = sizeof(float) * dkv_smem_floats<DP>();
-  auto kv = atm_attention_dkv_kernel<T, DP>;
-  SF_ALLOW_DYNAMIC_SMEM(kv, smem_kv);
-  SF_LAUNCH(kv, dim3(static_cast<unsigned>(p.batch * p.heads), cdiv(p.nk, BN)), dim3(kThreads), smem_kv, stream, p,
-            dout, dmask, lse, delta, dk, dv);
-  const size_t smem_q = sizeof(float) * dq_smem_floats<DP>();
-  auto qk = atm_attention_dq_kernel<T, DP>;
-  SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
-  SF_LAUNCH(qk, dim3(static_cast<unsigned>(p.batch * p.heads), cdiv(p.nq, BM)), dim3(kThreads), smem_q, stream, p,
-            dout, dmask, lse, delta, dq);
+  const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
+  if constexpr (std::is_same_v<T, float>) {
+    const size_t smem_kv = sizeof(float) * dkv_smem_floats<DP>();
+    auto kv = atm_attention_dkv_kernel<T, DP>;
+    SF_ALLOW_DYNAMIC_SMEM(kv, smem_kv);
+    SF_LAUNCH(kv, dim3(bh, cdiv(p.nk, BN)), dim3(kThreads), smem_kv, stream, p, dout, dmask, lse, delta, dk, dv);
+    const size_t smem_q = sizeof(float) * dq_smem_floats<DP>();
+    auto qk = atm_attention_dq_kernel<T, DP>;
+    SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
+    SF_LAUNCH(qk, dim3(bh, cdiv(p.nq, BM)), dim3(kThreads), smem_q, stream, p, dout, dmask, lse, delta, dq);
+  } else {
+    const size_t smem = bwd_mma_smem_bytes<DP>();
+    auto kv = atm_attention_dkv_mma_kernel<T, DP>;
+    SF_ALLOW_DYNAMIC_SMEM(kv, smem);
+    SF_LAUNCH(kv, dim3(bh, cdiv(p.nk, MBM)), dim3(kThreads), smem, stream, p, dout, dmask, lse, delta, dk, dv);
+    auto qk = atm_attention_dq_mma_kernel<T, DP>;
+    SF_ALLOW_DYNAMIC_SMEM(qk, smem);
+    SF_LAUNCH(qk, dim3(bh, cdiv(p.nq, MBM)), dim3(kThreads), smem, stream, p, dout, dmask, lse, delta, dq);
+  }
   SF_CHECK_LAUNCH();
 }
 
