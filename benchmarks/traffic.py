@@ -23,7 +23,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Callable, Iterable, List
+from pathlib import Path
+from typing import Callable, Iterable, List, Optional
 
 import numpy as np
 import torch
@@ -182,3 +183,24 @@ def harness_bytes(source: str, fn: Callable[[object], object], inputs: Iterable[
     regions, last = rows[:-1].sum(0).tolist(), rows[-1].tolist()
     return Traffic(read=regions[2], written=regions[3], read_issued=regions[4], written_issued=regions[5],
                    launches=last[0])
+
+
+#: The file every traffic script writes its section into.
+RESULTS = Path(__file__).resolve().parent / "results" / "traffic.md"
+
+
+def write_section(name: str, text: str, path: Optional[Path] = None) -> None:
+    """Replace the ``<!-- name:begin -->`` ... ``<!-- name:end -->`` section of the results file
+    (appending it if missing, creating the file if needed); other sections are left alone."""
+    path = path or RESULTS
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("# Memory traffic\n")
+    body = path.read_text()
+    if begin in body and end in body:
+        head, rest = body.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+    else:
+        head, tail = body.rstrip("\n") + "\n\n", "\n"
+    path.write_text(f"{head}{begin}\n{text}{end}{tail}")

@@ -37,10 +37,8 @@ import torch  # noqa: E402
 
 import semask_fast  # noqa: E402
 from semask_fast import reference as ref  # noqa: E402
-from benchmarks.traffic import Traffic, aten_bytes, minimum_bytes, triton_bytes  # noqa: E402
+from benchmarks.traffic import Traffic, aten_bytes, minimum_bytes, triton_bytes, write_section  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results" / "traffic.md"
-BEGIN, END = "<!-- window:begin -->", "<!-- window:end -->"
 
 #: Datasheet figures for the time model: HBM bytes/s, dense FLOP/s (fp32 SIMT, and fp16/bf16 tensor cores).
 GPUS = {
@@ -260,20 +258,6 @@ def report(b, dtype, results, flops, checks) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(text: str, path: Path = RESULTS) -> None:
-    """Replace the window section of the results file (creating it if needed), leaving other sections alone."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("# Memory traffic\n\n")
-    old = path.read_text()
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
-    else:
-        head, tail = old.rstrip("\n") + "\n\n## Swin window attention (issue 3)\n\n", "\n"
-    path.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=8)
@@ -299,7 +283,7 @@ def main(argv=None) -> int:
     text = "\n".join(texts)
     print(text)
     if not args.no_write:
-        write(text)
+        write_section("window", text)
     return 0
 
 
