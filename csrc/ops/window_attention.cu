@@ -167,7 +167,8 @@ SF_HOST_DEVICE constexpr int fwd_smem_floats_fixed() {
 }
 
 template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) window_attention_fwd_kernel(Params p, T* __restrict__ out,
+// minBlocks = 1: without it ptxas capped this kernel's registers for occupancy and spilled (sm_80).
+__global__ void __launch_bounds__(kThreads, 1) window_attention_fwd_kernel(Params p, T* __restrict__ out,
                                                                         float* __restrict__ lse) {
   SF_DYNAMIC_SHARED(float, smem);
   float* qs = smem;                 // [BM][DP]
@@ -246,14 +247,19 @@ __global__ void __launch_bounds__(kThreads) window_attention_fwd_kernel(Params p
 
 // ------------------------------------------------- forward, tensor cores --
 // fp16 / bf16: the two products run on tensor cores (sf::mma_m16n8k16_f32, fp32
-// accumulation).  A warp owns 16 query rows (a block MBM = 64, so one block
-// covers a whole 7x7 window); Q stays in A fragments for the whole key loop, K
-// and V tiles of MBN = 32 keys are staged in shared memory in the input dtype.
-// The logits stay in the accumulator layout (lane holds rows g, g + 8 and
-// columns 2t, 2t + 1 of each 8-key tile; g = lane / 4, t = lane % 4), so row
-// max / sum reduce over the 4 lanes of a group, and the probabilities become
-// the A operand of P V without leaving registers (rounded to the input dtype,
-// as flash attention does).
+// accumulation).  A warp owns 16 query rows, a block MBM = 64; K and V tiles of
+// MBN = 32 keys are staged in shared memory in the input dtype.  The logits stay
+// in the accumulator layout (lane holds rows g, g + 8 and columns 2t, 2t + 1 of
+// each 8-key tile; g = lane / 4, t = lane % 4), so row max / sum reduce over the
+// 4 lanes of a group, and the probabilities become the A operand of P V without
+// leaving registers (rounded to the input dtype, as flash attention does).
+//
+// Rows are packed: q, k, v, out are (B_ * h * N, d) matrices and a block owns the
+// flat rows [R0, R0 + MBM), whatever (window, head) "segments" (bh = row / N) they
+// belong to, so a 7x7 window (N = 49) no longer leaves 15 of 64 rows idle.  The
+// keys loop over the flat rows of the segments the block touches; a logit whose
+// query and key lie in different segments is -inf, and a warp skips the 8-key
+// sub-tiles outside its own segments (a warp-uniform branch).
 constexpr int kMmaWarps = 4;
 constexpr int MBM = 16 * kMmaWarps;
 constexpr int MBN = 32;
@@ -289,10 +295,11 @@ SF_DEVICE_INLINE float group_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// grid (B_ * h, ceil(N / MBM)), block kMmaWarps * 32.
+// grid (ceil(B_ * h * N / MBM)), block kMmaWarps * 32; dynamic smem: fwd_mma_smem_bytes.
 template <typename T, int DP>
-__global__ void __launch_bounds__(kMmaWarps * 32) window_attention_fwd_mma_kernel(Params p, T* __restrict__ out,
-                                                                                  float* __restrict__ lse) {
+// minBlocks = 1: without it ptxas capped this kernel's registers for occupancy and spilled (sm_80).
+__global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_fwd_mma_kernel(Params p, T* __restrict__ out,
+                                                                                     float* __restrict__ lse) {
   constexpr int LD = mma_ld<DP>();
   constexpr int KS = DP / 16;   // k-steps of Q K^T
   constexpr int NT = DP / 8;    // 8-column tiles of O
@@ -301,33 +308,49 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_fwd_mma_kerne
   T* qs = smem;                // [MBM][LD]
   T* ks = qs + MBM * LD;       // [MBN][LD]
   T* vs = ks + MBN * LD;       // [MBN][LD]
-  float* tb = p.table ? reinterpret_cast<float*>(vs + MBN * LD) : nullptr;
+  float* tb = p.table ? reinterpret_cast<float*>(vs + MBN * LD) : nullptr;  // [segments][table rows]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, t4 = lane & 3;
-  const int64_t bh = blockIdx.x;
-  const int head = static_cast<int>(bh % p.heads);
-  const int w = static_cast<int>((bh / p.heads) % p.nw);
-  const int q0 = blockIdx.y * MBM;
-  const int64_t base = bh * p.n * p.d;
-  const T* qg = static_cast<const T*>(p.q) + base;
-  const T* kg = static_cast<const T*>(p.k) + base;
-  const T* vg = static_cast<const T*>(p.v) + base;
+  const int64_t total = p.batch * p.heads * p.n;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * MBM;
+  const int rows_here = static_cast<int>(total - r0 < MBM ? total - r0 : MBM);
+  const int64_t seg0 = r0 / p.n, seg1 = (r0 + rows_here - 1) / p.n;
+  const int64_t key0 = seg0 * p.n, key_end = (seg1 + 1) * p.n;  // flat keys of the block's segments
+  const T* kg = static_cast<const T*>(p.k);
+  const T* vg = static_cast<const T*>(p.v);
 
-  load_tile_raw<T, DP>(qs, LD, qg, q0, MBM, p.n, p.d);
-  if (tb) load_table(tb, p, head);
+  load_tile_raw<T, DP>(qs, LD, static_cast<const T*>(p.q) + r0 * p.d, 0, MBM, rows_here, p.d);
+  const int trows = table_rows(p);
+  if (tb) {
+    const int segs = static_cast<int>(seg1 - seg0 + 1);
+    for (int e = threadIdx.x; e < segs * trows; e += kMmaWarps * 32)
+      tb[e] = p.table[static_cast<int64_t>(e % trows) * p.heads + (seg0 + e / trows) % p.heads];
+  }
   __syncthreads();
   uint32_t qf[KS][4];
 #pragma unroll
   for (int kk = 0; kk < KS; ++kk) sf::load_a_frag<T>(qf[kk], qs + warp * 16 * LD + kk * 16, LD, lane);
 
-  int rows[2];
+  // The warp's rows and the flat key range of their segments (empty for a warp past the end).
+  const int wrows = rows_here - warp * 16;
+  const int64_t wkey0 = wrows > 0 ? (r0 + warp * 16) / p.n * p.n : 0;
+  const int64_t wkey_end = wrows > 0 ? ((r0 + warp * 16 + (wrows < 16 ? wrows : 16) - 1) / p.n + 1) * p.n : 0;
+  int64_t rows[2], seg_key0[2];
+  int ii[2], ww_[2];
   RowInfo ri[2];
+  const float* tbr[2];
   float m[2], l[2];
 #pragma unroll
   for (int h2 = 0; h2 < 2; ++h2) {
-    rows[h2] = q0 + warp * 16 + g + 8 * h2;
-    ri[h2] = row_info(p, w, rows[h2]);
+    const int local = warp * 16 + g + 8 * h2;
+    rows[h2] = r0 + local;
+    const int64_t seg = rows[h2] / p.n;
+    seg_key0[h2] = local < rows_here ? seg * p.n : -(int64_t(1) << 40);  // padded rows match no key
+    ii[h2] = static_cast<int>(rows[h2] - seg * p.n);
+    ww_[h2] = static_cast<int>((seg / p.heads) % p.nw);
+    ri[h2] = row_info(p, ww_[h2], ii[h2]);
+    tbr[h2] = tb ? tb + (seg - seg0) * trows : nullptr;
     m[h2] = kNegInf;
     l[h2] = 0.f;
   }
@@ -337,16 +360,21 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_fwd_mma_kerne
 #pragma unroll
     for (int e = 0; e < 4; ++e) o[nt][e] = 0.f;
 
-  for (int k0 = 0; k0 < p.n; k0 += MBN) {
+  for (int64_t k0 = key0; k0 < key_end; k0 += MBN) {
+    const int keys_here = static_cast<int>(key_end - k0 < MBN ? key_end - k0 : MBN);
     __syncthreads();  // the previous tile's readers are done
-    load_tile_raw<T, DP>(ks, LD, kg, k0, MBN, p.n, p.d);
-    load_tile_raw<T, DP>(vs, LD, vg, k0, MBN, p.n, p.d);
+    load_tile_raw<T, DP>(ks, LD, kg + k0 * p.d, 0, MBN, keys_here, p.d);
+    load_tile_raw<T, DP>(vs, LD, vg + k0 * p.d, 0, MBN, keys_here, p.d);
     __syncthreads();
+    bool live[ST];  // the 8-key sub-tile meets the warp's segments (uniform over the warp)
+#pragma unroll
+    for (int st = 0; st < ST; ++st) live[st] = k0 + st * 8 < wkey_end && k0 + st * 8 + 8 > wkey0;
     float s[ST][4];
 #pragma unroll
     for (int st = 0; st < ST; ++st) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[st][e] = 0.f;
+      if (!live[st]) continue;
 #pragma unroll
       for (int kk = 0; kk < KS; ++kk) {
         uint32_t b[2];
@@ -359,8 +387,12 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_fwd_mma_kerne
     for (int st = 0; st < ST; ++st)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int h2 = e >> 1, i = rows[h2], j = k0 + st * 8 + 2 * t4 + (e & 1);
-        const float x = (i < p.n && j < p.n) ? logit(p, tb, w, i, j, ri[h2], row_info(p, w, j), s[st][e]) : kNegInf;
+        const int h2 = e >> 1;
+        const int64_t jj = k0 + st * 8 + 2 * t4 + (e & 1) - seg_key0[h2];  // key index inside the row's segment
+        const int j = static_cast<int>(jj);
+        const float x = (live[st] && jj >= 0 && jj < p.n)
+                            ? logit(p, tbr[h2], ww_[h2], ii[h2], j, ri[h2], row_info(p, ww_[h2], j), s[st][e])
+                            : kNegInf;
         s[st][e] = x;
         mx[h2] = fmaxf(mx[h2], x);
       }
@@ -374,10 +406,12 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_fwd_mma_kerne
     for (int st = 0; st < ST; ++st)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int h2 = e >> 1, i = rows[h2], j = k0 + st * 8 + 2 * t4 + (e & 1);
+        const int h2 = e >> 1;
+        const int j = static_cast<int>(k0 + st * 8 + 2 * t4 + (e & 1) - seg_key0[h2]);
         const float prob = s[st][e] == kNegInf ? 0.f : __expf(s[st][e] - m_new[h2]);
         sum[h2] += prob;
-        s[st][e] = prob * dropout_factor(p, (static_cast<uint64_t>(bh) * p.n + i) * p.n + j);
+        // Dropout element index ((b_ * h + head) * N + i) * N + j = row * N + j.
+        s[st][e] = prob == 0.f ? 0.f : prob * dropout_factor(p, static_cast<uint64_t>(rows[h2]) * p.n + j);
       }
 #pragma unroll
     for (int h2 = 0; h2 < 2; ++h2) {
@@ -390,6 +424,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_fwd_mma_kerne
       for (int e = 0; e < 4; ++e) o[nt][e] *= alpha[e >> 1];
 #pragma unroll
     for (int kk = 0; kk < MBN / 16; ++kk) {
+      if (!live[2 * kk] && !live[2 * kk + 1]) continue;  // P is zero there
       uint32_t a[4];
       sf::acc_to_a_frag<T>(a, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
@@ -403,17 +438,17 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_fwd_mma_kerne
 
 #pragma unroll
   for (int h2 = 0; h2 < 2; ++h2) {
-    const int i = rows[h2];
-    if (i >= p.n) continue;
+    if (warp * 16 + g + 8 * h2 >= rows_here) continue;
+    const int64_t row = rows[h2];
     const float inv = 1.f / l[h2];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int t = nt * 8 + 2 * t4 + c;
-        if (t < p.d) out[base + static_cast<int64_t>(i) * p.d + t] = sf::from_float<T>(o[nt][2 * h2 + c] * inv);
+        if (t < p.d) out[row * p.d + t] = sf::from_float<T>(o[nt][2 * h2 + c] * inv);
       }
-    if (t4 == 0) lse[bh * p.n + i] = m[h2] + logf(l[h2]);
+    if (t4 == 0) lse[row] = m[h2] + logf(l[h2]);
   }
 }
 
@@ -681,7 +716,9 @@ SF_HOST_DEVICE constexpr int bwd_mma_smem_bytes_fixed() {
   return 2 * 2 * (MBM + MBN) * mma_ld<DP>() + 4 * 2 * MBM;
 }
 
-// grid (B_ * h, ceil(N / MBM)): a warp owns 16 keys; the block loops over query tiles of MBN rows.
+// grid (ceil(B_ * h * N / MBM)): packed keys, as the forward packs rows: the block owns the
+// flat keys [K0, K0 + MBM) (a warp 16 of them) and loops over query tiles of MBN flat rows
+// of the segments those keys belong to; pairs of different segments contribute nothing.
 template <typename T, int DP>
 __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dkv_mma_kernel(
     Params p, const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -695,26 +732,42 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dkv_mma_kerne
   T* dos = qs + MBN * LD;     // [MBN][LD]
   float* lses = reinterpret_cast<float*>(dos + MBN * LD);  // [MBN]
   float* deltas = lses + MBN;                              // [MBN]
-  float* tb = p.table ? lses + 2 * MBM : nullptr;
+  float* tb = p.table ? lses + 2 * MBM : nullptr;          // [segments][table rows]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, t4 = lane & 3;
-  const int64_t bh = blockIdx.x;
-  const int head = static_cast<int>(bh % p.heads);
-  const int w = static_cast<int>((bh / p.heads) % p.nw);
-  const int k0 = blockIdx.y * MBM;
-  const int64_t base = bh * p.n * p.d;
-  const T* qg = static_cast<const T*>(p.q) + base;
-  load_tile_raw<T, DP>(ks, LD, static_cast<const T*>(p.k) + base, k0, MBM, p.n, p.d);
-  load_tile_raw<T, DP>(vs, LD, static_cast<const T*>(p.v) + base, k0, MBM, p.n, p.d);
-  if (tb) load_table(tb, p, head);
+  const int64_t total = p.batch * p.heads * p.n;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * MBM;
+  const int keys_here = static_cast<int>(total - k0 < MBM ? total - k0 : MBM);
+  const int64_t seg0 = k0 / p.n, seg1 = (k0 + keys_here - 1) / p.n;
+  const int64_t q_begin = seg0 * p.n, q_end = (seg1 + 1) * p.n;  // flat queries of the block's segments
+  const T* qg = static_cast<const T*>(p.q);
+  load_tile_raw<T, DP>(ks, LD, static_cast<const T*>(p.k) + k0 * p.d, 0, MBM, keys_here, p.d);
+  load_tile_raw<T, DP>(vs, LD, static_cast<const T*>(p.v) + k0 * p.d, 0, MBM, keys_here, p.d);
+  const int trows = table_rows(p);
+  if (tb) {
+    const int segs = static_cast<int>(seg1 - seg0 + 1);
+    for (int e = threadIdx.x; e < segs * trows; e += kMmaWarps * 32)
+      tb[e] = p.table[static_cast<int64_t>(e % trows) * p.heads + (seg0 + e / trows) % p.heads];
+  }
 
-  int keys[2];
+  // The warp's keys and the flat query range of their segments (empty for a warp past the end).
+  const int wkeys = keys_here - warp * 16;
+  const int64_t wq0 = wkeys > 0 ? (k0 + warp * 16) / p.n * p.n : 0;
+  const int64_t wq_end = wkeys > 0 ? ((k0 + warp * 16 + (wkeys < 16 ? wkeys : 16) - 1) / p.n + 1) * p.n : 0;
+  int64_t seg_q0[2];
+  int jk[2], wk[2];
   RowInfo rk[2];
+  const float* tbk[2];
 #pragma unroll
   for (int h2 = 0; h2 < 2; ++h2) {
-    keys[h2] = k0 + warp * 16 + g + 8 * h2;
-    rk[h2] = row_info(p, w, keys[h2]);
+    const int local = warp * 16 + g + 8 * h2;
+    const int64_t seg = (k0 + local) / p.n;
+    seg_q0[h2] = local < keys_here ? seg * p.n : -(int64_t(1) << 40);  // padded keys match no query
+    jk[h2] = static_cast<int>(k0 + local - seg * p.n);
+    wk[h2] = static_cast<int>((seg / p.heads) % p.nw);
+    rk[h2] = row_info(p, wk[h2], jk[h2]);
+    tbk[h2] = tb ? tb + (seg - seg0) * trows : nullptr;
   }
   float dka[NT][4], dva[NT][4];
 #pragma unroll
@@ -722,16 +775,20 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dkv_mma_kerne
 #pragma unroll
     for (int e = 0; e < 4; ++e) dka[nt][e] = dva[nt][e] = 0.f;
 
-  for (int q0 = 0; q0 < p.n; q0 += MBN) {
-    __syncthreads();  // the previous tile's readers are done
-    load_tile_raw<T, DP>(qs, LD, qg, q0, MBN, p.n, p.d);
-    load_tile_raw<T, DP>(dos, LD, dout + base, q0, MBN, p.n, p.d);
+  for (int64_t q0 = q_begin; q0 < q_end; q0 += MBN) {
+    const int q_here = static_cast<int>(q_end - q0 < MBN ? q_end - q0 : MBN);
+    __syncthreads();  // the previous tile's readers are done (first time: publishes the keys above)
+    load_tile_raw<T, DP>(qs, LD, qg + q0 * p.d, 0, MBN, q_here, p.d);
+    load_tile_raw<T, DP>(dos, LD, dout + q0 * p.d, 0, MBN, q_here, p.d);
     for (int e = threadIdx.x; e < MBN; e += kMmaWarps * 32) {
-      const bool ok = q0 + e < p.n;
-      lses[e] = ok ? lse[bh * p.n + q0 + e] : 0.f;
-      deltas[e] = ok ? delta[bh * p.n + q0 + e] : 0.f;
+      const bool ok = e < q_here;
+      lses[e] = ok ? lse[q0 + e] : 0.f;
+      deltas[e] = ok ? delta[q0 + e] : 0.f;
     }
     __syncthreads();
+    bool live[ST];  // the 8-query sub-tile meets the warp's segments (uniform over the warp)
+#pragma unroll
+    for (int t = 0; t < ST; ++t) live[t] = q0 + t * 8 < wq_end && q0 + t * 8 + 8 > wq0;
     // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x MBN queries.
     float st_[ST][4], dpt[ST][4];
 #pragma unroll
@@ -745,6 +802,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dkv_mma_kerne
       sf::load_a_frag<T>(va, vs + warp * 16 * LD + kk * 16, LD, lane);
 #pragma unroll
       for (int t = 0; t < ST; ++t) {
+        if (!live[t]) continue;
         uint32_t b[2];
         sf::load_b_frag<T>(b, qs + t * 8 * LD + kk * 16, LD, lane);
         sf::mma_m16n8k16_f32<T>(st_[t], ka, b, st_[t]);
@@ -756,12 +814,15 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dkv_mma_kerne
     for (int t = 0; t < ST; ++t)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int h2 = e >> 1, j = keys[h2], col = t * 8 + 2 * t4 + (e & 1), i = q0 + col;
+        const int h2 = e >> 1, col = t * 8 + 2 * t4 + (e & 1);
+        const int64_t ii = q0 + col - seg_q0[h2];  // query index inside the key's segment
         float pd = 0.f, ds = 0.f;
-        if (i < p.n && j < p.n) {
-          const float x = logit(p, tb, w, i, j, row_info(p, w, i), rk[h2], st_[t][e]);
+        if (live[t] && ii >= 0 && ii < p.n) {
+          const int i = static_cast<int>(ii), j = jk[h2];
+          const float x = logit(p, tbk[h2], wk[h2], i, j, row_info(p, wk[h2], i), rk[h2], st_[t][e]);
           const float prob = __expf(x - lses[col]);
-          const float f = dropout_factor(p, (static_cast<uint64_t>(bh) * p.n + i) * p.n + j);
+          // Dropout element index ((b_ * h + head) * N + i) * N + j = flat query row * N + j.
+          const float f = dropout_factor(p, static_cast<uint64_t>(q0 + col) * p.n + j);
           pd = prob * f;
           ds = prob * (dpt[t][e] * f - deltas[col]);
         }
@@ -771,6 +832,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dkv_mma_kerne
     // dV += P^T dO, dK += dS^T Q (k = the tile's queries).
 #pragma unroll
     for (int kk = 0; kk < MBN / 16; ++kk) {
+      if (!live[2 * kk] && !live[2 * kk + 1]) continue;  // P and dS are zero there
       uint32_t pa[4], sa[4];
       sf::acc_to_a_frag<T>(pa, st_[2 * kk], st_[2 * kk + 1]);
       sf::acc_to_a_frag<T>(sa, dpt[2 * kk], dpt[2 * kk + 1]);
@@ -786,15 +848,16 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dkv_mma_kerne
   }
 #pragma unroll
   for (int h2 = 0; h2 < 2; ++h2) {
-    const int j = keys[h2];
-    if (j >= p.n) continue;
+    const int local = warp * 16 + g + 8 * h2;
+    if (local >= keys_here) continue;
+    const int64_t key = k0 + local;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int t = nt * 8 + 2 * t4 + c;
         if (t >= p.d) continue;
-        const int64_t at = base + static_cast<int64_t>(j) * p.d + t;
+        const int64_t at = key * p.d + t;
         dk[at] = sf::from_float<T>(dka[nt][2 * h2 + c] * p.scale);
         dv[at] = sf::from_float<T>(dva[nt][2 * h2 + c]);
       }
@@ -931,10 +994,12 @@ template <typename T, int DP>
 void forward(const Params& p, T* out, float* lse, cudaStream_t stream) {
   if constexpr (!std::is_same<T, float>::value) {
     // fp16 / bf16: tensor cores.
-    const size_t smem = fwd_mma_smem_bytes_fixed<DP>() + sizeof(float) * (p.table ? table_rows(p) : 0);
+    // Packed rows: a block's MBM rows touch at most (MBM - 1) / N + 2 segments, each with its table column.
+    const int max_segments = (MBM - 1) / p.n + 2;
+    const size_t smem = fwd_mma_smem_bytes_fixed<DP>() + sizeof(float) * (p.table ? max_segments * table_rows(p) : 0);
     auto kernel = window_attention_fwd_mma_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
-    SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * p.heads), cdiv(p.n, MBM)), dim3(kMmaWarps * 32), smem,
+    SF_LAUNCH(kernel, dim3(static_cast<unsigned>(cdiv(p.batch * p.heads * p.n, MBM))), dim3(kMmaWarps * 32), smem,
               stream, p, out, lse);
   } else {
     const size_t smem = sizeof(float) * (fwd_smem_floats_fixed<DP>() + (p.table ? table_rows(p) : 0));
@@ -955,11 +1020,13 @@ void backward(const Params& p, const T* out, const T* dout, const float* lse, fl
   const size_t tsm = p.table ? table_rows(p) : 0;
   if constexpr (!std::is_same<T, float>::value) {
     // fp16 / bf16: tensor cores.
-    const size_t smem = bwd_mma_smem_bytes_fixed<DP>() + sizeof(float) * tsm;
+    // Packed keys: a block's MBM keys touch at most (MBM - 1) / N + 2 segments, each with its table column.
+    const size_t smem_kv = bwd_mma_smem_bytes_fixed<DP>() + sizeof(float) * ((MBM - 1) / p.n + 2) * tsm;
     auto kv = window_attention_dkv_mma_kernel<T, DP>;
-    SF_ALLOW_DYNAMIC_SMEM(kv, smem);
-    SF_LAUNCH(kv, dim3(static_cast<unsigned>(p.batch * p.heads), cdiv(p.n, MBM)), dim3(kMmaWarps * 32), smem, stream,
-              p, dout, lse, delta, dk, dv);
+    SF_ALLOW_DYNAMIC_SMEM(kv, smem_kv);
+    SF_LAUNCH(kv, dim3(static_cast<unsigned>(cdiv(p.batch * p.heads * p.n, MBM))), dim3(kMmaWarps * 32), smem_kv,
+              stream, p, dout, lse, delta, dk, dv);
+    const size_t smem = bwd_mma_smem_bytes_fixed<DP>() + sizeof(float) * tsm;
     auto qk = window_attention_dq_mma_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(qk, smem);
     SF_LAUNCH(qk, dim3(static_cast<unsigned>(chunks * p.heads), cdiv(p.n, MBM)), dim3(kMmaWarps * 32), smem, stream,

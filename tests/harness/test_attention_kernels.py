@@ -306,3 +306,75 @@ def test_atm_forward_bitwise_reproducible(monkeypatch, dtype):
         monkeypatch.setenv("SF_SIMT_THREADS", threads)
         runs.append(semask_fast.atm_attention(t["q"], t["k"], t["v"], backend=BACKEND))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_atm_chunked_and_element_loads_agree(dtype):
+    """Tiles load in 16-byte chunks when rows hold whole chunks and every tensor is 16-byte
+    aligned, element by element otherwise: a storage offset of one element (unaligned) must
+    give bitwise the same outputs and gradients, and an odd head_dim the reference's."""
+    require_backend("atm_attention", BACKEND)
+    base = {n: x.to(dtype) for n, x in _atm_inputs(2, 3, 20, 70, 32, seed=10).items()}
+
+    def run(unaligned):
+        t = {}
+        for n, x in base.items():
+            y = torch.empty(x.numel() + 1, dtype=dtype)[1:].view_as(x) if unaligned else torch.empty_like(x)
+            t[n] = y.copy_(x).requires_grad_()
+        assert (t["q"].data_ptr() % 16 != 0) == unaligned
+        out, m = semask_fast.atm_attention(t["q"], t["k"], t["v"], backend=BACKEND)
+        g = torch.Generator().manual_seed(11)
+        torch.autograd.backward([out, m], [torch.randn(out.shape, generator=g).to(dtype),
+                                           torch.randn(m.shape, generator=g).to(dtype)])
+        return [out.detach(), m.detach()] + [t[n].grad for n in ("q", "k", "v")]
+
+    assert all(torch.equal(a, b) for a, b in zip(run(False), run(True)))
+    assert_parity(semask_fast.atm_attention, _atm_inputs(1, 2, 18, 40, 13, seed=12), ["q", "k", "v"], dtype,
+                  backend=BACKEND, op="atm_attention")
+
+
+# ------------------------------- packed rows / tensor-core backward (helper F) --
+# The fp16 / bf16 window kernels pack the rows of several (window, head) segments into
+# one 64-row block (forward: query rows, dK/dV: keys); these shapes make blocks straddle
+# segment boundaries and end on a partial block (rows % 64 != 0).  fp32 runs the FFMA
+# kernels on the same shapes.
+PACKED_WINDOW_SHAPES = {
+    # (B*nW, heads, window, head_dim, shift, grid): rows = B*nW * heads * N
+    "n49-noshift": (6, 3, (7, 7), 32, (0, 0), None),              # 882 rows: 13 blocks + 50
+    "n49-shift": (6, 3, (7, 7), 32, (3, 3), (2, 3)),
+    "n144-noshift": (2, 3, (12, 12), 16, (0, 0), None),           # 864 rows: 13 blocks + 32
+    "n144-shift": (2, 3, (12, 12), 16, (6, 6), (1, 2)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name", list(PACKED_WINDOW_SHAPES))
+def test_window_packed_rows(name, dtype):
+    require_backend("window_attention", BACKEND)
+    b_, h, ws, d, shift, grid = PACKED_WINDOW_SHAPES[name]
+    n = ws[0] * ws[1]
+    g = torch.Generator().manual_seed(7)
+    t = {nm: _randn(g, b_, h, n, d) for nm in ("q", "k", "v")}
+    t["bias_table"] = _randn(g, (2 * ws[0] - 1) * (2 * ws[1] - 1), h)
+    fn = functools.partial(semask_fast.window_attention, window_size=ws, shift_size=shift, grid=grid)
+    assert_parity(fn, t, ["q", "k", "v", "bias_table"], dtype, backend=BACKEND, op="window_attention")
+
+
+SEMANTIC_MMA_SHAPES = {
+    # (B_, N, K, C): K buckets of the dSq / dSk accumulators (kp = 64, 128), two 64-row owner
+    # blocks with a remainder, dYv over two C tiles and dP over C chunks with remainders.
+    "k40-n70-c200": (1, 70, 40, 200),
+    "k100-n65-c72-batch2": (2, 65, 100, 72),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name", list(SEMANTIC_MMA_SHAPES))
+def test_semantic_backward_tiles(name, dtype):
+    require_backend("semantic_attention", BACKEND)
+    b_, n, k, c = SEMANTIC_MMA_SHAPES[name]
+    g = torch.Generator().manual_seed(8)
+    t = {"sq": _randn(g, b_, n, k, scale=k ** -0.25), "sk": _randn(g, b_, n, k, scale=k ** -0.25),
+         "yv": _randn(g, b_, n, c)}
+    assert_parity(semask_fast.semantic_attention, t, ["sq", "sk", "yv"], dtype, backend=BACKEND,
+                  op="semantic_attention")

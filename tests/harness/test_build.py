@@ -113,14 +113,10 @@ def test_build_failure_becomes_an_availability_reason(tmp_path, monkeypatch):
         Broken().library()
 
 
-#: Kernels whose committed ptxas figures still show spills (4-32 bytes), open on issue 5.
+#: Kernels whose committed ptxas figures show spills (none left: every kernel is spill-free).
 #: The test fails on any spill not listed here AND on a listed kernel that no longer
 #: spills, so the list can only shrink by fixing kernels, never grow silently.
-KNOWN_SPILLS = {
-    ("window_attention.cu", "sf_window_attention::window_attention_fwd_kernel<float, 64>", "sm_80"),
-    ("window_attention.cu", "sf_window_attention::window_attention_fwd_mma_kernel<__half, 32>", "sm_80"),
-    ("window_attention.cu", "sf_window_attention::window_attention_fwd_mma_kernel<__nv_bfloat16, 32>", "sm_80"),
-}
+KNOWN_SPILLS: set = set()  # empty: every kernel of the table is spill-free
 
 
 def test_resource_table_has_every_kernel_and_no_spills():
