@@ -132,12 +132,13 @@ def atm_case(name, B, H, NQ, NK, D):
     def fwd(backend):
         return semask_fast.atm_attention(q, k, v, backend=backend)
 
-    f, b = forward_config(H, NQ, NK, D, q.dtype), backward_config(NQ, NK, D, q.dtype)
+    f, b = forward_config(H, NQ, NK, D, q.dtype), backward_config(H, NQ, NK, D, q.dtype)["q"]
     pad = lambda n, blk: triton.cdiv(n, blk) * blk  # noqa: E731
     dp = triton.next_power_of_2(D)
-    # Forward: S twice (pass 1 and 2), P V once.  Backward: S and dP in both kernels, dV, dK, dQ.
+    # Forward: S twice (pass 1 and 2), P V once.  Backward (heads padded to whole groups): S and dP in
+    # both kernels, dV, dK, dQ.
     kflops_f = 2 * B * H * pad(NQ, f["BLOCK_M"]) * pad(NK, f["BLOCK_N"]) * dp * 3
-    kflops_b = 2 * B * H * pad(NQ, b["BLOCK_M"]) * pad(NK, b["BLOCK_N"]) * dp * 7
+    kflops_b = 2 * B * pad(H, b["BLOCK_G"]) * pad(NQ, b["BLOCK_M"]) * pad(NK, b["BLOCK_N"]) * dp * 7
     eflops_f = 2 * B * H * NQ * NK * D * 2
     eflops_b = 2 * B * H * NQ * NK * D * 4
     out = torch.empty(B, H, NQ, D, dtype=torch.float16)

@@ -21,7 +21,10 @@ it for a seed so tests can replay it in the reference.
 Backward takes dO and dM: D = rowsum(dO * O) (also right with dropout), then
   dP = (dO v^T) * Z,  dS_h = P * (dP - D) + dM / h,  Z = keep / (1 - p),
   dq = scale dS k,  dk = scale dS^T q,  dv = (P * Z)^T dO,
-key-major for (dk, dv) and query-major for dq, one (block, image, head) each.
+key-major for (dk, dv) and query-major for dq, one (block, image, group of
+BLOCK_G heads) each: the heads of a group are a batch dim of the register tiles
+(batched tl.dot), so each dM tile is read once per group instead of once per
+head (fp16/bf16: twice for SegViT-L's 16 heads of d = 32, 3 times for ViT-B's 12).
 """
 
 from __future__ import annotations
@@ -112,93 +115,110 @@ def _atm_fwd_kernel(Q, K, V, OUT, M, LSE, seed, H, NQ, NK, D, scale, dropout_p,
 
 
 @triton.jit
-def _grad_logits(q, kt, v_t, do, lse, delta, DM_tile, m_ok, n_ok, keep, scale, keep_scale, H,
+def _t(x):
+    """Swap the last two dims of a (heads, rows, cols) tile."""
+    return tl.permute(x, (0, 2, 1))
+
+
+@triton.jit
+def _head_tile(base, bh, offs_r, offs_d, R, D, ok):
+    """(BLOCK_G, rows, BLOCK_D) tile of a (B, h, R, D) tensor: heads bh, rows offs_r."""
+    ptrs = base + ((bh[:, None, None] * R + offs_r[None, :, None]) * D + offs_d[None, None, :])
+    return tl.load(ptrs, mask=ok, other=0.0)
+
+
+@triton.jit
+def _grad_logits(q, k, v, do, lse, delta, dm, valid, bh, offs_m, offs_n, seed, NQ, NK, scale, dropout_p, H,
                  DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
-    """(P, P*Z, dS) for one (query block, key block) tile of one head."""
-    s = mm(q, kt, DOT_FP32) * scale
-    valid = m_ok[:, None] & n_ok[None, :]
-    p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-    dp = mm(do, v_t, DOT_FP32)
+    """(P*Z, dS) for one (query block, key block) tile of a group of heads, all (heads, BLOCK_M, BLOCK_N).
+
+    dm is the (BLOCK_M, BLOCK_N) tile of d(mask logits), loaded once for every head of the group.
+    """
+    s = mm(q, _t(k), DOT_FP32) * scale
+    p = tl.where(valid, tl.exp(s - lse[:, :, None]), 0.0)
+    dp = mm(do, _t(v), DOT_FP32)
     pz = p
     if DROPOUT:
+        keep = tl.rand(seed, (bh[:, None, None] * NQ + offs_m[None, :, None]) * NK + offs_n[None, None, :]) >= dropout_p
+        keep_scale = 1.0 / (1.0 - dropout_p)
         pz = tl.where(keep, p * keep_scale, 0.0)
         dp = tl.where(keep, dp * keep_scale, 0.0)
-    ds = p * (dp - delta[:, None]) + DM_tile / H
+    ds = tl.where(valid, p * (dp - delta[:, :, None]) + dm[None, :, :] / H, 0.0)
     return pz, ds
 
 
 @triton.jit
 def _atm_bwd_kv_kernel(Q, K, V, DO, DM, LSE, DELTA, DK, DV, seed, H, NQ, NK, D, scale, dropout_p,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
                        DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
+    """dk, dv for one key block and a group of BLOCK_G heads (batched tiles): each d(mask logits) tile
+    is read once per group, not once per head."""
+    b = tl.program_id(1).to(tl.int64)
+    heads = tl.program_id(2) * BLOCK_G + tl.arange(0, BLOCK_G)
+    bh = b * H + heads
+    g_ok = heads < H
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < NK
-    d_ok = offs_d < D
-    kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + (bh * NK + offs_n[:, None]) * D + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + (bh * NK + offs_n[:, None]) * D + offs_d[None, :], mask=kv_mask, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    keep_scale = 1.0 / (1.0 - dropout_p)
+    kv_ok = g_ok[:, None, None] & n_ok[None, :, None] & (offs_d < D)[None, None, :]
+    k = _head_tile(K, bh, offs_n, offs_d, NK, D, kv_ok)
+    v = _head_tile(V, bh, offs_n, offs_d, NK, D, kv_ok)
+    dk = tl.zeros([BLOCK_G, BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_G, BLOCK_N, BLOCK_D], dtype=tl.float32)
     for m0 in range(0, NQ, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < NQ
-        q_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + (bh * NQ + offs_m[:, None]) * D + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + (bh * NQ + offs_m[:, None]) * D + offs_d[None, :], mask=q_mask, other=0.0)
-        lse = tl.load(LSE + bh * NQ + offs_m, mask=m_ok, other=0.0)
-        delta = tl.load(DELTA + bh * NQ + offs_m, mask=m_ok, other=0.0)
+        q_ok = g_ok[:, None, None] & m_ok[None, :, None] & (offs_d < D)[None, None, :]
+        q = _head_tile(Q, bh, offs_m, offs_d, NQ, D, q_ok)
+        do = _head_tile(DO, bh, offs_m, offs_d, NQ, D, q_ok)
+        row_ok = g_ok[:, None] & m_ok[None, :]
+        lse = tl.load(LSE + bh[:, None] * NQ + offs_m[None, :], mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh[:, None] * NQ + offs_m[None, :], mask=row_ok, other=0.0)
         dm = tl.load(DM + (b * NQ + offs_m[:, None]) * NK + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
                      other=0.0).to(tl.float32)
-        keep = m_ok[:, None]
-        if DROPOUT:
-            keep = _keep(seed, bh, offs_m, offs_n, NQ, NK, dropout_p)
-        pz, ds = _grad_logits(q, tl.trans(k), tl.trans(v), do, lse, delta, dm, m_ok, n_ok, keep, scale, keep_scale,
-                              H, DROPOUT, DOT_FP32)
-        dv += mm(tl.trans(pz.to(do.dtype)), do, DOT_FP32)
-        dk += mm(tl.trans(ds.to(q.dtype)), q, DOT_FP32)
-    tl.store(DK + (bh * NK + offs_n[:, None]) * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
-             mask=kv_mask)
-    tl.store(DV + (bh * NK + offs_n[:, None]) * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+        valid = row_ok[:, :, None] & n_ok[None, None, :]
+        pz, ds = _grad_logits(q, k, v, do, lse, delta, dm, valid, bh, offs_m, offs_n, seed, NQ, NK, scale,
+                              dropout_p, H, DROPOUT, DOT_FP32)
+        dv += mm(_t(pz.to(do.dtype)), do, DOT_FP32)
+        dk += mm(_t(ds.to(q.dtype)), q, DOT_FP32)
+    ptrs = (bh[:, None, None] * NK + offs_n[None, :, None]) * D + offs_d[None, None, :]
+    tl.store(DK + ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
 @triton.jit
 def _atm_bwd_q_kernel(Q, K, V, DO, DM, LSE, DELTA, DQ, seed, H, NQ, NK, D, scale, dropout_p,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
                       DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
+    """dq for one query block and a group of BLOCK_G heads; each d(mask logits) tile is read once per group."""
+    b = tl.program_id(1).to(tl.int64)
+    heads = tl.program_id(2) * BLOCK_G + tl.arange(0, BLOCK_G)
+    bh = b * H + heads
+    g_ok = heads < H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < NQ
-    d_ok = offs_d < D
-    q_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + (bh * NQ + offs_m[:, None]) * D + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + (bh * NQ + offs_m[:, None]) * D + offs_d[None, :], mask=q_mask, other=0.0)
-    lse = tl.load(LSE + bh * NQ + offs_m, mask=m_ok, other=0.0)
-    delta = tl.load(DELTA + bh * NQ + offs_m, mask=m_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    keep_scale = 1.0 / (1.0 - dropout_p)
+    q_ok = g_ok[:, None, None] & m_ok[None, :, None] & (offs_d < D)[None, None, :]
+    q = _head_tile(Q, bh, offs_m, offs_d, NQ, D, q_ok)
+    do = _head_tile(DO, bh, offs_m, offs_d, NQ, D, q_ok)
+    row_ok = g_ok[:, None] & m_ok[None, :]
+    lse = tl.load(LSE + bh[:, None] * NQ + offs_m[None, :], mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh[:, None] * NQ + offs_m[None, :], mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_G, BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(0, NK, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < NK
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + (bh * NK + offs_n[:, None]) * D + offs_d[None, :], mask=kv_mask, other=0.0)
-        vt = tl.load(V + (bh * NK + offs_n[None, :]) * D + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :],
-                     other=0.0)
+        kv_ok = g_ok[:, None, None] & n_ok[None, :, None] & (offs_d < D)[None, None, :]
+        k = _head_tile(K, bh, offs_n, offs_d, NK, D, kv_ok)
+        v = _head_tile(V, bh, offs_n, offs_d, NK, D, kv_ok)
         dm = tl.load(DM + (b * NQ + offs_m[:, None]) * NK + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
                      other=0.0).to(tl.float32)
-        keep = m_ok[:, None]
-        if DROPOUT:
-            keep = _keep(seed, bh, offs_m, offs_n, NQ, NK, dropout_p)
-        _, ds = _grad_logits(q, tl.trans(k), vt, do, lse, delta, dm, m_ok, n_ok, keep, scale, keep_scale, H,
-                             DROPOUT, DOT_FP32)
+        valid = row_ok[:, :, None] & n_ok[None, None, :]
+        _, ds = _grad_logits(q, k, v, do, lse, delta, dm, valid, bh, offs_m, offs_n, seed, NQ, NK, scale,
+                             dropout_p, H, DROPOUT, DOT_FP32)
         dq += mm(ds.to(k.dtype), k, DOT_FP32)
-    tl.store(DQ + (bh * NQ + offs_m[:, None]) * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=q_mask)
+    ptrs = (bh[:, None, None] * NQ + offs_m[None, :, None]) * D + offs_d[None, None, :]
+    tl.store(DQ + ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_ok)
 
 
 @triton.jit
@@ -229,12 +249,24 @@ def forward_config(heads: int, nq: int, nk: int, d: int, dtype) -> dict:
                 num_warps=8)
 
 
-def backward_config(nq: int, nk: int, d: int, dtype) -> dict:
-    if dtype == torch.float32:
-        bm, bn = (16, 16) if d > 64 else (16, 32)
-    else:
-        bm, bn = (32, 32) if d > 64 else ((64, 32) if d > 32 else (64, 64))
-    return dict(BLOCK_M=_p2(nq, hi=bm), BLOCK_N=_p2(nk, hi=bn), BLOCK_D=_p2(d), num_warps=8)
+#: Head-group width x head dim the backward tiles hold (batched (heads, rows, d) register tiles) and the
+#: largest head dim grouped at all, by fp32-ness; wider tiles spill on sm_80/sm_90 (AOT table).
+GROUP_WIDTH = {False: (256, 64), True: (128, 32)}
+
+
+def backward_config(heads: int, nq: int, nk: int, d: int, dtype) -> dict:
+    """Tiles and launch options of the two backward kernels, ``{"q": ..., "kv": ...}``: BLOCK_G heads
+    per program (batched tiles), so every d(mask logits) tile is read ceil(h / BLOCK_G) times instead
+    of h times.  Warps and stages: the settings without spills on sm_80/sm_90 (AOT table)."""
+    wide = dtype == torch.float32
+    width, max_d = GROUP_WIDTH[wide]
+    block_d = _p2(d)
+    group = min(_p2(heads, lo=1), width // block_d) if block_d <= max_d else 1
+    while group > 1 and 4 * triton.cdiv(heads, group) * group > 5 * heads:
+        group //= 2  # at most 25% padding heads (12 heads: 3 groups of 4, not 2 of 8)
+    tiles = dict(BLOCK_M=_p2(nq, hi=16), BLOCK_N=_p2(nk, hi=16), BLOCK_D=block_d, BLOCK_G=group)
+    return dict(q=dict(tiles, num_warps=8, num_stages=1),
+                kv=dict(tiles, num_warps=8, num_stages=2 if wide and group == 1 else 1))
 
 
 def _tiles(cfg: dict, nq: int, nk: int) -> dict:
@@ -266,13 +298,15 @@ def atm_attention_backward(q, k, v, out, lse, dout, dmask, *, scale: float, drop
     NK = k.shape[2]
     delta = row_dot(dout, out)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    cfg = _tiles(backward_config(NQ, NK, D, q.dtype), NQ, NK)
-    flags = dict(DROPOUT=dropout_p > 0, DOT_FP32=dot_fp32(q.dtype), **cfg)
+    cfg = backward_config(H, NQ, NK, D, q.dtype)
     args = (seed, H, NQ, NK, D, scale, dropout_p)
-    _atm_bwd_kv_kernel[(triton.cdiv(NK, cfg["BLOCK_N"]), B * H)](q, k, v, dout, dmask, lse, delta, dk, dv, *args,
-                                                                **flags)
-    _atm_bwd_q_kernel[(triton.cdiv(NQ, cfg["BLOCK_M"]), B * H)](q, k, v, dout, dmask, lse, delta, dq, *args,
-                                                               **flags)
+    flags = dict(DROPOUT=dropout_p > 0, DOT_FP32=dot_fp32(q.dtype))
+    kv = _tiles(cfg["kv"], NQ, NK)
+    _atm_bwd_kv_kernel[(triton.cdiv(NK, kv["BLOCK_N"]), B, triton.cdiv(H, kv["BLOCK_G"]))](
+        q, k, v, dout, dmask, lse, delta, dk, dv, *args, **flags, **kv)
+    qc = _tiles(cfg["q"], NQ, NK)
+    _atm_bwd_q_kernel[(triton.cdiv(NQ, qc["BLOCK_M"]), B, triton.cdiv(H, qc["BLOCK_G"]))](
+        q, k, v, dout, dmask, lse, delta, dq, *args, **flags, **qc)
     return dq, dk, dv
 
 
@@ -308,16 +342,14 @@ def _aot_configs():
                 sig = {p: f"*{ty}" for p in ptrs + ("OUT", "M")}
                 sig.update(LSE="*fp32", **scalars, **{c: "constexpr" for c in fcfg})
                 configs.append(AOTConfig(_atm_fwd_kernel, f"atm_attention_fwd[{tag}]", sig, fcfg, num_warps=fwarps))
-                bcfg = dict(backward_config(NQ, NK, D, dtype), DROPOUT=dropout, DOT_FP32=False)
-                bwarps = bcfg.pop("num_warps")
                 base = {p: f"*{ty}" for p in ptrs + ("DO", "DM")}
                 base.update(LSE="*fp32", DELTA="*fp32")
-                tail = dict(**scalars, **{c: "constexpr" for c in bcfg})
-                configs.append(AOTConfig(_atm_bwd_kv_kernel, f"atm_attention_bwd_kv[{tag}]",
-                                         dict(base, DK=f"*{ty}", DV=f"*{ty}", **tail), bcfg,
-                                         num_warps=bwarps))
-                configs.append(AOTConfig(_atm_bwd_q_kernel, f"atm_attention_bwd_q[{tag}]",
-                                         dict(base, DQ=f"*{ty}", **tail), bcfg, num_warps=bwarps))
+                for part, kernel, outs in (("kv", _atm_bwd_kv_kernel, ("DK", "DV")),
+                                           ("q", _atm_bwd_q_kernel, ("DQ",))):
+                    bcfg = dict(backward_config(H, NQ, NK, D, dtype)[part], DROPOUT=dropout, DOT_FP32=False)
+                    bopts = dict(num_warps=bcfg.pop("num_warps"), num_stages=bcfg.pop("num_stages"))
+                    sig = dict(base, **{o: f"*{ty}" for o in outs}, **scalars, **{c: "constexpr" for c in bcfg})
+                    configs.append(AOTConfig(kernel, f"atm_attention_bwd_{part}[{tag}]", sig, bcfg, **bopts))
     configs.append(AOTConfig(_atm_keep_kernel, "atm_attention_keep",
                              dict(KEEP="*i8", seed="i32", NQ="i32", NK="i32", dropout_p="fp32", BLOCK_M="constexpr",
                                   BLOCK_N="constexpr"), dict(BLOCK_M=32, BLOCK_N=32)))

@@ -1,21 +1,28 @@
 """SeMask semantic attention ``softmax(Sq Sk^T) Yv`` (no scale): Triton kernels and launchers.
 
-Layout (contiguous): sq, sk (B_, N, K), yv and out (B_, N, C), lse (B_, N) fp32.
+Layout: sq, sk (B_, N, K), yv (B_, N, C) with a contiguous last dim and any batch
+and row strides (e.g. column views of one fused (B_, N, 2K + C) projection
+output, read in place); out, dO, the gradients (contiguous) and lse (B_, N) fp32.
 B_ is windows x batch (windowed stages, N = 49 or 144) or batch (global stages,
-N up to ~1600).  K is the class count (150, 19): the score product runs over K
-in chunks of ``BLOCK_K`` masked in registers, so K is never padded in memory.
-C (up to 1536, one head) is tiled over the grid; every C tile recomputes the
-scores, which costs K / BLOCK_C of the P.Yv FLOPs per extra tile.
+N up to ~1600).  K is the class count (150, 19): the forward's score product
+runs over K in chunks of ``BLOCK_K`` masked in registers, so K is never padded
+in memory.  C (up to 1536, one head) is tiled over the grid in the forward;
+every C tile recomputes the scores, which costs K / BLOCK_C of the P.Yv FLOPs
+per extra tile.
 
 Flash-style: online softmax over key tiles, no N x N tensor in memory, fp32 row
 logsumexp saved for backward.  Small windows: one program loops over
 ``WPP`` windows (several windows per program) so launches stay large-grained.
 
-Backward (dO given): D = rowsum(dO * O) (``row_dot``), then
-  dS = P * (dO Yv^T - D),  dSq = dS Sk,  dSk = dS^T Sq,  dYv = P^T dO,
-with a key-major kernel (dSk, dYv) and a query-major kernel (dSq); P is
-recomputed from the saved logsumexp.  Their dSq/dSk accumulators hold all of
-K padded to a power of two in registers (K <= 256).
+Backward (dO given): dS = P * (dO Yv^T - D) with D = rowsum(dO * O),
+  dSq = dS Sk,  dSk = dS^T Sq,  dYv = P^T dO,
+P recomputed from the saved logsumexp, in two kernels:
+  query-major (first): D for its rows (stored), then dSq, streaming C for dP;
+  key-major: dYv and dSk.  It holds a C tile of dYv as wide as registers allow
+  (all of C up to 128 in fp16/bf16): S and P are computed once per (query
+  block, key block, C tile) and dP = dO Yv^T once per (query block, key block),
+  with no extra pass over C.
+The dSq/dSk accumulators hold all of K padded to a power of two in registers (K <= 256).
 """
 
 from __future__ import annotations

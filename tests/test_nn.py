@@ -134,6 +134,86 @@ def test_semantic_attention_init_is_the_official_class_init():
     assert prior.shape == (2, 4, 7) and torch.equal(out, x)  # gamma = 0: the branch starts silent
 
 
+def _official_pair(dim, n_cls, gamma=0.7, backend="auto"):
+    """Official layer and ours with the same non-trivial weights (mlp_res and gamma non-zero)."""
+    off = OfficialSemanticAttention(dim, n_cls)
+    with torch.no_grad():
+        for p in off.parameters():
+            p.normal_(0, 0.1)
+        off.gamma.fill_(gamma)
+    m = SemanticAttention(dim, n_cls, backend=backend)
+    m.load_state_dict(off.state_dict())
+    return off, m
+
+
+@pytest.mark.parametrize("mode", ["eval", "train-p0"])
+def test_semantic_attention_fused_path_fwd_bwd_matches_official(mode):
+    """The fused-projection / addmm path through the Triton kernels: outputs and every gradient
+    (x and all parameters, gamma included) against the official transcription."""
+    require_backend("semantic_attention", "triton")
+    torch.manual_seed(5)
+    off, m = _official_pair(24, 7, backend="triton")
+    for mod in (off, m):
+        mod.train(mode != "eval")
+        mod.proj_drop.p = 0.0  # dropout off in both; train-p0 takes the training branch of the module
+    x = torch.randn(3, 20, 24)
+    g_prior, g_out = torch.randn(3, 20, 7), torch.randn(3, 20, 24)
+    xa = x.clone().requires_grad_()
+    with record_dispatch() as ran:
+        prior, out = m(xa)
+        torch.autograd.backward([prior, out], [g_prior, g_out])
+    assert ("semantic_attention", "triton", "forward") in ran and ("semantic_attention", "triton", "backward") in ran
+    off.double()  # the official layer in float64 is the ground truth
+    xb = x.double().requires_grad_()
+    r_prior, r_out = off(xb)
+    torch.autograd.backward([r_prior, r_out], [g_prior.double(), g_out.double()])
+    tol = dict(atol=1e-4, rtol=1e-4, check_dtype=False)
+    torch.testing.assert_close(prior, r_prior, **tol)
+    torch.testing.assert_close(out, r_out, **tol)
+    torch.testing.assert_close(xa.grad, xb.grad, **tol)
+    theirs = dict(off.named_parameters())
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, theirs[name].grad, **tol, msg=lambda msg, name=name: f"{name}: {msg}")
+
+
+def test_semantic_attention_hands_projection_views_to_the_kernel(monkeypatch):
+    """One fused projection GEMM; Sq, Sk, Yv reach the kernel launcher as views of its output (no copy),
+    and the returned prior is the Sq view."""
+    require_backend("semantic_attention", "triton")
+    from semask_fast.kernels import semantic_attention as kernels
+
+    seen = []
+    launch = kernels.semantic_attention_forward
+
+    def spy(sq, sk, yv, **kw):
+        seen.append((sq, sk, yv))
+        return launch(sq, sk, yv, **kw)
+
+    monkeypatch.setattr(kernels, "semantic_attention_forward", spy)
+    dim, k, n = 16, 5, 9
+    m = SemanticAttention(dim, k, backend="triton").eval()
+    prior, _ = m(torch.randn(2, n, dim))
+    (sq, sk, yv), = seen
+    row = 2 * k + dim
+    assert [t.stride() for t in (sq, sk, yv)] == [(n * row, row, 1)] * 3
+    assert [t.data_ptr() - sq.data_ptr() for t in (sk, yv)] == [4 * k, 8 * k]
+    assert prior.data_ptr() == sq.data_ptr() and prior.stride() == sq.stride()
+
+
+def test_semantic_attention_training_dropout_is_the_official_branch():
+    """With dropout active the module computes gamma * Dropout(mlp_res(a)) + x as the official code."""
+    off, m = _official_pair(16, 7)
+    off.train(), m.train()
+    x = torch.randn(2, 9, 16)
+    torch.manual_seed(11)
+    prior, out = m(x)
+    torch.manual_seed(11)
+    r_prior, r_out = off(x)
+    torch.testing.assert_close(prior, r_prior, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, r_out, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, m.eval()(x)[1])  # dropout did act: the test can fail
+
+
 # ---------------------------------------------------------------- SegViT ATM
 @pytest.mark.parametrize("qkv_bias", [False, True])
 def test_atm_attention_matches_official(qkv_bias):

@@ -23,7 +23,7 @@ def _official_semantic_layer(layer, x, H, W, ws):
     win = x.view(b, hp // ws, ws, wp // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
     prior = None
     for blk in layer.blocks:
-        off = OfficialSemanticAttention(c, blk.nc)
+        off = OfficialSemanticAttention(c, blk.nc).to(x.dtype)
         off.load_state_dict(blk.state_dict())
         prior, win = off.eval()(win)
 
@@ -48,6 +48,45 @@ def test_semantic_layer_matches_official_order(hw):
     assert prior.shape == (2, 5, *hw)
     torch.testing.assert_close(out, exp_out, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(prior, exp_prior, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("ws", [7, None], ids=["windowed-padded", "global"])
+def test_semantic_layer_triton_fwd_bwd_matches_official(ws):
+    """The whole layer on the Triton backend (fused projection views, addmm epilogue, window copies)
+    against the official order in float64: outputs, prior and the input gradient."""
+    import copy
+
+    from semask_fast import record_dispatch
+    from tests.conftest import require_backend
+
+    require_backend("semantic_attention", "triton")
+    hw = (9, 13)
+    layer = SemanticLayer(16, 5, window_size=ws, backend="triton").eval()
+    reinit_linears(layer)
+    with torch.no_grad():
+        layer.blocks[0].gamma.fill_(0.5)
+        layer.blocks[0].mlp_res.bias.normal_()
+    x = torch.randn(2, hw[0] * hw[1], 16)
+    g_out, g_prior = torch.randn(2, hw[0] * hw[1], 16), torch.randn(2, 5, *hw)
+    xa = x.clone().requires_grad_()
+    with record_dispatch() as ran:
+        out, prior = layer(xa, *hw)
+        torch.autograd.backward([out, prior], [g_out, g_prior])
+    assert ("semantic_attention", "triton", "backward") in ran
+    ref = copy.deepcopy(layer).double()
+    xb = x.double().requires_grad_()
+    if ws is None:  # one window per image: the official block on the whole normalised image
+        off = OfficialSemanticAttention(16, 5).double()
+        off.load_state_dict(ref.blocks[0].state_dict())
+        exp_prior, exp_out = off.eval()(ref.norm(xb))
+        exp_prior = exp_prior.view(2, *hw, 5).permute(0, 3, 1, 2)
+    else:
+        exp_out, exp_prior = _official_semantic_layer(ref, xb, *hw, ws)
+    torch.autograd.backward([exp_out, exp_prior], [g_out.double(), g_prior.double()])
+    tol = dict(atol=1e-4, rtol=1e-4, check_dtype=False)
+    torch.testing.assert_close(out, exp_out, **tol)
+    torch.testing.assert_close(prior, exp_prior, **tol)
+    torch.testing.assert_close(xa.grad, xb.grad, **tol)
 
 
 def test_global_semantic_layer_is_one_window_per_image():

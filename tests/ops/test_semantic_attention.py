@@ -87,12 +87,59 @@ def test_triton_rejects_too_many_classes():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("shape", [(2, 49, 150, 40), (1, 70, 19, 70)], ids=["K150", "K19"])
+@pytest.mark.parametrize("shape", [(2, 49, 150, 40), (1, 70, 19, 70), (1, 40, 150, 200)],
+                         ids=["K150", "K19", "C-tiled"])
 def test_triton_gpu_tiles(monkeypatch, shape, dtype):
-    """The register-budgeted tiles compiled for GPUs (the interpreter otherwise runs larger ones)."""
+    """The register-budgeted tiles compiled for GPUs (the interpreter otherwise runs larger ones).
+
+    C = 200 is wider than the key-major backward's C tile on every dtype (several C tiles, dP in
+    BLOCK_CD chunks); the other two hold all of C in one tile."""
     require_backend(OP, "triton")
     from semask_fast.kernels import semantic_attention as kernels
 
     monkeypatch.setattr(kernels, "INTERPRETER_TILES", False)
     assert_parity(semask_fast.semantic_attention, _inputs(*shape, "cpu"), ["sq", "sk", "yv"], dtype,
                   backend="triton", op=OP)
+
+
+def _fused(B, N, K, C, device, seed=0):
+    """One (B_, N, 2K + C) tensor: Sq, Sk, Yv are its column views (the fused-projection layout)."""
+    t = _inputs(B, N, K, C, device, seed=seed)
+    return {"qkv": torch.cat([t["sq"], t["sk"], t["yv"]], dim=-1)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape", [(3, 49, 150, 40), (1, 70, 19, 200)], ids=["win7", "K19-wideC"])
+def test_parity_row_strided_views(kernel_backend, shape, dtype):
+    """Sq, Sk, Yv as column slices of one tensor (row stride 2K + C); the gradient lands in that tensor."""
+    device = require_backend(OP, kernel_backend)
+    K, C = shape[2], shape[3]
+
+    def fn(backend, qkv):
+        sq, sk, yv = qkv.split([K, K, C], dim=-1)
+        return semask_fast.semantic_attention(sq, sk, yv, backend=backend)
+
+    assert_parity(fn, _fused(*shape, device), ["qkv"], dtype, backend=kernel_backend, op=OP)
+
+
+def test_triton_reads_views_in_place(monkeypatch):
+    """The Triton backend hands row-strided views to the kernels as they are (no copy)."""
+    require_backend(OP, "triton")
+    from semask_fast.kernels import semantic_attention as kernels
+
+    seen = []
+    launch = kernels.semantic_attention_forward
+
+    def spy(sq, sk, yv, **kw):
+        seen.append((sq, sk, yv))
+        return launch(sq, sk, yv, **kw)
+
+    monkeypatch.setattr(kernels, "semantic_attention_forward", spy)
+    K, C = 19, 24
+    qkv = _fused(2, 30, K, C, "cpu")["qkv"].float()
+    sq, sk, yv = qkv.split([K, K, C], dim=-1)
+    semask_fast.semantic_attention(sq, sk, yv, backend="triton")
+    (a, b, c), = seen
+    row = 2 * K + C
+    assert [t.stride() for t in (a, b, c)] == [(30 * row, row, 1)] * 3
+    assert [t.data_ptr() - qkv.data_ptr() for t in (a, b, c)] == [0, 4 * K, 8 * K]

@@ -6,6 +6,7 @@ from typing import List
 
 from ..registry import register
 from . import TritonImpl
+from .window_attention import unit_stride
 
 
 @register
@@ -23,7 +24,8 @@ class SemanticAttentionTriton(TritonImpl):
     def forward(self, inp):
         from ...kernels.semantic_attention import semantic_attention_forward
 
-        sq, sk, yv = inp.sq.contiguous(), inp.sk.contiguous(), inp.yv.contiguous()
+        # Row-strided views (e.g. column slices of one fused q/k/v projection) are read in place.
+        sq, sk, yv = unit_stride(inp.sq), unit_stride(inp.sk), unit_stride(inp.yv)
         out, lse = semantic_attention_forward(sq, sk, yv)
         return (out,), (sq, sk, yv, out, lse)
 
