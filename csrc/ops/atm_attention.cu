@@ -61,6 +61,7 @@ struct Params {
   float keep_scale, inv_heads;
   uint64_t seed;
   int splits, split_keys;  // forward: key ranges of split_keys keys (a multiple of BN)
+  bool vec;                // tiles load in 16-byte chunks (see stage_tile)
 };
 
 SF_DEVICE_INLINE float warp_max(float x) {
@@ -106,11 +107,37 @@ SF_DEVICE_INLINE void stage(float& dst, __nv_bfloat16 x) { dst = sf::to_float(x)
 SF_DEVICE_INLINE void stage(__half& dst, __half x) { dst = x; }
 SF_DEVICE_INLINE void stage(__nv_bfloat16& dst, __nv_bfloat16 x) { dst = x; }
 
+// 16 bytes, moved by one load or store.
+struct alignas(16) Chunk16 {
+  uint32_t w[4];
+};
+
 // Stage rows [row0, row0 + rows) x [0, DP) of a (n, d) matrix into dst (row stride ld, in S),
 // zero padded; the threads first, first + step, ... share the work (a warp: lane, 32; the
-// block: threadIdx.x, blockDim.x).
+// block: threadIdx.x, blockDim.x).  With p.vec (d a multiple of 16 bytes, every tensor 16-byte
+// aligned: checked by the host) a thread moves 16-byte chunks of a row, and stores them whole
+// into the 16-bit tiles (rows and bases 16-byte aligned, see mma_ld; the fp32 tiles' padded
+// rows are not).
 template <typename S, typename T, int DP>
-SF_DEVICE_INLINE void stage_tile(S* dst, int ld, const T* src, int row0, int rows, int n, int d, int first, int step) {
+SF_DEVICE_INLINE void stage_tile(const Params& p, S* dst, int ld, const T* src, int row0, int rows, int n, int first,
+                                 int step) {
+  const int d = p.d;
+  if (p.vec) {
+    constexpr int V = 16 / sizeof(T), CPR = DP / V;  // elements per chunk, chunks per padded row
+    for (int e = first; e < rows * CPR; e += step) {
+      const int r = e / CPR, t = (e % CPR) * V, row = row0 + r;
+      Chunk16 c{};
+      if (row < n && t < d) c = *reinterpret_cast<const Chunk16*>(src + static_cast<int64_t>(row) * d + t);
+      if constexpr (std::is_same_v<S, T> && sizeof(T) == 2) {
+        *reinterpret_cast<Chunk16*>(dst + r * ld + t) = c;
+      } else {
+        const T* x = reinterpret_cast<const T*>(&c);
+#pragma unroll
+        for (int v = 0; v < V; ++v) stage(dst[r * ld + t + v], x[v]);
+      }
+    }
+    return;
+  }
   const S zero = sf::from_float<S>(0.f);
   for (int e = first; e < rows * DP; e += step) {
     const int r = e / DP, t = e % DP;
@@ -122,8 +149,8 @@ SF_DEVICE_INLINE void stage_tile(S* dst, int ld, const T* src, int row0, int row
 
 // The whole (kThreads) block stages a tile.
 template <typename S, typename T, int DP>
-SF_DEVICE_INLINE void load_tile(S* dst, int ld, const T* src, int row0, int rows, int n, int d) {
-  stage_tile<S, T, DP>(dst, ld, src, row0, rows, n, d, threadIdx.x, kThreads);
+SF_DEVICE_INLINE void load_tile(const Params& p, S* dst, int ld, const T* src, int row0, int rows, int n) {
+  stage_tile<S, T, DP>(p, dst, ld, src, row0, rows, n, threadIdx.x, kThreads);
 }
 
 template <int DP>
@@ -263,7 +290,7 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32, 1) atm_attention_fwd_
     const int64_t bh = b * p.heads + hd;
     const int64_t kvbase = bh * p.nk * p.d;
     __syncwarp();  // the previous head's epilogue is done with q/o/m/l
-    stage_tile<float, T, DP>(qs, DP, static_cast<const T*>(p.q) + bh * p.nq * p.d, q0, BM, p.nq, p.d, lane, 32);
+    stage_tile<float, T, DP>(p, qs, DP, static_cast<const T*>(p.q) + bh * p.nq * p.d, q0, BM, p.nq, lane, 32);
     for (int e = lane; e < BM * DP; e += 32) os[e] = 0.f;
     if (lane < BM) {
       mr[lane] = kNegInf;
@@ -271,8 +298,8 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32, 1) atm_attention_fwd_
     }
     for (int k0 = kb; k0 < ke; k0 += BN) {
       __syncwarp();  // the previous tile's readers are done
-      stage_tile<float, T, DP>(ks, DP + 1, static_cast<const T*>(p.k) + kvbase, k0, BN, p.nk, p.d, lane, 32);
-      stage_tile<float, T, DP>(vs, DP + 1, static_cast<const T*>(p.v) + kvbase, k0, BN, p.nk, p.d, lane, 32);
+      stage_tile<float, T, DP>(p, ks, DP + 1, static_cast<const T*>(p.k) + kvbase, k0, BN, p.nk, lane, 32);
+      stage_tile<float, T, DP>(p, vs, DP + 1, static_cast<const T*>(p.v) + kvbase, k0, BN, p.nk, lane, 32);
       __syncwarp();
       const int j = k0 + lane;
       for (int r = 0; r < BM; ++r) {
@@ -342,7 +369,7 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32) atm_attention_fwd_mma
     const int64_t bh = b * p.heads + hd;
     const int64_t kvbase = bh * p.nk * p.d;
     __syncwarp();  // the previous head's readers of q are done
-    stage_tile<T, T, DP>(qs, LD, static_cast<const T*>(p.q) + bh * p.nq * p.d, q0, BM, p.nq, p.d, lane, 32);
+    stage_tile<T, T, DP>(p, qs, LD, static_cast<const T*>(p.q) + bh * p.nq * p.d, q0, BM, p.nq, lane, 32);
     __syncwarp();
     uint32_t qf[KS][4];
 #pragma unroll
@@ -356,8 +383,8 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32) atm_attention_fwd_mma
 
     for (int k0 = kb; k0 < ke; k0 += BN) {
       __syncwarp();  // the previous tile's readers are done
-      stage_tile<T, T, DP>(ks, LD, static_cast<const T*>(p.k) + kvbase, k0, BN, p.nk, p.d, lane, 32);
-      stage_tile<T, T, DP>(vs, LD, static_cast<const T*>(p.v) + kvbase, k0, BN, p.nk, p.d, lane, 32);
+      stage_tile<T, T, DP>(p, ks, LD, static_cast<const T*>(p.k) + kvbase, k0, BN, p.nk, lane, 32);
+      stage_tile<T, T, DP>(p, vs, LD, static_cast<const T*>(p.v) + kvbase, k0, BN, p.nk, lane, 32);
       __syncwarp();
       float s[ST][4];
 #pragma unroll
@@ -530,8 +557,8 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dkv_kernel(Params p, c
   const int64_t bh = blockIdx.x, b = blockIdx.x / static_cast<unsigned>(p.heads);  // 32-bit division
   const int k0 = blockIdx.y * BN;
   const int64_t qbase = bh * p.nq * p.d, kbase = bh * p.nk * p.d;
-  load_tile<float, T, DP>(ks, DP + 1, static_cast<const T*>(p.k) + kbase, k0, BN, p.nk, p.d);
-  load_tile<float, T, DP>(vs, DP + 1, static_cast<const T*>(p.v) + kbase, k0, BN, p.nk, p.d);
+  load_tile<float, T, DP>(p, ks, DP + 1, static_cast<const T*>(p.k) + kbase, k0, BN, p.nk);
+  load_tile<float, T, DP>(p, vs, DP + 1, static_cast<const T*>(p.v) + kbase, k0, BN, p.nk);
 
   constexpr int C = DP / 32;
   constexpr int KPW = BN / kWarps;
@@ -544,8 +571,8 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dkv_kernel(Params p, c
   const int j = k0 + lane;
   for (int q0 = 0; q0 < p.nq; q0 += BM) {
     __syncthreads();
-    load_tile<float, T, DP>(qs, DP, static_cast<const T*>(p.q) + qbase, q0, BM, p.nq, p.d);
-    load_tile<float, T, DP>(dos, DP, dout + qbase, q0, BM, p.nq, p.d);
+    load_tile<float, T, DP>(p, qs, DP, static_cast<const T*>(p.q) + qbase, q0, BM, p.nq);
+    load_tile<float, T, DP>(p, dos, DP, dout + qbase, q0, BM, p.nq);
     for (int e = threadIdx.x; e < BM; e += kThreads) {
       const bool ok = q0 + e < p.nq;
       lses[e] = ok ? lse[bh * p.nq + q0 + e] : 0.f;
@@ -612,8 +639,8 @@ __global__ void __launch_bounds__(kThreads, kDqMinBlocks) atm_attention_dq_kerne
   const int64_t bh = blockIdx.x, b = blockIdx.x / static_cast<unsigned>(p.heads);  // 32-bit division
   const int q0 = blockIdx.y * BM;
   const int64_t qbase = bh * p.nq * p.d, kbase = bh * p.nk * p.d;
-  load_tile<float, T, DP>(qs, DP, static_cast<const T*>(p.q) + qbase, q0, BM, p.nq, p.d);
-  load_tile<float, T, DP>(dos, DP, dout + qbase, q0, BM, p.nq, p.d);
+  load_tile<float, T, DP>(p, qs, DP, static_cast<const T*>(p.q) + qbase, q0, BM, p.nq);
+  load_tile<float, T, DP>(p, dos, DP, dout + qbase, q0, BM, p.nq);
   for (int e = threadIdx.x; e < BM; e += kThreads) {
     const bool ok = q0 + e < p.nq;
     lses[e] = ok ? lse[bh * p.nq + q0 + e] : 0.f;
@@ -628,8 +655,8 @@ __global__ void __launch_bounds__(kThreads, kDqMinBlocks) atm_attention_dq_kerne
 
   for (int k0 = 0; k0 < p.nk; k0 += BN) {
     __syncthreads();
-    load_tile<float, T, DP>(ks, DP + 1, static_cast<const T*>(p.k) + kbase, k0, BN, p.nk, p.d);
-    load_tile<float, T, DP>(vs, DP + 1, static_cast<const T*>(p.v) + kbase, k0, BN, p.nk, p.d);
+    load_tile<float, T, DP>(p, ks, DP + 1, static_cast<const T*>(p.k) + kbase, k0, BN, p.nk);
+    load_tile<float, T, DP>(p, vs, DP + 1, static_cast<const T*>(p.v) + kbase, k0, BN, p.nk);
     __syncthreads();
     const int j = k0 + lane;
 #pragma unroll
@@ -691,8 +718,8 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dkv_mma_kernel(Params 
   const int64_t bh = blockIdx.x, b = blockIdx.x / static_cast<unsigned>(p.heads);  // 32-bit division
   const int k0 = blockIdx.y * MBM;
   const int64_t qbase = bh * p.nq * p.d, kbase = bh * p.nk * p.d;
-  load_tile<T, T, DP>(ks, LD, static_cast<const T*>(p.k) + kbase, k0, MBM, p.nk, p.d);
-  load_tile<T, T, DP>(vs, LD, static_cast<const T*>(p.v) + kbase, k0, MBM, p.nk, p.d);
+  load_tile<T, T, DP>(p, ks, LD, static_cast<const T*>(p.k) + kbase, k0, MBM, p.nk);
+  load_tile<T, T, DP>(p, vs, LD, static_cast<const T*>(p.v) + kbase, k0, MBM, p.nk);
   int keys[2];
 #pragma unroll
   for (int h2 = 0; h2 < 2; ++h2) keys[h2] = k0 + warp * 16 + g + 8 * h2;
@@ -704,8 +731,8 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dkv_mma_kernel(Params 
 
   for (int q0 = 0; q0 < p.nq; q0 += MBN) {
     __syncthreads();  // the previous tile's readers are done
-    load_tile<T, T, DP>(qs, LD, static_cast<const T*>(p.q) + qbase, q0, MBN, p.nq, p.d);
-    load_tile<T, T, DP>(dos, LD, dout + qbase, q0, MBN, p.nq, p.d);
+    load_tile<T, T, DP>(p, qs, LD, static_cast<const T*>(p.q) + qbase, q0, MBN, p.nq);
+    load_tile<T, T, DP>(p, dos, LD, dout + qbase, q0, MBN, p.nq);
     for (int e = threadIdx.x; e < MBN; e += kThreads) {
       const bool ok = q0 + e < p.nq;
       lses[e] = ok ? lse[bh * p.nq + q0 + e] : 0.f;
@@ -799,8 +826,8 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dq_mma_kernel(Params p
   const int64_t bh = blockIdx.x, b = blockIdx.x / static_cast<unsigned>(p.heads);  // 32-bit division
   const int q0 = blockIdx.y * MBM;
   const int64_t qbase = bh * p.nq * p.d, kbase = bh * p.nk * p.d;
-  load_tile<T, T, DP>(qs, LD, static_cast<const T*>(p.q) + qbase, q0, MBM, p.nq, p.d);
-  load_tile<T, T, DP>(dos, LD, dout + qbase, q0, MBM, p.nq, p.d);
+  load_tile<T, T, DP>(p, qs, LD, static_cast<const T*>(p.q) + qbase, q0, MBM, p.nq);
+  load_tile<T, T, DP>(p, dos, LD, dout + qbase, q0, MBM, p.nq);
   __syncthreads();
   uint32_t qf[KS][4], df[KS][4];
 #pragma unroll
@@ -825,8 +852,8 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dq_mma_kernel(Params p
 
   for (int k0 = 0; k0 < p.nk; k0 += MBN) {
     __syncthreads();  // the previous tile's readers are done
-    load_tile<T, T, DP>(ks, LD, static_cast<const T*>(p.k) + kbase, k0, MBN, p.nk, p.d);
-    load_tile<T, T, DP>(vs, LD, static_cast<const T*>(p.v) + kbase, k0, MBN, p.nk, p.d);
+    load_tile<T, T, DP>(p, ks, LD, static_cast<const T*>(p.k) + kbase, k0, MBN, p.nk);
+    load_tile<T, T, DP>(p, vs, LD, static_cast<const T*>(p.v) + kbase, k0, MBN, p.nk);
     __syncthreads();
     float s[ST][4], dp[ST][4];
 #pragma unroll
@@ -956,6 +983,10 @@ void dispatch(const at::Tensor& q, F&& f) {
   });
 }
 
+// stage_tile's 16-byte chunks need whole chunks per row and 16-byte aligned tensors (a
+// contiguous view with a storage offset may not be).
+inline bool chunk_aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
 Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, double dropout_p,
                    int64_t seed) {
   SF_CHECK_INPUT(q, 4);
@@ -982,6 +1013,7 @@ Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   p.keep_scale = p.dropout_p < 1.f ? 1.f / (1.f - p.dropout_p) : 0.f;
   p.inv_heads = 1.f / static_cast<float>(p.heads);
   p.seed = static_cast<uint64_t>(seed);
+  p.vec = (q.size(3) * q.element_size()) % 16 == 0 && chunk_aligned(q) && chunk_aligned(k) && chunk_aligned(v);
   return p;
 }
 
@@ -1025,7 +1057,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
                                                            const at::Tensor& v, const at::Tensor& out,
                                                            const at::Tensor& lse, double scale, double dropout_p,
                                                            int64_t seed) {
-  const Params p = make_params(q, k, v, scale, dropout_p, seed);
+  Params p = make_params(q, k, v, scale, dropout_p, seed);
   SF_DEVICE_GUARD(q);
   SF_CHECK_INPUT(dout, 4);
   SF_CHECK_INPUT(dmask, 3);
@@ -1037,6 +1069,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "atm_attention: dout/out must match q");
   TORCH_CHECK(dmask.size(0) == q.size(0) && dmask.size(1) == q.size(2) && dmask.size(2) == k.size(2),
               "atm_attention: dmask must be (B, Nq, Nk)");
+  p.vec = p.vec && chunk_aligned(dout);
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   at::Tensor delta = at::empty_like(lse);
   dispatch(q, [&](auto tag, auto dp) {
