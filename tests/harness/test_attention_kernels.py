@@ -333,31 +333,6 @@ def test_atm_chunked_and_element_loads_agree(dtype):
                   backend=BACKEND, op="atm_attention")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
-def test_atm_chunked_and_element_loads_agree(dtype):
-    """Tiles load in 16-byte chunks when rows hold whole chunks and every tensor is 16-byte
-    aligned, element by element otherwise: a storage offset of one element (unaligned) must
-    give bitwise the same outputs and gradients, and an odd head_dim the reference's."""
-    require_backend("atm_attention", BACKEND)
-    base = {n: x.to(dtype) for n, x in _atm_inputs(2, 3, 20, 70, 32, seed=10).items()}
-
-    def run(unaligned):
-        t = {}
-        for n, x in base.items():
-            y = torch.empty(x.numel() + 1, dtype=dtype)[1:].view_as(x) if unaligned else torch.empty_like(x)
-            t[n] = y.copy_(x).requires_grad_()
-        assert (t["q"].data_ptr() % 16 != 0) == unaligned
-        out, m = semask_fast.atm_attention(t["q"], t["k"], t["v"], backend=BACKEND)
-        g = torch.Generator().manual_seed(11)
-        torch.autograd.backward([out, m], [torch.randn(out.shape, generator=g).to(dtype),
-                                           torch.randn(m.shape, generator=g).to(dtype)])
-        return [out.detach(), m.detach()] + [t[n].grad for n in ("q", "k", "v")]
-
-    assert all(torch.equal(a, b) for a, b in zip(run(False), run(True)))
-    assert_parity(semask_fast.atm_attention, _atm_inputs(1, 2, 18, 40, 13, seed=12), ["q", "k", "v"], dtype,
-                  backend=BACKEND, op="atm_attention")
-
-
 # ------------------------------- packed rows / tensor-core backward (helper F) --
 # The fp16 / bf16 window kernels pack the rows of several (window, head) segments into
 # one 64-row block (forward: query rows, dK/dV: keys); these shapes make blocks straddle
