@@ -159,12 +159,15 @@ def triton_bytes(fn: Callable[[], object]) -> Traffic:
     return traffic
 
 
-def harness_bytes(source: str, fn: Callable[[object], object], inputs: Iterable[torch.Tensor]) -> Traffic:
+def harness_bytes(source: str, fn: Callable[[object], object], inputs: Iterable[torch.Tensor],
+                  regions: Optional[list] = None) -> Traffic:
     """Bytes the CUDA kernels of ``csrc/ops/<source>`` launched by ``fn(lib)`` read and write.
 
     ``lib`` is the trace build's ``torch.ops`` namespace (same op schemas as the simt and cuda
     builds); ``inputs`` are the CPU tensors the kernels may read that exist before the call.
     Memory set by torch calls inside the op (``at::zeros``) is not a kernel access and is not counted.
+    ``regions``, if given, receives one dict per tensor region (bytes, read, written, read_issued,
+    written_issued, allocated: made during the call, i.e. an output or a workspace).
     """
     from semask_fast import _build
 
@@ -180,8 +183,11 @@ def harness_bytes(source: str, fn: Callable[[object], object], inputs: Iterable[
             del os.environ["SF_SIMT_THREADS"]
         else:
             os.environ["SF_SIMT_THREADS"] = previous
-    regions, last = rows[:-1].sum(0).tolist(), rows[-1].tolist()
-    return Traffic(read=regions[2], written=regions[3], read_issued=regions[4], written_issued=regions[5],
+    if regions is not None:
+        keys = ("begin", "bytes", "read", "written", "read_issued", "written_issued", "allocated")
+        regions.extend(dict(zip(keys, r)) for r in rows[:-1].tolist())
+    totals, last = rows[:-1].sum(0).tolist(), rows[-1].tolist()
+    return Traffic(read=totals[2], written=totals[3], read_issued=totals[4], written_issued=totals[5],
                    launches=last[0])
 
 

@@ -63,6 +63,14 @@ __global__ void block_sum_kernel(const float* __restrict__ x, float* __restrict_
   }
 }
 
+// out[i] += x[i], reps times: a non-atomic read-modify-write of global memory (the trace flavour
+// must count the store as well as the load).
+__global__ void accumulate_kernel(const float* __restrict__ x, float* __restrict__ out, int n, int reps) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  for (int r = 0; r < reps; ++r) out[i] += x[i];
+}
+
 // Every thread of every block adds into the same counters.
 __global__ void atomics_kernel(float* f, double* d, int* i, unsigned long long* u) {
   atomicAdd(f, 1.0f);
@@ -159,6 +167,15 @@ at::Tensor block_sum(const at::Tensor& x, int64_t threads) {
   return out;
 }
 
+at::Tensor accumulate(const at::Tensor& x, int64_t reps) {
+  SF_CHECK_INPUT(x, 1);
+  SF_CHECK_DTYPE(x, at::kFloat);
+  at::Tensor out = at::zeros({x.size(0)}, x.options());
+  const int n = int(x.size(0));
+  SF_LAUNCH(accumulate_kernel, (n + 63) / 64, 64, 0, nullptr, x.data_ptr<float>(), out.data_ptr<float>(), n, int(reps));
+  return out;
+}
+
 std::vector<at::Tensor> atomics(int64_t blocks, int64_t threads) {
   auto opts = at::TensorOptions().device(at::kCPU);
   at::Tensor f = at::zeros({1}, opts.dtype(at::kFloat)), d = at::zeros({1}, opts.dtype(at::kDouble));
@@ -206,6 +223,7 @@ SF_TORCH_LIBRARY_FRAGMENT(m) {
   m.def("selftest_reverse(Tensor x, int block, bool sync, bool dynamic, bool write=True) -> Tensor");
   m.def("selftest_warp_ops(Tensor x, int block, int width) -> Tensor");
   m.def("selftest_block_sum(Tensor x, int threads) -> Tensor");
+  m.def("selftest_accumulate(Tensor x, int reps) -> Tensor");
   m.def("selftest_atomics(int blocks, int threads) -> Tensor[]");
   m.def("selftest_early_exit(int threads) -> Tensor");
   m.def("selftest_host_threads(int blocks) -> Tensor");
@@ -216,11 +234,12 @@ SF_TORCH_LIBRARY_IMPL(m) {
   m.impl("selftest_reverse", &reverse);
   m.impl("selftest_warp_ops", &warp_ops);
   m.impl("selftest_block_sum", &block_sum);
+  m.impl("selftest_accumulate", &accumulate);
   m.impl("selftest_mma", &mma);
 }
 
 // Ops without tensor inputs have no dispatch key to select an implementation by.
-TORCH_LIBRARY_IMPL(semask_fast_simt, CompositeExplicitAutograd, m) {
+SF_TORCH_LIBRARY_IMPL_(SF_TORCH_NS, CompositeExplicitAutograd, m) {
   m.impl("selftest_atomics", &atomics);
   m.impl("selftest_early_exit", &early_exit);
   m.impl("selftest_host_threads", &host_threads);

@@ -1,10 +1,10 @@
 // Memory-traffic tracer for the SIMT harness: which bytes of which tensors a kernel reads and writes.
 //
 // The "trace" build flavour (semask_fast/_build.py) compiles an op source like the "simt" one plus
-// g++'s -fsanitize=kernel-address with call-based instrumentation: the compiler then calls
-// __asan_load<N>/__asan_store<N>(address) before every load and store of the translation unit.
-// This file supplies those callbacks (kernel-address mode needs no sanitizer runtime) and counts
-// the accesses that fall inside registered regions:
+// g++'s ThreadSanitizer instrumentation (-fsanitize=thread), linked WITHOUT the TSan runtime: the
+// compiler calls __tsan_read<N>/__tsan_write<N>(address) before every load and store of the
+// translation unit and routes atomics through __tsan_atomic*.  This file supplies those functions
+// (the atomics really are performed) and counts the accesses that fall inside registered regions:
 //   * the tensors handed to trace_begin (the op's inputs), and
 //   * every CPU tensor allocated while tracing (outputs and workspaces), through a wrapping
 //     c10 CPU allocator.
@@ -28,7 +28,7 @@
 #include <cstring>
 #include <vector>
 
-#define SF_NO_TRACE __attribute__((no_sanitize_address, noinline))
+#define SF_NO_TRACE __attribute__((no_sanitize_thread, noinline))
 
 namespace sf {
 namespace trace {
@@ -159,29 +159,72 @@ SF_NO_TRACE inline void on_launch() {
 }  // namespace sf
 
 // The instrumentation's callbacks.  Hidden: each traced library counts its own kernels.
-#define SF_TRACE_CALLBACKS(n)                                                                                \
-  extern "C" __attribute__((visibility("hidden"))) SF_NO_TRACE void __asan_load##n##_noabort(void* p) {   \
-    sf::trace::access(p, n, false);                                                                        \
-  }                                                                                                        \
-  extern "C" __attribute__((visibility("hidden"))) SF_NO_TRACE void __asan_store##n##_noabort(void* p) {  \
-    sf::trace::access(p, n, true);                                                                         \
+#define SF_TRACE_EXPORT extern "C" __attribute__((visibility("hidden"))) SF_NO_TRACE
+#define SF_TRACE_ACCESS(n)                                                                                     \
+  SF_TRACE_EXPORT void __tsan_read##n(void* p) { sf::trace::access(p, n, false); }                            \
+  SF_TRACE_EXPORT void __tsan_write##n(void* p) { sf::trace::access(p, n, true); }                            \
+  SF_TRACE_EXPORT void __tsan_unaligned_read##n(void* p) { sf::trace::access(p, n, false); }                  \
+  SF_TRACE_EXPORT void __tsan_unaligned_write##n(void* p) { sf::trace::access(p, n, true); }
+SF_TRACE_ACCESS(1)
+SF_TRACE_ACCESS(2)
+SF_TRACE_ACCESS(4)
+SF_TRACE_ACCESS(8)
+SF_TRACE_ACCESS(16)
+#undef SF_TRACE_ACCESS
+SF_TRACE_EXPORT void __tsan_read_range(void* p, unsigned long n) { sf::trace::access(p, long(n), false); }
+SF_TRACE_EXPORT void __tsan_write_range(void* p, unsigned long n) { sf::trace::access(p, long(n), true); }
+SF_TRACE_EXPORT void __tsan_init() {}
+SF_TRACE_EXPORT void __tsan_func_entry(void*) {}
+SF_TRACE_EXPORT void __tsan_func_exit() {}
+SF_TRACE_EXPORT void __tsan_vptr_update(void** p, void*) { sf::trace::access(p, sizeof(void*), true); }
+SF_TRACE_EXPORT void __tsan_vptr_read(void** p) { sf::trace::access(p, sizeof(void*), false); }
+
+// Atomics: performed (sequentially consistent: stronger than asked, always correct) and counted as a
+// read and a write (a load: a read; a store: a write).
+#define SF_TRACE_ATOMIC(bits, T)                                                                               \
+  SF_TRACE_EXPORT T __tsan_atomic##bits##_load(const volatile void* a, int) {                                 \
+    sf::trace::access(const_cast<void*>(a), sizeof(T), false);                                                \
+    return __atomic_load_n(static_cast<const volatile T*>(a), __ATOMIC_SEQ_CST);                              \
+  }                                                                                                          \
+  SF_TRACE_EXPORT void __tsan_atomic##bits##_store(volatile void* a, T v, int) {                              \
+    sf::trace::access(const_cast<void*>(a), sizeof(T), true);                                                 \
+    __atomic_store_n(static_cast<volatile T*>(a), v, __ATOMIC_SEQ_CST);                                       \
+  }                                                                                                          \
+  SF_TRACE_RMW(bits, T, exchange, __atomic_exchange_n)                                                       \
+  SF_TRACE_RMW(bits, T, fetch_add, __atomic_fetch_add)                                                       \
+  SF_TRACE_RMW(bits, T, fetch_sub, __atomic_fetch_sub)                                                       \
+  SF_TRACE_RMW(bits, T, fetch_and, __atomic_fetch_and)                                                       \
+  SF_TRACE_RMW(bits, T, fetch_or, __atomic_fetch_or)                                                         \
+  SF_TRACE_RMW(bits, T, fetch_xor, __atomic_fetch_xor)                                                       \
+  SF_TRACE_RMW(bits, T, fetch_nand, __atomic_fetch_nand)                                                     \
+  SF_TRACE_EXPORT int __tsan_atomic##bits##_compare_exchange_strong(volatile void* a, void* c, T v, int, int) { \
+    sf::trace::access(const_cast<void*>(a), sizeof(T), false);                                                \
+    sf::trace::access(const_cast<void*>(a), sizeof(T), true);                                                 \
+    return __atomic_compare_exchange_n(static_cast<volatile T*>(a), static_cast<T*>(c), v, false,              \
+                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                                   \
+  }                                                                                                          \
+  SF_TRACE_EXPORT int __tsan_atomic##bits##_compare_exchange_weak(volatile void* a, void* c, T v, int, int) {   \
+    return __tsan_atomic##bits##_compare_exchange_strong(a, c, v, 0, 0);                                      \
+  }                                                                                                          \
+  SF_TRACE_EXPORT T __tsan_atomic##bits##_compare_exchange_val(volatile void* a, T c, T v, int, int) {        \
+    __tsan_atomic##bits##_compare_exchange_strong(a, &c, v, 0, 0);                                            \
+    return c;                                                                                                \
   }
-SF_TRACE_CALLBACKS(1)
-SF_TRACE_CALLBACKS(2)
-SF_TRACE_CALLBACKS(4)
-SF_TRACE_CALLBACKS(8)
-SF_TRACE_CALLBACKS(16)
-#undef SF_TRACE_CALLBACKS
-extern "C" __attribute__((visibility("hidden"))) SF_NO_TRACE void __asan_loadN_noabort(void* p, long n) {
-  sf::trace::access(p, n, false);
-}
-extern "C" __attribute__((visibility("hidden"))) SF_NO_TRACE void __asan_storeN_noabort(void* p, long n) {
-  sf::trace::access(p, n, true);
-}
-extern "C" __attribute__((visibility("hidden"))) SF_NO_TRACE void __asan_handle_no_return() {}
-// Dynamic-initialisation-order hooks (emitted around static constructors): nothing to check here.
-extern "C" __attribute__((visibility("hidden"))) SF_NO_TRACE void __asan_before_dynamic_init(const void*) {}
-extern "C" __attribute__((visibility("hidden"))) SF_NO_TRACE void __asan_after_dynamic_init() {}
+#define SF_TRACE_RMW(bits, T, name, builtin)                                                                  \
+  SF_TRACE_EXPORT T __tsan_atomic##bits##_##name(volatile void* a, T v, int) {                                \
+    sf::trace::access(const_cast<void*>(a), sizeof(T), false);                                                \
+    sf::trace::access(const_cast<void*>(a), sizeof(T), true);                                                 \
+    return builtin(static_cast<volatile T*>(a), v, __ATOMIC_SEQ_CST);                                         \
+  }
+SF_TRACE_ATOMIC(8, unsigned char)
+SF_TRACE_ATOMIC(16, unsigned short)
+SF_TRACE_ATOMIC(32, unsigned int)
+SF_TRACE_ATOMIC(64, unsigned long)
+#undef SF_TRACE_ATOMIC
+#undef SF_TRACE_RMW
+SF_TRACE_EXPORT void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+SF_TRACE_EXPORT void __tsan_atomic_signal_fence(int) { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
+#undef SF_TRACE_EXPORT
 
 // Catch-all kernels: trace_end has no tensor argument to dispatch on.
 TORCH_LIBRARY_FRAGMENT(SF_TRACE_NS, m) {

@@ -59,6 +59,24 @@ def test_unique_bytes_are_per_launch():
     assert traffic.read == 2 * x.nbytes and traffic.written == 2 * x.nbytes
 
 
+def test_read_modify_write_and_atomics():
+    # A non-atomic out[i] += x[i] counts the store too (AddressSanitizer's instrumentation drops a
+    # store check dominated by a load of the same address; the trace flavour must not); atomics are
+    # a read and a write.  Unique bytes count each address once per launch.
+    x, reps = torch.randn(100), 3
+    result = {}
+    traffic = harness_bytes("harness/selftest.cu", lambda lib: result.update(y=lib.selftest_accumulate(x, reps)), [x])
+    torch.testing.assert_close(result["y"], x * reps)
+    assert (traffic.read, traffic.written) == (2 * x.nbytes, x.nbytes)
+    assert traffic.read_issued >= traffic.read and traffic.written_issued >= traffic.written
+
+    blocks, threads = 3, 64
+    traffic = harness_bytes("harness/selftest.cu", lambda lib: lib.selftest_atomics(blocks, threads), [])
+    counters = 4 + 8 + 4 + 8  # float, double, int, unsigned long long
+    assert (traffic.read, traffic.written) == (counters, counters)
+    assert traffic.written_issued == blocks * threads * counters
+
+
 def test_needs_one_host_thread(monkeypatch):
     lib = _build.load("trace", "window_process.cu")
     monkeypatch.setenv("SF_SIMT_THREADS", "2")
