@@ -43,9 +43,10 @@ constexpr int BN = 32;
 // logits (BM x range, fp32) lives in shared memory.
 constexpr int kMaxSplitTiles = 8;
 // Minimum resident blocks given to __launch_bounds__ where ptxas, left to its own occupancy
-// target, keeps the registers at 64-80 and spills (measured on sm_80/sm_90): the dq kernel
-// gets up to 128 registers (its shared memory allows 4 blocks per SM at head_dim 128); the
-// fp32 forward kernel asks for 1 (its shared memory, not registers, bounds its occupancy).
+// target, keeps the registers at 64-80 and spills (measured on sm_80/sm_90): the fp32 dq
+// kernel gets up to 128 registers (at head_dim 128 its shared memory allows 3 blocks per SM
+// on sm_80, 4 on sm_90); the fp32 forward kernel asks for 1 (its shared memory, not its
+// registers, bounds its occupancy).
 constexpr int kDqMinBlocks = 4;
 constexpr float kNegInf = -__builtin_huge_valf();
 
@@ -497,6 +498,7 @@ __global__ void __launch_bounds__(kThreads) atm_attention_combine_kernel(const f
 }
 
 // --------------------------------------------------------------- backward --
+// delta for every dtype; the dK/dV and dQ kernels of this section are the fp32 (FFMA) path.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) atm_attention_delta_kernel(const T* __restrict__ out,
                                                                        const T* __restrict__ dout,
