@@ -222,6 +222,18 @@ def write_section(text: str) -> None:
     RESULTS.write_text(body)
 
 
+def dm_reads(B, H, NQ, NK, D) -> str:
+    """Issued reads of d(mask logits) by the two ATM backward kernels: once per head group (BLOCK_G
+    heads are one program's batched tiles), where a kernel per head reads it once per head."""
+    from semask_fast.kernels.atm_attention import backward_config
+
+    group = backward_config(H, NQ, NK, D, torch.float16)["q"]["BLOCK_G"]
+    dm = B * NQ * NK * 2
+    return (f"\nATM backward (SegViT-L, fp16), issued reads of d(mask logits): {group} heads per program, "
+            f"2 x {triton.cdiv(H, group)} x {_mb(dm)} MB = {_mb(2 * triton.cdiv(H, group) * dm)} MB "
+            f"(one head per program: 2 x {H} x {_mb(dm)} MB = {_mb(2 * H * dm)} MB).\n")
+
+
 def main():
     # Count the tiles a GPU runs, not the interpreter's large test tiles.
     from semask_fast.kernels import atm_attention, mask_similarity, semantic_attention
@@ -234,7 +246,8 @@ def main():
     checks = ["| check | shape | phase | counted (bytes) | model (bytes) | issued (bytes) | launches |",
               "|---|---|---|---|---|---|---|"]
     for case in (semantic_case("semantic_attention", 3, 49, 150, 40),
-                 semantic_case("semantic_attention", 1, 70, 19, 70), atm_case("atm_attention", 2, 3, 40, 70, 32)):
+                 semantic_case("semantic_attention", 1, 70, 19, 70), atm_case("atm_attention", 2, 3, 40, 70, 32),
+                 atm_case("atm_attention", 1, 8, 40, 70, 32)):
         checks += check(case)
     cases = [semantic_case("semantic_attention (SeMask-T stage 1, windowed)", 128, 49, 150, 96),
              semantic_case("semantic_attention (SeMask-T stage 3, global)", 2, 1024, 150, 384),
@@ -247,6 +260,7 @@ def main():
             f"**GPU times are a model, not a measurement**: max(bytes / {GPU['bw'] / 1e12:.2f} TB/s, FLOPs / "
             f"{GPU['half'] / 1e12:.0f} TFLOP/s) for {GPU['name']}; kernel FLOPs as issued (padded tiles, "
             "recomputation), eager without launch overheads.\n\n" + table(results)
+            + dm_reads(2, 16, 150, 1600, 32)
             + "\nInterpreter checks (GPU tiles; issued = every masked-on element of every load/store):\n\n"
             + "\n".join(checks) + "\n")
     print(text)

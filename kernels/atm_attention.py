@@ -246,7 +246,7 @@ def forward_config(heads: int, nq: int, nk: int, d: int, dtype) -> dict:
     else:
         bm, bn = (32, 32) if d > 64 else (64, 32)
     return dict(BLOCK_M=_p2(nq, hi=bm), BLOCK_N=_p2(nk, hi=bn), BLOCK_D=_p2(d), BLOCK_H=_p2(heads, lo=1),
-                num_warps=8)
+                num_warps=8, num_stages=2)
 
 
 #: Head-group width x head dim the backward tiles hold (batched (heads, rows, d) register tiles) and the
@@ -315,7 +315,7 @@ def dropout_keep_mask(seed: int, batch: int, heads: int, nq: int, nk: int, dropo
     """(B, h, Nq, Nk) bool keep-mask the kernels draw for ``seed`` (replay it in the reference)."""
     keep = torch.empty((batch, heads, nq, nk), device=device, dtype=torch.int8)
     grid = (triton.cdiv(nq, 32), triton.cdiv(nk, 32), batch * heads)
-    _atm_keep_kernel[grid](keep, seed, nq, nk, dropout_p, BLOCK_M=32, BLOCK_N=32)
+    _atm_keep_kernel[grid](keep, seed, nq, nk, dropout_p, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
     return keep.bool()
 
 
@@ -338,10 +338,10 @@ def _aot_configs():
             for dropout in (False, True):
                 tag = f"{name},{ty}{',dropout' if dropout else ''}"
                 fcfg = dict(forward_config(H, NQ, NK, D, dtype), DROPOUT=dropout, DOT_FP32=False)
-                fwarps = fcfg.pop("num_warps")
+                fopts = dict(num_warps=fcfg.pop("num_warps"), num_stages=fcfg.pop("num_stages"))
                 sig = {p: f"*{ty}" for p in ptrs + ("OUT", "M")}
                 sig.update(LSE="*fp32", **scalars, **{c: "constexpr" for c in fcfg})
-                configs.append(AOTConfig(_atm_fwd_kernel, f"atm_attention_fwd[{tag}]", sig, fcfg, num_warps=fwarps))
+                configs.append(AOTConfig(_atm_fwd_kernel, f"atm_attention_fwd[{tag}]", sig, fcfg, **fopts))
                 base = {p: f"*{ty}" for p in ptrs + ("DO", "DM")}
                 base.update(LSE="*fp32", DELTA="*fp32")
                 for part, kernel, outs in (("kv", _atm_bwd_kv_kernel, ("DK", "DV")),

@@ -19,10 +19,11 @@ Backward (dO given): dS = P * (dO Yv^T - D) with D = rowsum(dO * O),
 P recomputed from the saved logsumexp, in two kernels:
   query-major (first): D for its rows (stored), then dSq, streaming C for dP;
   key-major: dYv and dSk.  It holds a C tile of dYv as wide as registers allow
-  (all of C up to 128 in fp16/bf16): S and P are computed once per (query
+  (all of C up to 256 in fp16/bf16, 128 in fp32): S and P are computed once per (query
   block, key block, C tile) and dP = dO Yv^T once per (query block, key block),
   with no extra pass over C.
-The dSq/dSk accumulators hold all of K padded to a power of two in registers (K <= 256).
+The dSq/dSk accumulators hold all of K in registers (K <= 256), as two power-of-two
+pieces where that pads less (K = 150: 128 + 32 columns, not 256).
 """
 
 from __future__ import annotations
@@ -129,13 +130,26 @@ def _dp_tile(do_base, v_base, offs_m, offs_n, m_ok, n_ok, C, v_sn, BLOCK_M: tl.c
 
 
 @triton.jit
+def _k_ptrs(base, offs_r, sr, k0, BLOCK_K: tl.constexpr):
+    """Pointers to the (rows, BLOCK_K) tile of a row-major (rows, K) matrix at columns k0.. (row stride sr)."""
+    return base + offs_r[:, None] * sr + (k0 + tl.arange(0, BLOCK_K))[None, :]
+
+
+@triton.jit
+def _k_mask(r_ok, k0, K, BLOCK_K: tl.constexpr):
+    return r_ok[:, None] & ((k0 + tl.arange(0, BLOCK_K)) < K)[None, :]
+
+
+@triton.jit
 def _sem_bwd_q_kernel(SQ, SK, YV, OUT, DO, LSE, DELTA, DSQ, B, N, K, C, WPP, sq_b, sq_n, sk_b, sk_n, yv_b, yv_n,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KA: tl.constexpr, BLOCK_KB: tl.constexpr,
                       BLOCK_C: tl.constexpr, DOT_FP32: tl.constexpr):
-    """Query-major, launched first: D = rowsum(dO * O) (stored for the key-major kernel) and dSq = dS Sk."""
+    """Query-major, launched first: D = rowsum(dO * O) (stored for the key-major kernel) and dSq = dS Sk.
+
+    K is held as two register pieces, columns [0, BLOCK_KA) and [BLOCK_KA, BLOCK_KA + BLOCK_KB)
+    (BLOCK_KB = 0: one piece), e.g. 128 + 32 for K = 150 instead of 256.
+    """
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_KP)
-    k_ok = offs_k < K
     for w in range(0, WPP):
         b = tl.program_id(1).to(tl.int64) * WPP + w
         m_ok = (offs_m < N) & (b < B)
@@ -148,30 +162,44 @@ def _sem_bwd_q_kernel(SQ, SK, YV, OUT, DO, LSE, DELTA, DSQ, B, N, K, C, WPP, sq_
             do = tl.load(DO + rows, mask=mask, other=0.0).to(tl.float32)
             delta += tl.sum(o * do, 1)
         tl.store(DELTA + b * N + offs_m, delta, mask=m_ok)
-        qf = tl.load(SQ + b * sq_b + offs_m[:, None] * sq_n + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                     other=0.0)
+        q_base = SQ + b * sq_b
+        k_base = SK + b * sk_b
+        qa = tl.load(_k_ptrs(q_base, offs_m, sq_n, 0, BLOCK_KA), mask=_k_mask(m_ok, 0, K, BLOCK_KA), other=0.0)
+        dsq_a = tl.zeros([BLOCK_M, BLOCK_KA], dtype=tl.float32)
+        if BLOCK_KB > 0:
+            qb = tl.load(_k_ptrs(q_base, offs_m, sq_n, BLOCK_KA, BLOCK_KB),
+                         mask=_k_mask(m_ok, BLOCK_KA, K, BLOCK_KB), other=0.0)
+            dsq_b = tl.zeros([BLOCK_M, BLOCK_KB], dtype=tl.float32)
         lse = tl.load(LSE + b * N + offs_m, mask=m_ok, other=0.0)
-        dsq = tl.zeros([BLOCK_M, BLOCK_KP], dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = (offs_n < N) & (b < B)
-            kf = tl.load(SK + b * sk_b + offs_n[:, None] * sk_n + offs_k[None, :],
-                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            s = mm(qf, tl.trans(kf), DOT_FP32)
+            ka = tl.load(_k_ptrs(k_base, offs_n, sk_n, 0, BLOCK_KA), mask=_k_mask(n_ok, 0, K, BLOCK_KA), other=0.0)
+            s = mm(qa, tl.trans(ka), DOT_FP32)
+            if BLOCK_KB > 0:
+                kb = tl.load(_k_ptrs(k_base, offs_n, sk_n, BLOCK_KA, BLOCK_KB),
+                             mask=_k_mask(n_ok, BLOCK_KA, K, BLOCK_KB), other=0.0)
+                s += mm(qb, tl.trans(kb), DOT_FP32)
             p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
             dp = _dp_tile(DO + b * N * C, YV + b * yv_b, offs_m, offs_n, m_ok, n_ok, C, yv_n, BLOCK_M, BLOCK_N,
                           BLOCK_C, DOT_FP32)
-            ds = p * (dp - delta[:, None])
-            dsq += mm(ds.to(kf.dtype), kf, DOT_FP32)
-        tl.store(DSQ + b * N * K + offs_m[:, None] * K + offs_k[None, :], dsq.to(DSQ.dtype.element_ty),
-                 mask=m_ok[:, None] & k_ok[None, :])
+            ds = (p * (dp - delta[:, None])).to(ka.dtype)
+            dsq_a += mm(ds, ka, DOT_FP32)
+            if BLOCK_KB > 0:
+                dsq_b += mm(ds, kb, DOT_FP32)
+        out_base = DSQ + b * N * K
+        tl.store(_k_ptrs(out_base, offs_m, K, 0, BLOCK_KA), dsq_a.to(DSQ.dtype.element_ty),
+                 mask=_k_mask(m_ok, 0, K, BLOCK_KA))
+        if BLOCK_KB > 0:
+            tl.store(_k_ptrs(out_base, offs_m, K, BLOCK_KA, BLOCK_KB), dsq_b.to(DSQ.dtype.element_ty),
+                     mask=_k_mask(m_ok, BLOCK_KA, K, BLOCK_KB))
 
 
 @triton.jit
 def _sem_bwd_kv_kernel(SQ, SK, YV, DO, LSE, DELTA, DSK, DYV, B, N, K, C, WPP, sq_b, sq_n, sk_b, sk_n, yv_b, yv_n,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KA: tl.constexpr, BLOCK_KB: tl.constexpr,
                        BLOCK_C: tl.constexpr, SINGLE_C: tl.constexpr, BLOCK_CD: tl.constexpr, DOT_FP32: tl.constexpr):
-    """Key-major: dYv and dSk for one key block.
+    """Key-major: dYv and dSk for one key block (K in two register pieces as in the query-major kernel).
 
     SINGLE_C (C <= BLOCK_C, e.g. SeMask-T stage 1): one program holds all of C, so S, P,
     dP = dO Yv^T and dS are computed once per (query block, key block) and dO is loaded once for
@@ -183,25 +211,31 @@ def _sem_bwd_kv_kernel(SQ, SK, YV, DO, LSE, DELTA, DSK, DYV, B, N, K, C, WPP, sq
     pid_c = tl.program_id(0) % num_c
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_k = tl.arange(0, BLOCK_KP)
     c_ok = offs_c < C
-    k_ok = offs_k < K
     for w in range(0, WPP):
         b = tl.program_id(1).to(tl.int64) * WPP + w
         n_ok = (offs_n < N) & (b < B)
-        kf = tl.load(SK + b * sk_b + offs_n[:, None] * sk_n + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                     other=0.0)
+        q_base = SQ + b * sq_b
+        k_base = SK + b * sk_b
+        ka = tl.load(_k_ptrs(k_base, offs_n, sk_n, 0, BLOCK_KA), mask=_k_mask(n_ok, 0, K, BLOCK_KA), other=0.0)
+        dsk_a = tl.zeros([BLOCK_N, BLOCK_KA], dtype=tl.float32)
+        if BLOCK_KB > 0:
+            kb = tl.load(_k_ptrs(k_base, offs_n, sk_n, BLOCK_KA, BLOCK_KB),
+                         mask=_k_mask(n_ok, BLOCK_KA, K, BLOCK_KB), other=0.0)
+            dsk_b = tl.zeros([BLOCK_N, BLOCK_KB], dtype=tl.float32)
         if SINGLE_C:
             yv = tl.load(YV + b * yv_b + offs_n[:, None] * yv_n + offs_c[None, :],
                          mask=n_ok[:, None] & c_ok[None, :], other=0.0)
-        dsk = tl.zeros([BLOCK_N, BLOCK_KP], dtype=tl.float32)
         dyv = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
         for m0 in range(0, N, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_ok = (offs_m < N) & (b < B)
-            qf = tl.load(SQ + b * sq_b + offs_m[:, None] * sq_n + offs_k[None, :],
-                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            s = mm(qf, tl.trans(kf), DOT_FP32)
+            qa = tl.load(_k_ptrs(q_base, offs_m, sq_n, 0, BLOCK_KA), mask=_k_mask(m_ok, 0, K, BLOCK_KA), other=0.0)
+            s = mm(qa, tl.trans(ka), DOT_FP32)
+            if BLOCK_KB > 0:
+                qb = tl.load(_k_ptrs(q_base, offs_m, sq_n, BLOCK_KA, BLOCK_KB),
+                             mask=_k_mask(m_ok, BLOCK_KA, K, BLOCK_KB), other=0.0)
+                s += mm(qb, tl.trans(kb), DOT_FP32)
             lse = tl.load(LSE + b * N + offs_m, mask=m_ok, other=0.0)
             p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
             do = tl.load(DO + b * N * C + offs_m[:, None] * C + offs_c[None, :], mask=m_ok[:, None] & c_ok[None, :],
@@ -209,18 +243,27 @@ def _sem_bwd_kv_kernel(SQ, SK, YV, DO, LSE, DELTA, DSK, DYV, B, N, K, C, WPP, sq
             dyv += mm(tl.trans(p.to(do.dtype)), do, DOT_FP32)
             if SINGLE_C:
                 delta = tl.load(DELTA + b * N + offs_m, mask=m_ok, other=0.0)
-                ds = p * (mm(do, tl.trans(yv), DOT_FP32) - delta[:, None])
-                dsk += mm(tl.trans(ds.to(qf.dtype)), qf, DOT_FP32)
+                ds_t = tl.trans((p * (mm(do, tl.trans(yv), DOT_FP32) - delta[:, None])).to(qa.dtype))
+                dsk_a += mm(ds_t, qa, DOT_FP32)
+                if BLOCK_KB > 0:
+                    dsk_b += mm(ds_t, qb, DOT_FP32)
             elif pid_c == 0:
                 dp = _dp_tile(DO + b * N * C, YV + b * yv_b, offs_m, offs_n, m_ok, n_ok, C, yv_n, BLOCK_M, BLOCK_N,
                               BLOCK_CD, DOT_FP32)
                 delta = tl.load(DELTA + b * N + offs_m, mask=m_ok, other=0.0)
-                ds = p * (dp - delta[:, None])
-                dsk += mm(tl.trans(ds.to(qf.dtype)), qf, DOT_FP32)
+                ds_t = tl.trans((p * (dp - delta[:, None])).to(qa.dtype))
+                dsk_a += mm(ds_t, qa, DOT_FP32)
+                if BLOCK_KB > 0:
+                    dsk_b += mm(ds_t, qb, DOT_FP32)
         tl.store(DYV + b * N * C + offs_n[:, None] * C + offs_c[None, :], dyv.to(DYV.dtype.element_ty),
                  mask=n_ok[:, None] & c_ok[None, :])
-        tl.store(DSK + b * N * K + offs_n[:, None] * K + offs_k[None, :], dsk.to(DSK.dtype.element_ty),
-                 mask=n_ok[:, None] & k_ok[None, :] & (pid_c == 0))
+        out_base = DSK + b * N * K
+        tile0 = n_ok & (pid_c == 0)
+        tl.store(_k_ptrs(out_base, offs_n, K, 0, BLOCK_KA), dsk_a.to(DSK.dtype.element_ty),
+                 mask=_k_mask(tile0, 0, K, BLOCK_KA))
+        if BLOCK_KB > 0:
+            tl.store(_k_ptrs(out_base, offs_n, K, BLOCK_KA, BLOCK_KB), dsk_b.to(DSK.dtype.element_ty),
+                     mask=_k_mask(tile0, BLOCK_KA, K, BLOCK_KB))
 
 
 # --------------------------------------------------------------------------- #
@@ -234,11 +277,20 @@ def forward_config(N: int, K: int, C: int, dtype) -> dict:
     """Block sizes and warps; chosen so every shipped configuration compiles without spills (AOT table)."""
     wide = dtype == torch.float32  # fp32 tiles take twice the registers and use FMA dots (ieee)
     return dict(BLOCK_M=_p2(N, hi=32 if wide else 64), BLOCK_N=_p2(N, hi=32 if wide else 64), BLOCK_K=_p2(K, hi=32),
-                BLOCK_C=_p2(C, hi=128), num_warps=8)
+                BLOCK_C=_p2(C, hi=128), num_warps=8, num_stages=2)
+
+
+def k_pieces(K: int) -> tuple:
+    """(BLOCK_KA, BLOCK_KB): K held in registers as two power-of-two pieces when that pads less than
+    one (150 -> 128 + 32, not 256); BLOCK_KB = 0 when one piece is as small."""
+    whole = _p2(K)
+    half = whole // 2
+    rest = _p2(K - half) if K > half else 0
+    return (half, rest) if half >= 16 and 0 < rest and half + rest < whole else (whole, 0)
 
 
 #: Widest C tile of the key-major backward (dYv accumulator + Yv and dO tiles in registers), by fp32-ness.
-KV_MAX_C = {False: 128, True: 64}
+KV_MAX_C = {False: 256, True: 128}
 
 
 def backward_config(N: int, K: int, C: int, dtype) -> dict:
@@ -261,11 +313,13 @@ def backward_config(N: int, K: int, C: int, dtype) -> dict:
     else:
         block, block_c, warps = 32, 64, 8
     stages = 1 if wide else 2
-    q = dict(BLOCK_M=_p2(N, hi=block), BLOCK_N=_p2(N, hi=block), BLOCK_KP=_p2(K), BLOCK_C=_p2(C, hi=block_c),
-             num_warps=warps, num_stages=stages)
+    ka, kb = k_pieces(K)
+    q = dict(BLOCK_M=_p2(N, hi=block), BLOCK_N=_p2(N, hi=block), BLOCK_KA=ka, BLOCK_KB=kb,
+             BLOCK_C=_p2(C, hi=block_c), num_warps=warps, num_stages=stages)
     kv_c = _p2(C, hi=KV_MAX_C[wide])
-    kv = dict(BLOCK_M=_p2(N, hi=16), BLOCK_N=_p2(N, hi=16), BLOCK_KP=_p2(K), BLOCK_C=kv_c, SINGLE_C=C <= kv_c,
-              BLOCK_CD=_p2(C, hi=16 if wide else 64), num_warps=4 if wide and not big_k else 8, num_stages=1)
+    kv = dict(BLOCK_M=_p2(N, hi=16), BLOCK_N=_p2(N, hi=16), BLOCK_KA=ka, BLOCK_KB=kb, BLOCK_C=kv_c,
+              SINGLE_C=C <= kv_c, BLOCK_CD=_p2(C, hi=32 if wide else 64), num_warps=4 if wide and not big_k else 8,
+              num_stages=1)
     return dict(q=q, kv=kv)
 
 
@@ -289,7 +343,8 @@ def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     rows = a.numel() // max(cols, 1)
     out = torch.empty(a.shape[:-1], device=a.device, dtype=torch.float32)
     block_c = _p2(cols, hi=128)
-    _row_dot_kernel[(triton.cdiv(rows, 16),)](a, b, out, rows, cols, BLOCK_R=16, BLOCK_C=block_c)
+    _row_dot_kernel[(triton.cdiv(rows, 16),)](a, b, out, rows, cols, BLOCK_R=16, BLOCK_C=block_c, num_warps=4,
+                                              num_stages=2)
     return out
 
 
@@ -364,12 +419,12 @@ def _aot_configs():
     for dtype, ty in _TY.items():
         for name, N, K, C in SHIPPED_SHAPES:
             f = forward_config(N, K, C, dtype)
-            warps = f.pop("num_warps")
+            fopts = dict(num_warps=f.pop("num_warps"), num_stages=f.pop("num_stages"))
             sig = dict(SQ=f"*{ty}", SK=f"*{ty}", YV=f"*{ty}", OUT=f"*{ty}", LSE="*fp32", B="i32", N="i32",
                        K="i32", C="i32", WPP="i32", **strides, BLOCK_M="constexpr", BLOCK_N="constexpr",
                        BLOCK_K="constexpr", BLOCK_C="constexpr", DOT_FP32="constexpr")
             configs.append(AOTConfig(_sem_fwd_kernel, f"semantic_attention_fwd[{name},{ty}]", sig,
-                                     dict(f, DOT_FP32=False), num_warps=warps))
+                                     dict(f, DOT_FP32=False), **fopts))
             scalars = dict(B="i32", N="i32", K="i32", C="i32", WPP="i32", **strides)
             for part, kernel, ptrs in (("q", _sem_bwd_q_kernel, ("SQ", "SK", "YV", "OUT", "DO", "LSE", "DELTA", "DSQ")),
                                        ("kv", _sem_bwd_kv_kernel, ("SQ", "SK", "YV", "DO", "LSE", "DELTA", "DSK",
@@ -389,4 +444,5 @@ def _aot_configs():
 AOT_CONFIGS = _aot_configs()
 
 __all__ = ["semantic_attention_forward", "semantic_attention_backward", "row_dot", "forward_config",
-           "backward_config", "windows_per_program", "row_strides", "MAX_K", "KV_MAX_C", "INTERPRETER_TILES", "AOT_CONFIGS"]
+           "backward_config", "k_pieces", "windows_per_program", "row_strides", "MAX_K", "KV_MAX_C",
+           "INTERPRETER_TILES", "AOT_CONFIGS"]
