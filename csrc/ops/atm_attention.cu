@@ -689,12 +689,19 @@ __global__ void __launch_bounds__(kThreads, kDqMinBlocks) atm_attention_dq_kerne
 // 16 query rows (dQ): S, dP and the products with P and dS on tensor cores.  P and dS are
 // rounded to T to become A operands (as flash attention does); every product accumulates in
 // fp32.
-constexpr int MBM = 16 * kWarps;  // keys (dkv) or query rows (dq) of a block
-constexpr int MBN = 32;           // query rows (dkv) or keys (dq) of a tile
+constexpr int MBM = 16 * kWarps;  // keys of a dK/dV block
+constexpr int MBN = 32;           // query rows (dK/dV) or keys (dQ) of a tile
 
 template <int DP>
-SF_HOST_DEVICE constexpr int bwd_mma_smem_bytes() {
-  return 2 * 2 * (MBM + MBN) * mma_ld<DP>() + 4 * 2 * MBM;
+SF_HOST_DEVICE constexpr int dkv_mma_smem_bytes() {
+  return 2 * 2 * (MBM + MBN) * mma_ld<DP>() + 4 * 2 * MBN;
+}
+
+// q and dO tiles [BM][LD], then every warp's k and v tiles [MBN][LD] (in T); after the key
+// loop the warps' fp32 dQ partials [kWarps][BM][DP] reuse the k/v tiles.
+template <int DP>
+SF_HOST_DEVICE constexpr int dq_mma_smem_bytes() {
+  return 2 * (2 * BM + kWarps * 2 * MBN) * mma_ld<DP>();
 }
 
 // grid (B * h, ceil(Nk / MBM)): dV = P^T dO and dK = dS^T q * scale for the block's keys,
@@ -807,8 +814,10 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dkv_mma_kernel(Params 
   }
 }
 
-// grid (B * h, ceil(Nq / MBM)): dQ = dS k * scale for the block's query rows, looping over
-// key tiles; q and dO stay in A fragments.
+// grid (B * h, ceil(Nq / BM)): dQ = dS k * scale for the block's 16 query rows (q and dO in
+// A fragments of every warp).  The warps take the key tiles round-robin, each staging its own
+// k and v tiles, and their dQ partials are added in warp order at the end (deterministic):
+// 16-row blocks keep the grid large for SegViT's 150 class tokens.
 template <typename T, int DP>
 __global__ void __launch_bounds__(kThreads) atm_attention_dq_mma_kernel(Params p, const T* __restrict__ dout,
                                                                         const T* __restrict__ dmask,
@@ -818,30 +827,31 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dq_mma_kernel(Params p
   constexpr int LD = mma_ld<DP>();
   constexpr int KS = DP / 16, NT = DP / 8, ST = MBN / 8;
   SF_DYNAMIC_SHARED(T, smem);
-  T* qs = smem;            // [MBM][LD]
-  T* dos = qs + MBM * LD;  // [MBM][LD]
-  T* ks = dos + MBM * LD;  // [MBN][LD]
-  T* vs = ks + MBN * LD;   // [MBN][LD]
-
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  T* qs = smem;                                 // [BM][LD]
+  T* dos = qs + BM * LD;                        // [BM][LD]
+  T* ks = dos + BM * LD + warp * 2 * MBN * LD;  // [MBN][LD], the warp's
+  T* vs = ks + MBN * LD;                        // [MBN][LD]
+  float* red = reinterpret_cast<float*>(dos + BM * LD);  // [kWarps][BM][DP], after the key loop
+
   const int g = lane >> 2, t4 = lane & 3;
   const int64_t bh = blockIdx.x, b = blockIdx.x / static_cast<unsigned>(p.heads);  // 32-bit division
-  const int q0 = blockIdx.y * MBM;
+  const int q0 = blockIdx.y * BM;
   const int64_t qbase = bh * p.nq * p.d, kbase = bh * p.nk * p.d;
-  load_tile<T, T, DP>(p, qs, LD, static_cast<const T*>(p.q) + qbase, q0, MBM, p.nq);
-  load_tile<T, T, DP>(p, dos, LD, dout + qbase, q0, MBM, p.nq);
+  load_tile<T, T, DP>(p, qs, LD, static_cast<const T*>(p.q) + qbase, q0, BM, p.nq);
+  load_tile<T, T, DP>(p, dos, LD, dout + qbase, q0, BM, p.nq);
   __syncthreads();
   uint32_t qf[KS][4], df[KS][4];
 #pragma unroll
   for (int kk = 0; kk < KS; ++kk) {
-    sf::load_a_frag<T>(qf[kk], qs + warp * 16 * LD + kk * 16, LD, lane);
-    sf::load_a_frag<T>(df[kk], dos + warp * 16 * LD + kk * 16, LD, lane);
+    sf::load_a_frag<T>(qf[kk], qs + kk * 16, LD, lane);
+    sf::load_a_frag<T>(df[kk], dos + kk * 16, LD, lane);
   }
   int rows[2];
   float lse_r[2], delta_r[2];
 #pragma unroll
   for (int h2 = 0; h2 < 2; ++h2) {
-    rows[h2] = q0 + warp * 16 + g + 8 * h2;
+    rows[h2] = q0 + g + 8 * h2;
     const bool ok = rows[h2] < p.nq;
     lse_r[h2] = ok ? lse[bh * p.nq + rows[h2]] : 0.f;
     delta_r[h2] = ok ? delta[bh * p.nq + rows[h2]] : 0.f;
@@ -852,11 +862,11 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dq_mma_kernel(Params p
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
 
-  for (int k0 = 0; k0 < p.nk; k0 += MBN) {
-    __syncthreads();  // the previous tile's readers are done
-    load_tile<T, T, DP>(p, ks, LD, static_cast<const T*>(p.k) + kbase, k0, MBN, p.nk);
-    load_tile<T, T, DP>(p, vs, LD, static_cast<const T*>(p.v) + kbase, k0, MBN, p.nk);
-    __syncthreads();
+  for (int k0 = warp * MBN; k0 < p.nk; k0 += kWarps * MBN) {
+    __syncwarp();  // the previous tile's readers are done
+    stage_tile<T, T, DP>(p, ks, LD, static_cast<const T*>(p.k) + kbase, k0, MBN, p.nk, lane, 32);
+    stage_tile<T, T, DP>(p, vs, LD, static_cast<const T*>(p.v) + kbase, k0, MBN, p.nk, lane, 32);
+    __syncwarp();
     float s[ST][4], dp[ST][4];
 #pragma unroll
     for (int t = 0; t < ST; ++t) {
@@ -896,17 +906,20 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dq_mma_kernel(Params p
       }
     }
   }
+  __syncthreads();  // every warp is done with its k/v tiles: red reuses them
+  float* mine = red + warp * BM * DP;
 #pragma unroll
-  for (int h2 = 0; h2 < 2; ++h2) {
-    const int i = rows[h2];
-    if (i >= p.nq) continue;
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int e = 0; e < 4; ++e) mine[(g + 8 * (e >> 1)) * DP + nt * 8 + 2 * t4 + (e & 1)] = acc[nt][e];
+  __syncthreads();
+  for (int e = threadIdx.x; e < BM * DP; e += kThreads) {
+    const int r = e / DP, t = e % DP, i = q0 + r;
+    if (i >= p.nq || t >= p.d) continue;
+    float sum = 0.f;
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int t = nt * 8 + 2 * t4 + c;
-        if (t < p.d) dq[qbase + static_cast<int64_t>(i) * p.d + t] = sf::from_float<T>(acc[nt][2 * h2 + c] * p.scale);
-      }
+    for (int w = 0; w < kWarps; ++w) sum += red[w * BM * DP + e];
+    dq[qbase + static_cast<int64_t>(i) * p.d + t] = sf::from_float<T>(sum * p.scale);
   }
 }
 
@@ -952,13 +965,14 @@ void backward(const Params& p, const T* out, const T* dout, const T* dmask, cons
     SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
     SF_LAUNCH(qk, dim3(bh, cdiv(p.nq, BM)), dim3(kThreads), smem_q, stream, p, dout, dmask, lse, delta, dq);
   } else {
-    const size_t smem = bwd_mma_smem_bytes<DP>();
+    const size_t smem_kv = dkv_mma_smem_bytes<DP>();
     auto kv = atm_attention_dkv_mma_kernel<T, DP>;
-    SF_ALLOW_DYNAMIC_SMEM(kv, smem);
-    SF_LAUNCH(kv, dim3(bh, cdiv(p.nk, MBM)), dim3(kThreads), smem, stream, p, dout, dmask, lse, delta, dk, dv);
+    SF_ALLOW_DYNAMIC_SMEM(kv, smem_kv);
+    SF_LAUNCH(kv, dim3(bh, cdiv(p.nk, MBM)), dim3(kThreads), smem_kv, stream, p, dout, dmask, lse, delta, dk, dv);
+    const size_t smem_q = dq_mma_smem_bytes<DP>();
     auto qk = atm_attention_dq_mma_kernel<T, DP>;
-    SF_ALLOW_DYNAMIC_SMEM(qk, smem);
-    SF_LAUNCH(qk, dim3(bh, cdiv(p.nq, MBM)), dim3(kThreads), smem, stream, p, dout, dmask, lse, delta, dq);
+    SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
+    SF_LAUNCH(qk, dim3(bh, cdiv(p.nq, BM)), dim3(kThreads), smem_q, stream, p, dout, dmask, lse, delta, dq);
   }
   SF_CHECK_LAUNCH();
 }

@@ -295,16 +295,20 @@ def test_atm_dropout_replay_splits(monkeypatch, forced):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=IDS)  # FFMA and tensor-core kernels
-def test_atm_forward_bitwise_reproducible(monkeypatch, dtype):
-    """Several splits and heads per warp: the combine and the head sum run in a fixed order."""
+def test_atm_bitwise_reproducible(monkeypatch, dtype):
+    """Several splits, heads per warp and dQ key tiles per warp: the combine, the head sum and
+    the dQ partials are added in a fixed order, whatever the thread order and host threads."""
     require_backend("atm_attention", BACKEND)
     monkeypatch.setattr(_cuda_module("atm_attention"), "force_splits", 3)
-    t = {n: x.to(dtype) for n, x in _atm_inputs(2, 9, 21, 70, 32, seed=9).items()}
+    base = {n: x.to(dtype) for n, x in _atm_inputs(2, 9, 21, 200, 32, seed=9).items()}
     runs = []
     for seed, threads in (("0", "1"), ("5", "3")):
         monkeypatch.setenv("SF_SIMT_SEED", seed)
         monkeypatch.setenv("SF_SIMT_THREADS", threads)
-        runs.append(semask_fast.atm_attention(t["q"], t["k"], t["v"], backend=BACKEND))
+        t = {n: x.clone().requires_grad_() for n, x in base.items()}
+        out, m = semask_fast.atm_attention(t["q"], t["k"], t["v"], backend=BACKEND)
+        (out.float().sum() + m.float().square().sum()).backward()
+        runs.append([out, m] + [t[n].grad for n in ("q", "k", "v")])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
