@@ -163,7 +163,8 @@ def cmd_bench(args) -> int:
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     machine = machine_name()
     print(f"{args.mode} timings, {args.dtype}, {args.scale} shapes, on {machine}")
-    rows = _bench.run(args.scale, dtype, args.mode, args.backend, include_tools=args.include_tools)
+    rows = _bench.run(args.scale, dtype, args.mode, args.backend, include_tools=args.include_tools,
+                      peers=not args.backend)
     table = [[r["op"], r["case"], r["backend"], "-" if r["seconds"] is None else f"{r['seconds'] * 1e3:.3f} ms",
               "-" if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}x", r["note"]] for r in rows]
     print(_table(["op", "case", "backend", "median", "vs eager", "note"], table))
