@@ -252,6 +252,17 @@ def test_atm_split_plan():
     assert plan(1, 16, 300, torch.float32, 32, requested=99, **h100) == 10
 
 
+def test_atm_reason_when_shared_memory_is_short(monkeypatch):
+    """On a 99 KiB device (sm_86 / sm_89) the fp32 forward with head_dim 128 does not fit."""
+    require_backend("atm_attention", BACKEND)
+    mod = _cuda_module("atm_attention")
+    monkeypatch.setattr(mod, "_device_limits", lambda device: (84, 101376))
+    q = torch.randn(1, 2, 3, 128)
+    with pytest.raises(BackendNotSupportedError, match="shared memory per block"):
+        semask_fast.atm_attention(q, q, q, backend=BACKEND)
+    semask_fast.atm_attention(q.half(), q.half(), q.half(), backend=BACKEND)  # 16-bit tiles fit
+
+
 ATM_SPLIT_CASES = {
     # name: ((B, heads, Nq, Nk, head_dim), forced splits, splits run)
     "one-split-d48": ((2, 5, 19, 200, 48), 1, 1),

@@ -63,8 +63,9 @@ def plan_splits(batch: int, nq: int, nk: int, dtype: torch.dtype, head_dim: int,
     if requested is None:
         requested = math.ceil(2 * sms / (batch * math.ceil(nq / BLOCK_ROWS)))
     per_split = math.ceil(tiles / min(max(requested, 1), tiles))
-    fits = max(t for t in range(1, MAX_SPLIT_TILES + 1)
-               if t == 1 or forward_smem_bytes(dtype, head_dim, t * BLOCK_KEYS) <= smem_limit)
+    # input_reasons refuses inputs whose one-tile range does not fit.
+    fits = max((t for t in range(1, MAX_SPLIT_TILES + 1)
+                if forward_smem_bytes(dtype, head_dim, t * BLOCK_KEYS) <= smem_limit), default=1)
     return math.ceil(tiles / min(per_split, fits))
 
 
@@ -83,6 +84,10 @@ class _ATMAttentionKernels:
         d = inp.q.shape[-1]
         if d > MAX_HEAD_DIM:
             return [f"head_dim={d} (supported: 1..{MAX_HEAD_DIM})"]
+        need, limit = forward_smem_bytes(inp.q.dtype, d, BLOCK_KEYS), _device_limits(inp.q.device)[1]
+        if need > limit:  # fp32 with head_dim > 64 on a 99 KiB (sm_86 / sm_89) device
+            return [f"dtype={inp.q.dtype} head_dim={d}: the forward needs {need} bytes of shared memory per block "
+                    f"(this device: {limit})"]
         return []
 
     def forward(self, inp: ATMAttentionInputs):
