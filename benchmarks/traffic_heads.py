@@ -102,12 +102,13 @@ def semantic_case(name, B, N, K, C):
     nm, nn, kk, cc = pad(N, f["BLOCK_M"]), pad(N, f["BLOCK_N"]), pad(K, f["BLOCK_K"]), pad(C, f["BLOCK_C"])
     kflops_f = 2 * B * nm * nn * (kk * (cc // f["BLOCK_C"]) + cc)
     # Query-major: S, dP = dO Yv^T, dSq.  Key-major: S and dYv per C tile, dP once (all of C), dSk.
+    # K is held as two register pieces of BLOCK_KA + BLOCK_KB columns.
     q, kv = bwd["q"], bwd["kv"]
-    kflops_q = 2 * B * pad(N, q["BLOCK_M"]) * pad(N, q["BLOCK_N"]) * (2 * q["BLOCK_KP"] + pad(C, q["BLOCK_C"]))
+    kp = q["BLOCK_KA"] + q["BLOCK_KB"]
+    kflops_q = 2 * B * pad(N, q["BLOCK_M"]) * pad(N, q["BLOCK_N"]) * (2 * kp + pad(C, q["BLOCK_C"]))
     ctiles = triton.cdiv(C, kv["BLOCK_C"])
     dp_c = kv["BLOCK_C"] if kv["SINGLE_C"] else pad(C, kv["BLOCK_CD"])
-    kflops_kv = 2 * B * pad(N, kv["BLOCK_M"]) * pad(N, kv["BLOCK_N"]) * (
-        (kv["BLOCK_KP"] + kv["BLOCK_C"]) * ctiles + dp_c + kv["BLOCK_KP"])
+    kflops_kv = 2 * B * pad(N, kv["BLOCK_M"]) * pad(N, kv["BLOCK_N"]) * ((kp + kv["BLOCK_C"]) * ctiles + dp_c + kp)
     kflops_b = kflops_q + kflops_kv
     eflops_f = 2 * B * N * N * (K + C)
     eflops_b = 2 * B * N * N * (2 * K + 2 * C)
@@ -146,7 +147,7 @@ def atm_case(name, B, H, NQ, NK, D):
     fmin = minimum_bytes(inputs, [out, mask])
     bmin = minimum_bytes(inputs + [dout, dmask], inputs)
     return dict(name=name, shape=f"B={B}, h={H}, Nq={NQ}, Nk={NK}, d={D}", fwd=fwd, inputs=inputs,
-                model=atm_model(B, H, NQ, NK, D, 2),
+                model=atm_model(B, H, NQ, NK, D, 2), bwd_issued=atm_issued_now(B, H, NQ, NK, D),
                 gouts=[dout, dmask], eager=lambda: ref.atm_attention(q, k, v), fmin=fmin, bmin=bmin,
                 kflops=(kflops_f, kflops_b), eflops=(eflops_f, eflops_b))
 
@@ -173,6 +174,11 @@ def check(case) -> list:
                              f"model says {model}")
         rows.append(f"| {case['name']} | {case['shape']} | {phase} | {counted.total} | {model} "
                     f"| {counted.read_issued + counted.written_issued} | {counted.launches} |")
+    if case.get("bwd_issued") is not None:
+        issued = both.read_issued + both.written_issued - fwd.read_issued - fwd.written_issued
+        if issued != case["bwd_issued"]:
+            raise SystemExit(f"{case['name']} {case['shape']} backward: interpreter issued {issued} bytes, "
+                             f"model says {case['bwd_issued']}")
     return rows
 
 
@@ -222,16 +228,39 @@ def write_section(text: str) -> None:
     RESULTS.write_text(body)
 
 
+def atm_bwd_issued(B, H, NQ, NK, D, elt, kv_rows, q_rows, kv_group, q_group):
+    """Issued bytes (every masked-on element of every load/store) of the ATM backward: row_dot, then
+    the key-major kernel (kv_rows keys and kv_group heads per program: k, v, dk, dv once; q, dO, lse,
+    D once per key block; d(mask logits) once per head group) and the query-major one (q_rows
+    queries: q, dO, dq, lse, D once; k, v once per query block; d(mask logits) once per group)."""
+    qb, kb, rows, dm = B * H * NQ * D * elt, B * H * NK * D * elt, B * H * NQ * 4, B * NQ * NK * elt
+    row_dot = 2 * qb + rows
+    kv = 4 * kb + triton.cdiv(NK, kv_rows) * (2 * qb + 2 * rows) + triton.cdiv(H, kv_group) * dm
+    q = 3 * qb + 2 * rows + triton.cdiv(NQ, q_rows) * 2 * kb + triton.cdiv(H, q_group) * dm
+    return row_dot + kv + q
+
+
+def atm_issued_now(B, H, NQ, NK, D, elt=2):
+    from semask_fast.kernels.atm_attention import backward_config
+
+    c = backward_config(H, NQ, NK, D, torch.float16 if elt == 2 else torch.float32)
+    return atm_bwd_issued(B, H, NQ, NK, D, elt, c["kv"]["BLOCK_N"], c["q"]["BLOCK_M"], c["kv"]["BLOCK_G"],
+                          c["q"]["BLOCK_G"])
+
+
 def dm_reads(B, H, NQ, NK, D) -> str:
-    """Issued reads of d(mask logits) by the two ATM backward kernels: once per head group (BLOCK_G
-    heads are one program's batched tiles), where a kernel per head reads it once per head."""
+    """d(mask logits) reads and all issued bytes of the ATM backward, heads grouped per program vs the
+    earlier kernels (one head per program, 64 x 64 tiles in fp16 at d = 32)."""
     from semask_fast.kernels.atm_attention import backward_config
 
     group = backward_config(H, NQ, NK, D, torch.float16)["q"]["BLOCK_G"]
     dm = B * NQ * NK * 2
+    before = atm_bwd_issued(B, H, NQ, NK, D, 2, 64, 64, 1, 1)
     return (f"\nATM backward (SegViT-L, fp16), issued reads of d(mask logits): {group} heads per program, "
             f"2 x {triton.cdiv(H, group)} x {_mb(dm)} MB = {_mb(2 * triton.cdiv(H, group) * dm)} MB "
-            f"(one head per program: 2 x {H} x {_mb(dm)} MB = {_mb(2 * H * dm)} MB).\n")
+            f"(one head per program: 2 x {H} x {_mb(dm)} MB = {_mb(2 * H * dm)} MB).  All issued bytes of the "
+            f"backward (model checked against the interpreter above): {_mb(atm_issued_now(B, H, NQ, NK, D))} MB "
+            f"(one head per program with 64 x 64 tiles: {_mb(before)} MB).\n")
 
 
 def main():

@@ -24,7 +24,9 @@ Backward takes dO and dM: D = rowsum(dO * O) (also right with dropout), then
 key-major for (dk, dv) and query-major for dq, one (block, image, group of
 BLOCK_G heads) each: the heads of a group are a batch dim of the register tiles
 (batched tl.dot), so each dM tile is read once per group instead of once per
-head (fp16/bf16: twice for SegViT-L's 16 heads of d = 32, 3 times for ViT-B's 12).
+head (fp16/bf16, d = 32: groups of 4 heads, 4 reads for SegViT-L's 16 heads
+instead of 16).  Register budget: a program holds 32 rows of its heads and
+streams 16 (``backward_config``).
 """
 
 from __future__ import annotations
@@ -249,24 +251,39 @@ def forward_config(heads: int, nq: int, nk: int, d: int, dtype) -> dict:
                 num_warps=8, num_stages=2)
 
 
-#: Head-group width x head dim the backward tiles hold (batched (heads, rows, d) register tiles) and the
-#: largest head dim grouped at all, by fp32-ness; wider tiles spill on sm_80/sm_90 (AOT table).
-GROUP_WIDTH = {False: (256, 64), True: (128, 32)}
+#: Elements of one (heads, rows, d) register tile of the backward kernels, by (fp32, d > 32); larger
+#: spill on sm_80/sm_90 (AOT table).
+TILE_BUDGET = {(False, False): 4096, (False, True): 2048, (True, False): 2048, (True, True): 2048}
+
+
+def _group(heads: int, budget: int) -> int:
+    """Heads per program: a power of two within the budget, with at most 25% padding heads
+    (12 heads: 3 groups of 4, not 2 of 8)."""
+    group = max(1, min(_p2(heads, lo=1), budget))
+    while group > 1 and 4 * triton.cdiv(heads, group) * group > 5 * heads:
+        group //= 2
+    return group
 
 
 def backward_config(heads: int, nq: int, nk: int, d: int, dtype) -> dict:
-    """Tiles and launch options of the two backward kernels, ``{"q": ..., "kv": ...}``: BLOCK_G heads
-    per program (batched tiles), so every d(mask logits) tile is read ceil(h / BLOCK_G) times instead
-    of h times.  Warps and stages: the settings without spills on sm_80/sm_90 (AOT table)."""
+    """Tiles and launch options of the two backward kernels, ``{"q": ..., "kv": ...}``.
+
+    Each program holds BLOCK_G heads of its own rows (keys for kv, queries for q) as batched
+    tiles: each d(mask logits) tile is read ceil(h / BLOCK_G) times instead of h times.  The rows
+    it holds are the long side (32), the rows it streams 16: fewer programs re-read the streamed
+    tensors (q and dO for kv, k and v for q).
+    """
     wide = dtype == torch.float32
-    width, max_d = GROUP_WIDTH[wide]
     block_d = _p2(d)
-    group = min(_p2(heads, lo=1), width // block_d) if block_d <= max_d else 1
-    while group > 1 and 4 * triton.cdiv(heads, group) * group > 5 * heads:
-        group //= 2  # at most 25% padding heads (12 heads: 3 groups of 4, not 2 of 8)
-    tiles = dict(BLOCK_M=_p2(nq, hi=16), BLOCK_N=_p2(nk, hi=16), BLOCK_D=block_d, BLOCK_G=group)
-    return dict(q=dict(tiles, num_warps=8, num_stages=1),
-                kv=dict(tiles, num_warps=8, num_stages=2 if wide and group == 1 else 1))
+    budget = TILE_BUDGET[(wide, block_d > 32)]
+    held = min(32, budget // block_d)
+    kv_rows, q_rows = _p2(nk, hi=held), _p2(nq, hi=held)
+    kv = dict(BLOCK_M=_p2(nq, hi=16), BLOCK_N=kv_rows, BLOCK_D=block_d,
+              BLOCK_G=_group(heads, budget // (kv_rows * block_d)), num_warps=8,
+              num_stages=2 if wide and block_d > 64 else 1)
+    q = dict(BLOCK_M=q_rows, BLOCK_N=_p2(nk, hi=16), BLOCK_D=block_d,
+             BLOCK_G=_group(heads, budget // (q_rows * block_d)), num_warps=8, num_stages=1)
+    return dict(q=q, kv=kv)
 
 
 def _tiles(cfg: dict, nq: int, nk: int) -> dict:

@@ -104,10 +104,13 @@ def test_triton_rejects_head_dim(d):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("d", [32, 64, 128])
 def test_triton_gpu_tiles(monkeypatch, d, dtype):
-    """The register-budgeted tiles compiled for GPUs (the interpreter otherwise runs larger ones)."""
+    """The register-budgeted tiles compiled for GPUs (the interpreter otherwise runs larger ones).
+
+    5 heads: at d = 32 the backward groups 2 heads per program, the last group half padding."""
     require_backend(OP, "triton")
     from semask_fast.kernels import atm_attention as kernels
 
     monkeypatch.setattr(kernels, "INTERPRETER_TILES", False)
-    assert_parity(semask_fast.atm_attention, _inputs(1, 3, 40, 70, d, "cpu"), ["q", "k", "v"], dtype,
+    assert kernels.backward_config(5, 40, 70, 32, dtype)["kv"]["BLOCK_G"] == 2
+    assert_parity(semask_fast.atm_attention, _inputs(1, 5, 40, 70, d, "cpu"), ["q", "k", "v"], dtype,
                   backend="triton", op=OP)
