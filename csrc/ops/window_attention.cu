@@ -19,7 +19,8 @@
 // Backward, deterministic (no float atomics):
 //   1. delta_i = rowsum(dO_i * O_i);
 //   2. dK, dV: a block owns a key tile and loops over the query tiles;
-//   3. dQ: a block owns a query tile of one head and loops over a chunk of
+//   3. dQ: a block owns a query tile of one head (tensor-core path: 64 of the
+//      h * N rows of a window, heads packed) and loops over a chunk of
 //      windows; it also accumulates sum over the chunk's windows of dS[i, j]
 //      into its own slice of a (chunks, h, N, N) fp32 buffer (plain
 //      read-modify-write: every element has exactly one owner thread);
@@ -864,10 +865,14 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dkv_mma_kerne
   }
 }
 
-// grid (h * chunks, ceil(N / MBM)): a warp owns 16 query rows; the block loops over
-// the windows of its chunk and over key tiles of MBN keys (see the FFMA dq kernel).
+// grid (chunks, ceil(h * N / MBM)): the block owns MBM of the h * N rows of a window (the
+// rows of consecutive heads are packed, as in the forward; a head is a segment) and loops
+// over the windows of its chunk; a warp owns 16 rows and, per window, loops over key
+// tiles of the heads its rows belong to (see the FFMA dq kernel for the dsum partials:
+// a (head, i) row has one owner thread in the chunk, so plain read-modify-writes suffice).
 template <typename T, int DP>
-__global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dq_mma_kernel(
+// minBlocks = 1: without it ptxas capped this kernel's registers for occupancy and spilled (sm_80).
+__global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_dq_mma_kernel(
     Params p, const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
     T* __restrict__ dq, float* __restrict__ dsum, int64_t per_chunk) {
   constexpr int LD = mma_ld<DP>();
@@ -879,31 +884,47 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dq_mma_kernel
   T* vs = ks + MBN * LD;      // [MBN][LD]
   float* lses = reinterpret_cast<float*>(vs + MBN * LD);  // [MBM]
   float* deltas = lses + MBM;                             // [MBM]
-  float* tb = p.table ? deltas + MBM : nullptr;
+  float* tb = p.table ? deltas + MBM : nullptr;           // [heads of the block][table rows]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, t4 = lane & 3;
-  const int head = static_cast<int>(blockIdx.x % p.heads);
-  const int64_t chunk = blockIdx.x / p.heads;
-  const int q0 = blockIdx.y * MBM;
-  if (tb) load_table(tb, p, head);
-  float* part = dsum ? dsum + (chunk * p.heads + head) * p.n * p.n : nullptr;
-  int rows[2];
+  const int64_t chunk = blockIdx.x;
+  const int window_rows = p.heads * p.n;
+  const int r0 = blockIdx.y * MBM;  // first row of the block inside a window's h * N rows
+  const int rows_here = window_rows - r0 < MBM ? window_rows - r0 : MBM;
+  const int head0 = r0 / p.n, head1 = (r0 + rows_here - 1) / p.n;
+  const int key0 = head0 * p.n, span = (head1 + 1) * p.n - key0;  // keys of the block's heads
+  const int trows = table_rows(p);
+  if (tb)
+    for (int e = threadIdx.x; e < (head1 - head0 + 1) * trows; e += kMmaWarps * 32)
+      tb[e] = p.table[static_cast<int64_t>(e % trows) * p.heads + head0 + e / trows];
+  float* part = dsum ? dsum + chunk * window_rows * p.n : nullptr;  // (h, N, N) slice of the chunk
+
+  // The warp's rows, their heads and the key range of those heads (empty past the end).
+  const int wrows = rows_here - warp * 16;
+  const int wkey0 = wrows > 0 ? (r0 + warp * 16) / p.n * p.n - key0 : 0;
+  const int wkey_end = wrows > 0 ? ((r0 + warp * 16 + (wrows < 16 ? wrows : 16) - 1) / p.n + 1) * p.n - key0 : 0;
+  int ii[2], seg_key0[2];
+  const float* tbr[2];
 #pragma unroll
-  for (int h2 = 0; h2 < 2; ++h2) rows[h2] = q0 + warp * 16 + g + 8 * h2;
+  for (int h2 = 0; h2 < 2; ++h2) {
+    const int local = warp * 16 + g + 8 * h2, head = (r0 + local) / p.n;
+    ii[h2] = r0 + local - head * p.n;
+    seg_key0[h2] = local < rows_here ? head * p.n - key0 : -(1 << 30);  // padded rows match no key
+    tbr[h2] = tb ? tb + (head - head0) * trows : nullptr;
+  }
 
   const int64_t b_end = (chunk + 1) * per_chunk < p.batch ? (chunk + 1) * per_chunk : p.batch;
   for (int64_t b = chunk * per_chunk; b < b_end; ++b) {
-    const int64_t bh = b * p.heads + head;
     const int w = static_cast<int>(b % p.nw);
-    const int64_t base = bh * p.n * p.d;
+    const int64_t wbase = b * window_rows;  // flat row of the window's first (head 0, token 0) row
     __syncthreads();  // the previous window's readers are done
-    load_tile_raw<T, DP>(qs, LD, static_cast<const T*>(p.q) + base, q0, MBM, p.n, p.d);
-    load_tile_raw<T, DP>(dos, LD, dout + base, q0, MBM, p.n, p.d);
+    load_tile_raw<T, DP>(qs, LD, static_cast<const T*>(p.q) + (wbase + r0) * p.d, 0, MBM, rows_here, p.d);
+    load_tile_raw<T, DP>(dos, LD, dout + (wbase + r0) * p.d, 0, MBM, rows_here, p.d);
     for (int e = threadIdx.x; e < MBM; e += kMmaWarps * 32) {
-      const bool ok = q0 + e < p.n;
-      lses[e] = ok ? lse[bh * p.n + q0 + e] : 0.f;
-      deltas[e] = ok ? delta[bh * p.n + q0 + e] : 0.f;
+      const bool ok = e < rows_here;
+      lses[e] = ok ? lse[wbase + r0 + e] : 0.f;
+      deltas[e] = ok ? delta[wbase + r0 + e] : 0.f;
     }
     __syncthreads();
     uint32_t qf[KS][4], df[KS][4];
@@ -916,7 +937,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dq_mma_kernel
     float lse_r[2], delta_r[2];
 #pragma unroll
     for (int h2 = 0; h2 < 2; ++h2) {
-      ri[h2] = row_info(p, w, rows[h2]);
+      ri[h2] = row_info(p, w, ii[h2]);
       lse_r[h2] = lses[warp * 16 + g + 8 * h2];
       delta_r[h2] = deltas[warp * 16 + g + 8 * h2];
     }
@@ -926,16 +947,21 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dq_mma_kernel
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
 
-    for (int k0 = 0; k0 < p.n; k0 += MBN) {
+    for (int k0 = 0; k0 < span; k0 += MBN) {
+      const int keys_here = span - k0 < MBN ? span - k0 : MBN;
       __syncthreads();
-      load_tile_raw<T, DP>(ks, LD, static_cast<const T*>(p.k) + base, k0, MBN, p.n, p.d);
-      load_tile_raw<T, DP>(vs, LD, static_cast<const T*>(p.v) + base, k0, MBN, p.n, p.d);
+      load_tile_raw<T, DP>(ks, LD, static_cast<const T*>(p.k) + (wbase + key0 + k0) * p.d, 0, MBN, keys_here, p.d);
+      load_tile_raw<T, DP>(vs, LD, static_cast<const T*>(p.v) + (wbase + key0 + k0) * p.d, 0, MBN, keys_here, p.d);
       __syncthreads();
+      bool live[ST];  // the 8-key sub-tile meets the warp's heads (uniform over the warp)
+#pragma unroll
+      for (int t = 0; t < ST; ++t) live[t] = k0 + t * 8 < wkey_end && k0 + t * 8 + 8 > wkey0;
       float s[ST][4], dp[ST][4];
 #pragma unroll
       for (int t = 0; t < ST; ++t) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[t][e] = dp[t][e] = 0.f;
+        if (!live[t]) continue;
 #pragma unroll
         for (int kk = 0; kk < KS; ++kk) {
           uint32_t bb[2];
@@ -949,19 +975,22 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dq_mma_kernel
       for (int t = 0; t < ST; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int h2 = e >> 1, i = rows[h2], j = k0 + t * 8 + 2 * t4 + (e & 1);
+          const int h2 = e >> 1, i = ii[h2];
+          const int j = k0 + t * 8 + 2 * t4 + (e & 1) - seg_key0[h2];  // key index inside the row's head
           float ds = 0.f;
-          if (i < p.n && j < p.n) {
-            const float x = logit(p, tb, w, i, j, ri[h2], row_info(p, w, j), s[t][e]);
+          if (live[t] && j >= 0 && j < p.n) {
+            const int row = r0 + warp * 16 + g + 8 * h2;  // (head, i) inside the window
+            const float x = logit(p, tbr[h2], w, i, j, ri[h2], row_info(p, w, j), s[t][e]);
             const float prob = __expf(x - lse_r[h2]);
-            const float f = dropout_factor(p, (static_cast<uint64_t>(bh) * p.n + i) * p.n + j);
+            const float f = dropout_factor(p, static_cast<uint64_t>(wbase + row) * p.n + j);
             ds = prob * (dp[t][e] * f - delta_r[h2]);
-            if (part) part[static_cast<int64_t>(i) * p.n + j] += ds;  // one owner thread per element
+            if (part) part[static_cast<int64_t>(row) * p.n + j] += ds;  // one owner thread per element
           }
           s[t][e] = ds;
         }
 #pragma unroll
       for (int kk = 0; kk < MBN / 16; ++kk) {
+        if (!live[2 * kk] && !live[2 * kk + 1]) continue;  // dS is zero there
         uint32_t a[4];
         sf::acc_to_a_frag<T>(a, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
@@ -974,14 +1003,15 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dq_mma_kernel
     }
 #pragma unroll
     for (int h2 = 0; h2 < 2; ++h2) {
-      const int i = rows[h2];
-      if (i >= p.n) continue;
+      const int local = warp * 16 + g + 8 * h2;
+      if (local >= rows_here) continue;
+      const int64_t row = wbase + r0 + local;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const int t = nt * 8 + 2 * t4 + c;
-          if (t < p.d) dq[base + static_cast<int64_t>(i) * p.d + t] = sf::from_float<T>(acc[nt][2 * h2 + c] * p.scale);
+          if (t < p.d) dq[row * p.d + t] = sf::from_float<T>(acc[nt][2 * h2 + c] * p.scale);
         }
     }
   }
@@ -1026,11 +1056,13 @@ void backward(const Params& p, const T* out, const T* dout, const float* lse, fl
     SF_ALLOW_DYNAMIC_SMEM(kv, smem_kv);
     SF_LAUNCH(kv, dim3(static_cast<unsigned>(cdiv(p.batch * p.heads * p.n, MBM))), dim3(kMmaWarps * 32), smem_kv,
               stream, p, dout, lse, delta, dk, dv);
-    const size_t smem = bwd_mma_smem_bytes_fixed<DP>() + sizeof(float) * tsm;
+    // Packed heads: MBM rows of a window touch at most min(h, (MBM - 1) / N + 2) heads.
+    const int q_heads = (MBM - 1) / p.n + 2 < p.heads ? (MBM - 1) / p.n + 2 : p.heads;
+    const size_t smem_q = bwd_mma_smem_bytes_fixed<DP>() + sizeof(float) * q_heads * tsm;
     auto qk = window_attention_dq_mma_kernel<T, DP>;
-    SF_ALLOW_DYNAMIC_SMEM(qk, smem);
-    SF_LAUNCH(qk, dim3(static_cast<unsigned>(chunks * p.heads), cdiv(p.n, MBM)), dim3(kMmaWarps * 32), smem, stream,
-              p, dout, lse, delta, dq, dsum, per_chunk);
+    SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
+    SF_LAUNCH(qk, dim3(static_cast<unsigned>(chunks), cdiv(static_cast<int64_t>(p.heads) * p.n, MBM)),
+              dim3(kMmaWarps * 32), smem_q, stream, p, dout, lse, delta, dq, dsum, per_chunk);
   } else {
     const size_t smem_kv = sizeof(float) * (dkv_smem_floats_fixed<DP>() + tsm);
     auto kv = window_attention_dkv_kernel<T, DP>;

@@ -9,7 +9,8 @@ Dropout keeps an element when ``philox(seed, ((b_ * h + head) * N + i) * N + j)`
 clears ``p`` (see :func:`dropout_keep`); forward and backward evaluate the same
 hash, so no mask is stored.  fp16 / bf16 run on tensor cores; their forward and dK/dV
 kernels pack the rows of consecutive (window, head) pairs into 64-row blocks, so a
-7x7 window (N = 49) does not leave a quarter of each block idle.
+7x7 window (N = 49) does not leave a quarter of each block idle; the dQ kernel packs
+the rows of a window's heads (it keeps one window per step for the table gradient).
 """
 
 from __future__ import annotations
