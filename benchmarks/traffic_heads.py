@@ -47,10 +47,8 @@ import triton  # noqa: E402
 
 import semask_fast  # noqa: E402
 from semask_fast import reference as ref  # noqa: E402
-from benchmarks.traffic import aten_bytes, minimum_bytes, triton_bytes  # noqa: E402
+from benchmarks.traffic import aten_bytes, minimum_bytes, triton_bytes, write_section  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results" / "traffic.md"
-BEGIN, END = "<!-- heads:begin -->", "<!-- heads:end -->"
 GPU = dict(name="H100-SXM5", bw=3.35e12, half=989e12)
 
 
@@ -216,18 +214,6 @@ def table(results) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    body = RESULTS.read_text() if RESULTS.exists() else "# Memory traffic\n\n"
-    section = f"{BEGIN}\n{text}{END}"
-    if BEGIN in body and END in body:
-        head, rest = body.split(BEGIN, 1)
-        body = head + section + rest.split(END, 1)[1]
-    else:
-        body = body.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS.write_text(body)
-
-
 def atm_bwd_issued(B, H, NQ, NK, D, elt, kv_rows, q_rows, kv_group, q_group):
     """Issued bytes (every masked-on element of every load/store) of the ATM backward: row_dot, then
     the key-major kernel (kv_rows keys and kv_group heads per program: k, v, dk, dv once; q, dO, lse,
@@ -294,7 +280,7 @@ def main():
             + "\n".join(checks) + "\n")
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section("heads", text)
 
 
 if __name__ == "__main__":
