@@ -140,8 +140,9 @@ def cases():
     ]
 
 
-def measure(case) -> list:
-    """[(phase, kernel Traffic, minimum, eager)] for fwd and fwd+bwd; asserts the harness ran."""
+def measure(case, detail: bool = False) -> list:
+    """[(phase, kernel Traffic, minimum, eager)] for fwd and fwd+bwd; asserts the harness ran.
+    ``detail`` prints the bytes of every tensor region (inputs by position, then allocations)."""
     inputs, gouts = case["inputs"], case["gouts"]
     rows = []
     for phase in ("fwd", "fwd+bwd"):
@@ -150,8 +151,11 @@ def measure(case) -> list:
             if phase == "fwd+bwd":
                 torch.autograd.grad(outs, inputs, gouts)
 
+        regions = []
         with traced_harness(), record_dispatch() as ran:
-            kernel = harness_bytes(case["source"], fn, inputs + gouts)
+            kernel = harness_bytes(case["source"], fn, inputs + gouts, regions)
+        if detail:
+            _print_regions(case, phase, regions)
         want = [(case["op"], "cpu", "forward")] + ([(case["op"], "cpu", "backward")] if phase == "fwd+bwd" else [])
         assert ran == want, f"{case['name']}: expected {want}, ran {ran}"
         if phase == "fwd":
@@ -167,6 +171,18 @@ def measure(case) -> list:
             eager = aten_bytes(eager_both)
         rows.append((phase, kernel, minimum, eager))
     return rows
+
+
+def _print_regions(case, phase, regions):
+    named = {t.data_ptr(): f"{kind}{i} {tuple(t.shape)}" for kind, ts in (("input", case["inputs"]),
+                                                                            ("grad_out", case["gouts"]))
+             for i, t in enumerate(ts)}
+    print(f"{case['name']} {phase}: per region (bytes; unique per launch summed, issued)")
+    for r in regions:
+        if r["read"] or r["written"]:
+            name = named.get(r["begin"], "allocated" if r["allocated"] else "?")
+            print(f"  {name:32s} size {r['bytes']:>10}  read {r['read']:>10} / {r['read_issued']:>11}  "
+                  f"written {r['written']:>10} / {r['written_issued']:>10}")
 
 
 def _mb(x):
@@ -189,11 +205,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--only", nargs="*", help="cases whose name contains one of these")
+    parser.add_argument("--detail", action="store_true", help="print the bytes of every tensor region")
     args = parser.parse_args()
     chosen = [c for c in cases() if not args.only or any(s in c["name"] for s in args.only)]
     results = []
     for case in chosen:
-        results.append((case, measure(case)))
+        results.append((case, measure(case, args.detail)))
         print(table(results[-1:]).splitlines()[-1], flush=True)
     text = ("## CUDA C++ kernels (counted in the SIMT harness)\n\n"
             "Produced by `python benchmarks/traffic_cuda.py`.  kernel: unique bytes per launch of the CUDA "
