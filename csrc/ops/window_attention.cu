@@ -21,9 +21,10 @@
 //   2. dK, dV: a block owns a key tile and loops over the query tiles;
 //   3. dQ: a block owns a query tile of one head (tensor-core path: 64 of the
 //      h * N rows of a window, heads packed) and loops over a chunk of
-//      windows; it also accumulates sum over the chunk's windows of dS[i, j]
-//      into its own slice of a (chunks, h, N, N) fp32 buffer (plain
-//      read-modify-write: every element has exactly one owner thread);
+//      windows; it also sums dS[i, j] over the chunk's windows into its own
+//      slice of a (chunks, h, N, N) fp32 buffer (the chunk's first window
+//      writes every element, the others add: each element has exactly one
+//      owner thread, so no clearing pass and no atomics);
 //   4. table gradient: a block per (table row, head) sums the buffer's (i, j)
 //      pairs with that index in a fixed order (fixed-shape tree reduction).
 //   The result is bitwise reproducible run to run.
@@ -594,7 +595,7 @@ SF_HOST_DEVICE constexpr int dq_smem_floats_fixed() {
 
 // grid (h * chunks, ceil(N / BM)): dQ of one query tile for every window of a
 // chunk of `per_chunk` consecutive windows; with a table, also the chunk's
-// partial sum of dS into dsum (chunks, h, N, N), zero-initialised.
+// partial sum of dS into dsum (chunks, h, N, N): the first window writes, the others add.
 template <typename T, int DP>
 __global__ void __launch_bounds__(kThreads) window_attention_dq_kernel(Params p, const T* __restrict__ dout,
                                                                        const float* __restrict__ lse,
@@ -620,6 +621,7 @@ __global__ void __launch_bounds__(kThreads) window_attention_dq_kernel(Params p,
   constexpr int C = DP / 32;
   const int64_t b_end = (chunk + 1) * per_chunk < p.batch ? (chunk + 1) * per_chunk : p.batch;
   for (int64_t b = chunk * per_chunk; b < b_end; ++b) {
+    const bool first = b == chunk * per_chunk;  // writes the partial sums, later windows add
     const int64_t bh = b * p.heads + head;
     const int w = static_cast<int>(b % p.nw);
     const int64_t base = bh * p.n * p.d;
@@ -654,7 +656,10 @@ __global__ void __launch_bounds__(kThreads) window_attention_dq_kernel(Params p,
         const int row = warp * kRowsPerWarp + r, i = q0 + row;
         const Grads g = recompute<DP>(p, tb, qs, dos, ks, vs, DP + 1, bh, w, row, i, j, ri[r], rj, lses[row],
                                       deltas[row]);
-        if (part && i < p.n && j < p.n) part[static_cast<int64_t>(i) * p.n + j] += g.ds;
+        if (part && i < p.n && j < p.n) {
+          float* at = part + static_cast<int64_t>(i) * p.n + j;
+          *at = first ? g.ds : *at + g.ds;
+        }
         for (int jj = 0; jj < BN; ++jj) {
           const float sj = __shfl_sync(0xffffffffu, g.ds, jj);
 #pragma unroll
@@ -869,7 +874,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dkv_mma_kerne
 // rows of consecutive heads are packed, as in the forward; a head is a segment) and loops
 // over the windows of its chunk; a warp owns 16 rows and, per window, loops over key
 // tiles of the heads its rows belong to (see the FFMA dq kernel for the dsum partials:
-// a (head, i) row has one owner thread in the chunk, so plain read-modify-writes suffice).
+// a (head, i) row has one owner thread in the chunk, so plain writes and adds suffice).
 template <typename T, int DP>
 // minBlocks = 1: without it ptxas capped this kernel's registers for occupancy and spilled (sm_80).
 __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_dq_mma_kernel(
@@ -916,6 +921,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_dq_mma_ker
 
   const int64_t b_end = (chunk + 1) * per_chunk < p.batch ? (chunk + 1) * per_chunk : p.batch;
   for (int64_t b = chunk * per_chunk; b < b_end; ++b) {
+    const bool first = b == chunk * per_chunk;  // writes the partial sums, later windows add
     const int w = static_cast<int>(b % p.nw);
     const int64_t wbase = b * window_rows;  // flat row of the window's first (head 0, token 0) row
     __syncthreads();  // the previous window's readers are done
@@ -984,7 +990,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_dq_mma_ker
             const float prob = __expf(x - lse_r[h2]);
             const float f = dropout_factor(p, static_cast<uint64_t>(wbase + row) * p.n + j);
             ds = prob * (dp[t][e] * f - delta_r[h2]);
-            if (part) part[static_cast<int64_t>(row) * p.n + j] += ds;  // one owner thread per element
+            if (part) {  // one owner thread per element; every (row, j < N) is visited once per window
+              float* at = part + static_cast<int64_t>(row) * p.n + j;
+              *at = first ? ds : *at + ds;
+            }
           }
           s[t][e] = ds;
         }
@@ -1185,26 +1194,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& mask, int64_t wh,
     int64_t ww, int64_t grid_h, int64_t grid_w, int64_t shift_h, int64_t shift_w, double scale, double mask_value,
-    double dropout_p, int64_t seed) {
+    double dropout_p, int64_t seed, int64_t windows_per_chunk) {
   const Params p = make_params(q, k, v, table, mask, wh, ww, grid_h, grid_w, shift_h, shift_w, scale, mask_value,
                                dropout_p, seed);
   SF_DEVICE_GUARD(q);
   SF_CHECK_INPUT(dout, 4);
+  TORCH_CHECK(windows_per_chunk >= 1, "window_attention: windows_per_chunk must be >= 1, got ", windows_per_chunk);
   SF_CHECK_INPUT(out, 4);
   SF_CHECK_INPUT(lse, 3);
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "window_attention: dout/out must match q");
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(q), dv = at::empty_like(q);
   at::Tensor delta = at::empty_like(lse);
-  // The table gradient goes through per-chunk partial sums of dS (chunks, h, N, N):
-  // chunks of consecutive windows, the buffer capped at 4M floats.
-  int64_t chunks = p.batch, per_chunk = 1;
+  // The table gradient goes through per-chunk partial sums of dS (chunks, h, N, N) over
+  // chunks of `windows_per_chunk` consecutive windows (the plan is the caller's: a function
+  // of the shape, so the summation order is reproducible).  The dQ kernels write every
+  // element, so the buffer is not cleared.
+  const int64_t per_chunk = std::min(windows_per_chunk, p.batch);
+  const int64_t chunks = (p.batch + per_chunk - 1) / per_chunk;
   at::Tensor dsum, dtable;
   if (table) {
-    const int64_t slice = static_cast<int64_t>(p.heads) * p.n * p.n;
-    const int64_t cap = std::max<int64_t>(1, std::min<int64_t>(128, (int64_t(1) << 22) / slice));
-    per_chunk = (p.batch + std::min(cap, p.batch) - 1) / std::min(cap, p.batch);
-    chunks = (p.batch + per_chunk - 1) / per_chunk;
-    dsum = at::zeros({chunks, p.heads, p.n, p.n}, q.options().dtype(at::kFloat));
+    dsum = at::empty({chunks, p.heads, p.n, p.n}, q.options().dtype(at::kFloat));
     dtable = at::empty_like(*table);
   } else {
     dtable = at::empty({0}, q.options().dtype(at::kFloat));
@@ -1229,7 +1238,8 @@ SF_TORCH_LIBRARY_FRAGMENT(m) {
         "int seed) -> (Tensor, Tensor)");
   m.def("window_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? bias_table, Tensor? mask, int wh, int ww, int grid_h, int grid_w, int shift_h, int shift_w, "
-        "float scale, float mask_value, float dropout_p, int seed) -> (Tensor, Tensor, Tensor, Tensor)");
+        "float scale, float mask_value, float dropout_p, int seed, int windows_per_chunk) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 SF_TORCH_LIBRARY_IMPL(m) {

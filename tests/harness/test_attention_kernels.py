@@ -393,3 +393,57 @@ def test_semantic_backward_tiles(name, dtype):
          "yv": _randn(g, b_, n, c)}
     assert_parity(semask_fast.semantic_attention, t, ["sq", "sk", "yv"], dtype, backend=BACKEND,
                   op="semantic_attention")
+
+
+# ------------------------------------------- table-gradient chunk plan --
+def test_window_chunk_plan():
+    plan = _cuda_module("window_attention").windows_per_chunk
+    # Swin-T stage 1 at batch 1 (64 windows, 3 x 49 rows in 3 tensor-core blocks each): below a
+    # wave of dQ blocks, one window per chunk; the FFMA kernel (12 blocks a window) packs 4.
+    assert plan(64, 3, 49, 32, torch.float16) == 1
+    assert plan(64, 3, 49, 32, torch.float32) == 4
+    # Enough windows: the partials (written once, read once) stay within 10% of the backward's
+    # minimum traffic, and the dQ grid keeps a wave of blocks.
+    for b_, h, n, d, dtype in [(512, 3, 49, 32, torch.float16), (2048, 3, 144, 32, torch.bfloat16),
+                               (4096, 24, 49, 32, torch.float32)]:
+        k = plan(b_, h, n, d, dtype)
+        chunks = -(-b_ // k)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        assert 2 * chunks * h * n * n * 4 <= 0.1 * 8 * b_ * h * n * d * itemsize
+        blocks = h * -(-n // 16) if dtype == torch.float32 else -(-h * n // 64)
+        assert chunks * blocks >= 128
+    # The buffer stays under 4M floats whatever the shape.
+    k = plan(1 << 16, 16, 256, 128, torch.float16)
+    assert -(-(1 << 16) // k) * 16 * 256 * 256 <= 1 << 22
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=IDS)  # FFMA and tensor-core kernels
+@pytest.mark.parametrize("per_chunk", [1, 3, 5, 12])  # 12 windows: even, uneven (last chunk 2), one chunk
+def test_window_forced_chunks(monkeypatch, per_chunk, dtype):
+    """Any chunking gives the reference's table gradient, bitwise the same across thread orders.
+    Deterministic mode fills uninitialised memory with NaN, so a partial-sum element the dQ
+    kernels left unwritten (the buffer is not cleared) poisons the gradient."""
+    require_backend("window_attention", BACKEND)
+    impl = type(semask_fast.backends.registry.implementation("window_attention", BACKEND))
+    monkeypatch.setattr(impl, "per_chunk", per_chunk)
+    b_, h, ws, d, grid = 12, 3, (5, 3), 8, (3, 4)
+    n = ws[0] * ws[1]
+    g = torch.Generator().manual_seed(9)
+    t = {nm: _randn(g, b_, h, n, d) for nm in ("q", "k", "v")}
+    t["bias_table"] = _randn(g, (2 * ws[0] - 1) * (2 * ws[1] - 1), h)
+    fn = functools.partial(semask_fast.window_attention, window_size=ws, shift_size=(2, 1), grid=grid)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert_parity(fn, t, ["q", "k", "v", "bias_table"], dtype, backend=BACKEND, op="window_attention")
+        runs = []
+        for seed, threads in (("0", "1"), ("5", "3")):
+            monkeypatch.setenv("SF_SIMT_SEED", seed)
+            monkeypatch.setenv("SF_SIMT_THREADS", threads)
+            tab = t["bias_table"].float().requires_grad_()
+            q, k, v = (t[nm].to(dtype) for nm in ("q", "k", "v"))
+            fn(q, k, v, tab, backend=BACKEND).backward(torch.ones(b_, h, n, d, dtype=dtype))
+            runs.append(tab.grad)
+        assert torch.equal(runs[0], runs[1])
+    finally:
+        torch.use_deterministic_algorithms(was)

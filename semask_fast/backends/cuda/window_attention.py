@@ -58,6 +58,35 @@ def dropout_keep(seed: int, shape, p: float) -> torch.Tensor:
 #: Head dims are padded to 32, 64 or 128 in shared memory.
 MAX_HEAD_DIM = 128
 
+#: dQ blocks to keep (about one wave of a large GPU) before windows are packed into chunks.
+DQ_MIN_BLOCKS = 128
+#: Share of the backward's minimum traffic the table-gradient partials (written once, read
+#: once) may take when there are enough windows to pack.
+PARTIAL_TRAFFIC_SHARE = 0.1
+#: Cap on the partial-sum buffer, in floats.
+MAX_PARTIAL_FLOATS = 1 << 22
+
+
+def windows_per_chunk(batch: int, heads: int, n: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Consecutive windows whose dS the backward sums into one (h, N, N) fp32 partial of the
+    table gradient.  The partials cost 2 * chunks * h * N * N * 4 bytes (the dQ kernel writes
+    them, the reduction reads them); the backward's minimum is 8 * B_ * h * N * d * itemsize
+    (q, k, v, dO read, dq, dk, dv written).  Packing k windows keeps the partials under
+    PARTIAL_TRAFFIC_SHARE of it when k >= 10 N / (d * itemsize), but makes each dQ block k times
+    longer, so the dQ grid (chunks x blocks per window) keeps at least DQ_MIN_BLOCKS blocks:
+    at small batches the partials stay per window (parallelism first).  A function of the
+    shape only, so the table gradient's summation order is reproducible."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if dtype == torch.float32:  # FFMA dQ kernel: a block per (head, 16-row tile)
+        blocks_per_window = heads * -(-n // 16)
+    else:  # tensor-core dQ kernel: the window's heads packed into 64-row blocks
+        blocks_per_window = -(-heads * n // 64)
+    slice_bytes = heads * n * n * 4
+    budget = -(-2 * slice_bytes // int(PARTIAL_TRAFFIC_SHARE * 8 * heads * n * head_dim * itemsize))
+    wave = max(1, batch * blocks_per_window // DQ_MIN_BLOCKS)
+    memory = -(-batch * heads * n * n // MAX_PARTIAL_FLOATS)
+    return max(1, min(budget, wave, batch), memory)
+
 
 def _geometry(inp: WindowAttentionInputs):
     """(grid_h, grid_w, shift_h, shift_w) as the kernels take them: a grid only for the shift mask."""
@@ -81,6 +110,16 @@ class _WindowAttentionKernels:
         return (self._fp32(inp.bias_table), self._fp32(inp.mask), *inp.window_size, *_geometry(inp), inp.scale,
                 inp.mask_value, inp.dropout_p, seed)
 
+    #: Forced windows per chunk (tests); None: the shape's plan, windows_per_chunk().
+    per_chunk = None
+
+    def _per_chunk(self, inp: WindowAttentionInputs) -> int:
+        if inp.bias_table is None:
+            return 1  # no partials: one window per dQ block
+        if self.per_chunk is not None:
+            return self.per_chunk
+        return windows_per_chunk(*inp.q.shape, inp.q.dtype)
+
     def forward(self, inp: WindowAttentionInputs):
         seed = draw_seed() if inp.dropout_p > 0 else 0
         q, k, v = (t.contiguous() for t in (inp.q, inp.k, inp.v))
@@ -91,7 +130,7 @@ class _WindowAttentionKernels:
         out, lse, seed = saved
         q, k, v = (t.contiguous() for t in (inp.q, inp.k, inp.v))
         dq, dk, dv, dtable = self.library().window_attention_backward(
-            grad_outputs[0].contiguous(), q, k, v, out, lse, *self._args(inp, int(seed)))
+            grad_outputs[0].contiguous(), q, k, v, out, lse, *self._args(inp, int(seed)), self._per_chunk(inp))
         if inp.bias_table is None:
             return dq, dk, dv, None
         return dq, dk, dv, dtable.to(inp.bias_table.dtype)
