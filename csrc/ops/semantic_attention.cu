@@ -43,6 +43,9 @@ struct Params {
   int64_t batch;
   int n, k, c;
   int kp;  // K padded to a multiple of 32
+  // Batch and row strides in elements (the last dim is contiguous): the column views of one
+  // fused q/k/v projection are read in place.
+  int64_t sq_b, sq_r, sk_b, sk_r, yv_b, yv_r;
 };
 
 SF_DEVICE_INLINE float warp_max(float x) {
@@ -55,15 +58,15 @@ SF_DEVICE_INLINE float warp_sum(float x) {
   return x;
 }
 
-// Stage rows [row0, row0 + rows) x cols [col0, col0 + width) of a (n, cols) matrix as
-// fp32 with leading dimension ld, zero padded.
+// Stage rows [row0, row0 + rows) x cols [col0, col0 + width) of an (n, cols) matrix with row
+// stride rs as fp32 with leading dimension ld, zero padded.
 template <typename T>
-SF_DEVICE_INLINE void load_tile(float* dst, int ld, const T* src, int row0, int rows, int n, int col0, int width,
-                                int cols) {
+SF_DEVICE_INLINE void load_tile(float* dst, int ld, const T* src, int64_t rs, int row0, int rows, int n, int col0,
+                                int width, int cols) {
   for (int e = threadIdx.x; e < rows * width; e += kThreads) {
     const int r = e / width, t = e % width;
     const int row = row0 + r, col = col0 + t;
-    dst[r * ld + t] = (row < n && col < cols) ? sf::to_float(src[static_cast<int64_t>(row) * cols + col]) : 0.f;
+    dst[r * ld + t] = (row < n && col < cols) ? sf::to_float(src[row * rs + col]) : 0.f;
   }
 }
 
@@ -99,10 +102,10 @@ __global__ void __launch_bounds__(kThreads, 1) semantic_attention_fwd_kernel(Par
   const int64_t b = blockIdx.x / ctiles;
   const int c0 = static_cast<int>(blockIdx.x % ctiles) * CT;
   const int q0 = blockIdx.y * BM;
-  const T* sqg = static_cast<const T*>(p.sq) + b * p.n * p.k;
-  const T* skg = static_cast<const T*>(p.sk) + b * p.n * p.k;
-  const T* yvg = static_cast<const T*>(p.yv) + b * p.n * p.c;
-  load_tile<T>(qs, p.kp, sqg, q0, BM, p.n, 0, p.kp, p.k);
+  const T* sqg = static_cast<const T*>(p.sq) + b * p.sq_b;
+  const T* skg = static_cast<const T*>(p.sk) + b * p.sk_b;
+  const T* yvg = static_cast<const T*>(p.yv) + b * p.yv_b;
+  load_tile<T>(qs, p.kp, sqg, p.sq_r, q0, BM, p.n, 0, p.kp, p.k);
 
   float m[kRowsPerWarp], l[kRowsPerWarp], o[kRowsPerWarp][CPL];
 #pragma unroll
@@ -114,8 +117,8 @@ __global__ void __launch_bounds__(kThreads, 1) semantic_attention_fwd_kernel(Par
   }
   for (int k0 = 0; k0 < p.n; k0 += BN) {
     __syncthreads();
-    load_tile<T>(ks, ldk, skg, k0, BN, p.n, 0, p.kp, p.k);
-    load_tile<T>(vs, CT, yvg, k0, BN, p.n, c0, CT, p.c);
+    load_tile<T>(ks, ldk, skg, p.sk_r, k0, BN, p.n, 0, p.kp, p.k);
+    load_tile<T>(vs, CT, yvg, p.yv_r, k0, BN, p.n, c0, CT, p.c);
     __syncthreads();
     const int j = k0 + lane;
 #pragma unroll
@@ -171,15 +174,16 @@ SF_HOST_DEVICE inline int64_t fwd_mma_smem_bytes(int k, int ct) {
   return 2 * (static_cast<int64_t>(MBM + MBN) * mma_ld(mma_kp(k)) + MBN * mma_ld(ct));
 }
 
-// Stage rows [row0, row0 + rows) x cols [col0, col0 + width) of a (n, cols) matrix in its dtype, zero padded.
+// Stage rows [row0, row0 + rows) x cols [col0, col0 + width) of an (n, cols) matrix with row
+// stride rs in its dtype, zero padded.
 template <typename T>
-SF_DEVICE_INLINE void load_tile_raw(T* dst, int ld, const T* src, int row0, int rows, int n, int col0, int width,
-                                    int cols) {
+SF_DEVICE_INLINE void load_tile_raw(T* dst, int ld, const T* src, int64_t rs, int row0, int rows, int n, int col0,
+                                    int width, int cols) {
   const T zero = sf::from_float<T>(0.f);
   for (int e = threadIdx.x; e < rows * width; e += kMmaWarps * 32) {
     const int r = e / width, t = e % width;
     const int row = row0 + r, col = col0 + t;
-    dst[r * ld + t] = (row < n && col < cols) ? src[static_cast<int64_t>(row) * cols + col] : zero;
+    dst[r * ld + t] = (row < n && col < cols) ? src[row * rs + col] : zero;
   }
 }
 
@@ -212,10 +216,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32) semantic_attention_fwd_mma_ker
   const int64_t b = blockIdx.x / ctiles;
   const int c0 = static_cast<int>(blockIdx.x % ctiles) * CT;
   const int q0 = blockIdx.y * MBM;
-  const T* sqg = static_cast<const T*>(p.sq) + b * p.n * p.k;
-  const T* skg = static_cast<const T*>(p.sk) + b * p.n * p.k;
-  const T* yvg = static_cast<const T*>(p.yv) + b * p.n * p.c;
-  load_tile_raw<T>(qs, ldk, sqg, q0, MBM, p.n, 0, kp, p.k);
+  const T* sqg = static_cast<const T*>(p.sq) + b * p.sq_b;
+  const T* skg = static_cast<const T*>(p.sk) + b * p.sk_b;
+  const T* yvg = static_cast<const T*>(p.yv) + b * p.yv_b;
+  load_tile_raw<T>(qs, ldk, sqg, p.sq_r, q0, MBM, p.n, 0, kp, p.k);
 
   int rows[2];
   float m[2], l[2];
@@ -233,8 +237,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) semantic_attention_fwd_mma_ker
 
   for (int k0 = 0; k0 < p.n; k0 += MBN) {
     __syncthreads();  // the previous tile's readers are done (and, first time, qs is published below)
-    load_tile_raw<T>(ks, ldk, skg, k0, MBN, p.n, 0, kp, p.k);
-    load_tile_raw<T>(vs, LDV, yvg, k0, MBN, p.n, c0, CT, p.c);
+    load_tile_raw<T>(ks, ldk, skg, p.sk_r, k0, MBN, p.n, 0, kp, p.k);
+    load_tile_raw<T>(vs, LDV, yvg, p.yv_r, k0, MBN, p.n, c0, CT, p.c);
     __syncthreads();
     float s[ST][4];
 #pragma unroll
@@ -350,10 +354,10 @@ __global__ void __launch_bounds__(kThreads, 1) semantic_attention_dv_kernel(Para
   const int64_t b = blockIdx.x / ctiles;
   const int c0 = static_cast<int>(blockIdx.x % ctiles) * CT;
   const int k0 = blockIdx.y * BN;
-  const T* sqg = static_cast<const T*>(p.sq) + b * p.n * p.k;
-  const T* skg = static_cast<const T*>(p.sk) + b * p.n * p.k;
+  const T* sqg = static_cast<const T*>(p.sq) + b * p.sq_b;
+  const T* skg = static_cast<const T*>(p.sk) + b * p.sk_b;
   const T* dog = dout + b * p.n * p.c;
-  load_tile<T>(ks, ldk, skg, k0, BN, p.n, 0, p.kp, p.k);
+  load_tile<T>(ks, ldk, skg, p.sk_r, k0, BN, p.n, 0, p.kp, p.k);
 
   constexpr int KPW = BN / kWarps;
   float acc[KPW][CPL];
@@ -364,8 +368,8 @@ __global__ void __launch_bounds__(kThreads, 1) semantic_attention_dv_kernel(Para
   const int j = k0 + lane;
   for (int q0 = 0; q0 < p.n; q0 += BM) {
     __syncthreads();
-    load_tile<T>(qs, p.kp, sqg, q0, BM, p.n, 0, p.kp, p.k);
-    load_tile<T>(dos, CT, dog, q0, BM, p.n, c0, CT, p.c);
+    load_tile<T>(qs, p.kp, sqg, p.sq_r, q0, BM, p.n, 0, p.kp, p.k);
+    load_tile<T>(dos, CT, dog, p.c, q0, BM, p.n, c0, CT, p.c);
     for (int e = threadIdx.x; e < BM; e += kThreads) lses[e] = q0 + e < p.n ? lse[b * p.n + q0 + e] : 0.f;
     __syncthreads();
 #pragma unroll
@@ -407,8 +411,8 @@ SF_DEVICE_INLINE void dp_rows(const Params& p, const T* dog, const T* yvg, int q
   for (int r = 0; r < kRowsPerWarp; ++r) dp[r] = 0.f;
   for (int c0 = 0; c0 < p.c; c0 += CC) {
     __syncthreads();
-    load_tile<T>(dos, CC, dog, q0, BM, p.n, c0, CC, p.c);
-    load_tile<T>(ys, CC + 1, yvg, k0, BN, p.n, c0, CC, p.c);
+    load_tile<T>(dos, CC, dog, p.c, q0, BM, p.n, c0, CC, p.c);
+    load_tile<T>(ys, CC + 1, yvg, p.yv_r, k0, BN, p.n, c0, CC, p.c);
     __syncthreads();
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) dp[r] += dot(dos + (warp * kRowsPerWarp + r) * CC, ys + lane * (CC + 1), CC);
@@ -421,10 +425,11 @@ SF_HOST_DEVICE inline int64_t dk_smem_floats(int kp) {
 
 // grid (B_, ceil(N / BN)): dSk of one key tile.
 template <typename T, int KPL>
-__global__ void __launch_bounds__(kThreads) semantic_attention_dk_kernel(Params p, const T* __restrict__ dout,
-                                                                         const float* __restrict__ lse,
-                                                                         const float* __restrict__ delta,
-                                                                         T* __restrict__ dsk) {
+// minBlocks = 1: without it ptxas capped KPL = 1 at 48 registers and spilled (sm_90).
+__global__ void __launch_bounds__(kThreads, 1) semantic_attention_dk_kernel(Params p, const T* __restrict__ dout,
+                                                                            const float* __restrict__ lse,
+                                                                            const float* __restrict__ delta,
+                                                                            T* __restrict__ dsk) {
   SF_DYNAMIC_SHARED(float, smem);
   const int ldk = key_ld(p.kp);
   float* qs = smem;                    // [BM][KP]
@@ -438,11 +443,11 @@ __global__ void __launch_bounds__(kThreads) semantic_attention_dk_kernel(Params 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t b = blockIdx.x;
   const int k0 = blockIdx.y * BN;
-  const T* sqg = static_cast<const T*>(p.sq) + b * p.n * p.k;
-  const T* skg = static_cast<const T*>(p.sk) + b * p.n * p.k;
-  const T* yvg = static_cast<const T*>(p.yv) + b * p.n * p.c;
+  const T* sqg = static_cast<const T*>(p.sq) + b * p.sq_b;
+  const T* skg = static_cast<const T*>(p.sk) + b * p.sk_b;
+  const T* yvg = static_cast<const T*>(p.yv) + b * p.yv_b;
   const T* dog = dout + b * p.n * p.c;
-  load_tile<T>(ks, ldk, skg, k0, BN, p.n, 0, p.kp, p.k);
+  load_tile<T>(ks, ldk, skg, p.sk_r, k0, BN, p.n, 0, p.kp, p.k);
 
   constexpr int KPW = BN / kWarps;
   float acc[KPW][KPL];
@@ -453,7 +458,7 @@ __global__ void __launch_bounds__(kThreads) semantic_attention_dk_kernel(Params 
   const int j = k0 + lane;
   for (int q0 = 0; q0 < p.n; q0 += BM) {
     __syncthreads();
-    load_tile<T>(qs, p.kp, sqg, q0, BM, p.n, 0, p.kp, p.k);
+    load_tile<T>(qs, p.kp, sqg, p.sq_r, q0, BM, p.n, 0, p.kp, p.k);
     for (int e = threadIdx.x; e < BM; e += kThreads) {
       const bool ok = q0 + e < p.n;
       lses[e] = ok ? lse[b * p.n + q0 + e] : 0.f;
@@ -516,11 +521,11 @@ __global__ void __launch_bounds__(kThreads) semantic_attention_dq_kernel(Params 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t b = blockIdx.x;
   const int q0 = blockIdx.y * BM;
-  const T* sqg = static_cast<const T*>(p.sq) + b * p.n * p.k;
-  const T* skg = static_cast<const T*>(p.sk) + b * p.n * p.k;
-  const T* yvg = static_cast<const T*>(p.yv) + b * p.n * p.c;
+  const T* sqg = static_cast<const T*>(p.sq) + b * p.sq_b;
+  const T* skg = static_cast<const T*>(p.sk) + b * p.sk_b;
+  const T* yvg = static_cast<const T*>(p.yv) + b * p.yv_b;
   const T* dog = dout + b * p.n * p.c;
-  load_tile<T>(qs, p.kp, sqg, q0, BM, p.n, 0, p.kp, p.k);
+  load_tile<T>(qs, p.kp, sqg, p.sq_r, q0, BM, p.n, 0, p.kp, p.k);
   for (int e = threadIdx.x; e < BM; e += kThreads) {
     const bool ok = q0 + e < p.n;
     lses[e] = ok ? lse[b * p.n + q0 + e] : 0.f;
@@ -533,7 +538,7 @@ __global__ void __launch_bounds__(kThreads) semantic_attention_dq_kernel(Params 
     for (int u = 0; u < KPL; ++u) acc[r][u] = 0.f;
   for (int k0 = 0; k0 < p.n; k0 += BN) {
     __syncthreads();  // previous key tile's readers are done
-    load_tile<T>(ks, ldk, skg, k0, BN, p.n, 0, p.kp, p.k);
+    load_tile<T>(ks, ldk, skg, p.sk_r, k0, BN, p.n, 0, p.kp, p.k);
     float dp[kRowsPerWarp];
     dp_rows<T>(p, dog, yvg, q0, k0, dos, ys, dp);  // its barriers publish ks
     const int j = k0 + lane;
@@ -603,10 +608,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32) semantic_attention_dv_mma_kern
   const int64_t b = blockIdx.x / ctiles;
   const int c0 = static_cast<int>(blockIdx.x % ctiles) * CT;
   const int k0 = blockIdx.y * MBM;
-  const T* sqg = static_cast<const T*>(p.sq) + b * p.n * p.k;
-  const T* skg = static_cast<const T*>(p.sk) + b * p.n * p.k;
+  const T* sqg = static_cast<const T*>(p.sq) + b * p.sq_b;
+  const T* skg = static_cast<const T*>(p.sk) + b * p.sk_b;
   const T* dog = dout + b * p.n * p.c;
-  load_tile_raw<T>(ks, ldk, skg, k0, MBM, p.n, 0, p.kp, p.k);
+  load_tile_raw<T>(ks, ldk, skg, p.sk_r, k0, MBM, p.n, 0, p.kp, p.k);
   int keys[2];
 #pragma unroll
   for (int h2 = 0; h2 < 2; ++h2) keys[h2] = k0 + warp * 16 + g + 8 * h2;
@@ -618,8 +623,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) semantic_attention_dv_mma_kern
 
   for (int q0 = 0; q0 < p.n; q0 += MBN) {
     __syncthreads();  // the previous tile's readers are done
-    load_tile_raw<T>(qs, ldk, sqg, q0, MBN, p.n, 0, p.kp, p.k);
-    load_tile_raw<T>(dos, LDC, dog, q0, MBN, p.n, c0, CT, p.c);
+    load_tile_raw<T>(qs, ldk, sqg, p.sq_r, q0, MBN, p.n, 0, p.kp, p.k);
+    load_tile_raw<T>(dos, LDC, dog, p.c, q0, MBN, p.n, c0, CT, p.c);
     for (int e = threadIdx.x; e < MBN; e += kMmaWarps * 32) lses[e] = q0 + e < p.n ? lse[b * p.n + q0 + e] : 0.f;
     __syncthreads();
     float s[ST][4];
@@ -693,14 +698,16 @@ __global__ void __launch_bounds__(kMmaWarps * 32) semantic_attention_dqk_mma_ker
   const int g = lane >> 2, t4 = lane & 3;
   const int64_t b = blockIdx.x;
   const int r0 = blockIdx.y * MBM;
-  const T* sqg = static_cast<const T*>(p.sq) + b * p.n * p.k;
-  const T* skg = static_cast<const T*>(p.sk) + b * p.n * p.k;
-  const T* yvg = static_cast<const T*>(p.yv) + b * p.n * p.c;
+  const T* sqg = static_cast<const T*>(p.sq) + b * p.sq_b;
+  const T* skg = static_cast<const T*>(p.sk) + b * p.sk_b;
+  const T* yvg = static_cast<const T*>(p.yv) + b * p.yv_b;
   const T* dog = dout + b * p.n * p.c;
   const T* own_a = KEYS ? skg : sqg;
   const T* oth_a = KEYS ? sqg : skg;
   const T* own_c = KEYS ? yvg : dog;
   const T* oth_c = KEYS ? dog : yvg;
+  const int64_t own_a_r = KEYS ? p.sk_r : p.sq_r, oth_a_r = KEYS ? p.sq_r : p.sk_r;
+  const int64_t own_c_r = KEYS ? p.yv_r : p.c, oth_c_r = KEYS ? p.c : p.yv_r;
   // Query statistics of `rows` rows from row0 into shared memory.
   auto load_stats = [&](int row0, int rows) {
     for (int e = threadIdx.x; e < rows; e += kMmaWarps * 32) {
@@ -709,7 +716,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) semantic_attention_dqk_mma_ker
       deltas[e] = ok ? delta[b * p.n + row0 + e] : 0.f;
     }
   };
-  load_tile_raw<T>(oa, ldk, own_a, r0, MBM, p.n, 0, p.kp, p.k);
+  load_tile_raw<T>(oa, ldk, own_a, own_a_r, r0, MBM, p.n, 0, p.kp, p.k);
   if constexpr (!KEYS) load_stats(r0, MBM);
   int rows[2];
 #pragma unroll
@@ -722,7 +729,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) semantic_attention_dqk_mma_ker
 
   for (int x0 = 0; x0 < p.n; x0 += MBN) {
     __syncthreads();  // the previous tile's readers of xa (and the stats) are done
-    load_tile_raw<T>(xa, ldk, oth_a, x0, MBN, p.n, 0, p.kp, p.k);
+    load_tile_raw<T>(xa, ldk, oth_a, oth_a_r, x0, MBN, p.n, 0, p.kp, p.k);
     if constexpr (KEYS) load_stats(x0, MBN);
     __syncthreads();
     float s[ST][4], dp[ST][4];
@@ -742,8 +749,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) semantic_attention_dqk_mma_ker
     }
     for (int c0 = 0; c0 < p.c; c0 += MCC) {
       __syncthreads();  // the previous chunk's readers are done
-      load_tile_raw<T>(oc, LDC, own_c, r0, MBM, p.n, c0, MCC, p.c);
-      load_tile_raw<T>(xc, LDC, oth_c, x0, MBN, p.n, c0, MCC, p.c);
+      load_tile_raw<T>(oc, LDC, own_c, own_c_r, r0, MBM, p.n, c0, MCC, p.c);
+      load_tile_raw<T>(xc, LDC, oth_c, oth_c_r, x0, MBN, p.n, c0, MCC, p.c);
       __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < MCC / 16; ++kk) {
@@ -900,10 +907,18 @@ void with_int(int value, F&& f) {
   }
 }
 
+// sq, sk, yv may be strided in the batch and row dims (column views of one fused projection);
+// their rows must be contiguous.
+#define SF_CHECK_ROWS(t)       \
+  SF_CHECK_DEVICE(t);          \
+  SF_CHECK_DIM(t, 3);          \
+  TORCH_CHECK((t).size(2) == 1 || (t).stride(2) == 1, "semantic_attention: " #t " must have a contiguous last dim " \
+              "(batch and row strides are free), got strides ", (t).strides())
+
 Params make_params(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv) {
-  SF_CHECK_INPUT(sq, 3);
-  SF_CHECK_INPUT(sk, 3);
-  SF_CHECK_INPUT(yv, 3);
+  SF_CHECK_ROWS(sq);
+  SF_CHECK_ROWS(sk);
+  SF_CHECK_ROWS(yv);
   SF_CHECK_FLOAT(sq);
   SF_CHECK_SAME_DTYPE(sk, sq);
   SF_CHECK_SAME_DTYPE(yv, sq);
@@ -920,6 +935,12 @@ Params make_params(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor&
   p.k = static_cast<int>(sq.size(2));
   p.c = static_cast<int>(yv.size(2));
   p.kp = (p.k + 31) / 32 * 32;
+  p.sq_b = sq.stride(0);
+  p.sq_r = sq.stride(1);
+  p.sk_b = sk.stride(0);
+  p.sk_r = sk.stride(1);
+  p.yv_b = yv.stride(0);
+  p.yv_r = yv.stride(1);
   return p;
 }
 
@@ -929,7 +950,7 @@ inline int cols_per_lane(int c) { return c >= 128 ? 4 : (c + 31) / 32; }
 std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv) {
   const Params p = make_params(sq, sk, yv);
   SF_DEVICE_GUARD(sq);
-  at::Tensor out = at::empty_like(yv);
+  at::Tensor out = at::empty(yv.sizes(), yv.options());  // contiguous whatever yv's strides
   at::Tensor lse = at::empty({sq.size(0), sq.size(1)}, sq.options().dtype(at::kFloat));
   SF_DISPATCH_FLOAT(sq.scalar_type(), "semantic_attention", [&] {
     with_int<4>(cols_per_lane(p.c), [&](auto cpl) {
@@ -951,7 +972,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
   SF_CHECK_SAME_DTYPE(dout, sq);
   SF_CHECK_DTYPE(lse, at::kFloat);
   TORCH_CHECK(dout.sizes() == yv.sizes() && out.sizes() == yv.sizes(), "semantic_attention: dout/out must match yv");
-  at::Tensor dsq = at::empty_like(sq), dsk = at::empty_like(sk), dyv = at::empty_like(yv);
+  // Contiguous gradients whatever the inputs' strides (the kernels write rows of k / c elements).
+  at::Tensor dsq = at::empty(sq.sizes(), sq.options()), dsk = at::empty(sk.sizes(), sk.options());
+  at::Tensor dyv = at::empty(yv.sizes(), yv.options());
   at::Tensor delta = at::empty_like(lse);
   SF_DISPATCH_FLOAT(sq.scalar_type(), "semantic_attention", [&] {
     const cudaStream_t stream = sf::current_stream();

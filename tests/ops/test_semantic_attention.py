@@ -144,3 +144,68 @@ def test_triton_reads_views_in_place(monkeypatch):
     row = 2 * K + C
     assert [t.stride() for t in (a, b, c)] == [(30 * row, row, 1)] * 3
     assert [t.data_ptr() - qkv.data_ptr() for t in (a, b, c)] == [0, 4 * K, 8 * K]
+
+
+_COPIES = ("copy_", "clone", "_to_copy", "contiguous")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_harness_reads_views_in_place(dtype):
+    """The CUDA C++ impl (run here in the SIMT harness) hands the row-strided column views of one
+    fused q/k/v tensor to its kernels as they are, forward and backward: no aten op copies from the
+    fused tensor's storage, and both bindings receive pointers into it with its strides."""
+    require_backend(OP, "cpu")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    B, N, K, C = 2, 30, 19, 24
+    qkv = _fused(B, N, K, C, "cpu")["qkv"].to(dtype).requires_grad_()
+    storage = qkv.untyped_storage().data_ptr()
+    copies, calls = [], {}
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            name = func.overloadpacket.__name__
+            if name in _COPIES and any(t.untyped_storage().data_ptr() == storage for t in tensors):
+                copies.append(str(func))
+            if func.namespace == "semask_fast_simt":
+                calls[name] = [(t.data_ptr(), t.stride()) for t in tensors]
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        sq, sk, yv = qkv.split([K, K, C], dim=-1)
+        semask_fast.semantic_attention(sq, sk, yv, backend="cpu").sum().backward()
+    assert copies == []
+    row, es = 2 * K + C, qkv.element_size()
+    views = [(qkv.data_ptr() + es * off, (N * row, row, 1)) for off in (0, K, 2 * K)]
+    assert calls["semantic_attention_forward"] == views
+    assert calls["semantic_attention_backward"][1:4] == views  # (dout, sq, sk, yv, out, lse)
+    assert qkv.grad is not None and qkv.grad.shape == qkv.shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_harness_batch_and_last_dim_strides(dtype):
+    """Batch stride below the row stride (inputs stored (N, B_, .) and transposed), and Sk with a
+    non-unit last-dim stride (the impl copies it; the kernels need contiguous rows)."""
+    device = require_backend(OP, "cpu")
+    B, N, K, C = 3, 37, 21, 40
+    t = _inputs(B, N, K, C, device)
+    t = {"sq": t["sq"].transpose(0, 1).contiguous(), "sk": t["sk"].transpose(1, 2).contiguous(),
+         "yv": t["yv"].transpose(0, 1).contiguous()}  # (N, B, K), (B, K, N), (N, B, C)
+
+    def fn(backend, sq, sk, yv):
+        return semask_fast.semantic_attention(sq.transpose(0, 1), sk.transpose(1, 2), yv.transpose(0, 1),
+                                              backend=backend)
+
+    assert_parity(fn, t, ["sq", "sk", "yv"], dtype, backend="cpu", op=OP)
+
+
+def test_harness_binding_rejects_strided_rows():
+    """The binding itself states its layout requirement (the impl never passes such a tensor)."""
+    require_backend(OP, "cpu")
+    from semask_fast.backends.cuda.semantic_attention import SemanticAttentionSimt
+
+    lib = SemanticAttentionSimt().library()
+    sq = torch.randn(1, 8, 4)
+    with pytest.raises(RuntimeError, match="sk must have a contiguous last dim"):
+        lib.semantic_attention_forward(sq, torch.randn(1, 4, 8).transpose(1, 2), torch.randn(1, 8, 5))

@@ -1,7 +1,8 @@
 """semantic_attention from ``csrc/ops/semantic_attention.cu`` (cuda and SIMT-harness backends).
 
 The class dimension K is staged whole in shared memory (K <= 160); C is tiled
-over blocks.  Forward saves the output and the fp32 row logsumexp; backward
+over blocks.  sq, sk and yv are read in place with their batch and row strides
+(only the last dim must be contiguous).  Forward saves the output and the fp32 row logsumexp; backward
 recomputes the probabilities (N x N never reaches global memory).  fp16 and bf16
 run every product of forward and backward on tensor cores (``sf_mma.cuh``, fp32
 accumulation); fp32 runs FFMA kernels.
@@ -10,6 +11,8 @@ accumulation); fp32 runs FFMA kernels.
 from __future__ import annotations
 
 from typing import List
+
+import torch
 
 from ...ops.semantic_attention import SemanticAttentionInputs
 from ..registry import register
@@ -27,14 +30,20 @@ class _SemanticAttentionKernels:
         return [f"K={k} classes (supported: 1..{MAX_CLASSES})"] if k > MAX_CLASSES else []
 
     def forward(self, inp: SemanticAttentionInputs):
-        sq, sk, yv = (t.contiguous() for t in (inp.sq, inp.sk, inp.yv))
+        sq, sk, yv = (_rows(t) for t in (inp.sq, inp.sk, inp.yv))
         out, lse = self.library().semantic_attention_forward(sq, sk, yv)
         return (out,), (out, lse)
 
     def backward(self, inp: SemanticAttentionInputs, saved, grad_outputs):
         out, lse = saved
-        sq, sk, yv = (t.contiguous() for t in (inp.sq, inp.sk, inp.yv))
+        sq, sk, yv = (_rows(t) for t in (inp.sq, inp.sk, inp.yv))
         return tuple(self.library().semantic_attention_backward(grad_outputs[0].contiguous(), sq, sk, yv, out, lse))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any batch and row strides (e.g. the column views of SemanticAttention's
+    fused q/k/v projection, read in place); only a non-unit last-dim stride needs a copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
 @register
