@@ -27,6 +27,10 @@
 //      owner thread, so no clearing pass and no atomics);
 //   4. table gradient: a block per (table row, head) sums the buffer's (i, j)
 //      pairs with that index in a fixed order (fixed-shape tree reduction).
+//   fp16 / bf16 windows of N <= 64 tokens and head_dim <= 64 (every Swin stage) run
+//   2. and 3. as one fused kernel instead (a block holds a whole (window, head): q, k,
+//   v, dO read once), which also folds dS onto the table rows, so its partials are
+//   (chunks, h, table rows) and step 4 is a plain sum over the chunks.
 //   The result is bitwise reproducible run to run.
 // Dropout: keep(element) = philox(seed, element index) >= p, with the element
 // index ((b_ * h + head) * N + i) * N + j; forward and backward evaluate the
@@ -1026,6 +1030,239 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_dq_mma_ker
   }
 }
 
+// ------------------------------------------ backward, one-tile windows, fused --
+// fp16 / bf16 with N <= 64 and head_dim <= 64 (every Swin stage): a block owns one head of
+// a chunk of windows and, per window, holds the whole (window, head) segment in shared memory,
+// so S and dP are computed once and q, k, v, dO are read once for dQ, dK and dV together (the
+// two-kernel path above reads them twice).  A warp owns 16 query rows for S, dP and dQ = dS K
+// (dS from registers), then 16 keys for dV = P^T dO and dK = dS^T Q (P and dS staged in
+// shared memory in the input dtype).  With a table, the block folds each window's fp32 dS onto
+// the table rows itself (a thread owns fixed table rows and sums their (i, j) pairs in a fixed
+// order), so the partials are (chunks, h, table rows), not (chunks, h, N, N).
+constexpr int FN = 64;  // rows and keys of the one tile
+
+template <int DP>
+SF_HOST_DEVICE constexpr int fused_ld() {
+  return FN + 8;
+}
+
+template <int DP>
+SF_HOST_DEVICE constexpr int fused_smem_bytes_fixed() {
+  return 2 * (4 * FN * mma_ld<DP>() + 2 * FN * fused_ld<DP>()) + 4 * 2 * FN;
+}
+
+// Table rows owned by a thread of the fused kernel's fold.
+constexpr int kFoldRows = 2;
+
+// grid (chunks, h); dynamic smem: fused_smem_bytes_fixed + fp32 dS [FN][FN + 1] and the
+// head's table column when there is a table.
+template <typename T, int DP>
+// minBlocks = 1: let ptxas use the registers it needs (occupancy is bound by shared memory).
+__global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_bwd_fused_mma_kernel(
+    Params p, const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+    T* __restrict__ dq, T* __restrict__ dk, T* __restrict__ dv, float* __restrict__ tpart, int64_t per_chunk) {
+  constexpr int LD = mma_ld<DP>(), LP = fused_ld<DP>();
+  constexpr int KS = DP / 16, NT = DP / 8, ST = FN / 8;
+  SF_DYNAMIC_SHARED(T, smem);
+  T* qs = smem;               // [FN][LD]
+  T* ks = qs + FN * LD;       // [FN][LD]
+  T* vs = ks + FN * LD;       // [FN][LD]
+  T* dos = vs + FN * LD;      // [FN][LD]
+  T* ps = dos + FN * LD;      // [FN][LP]  P (dropped, rescaled), [i][j]
+  T* dss = ps + FN * LP;      // [FN][LP]  dS, [i][j]
+  float* lses = reinterpret_cast<float*>(dss + FN * LP);  // [FN]
+  float* deltas = lses + FN;                              // [FN]
+  float* dsf = p.table ? deltas + FN : nullptr;           // [FN][FN + 1]  fp32 dS for the table
+  float* tb = p.table ? dsf + FN * (FN + 1) : nullptr;    // [table rows]
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int64_t chunk = blockIdx.x;
+  const int head = blockIdx.y;
+  const int n = p.n, trows = table_rows(p);
+  if (tb)
+    for (int e = threadIdx.x; e < trows; e += kMmaWarps * 32) tb[e] = p.table[static_cast<int64_t>(e) * p.heads + head];
+  float fold[kFoldRows];
+#pragma unroll
+  for (int r = 0; r < kFoldRows; ++r) fold[r] = 0.f;
+  const bool rows_live = warp * 16 < n;  // the warp's 16 rows (and, later, keys) meet the window
+
+  const int64_t b_end = (chunk + 1) * per_chunk < p.batch ? (chunk + 1) * per_chunk : p.batch;
+  for (int64_t b = chunk * per_chunk; b < b_end; ++b) {
+    const int w = static_cast<int>(b % p.nw);
+    const int64_t seg = b * p.heads + head, row0 = seg * n;  // flat row of the segment's token 0
+    __syncthreads();  // the previous window's readers are done
+    load_tile_raw<T, DP>(qs, LD, static_cast<const T*>(p.q) + row0 * p.d, 0, FN, n, p.d);
+    load_tile_raw<T, DP>(ks, LD, static_cast<const T*>(p.k) + row0 * p.d, 0, FN, n, p.d);
+    load_tile_raw<T, DP>(vs, LD, static_cast<const T*>(p.v) + row0 * p.d, 0, FN, n, p.d);
+    load_tile_raw<T, DP>(dos, LD, dout + row0 * p.d, 0, FN, n, p.d);
+    for (int e = threadIdx.x; e < FN; e += kMmaWarps * 32) {
+      lses[e] = e < n ? lse[row0 + e] : 0.f;
+      deltas[e] = e < n ? delta[row0 + e] : 0.f;
+    }
+    __syncthreads();
+    if (rows_live) {
+      // S = Q K^T and dP = dO V^T for the warp's 16 rows x the window's keys.
+      float s[ST][4], dp[ST][4];
+#pragma unroll
+      for (int t = 0; t < ST; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[t][e] = dp[t][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) {
+        uint32_t qa[4], da[4];
+        sf::load_a_frag<T>(qa, qs + warp * 16 * LD + kk * 16, LD, lane);
+        sf::load_a_frag<T>(da, dos + warp * 16 * LD + kk * 16, LD, lane);
+#pragma unroll
+        for (int t = 0; t < ST; ++t) {
+          if (t * 8 >= n) continue;  // keys past the window (uniform)
+          uint32_t bb[2];
+          sf::load_b_frag<T>(bb, ks + t * 8 * LD + kk * 16, LD, lane);
+          sf::mma_m16n8k16_f32<T>(s[t], qa, bb, s[t]);
+          sf::load_b_frag<T>(bb, vs + t * 8 * LD + kk * 16, LD, lane);
+          sf::mma_m16n8k16_f32<T>(dp[t], da, bb, dp[t]);
+        }
+      }
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        const int i = warp * 16 + g + 8 * h2;
+        const RowInfo ri = row_info(p, w, i);
+        const float lse_i = lses[i], delta_i = deltas[i];
+#pragma unroll
+        for (int t = 0; t < ST; ++t)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int j = t * 8 + 2 * t4 + c, e = 2 * h2 + c;
+            float pd = 0.f, ds = 0.f;
+            if (i < n && j < n) {
+              const float x = logit(p, tb, w, i, j, ri, row_info(p, w, j), s[t][e]);
+              const float prob = __expf(x - lse_i);
+              const float f = dropout_factor(p, static_cast<uint64_t>(row0 + i) * n + j);
+              pd = prob * f;
+              ds = prob * (dp[t][e] * f - delta_i);
+            }
+            ps[i * LP + j] = sf::from_float<T>(pd);
+            dss[i * LP + j] = sf::from_float<T>(ds);
+            if (dsf) dsf[i * (FN + 1) + j] = ds;
+            s[t][e] = ds;
+          }
+      }
+      // dQ = dS K for the warp's rows.
+      float acc[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < FN / 16; ++kk) {
+        if (kk * 16 >= n) continue;
+        uint32_t a[4];
+        sf::acc_to_a_frag<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          uint32_t bb[2];
+          sf::load_b_frag_t<T>(bb, ks + kk * 16 * LD + nt * 8, LD, lane);
+          sf::mma_m16n8k16_f32<T>(acc[nt], a, bb, acc[nt]);
+        }
+      }
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        const int i = warp * 16 + g + 8 * h2;
+        if (i >= n) continue;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int t = nt * 8 + 2 * t4 + c;
+            if (t < p.d) dq[(row0 + i) * p.d + t] = sf::from_float<T>(acc[nt][2 * h2 + c] * p.scale);
+          }
+      }
+    }
+    __syncthreads();  // P and dS of every row are staged
+    if (rows_live) {
+      // dV = P^T dO and dK = dS^T Q for the warp's 16 keys (k = the window's rows).
+      float dva[NT][4], dka[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dva[nt][e] = dka[nt][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < FN / 16; ++kk) {
+        if (kk * 16 >= n) continue;
+        uint32_t pa[4], sa[4];
+        sf::load_a_frag_t<T>(pa, ps + kk * 16 * LP + warp * 16, LP, lane);
+        sf::load_a_frag_t<T>(sa, dss + kk * 16 * LP + warp * 16, LP, lane);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          uint32_t bb[2];
+          sf::load_b_frag_t<T>(bb, dos + kk * 16 * LD + nt * 8, LD, lane);
+          sf::mma_m16n8k16_f32<T>(dva[nt], pa, bb, dva[nt]);
+          sf::load_b_frag_t<T>(bb, qs + kk * 16 * LD + nt * 8, LD, lane);
+          sf::mma_m16n8k16_f32<T>(dka[nt], sa, bb, dka[nt]);
+        }
+      }
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        const int j = warp * 16 + g + 8 * h2;
+        if (j >= n) continue;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int t = nt * 8 + 2 * t4 + c;
+            if (t >= p.d) continue;
+            const int64_t at = (row0 + j) * p.d + t;
+            dk[at] = sf::from_float<T>(dka[nt][2 * h2 + c] * p.scale);
+            dv[at] = sf::from_float<T>(dva[nt][2 * h2 + c]);
+          }
+      }
+    }
+    if (dsf) {
+      // Table rows r = thread + 128 * k: sum dS over the pairs (i, j) of relative position r,
+      // query rows in increasing order (as window_attention_table_grad_kernel enumerates them).
+#pragma unroll
+      for (int k = 0; k < kFoldRows; ++k) {
+        const int r = threadIdx.x + kMmaWarps * 32 * k;
+        if (r >= trows) continue;
+        const int dy = r / (2 * p.ww - 1) - (p.wh - 1), dx = r % (2 * p.ww - 1) - (p.ww - 1);
+        const int y_lo = dy > 0 ? dy : 0, y_hi = dy > 0 ? p.wh : p.wh + dy;
+        const int x_lo = dx > 0 ? dx : 0, x_hi = dx > 0 ? p.ww : p.ww + dx;
+        float s = 0.f;
+        for (int yi = y_lo; yi < y_hi; ++yi)
+          for (int xi = x_lo; xi < x_hi; ++xi)
+            s += dsf[(yi * p.ww + xi) * (FN + 1) + (yi - dy) * p.ww + (xi - dx)];
+        fold[k] += s;
+      }
+    }
+  }
+  if (tpart) {
+#pragma unroll
+    for (int k = 0; k < kFoldRows; ++k) {
+      const int r = threadIdx.x + kMmaWarps * 32 * k;
+      if (r < trows) tpart[(chunk * p.heads + head) * trows + r] = fold[k];
+    }
+  }
+}
+
+// dtable[r, head] = sum over chunks, in order, of tpart[chunk, head, r]: a thread per (r, head).
+__global__ void __launch_bounds__(kThreads) window_attention_table_fold_sum_kernel(const float* __restrict__ tpart,
+                                                                                   float* __restrict__ dtable,
+                                                                                   int64_t chunks, int heads,
+                                                                                   int trows) {
+  const int e = blockIdx.x * kThreads + threadIdx.x;
+  if (e >= trows * heads) return;
+  const int r = e / heads, head = e % heads;
+  float s = 0.f;
+  for (int64_t c = 0; c < chunks; ++c) s += tpart[(c * heads + head) * trows + r];
+  dtable[e] = s;
+}
+
+// The fused kernel serves the shape: fp16 / bf16, one tile of keys, head_dim <= 64, and a
+// table the fold's threads cover ((2Wh-1)(2Ww-1) <= 256 rows: every window of <= 64 tokens).
+inline bool fused_backward(const Params& p, bool fp32) {
+  return !fp32 && p.n <= FN && p.d <= 64 && table_rows(p) <= kFoldRows * kMmaWarps * 32;
+}
+
 // ---------------------------------------------------------------- launchers --
 inline int cdiv(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
@@ -1057,7 +1294,19 @@ void backward(const Params& p, const T* out, const T* dout, const float* lse, fl
   SF_LAUNCH(window_attention_delta_kernel<T>, dim3(cdiv(rows, kWarps)), dim3(kThreads), 0, stream, out, dout, delta,
             rows, p.d);
   const size_t tsm = p.table ? table_rows(p) : 0;
-  if constexpr (!std::is_same<T, float>::value) {
+  if (fused_backward(p, std::is_same<T, float>::value)) {
+    if constexpr (!std::is_same<T, float>::value && DP <= 64) {
+      // dsum: the (chunks, h, table rows) folded partials.
+      const size_t smem = fused_smem_bytes_fixed<DP>() + sizeof(float) * (p.table ? FN * (FN + 1) + tsm : 0);
+      auto kernel = window_attention_bwd_fused_mma_kernel<T, DP>;
+      SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
+      SF_LAUNCH(kernel, dim3(static_cast<unsigned>(chunks), p.heads), dim3(kMmaWarps * 32), smem, stream, p, dout,
+                lse, delta, dq, dk, dv, dsum, per_chunk);
+      if (p.table)
+        SF_LAUNCH(window_attention_table_fold_sum_kernel, dim3(cdiv(static_cast<int64_t>(tsm) * p.heads, kThreads)),
+                  dim3(kThreads), 0, stream, dsum, dtable, chunks, p.heads, table_rows(p));
+    }
+  } else if constexpr (!std::is_same<T, float>::value) {
     // fp16 / bf16: tensor cores.
     // Packed keys: a block's MBM keys touch at most (MBM - 1) / N + 2 segments, each with its table column.
     const size_t smem_kv = bwd_mma_smem_bytes_fixed<DP>() + sizeof(float) * ((MBM - 1) / p.n + 2) * tsm;
@@ -1084,7 +1333,7 @@ void backward(const Params& p, const T* out, const T* dout, const float* lse, fl
     SF_LAUNCH(qk, dim3(static_cast<unsigned>(chunks * p.heads), cdiv(p.n, BM)), dim3(kThreads), smem_q, stream, p,
               dout, lse, delta, dq, dsum, per_chunk);
   }
-  if (p.table)
+  if (p.table && !fused_backward(p, std::is_same<T, float>::value))
     SF_LAUNCH(window_attention_table_grad_kernel, dim3(table_rows(p), p.heads), dim3(kThreads), 0, stream, dsum,
               dtable, chunks, p.heads, p.n, p.wh, p.ww);
   SF_CHECK_LAUNCH();
@@ -1205,15 +1454,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "window_attention: dout/out must match q");
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(q), dv = at::empty_like(q);
   at::Tensor delta = at::empty_like(lse);
-  // The table gradient goes through per-chunk partial sums of dS (chunks, h, N, N) over
-  // chunks of `windows_per_chunk` consecutive windows (the plan is the caller's: a function
-  // of the shape, so the summation order is reproducible).  The dQ kernels write every
-  // element, so the buffer is not cleared.
+  // The table gradient goes through per-chunk partial sums of dS over chunks of
+  // `windows_per_chunk` consecutive windows (the plan is the caller's: a function of the
+  // shape, so the summation order is reproducible): (chunks, h, N, N), or (chunks, h, table
+  // rows) already folded by the fused kernel.  The kernels write every element, so the
+  // buffer is not cleared.
   const int64_t per_chunk = std::min(windows_per_chunk, p.batch);
   const int64_t chunks = (p.batch + per_chunk - 1) / per_chunk;
   at::Tensor dsum, dtable;
   if (table) {
-    dsum = at::empty({chunks, p.heads, p.n, p.n}, q.options().dtype(at::kFloat));
+    if (fused_backward(p, q.scalar_type() == at::kFloat))
+      dsum = at::empty({chunks, p.heads, table_rows(p)}, q.options().dtype(at::kFloat));
+    else
+      dsum = at::empty({chunks, p.heads, p.n, p.n}, q.options().dtype(at::kFloat));
     dtable = at::empty_like(*table);
   } else {
     dtable = at::empty({0}, q.options().dtype(at::kFloat));

@@ -398,35 +398,43 @@ def test_semantic_backward_tiles(name, dtype):
 # ------------------------------------------- table-gradient chunk plan --
 def test_window_chunk_plan():
     plan = _cuda_module("window_attention").windows_per_chunk
-    # Swin-T stage 1 at batch 1 (64 windows, 3 x 49 rows in 3 tensor-core blocks each): below a
-    # wave of dQ blocks, one window per chunk; the FFMA kernel (12 blocks a window) packs 4.
+    # Swin-T stage 1 at batch 1 (64 windows, h = 3, N = 49): the fused kernel (a block per head)
+    # keeps one window per chunk; the FFMA kernel (12 blocks a window) packs 4.
     assert plan(64, 3, 49, 32, torch.float16) == 1
     assert plan(64, 3, 49, 32, torch.float32) == 4
     # Enough windows: the partials (written once, read once) stay within 10% of the backward's
-    # minimum traffic, and the dQ grid keeps a wave of blocks.
+    # minimum traffic, and the grid keeps a wave of blocks.
     for b_, h, n, d, dtype in [(512, 3, 49, 32, torch.float16), (2048, 3, 144, 32, torch.bfloat16),
-                               (4096, 24, 49, 32, torch.float32)]:
+                               (4096, 24, 49, 32, torch.float32), (8192, 2, 4, 8, torch.float16)]:
         k = plan(b_, h, n, d, dtype)
         chunks = -(-b_ // k)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        assert 2 * chunks * h * n * n * 4 <= 0.1 * 8 * b_ * h * n * d * itemsize
-        blocks = h * -(-n // 16) if dtype == torch.float32 else -(-h * n // 64)
+        fused = dtype != torch.float32 and n <= 64 and d <= 64
+        slice_floats = h * 4 * n if fused else h * n * n  # (2Wh-1)(2Ww-1) < 4N folded table rows
+        assert 2 * chunks * slice_floats * 4 <= 0.1 * 8 * b_ * h * n * d * itemsize
+        blocks = h if fused else h * -(-n // 16) if dtype == torch.float32 else -(-h * n // 64)
         assert chunks * blocks >= 128
     # The buffer stays under 4M floats whatever the shape.
     k = plan(1 << 16, 16, 256, 128, torch.float16)
     assert -(-(1 << 16) // k) * 16 * 256 * 256 <= 1 << 22
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=IDS)  # FFMA and tensor-core kernels
+# 12 windows of (5, 3) (fp16: the fused one-tile kernel; fp32: FFMA) and of (9, 8) (N = 72,
+# fp16: the two-kernel tensor-core path).
+FORCED_CHUNK_CASES = [("w5x3", torch.float32), ("w5x3", torch.float16), ("w9x8", torch.float16)]
+
+
+@pytest.mark.parametrize("window,dtype", FORCED_CHUNK_CASES, ids=lambda c: c if isinstance(c, str) else IDS(c))
 @pytest.mark.parametrize("per_chunk", [1, 3, 5, 12])  # 12 windows: even, uneven (last chunk 2), one chunk
-def test_window_forced_chunks(monkeypatch, per_chunk, dtype):
+def test_window_forced_chunks(monkeypatch, per_chunk, window, dtype):
     """Any chunking gives the reference's table gradient, bitwise the same across thread orders.
-    Deterministic mode fills uninitialised memory with NaN, so a partial-sum element the dQ
+    Deterministic mode fills uninitialised memory with NaN, so a partial-sum element the
     kernels left unwritten (the buffer is not cleared) poisons the gradient."""
     require_backend("window_attention", BACKEND)
     impl = type(semask_fast.backends.registry.implementation("window_attention", BACKEND))
     monkeypatch.setattr(impl, "per_chunk", per_chunk)
-    b_, h, ws, d, grid = 12, 3, (5, 3), 8, (3, 4)
+    b_, h, d, grid = 12, 3, 8, (3, 4)
+    ws = (5, 3) if window == "w5x3" else (9, 8)
     n = ws[0] * ws[1]
     g = torch.Generator().manual_seed(9)
     t = {nm: _randn(g, b_, h, n, d) for nm in ("q", "k", "v")}
@@ -447,3 +455,28 @@ def test_window_forced_chunks(monkeypatch, per_chunk, dtype):
         assert torch.equal(runs[0], runs[1])
     finally:
         torch.use_deterministic_algorithms(was)
+
+
+# The fused one-tile backward (fp16 / bf16, N <= 64, head_dim <= 64) at its edges, and the
+# first shapes past them (two-kernel path); fp32 runs the FFMA kernels on the same shapes.
+FUSED_WINDOW_SHAPES = {
+    # (B*nW, heads, window, head_dim, shift, grid)
+    "w8x8-d64-shift": (4, 2, (8, 8), 64, (4, 4), (2, 2)),  # N = 64: the full tile, head_dim 64
+    "w2x2-d40": (3, 5, (2, 2), 40, (0, 0), None),  # N = 4: three warps without rows or keys
+    "w1x7-d33-shift": (4, 3, (1, 7), 33, (0, 3), (2, 2)),  # one-row windows, padded head_dim
+    "w13x5-shift": (4, 2, (13, 5), 16, (6, 2), (2, 2)),  # N = 65: two-kernel path
+    "w4x4-d65": (2, 2, (4, 4), 65, (0, 0), None),  # head_dim 65: two-kernel path
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name", list(FUSED_WINDOW_SHAPES))
+def test_window_fused_backward_edges(name, dtype):
+    require_backend("window_attention", BACKEND)
+    b_, h, ws, d, shift, grid = FUSED_WINDOW_SHAPES[name]
+    n = ws[0] * ws[1]
+    g = torch.Generator().manual_seed(10)
+    t = {nm: _randn(g, b_, h, n, d) for nm in ("q", "k", "v")}
+    t["bias_table"] = _randn(g, (2 * ws[0] - 1) * (2 * ws[1] - 1), h)
+    fn = functools.partial(semask_fast.window_attention, window_size=ws, shift_size=shift, grid=grid)
+    assert_parity(fn, t, ["q", "k", "v", "bias_table"], dtype, backend=BACKEND, op="window_attention")

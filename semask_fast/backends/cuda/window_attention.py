@@ -11,6 +11,9 @@ hash, so no mask is stored.  fp16 / bf16 run on tensor cores; their forward and 
 kernels pack the rows of consecutive (window, head) pairs into 64-row blocks, so a
 7x7 window (N = 49) does not leave a quarter of each block idle; the dQ kernel packs
 the rows of a window's heads (it keeps one window per step for the table gradient).
+Windows of at most 64 tokens with head_dim <= 64 (fp16 / bf16) run one fused backward
+kernel instead, a block per (window, head): q, k, v, dO are read once, and the table
+gradient is folded onto the table rows in the block (see :func:`fused_backward`).
 """
 
 from __future__ import annotations
@@ -67,21 +70,32 @@ PARTIAL_TRAFFIC_SHARE = 0.1
 MAX_PARTIAL_FLOATS = 1 << 22
 
 
+def fused_backward(n: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the backward runs the fused one-tile kernel (as ``fused_backward`` in the .cu:
+    fp16 / bf16, N <= 64, head_dim <= 64): q, k, v, dO read once, table partials folded."""
+    return dtype != torch.float32 and n <= 64 and head_dim <= 64
+
+
 def windows_per_chunk(batch: int, heads: int, n: int, head_dim: int, dtype: torch.dtype) -> int:
-    """Consecutive windows whose dS the backward sums into one (h, N, N) fp32 partial of the
-    table gradient.  The partials cost 2 * chunks * h * N * N * 4 bytes (the dQ kernel writes
-    them, the reduction reads them); the backward's minimum is 8 * B_ * h * N * d * itemsize
-    (q, k, v, dO read, dq, dk, dv written).  Packing k windows keeps the partials under
-    PARTIAL_TRAFFIC_SHARE of it when k >= 10 N / (d * itemsize), but makes each dQ block k times
-    longer, so the dQ grid (chunks x blocks per window) keeps at least DQ_MIN_BLOCKS blocks:
-    at small batches the partials stay per window (parallelism first).  A function of the
-    shape only, so the table gradient's summation order is reproducible."""
+    """Consecutive windows whose dS the backward sums into one fp32 partial of the table
+    gradient: (h, N, N) per chunk, or (h, table rows) for the fused kernel.  The partials cost
+    2 * chunks * slice bytes (written once, read once by the reduction); the backward's minimum
+    is 8 * B_ * h * N * d * itemsize (q, k, v, dO read, dq, dk, dv written).  Packing k windows
+    keeps the partials under PARTIAL_TRAFFIC_SHARE of it (k >= 10 N / (d * itemsize) for the
+    (h, N, N) slices), but makes each block k times longer, so the grid (chunks x blocks per
+    window) keeps at least DQ_MIN_BLOCKS blocks: at small batches the partials stay per window
+    (parallelism first).  A function of the shape only, so the table gradient's summation
+    order is reproducible."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if dtype == torch.float32:  # FFMA dQ kernel: a block per (head, 16-row tile)
+    if fused_backward(n, head_dim, dtype):  # a block per head of a window
+        blocks_per_window = heads
+        slice_bytes = heads * 4 * n * 4  # (2Wh - 1)(2Ww - 1) < 4 N table rows
+    elif dtype == torch.float32:  # FFMA dQ kernel: a block per (head, 16-row tile)
         blocks_per_window = heads * -(-n // 16)
+        slice_bytes = heads * n * n * 4
     else:  # tensor-core dQ kernel: the window's heads packed into 64-row blocks
         blocks_per_window = -(-heads * n // 64)
-    slice_bytes = heads * n * n * 4
+        slice_bytes = heads * n * n * 4
     budget = -(-2 * slice_bytes // int(PARTIAL_TRAFFIC_SHARE * 8 * heads * n * head_dim * itemsize))
     wave = max(1, batch * blocks_per_window // DQ_MIN_BLOCKS)
     memory = -(-batch * heads * n * n // MAX_PARTIAL_FLOATS)
