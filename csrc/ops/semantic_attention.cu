@@ -16,9 +16,10 @@
 //     and recomputes the (cheap, K-deep) logits of its query tile.
 // Forward keeps an online softmax over key tiles and saves the fp32 row
 // logsumexp; N x N never reaches global memory.  Backward (deterministic, no
-// atomics): delta_i = rowsum(dO_i * O_i); dYv per (key tile, C tile) block
-// looping over query tiles; dSk per key tile and dSq per query tile, each
-// recomputing dP = dO Yv^T over C in chunks of CC columns.
+// atomics): dYv per (key tile, C tile) block looping over query tiles; dSq per
+// query tile, then dSk per key tile, each recomputing dP = dO Yv^T over C in
+// chunks of CC columns.  The dSq kernel also computes delta_i = rowsum(dO_i * O_i)
+// of its rows (it reads those dO rows anyway) and stores it for the dSk kernel.
 
 #include "sf_common.cuh"
 #include "sf_mma.cuh"
@@ -316,18 +317,26 @@ __global__ void __launch_bounds__(kMmaWarps * 32) semantic_attention_fwd_mma_ker
 }
 
 // --------------------------------------------------------------- backward --
-template <typename T>
-__global__ void __launch_bounds__(kThreads) semantic_attention_delta_kernel(const T* __restrict__ out,
-                                                                            const T* __restrict__ dout,
-                                                                            float* __restrict__ delta, int64_t rows,
-                                                                            int c) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= rows) return;  // whole warp leaves together
-  float s = 0.f;
-  for (int t = lane; t < c; t += 32) s += sf::to_float(out[row * c + t]) * sf::to_float(dout[row * c + t]);
-  s = warp_sum(s);
-  if (lane == 0) delta[row] = s;
+// delta_i = rowsum(dO_i * O_i) of rows [row0, row0 + rows) of one batch entry (out, dout, delta
+// at that entry), one warp per row, into shared deltas[] (0 past n) and global delta.  Called by
+// the dSq kernels, which read these dO rows anyway; their next barrier publishes deltas.
+template <typename T, int NumThreads>
+SF_DEVICE_INLINE void row_deltas(const T* out, const T* dout, int c, int row0, int rows, int n, float* deltas,
+                                 float* delta) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int r = warp; r < rows; r += NumThreads / 32) {
+    const int row = row0 + r;
+    float s = 0.f;
+    if (row < n) {  // whole warp: the shuffles below see every lane
+      const int64_t at = static_cast<int64_t>(row) * c;
+      for (int t = lane; t < c; t += 32) s += sf::to_float(out[at + t]) * sf::to_float(dout[at + t]);
+    }
+    s = warp_sum(s);
+    if (lane == 0) {
+      deltas[r] = s;
+      if (row < n) delta[row] = s;
+    }
+  }
 }
 
 SF_HOST_DEVICE inline int64_t dv_smem_floats(int kp, int ct) {
@@ -503,11 +512,12 @@ SF_HOST_DEVICE inline int64_t dq_smem_floats(int kp) {
   return static_cast<int64_t>(BM) * kp + BN * key_ld(kp) + BM * CC + BN * (CC + 1) + 2 * BM;
 }
 
-// grid (B_, ceil(N / BM)): dSq of one query tile.
+// grid (B_, ceil(N / BM)): dSq of one query tile, and delta of its rows (for the dSk kernel, launched after).
 template <typename T, int KPL>
-__global__ void __launch_bounds__(kThreads) semantic_attention_dq_kernel(Params p, const T* __restrict__ dout,
+__global__ void __launch_bounds__(kThreads) semantic_attention_dq_kernel(Params p, const T* __restrict__ out,
+                                                                         const T* __restrict__ dout,
                                                                          const float* __restrict__ lse,
-                                                                         const float* __restrict__ delta,
+                                                                         float* __restrict__ delta,
                                                                          T* __restrict__ dsq) {
   SF_DYNAMIC_SHARED(float, smem);
   const int ldk = key_ld(p.kp);
@@ -526,11 +536,8 @@ __global__ void __launch_bounds__(kThreads) semantic_attention_dq_kernel(Params 
   const T* yvg = static_cast<const T*>(p.yv) + b * p.yv_b;
   const T* dog = dout + b * p.n * p.c;
   load_tile<T>(qs, p.kp, sqg, p.sq_r, q0, BM, p.n, 0, p.kp, p.k);
-  for (int e = threadIdx.x; e < BM; e += kThreads) {
-    const bool ok = q0 + e < p.n;
-    lses[e] = ok ? lse[b * p.n + q0 + e] : 0.f;
-    deltas[e] = ok ? delta[b * p.n + q0 + e] : 0.f;
-  }
+  for (int e = threadIdx.x; e < BM; e += kThreads) lses[e] = q0 + e < p.n ? lse[b * p.n + q0 + e] : 0.f;
+  row_deltas<T, kThreads>(out + b * p.n * p.c, dog, p.c, q0, BM, p.n, deltas, delta + b * p.n);
   float acc[kRowsPerWarp][KPL];
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r)
@@ -679,11 +686,12 @@ SF_HOST_DEVICE inline int64_t dqk_mma_smem_bytes(int kp) {
   return 2 * static_cast<int64_t>(MBM + MBN) * (mma_ld(kp) + mma_ld(MCC)) + 4 * 2 * MBM;
 }
 
-// grid (B_, ceil(N / MBM)), block kMmaWarps * 32: dSk (KEYS) or dSq of MBM owner rows.
+// grid (B_, ceil(N / MBM)), block kMmaWarps * 32: dSk (KEYS) or dSq of MBM owner rows.  The dSq
+// kernel also computes delta of its rows (out is read only there) for the dSk kernel, launched after.
 template <typename T, int KT, bool KEYS>
 __global__ void __launch_bounds__(kMmaWarps * 32) semantic_attention_dqk_mma_kernel(
-    Params p, const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-    T* __restrict__ grad) {
+    Params p, const T* __restrict__ out, const T* __restrict__ dout, const float* __restrict__ lse,
+    float* __restrict__ delta, T* __restrict__ grad) {
   constexpr int NTK = KT / 8, ST = MBN / 8, LDC = MCC + 8;
   const int ldk = mma_ld(p.kp), ks_steps = p.kp / 16;
   SF_DYNAMIC_SHARED(T, smem);
@@ -708,13 +716,15 @@ __global__ void __launch_bounds__(kMmaWarps * 32) semantic_attention_dqk_mma_ker
   const T* oth_c = KEYS ? dog : yvg;
   const int64_t own_a_r = KEYS ? p.sk_r : p.sq_r, oth_a_r = KEYS ? p.sq_r : p.sk_r;
   const int64_t own_c_r = KEYS ? p.yv_r : p.c, oth_c_r = KEYS ? p.c : p.yv_r;
-  // Query statistics of `rows` rows from row0 into shared memory.
+  // lse of `rows` queries from row0 into shared memory, and their delta: loaded (KEYS) or computed.
   auto load_stats = [&](int row0, int rows) {
     for (int e = threadIdx.x; e < rows; e += kMmaWarps * 32) {
       const bool ok = row0 + e < p.n;
       lses[e] = ok ? lse[b * p.n + row0 + e] : 0.f;
-      deltas[e] = ok ? delta[b * p.n + row0 + e] : 0.f;
+      if constexpr (KEYS) deltas[e] = ok ? delta[b * p.n + row0 + e] : 0.f;
     }
+    if constexpr (!KEYS)
+      row_deltas<T, kMmaWarps * 32>(out + b * p.n * p.c, dog, p.c, row0, rows, p.n, deltas, delta + b * p.n);
   };
   load_tile_raw<T>(oa, ldk, own_a, own_a_r, r0, MBM, p.n, 0, p.kp, p.k);
   if constexpr (!KEYS) load_stats(r0, MBM);
@@ -847,38 +857,32 @@ void backward_dv(const Params& p, const T* dout, const float* lse, T* dyv, cudaS
   SF_CHECK_LAUNCH();
 }
 
+// dSq (which also writes delta) before dSk (which reads it).
 template <typename T, int KPL>
-void backward_dqk(const Params& p, const T* dout, const float* lse, const float* delta, T* dsq, T* dsk,
+void backward_dqk(const Params& p, const T* out, const T* dout, const float* lse, float* delta, T* dsq, T* dsk,
                   cudaStream_t stream) {
   if constexpr (!std::is_same<T, float>::value) {
     // fp16 / bf16: tensor cores, the accumulators cover KT = kp = 32 * KPL columns.
     const size_t smem = dqk_mma_smem_bytes(p.kp);
     const dim3 grid(static_cast<unsigned>(p.batch), cdiv(p.n, MBM));
-    auto kk = semantic_attention_dqk_mma_kernel<T, 32 * KPL, true>;
-    SF_ALLOW_DYNAMIC_SMEM(kk, smem);
-    SF_LAUNCH(kk, grid, dim3(kMmaWarps * 32), smem, stream, p, dout, lse, delta, dsk);
     auto qk = semantic_attention_dqk_mma_kernel<T, 32 * KPL, false>;
     SF_ALLOW_DYNAMIC_SMEM(qk, smem);
-    SF_LAUNCH(qk, grid, dim3(kMmaWarps * 32), smem, stream, p, dout, lse, delta, dsq);
+    SF_LAUNCH(qk, grid, dim3(kMmaWarps * 32), smem, stream, p, out, dout, lse, delta, dsq);
+    auto kk = semantic_attention_dqk_mma_kernel<T, 32 * KPL, true>;
+    SF_ALLOW_DYNAMIC_SMEM(kk, smem);
+    SF_LAUNCH(kk, grid, dim3(kMmaWarps * 32), smem, stream, p, out, dout, lse, delta, dsk);
   } else {
+    const size_t smem_q = sizeof(float) * dq_smem_floats(p.kp);
+    auto qk = semantic_attention_dq_kernel<T, KPL>;
+    SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
+    SF_LAUNCH(qk, dim3(static_cast<unsigned>(p.batch), cdiv(p.n, BM)), dim3(kThreads), smem_q, stream, p, out, dout,
+              lse, delta, dsq);
     const size_t smem_k = sizeof(float) * dk_smem_floats(p.kp);
     auto kk = semantic_attention_dk_kernel<T, KPL>;
     SF_ALLOW_DYNAMIC_SMEM(kk, smem_k);
     SF_LAUNCH(kk, dim3(static_cast<unsigned>(p.batch), cdiv(p.n, BN)), dim3(kThreads), smem_k, stream, p, dout, lse,
               delta, dsk);
-    const size_t smem_q = sizeof(float) * dq_smem_floats(p.kp);
-    auto qk = semantic_attention_dq_kernel<T, KPL>;
-    SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
-    SF_LAUNCH(qk, dim3(static_cast<unsigned>(p.batch), cdiv(p.n, BM)), dim3(kThreads), smem_q, stream, p, dout, lse,
-              delta, dsq);
   }
-  SF_CHECK_LAUNCH();
-}
-
-template <typename T>
-void backward_delta(const T* out, const T* dout, float* delta, int64_t rows, int c, cudaStream_t stream) {
-  SF_LAUNCH(semantic_attention_delta_kernel<T>, dim3(cdiv(rows, kWarps)), dim3(kThreads), 0, stream, out, dout, delta,
-            rows, c);
   SF_CHECK_LAUNCH();
 }
 
@@ -978,16 +982,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
   at::Tensor delta = at::empty_like(lse);
   SF_DISPATCH_FLOAT(sq.scalar_type(), "semantic_attention", [&] {
     const cudaStream_t stream = sf::current_stream();
-    backward_delta<scalar_t>(sf::data_ptr<scalar_t>(out), sf::data_ptr<scalar_t>(dout), delta.data_ptr<float>(),
-                             p.batch * p.n, p.c, stream);
     with_int<4>(cols_per_lane(p.c), [&](auto cpl) {
       backward_dv<scalar_t, decltype(cpl)::value>(p, sf::data_ptr<scalar_t>(dout), lse.data_ptr<float>(),
                                                   sf::data_ptr<scalar_t>(dyv), stream);
     });
     with_int<kMaxClasses / 32>(p.kp / 32, [&](auto kpl) {
-      backward_dqk<scalar_t, decltype(kpl)::value>(p, sf::data_ptr<scalar_t>(dout), lse.data_ptr<float>(),
-                                                   delta.data_ptr<float>(), sf::data_ptr<scalar_t>(dsq),
-                                                   sf::data_ptr<scalar_t>(dsk), stream);
+      backward_dqk<scalar_t, decltype(kpl)::value>(p, sf::data_ptr<scalar_t>(out), sf::data_ptr<scalar_t>(dout),
+                                                   lse.data_ptr<float>(), delta.data_ptr<float>(),
+                                                   sf::data_ptr<scalar_t>(dsq), sf::data_ptr<scalar_t>(dsk), stream);
     });
   });
   return {dsq, dsk, dyv};
