@@ -28,9 +28,9 @@
 //   4. table gradient: a block per (table row, head) sums the buffer's (i, j)
 //      pairs with that index in a fixed order (fixed-shape tree reduction).
 //   fp16 / bf16 windows of N <= 64 tokens and head_dim <= 64 (every Swin stage) run
-//   2. and 3. as one fused kernel instead (a block holds a whole (window, head): q, k,
-//   v, dO read once), which also folds dS onto the table rows, so its partials are
-//   (chunks, h, table rows) and step 4 is a plain sum over the chunks.
+//   1., 2. and 3. as one fused kernel instead (a block holds a whole (window, head):
+//   q, k, v, dO read once), which also folds dS onto the table rows, so its partials
+//   are (chunks, h, table rows) and step 4 is a plain sum over the chunks.
 //   The result is bitwise reproducible run to run.
 // Dropout: keep(element) = philox(seed, element index) >= p, with the element
 // index ((b_ * h + head) * N + i) * N + j; forward and backward evaluate the
@@ -1033,8 +1033,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_dq_mma_ker
 // ------------------------------------------ backward, one-tile windows, fused --
 // fp16 / bf16 with N <= 64 and head_dim <= 64 (every Swin stage): a block owns one head of
 // a chunk of windows and, per window, holds the whole (window, head) segment in shared memory,
-// so S and dP are computed once and q, k, v, dO are read once for dQ, dK and dV together (the
-// two-kernel path above reads them twice).  A warp owns 16 query rows for S, dP and dQ = dS K
+// so S and dP are computed once and q, k, v, dO are read once for delta, dQ, dK and dV
+// together (the delta kernel and the two-kernel path above read dO three times, q, k, v twice).  A warp owns 16 query rows for S, dP and dQ = dS K
 // (dS from registers), then 16 keys for dV = P^T dO and dK = dS^T Q (P and dS staged in
 // shared memory in the input dtype).  With a table, the block folds each window's fp32 dS onto
 // the table rows itself (a thread owns fixed table rows and sums their (i, j) pairs in a fixed
@@ -1059,7 +1059,7 @@ constexpr int kFoldRows = 2;
 template <typename T, int DP>
 // minBlocks = 1: let ptxas use the registers it needs (occupancy is bound by shared memory).
 __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_bwd_fused_mma_kernel(
-    Params p, const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+    Params p, const T* __restrict__ out, const T* __restrict__ dout, const float* __restrict__ lse,
     T* __restrict__ dq, T* __restrict__ dk, T* __restrict__ dv, float* __restrict__ tpart, int64_t per_chunk) {
   constexpr int LD = mma_ld<DP>(), LP = fused_ld<DP>();
   constexpr int KS = DP / 16, NT = DP / 8, ST = FN / 8;
@@ -1096,9 +1096,15 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_bwd_fused_
     load_tile_raw<T, DP>(ks, LD, static_cast<const T*>(p.k) + row0 * p.d, 0, FN, n, p.d);
     load_tile_raw<T, DP>(vs, LD, static_cast<const T*>(p.v) + row0 * p.d, 0, FN, n, p.d);
     load_tile_raw<T, DP>(dos, LD, dout + row0 * p.d, 0, FN, n, p.d);
-    for (int e = threadIdx.x; e < FN; e += kMmaWarps * 32) {
-      lses[e] = e < n ? lse[row0 + e] : 0.f;
-      deltas[e] = e < n ? delta[row0 + e] : 0.f;
+    for (int e = threadIdx.x; e < FN; e += kMmaWarps * 32) lses[e] = e < n ? lse[row0 + e] : 0.f;
+    __syncthreads();  // dO is staged
+    // delta_i = sum_t dO[i, t] * O[i, t] (as window_attention_delta_kernel): a warp per row.
+    for (int i = warp; i < FN; i += kMmaWarps) {
+      float s = 0.f;
+      if (i < n)
+        for (int t = lane; t < p.d; t += 32) s += sf::to_float(out[(row0 + i) * p.d + t]) * sf::to_float(dos[i * LD + t]);
+      s = warp_sum(s);
+      if (lane == 0) deltas[i] = s;
     }
     __syncthreads();
     if (rows_live) {
@@ -1291,17 +1297,19 @@ template <typename T, int DP>
 void backward(const Params& p, const T* out, const T* dout, const float* lse, float* delta, T* dq, T* dk, T* dv,
               float* dsum, int64_t chunks, int64_t per_chunk, float* dtable, cudaStream_t stream) {
   const int64_t rows = p.batch * p.heads * p.n;
-  SF_LAUNCH(window_attention_delta_kernel<T>, dim3(cdiv(rows, kWarps)), dim3(kThreads), 0, stream, out, dout, delta,
-            rows, p.d);
+  const bool fused = fused_backward(p, std::is_same<T, float>::value);
+  if (!fused)  // the fused kernel computes delta itself
+    SF_LAUNCH(window_attention_delta_kernel<T>, dim3(cdiv(rows, kWarps)), dim3(kThreads), 0, stream, out, dout,
+              delta, rows, p.d);
   const size_t tsm = p.table ? table_rows(p) : 0;
-  if (fused_backward(p, std::is_same<T, float>::value)) {
+  if (fused) {
     if constexpr (!std::is_same<T, float>::value && DP <= 64) {
       // dsum: the (chunks, h, table rows) folded partials.
       const size_t smem = fused_smem_bytes_fixed<DP>() + sizeof(float) * (p.table ? FN * (FN + 1) + tsm : 0);
       auto kernel = window_attention_bwd_fused_mma_kernel<T, DP>;
       SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
-      SF_LAUNCH(kernel, dim3(static_cast<unsigned>(chunks), p.heads), dim3(kMmaWarps * 32), smem, stream, p, dout,
-                lse, delta, dq, dk, dv, dsum, per_chunk);
+      SF_LAUNCH(kernel, dim3(static_cast<unsigned>(chunks), p.heads), dim3(kMmaWarps * 32), smem, stream, p, out,
+                dout, lse, dq, dk, dv, dsum, per_chunk);
       if (p.table)
         SF_LAUNCH(window_attention_table_fold_sum_kernel, dim3(cdiv(static_cast<int64_t>(tsm) * p.heads, kThreads)),
                   dim3(kThreads), 0, stream, dsum, dtable, chunks, p.heads, table_rows(p));
@@ -1333,7 +1341,7 @@ void backward(const Params& p, const T* out, const T* dout, const float* lse, fl
     SF_LAUNCH(qk, dim3(static_cast<unsigned>(chunks * p.heads), cdiv(p.n, BM)), dim3(kThreads), smem_q, stream, p,
               dout, lse, delta, dq, dsum, per_chunk);
   }
-  if (p.table && !fused_backward(p, std::is_same<T, float>::value))
+  if (p.table && !fused)
     SF_LAUNCH(window_attention_table_grad_kernel, dim3(table_rows(p), p.heads), dim3(kThreads), 0, stream, dsum,
               dtable, chunks, p.heads, p.n, p.wh, p.ww);
   SF_CHECK_LAUNCH();
@@ -1453,7 +1461,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   SF_CHECK_INPUT(lse, 3);
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "window_attention: dout/out must match q");
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(q), dv = at::empty_like(q);
-  at::Tensor delta = at::empty_like(lse);
+  const bool fused = fused_backward(p, q.scalar_type() == at::kFloat);
+  at::Tensor delta = fused ? at::Tensor() : at::empty_like(lse);  // the fused kernel keeps delta in shared memory
   // The table gradient goes through per-chunk partial sums of dS over chunks of
   // `windows_per_chunk` consecutive windows (the plan is the caller's: a function of the
   // shape, so the summation order is reproducible): (chunks, h, N, N), or (chunks, h, table
@@ -1463,7 +1472,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   const int64_t chunks = (p.batch + per_chunk - 1) / per_chunk;
   at::Tensor dsum, dtable;
   if (table) {
-    if (fused_backward(p, q.scalar_type() == at::kFloat))
+    if (fused)
       dsum = at::empty({chunks, p.heads, table_rows(p)}, q.options().dtype(at::kFloat));
     else
       dsum = at::empty({chunks, p.heads, p.n, p.n}, q.options().dtype(at::kFloat));
@@ -1475,7 +1484,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     using T = decltype(tag);
     backward<T, decltype(dp)::value>(
         p, reinterpret_cast<const T*>(out.data_ptr()), reinterpret_cast<const T*>(dout.data_ptr()),
-        lse.data_ptr<float>(), delta.data_ptr<float>(), reinterpret_cast<T*>(dq.data_ptr()),
+        lse.data_ptr<float>(), fused ? nullptr : delta.data_ptr<float>(), reinterpret_cast<T*>(dq.data_ptr()),
         reinterpret_cast<T*>(dk.data_ptr()), reinterpret_cast<T*>(dv.data_ptr()),
         table ? dsum.data_ptr<float>() : nullptr, chunks, per_chunk, table ? dtable.data_ptr<float>() : nullptr,
         sf::current_stream());
