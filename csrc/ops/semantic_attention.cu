@@ -581,8 +581,9 @@ __global__ void __launch_bounds__(kThreads) semantic_attention_dq_kernel(Params 
 // accumulation), the decomposition of the FFMA path.  A block owns MBM = 64 "owner"
 // rows (16 per warp) and loops over tiles of MBN = 32 "other" rows:
 //   dv:  owners = keys, others = queries: S^T = Sk Sq^T, P^T = exp(S^T - lse),
-//        dYv += P^T dO over a C tile of CT = 8 * NT columns;
-//   dqk, KEYS:  owners = keys (dSk), S^T = Sk Sq^T, dP^T = Yv dO^T;
+//        dYv += P^T dO over a C tile of CT = 8 * NT columns (C > 128 only);
+//   dqk, KEYS:  owners = keys (dSk), S^T = Sk Sq^T, dP^T = Yv dO^T, and for C <= 128
+//        dYv += P^T dO on the dO chunks staged for dP^T (no dv launch);
 //   dqk, !KEYS: owners = queries (dSq), S = Sq Sk^T, dP = dO Yv^T;
 //        dS = P (dP - delta) with lse, delta of the query, acc += dS (others' Sq or Sk);
 //        dP is recomputed over C in chunks of MCC columns staged in shared memory.
@@ -688,10 +689,14 @@ SF_HOST_DEVICE inline int64_t dqk_mma_smem_bytes(int kp) {
 
 // grid (B_, ceil(N / MBM)), block kMmaWarps * 32: dSk (KEYS) or dSq of MBM owner rows.  The dSq
 // kernel also computes delta of its rows (out is read only there) for the dSk kernel, launched after.
-template <typename T, int KT, bool KEYS>
-__global__ void __launch_bounds__(kMmaWarps * 32) semantic_attention_dqk_mma_kernel(
+// With NTV > 0 (KEYS, C <= 8 * NTV) the dSk kernel also computes dYv = P^T dO of its keys: it has
+// P^T and the dO chunks at hand, so the dv kernel (which would read Sq, Sk, dO again) is not launched.
+template <typename T, int KT, bool KEYS, int NTV>
+// minBlocks = 1: without it ptxas capped KEYS KT = 96 at 128 registers and spilled (sm_80).
+__global__ void __launch_bounds__(kMmaWarps * 32, 1) semantic_attention_dqk_mma_kernel(
     Params p, const T* __restrict__ out, const T* __restrict__ dout, const float* __restrict__ lse,
-    float* __restrict__ delta, T* __restrict__ grad) {
+    float* __restrict__ delta, T* __restrict__ grad, T* __restrict__ dyv) {
+  static_assert(NTV == 0 || (KEYS && NTV % (MCC / 8) == 0), "dYv is fused into the dSk kernel, in whole C chunks");
   constexpr int NTK = KT / 8, ST = MBN / 8, LDC = MCC + 8;
   const int ldk = mma_ld(p.kp), ks_steps = p.kp / 16;
   SF_DYNAMIC_SHARED(T, smem);
@@ -731,11 +736,15 @@ __global__ void __launch_bounds__(kMmaWarps * 32) semantic_attention_dqk_mma_ker
   int rows[2];
 #pragma unroll
   for (int h2 = 0; h2 < 2; ++h2) rows[h2] = r0 + warp * 16 + g + 8 * h2;
-  float acc[NTK][4];
+  float acc[NTK][4], accv[NTV > 0 ? NTV : 1][4];
 #pragma unroll
   for (int nt = 0; nt < NTK; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < NTV; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) accv[nt][e] = 0.f;
 
   for (int x0 = 0; x0 < p.n; x0 += MBN) {
     __syncthreads();  // the previous tile's readers of xa (and the stats) are done
@@ -757,7 +766,22 @@ __global__ void __launch_bounds__(kMmaWarps * 32) semantic_attention_dqk_mma_ker
         sf::mma_m16n8k16_f32<T>(s[st], a, bb, s[st]);
       }
     }
-    for (int c0 = 0; c0 < p.c; c0 += MCC) {
+    // S -> P (0 outside the sequence), the probabilities of dS = P (dP - delta) below.
+#pragma unroll
+    for (int st = 0; st < ST; ++st)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h2 = e >> 1, col = st * 8 + 2 * t4 + (e & 1);
+        const int sr = KEYS ? col : warp * 16 + g + 8 * h2;  // the query's slot in lses / deltas
+        s[st][e] = (rows[h2] < p.n && x0 + col < p.n) ? __expf(s[st][e] - lses[sr]) : 0.f;
+      }
+    uint32_t pa[MBN / 16][4];  // P^T as A fragments, rounded to T (as in the dv kernel): fused dYv only
+    if constexpr (NTV > 0) {
+#pragma unroll
+      for (int kk = 0; kk < MBN / 16; ++kk) sf::acc_to_a_frag<T>(pa[kk], s[2 * kk], s[2 * kk + 1]);
+    }
+    // dP over one C chunk from c0; it leaves the others' chunk (dO when KEYS) staged in xc.
+    auto dp_chunk = [&](int c0) {
       __syncthreads();  // the previous chunk's readers are done
       load_tile_raw<T>(oc, LDC, own_c, own_c_r, r0, MBM, p.n, c0, MCC, p.c);
       load_tile_raw<T>(xc, LDC, oth_c, oth_c_r, x0, MBN, p.n, c0, MCC, p.c);
@@ -773,16 +797,33 @@ __global__ void __launch_bounds__(kMmaWarps * 32) semantic_attention_dqk_mma_ker
           sf::mma_m16n8k16_f32<T>(dp[st], a, bb, dp[st]);
         }
       }
+    };
+    if constexpr (NTV > 0) {
+      // Unrolled (the dYv accumulators of a chunk are named at compile time); chunks past C are skipped.
+#pragma unroll
+      for (int ci = 0; ci < NTV / (MCC / 8); ++ci) {
+        if (ci * MCC >= p.c) break;  // uniform over the block
+        dp_chunk(ci * MCC);
+#pragma unroll
+        for (int kk = 0; kk < MBN / 16; ++kk)
+#pragma unroll
+          for (int nt = 0; nt < MCC / 8; ++nt) {
+            uint32_t bb[2];
+            sf::load_b_frag_t<T>(bb, xc + kk * 16 * LDC + nt * 8, LDC, lane);
+            float* av = accv[ci * (MCC / 8) + nt];
+            sf::mma_m16n8k16_f32<T>(av, pa[kk], bb, av);
+          }
+      }
+    } else {
+      for (int c0 = 0; c0 < p.c; c0 += MCC) dp_chunk(c0);
     }
 #pragma unroll
     for (int st = 0; st < ST; ++st)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int h2 = e >> 1, col = st * 8 + 2 * t4 + (e & 1);
-        const int sr = KEYS ? col : warp * 16 + g + 8 * h2;  // the query's slot in lses / deltas
-        float ds = 0.f;
-        if (rows[h2] < p.n && x0 + col < p.n) ds = __expf(s[st][e] - lses[sr]) * (dp[st][e] - deltas[sr]);
-        s[st][e] = ds;
+        const int sr = KEYS ? col : warp * 16 + g + 8 * h2;
+        s[st][e] *= dp[st][e] - deltas[sr];
       }
 #pragma unroll
     for (int kk = 0; kk < MBN / 16; ++kk) {
@@ -806,6 +847,13 @@ __global__ void __launch_bounds__(kMmaWarps * 32) semantic_attention_dqk_mma_ker
       for (int c = 0; c < 2; ++c) {
         const int col = nt * 8 + 2 * t4 + c;
         if (col < p.k) grad[(b * p.n + row) * p.k + col] = sf::from_float<T>(acc[nt][2 * h2 + c]);
+      }
+#pragma unroll
+    for (int nt = 0; nt < NTV; ++nt)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int col = nt * 8 + 2 * t4 + c;
+        if (col < p.c) dyv[(b * p.n + row) * p.c + col] = sf::from_float<T>(accv[nt][2 * h2 + c]);
       }
   }
 }
@@ -838,15 +886,13 @@ void forward(const Params& p, T* out, float* lse, cudaStream_t stream) {
 template <typename T, int CPL>
 void backward_dv(const Params& p, const T* dout, const float* lse, T* dyv, cudaStream_t stream) {
   if constexpr (!std::is_same<T, float>::value) {
-    // fp16 / bf16: tensor cores, C tiles of 64 or 128 columns.
-    auto launch = [&](auto kernel, int ct) {
-      const size_t smem = dv_mma_smem_bytes(p.kp, ct);
-      SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
-      SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * cdiv(p.c, ct)), cdiv(p.n, MBM)), dim3(kMmaWarps * 32),
-                smem, stream, p, dout, lse, dyv);
-    };
-    if (p.c > 64) launch(semantic_attention_dv_mma_kernel<T, 16>, 128);
-    else launch(semantic_attention_dv_mma_kernel<T, 8>, 64);
+    // fp16 / bf16: tensor cores, C tiles of 128 columns (C > 128 here: smaller C is fused into the dSk kernel).
+    constexpr int ct = 128;
+    const size_t smem = dv_mma_smem_bytes(p.kp, ct);
+    auto kernel = semantic_attention_dv_mma_kernel<T, ct / 8>;
+    SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
+    SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * cdiv(p.c, ct)), cdiv(p.n, MBM)), dim3(kMmaWarps * 32),
+              smem, stream, p, dout, lse, dyv);
   } else {
     const size_t smem = sizeof(float) * dv_smem_floats(p.kp, 32 * CPL);
     auto kernel = semantic_attention_dv_kernel<T, CPL>;
@@ -857,20 +903,32 @@ void backward_dv(const Params& p, const T* dout, const float* lse, T* dyv, cudaS
   SF_CHECK_LAUNCH();
 }
 
-// dSq (which also writes delta) before dSk (which reads it).
+// C up to which the fp16 / bf16 dSk kernel also computes dYv (its dYv accumulators: 16 n-tiles).
+constexpr int kFusedDyvTiles = 16;
+
+// Whether backward_dqk computes dYv too (then backward_dv is not launched).
+template <typename T>
+bool fuses_dyv(const Params& p) {
+  return !std::is_same<T, float>::value && p.c <= 8 * kFusedDyvTiles;
+}
+
+// dSq (which also writes delta) before dSk (which reads it); dYv too where fuses_dyv.
 template <typename T, int KPL>
 void backward_dqk(const Params& p, const T* out, const T* dout, const float* lse, float* delta, T* dsq, T* dsk,
-                  cudaStream_t stream) {
+                  T* dyv, cudaStream_t stream) {
   if constexpr (!std::is_same<T, float>::value) {
     // fp16 / bf16: tensor cores, the accumulators cover KT = kp = 32 * KPL columns.
     const size_t smem = dqk_mma_smem_bytes(p.kp);
     const dim3 grid(static_cast<unsigned>(p.batch), cdiv(p.n, MBM));
-    auto qk = semantic_attention_dqk_mma_kernel<T, 32 * KPL, false>;
+    auto qk = semantic_attention_dqk_mma_kernel<T, 32 * KPL, false, 0>;
     SF_ALLOW_DYNAMIC_SMEM(qk, smem);
-    SF_LAUNCH(qk, grid, dim3(kMmaWarps * 32), smem, stream, p, out, dout, lse, delta, dsq);
-    auto kk = semantic_attention_dqk_mma_kernel<T, 32 * KPL, true>;
-    SF_ALLOW_DYNAMIC_SMEM(kk, smem);
-    SF_LAUNCH(kk, grid, dim3(kMmaWarps * 32), smem, stream, p, out, dout, lse, delta, dsk);
+    SF_LAUNCH(qk, grid, dim3(kMmaWarps * 32), smem, stream, p, out, dout, lse, delta, dsq, static_cast<T*>(nullptr));
+    auto launch_keys = [&](auto kk, T* dyv_or_null) {
+      SF_ALLOW_DYNAMIC_SMEM(kk, smem);
+      SF_LAUNCH(kk, grid, dim3(kMmaWarps * 32), smem, stream, p, out, dout, lse, delta, dsk, dyv_or_null);
+    };
+    if (fuses_dyv<T>(p)) launch_keys(semantic_attention_dqk_mma_kernel<T, 32 * KPL, true, kFusedDyvTiles>, dyv);
+    else launch_keys(semantic_attention_dqk_mma_kernel<T, 32 * KPL, true, 0>, static_cast<T*>(nullptr));
   } else {
     const size_t smem_q = sizeof(float) * dq_smem_floats(p.kp);
     auto qk = semantic_attention_dq_kernel<T, KPL>;
@@ -982,14 +1040,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
   at::Tensor delta = at::empty_like(lse);
   SF_DISPATCH_FLOAT(sq.scalar_type(), "semantic_attention", [&] {
     const cudaStream_t stream = sf::current_stream();
-    with_int<4>(cols_per_lane(p.c), [&](auto cpl) {
-      backward_dv<scalar_t, decltype(cpl)::value>(p, sf::data_ptr<scalar_t>(dout), lse.data_ptr<float>(),
-                                                  sf::data_ptr<scalar_t>(dyv), stream);
-    });
+    if (!fuses_dyv<scalar_t>(p)) {
+      with_int<4>(cols_per_lane(p.c), [&](auto cpl) {
+        backward_dv<scalar_t, decltype(cpl)::value>(p, sf::data_ptr<scalar_t>(dout), lse.data_ptr<float>(),
+                                                    sf::data_ptr<scalar_t>(dyv), stream);
+      });
+    }
     with_int<kMaxClasses / 32>(p.kp / 32, [&](auto kpl) {
       backward_dqk<scalar_t, decltype(kpl)::value>(p, sf::data_ptr<scalar_t>(out), sf::data_ptr<scalar_t>(dout),
                                                    lse.data_ptr<float>(), delta.data_ptr<float>(),
-                                                   sf::data_ptr<scalar_t>(dsq), sf::data_ptr<scalar_t>(dsk), stream);
+                                                   sf::data_ptr<scalar_t>(dsq), sf::data_ptr<scalar_t>(dsk),
+                                                   sf::data_ptr<scalar_t>(dyv), stream);
     });
   });
   return {dsq, dsk, dyv};

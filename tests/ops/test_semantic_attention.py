@@ -209,3 +209,13 @@ def test_harness_binding_rejects_strided_rows():
     sq = torch.randn(1, 8, 4)
     with pytest.raises(RuntimeError, match="sk must have a contiguous last dim"):
         lib.semantic_attention_forward(sq, torch.randn(1, 4, 8).transpose(1, 2), torch.randn(1, 8, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("C", [64, 65, 128, 129])
+def test_harness_fused_dyv_edges(C, dtype):
+    """fp16 / bf16: up to C = 128 the dSk kernel computes dYv too (one or two 64-column chunks, the
+    last one partial); from C = 129 the dv kernel does.  Two key blocks of 64 and a partial one."""
+    device = require_backend(OP, "cpu")
+    assert_parity(semask_fast.semantic_attention, _inputs(2, 130, 19, C, device), ["sq", "sk", "yv"], dtype,
+                  backend="cpu", op=OP)
