@@ -414,9 +414,11 @@ def test_window_chunk_plan():
         assert 2 * chunks * slice_floats * 4 <= 0.1 * 8 * b_ * h * n * d * itemsize
         blocks = h if fused else h * -(-n // 16) if dtype == torch.float32 else -(-h * n // 64)
         assert chunks * blocks >= 128
-    # The buffer stays under 4M floats whatever the shape.
+    # The buffer stays under 4M floats whatever the shape; the fused kernel's folded partials
+    # (h x table rows a chunk) never need packing for memory.
     k = plan(1 << 16, 16, 256, 128, torch.float16)
     assert -(-(1 << 16) // k) * 16 * 256 * 256 <= 1 << 22
+    assert plan(4096, 3, 49, 32, torch.float16) == 1
 
 
 # 12 windows of (5, 3) (fp16: the fused one-tile kernel; fp32: FFMA) and of (9, 8) (N = 72,

@@ -98,7 +98,7 @@ def windows_per_chunk(batch: int, heads: int, n: int, head_dim: int, dtype: torc
         slice_bytes = heads * n * n * 4
     budget = -(-2 * slice_bytes // int(PARTIAL_TRAFFIC_SHARE * 8 * heads * n * head_dim * itemsize))
     wave = max(1, batch * blocks_per_window // DQ_MIN_BLOCKS)
-    memory = -(-batch * heads * n * n // MAX_PARTIAL_FLOATS)
+    memory = -(-batch * (slice_bytes // 4) // MAX_PARTIAL_FLOATS)
     return max(1, min(budget, wave, batch), memory)
 
 
