@@ -62,6 +62,8 @@ SIMT_CFLAGS = ["-O2", "-std=c++20", "-DSF_SIMT", "-fno-strict-aliasing", "-Wno-u
 #: runtime (csrc/harness/sf_trace.h defines the callbacks).  Unlike AddressSanitizer's, it keeps the
 #: store of a read-modify-write (ASan drops a check dominated by one of the same address).
 TRACE_CFLAGS = SIMT_CFLAGS + ["-DSF_TRACE", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0"]
+#: g++ flags of the flavours compiled as C++ (the harness).
+HOST_CFLAGS = {"simt": SIMT_CFLAGS, "trace": TRACE_CFLAGS}
 CUDA_CFLAGS = (["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
                + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS])
 
@@ -122,7 +124,7 @@ def toolchain_reasons(flavour: str) -> List[str]:
     if importlib.util.find_spec("ninja") is None and shutil.which("ninja") is None:
         reasons.append("ninja is not installed (pip install ninja)")
     home = cuda_home()
-    if flavour in ("simt", "trace"):
+    if flavour in HOST_CFLAGS:
         if shutil.which(os.environ.get("CXX", "g++")) is None:
             reasons.append("no C++ compiler (g++ or $CXX) for the SIMT harness build")
         if home is None:
@@ -152,7 +154,7 @@ def _digest(flavour: str, source: Path, csrc: Optional[Path] = None) -> str:
 
     csrc = csrc or csrc_dir()
     h = hashlib.sha256()
-    flags = {"simt": SIMT_CFLAGS, "trace": TRACE_CFLAGS}.get(flavour, CUDA_CFLAGS)
+    flags = HOST_CFLAGS.get(flavour, CUDA_CFLAGS)
     h.update(f"{flavour}|{torch.__version__}|{flags}".encode())
     headers = [f for d in ("include", "harness") for f in sorted((csrc / d).iterdir()) if f.suffix in (".h", ".cuh")]
     files = [source] + headers
@@ -247,16 +249,16 @@ def _compile(flavour: str, source: Path, out: Path, verbose: bool) -> None:
     build_dir.mkdir(parents=True, exist_ok=True)
     includes = [str(csrc_dir() / "include")]
     home = cuda_home()
-    if flavour in ("simt", "trace"):
+    if flavour in HOST_CFLAGS:
         includes += [str(csrc_dir() / "harness"), str(home / "include")]
         # The .cu is compiled as C++: a wrapper translation unit includes it.
         wrapper = build_dir / f"{source.stem}_{flavour}.cpp"
         text = f'#include "{source}"\n'
         if not wrapper.is_file() or wrapper.read_text() != text:  # keep its mtime: ninja is up to date
             wrapper.write_text(text)
-        flags = list(SIMT_CFLAGS)
+        flags = list(HOST_CFLAGS[flavour])
         if flavour == "trace":
-            flags = TRACE_CFLAGS + [f"-DSF_TRACE_NS={namespace(flavour, source)}"]
+            flags.append(f"-DSF_TRACE_NS={namespace(flavour, source)}")
         sources, kwargs = [str(wrapper)], dict(extra_cflags=flags, with_cuda=False)
     else:
         sources = [str(source)]
