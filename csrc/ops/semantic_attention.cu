@@ -16,10 +16,12 @@
 //     and recomputes the (cheap, K-deep) logits of its query tile.
 // Forward keeps an online softmax over key tiles and saves the fp32 row
 // logsumexp; N x N never reaches global memory.  Backward (deterministic, no
-// atomics): dYv per (key tile, C tile) block looping over query tiles; dSq per
-// query tile, then dSk per key tile, each recomputing dP = dO Yv^T over C in
-// chunks of CC columns.  The dSq kernel also computes delta_i = rowsum(dO_i * O_i)
-// of its rows (it reads those dO rows anyway) and stores it for the dSk kernel.
+// atomics), two launches: dSq per query tile, then dSk and dYv per key tile, each
+// recomputing dP = dO Yv^T over C in chunks of CC columns.  The dSq kernel also
+// computes delta_i = rowsum(dO_i * O_i) of its rows (it reads those dO rows anyway)
+// and stores it for the dSk kernel.  The second launch has a block per (key tile,
+// C tile of dYv); the block of C tile 0 also computes dP and dSk, and its dYv tile
+// from the dO chunks it stages for dP.
 
 #include "sf_common.cuh"
 #include "sf_mma.cuh"
@@ -339,118 +341,56 @@ SF_DEVICE_INLINE void row_deltas(const T* out, const T* dout, int c, int row0, i
   }
 }
 
-SF_HOST_DEVICE inline int64_t dv_smem_floats(int kp, int ct) {
-  return static_cast<int64_t>(BM) * kp + BN * key_ld(kp) + BM * ct + BM * (BN + 1) + BM;
-}
-
-// grid (B_ * ceil(C / CT), ceil(N / BN)): dYv of one key tile and C tile.
-template <typename T, int CPL>
-// minBlocks = 1: without it ptxas capped this kernel's registers for occupancy and spilled (sm_80).
-__global__ void __launch_bounds__(kThreads, 1) semantic_attention_dv_kernel(Params p, const T* __restrict__ dout,
-                                                                         const float* __restrict__ lse,
-                                                                         T* __restrict__ dyv) {
-  constexpr int CT = 32 * CPL;
-  SF_DYNAMIC_SHARED(float, smem);
-  const int ldk = key_ld(p.kp);
-  float* qs = smem;                  // [BM][KP]
-  float* ks = qs + BM * p.kp;        // [BN][ldk]
-  float* dos = ks + BN * ldk;        // [BM][CT]
-  float* ps = dos + BM * CT;         // [BM][BN + 1]
-  float* lses = ps + BM * (BN + 1);  // [BM]
-
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int ctiles = (p.c + CT - 1) / CT;
-  const int64_t b = blockIdx.x / ctiles;
-  const int c0 = static_cast<int>(blockIdx.x % ctiles) * CT;
-  const int k0 = blockIdx.y * BN;
-  const T* sqg = static_cast<const T*>(p.sq) + b * p.sq_b;
-  const T* skg = static_cast<const T*>(p.sk) + b * p.sk_b;
-  const T* dog = dout + b * p.n * p.c;
-  load_tile<T>(ks, ldk, skg, p.sk_r, k0, BN, p.n, 0, p.kp, p.k);
-
-  constexpr int KPW = BN / kWarps;
-  float acc[KPW][CPL];
-#pragma unroll
-  for (int a = 0; a < KPW; ++a)
-#pragma unroll
-    for (int u = 0; u < CPL; ++u) acc[a][u] = 0.f;
-  const int j = k0 + lane;
-  for (int q0 = 0; q0 < p.n; q0 += BM) {
-    __syncthreads();
-    load_tile<T>(qs, p.kp, sqg, p.sq_r, q0, BM, p.n, 0, p.kp, p.k);
-    load_tile<T>(dos, CT, dog, p.c, q0, BM, p.n, c0, CT, p.c);
-    for (int e = threadIdx.x; e < BM; e += kThreads) lses[e] = q0 + e < p.n ? lse[b * p.n + q0 + e] : 0.f;
-    __syncthreads();
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int row = warp * kRowsPerWarp + r, i = q0 + row;
-      const float s = dot(qs + row * p.kp, ks + lane * ldk, p.k);
-      ps[row * (BN + 1) + lane] = (i < p.n && j < p.n) ? __expf(s - lses[row]) : 0.f;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int a = 0; a < KPW; ++a) {
-      const int key = warp * KPW + a;
-      for (int row = 0; row < BM; ++row) {
-        const float pv = ps[row * (BN + 1) + key];
-#pragma unroll
-        for (int u = 0; u < CPL; ++u) acc[a][u] = fmaf(pv, dos[row * CT + lane + 32 * u], acc[a][u]);
-      }
-    }
-  }
-#pragma unroll
-  for (int a = 0; a < KPW; ++a) {
-    const int key = k0 + warp * KPW + a;
-    if (key >= p.n) continue;
-#pragma unroll
-    for (int u = 0; u < CPL; ++u) {
-      const int col = c0 + lane + 32 * u;
-      if (col < p.c) dyv[(b * p.n + key) * p.c + col] = sf::from_float<T>(acc[a][u]);
-    }
-  }
-}
-
-// dP for the 4 rows of this warp against key `lane` of the staged key tile, over
-// all of C in chunks of CC columns (block-wide: every thread must call it).
+// Stage the C chunk [c0, c0 + CC) of the dO rows of query tile q0 and (with_y) of the Yv rows of
+// key tile k0, between barriers (block-wide: every thread must call it).
 template <typename T>
-SF_DEVICE_INLINE void dp_rows(const Params& p, const T* dog, const T* yvg, int q0, int k0, float* dos, float* ys,
-                              float (&dp)[kRowsPerWarp]) {
+SF_DEVICE_INLINE void stage_dp_chunk(const Params& p, const T* dog, const T* yvg, int q0, int k0, int c0, float* dos,
+                                     float* ys, bool with_y) {
+  __syncthreads();  // the previous chunk's readers are done
+  load_tile<T>(dos, CC, dog, p.c, q0, BM, p.n, c0, CC, p.c);
+  if (with_y) load_tile<T>(ys, CC + 1, yvg, p.yv_r, k0, BN, p.n, c0, CC, p.c);
+  __syncthreads();
+}
+
+// dP of the staged chunk added for the 4 rows of this warp against key `lane` of the key tile.
+SF_DEVICE_INLINE void dp_chunk_rows(const float* dos, const float* ys, float (&dp)[kRowsPerWarp]) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) dp[r] = 0.f;
-  for (int c0 = 0; c0 < p.c; c0 += CC) {
-    __syncthreads();
-    load_tile<T>(dos, CC, dog, p.c, q0, BM, p.n, c0, CC, p.c);
-    load_tile<T>(ys, CC + 1, yvg, p.yv_r, k0, BN, p.n, c0, CC, p.c);
-    __syncthreads();
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) dp[r] += dot(dos + (warp * kRowsPerWarp + r) * CC, ys + lane * (CC + 1), CC);
-  }
+  for (int r = 0; r < kRowsPerWarp; ++r) dp[r] += dot(dos + (warp * kRowsPerWarp + r) * CC, ys + lane * (CC + 1), CC);
 }
+
+// dYv columns per lane of the dSk kernel's C tile (DCT = 128 columns, DCT / CC chunks).
+constexpr int DCPL = 4, DCT = 32 * DCPL;
 
 SF_HOST_DEVICE inline int64_t dk_smem_floats(int kp) {
-  return static_cast<int64_t>(BM) * kp + BN * key_ld(kp) + BM * CC + BN * (CC + 1) + BM * (BN + 1) + 2 * BM;
+  return static_cast<int64_t>(BM) * kp + BN * key_ld(kp) + BM * CC + BN * (CC + 1) + 2 * BM * (BN + 1) + 2 * BM;
 }
 
-// grid (B_, ceil(N / BN)): dSk of one key tile.
+// grid (B_ * ceil(C / DCT), ceil(N / BN)): dYv of one key tile and C tile, and (C tile 0) dSk of
+// the key tile, with dP over all of C; the dO chunks of the dYv tile serve both.  One launch reads
+// Sq, Sk and dO for both gradients.
 template <typename T, int KPL>
 // minBlocks = 1: without it ptxas capped KPL = 1 at 48 registers and spilled (sm_90).
 __global__ void __launch_bounds__(kThreads, 1) semantic_attention_dk_kernel(Params p, const T* __restrict__ dout,
                                                                             const float* __restrict__ lse,
                                                                             const float* __restrict__ delta,
-                                                                            T* __restrict__ dsk) {
+                                                                            T* __restrict__ dsk, T* __restrict__ dyv) {
   SF_DYNAMIC_SHARED(float, smem);
   const int ldk = key_ld(p.kp);
   float* qs = smem;                    // [BM][KP]
   float* ks = qs + BM * p.kp;          // [BN][ldk]
   float* dos = ks + BN * ldk;          // [BM][CC]
   float* ys = dos + BM * CC;           // [BN][CC + 1]
-  float* dss = ys + BN * (CC + 1);     // [BM][BN + 1]
+  float* ps = ys + BN * (CC + 1);      // [BM][BN + 1] P of the tile pair
+  float* dss = ps + BM * (BN + 1);     // [BM][BN + 1]
   float* lses = dss + BM * (BN + 1);   // [BM]
   float* deltas = lses + BM;           // [BM]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t b = blockIdx.x;
+  const int ctiles = (p.c + DCT - 1) / DCT;
+  const int64_t b = blockIdx.x / ctiles;
+  const int cv0 = static_cast<int>(blockIdx.x % ctiles) * DCT;  // the block's first dYv column
+  const bool grad_block = cv0 == 0;  // computes dP and dSk too (uniform over the block)
   const int k0 = blockIdx.y * BN;
   const T* sqg = static_cast<const T*>(p.sq) + b * p.sq_b;
   const T* skg = static_cast<const T*>(p.sk) + b * p.sk_b;
@@ -459,31 +399,59 @@ __global__ void __launch_bounds__(kThreads, 1) semantic_attention_dk_kernel(Para
   load_tile<T>(ks, ldk, skg, p.sk_r, k0, BN, p.n, 0, p.kp, p.k);
 
   constexpr int KPW = BN / kWarps;
-  float acc[KPW][KPL];
+  float acc[KPW][KPL], accv[KPW][DCPL];
 #pragma unroll
-  for (int a = 0; a < KPW; ++a)
+  for (int a = 0; a < KPW; ++a) {
 #pragma unroll
     for (int u = 0; u < KPL; ++u) acc[a][u] = 0.f;
+#pragma unroll
+    for (int u = 0; u < DCPL; ++u) accv[a][u] = 0.f;
+  }
   const int j = k0 + lane;
   for (int q0 = 0; q0 < p.n; q0 += BM) {
-    __syncthreads();
+    __syncthreads();  // the previous tile's readers are done
     load_tile<T>(qs, p.kp, sqg, p.sq_r, q0, BM, p.n, 0, p.kp, p.k);
     for (int e = threadIdx.x; e < BM; e += kThreads) {
       const bool ok = q0 + e < p.n;
       lses[e] = ok ? lse[b * p.n + q0 + e] : 0.f;
       deltas[e] = ok ? delta[b * p.n + q0 + e] : 0.f;
     }
-    float dp[kRowsPerWarp];
-    dp_rows<T>(p, dog, yvg, q0, k0, dos, ys, dp);  // starts with a barrier: qs, lses are visible after it
+    __syncthreads();
+    float prob[kRowsPerWarp], dp[kRowsPerWarp];
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
       const int row = warp * kRowsPerWarp + r, i = q0 + row;
-      float ds = 0.f;
-      if (i < p.n && j < p.n) {
-        const float prob = __expf(dot(qs + row * p.kp, ks + lane * ldk, p.k) - lses[row]);
-        ds = prob * (dp[r] - deltas[row]);
+      prob[r] = (i < p.n && j < p.n) ? __expf(dot(qs + row * p.kp, ks + lane * ldk, p.k) - lses[row]) : 0.f;
+      ps[row * (BN + 1) + lane] = prob[r];  // published by the next chunk's barriers
+      dp[r] = 0.f;
+    }
+    // The dO chunks of the dYv tile, unrolled (their accumulator columns are named at compile time).
+#pragma unroll
+    for (int ci = 0; ci < DCT / CC; ++ci) {
+      const int c0 = cv0 + ci * CC;
+      if (c0 >= p.c) break;  // uniform over the block
+      stage_dp_chunk<T>(p, dog, yvg, q0, k0, c0, dos, ys, grad_block);
+      if (grad_block) dp_chunk_rows(dos, ys, dp);
+#pragma unroll
+      for (int a = 0; a < KPW; ++a) {
+        const int key = warp * KPW + a;
+        for (int row = 0; row < BM; ++row) {
+          const float pv = ps[row * (BN + 1) + key];
+#pragma unroll
+          for (int u = 0; u < CC / 32; ++u)
+            accv[a][ci * (CC / 32) + u] = fmaf(pv, dos[row * CC + lane + 32 * u], accv[a][ci * (CC / 32) + u]);
+        }
       }
-      dss[row * (BN + 1) + lane] = ds;
+    }
+    if (!grad_block) continue;  // a dYv-only block (C tile > 0)
+    for (int c0 = DCT; c0 < p.c; c0 += CC) {  // dP over the rest of C
+      stage_dp_chunk<T>(p, dog, yvg, q0, k0, c0, dos, ys, true);
+      dp_chunk_rows(dos, ys, dp);
+    }
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int row = warp * kRowsPerWarp + r;
+      dss[row * (BN + 1) + lane] = prob[r] * (dp[r] - deltas[row]);
     }
     __syncthreads();
 #pragma unroll
@@ -500,10 +468,17 @@ __global__ void __launch_bounds__(kThreads, 1) semantic_attention_dk_kernel(Para
   for (int a = 0; a < KPW; ++a) {
     const int key = k0 + warp * KPW + a;
     if (key >= p.n) continue;
+    if (grad_block) {
 #pragma unroll
-    for (int u = 0; u < KPL; ++u) {
-      const int col = lane + 32 * u;
-      if (col < p.k) dsk[(b * p.n + key) * p.k + col] = sf::from_float<T>(acc[a][u]);
+      for (int u = 0; u < KPL; ++u) {
+        const int col = lane + 32 * u;
+        if (col < p.k) dsk[(b * p.n + key) * p.k + col] = sf::from_float<T>(acc[a][u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < DCPL; ++u) {
+      const int col = cv0 + lane + 32 * u;
+      if (col < p.c) dyv[(b * p.n + key) * p.c + col] = sf::from_float<T>(accv[a][u]);
     }
   }
 }
@@ -546,8 +521,11 @@ __global__ void __launch_bounds__(kThreads) semantic_attention_dq_kernel(Params 
   for (int k0 = 0; k0 < p.n; k0 += BN) {
     __syncthreads();  // previous key tile's readers are done
     load_tile<T>(ks, ldk, skg, p.sk_r, k0, BN, p.n, 0, p.kp, p.k);
-    float dp[kRowsPerWarp];
-    dp_rows<T>(p, dog, yvg, q0, k0, dos, ys, dp);  // its barriers publish ks
+    float dp[kRowsPerWarp] = {};
+    for (int c0 = 0; c0 < p.c; c0 += CC) {  // the first chunk's barriers publish ks
+      stage_dp_chunk<T>(p, dog, yvg, q0, k0, c0, dos, ys, true);
+      dp_chunk_rows(dos, ys, dp);
+    }
     const int j = k0 + lane;
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
@@ -580,11 +558,11 @@ __global__ void __launch_bounds__(kThreads) semantic_attention_dq_kernel(Params 
 // fp16 / bf16: every backward product on tensor cores (sf::mma_m16n8k16_f32, fp32
 // accumulation), the decomposition of the FFMA path.  A block owns MBM = 64 "owner"
 // rows (16 per warp) and loops over tiles of MBN = 32 "other" rows:
-//   dv:  owners = keys, others = queries: S^T = Sk Sq^T, P^T = exp(S^T - lse),
-//        dYv += P^T dO over a C tile of CT = 8 * NT columns (C > 128 only);
-//   dqk, KEYS:  owners = keys (dSk), S^T = Sk Sq^T, dP^T = Yv dO^T, and for C <= 128
-//        dYv += P^T dO on the dO chunks staged for dP^T (no dv launch);
-//   dqk, !KEYS: owners = queries (dSq), S = Sq Sk^T, dP = dO Yv^T;
+//   KEYS:  owners = keys, S^T = Sk Sq^T, P^T = exp(S^T - lse); dYv += P^T dO over one C
+//        tile of 8 * NTV = 128 columns (a block per key block and C tile, in one launch);
+//        the block of C tile 0 also computes dSk, with dP^T = Yv dO^T over all of C, and
+//        takes the dO chunks of its dYv tile from those staged for dP^T;
+//   !KEYS: owners = queries (dSq), S = Sq Sk^T, dP = dO Yv^T;
 //        dS = P (dP - delta) with lse, delta of the query, acc += dS (others' Sq or Sk);
 //        dP is recomputed over C in chunks of MCC columns staged in shared memory.
 // K is staged padded to kp (a multiple of 32) with zeros; the dSq / dSk accumulators
@@ -592,111 +570,20 @@ __global__ void __launch_bounds__(kThreads) semantic_attention_dq_kernel(Params 
 // operands (as in the forward and flash attention).
 constexpr int MCC = 64;
 
-SF_HOST_DEVICE inline int64_t dv_mma_smem_bytes(int kp, int ct) {
-  return 2 * (static_cast<int64_t>(MBM + MBN) * mma_ld(kp) + MBN * mma_ld(ct)) + 4 * MBN;
-}
-
-// grid (B_ * ceil(C / CT), ceil(N / MBM)), block kMmaWarps * 32.
-template <typename T, int NT>
-__global__ void __launch_bounds__(kMmaWarps * 32) semantic_attention_dv_mma_kernel(Params p,
-                                                                                   const T* __restrict__ dout,
-                                                                                   const float* __restrict__ lse,
-                                                                                   T* __restrict__ dyv) {
-  constexpr int CT = 8 * NT, LDC = CT + 8, ST = MBN / 8;
-  const int ldk = mma_ld(p.kp), ks_steps = p.kp / 16;
-  SF_DYNAMIC_SHARED(T, smem);
-  T* ks = smem;             // [MBM][ldk] the block's keys
-  T* qs = ks + MBM * ldk;   // [MBN][ldk] query tile
-  T* dos = qs + MBN * ldk;  // [MBN][LDC]
-  float* lses = reinterpret_cast<float*>(dos + MBN * LDC);  // [MBN]
-
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane >> 2, t4 = lane & 3;
-  const int ctiles = (p.c + CT - 1) / CT;
-  const int64_t b = blockIdx.x / ctiles;
-  const int c0 = static_cast<int>(blockIdx.x % ctiles) * CT;
-  const int k0 = blockIdx.y * MBM;
-  const T* sqg = static_cast<const T*>(p.sq) + b * p.sq_b;
-  const T* skg = static_cast<const T*>(p.sk) + b * p.sk_b;
-  const T* dog = dout + b * p.n * p.c;
-  load_tile_raw<T>(ks, ldk, skg, p.sk_r, k0, MBM, p.n, 0, p.kp, p.k);
-  int keys[2];
-#pragma unroll
-  for (int h2 = 0; h2 < 2; ++h2) keys[h2] = k0 + warp * 16 + g + 8 * h2;
-  float acc[NT][4];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
-
-  for (int q0 = 0; q0 < p.n; q0 += MBN) {
-    __syncthreads();  // the previous tile's readers are done
-    load_tile_raw<T>(qs, ldk, sqg, p.sq_r, q0, MBN, p.n, 0, p.kp, p.k);
-    load_tile_raw<T>(dos, LDC, dog, p.c, q0, MBN, p.n, c0, CT, p.c);
-    for (int e = threadIdx.x; e < MBN; e += kMmaWarps * 32) lses[e] = q0 + e < p.n ? lse[b * p.n + q0 + e] : 0.f;
-    __syncthreads();
-    float s[ST][4];
-#pragma unroll
-    for (int st = 0; st < ST; ++st)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[st][e] = 0.f;
-    for (int kk = 0; kk < ks_steps; ++kk) {
-      uint32_t a[4];
-      sf::load_a_frag<T>(a, ks + warp * 16 * ldk + kk * 16, ldk, lane);
-#pragma unroll
-      for (int st = 0; st < ST; ++st) {
-        uint32_t bb[2];
-        sf::load_b_frag<T>(bb, qs + st * 8 * ldk + kk * 16, ldk, lane);
-        sf::mma_m16n8k16_f32<T>(s[st], a, bb, s[st]);
-      }
-    }
-#pragma unroll
-    for (int st = 0; st < ST; ++st)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = st * 8 + 2 * t4 + (e & 1);
-        s[st][e] = (q0 + col < p.n && keys[e >> 1] < p.n) ? __expf(s[st][e] - lses[col]) : 0.f;
-      }
-#pragma unroll
-    for (int kk = 0; kk < MBN / 16; ++kk) {
-      uint32_t a[4];
-      sf::acc_to_a_frag<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        uint32_t bb[2];
-        sf::load_b_frag_t<T>(bb, dos + kk * 16 * LDC + nt * 8, LDC, lane);
-        sf::mma_m16n8k16_f32<T>(acc[nt], a, bb, acc[nt]);
-      }
-    }
-  }
-#pragma unroll
-  for (int h2 = 0; h2 < 2; ++h2) {
-    const int key = keys[h2];
-    if (key >= p.n) continue;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int col = c0 + nt * 8 + 2 * t4 + c;
-        if (col < p.c) dyv[(b * p.n + key) * p.c + col] = sf::from_float<T>(acc[nt][2 * h2 + c]);
-      }
-  }
-}
-
 SF_HOST_DEVICE inline int64_t dqk_mma_smem_bytes(int kp) {
   return 2 * static_cast<int64_t>(MBM + MBN) * (mma_ld(kp) + mma_ld(MCC)) + 4 * 2 * MBM;
 }
 
-// grid (B_, ceil(N / MBM)), block kMmaWarps * 32: dSk (KEYS) or dSq of MBM owner rows.  The dSq
-// kernel also computes delta of its rows (out is read only there) for the dSk kernel, launched after.
-// With NTV > 0 (KEYS, C <= 8 * NTV) the dSk kernel also computes dYv = P^T dO of its keys: it has
-// P^T and the dO chunks at hand, so the dv kernel (which would read Sq, Sk, dO again) is not launched.
+// block kMmaWarps * 32.  !KEYS: grid (B_, ceil(N / MBM)), dSq of MBM query rows, and delta of
+// those rows (out is read only there) for the KEYS kernel, launched after.  KEYS: grid
+// (B_ * ceil(C / (8 * NTV)), ceil(N / MBM)), dYv of MBM keys and one C tile, and (C tile 0) their
+// dSk: Sq, Sk and dO are read by one launch, not by a dSk and a dYv launch.
 template <typename T, int KT, bool KEYS, int NTV>
 // minBlocks = 1: without it ptxas capped KEYS KT = 96 at 128 registers and spilled (sm_80).
 __global__ void __launch_bounds__(kMmaWarps * 32, 1) semantic_attention_dqk_mma_kernel(
     Params p, const T* __restrict__ out, const T* __restrict__ dout, const float* __restrict__ lse,
     float* __restrict__ delta, T* __restrict__ grad, T* __restrict__ dyv) {
-  static_assert(NTV == 0 || (KEYS && NTV % (MCC / 8) == 0), "dYv is fused into the dSk kernel, in whole C chunks");
+  static_assert(KEYS == (NTV > 0) && NTV % (MCC / 8) == 0, "the KEYS kernel holds dYv of a C tile of whole C chunks");
   constexpr int NTK = KT / 8, ST = MBN / 8, LDC = MCC + 8;
   const int ldk = mma_ld(p.kp), ks_steps = p.kp / 16;
   SF_DYNAMIC_SHARED(T, smem);
@@ -709,7 +596,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) semantic_attention_dqk_mma_
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, t4 = lane & 3;
-  const int64_t b = blockIdx.x;
+  constexpr int CTV = 8 * (NTV > 0 ? NTV : 1);  // dYv columns of a KEYS block
+  const int ctiles = KEYS ? (p.c + CTV - 1) / CTV : 1;
+  const int64_t b = blockIdx.x / ctiles;
+  const int cv0 = static_cast<int>(blockIdx.x % ctiles) * CTV;  // the block's first dYv column
+  const bool grad_block = cv0 == 0;  // computes dP and the dSq / dSk rows (uniform over the block)
   const int r0 = blockIdx.y * MBM;
   const T* sqg = static_cast<const T*>(p.sq) + b * p.sq_b;
   const T* skg = static_cast<const T*>(p.sk) + b * p.sk_b;
@@ -775,17 +666,19 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) semantic_attention_dqk_mma_
         const int sr = KEYS ? col : warp * 16 + g + 8 * h2;  // the query's slot in lses / deltas
         s[st][e] = (rows[h2] < p.n && x0 + col < p.n) ? __expf(s[st][e] - lses[sr]) : 0.f;
       }
-    uint32_t pa[MBN / 16][4];  // P^T as A fragments, rounded to T (as in the dv kernel): fused dYv only
-    if constexpr (NTV > 0) {
+    uint32_t pa[MBN / 16][4];  // P^T as A fragments of dYv, rounded to T (as in the forward): KEYS only
+    if constexpr (KEYS) {
 #pragma unroll
       for (int kk = 0; kk < MBN / 16; ++kk) sf::acc_to_a_frag<T>(pa[kk], s[2 * kk], s[2 * kk + 1]);
     }
-    // dP over one C chunk from c0; it leaves the others' chunk (dO when KEYS) staged in xc.
-    auto dp_chunk = [&](int c0) {
+    // Stage one C chunk from c0: the others' (dO when KEYS) in xc and, for dP, the owners' in oc.
+    auto stage_chunk = [&](int c0, bool for_dp) {
       __syncthreads();  // the previous chunk's readers are done
-      load_tile_raw<T>(oc, LDC, own_c, own_c_r, r0, MBM, p.n, c0, MCC, p.c);
+      if (for_dp) load_tile_raw<T>(oc, LDC, own_c, own_c_r, r0, MBM, p.n, c0, MCC, p.c);
       load_tile_raw<T>(xc, LDC, oth_c, oth_c_r, x0, MBN, p.n, c0, MCC, p.c);
       __syncthreads();
+    };
+    auto dp_mma = [&]() {
 #pragma unroll
       for (int kk = 0; kk < MCC / 16; ++kk) {
         uint32_t a[4];
@@ -798,12 +691,15 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) semantic_attention_dqk_mma_
         }
       }
     };
-    if constexpr (NTV > 0) {
-      // Unrolled (the dYv accumulators of a chunk are named at compile time); chunks past C are skipped.
+    if constexpr (KEYS) {
+      // The dO chunks of the block's dYv tile, unrolled (their dYv accumulators are named at
+      // compile time); chunks past C are skipped.
 #pragma unroll
       for (int ci = 0; ci < NTV / (MCC / 8); ++ci) {
-        if (ci * MCC >= p.c) break;  // uniform over the block
-        dp_chunk(ci * MCC);
+        const int c0 = cv0 + ci * MCC;
+        if (c0 >= p.c) break;  // uniform over the block
+        stage_chunk(c0, grad_block);
+        if (grad_block) dp_mma();
 #pragma unroll
         for (int kk = 0; kk < MBN / 16; ++kk)
 #pragma unroll
@@ -814,8 +710,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) semantic_attention_dqk_mma_
             sf::mma_m16n8k16_f32<T>(av, pa[kk], bb, av);
           }
       }
-    } else {
-      for (int c0 = 0; c0 < p.c; c0 += MCC) dp_chunk(c0);
+    }
+    if (!grad_block) continue;  // a dYv-only block (KEYS, C tile > 0)
+    for (int c0 = KEYS ? CTV : 0; c0 < p.c; c0 += MCC) {  // dP over the rest of C
+      stage_chunk(c0, true);
+      dp_mma();
     }
 #pragma unroll
     for (int st = 0; st < ST; ++st)
@@ -841,18 +740,20 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) semantic_attention_dqk_mma_
   for (int h2 = 0; h2 < 2; ++h2) {
     const int row = rows[h2];
     if (row >= p.n) continue;
+    if (grad_block) {
 #pragma unroll
-    for (int nt = 0; nt < NTK; ++nt)
+      for (int nt = 0; nt < NTK; ++nt)
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int col = nt * 8 + 2 * t4 + c;
-        if (col < p.k) grad[(b * p.n + row) * p.k + col] = sf::from_float<T>(acc[nt][2 * h2 + c]);
-      }
+        for (int c = 0; c < 2; ++c) {
+          const int col = nt * 8 + 2 * t4 + c;
+          if (col < p.k) grad[(b * p.n + row) * p.k + col] = sf::from_float<T>(acc[nt][2 * h2 + c]);
+        }
+    }
 #pragma unroll
     for (int nt = 0; nt < NTV; ++nt)
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        const int col = nt * 8 + 2 * t4 + c;
+        const int col = cv0 + nt * 8 + 2 * t4 + c;
         if (col < p.c) dyv[(b * p.n + row) * p.c + col] = sf::from_float<T>(accv[nt][2 * h2 + c]);
       }
   }
@@ -883,52 +784,24 @@ void forward(const Params& p, T* out, float* lse, cudaStream_t stream) {
   SF_CHECK_LAUNCH();
 }
 
-template <typename T, int CPL>
-void backward_dv(const Params& p, const T* dout, const float* lse, T* dyv, cudaStream_t stream) {
-  if constexpr (!std::is_same<T, float>::value) {
-    // fp16 / bf16: tensor cores, C tiles of 128 columns (C > 128 here: smaller C is fused into the dSk kernel).
-    constexpr int ct = 128;
-    const size_t smem = dv_mma_smem_bytes(p.kp, ct);
-    auto kernel = semantic_attention_dv_mma_kernel<T, ct / 8>;
-    SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
-    SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * cdiv(p.c, ct)), cdiv(p.n, MBM)), dim3(kMmaWarps * 32),
-              smem, stream, p, dout, lse, dyv);
-  } else {
-    const size_t smem = sizeof(float) * dv_smem_floats(p.kp, 32 * CPL);
-    auto kernel = semantic_attention_dv_kernel<T, CPL>;
-    SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
-    SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * cdiv(p.c, 32 * CPL)), cdiv(p.n, BN)), dim3(kThreads), smem,
-              stream, p, dout, lse, dyv);
-  }
-  SF_CHECK_LAUNCH();
-}
+// dYv columns of one block of the fp16 / bf16 dSk kernel: 16 n-tiles (128 columns) of accumulators.
+constexpr int kDyvTiles = 16;
 
-// C up to which the fp16 / bf16 dSk kernel also computes dYv (its dYv accumulators: 16 n-tiles).
-constexpr int kFusedDyvTiles = 16;
-
-// Whether backward_dqk computes dYv too (then backward_dv is not launched).
-template <typename T>
-bool fuses_dyv(const Params& p) {
-  return !std::is_same<T, float>::value && p.c <= 8 * kFusedDyvTiles;
-}
-
-// dSq (which also writes delta) before dSk (which reads it); dYv too where fuses_dyv.
+// The backward in two launches: dSq (which also writes delta), then dSk (which reads it) and dYv.
 template <typename T, int KPL>
-void backward_dqk(const Params& p, const T* out, const T* dout, const float* lse, float* delta, T* dsq, T* dsk,
-                  T* dyv, cudaStream_t stream) {
+void backward(const Params& p, const T* out, const T* dout, const float* lse, float* delta, T* dsq, T* dsk, T* dyv,
+              cudaStream_t stream) {
   if constexpr (!std::is_same<T, float>::value) {
     // fp16 / bf16: tensor cores, the accumulators cover KT = kp = 32 * KPL columns.
     const size_t smem = dqk_mma_smem_bytes(p.kp);
-    const dim3 grid(static_cast<unsigned>(p.batch), cdiv(p.n, MBM));
     auto qk = semantic_attention_dqk_mma_kernel<T, 32 * KPL, false, 0>;
     SF_ALLOW_DYNAMIC_SMEM(qk, smem);
-    SF_LAUNCH(qk, grid, dim3(kMmaWarps * 32), smem, stream, p, out, dout, lse, delta, dsq, static_cast<T*>(nullptr));
-    auto launch_keys = [&](auto kk, T* dyv_or_null) {
-      SF_ALLOW_DYNAMIC_SMEM(kk, smem);
-      SF_LAUNCH(kk, grid, dim3(kMmaWarps * 32), smem, stream, p, out, dout, lse, delta, dsk, dyv_or_null);
-    };
-    if (fuses_dyv<T>(p)) launch_keys(semantic_attention_dqk_mma_kernel<T, 32 * KPL, true, kFusedDyvTiles>, dyv);
-    else launch_keys(semantic_attention_dqk_mma_kernel<T, 32 * KPL, true, 0>, static_cast<T*>(nullptr));
+    SF_LAUNCH(qk, dim3(static_cast<unsigned>(p.batch), cdiv(p.n, MBM)), dim3(kMmaWarps * 32), smem, stream, p, out,
+              dout, lse, delta, dsq, static_cast<T*>(nullptr));
+    auto kk = semantic_attention_dqk_mma_kernel<T, 32 * KPL, true, kDyvTiles>;
+    SF_ALLOW_DYNAMIC_SMEM(kk, smem);
+    SF_LAUNCH(kk, dim3(static_cast<unsigned>(p.batch * cdiv(p.c, 8 * kDyvTiles)), cdiv(p.n, MBM)),
+              dim3(kMmaWarps * 32), smem, stream, p, out, dout, lse, delta, dsk, dyv);
   } else {
     const size_t smem_q = sizeof(float) * dq_smem_floats(p.kp);
     auto qk = semantic_attention_dq_kernel<T, KPL>;
@@ -938,8 +811,8 @@ void backward_dqk(const Params& p, const T* out, const T* dout, const float* lse
     const size_t smem_k = sizeof(float) * dk_smem_floats(p.kp);
     auto kk = semantic_attention_dk_kernel<T, KPL>;
     SF_ALLOW_DYNAMIC_SMEM(kk, smem_k);
-    SF_LAUNCH(kk, dim3(static_cast<unsigned>(p.batch), cdiv(p.n, BN)), dim3(kThreads), smem_k, stream, p, dout, lse,
-              delta, dsk);
+    SF_LAUNCH(kk, dim3(static_cast<unsigned>(p.batch * cdiv(p.c, DCT)), cdiv(p.n, BN)), dim3(kThreads), smem_k,
+              stream, p, dout, lse, delta, dsk, dyv);
   }
   SF_CHECK_LAUNCH();
 }
@@ -1039,18 +912,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
   at::Tensor dyv = at::empty(yv.sizes(), yv.options());
   at::Tensor delta = at::empty_like(lse);
   SF_DISPATCH_FLOAT(sq.scalar_type(), "semantic_attention", [&] {
-    const cudaStream_t stream = sf::current_stream();
-    if (!fuses_dyv<scalar_t>(p)) {
-      with_int<4>(cols_per_lane(p.c), [&](auto cpl) {
-        backward_dv<scalar_t, decltype(cpl)::value>(p, sf::data_ptr<scalar_t>(dout), lse.data_ptr<float>(),
-                                                    sf::data_ptr<scalar_t>(dyv), stream);
-      });
-    }
     with_int<kMaxClasses / 32>(p.kp / 32, [&](auto kpl) {
-      backward_dqk<scalar_t, decltype(kpl)::value>(p, sf::data_ptr<scalar_t>(out), sf::data_ptr<scalar_t>(dout),
-                                                   lse.data_ptr<float>(), delta.data_ptr<float>(),
-                                                   sf::data_ptr<scalar_t>(dsq), sf::data_ptr<scalar_t>(dsk),
-                                                   sf::data_ptr<scalar_t>(dyv), stream);
+      backward<scalar_t, decltype(kpl)::value>(p, sf::data_ptr<scalar_t>(out), sf::data_ptr<scalar_t>(dout),
+                                               lse.data_ptr<float>(), delta.data_ptr<float>(),
+                                               sf::data_ptr<scalar_t>(dsq), sf::data_ptr<scalar_t>(dsk),
+                                               sf::data_ptr<scalar_t>(dyv), sf::current_stream());
     });
   });
   return {dsq, dsk, dyv};
