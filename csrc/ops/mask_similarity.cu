@@ -5,17 +5,22 @@
 // official code.  All arithmetic in fp32; fp16/bf16 products on tensor cores (sf_mma.cuh), fp32
 // products with FFMA.  The normalisation is folded into the GEMMs: S = rinv_p * (P C^T) * rinv_c.
 //
-// Forward
-//   rinv_kernel          rinv_c = 1 / |C_k|                       (one warp per row)
+// Forward (one launch)
 //   similarity_kernel    one block per (b, 32 rows of P): loops over K in 64-column tiles and D in
-//                        32-deep tiles staged in shared memory; |P_n| comes from the staged tiles;
-//                        with LayerNorm the 32 x K rows of S stay in shared memory for the epilogue.
-// Backward (dY -> dP, dC, dw, db)
-//   dscore_kernel        recomputes S rows in shared memory, then dS (LayerNorm backward),
-//                        rowdot_n = sum_k dS S (= p^.dp^), and per-block column partials of
-//                        sum_n dS S (= c^.dc^), sum dY s^ (dw), sum dY (db)
-//   reduce_kernel        sums the column partials in a fixed order (deterministic)
-//   grad_gemm_kernel     dP = rinv_p (dS c^ - P rinv_p rowdot),  dC = rinv_c (dS^T p^ - C rinv_c coldot)
+//                        32-deep tiles staged in shared memory; |P_n| and |C_k| come from the staged
+//                        tiles (no pass over P or C of its own); with LayerNorm the 32 x K rows of S
+//                        stay in shared memory for the epilogue.
+// Backward (dY -> dP, dC, dw, db; two launches, nothing saved but the inputs)
+//   dpatch_kernel        per block of rows: recomputes S in shared memory, then dS (LayerNorm
+//                        backward) in place, rowdot_n = sum_k dS S (= p^.dp^), per-block column
+//                        partials of sum_n dS S (= c^.dc^), sum dY s^ (dw), sum dY (db); writes
+//                        G = dS (the A operand of the dC GEMM) and finishes its rows of
+//                        dP = rinv_p (dS c^ - P rinv_p rowdot) from the dS still in shared memory
+//   dclass_kernel        dC = rinv_c (G^T p^ - C rinv_c coldot), coldot (and dw, db) summed from the
+//                        partials in a fixed order at the start of the block (deterministic)
+// So P and C are read once per launch, and the only intermediate in global memory is G (the size
+// of dY) and the small partials.
+
 #include <type_traits>
 
 #include "sf_common.cuh"
@@ -71,38 +76,35 @@ SF_DEVICE_INLINE float warp_sum(float v) {
   return v;
 }
 
-// rinv[r] = 1 / |x_r| for rows of length D.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) rinv_kernel(const T* __restrict__ x, float* __restrict__ rinv,
-                                                         int64_t rows, int D) {
-  const int lane = threadIdx.x & 31;
-  const int64_t r = int64_t(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
-  if (r >= rows) return;  // whole warps leave together: no barrier follows
-  float s = 0.f;
-  for (int d = lane; d < D; d += 32) {
-    const float v = sf::to_float(x[r * D + d]);
-    s = fmaf(v, v, s);
+// Sum over a warp's lanes of the partial sums of squares of staged rows, to inverse norms.
+template <int E>
+SF_DEVICE_INLINE void store_rinv(const float (&sq)[E], float* rinv, int warp, int lane) {
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const float s = warp_sum(sq[e]);
+    if (lane == 0) rinv[warp + 4 * e] = 1.f / sqrtf(s);
   }
-  s = warp_sum(s);
-  if (lane == 0) rinv[r] = 1.f / sqrtf(s);
 }
 
 // S rows [m0, m0 + BM) of batch b, scaled to cosines, delivered tile by tile to `emit(r, c, s)`.
-// Computes rinv_p of these rows from the staged tiles into rinv_s (smem, BM floats).
+// The inverse norms come from the staged tiles: rinv_p of these rows into rinv_s (BM floats) and
+// rinv_c of every class into rinv_cs (K rounded up to BN floats), both in shared memory.
 template <typename T, typename Emit>
-SF_DEVICE_INLINE void cosine_rows(const T* __restrict__ P, const T* __restrict__ C, const float* __restrict__ rinv_c,
-                                  int64_t b, int m0, int Np, int K, int D, T* As, T* Bs, float* rinv_s, Emit emit) {
+SF_DEVICE_INLINE void cosine_rows(const T* __restrict__ P, const T* __restrict__ C, int64_t b, int m0, int Np,
+                                  int K, int D, T* As, T* Bs, float* rinv_s, float* rinv_cs, Emit emit) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const T* Pb = P + b * Np * int64_t(D);
   const T* Cb = C + b * K * int64_t(D);
-  float sq[BM * BK / kThreads];  // this thread's partial |P|^2 of rows warp + 4 e
-  for (int e = 0; e < BM * BK / kThreads; ++e) sq[e] = 0.f;
+  constexpr int EP = BM * BK / kThreads, EC = BN * BK / kThreads;
+  float sq[EP];  // this thread's partial |P|^2 of rows warp + 4 e (first K tile only)
+  for (int e = 0; e < EP; ++e) sq[e] = 0.f;
   for (int n0 = 0; n0 < K; n0 += BN) {
     float acc[4][4] = {};
+    float sqc[EC] = {};  // partial |C|^2 of this tile's classes n0 + warp + 4 e
     for (int d0 = 0; d0 < D; d0 += BK) {
       __syncthreads();  // the previous tiles are consumed
 #pragma unroll
-      for (int e = 0; e < BM * BK / kThreads; ++e) {
+      for (int e = 0; e < EP; ++e) {
         const int r = warp + 4 * e, k = lane;  // idx = tid + kThreads * e
         T v = sf::from_float<T>(0.f);
         if (m0 + r < Np && d0 + k < D) v = Pb[int64_t(m0 + r) * D + d0 + k];
@@ -113,48 +115,51 @@ SF_DEVICE_INLINE void cosine_rows(const T* __restrict__ P, const T* __restrict__
         }
       }
 #pragma unroll
-      for (int e = 0; e < BN * BK / kThreads; ++e) {
+      for (int e = 0; e < EC; ++e) {
         const int n = warp + 4 * e, k = lane;
         T v = sf::from_float<T>(0.f);
         if (n0 + n < K && d0 + k < D) v = Cb[int64_t(n0 + n) * D + d0 + k];
         Bs[n * LDS + k] = v;
+        const float f = sf::to_float(v);
+        sqc[e] = fmaf(f, f, sqc[e]);
       }
       __syncthreads();
       warp_tile(acc, As, Bs, warp, lane);
     }
-    if (n0 == 0) {
-      for (int e = 0; e < BM * BK / kThreads; ++e) {
-        const float s = warp_sum(sq[e]);
-        if (lane == 0) rinv_s[warp + 4 * e] = 1.f / sqrtf(s);
-      }
-      __syncthreads();
-    }
+    if (n0 == 0) store_rinv(sq, rinv_s, warp, lane);
+    store_rinv(sqc, rinv_cs + n0, warp, lane);
+    __syncthreads();
     const int wm = (warp & 1) * 16, wn = (warp >> 1) * 32;
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int r = wm + sf::acc_row(lane, i), c = n0 + wn + nt * 8 + sf::acc_col(lane, i);
-        if (m0 + r < Np && c < K) emit(r, c, acc[nt][i] * rinv_s[r] * rinv_c[b * K + c]);
+        if (m0 + r < Np && c < K) emit(r, c, acc[nt][i] * rinv_s[r] * rinv_cs[c]);
       }
     }
   }
 }
 
+// Classes rounded up to whole K tiles: the length of the shared rinv_c array.
+SF_HOST_DEVICE constexpr int class_tiles_len(int K) { return (K + BN - 1) / BN * BN; }
+
 // out[b, m0 + r, :] for one block of rows; with NORM the LayerNorm over K as epilogue.
+// Dynamic shared memory: rinv_c (class_tiles_len(K) floats), then with NORM the [BM][Kpad] cosines.
 template <typename T, bool NORM>
 __global__ void __launch_bounds__(kThreads)
-    similarity_kernel(const T* __restrict__ P, const T* __restrict__ C, const float* __restrict__ rinv_c,
-                      const float* __restrict__ weight, const float* __restrict__ bias, T* __restrict__ out, int Np,
-                      int K, int D, int Kpad, float eps) {
+    similarity_kernel(const T* __restrict__ P, const T* __restrict__ C, const float* __restrict__ weight,
+                      const float* __restrict__ bias, T* __restrict__ out, int Np, int K, int D, int Kpad,
+                      float eps) {
   __shared__ __align__(16) T As[BM * LDS];
   __shared__ __align__(16) T Bs[BN * LDS];
   __shared__ float rinv_s[BM];
-  SF_DYNAMIC_SHARED(float, S);  // NORM: [BM][Kpad] cosines
+  SF_DYNAMIC_SHARED(float, rinv_cs);
+  float* S = rinv_cs + class_tiles_len(K);
   const int64_t b = blockIdx.y;
   const int m0 = blockIdx.x * BM;
   T* outb = out + b * Np * int64_t(K);
-  cosine_rows<T>(P, C, rinv_c, b, m0, Np, K, D, As, Bs, rinv_s, [&](int r, int c, float s) {
+  cosine_rows<T>(P, C, b, m0, Np, K, D, As, Bs, rinv_s, rinv_cs, [&](int r, int c, float s) {
     if constexpr (NORM) {
       S[r * Kpad + c] = s;
     } else {
@@ -182,41 +187,46 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Backward, first step (see the file comment).  Per block of rows: G = dS (in T, the A operand of
-// the gradient GEMMs), rinv_p, rowdot; column partials (fixed order) for coldot, dw, db.
+// Backward, first launch (see the file comment).  Per block of rows: S, then dS in place; G = dS
+// (in T) to global memory; rinv_p, rowdot; column partials (fixed order) for coldot, dw, db; the
+// block's rows of dP; the blocks of the first row tile also store rinv_c for dclass_kernel.
+// Dynamic shared memory: rinv_c (class_tiles_len(K) floats), then [BM][Kpad] scores.
 template <typename T, bool NORM>
 // minBlocks = 1: without it ptxas capped this kernel's registers for occupancy and spilled (sm_90).
 __global__ void __launch_bounds__(kThreads, 1)
-    dscore_kernel(const T* __restrict__ P, const T* __restrict__ C, const float* __restrict__ rinv_c,
-                  const T* __restrict__ dY, const float* __restrict__ weight, T* __restrict__ G,
-                  float* __restrict__ rinv_p, float* __restrict__ rowdot, float* __restrict__ colpart,
+    dpatch_kernel(const T* __restrict__ P, const T* __restrict__ C, const T* __restrict__ dY,
+                  const float* __restrict__ weight, T* __restrict__ G, T* __restrict__ dP,
+                  float* __restrict__ rinv_p, float* __restrict__ rinv_c, float* __restrict__ colpart,
                   float* __restrict__ wpart, float* __restrict__ bpart, int Np, int K, int D, int Kpad, float eps) {
   __shared__ __align__(16) T As[BM * LDS];
   __shared__ __align__(16) T Bs[BN * LDS];
-  __shared__ float rinv_s[BM], mean_s[BM], rstd_s[BM], a1_s[BM], a2_s[BM];
-  SF_DYNAMIC_SHARED(float, S);  // [BM][Kpad] cosines
+  __shared__ float rinv_s[BM], mean_s[BM], rstd_s[BM], a1_s[BM], a2_s[BM], rowdot_s[BM];
+  SF_DYNAMIC_SHARED(float, rinv_cs);
+  float* S = rinv_cs + class_tiles_len(K);  // [BM][Kpad] cosines, then dS
   const int64_t b = blockIdx.y;
   const int m0 = blockIdx.x * BM;
-  cosine_rows<T>(P, C, rinv_c, b, m0, Np, K, D, As, Bs, rinv_s, [&](int r, int c, float s) { S[r * Kpad + c] = s; });
+  const int rows = min(BM, Np - m0);
+  cosine_rows<T>(P, C, b, m0, Np, K, D, As, Bs, rinv_s, rinv_cs,
+                 [&](int r, int c, float s) { S[r * Kpad + c] = s; });
   __syncthreads();
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const T* dYb = dY + b * Np * int64_t(K);
   auto dscore_of = [&](int r, int c, float& shat, float& dy) {
-    // dS for element (r, c) once the row statistics are in shared memory.
+    // dS for element (r, c) once the row statistics are in shared memory, rounded to T as the
+    // GEMM operand it becomes.
     const float s = S[r * Kpad + c];
     dy = sf::to_float(dYb[int64_t(m0 + r) * K + c]);
+    float ds = dy;
+    shat = s;
     if constexpr (NORM) {
       shat = (s - mean_s[r]) * rstd_s[r];
       const float dshat = weight ? dy * weight[c] : dy;
-      return rstd_s[r] * (dshat - a1_s[r] - shat * a2_s[r]);
-    } else {
-      shat = s;
-      return dy;
+      ds = rstd_s[r] * (dshat - a1_s[r] - shat * a2_s[r]);
     }
+    return sf::to_float(sf::from_float<T>(ds));
   };
   // Row pass: one warp per row.
-  for (int r = warp; r < BM; r += kThreads / 32) {
-    if (m0 + r >= Np) break;
+  for (int r = warp; r < rows; r += kThreads / 32) {
     const float* row = S + r * Kpad;
     if constexpr (NORM) {
       float mean = 0.f;
@@ -240,30 +250,32 @@ __global__ void __launch_bounds__(kThreads, 1)
     float dot = 0.f;
     for (int c = lane; c < K; c += 32) {
       float shat, dy;
-      // The dot uses dS as rounded into G, the operand of the dP GEMM it is subtracted from.
-      const T ds = sf::from_float<T>(dscore_of(r, c, shat, dy));
-      dot = fmaf(sf::to_float(ds), row[c], dot);
-      G[(b * Np + m0 + r) * int64_t(K) + c] = ds;
+      const float ds = dscore_of(r, c, shat, dy);
+      dot = fmaf(ds, row[c], dot);
+      G[(b * Np + m0 + r) * int64_t(K) + c] = sf::from_float<T>(ds);
     }
     dot = warp_sum(dot);
     if (lane == 0) {
-      rowdot[b * Np + m0 + r] = dot;
+      rowdot_s[r] = dot;
       rinv_p[b * Np + m0 + r] = rinv_s[r];
     }
   }
+  if (blockIdx.x == 0)
+    for (int c = tid; c < K; c += kThreads) rinv_c[b * K + c] = rinv_cs[c];
   __syncthreads();
-  // Column pass: one thread per class, rows in order.
+  // Column pass: one thread per class, rows in order; then dS replaces S in place (each element is
+  // read and written by one thread, after every thread's last read of S in the row pass).
   const int64_t part = (b * gridDim.x + blockIdx.x) * int64_t(K);
-  const int rows = min(BM, Np - m0);
-  for (int c = threadIdx.x; c < K; c += kThreads) {
+  for (int c = tid; c < K; c += kThreads) {
     float cd = 0.f, dw = 0.f, db = 0.f;
 #pragma unroll 1  // unrolled, the non-LayerNorm variant ran out of registers on sm_90
     for (int r = 0; r < rows; ++r) {
       float shat, dy;
-      const float ds = sf::to_float(sf::from_float<T>(dscore_of(r, c, shat, dy)));  // as in G
+      const float ds = dscore_of(r, c, shat, dy);
       cd = fmaf(ds, S[r * Kpad + c], cd);
       dw = fmaf(dy, shat, dw);
       db += dy;
+      S[r * Kpad + c] = ds;
     }
     colpart[part + c] = cd;
     if constexpr (NORM) {
@@ -271,79 +283,111 @@ __global__ void __launch_bounds__(kThreads, 1)
       bpart[part + c] = db;
     }
   }
-}
-
-// coldot[b, k] = sum over row blocks; dw[k], db[k] = sum over batches and row blocks; fixed order.
-__global__ void __launch_bounds__(kThreads)
-    reduce_kernel(const float* __restrict__ colpart, const float* __restrict__ wpart, const float* __restrict__ bpart,
-                  float* __restrict__ coldot, float* __restrict__ dw, float* __restrict__ db, int B, int nblocks,
-                  int K) {
-  const int c = blockIdx.x * kThreads + threadIdx.x;
-  if (c >= K) return;
-  float w = 0.f, bb = 0.f;
-  for (int b = 0; b < B; ++b) {
-    float cd = 0.f;
-    for (int j = 0; j < nblocks; ++j) {
-      const int64_t i = (int64_t(b) * nblocks + j) * K + c;
-      cd += colpart[i];
-      if (wpart) w += wpart[i], bb += bpart[i];
+  // dP rows = rinv_p (dS c^ - P rinv_p rowdot), c^ = C rinv_c: A = dS (shared), B = C tiles.
+  const T* Cb = C + b * K * int64_t(D);
+  const T* Pb = P + b * Np * int64_t(D);
+  T* dPb = dP + b * Np * int64_t(D);
+  const int wm = (warp & 1) * 16, wn = (warp >> 1) * 32;
+  for (int n0 = 0; n0 < D; n0 += BN) {
+    float acc[4][4] = {};
+    for (int k0 = 0; k0 < K; k0 += BK) {
+      __syncthreads();  // dS complete (first pass), the previous tiles consumed (later ones)
+#pragma unroll
+      for (int e = 0; e < BM * BK / kThreads; ++e) {
+        const int idx = tid + kThreads * e, m = idx / BK, k = idx % BK;
+        As[m * LDS + k] = sf::from_float<T>(m < rows && k0 + k < K ? S[m * Kpad + k0 + k] : 0.f);
+      }
+#pragma unroll
+      for (int e = 0; e < BN * BK / kThreads; ++e) {
+        const int idx = tid + kThreads * e, n = idx % BN, k = idx / BN;  // coalesced along D
+        float v = 0.f;
+        if (n0 + n < D && k0 + k < K) v = sf::to_float(Cb[int64_t(k0 + k) * D + n0 + n]) * rinv_cs[k0 + k];
+        Bs[n * LDS + k] = sf::from_float<T>(v);
+      }
+      __syncthreads();
+      warp_tile(acc, As, Bs, warp, lane);
     }
-    coldot[int64_t(b) * K + c] = cd;
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = wm + sf::acc_row(lane, i), n = n0 + wn + nt * 8 + sf::acc_col(lane, i);
+        if (m < rows && n < D) {
+          const float rp = rinv_s[m];
+          const int64_t o = int64_t(m0 + m) * D + n;
+          dPb[o] = sf::from_float<T>(rp * (acc[nt][i] - sf::to_float(Pb[o]) * rp * rowdot_s[m]));
+        }
+      }
+    }
   }
-  if (wpart) dw[c] = w, db[c] = bb;
 }
 
-// out[b] (M x D) = rinv_y (A X^ - Y rinv_y dot), A = G[b] (TRANS_A false: M = Np rows, depth K)
-// or G[b]^T (TRANS_A true: M = K rows, depth Np); X^ = X * rinv_x (depth x D), Y (M x D).
-template <typename T, bool TRANS_A>
+// Backward, second launch: dC rows [m0, m0 + BM) x columns [n0, n0 + BN) of batch b,
+//   dC = rinv_c (G^T p^ - C rinv_c coldot),  p^ = P rinv_p,
+// with coldot of the block's classes summed from the row blocks' partials in a fixed order; the
+// blocks of batch 0 and the first column tile also sum dw, db over batches and row blocks.
+template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    grad_gemm_kernel(const T* __restrict__ G, const T* __restrict__ X, const float* __restrict__ rinv_x,
-                     const T* __restrict__ Y, const float* __restrict__ rinv_y, const float* __restrict__ dot,
-                     T* __restrict__ out, int M, int depth, int D, int Np, int K) {
+    dclass_kernel(const T* __restrict__ G, const T* __restrict__ P, const float* __restrict__ rinv_p,
+                  const T* __restrict__ C, const float* __restrict__ rinv_c, const float* __restrict__ colpart,
+                  const float* __restrict__ wpart, const float* __restrict__ bpart, float* __restrict__ dw,
+                  float* __restrict__ db, T* __restrict__ dC, int B, int Np, int K, int D, int nblocks) {
   __shared__ __align__(16) T As[BM * LDS];
   __shared__ __align__(16) T Bs[BN * LDS];
+  __shared__ float coldot_s[BM];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int64_t b = blockIdx.z;
   const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
+  if (tid < BM && m0 + tid < K) {
+    const int c = m0 + tid;
+    float cd = 0.f;
+    for (int j = 0; j < nblocks; ++j) cd += colpart[(b * nblocks + j) * K + c];
+    coldot_s[tid] = cd;
+    if (wpart && b == 0 && blockIdx.x == 0) {
+      float w = 0.f, bb = 0.f;
+      for (int bi = 0; bi < B; ++bi)
+        for (int j = 0; j < nblocks; ++j) {
+          const int64_t i = (int64_t(bi) * nblocks + j) * K + c;
+          w += wpart[i], bb += bpart[i];
+        }
+      dw[c] = w, db[c] = bb;
+    }
+  }
   const T* Gb = G + b * Np * int64_t(K);
-  const T* Xb = X + b * depth * int64_t(D);
-  const float* rx = rinv_x + b * depth;
+  const T* Pb = P + b * Np * int64_t(D);
+  const float* rp = rinv_p + b * Np;
   float acc[4][4] = {};
-  for (int k0 = 0; k0 < depth; k0 += BK) {
+  for (int k0 = 0; k0 < Np; k0 += BK) {
     __syncthreads();
 #pragma unroll
     for (int e = 0; e < BM * BK / kThreads; ++e) {
-      const int idx = tid + kThreads * e;
-      // Coalesced along G's contiguous dimension: k for G[b], m for G[b]^T.
-      const int m = TRANS_A ? idx % BM : idx / BK, k = TRANS_A ? idx / BM : idx % BK;
+      const int idx = tid + kThreads * e, m = idx % BM, k = idx / BM;  // coalesced along G's classes
       T v = sf::from_float<T>(0.f);
-      if (m0 + m < M && k0 + k < depth)
-        v = TRANS_A ? Gb[int64_t(k0 + k) * K + m0 + m] : Gb[int64_t(m0 + m) * K + k0 + k];
+      if (m0 + m < K && k0 + k < Np) v = Gb[int64_t(k0 + k) * K + m0 + m];
       As[m * LDS + k] = v;
     }
 #pragma unroll
     for (int e = 0; e < BN * BK / kThreads; ++e) {
-      const int idx = tid + kThreads * e;
-      const int n = idx % BN, k = idx / BN;  // coalesced along D
+      const int idx = tid + kThreads * e, n = idx % BN, k = idx / BN;  // coalesced along D
       float v = 0.f;
-      if (n0 + n < D && k0 + k < depth) v = sf::to_float(Xb[int64_t(k0 + k) * D + n0 + n]) * rx[k0 + k];
+      if (n0 + n < D && k0 + k < Np) v = sf::to_float(Pb[int64_t(k0 + k) * D + n0 + n]) * rp[k0 + k];
       Bs[n * LDS + k] = sf::from_float<T>(v);
     }
     __syncthreads();
     warp_tile(acc, As, Bs, warp, lane);
   }
   const int wm = (warp & 1) * 16, wn = (warp >> 1) * 32;
-  const T* Yb = Y + b * M * int64_t(D);
-  T* outb = out + b * M * int64_t(D);
+  const T* Cb = C + b * K * int64_t(D);
+  T* dCb = dC + b * K * int64_t(D);
 #pragma unroll
   for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int m = m0 + wm + sf::acc_row(lane, i), n = n0 + wn + nt * 8 + sf::acc_col(lane, i);
-      if (m < M && n < D) {
-        const float ry = rinv_y[b * M + m];
-        const int64_t o = int64_t(m) * D + n;
-        outb[o] = sf::from_float<T>(ry * (acc[nt][i] - sf::to_float(Yb[o]) * ry * dot[b * M + m]));
+      const int m = wm + sf::acc_row(lane, i), n = n0 + wn + nt * 8 + sf::acc_col(lane, i);
+      if (m0 + m < K && n < D) {
+        const float rc = rinv_c[b * K + m0 + m];
+        const int64_t o = int64_t(m0 + m) * D + n;
+        dCb[o] = sf::from_float<T>(rc * (acc[nt][i] - sf::to_float(Cb[o]) * rc * coldot_s[m]));
       }
     }
   }
@@ -374,18 +418,6 @@ const float* optional_ptr(const std::optional<at::Tensor>& t, int64_t K, const c
   return t->data_ptr<float>();
 }
 
-at::Tensor rinv_rows(const at::Tensor& x) {
-  at::Tensor r = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kFloat));
-  const int64_t rows = x.size(0) * x.size(1);
-  if (rows == 0) return r;
-  SF_DISPATCH_FLOAT(x.scalar_type(), "mask_similarity", [&] {
-    SF_LAUNCH(rinv_kernel<scalar_t>, int(sf::ceil_div(rows, kThreads / 32)), kThreads, 0, sf::current_stream(),
-              sf::data_ptr<scalar_t>(x), r.data_ptr<float>(), rows, int(x.size(2)));
-  });
-  SF_CHECK_LAUNCH();
-  return r;
-}
-
 at::Tensor forward(const at::Tensor& P, const at::Tensor& C, const std::optional<at::Tensor>& weight,
                    const std::optional<at::Tensor>& bias, bool norm, double eps) {
   check_inputs(P, C);
@@ -394,15 +426,14 @@ at::Tensor forward(const at::Tensor& P, const at::Tensor& C, const std::optional
   at::Tensor out = at::empty({B, Np, K}, P.options());
   const float* w = optional_ptr(weight, K, "norm_weight");
   const float* bi = optional_ptr(bias, K, "norm_bias");
-  at::Tensor rinv_c = rinv_rows(C);
   const int Kpad = padded_classes(int(K));
-  const size_t smem = norm ? size_t(BM) * Kpad * sizeof(float) : 0;
+  const size_t smem = (class_tiles_len(int(K)) + (norm ? size_t(BM) * Kpad : 0)) * sizeof(float);
   const dim3 grid(unsigned(sf::ceil_div(Np, BM)), unsigned(B));
   SF_DISPATCH_FLOAT(P.scalar_type(), "mask_similarity", [&] {
     auto kernel = norm ? similarity_kernel<scalar_t, true> : similarity_kernel<scalar_t, false>;
     SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
     SF_LAUNCH(kernel, grid, kThreads, smem, sf::current_stream(), sf::data_ptr<scalar_t>(P),
-              sf::data_ptr<scalar_t>(C), rinv_c.data_ptr<float>(), w, bi, sf::data_ptr<scalar_t>(out), int(Np),
+              sf::data_ptr<scalar_t>(C), w, bi, sf::data_ptr<scalar_t>(out), int(Np),
               int(K), int(D), Kpad, float(eps));
   });
   SF_CHECK_LAUNCH();
@@ -423,10 +454,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
   const float* w = optional_ptr(weight, K, "norm_weight");
   const int nblocks = int(sf::ceil_div(Np, BM));
   const int Kpad = padded_classes(int(K));
-  const size_t smem = size_t(BM) * Kpad * sizeof(float);
+  const size_t smem = (class_tiles_len(int(K)) + size_t(BM) * Kpad) * sizeof(float);
   auto f32 = P.options().dtype(at::kFloat);
-  at::Tensor rinv_c = rinv_rows(C);
-  at::Tensor rinv_p = at::empty({B, Np}, f32), rowdot = at::empty({B, Np}, f32), coldot = at::empty({B, K}, f32);
+  at::Tensor rinv_p = at::empty({B, Np}, f32), rinv_c = at::empty({B, K}, f32);
   at::Tensor colpart = at::empty({B, nblocks, K}, f32);
   at::Tensor wpart = norm ? at::empty({B, nblocks, K}, f32) : at::Tensor();
   at::Tensor bpart = norm ? at::empty({B, nblocks, K}, f32) : at::Tensor();
@@ -437,28 +467,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
   cudaStream_t stream = sf::current_stream();
   SF_DISPATCH_FLOAT(P.scalar_type(), "mask_similarity", [&] {
     using T = scalar_t;
-    auto dscore = norm ? dscore_kernel<T, true> : dscore_kernel<T, false>;
-    SF_ALLOW_DYNAMIC_SMEM(dscore, smem);
-    SF_LAUNCH(dscore, dim3(nblocks, unsigned(B)), kThreads, smem, stream, sf::data_ptr<T>(P), sf::data_ptr<T>(C),
-              rinv_c.data_ptr<float>(), sf::data_ptr<T>(grad), w, sf::data_ptr<T>(G), rinv_p.data_ptr<float>(),
-              rowdot.data_ptr<float>(), colpart.data_ptr<float>(), fptr(wpart), fptr(bpart), int(Np), int(K),
+    auto dpatch = norm ? dpatch_kernel<T, true> : dpatch_kernel<T, false>;
+    SF_ALLOW_DYNAMIC_SMEM(dpatch, smem);
+    SF_LAUNCH(dpatch, dim3(nblocks, unsigned(B)), kThreads, smem, stream, sf::data_ptr<T>(P), sf::data_ptr<T>(C),
+              sf::data_ptr<T>(grad), w, sf::data_ptr<T>(G), sf::data_ptr<T>(dP), rinv_p.data_ptr<float>(),
+              rinv_c.data_ptr<float>(), colpart.data_ptr<float>(), fptr(wpart), fptr(bpart), int(Np), int(K),
               int(D), Kpad, float(eps));
     SF_CHECK_LAUNCH();
-    SF_LAUNCH(reduce_kernel, int(sf::ceil_div(K, kThreads)), kThreads, 0, stream, colpart.data_ptr<float>(),
-              fptr(wpart), fptr(bpart), coldot.data_ptr<float>(), fptr(dw), fptr(db), int(B), nblocks, int(K));
-    SF_CHECK_LAUNCH();
-    // dP = rinv_p (G c^ - P rinv_p rowdot): M = Np, depth K.
-    auto dp_kernel = grad_gemm_kernel<T, false>, dc_kernel = grad_gemm_kernel<T, true>;
-    SF_LAUNCH(dp_kernel, dim3(unsigned(sf::ceil_div(D, BN)), unsigned(nblocks), unsigned(B)),
-              kThreads, 0, stream, sf::data_ptr<T>(G), sf::data_ptr<T>(C), rinv_c.data_ptr<float>(),
-              sf::data_ptr<T>(P), rinv_p.data_ptr<float>(), rowdot.data_ptr<float>(), sf::data_ptr<T>(dP), int(Np),
-              int(K), int(D), int(Np), int(K));
-    SF_CHECK_LAUNCH();
-    // dC = rinv_c (G^T p^ - C rinv_c coldot): M = K, depth Np.
-    SF_LAUNCH(dc_kernel, dim3(unsigned(sf::ceil_div(D, BN)), unsigned(sf::ceil_div(K, BM)), unsigned(B)), kThreads, 0, stream,
-              sf::data_ptr<T>(G), sf::data_ptr<T>(P), rinv_p.data_ptr<float>(), sf::data_ptr<T>(C),
-              rinv_c.data_ptr<float>(), coldot.data_ptr<float>(), sf::data_ptr<T>(dC), int(K), int(Np), int(D),
-              int(Np), int(K));
+    SF_LAUNCH(dclass_kernel<T>, dim3(unsigned(sf::ceil_div(D, BN)), unsigned(sf::ceil_div(K, BM)), unsigned(B)),
+              kThreads, 0, stream, sf::data_ptr<T>(G), sf::data_ptr<T>(P), rinv_p.data_ptr<float>(),
+              sf::data_ptr<T>(C), rinv_c.data_ptr<float>(), colpart.data_ptr<float>(), fptr(wpart), fptr(bpart),
+              fptr(dw), fptr(db), sf::data_ptr<T>(dC), int(B), int(Np), int(K), int(D), nblocks);
     SF_CHECK_LAUNCH();
   });
   return {dP, dC, dw, db};

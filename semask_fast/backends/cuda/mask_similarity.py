@@ -1,10 +1,10 @@
 """mask_similarity from ``csrc/ops/mask_similarity.cu`` (cuda and SIMT-harness backends).
 
 Forward: one kernel per (batch, 32 patch rows) computes the cosines with the norms folded into
-the GEMM, and the optional LayerNorm over K as an epilogue from shared memory.  Backward: dS per
-row block (recomputing S), a deterministic reduction of the per-class sums, then two GEMMs for
-dP and dC with the normalisation's projection in their epilogues.  Nothing is saved but the
-inputs.
+the GEMM (both norms from the staged tiles), and the optional LayerNorm over K as an epilogue
+from shared memory.  Backward, two launches: per row block, dS (recomputing S) and that block's
+rows of dP from the dS held in shared memory; then the dC GEMM, which sums the per-class partials
+in a fixed order.  Nothing is saved but the inputs.
 """
 
 from __future__ import annotations
