@@ -5,17 +5,16 @@
 // q: (B, h, Nq, d); k, v: (B, h, Nk, d); out (B, h, Nq, d); M (B, Nq, Nk) in q's
 // dtype, taken before softmax and dropout (as the official code).
 //
-// Forward, split over keys (flash-decoding style): block (query tile of BM = 16
-// rows, key range, batch item) handles EVERY head of that tile and range, so the
-// head sum M of the logits is complete inside the block (exact, no combine).  The
-// warps of a block take heads round-robin; each warp runs a plain online softmax
-// over the range for its head and keeps its running head sum of the logits in its
-// own shared-memory tile, which the block adds up (in warp order) at the end.  With
-// one split the block writes out and the row logsumexp; with several it writes
-// per-head fp32 partials (unnormalised output, row max, row sum) and a combine
-// kernel merges the splits in split order (deterministic).  The split count comes
-// from the caller (semask_fast/backends/cuda/atm_attention.py: about two waves of
-// blocks on the device, a range of at most kMaxSplitTiles key tiles).
+// Forward: block (query tile of BM = 16 rows, key range, batch item) handles EVERY head of
+// that tile and range in two passes over the range (as the Triton kernel): pass 1, key tiles
+// outer / heads inner, completes the head sum M of each key tile's logits (exact, written
+// once) and every head's row max / sum of exponentials; pass 2, heads outer / key tiles inner,
+// accumulates P v with the final statistics (no rescaling).  S is computed twice, k read twice
+// in the block.  With one key range (the whole of Nk) the block writes out and the row
+// logsumexp, no workspace; with several it writes per-head fp32 partials (output normalised
+// over the range, range logsumexp) and a combine kernel merges the ranges in order
+// (deterministic).  The range count comes from the caller (semask_fast/backends/cuda/
+// atm_attention.py: plan_splits, a roofline model).
 // fp16 / bf16 products (forward: S = q k^T, P v; backward: S, dP = dO v^T, P^T dO, dS^T q,
 // dS k) run on tensor cores (sf_mma.cuh, fp32 accumulation); fp32 stays on FFMA.
 // (B, h, Nq, Nk) never exists in memory.
@@ -39,14 +38,12 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kRowsPerWarp = 4;
 constexpr int BM = kWarps * kRowsPerWarp;
 constexpr int BN = 32;
-// A forward split covers at most this many key tiles: each warp's head-sum tile of the
-// logits (BM x range, fp32) lives in shared memory.
-constexpr int kMaxSplitTiles = 8;
 // Minimum resident blocks given to __launch_bounds__ where ptxas, left to its own occupancy
 // target, keeps the registers at 64-80 and spills (measured on sm_80/sm_90): the fp32 dq
 // kernel gets up to 128 registers (at head_dim 128 its shared memory allows 3 blocks per SM
-// on sm_80, 4 on sm_90); the fp32 forward kernel asks for 1 (its shared memory, not its
-// registers, bounds its occupancy).
+// on sm_80, 4 on sm_90); the forward kernels ask for 1 (the fp32 one's shared memory, not its
+// registers, bounds its occupancy; the tensor-core one at head_dim 64 spilled on sm_90 at the
+// 128 registers ptxas chose otherwise).
 constexpr int kDqMinBlocks = 4;
 constexpr float kNegInf = -__builtin_huge_valf();
 
@@ -163,8 +160,18 @@ SF_DEVICE_INLINE float dot_row(const float* a, const float* b) {
 }
 
 // ---------------------------------------------------------------- forward --
+// Block (query tile of BM = 16 rows, key range, batch item), every head, two passes over the
+// range (as kernels/atm_attention.py):
+//   pass 1, key tiles outer / heads inner: S_h of the tile for each head; the head sum of the
+//     tile's logits is complete after the tile (M written, final), and each head's running row
+//     max / sum of exponentials is updated (shared memory, [heads][BM]);
+//   pass 2, heads outer / key tiles inner: P = exp(S - m) with the final row max m, out_h =
+//     P v_h / l (no rescaling).
+// Only one key tile of head sums is ever live, so the range has no length limit.  The warps
+// take heads round-robin (warp w: heads w, w + W, ...).
+
 // Warps per forward block: fp32 with head_dim > 32 stages fp32 tiles that would not fit four
-// times in shared memory at the largest key range.
+// times in a 99 KiB (sm_86 / sm_89) block.
 template <typename T, int DP>
 SF_HOST_DEVICE constexpr int fwd_warps() {
   return (sizeof(T) == 4 && DP > 32) ? 2 : 4;
@@ -177,19 +184,35 @@ SF_HOST_DEVICE constexpr int mma_ld() {
   return DP + 8;
 }
 
-// Shared memory of one warp: its head-sum tile M [BM][split_keys] (fp32), then
-//   fp32 (FFMA): q [BM][DP], k/v [BN][DP + 1], o [BM][DP], row max/sum [BM]  (floats);
-//   fp16/bf16 (tensor cores): q [BM][LD], k/v [BN][LD]  (in T).
+// Shared memory of one warp: q, k, then a region used by pass 1 for the warp's two head-sum
+// tiles of the logits (2 x BM x BN fp32: double buffered, one block barrier per key tile) and
+// by pass 2 for v (and, fp32, the output rows):
+//   fp32 (FFMA): q [BM][DP], k [BN][DP + 1], v [BN][DP + 1], o [BM][DP]  (floats);
+//   fp16/bf16 (tensor cores): q [BM][LD], k [BN][LD], v [BN][LD]  (in T).
+// Every part is a multiple of 16 bytes.
 template <typename T, int DP>
-SF_HOST_DEVICE constexpr int64_t fwd_warp_bytes(int split_keys) {
-  return 4 * static_cast<int64_t>(BM) * split_keys +
-         (sizeof(T) == 4 ? 4 * (2 * BM * DP + 2 * BN * (DP + 1) + 2 * BM)
-                         : static_cast<int64_t>(sizeof(T)) * (BM + 2 * BN) * mma_ld<DP>());
+SF_HOST_DEVICE constexpr int64_t fwd_q_bytes() {
+  return sizeof(T) == 4 ? 4 * BM * DP : static_cast<int64_t>(sizeof(T)) * BM * mma_ld<DP>();
+}
+template <typename T, int DP>
+SF_HOST_DEVICE constexpr int64_t fwd_k_bytes() {
+  return sizeof(T) == 4 ? 4 * BN * (DP + 1) : static_cast<int64_t>(sizeof(T)) * BN * mma_ld<DP>();
+}
+template <typename T, int DP>
+SF_HOST_DEVICE constexpr int64_t fwd_shared_bytes() {
+  constexpr int64_t pass2 = sizeof(T) == 4 ? 4 * (BN * (DP + 1) + BM * DP) : fwd_k_bytes<T, DP>();
+  constexpr int64_t pass1 = 2 * 4 * BM * BN;
+  return pass2 > pass1 ? pass2 : pass1;
+}
+template <typename T, int DP>
+SF_HOST_DEVICE constexpr int64_t fwd_warp_bytes() {
+  return fwd_q_bytes<T, DP>() + fwd_k_bytes<T, DP>() + fwd_shared_bytes<T, DP>();
 }
 
+// The block: every head's row max and row sum ([heads][BM] each, fp32), then the warps.
 template <typename T, int DP>
-SF_HOST_DEVICE constexpr int64_t fwd_smem_bytes(int split_keys) {
-  return fwd_warps<T, DP>() * fwd_warp_bytes<T, DP>(split_keys);
+SF_HOST_DEVICE constexpr int64_t fwd_smem_bytes(int heads) {
+  return 2 * 4 * static_cast<int64_t>(heads) * BM + fwd_warps<T, DP>() * fwd_warp_bytes<T, DP>();
 }
 
 SF_DEVICE_INLINE float group_max(float x) {
@@ -203,70 +226,76 @@ SF_DEVICE_INLINE float group_sum(float x) {
 }
 
 // Where a block's result for (head, row i) goes: normalised output and logsumexp (one split),
-// or the split's fp32 partial (unnormalised output, row max, row sum) for the combine kernel.
+// or the split's fp32 partial (output normalised over the range, range logsumexp) for the
+// combine kernel.
 template <typename T>
 struct FwdDest {
   T* out;
   float* lse;
-  float* part_o;   // [splits][B * h * Nq][d]
-  float* part_ml;  // [splits][B * h * Nq][2]
+  float* part_o;    // [splits][B * h * Nq][d]
+  float* part_lse;  // [splits][B * h * Nq]
 };
 
-// Called by the lanes of one warp for one row; `o(t)` is the row's unnormalised output.
+// Called by the lanes of one warp for one row; `o(t)` is the row's output before the division
+// by the row sum l.
 template <typename T, typename O>
 SF_DEVICE_INLINE void store_row(const Params& p, const FwdDest<T>& dst, int64_t bh, int i, float m, float l, int lane,
                                 O o) {
   const int64_t row = bh * p.nq + i;
+  const float inv = __frcp_rn(l);
   if (p.splits == 1) {
-    const float inv = __frcp_rn(l);
     for (int t = lane; t < p.d; t += 32) dst.out[row * p.d + t] = sf::from_float<T>(o(t) * inv);
     if (lane == 0) dst.lse[row] = m + logf(l);
   } else {
     const int64_t prow = static_cast<int64_t>(blockIdx.y) * p.batch * p.heads * p.nq + row;
-    for (int t = lane; t < p.d; t += 32) dst.part_o[prow * p.d + t] = o(t);
-    if (lane == 0) {
-      dst.part_ml[2 * prow] = m;
-      dst.part_ml[2 * prow + 1] = l;
-    }
+    for (int t = lane; t < p.d; t += 32) dst.part_o[prow * p.d + t] = o(t) * inv;
+    if (lane == 0) dst.part_lse[prow] = m + logf(l);
   }
 }
 
-// Position of (row r, key jj of the range) in a warp's head-sum tile.  FFMA: row-major.
+// Position of (row r, key jj of the tile) in a warp's head-sum tile.  FFMA: row-major.
 // Tensor cores: the accumulator layout, [8-key group][fragment element e][lane], so that the
 // lanes of a warp update 32 consecutive floats (row-major would put the 8 rows of a
 // fragment in one bank).
 template <typename T>
-SF_DEVICE_INLINE int msum_index(int r, int jj, int kr) {
+SF_HOST_DEVICE constexpr int msum_index(int r, int jj) {
   if constexpr (sizeof(T) == 4) {
-    return r * kr + jj;
+    return r * BN + jj;
   } else {
     const int c = jj & 7, e = 2 * (r >> 3) + (c & 1), lane = 4 * (r & 7) + (c >> 1);
     return ((jj >> 3) * 4 + e) * 32 + lane;
   }
 }
 
-// The block's head sum: M = (sum over warps, in warp order, of their head sums) / h.
+// Warp `warp`'s head-sum tile `buf` (0 or 1) in the block's shared memory.
 template <typename T, int DP>
-SF_DEVICE_INLINE void write_mask_logits(const Params& p, const unsigned char* smem, T* mask_logits, int64_t b, int q0,
-                                        int k0) {
+SF_DEVICE_INLINE float* msum_tile(unsigned char* warps, int warp, int buf) {
+  return reinterpret_cast<float*>(warps + warp * fwd_warp_bytes<T, DP>() + fwd_q_bytes<T, DP>() +
+                                  fwd_k_bytes<T, DP>()) +
+         buf * BM * BN;
+}
+
+// The head sum of key tile k0: M = (sum over warps, in warp order, of their head sums) / h.
+// Called by the whole block after a barrier; warps without a head (h < W) hold nothing.
+template <typename T, int DP>
+SF_DEVICE_INLINE void write_mask_logits(const Params& p, unsigned char* warps, int buf, T* mask_logits, int64_t b,
+                                        int q0, int k0) {
   constexpr int W = fwd_warps<T, DP>();
-  const int64_t stride = fwd_warp_bytes<T, DP>(p.split_keys) / 4;
-  const float* msum = reinterpret_cast<const float*>(smem);
-  for (int e = threadIdx.x; e < BM * p.split_keys; e += W * 32) {
-    const int r = e / p.split_keys, jj = e % p.split_keys;
+  const int used = p.heads < W ? p.heads : W;
+  for (int e = threadIdx.x; e < BM * BN; e += W * 32) {
+    const int r = e / BN, jj = e % BN;
     const int i = q0 + r, j = k0 + jj;
     if (i >= p.nq || j >= p.nk) continue;
-    const int at = msum_index<T>(r, jj, p.split_keys);
+    const int at = msum_index<T>(r, jj);
     float s = 0.f;
-#pragma unroll
-    for (int w = 0; w < W; ++w) s += msum[w * stride + at];
+    for (int w = 0; w < used; ++w) s += msum_tile<T, DP>(warps, w, buf)[at];
     mask_logits[(b * p.nq + i) * p.nk + j] = sf::from_float<T>(s * p.inv_heads);
   }
 }
 
-// fp32, FFMA.  Per warp and head: a lane owns one key of the tile for the logits and
-// output columns lane + 32 c for the accumulation; the output rows and the row max/sum
-// live in the warp's shared memory.  grid (ceil(Nq / BM), splits, B).
+// fp32, FFMA.  A lane owns one key of the tile for the logits and output columns lane + 32 c
+// for the accumulation; the output rows live in the warp's shared memory.
+// grid (ceil(Nq / BM), splits, B).
 template <typename T, int DP>
 __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32, 1) atm_attention_fwd_kernel(Params p, FwdDest<T> dst,
                                                                                     T* __restrict__ mask_logits) {
@@ -277,26 +306,57 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32, 1) atm_attention_fwd_
   const int q0 = blockIdx.x * BM, kb = blockIdx.y * p.split_keys;
   const int ke = p.nk - kb < p.split_keys ? p.nk : kb + p.split_keys;
   const int64_t b = blockIdx.z;
-  const int kr = p.split_keys;
-  float* msum = reinterpret_cast<float*>(smem + warp * fwd_warp_bytes<T, DP>(kr));
-  float* qs = msum + BM * kr;
+  float* mrow = reinterpret_cast<float*>(smem);  // [heads][BM]
+  float* lrow = mrow + p.heads * BM;             // [heads][BM]
+  unsigned char* warps = smem + 2 * 4 * static_cast<int64_t>(p.heads) * BM;
+  float* qs = reinterpret_cast<float*>(warps + warp * fwd_warp_bytes<T, DP>());
   float* ks = qs + BM * DP;
   float* vs = ks + BN * (DP + 1);
   float* os = vs + BN * (DP + 1);
-  float* mr = os + BM * DP;
-  float* lr = mr + BM;
-  for (int e = lane; e < BM * kr; e += 32) msum[e] = 0.f;
+  for (int hd = warp; hd < p.heads; hd += W)
+    if (lane < BM) {
+      mrow[hd * BM + lane] = kNegInf;
+      lrow[hd * BM + lane] = 0.f;
+    }
 
+  // Pass 1.
+  for (int k0 = kb, buf = 0; k0 < ke; k0 += BN, buf ^= 1) {
+    float* msum = msum_tile<T, DP>(warps, warp, buf);
+    const int j = k0 + lane;
+    for (int hd = warp; hd < p.heads; hd += W) {
+      const int64_t bh = b * p.heads + hd;
+      __syncwarp();  // the previous head's readers of q / k, and lane 0's row statistics, are done
+      stage_tile<float, T, DP>(p, qs, DP, static_cast<const T*>(p.q) + bh * p.nq * p.d, q0, BM, p.nq, lane, 32);
+      stage_tile<float, T, DP>(p, ks, DP + 1, static_cast<const T*>(p.k) + bh * p.nk * p.d, k0, BN, p.nk, lane, 32);
+      __syncwarp();
+      for (int r = 0; r < BM; ++r) {
+        const float s = dot_row<DP>(qs + r * DP, ks + lane * (DP + 1)) * p.scale;
+        msum[r * BN + lane] = hd == warp ? s : msum[r * BN + lane] + s;
+        const float x = j < p.nk ? s : kNegInf;
+        const float m_old = mrow[hd * BM + r], l_old = lrow[hd * BM + r];
+        // The tile holds key k0 < Nk: m_new is finite.
+        const float m_new = fmaxf(m_old, warp_max(x));
+        const float prob = x == kNegInf ? 0.f : __expf(x - m_new);
+        const float l_new = l_old * __expf(m_old - m_new) + warp_sum(prob);  // e^-inf = 0
+        // Every lane read m_old / l_old before the shuffles above: lane 0 may overwrite.
+        if (lane == 0) {
+          mrow[hd * BM + r] = m_new;
+          lrow[hd * BM + r] = l_new;
+        }
+      }
+    }
+    __syncthreads();  // every warp's head sum of the tile is complete
+    write_mask_logits<T, DP>(p, warps, buf, mask_logits, b, q0, k0);
+  }
+  __syncthreads();  // the head sums are read: pass 2 reuses their memory for v and o
+
+  // Pass 2.
   for (int hd = warp; hd < p.heads; hd += W) {
     const int64_t bh = b * p.heads + hd;
     const int64_t kvbase = bh * p.nk * p.d;
-    __syncwarp();  // the previous head's epilogue is done with q/o/m/l
+    __syncwarp();  // the previous head's epilogue is done with q / o
     stage_tile<float, T, DP>(p, qs, DP, static_cast<const T*>(p.q) + bh * p.nq * p.d, q0, BM, p.nq, lane, 32);
     for (int e = lane; e < BM * DP; e += 32) os[e] = 0.f;
-    if (lane < BM) {
-      mr[lane] = kNegInf;
-      lr[lane] = 0.f;
-    }
     for (int k0 = kb; k0 < ke; k0 += BN) {
       __syncwarp();  // the previous tile's readers are done
       stage_tile<float, T, DP>(p, ks, DP + 1, static_cast<const T*>(p.k) + kvbase, k0, BN, p.nk, lane, 32);
@@ -305,23 +365,12 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32, 1) atm_attention_fwd_
       const int j = k0 + lane;
       for (int r = 0; r < BM; ++r) {
         const float s = dot_row<DP>(qs + r * DP, ks + lane * (DP + 1)) * p.scale;
-        msum[r * kr + (k0 - kb) + lane] += s;
-        const float x = j < p.nk ? s : kNegInf;
-        const float m_old = mr[r], l_old = lr[r];
-        const float m_new = fmaxf(m_old, warp_max(x));
-        const float alpha = m_old == kNegInf ? 0.f : __expf(m_old - m_new);
-        const float prob = x == kNegInf ? 0.f : __expf(x - m_new);
-        const float l_new = l_old * alpha + warp_sum(prob);
-        // Every lane read m_old/l_old before the shuffles above: lane 0 may overwrite.
-        if (lane == 0) {
-          mr[r] = m_new;
-          lr[r] = l_new;
-        }
+        const float prob = j < p.nk ? __expf(s - mrow[hd * BM + r]) : 0.f;
         const float pd = prob * dropout_factor(p, (static_cast<uint64_t>(bh) * p.nq + q0 + r) * p.nk + j);
         float acc[C];
         float* orow = os + r * DP;
 #pragma unroll
-        for (int c = 0; c < C; ++c) acc[c] = orow[lane + 32 * c] * alpha;
+        for (int c = 0; c < C; ++c) acc[c] = orow[lane + 32 * c];
         for (int jj = 0; jj < BN; ++jj) {
           const float pj = __shfl_sync(0xffffffffu, pd, jj);
 #pragma unroll
@@ -331,23 +380,21 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32, 1) atm_attention_fwd_
         for (int c = 0; c < C; ++c) orow[lane + 32 * c] = acc[c];
       }
     }
-    __syncwarp();  // lane 0's last row max/sum
+    __syncwarp();
     for (int r = 0; r < BM && q0 + r < p.nq; ++r)
-      store_row<T>(p, dst, bh, q0 + r, mr[r], lr[r], lane, [&](int t) { return os[r * DP + t]; });
+      store_row<T>(p, dst, bh, q0 + r, mrow[hd * BM + r], lrow[hd * BM + r], lane,
+                   [&](int t) { return os[r * DP + t]; });
   }
-  __syncthreads();  // every warp's head sum is complete
-  write_mask_logits<T, DP>(p, smem, mask_logits, b, q0, kb);
 }
 
-// fp16 / bf16, tensor cores.  Per warp and head: the 16 query rows stay in A fragments,
-// 32-key tiles of K and V are staged in T; the logits stay in the accumulator layout (lane
-// holds rows g, g + 8 and columns 2t, 2t + 1 of each 8-key tile; g = lane / 4,
-// t = lane % 4), so the row max / sum reduce over the 4 lanes of a group and the
-// probabilities become the A operand of P V in registers (rounded to T, as flash
-// attention does).  grid (ceil(Nq / BM), splits, B).
+// fp16 / bf16, tensor cores.  The 16 query rows of a head are A fragments, 32-key tiles of K
+// and V are staged in T; the logits stay in the accumulator layout (lane holds rows g, g + 8
+// and columns 2t, 2t + 1 of each 8-key tile; g = lane / 4, t = lane % 4), so the row max /
+// sum reduce over the 4 lanes of a group and the probabilities become the A operand of P V in
+// registers (rounded to T, as flash attention does).  grid (ceil(Nq / BM), splits, B).
 template <typename T, int DP>
-__global__ void __launch_bounds__(fwd_warps<T, DP>() * 32) atm_attention_fwd_mma_kernel(Params p, FwdDest<T> dst,
-                                                                                        T* __restrict__ mask_logits) {
+__global__ void __launch_bounds__(fwd_warps<T, DP>() * 32, 1)
+    atm_attention_fwd_mma_kernel(Params p, FwdDest<T> dst, T* __restrict__ mask_logits) {
   constexpr int W = fwd_warps<T, DP>();
   constexpr int LD = mma_ld<DP>();
   constexpr int KS = DP / 16;  // k-steps of q k^T
@@ -359,23 +406,97 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32) atm_attention_fwd_mma
   const int q0 = blockIdx.x * BM, kb = blockIdx.y * p.split_keys;
   const int ke = p.nk - kb < p.split_keys ? p.nk : kb + p.split_keys;
   const int64_t b = blockIdx.z;
-  const int kr = p.split_keys;
-  float* msum = reinterpret_cast<float*>(smem + warp * fwd_warp_bytes<T, DP>(kr));
-  T* qs = reinterpret_cast<T*>(msum + BM * kr);
+  float* mrow = reinterpret_cast<float*>(smem);  // [heads][BM]
+  float* lrow = mrow + p.heads * BM;             // [heads][BM]
+  unsigned char* warps = smem + 2 * 4 * static_cast<int64_t>(p.heads) * BM;
+  T* qs = reinterpret_cast<T*>(warps + warp * fwd_warp_bytes<T, DP>());
   T* ks = qs + BM * LD;
   T* vs = ks + BN * LD;
-  for (int e = lane; e < BM * kr; e += 32) msum[e] = 0.f;
+  for (int hd = warp; hd < p.heads; hd += W)
+    if (lane < BM) {
+      mrow[hd * BM + lane] = kNegInf;
+      lrow[hd * BM + lane] = 0.f;
+    }
 
+  // S = q_h k_h^T (unscaled) for the staged tiles.
+  auto logits = [&](float (&s)[ST][4], const uint32_t (&qf)[KS][4]) {
+#pragma unroll
+    for (int st = 0; st < ST; ++st) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[st][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) {
+        uint32_t bf[2];
+        sf::load_b_frag<T>(bf, ks + st * 8 * LD + kk * 16, LD, lane);
+        sf::mma_m16n8k16_f32<T>(s[st], qf[kk], bf, s[st]);
+      }
+    }
+  };
+
+  // Pass 1.
+  for (int k0 = kb, buf = 0; k0 < ke; k0 += BN, buf ^= 1) {
+    float* msum = msum_tile<T, DP>(warps, warp, buf);
+    for (int hd = warp; hd < p.heads; hd += W) {
+      const int64_t bh = b * p.heads + hd;
+      __syncwarp();  // the previous head's readers of q / k, and the row statistics' writers, are done
+      stage_tile<T, T, DP>(p, qs, LD, static_cast<const T*>(p.q) + bh * p.nq * p.d, q0, BM, p.nq, lane, 32);
+      stage_tile<T, T, DP>(p, ks, LD, static_cast<const T*>(p.k) + bh * p.nk * p.d, k0, BN, p.nk, lane, 32);
+      __syncwarp();
+      uint32_t qf[KS][4];
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) sf::load_a_frag<T>(qf[kk], qs + kk * 16, LD, lane);
+      float s[ST][4];
+      logits(s, qf);
+      float mx[2] = {kNegInf, kNegInf};
+#pragma unroll
+      for (int st = 0; st < ST; ++st)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = st * 8 + 2 * t4 + (e & 1);
+          const float x = s[st][e] * p.scale;
+          float& ms = msum[(st * 4 + e) * 32 + lane];  // = msum_index<T>(g + 8 (e / 2), col)
+          ms = hd == warp ? x : ms + x;
+          s[st][e] = k0 + col < p.nk ? x : kNegInf;
+          mx[e >> 1] = fmaxf(mx[e >> 1], s[st][e]);
+        }
+      float m_old[2], l_old[2], m_new[2], sum[2] = {0.f, 0.f};
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        m_old[h2] = mrow[hd * BM + g + 8 * h2];
+        l_old[h2] = lrow[hd * BM + g + 8 * h2];
+        // The tile holds key k0 < Nk: m_new is finite.
+        m_new[h2] = fmaxf(m_old[h2], group_max(mx[h2]));
+      }
+#pragma unroll
+      for (int st = 0; st < ST; ++st)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sum[e >> 1] += __expf(s[st][e] - m_new[e >> 1]);  // e^-inf = 0
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        const float l_new = l_old[h2] * __expf(m_old[h2] - m_new[h2]) + group_sum(sum[h2]);
+        // The 4 lanes of the group read m_old / l_old before the shuffles above.
+        if (t4 == 0) {
+          mrow[hd * BM + g + 8 * h2] = m_new[h2];
+          lrow[hd * BM + g + 8 * h2] = l_new;
+        }
+      }
+    }
+    __syncthreads();  // every warp's head sum of the tile is complete
+    write_mask_logits<T, DP>(p, warps, buf, mask_logits, b, q0, k0);
+  }
+  __syncthreads();  // the head sums are read: pass 2 reuses their memory for v
+
+  // Pass 2.
   for (int hd = warp; hd < p.heads; hd += W) {
     const int64_t bh = b * p.heads + hd;
     const int64_t kvbase = bh * p.nk * p.d;
-    __syncwarp();  // the previous head's readers of q are done
+    __syncwarp();  // the previous head's epilogue is done with q / k
     stage_tile<T, T, DP>(p, qs, LD, static_cast<const T*>(p.q) + bh * p.nq * p.d, q0, BM, p.nq, lane, 32);
     __syncwarp();
     uint32_t qf[KS][4];
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) sf::load_a_frag<T>(qf[kk], qs + kk * 16, LD, lane);
-    float m[2] = {kNegInf, kNegInf}, l[2] = {0.f, 0.f};
+    const float m[2] = {mrow[hd * BM + g], mrow[hd * BM + g + 8]};
     float o[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
@@ -388,52 +509,15 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32) atm_attention_fwd_mma
       stage_tile<T, T, DP>(p, vs, LD, static_cast<const T*>(p.v) + kvbase, k0, BN, p.nk, lane, 32);
       __syncwarp();
       float s[ST][4];
-#pragma unroll
-      for (int st = 0; st < ST; ++st) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[st][e] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < KS; ++kk) {
-          uint32_t bf[2];
-          sf::load_b_frag<T>(bf, ks + st * 8 * LD + kk * 16, LD, lane);
-          sf::mma_m16n8k16_f32<T>(s[st], qf[kk], bf, s[st]);
-        }
-      }
-      float mx[2] = {kNegInf, kNegInf};
-#pragma unroll
-      for (int st = 0; st < ST; ++st)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = st * 8 + 2 * t4 + (e & 1);
-          const float x = s[st][e] * p.scale;
-          msum[(((k0 - kb) / 8 + st) * 4 + e) * 32 + lane] += x;  // = msum_index<T>(g + 8 (e / 2), k0 - kb + col)
-          s[st][e] = k0 + col < p.nk ? x : kNegInf;
-          mx[e >> 1] = fmaxf(mx[e >> 1], s[st][e]);
-        }
-      float alpha[2], m_new[2], sum[2] = {0.f, 0.f};
-#pragma unroll
-      for (int h2 = 0; h2 < 2; ++h2) {
-        m_new[h2] = fmaxf(m[h2], group_max(mx[h2]));
-        alpha[h2] = m[h2] == kNegInf ? 0.f : __expf(m[h2] - m_new[h2]);
-      }
+      logits(s, qf);
 #pragma unroll
       for (int st = 0; st < ST; ++st)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int h2 = e >> 1, i = q0 + g + 8 * h2, j = k0 + st * 8 + 2 * t4 + (e & 1);
-          const float prob = s[st][e] == kNegInf ? 0.f : __expf(s[st][e] - m_new[h2]);
-          sum[h2] += prob;
+          const float prob = j < p.nk ? __expf(s[st][e] * p.scale - m[h2]) : 0.f;
           s[st][e] = prob * dropout_factor(p, (static_cast<uint64_t>(bh) * p.nq + i) * p.nk + j);
         }
-#pragma unroll
-      for (int h2 = 0; h2 < 2; ++h2) {
-        l[h2] = l[h2] * alpha[h2] + group_sum(sum[h2]);
-        m[h2] = m_new[h2];
-      }
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) o[nt][e] *= alpha[e >> 1];
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
         uint32_t a[4];
@@ -447,36 +531,26 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32) atm_attention_fwd_mma
       }
     }
 
-    // The accumulator rows go through the warp's (now free) k tile as fp32 so that
-    // store_row writes each row with all 32 lanes.
+    // The accumulator rows go through the warp's (now free) k tile as fp32 so that store_row
+    // writes each row with all 32 lanes: o [BM][DP] fp32 is 64 DP bytes, the k tile 64 (DP + 8).
     __syncwarp();
-    // o [BM][DP] and (m, l) [BM][2] as fp32 need 64 DP + 128 bytes; k and v hold 128 (DP + 8).
     float* ob = reinterpret_cast<float*>(ks);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) ob[(g + 8 * (e >> 1)) * DP + nt * 8 + 2 * t4 + (e & 1)] = o[nt][e];
-    float* mlb = ob + BM * DP;
-    if (t4 == 0) {
-#pragma unroll
-      for (int h2 = 0; h2 < 2; ++h2) {
-        mlb[2 * (g + 8 * h2)] = m[h2];
-        mlb[2 * (g + 8 * h2) + 1] = l[h2];
-      }
-    }
     __syncwarp();
     for (int r = 0; r < BM && q0 + r < p.nq; ++r)
-      store_row<T>(p, dst, bh, q0 + r, mlb[2 * r], mlb[2 * r + 1], lane, [&](int t) { return ob[r * DP + t]; });
+      store_row<T>(p, dst, bh, q0 + r, mrow[hd * BM + r], lrow[hd * BM + r], lane,
+                   [&](int t) { return ob[r * DP + t]; });
   }
-  __syncthreads();  // every warp's head sum is complete
-  write_mask_logits<T, DP>(p, smem, mask_logits, b, q0, kb);
 }
 
 // Merges the splits of one (b, head, i) row per warp, in split order:
-//   m = max_s m_s;  l = sum_s l_s e^(m_s - m);  out = sum_s o_s e^(m_s - m) / l;  lse = m + log l.
+//   m = max_s lse_s;  w_s = e^(lse_s - m);  out = sum_s w_s o_s / sum_s w_s;  lse = m + log sum_s w_s.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) atm_attention_combine_kernel(const float* __restrict__ part_o,
-                                                                         const float* __restrict__ part_ml,
+                                                                         const float* __restrict__ part_lse,
                                                                          int splits, int64_t rows, int d,
                                                                          T* __restrict__ out,
                                                                          float* __restrict__ lse) {
@@ -484,14 +558,14 @@ __global__ void __launch_bounds__(kThreads) atm_attention_combine_kernel(const f
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;  // whole warp leaves together
   float m = kNegInf;
-  for (int s = 0; s < splits; ++s) m = fmaxf(m, part_ml[2 * (s * rows + row)]);
+  for (int s = 0; s < splits; ++s) m = fmaxf(m, part_lse[s * rows + row]);
   float l = 0.f;
-  for (int s = 0; s < splits; ++s) l += part_ml[2 * (s * rows + row) + 1] * __expf(part_ml[2 * (s * rows + row)] - m);
+  for (int s = 0; s < splits; ++s) l += __expf(part_lse[s * rows + row] - m);
   const float inv = __frcp_rn(l);
   for (int t = lane; t < d; t += 32) {
     float acc = 0.f;
     for (int s = 0; s < splits; ++s)
-      acc = fmaf(part_o[(s * rows + row) * d + t], __expf(part_ml[2 * (s * rows + row)] - m), acc);
+      acc = fmaf(part_o[(s * rows + row) * d + t], __expf(part_lse[s * rows + row] - m), acc);
     out[row * d + t] = sf::from_float<T>(acc * inv);
   }
   if (lane == 0) lse[row] = m + logf(l);
@@ -929,7 +1003,7 @@ inline unsigned cdiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b
 template <typename T, int DP>
 void forward(const Params& p, const FwdDest<T>& dst, T* mask_logits, cudaStream_t stream) {
   SF_CHECK(p.batch <= 65535 && p.splits <= 65535, "atm_attention: batch and split count must be at most 65535");
-  const size_t smem = fwd_smem_bytes<T, DP>(p.split_keys);
+  const size_t smem = fwd_smem_bytes<T, DP>(p.heads);
   const dim3 grid(cdiv(p.nq, BM), static_cast<unsigned>(p.splits), static_cast<unsigned>(p.batch));
   if constexpr (std::is_same_v<T, float>) {
     auto kernel = atm_attention_fwd_kernel<T, DP>;
@@ -943,7 +1017,7 @@ void forward(const Params& p, const FwdDest<T>& dst, T* mask_logits, cudaStream_
   if (p.splits > 1) {
     const int64_t rows = p.batch * p.heads * p.nq;
     SF_LAUNCH(atm_attention_combine_kernel<T>, dim3(cdiv(rows, kWarps)), dim3(kThreads), 0, stream, dst.part_o,
-              dst.part_ml, p.splits, rows, p.d, dst.out, dst.lse);
+              dst.part_lse, p.splits, rows, p.d, dst.out, dst.lse);
   }
   SF_CHECK_LAUNCH();
 }
@@ -1042,8 +1116,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& q, c
   const int64_t tiles = sf::ceil_div(p.nk, BN);
   TORCH_CHECK(splits >= 1 && splits <= tiles, "atm_attention: splits must be in 1..", tiles, ", got ", splits);
   const int64_t per_split = sf::ceil_div(tiles, splits);
-  TORCH_CHECK(per_split <= kMaxSplitTiles, "atm_attention: ", splits, " splits of Nk=", p.nk, " give ", per_split,
-              " key tiles per split (at most ", kMaxSplitTiles, ")");
   TORCH_CHECK(sf::ceil_div(tiles, per_split) == splits, "atm_attention: ", splits, " splits of ", tiles,
               " key tiles leave a split empty");
   p.splits = static_cast<int>(splits);
@@ -1052,17 +1124,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& q, c
   at::Tensor out = at::empty_like(q);
   at::Tensor mask_logits = at::empty({q.size(0), q.size(2), k.size(2)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  at::Tensor part_o, part_ml;
+  at::Tensor part_o, part_lse;
   if (splits > 1) {
     const int64_t rows = q.size(0) * q.size(1) * q.size(2);
     part_o = at::empty({splits, rows, q.size(3)}, lse.options());
-    part_ml = at::empty({splits, rows, 2}, lse.options());
+    part_lse = at::empty({splits, rows}, lse.options());
   }
   dispatch(q, [&](auto tag, auto dp) {
     using T = decltype(tag);
     const FwdDest<T> dst{sf::data_ptr<T>(out), lse.data_ptr<float>(),
                          splits > 1 ? part_o.data_ptr<float>() : nullptr,
-                         splits > 1 ? part_ml.data_ptr<float>() : nullptr};
+                         splits > 1 ? part_lse.data_ptr<float>() : nullptr};
     forward<T, decltype(dp)::value>(p, dst, sf::data_ptr<T>(mask_logits), sf::current_stream());
   });
   return {out, mask_logits, lse};

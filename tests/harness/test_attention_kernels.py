@@ -12,8 +12,9 @@ backend (``pytest -k harness``).  This file adds what they do not cover:
   memory), non-square windows with a one-axis shift, K = 1 and K = 160 classes,
   C tiles with a remainder, single query / key rows;
 * the reasons the backends give for inputs they do not serve;
-* the ATM forward's key splits: the plan, forced counts (one split, a partial last
-  range, the 8-tile range limit, 64 heads), dropout, bitwise reproducibility.
+* the ATM forward's key ranges: the roofline plan, forced counts (one range over 1600
+  keys, a partial last range, a count normalised so no range is empty, idle warps, 64
+  heads), dropout, bitwise reproducibility.
 
 Every parity check goes through ``assert_parity`` (float64 reference, and the
 ``cpu`` backend must have run forward and backward).  bf16 and fp16 run the same
@@ -228,36 +229,52 @@ def test_reasons_for_unsupported_inputs():
 
 
 # ------------------------------------------------ ATM forward key splits --
-# The ATM forward splits the keys into ranges (a block per 16 class tokens x range x batch
-# item, all heads) merged by a combine kernel; `force_splits` replaces the device plan.
+# The ATM forward runs a block per 16 class tokens x key range x batch item (all heads, two
+# passes over the range); several ranges are merged by a combine kernel.  `force_splits`
+# replaces the roofline plan.
 def _atm_inputs(b, h, nq, nk, d, seed):
     g = torch.Generator().manual_seed(seed)
     return {"q": _randn(g, b, h, nq, d), "k": _randn(g, b, h, nk, d), "v": _randn(g, b, h, nk, d)}
 
 
 def test_atm_split_plan():
-    plan = _cuda_module("atm_attention").plan_splits
-    h100 = dict(sms=132, smem_limit=232448)
-    # SegViT-L (B=2, Nq=150, Nk=1600, d=32): 10 x 2 query blocks, 13 ranges of 4 key tiles:
-    # 260 blocks, two waves of 132 SMs (one split: 20 blocks).
-    assert plan(2, 150, 1600, torch.float16, 32, **h100) == 13
-    # A large batch fills the device alone; ranges stay within 8 key tiles (256 keys).
-    assert plan(16, 150, 1600, torch.float16, 32, **h100) == 7
-    assert plan(64, 150, 200, torch.float16, 32, **h100) == 1
-    # Shared memory bounds the range: 99 KiB per block (sm_86) fits one key tile at d=128 fp16.
-    assert plan(16, 150, 1600, torch.float16, 128, sms=84, smem_limit=101376) == 50
-    # Forced counts are normalised: no empty range, no range beyond 8 tiles.
-    assert plan(1, 16, 300, torch.float32, 32, requested=4, **h100) == 4  # 3 + 3 + 3 + 1 tiles
-    assert plan(1, 16, 300, torch.float32, 32, requested=1, **h100) == 2  # 10 tiles > 8
-    assert plan(1, 16, 300, torch.float32, 32, requested=99, **h100) == 10
+    mod = _cuda_module("atm_attention")
+    plan, model = mod.plan_splits, mod.split_model_seconds
+    fp16 = torch.float16
+    # SegViT-L (B=2, h=16, Nq=150, Nk=1600, d=32): 20 blocks with one range; the model's
+    # optimum is 3 ranges (60 blocks: 4.92 -> 3.75 us), beyond which the partials cost more
+    # than the parallelism gains.
+    assert plan(2, 16, 150, 1600, fp16, 32, sms=132) == 3
+    times = [model(s, 2, 16, 150, 1600, 32, fp16, 132) for s in range(1, 9)]
+    assert times.index(min(times)) == 2 and times[0] > 2 * times[2]
+    # The grid already fills the device: one range, no workspace.
+    assert plan(16, 16, 150, 1600, fp16, 32, sms=132) == 1
+    assert plan(64, 16, 150, 200, torch.float32, 32, sms=132) == 1
+    # A tiny grid over long keys: many ranges (fp32 on FFMA is compute-bound longer).
+    assert plan(1, 16, 16, 4096, fp16, 32, sms=132) > 4
+    assert plan(1, 16, 16, 4096, torch.float32, 32, sms=132) > plan(1, 16, 16, 4096, fp16, 32, sms=132)
+    # Ties go to the smaller count: fp32 at B=16 is compute-bound at full occupancy for any count.
+    assert len({model(s, 16, 16, 150, 1600, 32, torch.float32, 132) for s in (1, 2, 3)}) == 1
+    assert plan(16, 16, 150, 1600, torch.float32, 32, sms=132) == 1
+    # Never an empty range, planned or forced.
+    for nk in (1, 31, 33, 300, 513, 1600, 4000):
+        tiles = -(-nk // 32)
+        for s in [plan(1, 4, 5, nk, fp16, 32, sms=132)] + [plan(1, 4, 5, nk, fp16, 32, sms=132, requested=r)
+                                                            for r in (0, 1, 3, 7, 99)]:
+            assert 1 <= s <= tiles and -(-tiles // -(-tiles // s)) == s, (nk, s)
+    assert plan(1, 1, 16, 300, fp16, 32, sms=132, requested=4) == 4  # 3 + 3 + 3 + 1 tiles
+    assert plan(1, 1, 16, 300, fp16, 32, sms=132, requested=7) == 5  # 2 tiles each
+    assert plan(1, 1, 16, 300, fp16, 32, sms=132, requested=99) == 10
 
 
 def test_atm_reason_when_shared_memory_is_short(monkeypatch):
-    """On a 99 KiB device (sm_86 / sm_89) the fp32 forward with head_dim 128 does not fit."""
+    """On a 99 KiB device (sm_86 / sm_89) the fp32 forward with head_dim 128 fits up to 20
+    heads (their row statistics are in shared memory), the 16-bit one many more."""
     require_backend("atm_attention", BACKEND)
     mod = _cuda_module("atm_attention")
     monkeypatch.setattr(mod, "_device_limits", lambda device: (84, 101376))
-    q = torch.randn(1, 2, 3, 128)
+    assert mod.forward_smem_bytes(torch.float32, 128, 20) <= 101376 < mod.forward_smem_bytes(torch.float32, 128, 21)
+    q = torch.randn(1, 21, 3, 128)
     with pytest.raises(BackendNotSupportedError, match="shared memory per block"):
         semask_fast.atm_attention(q, q, q, backend=BACKEND)
     semask_fast.atm_attention(q.half(), q.half(), q.half(), backend=BACKEND)  # 16-bit tiles fit
@@ -267,8 +284,11 @@ ATM_SPLIT_CASES = {
     # name: ((B, heads, Nq, Nk, head_dim), forced splits, splits run)
     "one-split-d48": ((2, 5, 19, 200, 48), 1, 1),
     "four-splits-last-partial": ((1, 6, 33, 300, 32), 4, 4),
-    "max-range-8-tiles": ((1, 2, 17, 513, 16), 1, 3),
+    "one-range-of-17-tiles": ((1, 2, 17, 513, 16), 1, 1),  # no length limit on a range
+    "one-range-1600-keys-d128": ((1, 3, 5, 1600, 128), 1, 1),
+    "seven-asked-six-run": ((1, 7, 18, 530, 32), 7, 6),  # 17 tiles: 3 per range
     "five-splits-d128": ((1, 3, 20, 130, 128), 5, 5),
+    "one-head-three-warps-idle": ((2, 1, 16, 100, 32), 3, 2),
     "64-heads": ((1, 64, 5, 40, 64), 2, 2),
 }
 
@@ -280,7 +300,7 @@ def test_atm_forced_splits(monkeypatch, name, dtype):
     mod = _cuda_module("atm_attention")
     shape, forced, runs = ATM_SPLIT_CASES[name]
     b, h, nq, nk, d = shape
-    assert mod.plan_splits(b, nq, nk, dtype, d, sms=1, smem_limit=1 << 30, requested=forced) == runs
+    assert mod.plan_splits(b, h, nq, nk, dtype, d, sms=1, requested=forced) == runs
     monkeypatch.setattr(mod, "force_splits", forced)
     assert_parity(semask_fast.atm_attention, _atm_inputs(*shape, seed=7), ["q", "k", "v"], dtype, backend=BACKEND,
                   op="atm_attention")

@@ -2,11 +2,13 @@
 
 The forward kernel writes both outputs: the attention output and the head-mean
 pre-softmax logits (B, Nq, Nk) (the (B, h, Nq, Nk) logits never exist in memory).
-It is split over keys: a block takes 16 class tokens, one range of keys and every
-head, and the ranges are merged by a combine kernel (fp32 partials, split order).
-:func:`plan_splits` picks the number of ranges.  Backward takes both gradients:
-dS_h = P (dP - rowsum(dP P)) + dM / h.  Dropout uses the same Philox hash as
-window_attention, element index ``((b * h + head) * Nq + i) * Nk + j``.
+A block takes 16 class tokens, a range of keys and every head, in two passes over
+the range (pass 1: head-mean logits and every head's softmax statistics; pass 2:
+P v with the final statistics).  With one range (the default when the grid fills
+the device) it writes the outputs directly; with several, fp32 partials merged by
+a combine kernel.  :func:`plan_splits` picks the number of ranges.  Backward takes
+both gradients: dS_h = P (dP - rowsum(dP P)) + dM / h.  Dropout uses the same
+Philox hash as window_attention, element index ``((b * h + head) * Nq + i) * Nk + j``.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ from . import CudaImpl, SimtImpl
 from .window_attention import draw_seed
 
 MAX_HEAD_DIM = 128
-#: Query rows and keys per forward tile, and key tiles per split at most (BM, BN, kMaxSplitTiles in the .cu).
-BLOCK_ROWS, BLOCK_KEYS, MAX_SPLIT_TILES = 16, 32, 8
-#: The device the harness stands for when it plans splits: an H100 SXM (132 SMs, 227 KiB of
-#: shared memory per block).
+#: Query rows and keys per forward tile (BM, BN in the .cu).
+BLOCK_ROWS, BLOCK_KEYS = 16, 32
+#: The device the harness stands for: an H100 SXM (132 SMs, 227 KiB of shared memory per block).
 HARNESS_DEVICE = (132, 232448)
+#: Roofline figures of the split model (H100 SXM): DRAM bytes/s, dense FLOP/s on tensor cores
+#: (fp16/bf16) and on FFMA (fp32).
+H100_BANDWIDTH, H100_TENSOR_FLOPS, H100_FP32_FLOPS = 3.35e12, 989e12, 67e12
 
-#: Tests set this to run the forward with this many key splits (normalised by plan_splits:
-#: clamped to 1..key tiles, at most MAX_SPLIT_TILES tiles each, none empty) instead of the plan.
+#: Tests set this to run the forward with this many key ranges (normalised: clamped to
+#: 1..key tiles, none empty) instead of the plan.
 force_splits: Optional[int] = None
 
 
@@ -38,35 +42,69 @@ def _padded_head_dim(head_dim: int) -> int:
     return 32 if head_dim <= 32 else 64 if head_dim <= 64 else 128
 
 
-def forward_smem_bytes(dtype: torch.dtype, head_dim: int, split_keys: int) -> int:
-    """Shared memory of a forward block (mirrors fwd_smem_bytes in the .cu): per warp, its
-    fp32 head-sum tile of the logits (16 x split_keys) and its q, k, v (and fp32 output) tiles."""
+def forward_smem_bytes(dtype: torch.dtype, head_dim: int, heads: int) -> int:
+    """Shared memory of a forward block (mirrors fwd_smem_bytes in the .cu): every head's row
+    max and sum (16 rows, fp32), and per warp its q and k tiles and a region holding, in turn,
+    its two head-sum tiles of the logits (pass 1) and its v tile (and fp32 output rows, pass 2)."""
     dp = _padded_head_dim(head_dim)
+    bm, bn = BLOCK_ROWS, BLOCK_KEYS
     if dtype == torch.float32:
         warps = 2 if dp > 32 else 4
-        tiles = 4 * (2 * BLOCK_ROWS * dp + 2 * BLOCK_KEYS * (dp + 1) + 2 * BLOCK_ROWS)
+        q, k, pass2 = 4 * bm * dp, 4 * bn * (dp + 1), 4 * (bn * (dp + 1) + bm * dp)
     else:
         warps = 4
-        tiles = 2 * (BLOCK_ROWS + 2 * BLOCK_KEYS) * (dp + 8)
-    return warps * (4 * BLOCK_ROWS * split_keys + tiles)
+        q, k = 2 * bm * (dp + 8), 2 * bn * (dp + 8)
+        pass2 = k
+    return 2 * 4 * heads * bm + warps * (q + k + max(pass2, 2 * 4 * bm * bn))
 
 
-def plan_splits(batch: int, nq: int, nk: int, dtype: torch.dtype, head_dim: int, *, sms: int, smem_limit: int,
+def _normalised(splits: int, tiles: int) -> int:
+    """The range count the kernel runs for ``splits``: ranges of ceil(tiles / splits) key
+    tiles each, so none is empty."""
+    splits = min(max(splits, 1), tiles)
+    return math.ceil(tiles / math.ceil(tiles / splits))
+
+
+def split_model_seconds(splits: int, batch: int, heads: int, nq: int, nk: int, head_dim: int, dtype: torch.dtype,
+                        sms: int) -> float:
+    """Modelled time of the forward with ``splits`` key ranges (a roofline MODEL, not a measurement):
+
+        max(bytes / bandwidth, flops / (peak * min(1, blocks / sms)))
+
+    bytes: q, k, v read and out, M, lse written once, plus for splits > 1 the fp32 partials
+    (output and logsumexp per range and row) written by the forward and read by the combine,
+    and q read again by every further range; flops: 6 B h Nq Nk d (S twice, P v once);
+    blocks: ceil(Nq / 16) B splits, each on one SM.  H100 SXM bandwidth and peak
+    (tensor cores for fp16/bf16, FFMA for fp32).
+    """
+    e = torch.finfo(dtype).bits // 8
+    rows = batch * heads * nq
+    q_bytes = rows * head_dim * e
+    kv_bytes = 2 * batch * heads * nk * head_dim * e
+    nbytes = 2 * q_bytes + kv_bytes + batch * nq * nk * e + 4 * rows
+    if splits > 1:
+        nbytes += 2 * splits * rows * (head_dim + 1) * 4 + (splits - 1) * q_bytes
+    flops = 6 * batch * heads * nq * nk * head_dim
+    peak = H100_FP32_FLOPS if dtype == torch.float32 else H100_TENSOR_FLOPS
+    blocks = math.ceil(nq / BLOCK_ROWS) * batch * splits
+    return max(nbytes / H100_BANDWIDTH, flops / (peak * min(1.0, blocks / sms)))
+
+
+def plan_splits(batch: int, heads: int, nq: int, nk: int, dtype: torch.dtype, head_dim: int, *, sms: int,
                 requested: Optional[int] = None) -> int:
     """Number of key ranges of the forward.
 
-    Without ``requested``: enough ranges that the grid, ceil(Nq / 16) x B x splits blocks,
-    covers about two waves of ``sms`` multiprocessors.  Every range holds the same number of
-    32-key tiles, at most MAX_SPLIT_TILES and at most what fits ``smem_limit``; no range is empty.
+    ``requested`` (tests) is normalised by :func:`_normalised`.  Otherwise the count, among
+    those that leave no range empty, minimising :func:`split_model_seconds` (ties: the
+    smaller): one range as soon as the grid fills the ``sms`` multiprocessors, more for a
+    small grid over long key ranges, as long as the partials' traffic does not cost more
+    than the parallelism gains.  A model: nothing here was timed on a GPU.
     """
     tiles = math.ceil(nk / BLOCK_KEYS)
-    if requested is None:
-        requested = math.ceil(2 * sms / (batch * math.ceil(nq / BLOCK_ROWS)))
-    per_split = math.ceil(tiles / min(max(requested, 1), tiles))
-    # input_reasons refuses inputs whose one-tile range does not fit.
-    fits = max((t for t in range(1, MAX_SPLIT_TILES + 1)
-                if forward_smem_bytes(dtype, head_dim, t * BLOCK_KEYS) <= smem_limit), default=1)
-    return math.ceil(tiles / min(per_split, fits))
+    if requested is not None:
+        return _normalised(requested, tiles)
+    candidates = sorted({_normalised(s, tiles) for s in range(1, tiles + 1)})
+    return min(candidates, key=lambda s: (split_model_seconds(s, batch, heads, nq, nk, head_dim, dtype, sms), s))
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,18 +122,18 @@ class _ATMAttentionKernels:
         d = inp.q.shape[-1]
         if d > MAX_HEAD_DIM:
             return [f"head_dim={d} (supported: 1..{MAX_HEAD_DIM})"]
-        need, limit = forward_smem_bytes(inp.q.dtype, d, BLOCK_KEYS), _device_limits(inp.q.device)[1]
-        if need > limit:  # fp32 with head_dim > 64 on a 99 KiB (sm_86 / sm_89) device
-            return [f"dtype={inp.q.dtype} head_dim={d}: the forward needs {need} bytes of shared memory per block "
-                    f"(this device: {limit})"]
+        heads = inp.q.shape[1]
+        need, limit = forward_smem_bytes(inp.q.dtype, d, heads), _device_limits(inp.q.device)[1]
+        if need > limit:  # fp32 with head_dim > 64 on a 99 KiB (sm_86 / sm_89) device, or very many heads
+            return [f"dtype={inp.q.dtype} head_dim={d} heads={heads}: the forward needs {need} bytes of shared "
+                    f"memory per block (this device: {limit})"]
         return []
 
     def forward(self, inp: ATMAttentionInputs):
         seed = draw_seed() if inp.dropout_p > 0 else 0
         q, k, v = (t.contiguous() for t in (inp.q, inp.k, inp.v))
-        sms, smem_limit = _device_limits(q.device)
-        splits = plan_splits(q.shape[0], q.shape[2], k.shape[2], q.dtype, q.shape[3], sms=sms, smem_limit=smem_limit,
-                             requested=force_splits)
+        splits = plan_splits(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.dtype, q.shape[3],
+                             sms=_device_limits(q.device)[0], requested=force_splits)
         out, mask_logits, lse = self.library().atm_attention_forward(q, k, v, inp.scale, inp.dropout_p, seed, splits)
         return (out, mask_logits), (out, lse, torch.tensor(seed, dtype=torch.int64))
 
