@@ -10,7 +10,10 @@ counts those that fall inside the op's tensors (inputs, outputs, workspaces), pe
   reads of the same bytes hit in cache); issued: every access (what reaches L1/L2);
 * minimum: forward reads the inputs and writes the outputs once; backward reads the inputs and
   the output gradients and writes the input gradients once (saved statistics excluded);
-* eager: the reference composition, summing the inputs and outputs of every aten op it runs.
+* eager: the reference composition, summing the inputs and outputs of every aten op it runs;
+* triton: the Triton kernels of the same op on the same tensors, counted the same way (unique
+  bytes per launch) in Triton's interpreter with the tiles a GPU runs, so each row compares the
+  two implementations like for like.
 
 The harness runs every GPU thread of every block with an instrumented call per memory access,
 so the shapes are the issue's paper shapes at batch 1 (and fewer spatial tokens where noted);
@@ -27,19 +30,32 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# The Triton column counts in Triton's interpreter, which must be chosen before the kernels import.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import torch  # noqa: E402
 
 import semask_fast  # noqa: E402
 from semask_fast import record_dispatch  # noqa: E402
 from semask_fast.backends.cuda import SimtImpl  # noqa: E402
-from benchmarks.traffic import aten_bytes, harness_bytes, minimum_bytes, write_section  # noqa: E402
+from benchmarks.traffic import aten_bytes, harness_bytes, minimum_bytes, triton_bytes, write_section  # noqa: E402
 
+
+
+def gpu_tiles():
+    """Make the Triton launchers pick the tiles a GPU runs, not the interpreter's test tiles."""
+    from semask_fast.kernels import atm_attention, mask_similarity, semantic_attention, window_attention
+
+    for module in (atm_attention, mask_similarity, semantic_attention):
+        module.INTERPRETER_TILES = False
+    window_attention.MULTI_TILE = window_attention.GPU_MULTI_TILE
 
 
 @contextlib.contextmanager
@@ -141,23 +157,30 @@ def cases():
 
 
 def measure(case, detail: bool = False) -> list:
-    """[(phase, kernel Traffic, minimum, eager)] for fwd and fwd+bwd; asserts the harness ran.
+    """[(phase, kernel Traffic, minimum, eager, triton Traffic)] for fwd and fwd+bwd; asserts the
+    harness and the Triton kernels ran.
     ``detail`` prints the bytes of every tensor region (inputs by position, then allocations)."""
     inputs, gouts = case["inputs"], case["gouts"]
     rows = []
     for phase in ("fwd", "fwd+bwd"):
-        def fn(lib, phase=phase):
-            outs = case["run"]("cpu")
+        def fn(backend, phase=phase):
+            outs = case["run"](backend)
             if phase == "fwd+bwd":
                 torch.autograd.grad(outs, inputs, gouts)
 
+        def want(backend, phase=phase):
+            return [(case["op"], backend, "forward")] + ([(case["op"], backend, "backward")]
+                                                         if phase == "fwd+bwd" else [])
+
         regions = []
         with traced_harness(), record_dispatch() as ran:
-            kernel = harness_bytes(case["source"], fn, inputs + gouts, regions)
+            kernel = harness_bytes(case["source"], lambda lib: fn("cpu"), inputs + gouts, regions)
         if detail:
             _print_regions(case, phase, regions)
-        want = [(case["op"], "cpu", "forward")] + ([(case["op"], "cpu", "backward")] if phase == "fwd+bwd" else [])
-        assert ran == want, f"{case['name']}: expected {want}, ran {ran}"
+        assert ran == want("cpu"), f"{case['name']}: expected {want('cpu')}, ran {ran}"
+        with record_dispatch() as ran:
+            triton = triton_bytes(lambda: fn("triton"))
+        assert ran == want("triton"), f"{case['name']}: expected {want('triton')}, ran {ran}"
         if phase == "fwd":
             minimum = minimum_bytes(inputs, case["outputs"])
             eager = aten_bytes(case["eager"])
@@ -169,7 +192,7 @@ def measure(case, detail: bool = False) -> list:
             def eager_both():
                 torch.autograd.grad(case["eager"](), inputs, gouts)
             eager = aten_bytes(eager_both)
-        rows.append((phase, kernel, minimum, eager))
+        rows.append((phase, kernel, minimum, eager, triton))
     return rows
 
 
@@ -190,14 +213,14 @@ def _mb(x):
 
 
 def table(results) -> str:
-    lines = ["| op | shape | phase | launches | kernel MB | kernel/min | issued/min | minimum MB | eager MB "
-             "| eager/kernel |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| op | shape | phase | launches | kernel MB | kernel/min | issued/min | minimum MB | triton/min "
+             "(launches) | eager MB | eager/kernel |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for case, rows in results:
-        for phase, t, minimum, eager in rows:
+        for phase, t, minimum, eager, tr in rows:
             issued = t.read_issued + t.written_issued
             lines.append(f"| {case['name']} | {case['shape']} | {phase} | {t.launches} | {_mb(t.total)} "
-                         f"| {t.total / minimum:.2f} | {issued / minimum:.2f} | {_mb(minimum)} | {_mb(eager)} "
-                         f"| {eager / t.total:.1f}x |")
+                         f"| {t.total / minimum:.2f} | {issued / minimum:.2f} | {_mb(minimum)} "
+                         f"| {tr.total / minimum:.2f} ({tr.launches}) | {_mb(eager)} | {eager / t.total:.1f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -207,6 +230,7 @@ def main():
     parser.add_argument("--only", nargs="*", help="cases whose name contains one of these")
     parser.add_argument("--detail", action="store_true", help="print the bytes of every tensor region")
     args = parser.parse_args()
+    gpu_tiles()
     chosen = [c for c in cases() if not args.only or any(s in c["name"] for s in args.only)]
     results = []
     for case in chosen:
@@ -217,7 +241,8 @@ def main():
             "kernels, counted on the real kernel code by the instrumented harness build "
             "(`csrc/harness/sf_trace.h`); issued: every load and store; minimum: inputs and output gradients "
             "read once, outputs and input gradients written once; eager: inputs + outputs of every aten op of "
-            "the reference.  Shapes are the paper shapes at batch 1 (the harness executes every GPU thread on "
+            "the reference; triton: the Triton kernels on the same tensors, unique bytes per launch counted in "
+            "Triton's interpreter with the GPU tiles.  Shapes are the paper shapes at batch 1 (the harness executes every GPU thread on "
             "the CPU); traffic is linear in the batch, so the ratios carry over.\n\n" + table(results))
     print(text)
     if not args.no_write and not args.only:

@@ -198,6 +198,7 @@ def _prebuilt_library(source: Path) -> Optional[Path]:
 
 _lock = threading.Lock()
 _loaded: Dict[tuple, object] = {}
+_files: Dict[tuple, Path] = {}
 
 
 def load(flavour: str, name: str, verbose: bool = False):
@@ -234,7 +235,15 @@ def _build_and_load(flavour: str, name: str, verbose: bool):
         _compile(flavour, source, out, verbose)
         _done_marker(out).touch()
     torch.ops.load_library(str(out))
+    _files[(flavour, name)] = out
     return getattr(torch.ops, namespace(flavour, source))
+
+
+def loaded_library(flavour: str, name: str) -> Path:
+    """The file :func:`load` loaded for ``name`` (the sources may have changed since, so this is
+    not necessarily :func:`library_path` of the sources now)."""
+    load(flavour, name)
+    return _files[(flavour, name)]
 
 
 def _done_marker(library: Path) -> Path:

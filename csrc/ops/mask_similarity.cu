@@ -141,6 +141,20 @@ SF_DEVICE_INLINE void cosine_rows(const T* __restrict__ P, const T* __restrict__
   }
 }
 
+// The B operand of the gradient GEMMs: Bs[n][k] = X[k0 + k][n0 + n] * scale[k0 + k] (X is
+// depth x D, row-major; the scale turns rows into unit rows), zero outside X; coalesced along D.
+template <typename T>
+SF_DEVICE_INLINE void stage_scaled_b(T* Bs, const T* __restrict__ X, const float* scale, int k0, int n0, int depth,
+                                     int D) {
+#pragma unroll
+  for (int e = 0; e < BN * BK / kThreads; ++e) {
+    const int idx = threadIdx.x + kThreads * e, n = idx % BN, k = idx / BN;
+    float v = 0.f;
+    if (n0 + n < D && k0 + k < depth) v = sf::to_float(X[int64_t(k0 + k) * D + n0 + n]) * scale[k0 + k];
+    Bs[n * LDS + k] = sf::from_float<T>(v);
+  }
+}
+
 // Classes rounded up to whole K tiles: the length of the shared rinv_c array.
 SF_HOST_DEVICE constexpr int class_tiles_len(int K) { return (K + BN - 1) / BN * BN; }
 
@@ -297,13 +311,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int idx = tid + kThreads * e, m = idx / BK, k = idx % BK;
         As[m * LDS + k] = sf::from_float<T>(m < rows && k0 + k < K ? S[m * Kpad + k0 + k] : 0.f);
       }
-#pragma unroll
-      for (int e = 0; e < BN * BK / kThreads; ++e) {
-        const int idx = tid + kThreads * e, n = idx % BN, k = idx / BN;  // coalesced along D
-        float v = 0.f;
-        if (n0 + n < D && k0 + k < K) v = sf::to_float(Cb[int64_t(k0 + k) * D + n0 + n]) * rinv_cs[k0 + k];
-        Bs[n * LDS + k] = sf::from_float<T>(v);
-      }
+      stage_scaled_b(Bs, Cb, rinv_cs, k0, n0, K, D);
       __syncthreads();
       warp_tile(acc, As, Bs, warp, lane);
     }
@@ -366,13 +374,7 @@ __global__ void __launch_bounds__(kThreads)
       if (m0 + m < K && k0 + k < Np) v = Gb[int64_t(k0 + k) * K + m0 + m];
       As[m * LDS + k] = v;
     }
-#pragma unroll
-    for (int e = 0; e < BN * BK / kThreads; ++e) {
-      const int idx = tid + kThreads * e, n = idx % BN, k = idx / BN;  // coalesced along D
-      float v = 0.f;
-      if (n0 + n < D && k0 + k < Np) v = sf::to_float(Pb[int64_t(k0 + k) * D + n0 + n]) * rp[k0 + k];
-      Bs[n * LDS + k] = sf::from_float<T>(v);
-    }
+    stage_scaled_b(Bs, Pb, rp, k0, n0, Np, D);
     __syncthreads();
     warp_tile(acc, As, Bs, warp, lane);
   }

@@ -70,7 +70,7 @@ def test_nvcc_extension_builds_for_sm80_and_sm90_and_loads(source):
     ns = _build.load("cuda", source)
     for name in _schema_names(source):
         assert hasattr(ns, name), f"torch.ops.semask_fast_cuda.{name} missing after loading {source}"
-    listing = subprocess.run([_cuobjdump(), "--list-elf", str(_build.library_path("cuda", source))],
+    listing = subprocess.run([_cuobjdump(), "--list-elf", str(_build.loaded_library("cuda", source))],
                              capture_output=True, text=True, check=True).stdout
     assert "sm_80" in listing and "sm_90" in listing, listing
 
