@@ -76,6 +76,16 @@ SF_DEVICE_INLINE float warp_sum(float v) {
   return v;
 }
 
+// Mean and 1 / std of a row of K scores (LayerNorm over the classes, biased variance), by one warp.
+SF_DEVICE_INLINE void layer_norm_stats(const float* row, int K, float eps, int lane, float& mean, float& rstd) {
+  mean = 0.f;
+  for (int c = lane; c < K; c += 32) mean += row[c];
+  mean = warp_sum(mean) / K;
+  float var = 0.f;
+  for (int c = lane; c < K; c += 32) var += (row[c] - mean) * (row[c] - mean);
+  rstd = 1.f / sqrtf(warp_sum(var) / K + eps);
+}
+
 // Sum over a warp's lanes of the partial sums of squares of staged rows, to inverse norms.
 template <int E>
 SF_DEVICE_INLINE void store_rinv(const float (&sq)[E], float* rinv, int warp, int lane) {
@@ -185,12 +195,8 @@ __global__ void __launch_bounds__(kThreads)
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int r = warp; r < BM && m0 + r < Np; r += kThreads / 32) {
       const float* row = S + r * Kpad;
-      float mean = 0.f;
-      for (int c = lane; c < K; c += 32) mean += row[c];
-      mean = warp_sum(mean) / K;
-      float var = 0.f;
-      for (int c = lane; c < K; c += 32) var += (row[c] - mean) * (row[c] - mean);
-      const float rstd = 1.f / sqrtf(warp_sum(var) / K + eps);
+      float mean, rstd;
+      layer_norm_stats(row, K, eps, lane, mean, rstd);
       for (int c = lane; c < K; c += 32) {
         float y = (row[c] - mean) * rstd;
         if (weight) y *= weight[c];
@@ -243,12 +249,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int r = warp; r < rows; r += kThreads / 32) {
     const float* row = S + r * Kpad;
     if constexpr (NORM) {
-      float mean = 0.f;
-      for (int c = lane; c < K; c += 32) mean += row[c];
-      mean = warp_sum(mean) / K;
-      float var = 0.f;
-      for (int c = lane; c < K; c += 32) var += (row[c] - mean) * (row[c] - mean);
-      const float rstd = 1.f / sqrtf(warp_sum(var) / K + eps);
+      float mean, rstd;
+      layer_norm_stats(row, K, eps, lane, mean, rstd);
       float a1 = 0.f, a2 = 0.f;
       for (int c = lane; c < K; c += 32) {
         const float dy = sf::to_float(dYb[int64_t(m0 + r) * K + c]);
