@@ -691,31 +691,29 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) semantic_attention_dqk_mma_
         }
       }
     };
-    if constexpr (KEYS) {
-      // The dO chunks of the block's dYv tile, unrolled (their dYv accumulators are named at
-      // compile time); chunks past C are skipped.
+    // C chunks: all of C for dP (grad blocks); the block's dYv tile for dYv (KEYS).
+    const int c_end = grad_block ? p.c : min(p.c, cv0 + CTV);
+    for (int c0 = grad_block ? 0 : cv0; c0 < c_end; c0 += MCC) {
+      stage_chunk(c0, grad_block);
+      if (grad_block) dp_mma();
+      if constexpr (KEYS) {
+        const int ci = (c0 - cv0) / MCC;  // the chunk's place in the dYv tile (c0 >= cv0; past it: none)
 #pragma unroll
-      for (int ci = 0; ci < NTV / (MCC / 8); ++ci) {
-        const int c0 = cv0 + ci * MCC;
-        if (c0 >= p.c) break;  // uniform over the block
-        stage_chunk(c0, grad_block);
-        if (grad_block) dp_mma();
+        for (int cc = 0; cc < NTV / (MCC / 8); ++cc) {
+          if (cc != ci) continue;  // a compile-time cc names the chunk's accumulators
 #pragma unroll
-        for (int kk = 0; kk < MBN / 16; ++kk)
+          for (int kk = 0; kk < MBN / 16; ++kk)
 #pragma unroll
-          for (int nt = 0; nt < MCC / 8; ++nt) {
-            uint32_t bb[2];
-            sf::load_b_frag_t<T>(bb, xc + kk * 16 * LDC + nt * 8, LDC, lane);
-            float* av = accv[ci * (MCC / 8) + nt];
-            sf::mma_m16n8k16_f32<T>(av, pa[kk], bb, av);
-          }
+            for (int nt = 0; nt < MCC / 8; ++nt) {
+              uint32_t bb[2];
+              sf::load_b_frag_t<T>(bb, xc + kk * 16 * LDC + nt * 8, LDC, lane);
+              float* av = accv[cc * (MCC / 8) + nt];
+              sf::mma_m16n8k16_f32<T>(av, pa[kk], bb, av);
+            }
+        }
       }
     }
     if (!grad_block) continue;  // a dYv-only block (KEYS, C tile > 0)
-    for (int c0 = KEYS ? CTV : 0; c0 < p.c; c0 += MCC) {  // dP over the rest of C
-      stage_chunk(c0, true);
-      dp_mma();
-    }
 #pragma unroll
     for (int st = 0; st < ST; ++st)
 #pragma unroll

@@ -415,6 +415,95 @@ def test_semantic_backward_tiles(name, dtype):
                   op="semantic_attention")
 
 
+# ------------------------------------------- semantic dSk + dYv launch (helper L) --
+# The second backward launch has a block per (key block, 128-column C tile of dYv); the C tile 0
+# block also computes dP over all of C and dSk.  These shapes sit at the C tile edges (one full
+# tile, a one-column second tile, two full tiles, a one-column third tile, three tiles) with odd N
+# (key blocks of 64 (fp16 / bf16) and 32 (fp32) ending partial), K = 19 and 150, batch 1 and 2.
+SEMANTIC_DYV_SHAPES = {
+    # (B_, N, K, C)
+    "c128-one-tile": (1, 67, 19, 128),
+    "c129-one-column-tile": (1, 67, 150, 129),
+    "c256-two-tiles": (1, 33, 19, 256),
+    "c257-batch2": (2, 45, 150, 257),
+    "c384-three-tiles": (1, 71, 150, 384),
+}
+
+
+def _semantic_inputs(g, b_, n, k, c):
+    # SeMask's logits are O(1): keep Sq Sk^T in a range where fp16 is meaningful.
+    return {"sq": _randn(g, b_, n, k, scale=k ** -0.25), "sk": _randn(g, b_, n, k, scale=k ** -0.25),
+            "yv": _randn(g, b_, n, c)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name", list(SEMANTIC_DYV_SHAPES))
+def test_semantic_dyv_c_tiles(name, dtype):
+    require_backend("semantic_attention", BACKEND)
+    t = _semantic_inputs(torch.Generator().manual_seed(9), *SEMANTIC_DYV_SHAPES[name])
+    assert_parity(semask_fast.semantic_attention, t, ["sq", "sk", "yv"], dtype, backend=BACKEND,
+                  op="semantic_attention")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("layout", ["qkv-columns", "batch-inner"])
+def test_semantic_dyv_c_tiles_strided(layout, dtype):
+    """Several dYv C tiles read from strided inputs: Sq, Sk, Yv as column views of one (B_, N, 2K + C)
+    tensor (row stride 2K + C), or stored (N, B_, .) and transposed (batch stride < row stride)."""
+    require_backend("semantic_attention", BACKEND)
+    b_, n, k, c = 2, 37, 150, 257
+    t = _semantic_inputs(torch.Generator().manual_seed(10), b_, n, k, c)
+    if layout == "qkv-columns":
+        def fn(backend, qkv):
+            sq, sk, yv = qkv.split([k, k, c], dim=-1)
+            return semask_fast.semantic_attention(sq, sk, yv, backend=backend)
+
+        assert_parity(fn, {"qkv": torch.cat([t["sq"], t["sk"], t["yv"]], dim=-1)}, ["qkv"], dtype, backend=BACKEND,
+                      op="semantic_attention")
+    else:
+        def fn(backend, sq, sk, yv):
+            return semask_fast.semantic_attention(*(x.transpose(0, 1) for x in (sq, sk, yv)), backend=backend)
+
+        stored = {nm: x.transpose(0, 1).contiguous() for nm, x in t.items()}
+        assert_parity(fn, stored, ["sq", "sk", "yv"], dtype, backend=BACKEND, op="semantic_attention")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=IDS)
+def test_semantic_backward_reads_inputs_once_per_launch(dtype):
+    """The backward is two launches (dSq + delta, then dSk + dYv), whatever the number of dYv C
+    tiles: each reads Sq, Sk, Yv and dO, counted by the harness tracer (unique bytes per launch),
+    and every gradient byte is written once."""
+    import sys
+    from pathlib import Path
+
+    from semask_fast import _build
+
+    if _build.toolchain_reasons("trace"):
+        pytest.skip("; ".join(_build.toolchain_reasons("trace")))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks.traffic import harness_bytes
+
+    b_, n, k, c = 1, 70, 19, 300  # three dYv C tiles
+    t = _semantic_inputs(torch.Generator().manual_seed(11), b_, n, k, c)
+    sq, sk, yv = (t[nm].to(dtype) for nm in ("sq", "sk", "yv"))
+    dout = torch.randn(b_, n, c, dtype=torch.float64).to(dtype)
+    lib = _build.load("simt", "semantic_attention.cu")
+    out, lse = lib.semantic_attention_forward(sq, sk, yv)
+    regions = []
+    grads = {}
+    traffic = harness_bytes("semantic_attention.cu", lambda tl: grads.update(
+        zip(("sq", "sk", "yv"), tl.semantic_attention_backward(dout, sq, sk, yv, out, lse))),
+        [dout, sq, sk, yv, out, lse], regions)
+    assert traffic.launches == 2
+    read = {r["begin"]: r["read"] for r in regions}
+    for x in (sq, sk, yv, dout):
+        assert read[x.data_ptr()] == 2 * x.nbytes
+    assert read[out.data_ptr()] == out.nbytes  # delta = rowsum(dO * O), in the first launch only
+    written = {r["begin"]: (r["written"], r["written_issued"]) for r in regions}
+    for nm, g in grads.items():
+        assert written[g.data_ptr()] == (g.nbytes, g.nbytes), nm
+
+
 # ------------------------------------------- table-gradient chunk plan --
 def test_window_chunk_plan():
     plan = _cuda_module("window_attention").windows_per_chunk

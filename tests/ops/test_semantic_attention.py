@@ -214,8 +214,9 @@ def test_harness_binding_rejects_strided_rows():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("C", [64, 65, 128, 129])
 def test_harness_fused_dyv_edges(C, dtype):
-    """fp16 / bf16: up to C = 128 the dSk kernel computes dYv too (one or two 64-column chunks, the
-    last one partial); from C = 129 the dv kernel does.  Two key blocks of 64 and a partial one."""
+    """fp16 / bf16: up to C = 128 the dSk block computes all of dYv too (one or two 64-column chunks,
+    the last one partial); from C = 129 a second block of the same launch computes the columns past 128
+    (tests/harness/test_attention_kernels.py covers more C tiles).  Two key blocks of 64 and a partial one."""
     device = require_backend(OP, "cpu")
     assert_parity(semask_fast.semantic_attention, _inputs(2, 130, 19, C, device), ["sq", "sk", "yv"], dtype,
                   backend="cpu", op=OP)
