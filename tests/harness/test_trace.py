@@ -82,3 +82,42 @@ def test_needs_one_host_thread(monkeypatch):
     monkeypatch.setenv("SF_SIMT_THREADS", "2")
     with pytest.raises(RuntimeError, match="SF_SIMT_THREADS=1"):
         lib.trace_begin([torch.zeros(4)])
+
+
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm-affine"])
+def test_mask_similarity_reads_each_tensor_once_per_launch(norm):
+    # The kernels' design, checked on their code: the forward is one launch reading P and C once
+    # (both norms from the staged tiles); the backward is two launches (dS with dP, then dC), each
+    # reading P and C once, and its only large intermediate is G = dS, the size of the output.
+    B, N, K, D = 2, 70, 19, 40
+    g = torch.Generator().manual_seed(0)
+    P, C = torch.randn(B, N, D, generator=g).half(), torch.randn(B, K, D, generator=g).half()
+    dY = torch.randn(B, N, K, generator=g).half()
+    w, b = (torch.randn(K, generator=g), torch.randn(K, generator=g)) if norm else (None, None)
+    inputs = [t for t in (P, C, dY, w, b) if t is not None]
+    out = {}
+
+    def by_tensor(regions):
+        return {r["begin"]: r for r in regions}
+
+    regions = []
+    fwd = harness_bytes("mask_similarity.cu", lambda lib: out.update(
+        y=lib.mask_similarity_forward(P, C, w, b, norm, 1e-5)), inputs, regions)
+    seen = by_tensor(regions)
+    assert fwd.launches == 1
+    assert seen[P.data_ptr()]["read"] == P.nbytes and seen[C.data_ptr()]["read"] == C.nbytes
+    assert seen[out["y"].data_ptr()]["written"] == out["y"].nbytes
+
+    regions = []
+    bwd = harness_bytes("mask_similarity.cu", lambda lib: out.update(
+        grads=lib.mask_similarity_backward(dY, P, C, w, norm, 1e-5)), inputs, regions)
+    seen = by_tensor(regions)
+    assert bwd.launches == 2
+    assert seen[P.data_ptr()]["read"] == 2 * P.nbytes and seen[C.data_ptr()]["read"] == 2 * C.nbytes
+    assert seen[dY.data_ptr()]["read"] == dY.nbytes
+    dP, dC = out["grads"][:2]
+    assert seen[dP.data_ptr()]["written"] == dP.nbytes and seen[dC.data_ptr()]["written"] == dC.nbytes
+    workspace = [r for r in regions if r["allocated"] and r["begin"] not in (dP.data_ptr(), dC.data_ptr())]
+    G = max(workspace, key=lambda r: r["bytes"])
+    assert (G["bytes"], G["written"], G["read"]) == (dY.nbytes, dY.nbytes, dY.nbytes)
+    assert sum(r["bytes"] for r in workspace) - G["bytes"] < dY.nbytes  # the fp32 norms and partials
