@@ -325,12 +325,14 @@ def test_atm_dropout_replay_splits(monkeypatch, forced):
     assert_parity(fn, t, ["q", "k", "v"], torch.float16, backend=BACKEND, op="atm_attention")
 
 
+@pytest.mark.parametrize("forced", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=IDS)  # FFMA and tensor-core kernels
-def test_atm_bitwise_reproducible(monkeypatch, dtype):
-    """Several splits, heads per warp and dQ key tiles per warp: the combine, the head sum and
-    the dQ partials are added in a fixed order, whatever the thread order and host threads."""
+def test_atm_bitwise_reproducible(monkeypatch, dtype, forced):
+    """One or several key ranges, heads per warp and dQ key tiles per warp: the combine, the
+    head sum (warps in order) and the dQ partials are added in a fixed order, whatever the
+    thread order and host threads."""
     require_backend("atm_attention", BACKEND)
-    monkeypatch.setattr(_cuda_module("atm_attention"), "force_splits", 3)
+    monkeypatch.setattr(_cuda_module("atm_attention"), "force_splits", forced)
     base = {n: x.to(dtype) for n, x in _atm_inputs(2, 9, 21, 200, 32, seed=9).items()}
     runs = []
     for seed, threads in (("0", "1"), ("5", "3")):
