@@ -27,10 +27,11 @@
 //      owner thread, so no clearing pass and no atomics);
 //   4. table gradient: a block per (table row, head) sums the buffer's (i, j)
 //      pairs with that index in a fixed order (fixed-shape tree reduction).
-//   fp16 / bf16 windows of N <= 64 tokens and head_dim <= 64 (every Swin stage) run
-//   1., 2. and 3. as one fused kernel instead (a block holds a whole (window, head):
-//   q, k, v, dO read once), which also folds dS onto the table rows, so its partials
-//   are (chunks, h, table rows) and step 4 is a plain sum over the chunks.
+//   Windows of N <= 64 tokens and head_dim <= 64 (every Swin stage; fp16 / bf16 on
+//   tensor cores, fp32 with FFMA) run 1., 2. and 3. as one fused kernel instead (a
+//   block holds a whole (window, head): q, k, v, dO read once), which also folds dS
+//   onto the table rows, so its partials are (chunks, h, table rows) and step 4 is a
+//   plain sum over the chunks.
 //   The result is bitwise reproducible run to run.
 // Dropout: keep(element) = philox(seed, element index) >= p, with the element
 // index ((b_ * h + head) * N + i) * N + j; forward and backward evaluate the
@@ -1031,49 +1032,256 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_dq_mma_ker
 }
 
 // ------------------------------------------ backward, one-tile windows, fused --
-// fp16 / bf16 with N <= 64 and head_dim <= 64 (every Swin stage): a block owns one head of
-// a chunk of windows and, per window, holds the whole (window, head) segment in shared memory,
-// so S and dP are computed once and q, k, v, dO are read once for delta, dQ, dK and dV
-// together (the delta kernel and the two-kernel path above read dO three times, q, k, v twice).  A warp owns 16 query rows for S, dP and dQ = dS K
-// (dS from registers), then 16 keys for dV = P^T dO and dK = dS^T Q (P and dS staged in
-// shared memory in the input dtype).  With a table, the block folds each window's fp32 dS onto
-// the table rows itself (a thread owns fixed table rows and sums their (i, j) pairs in a fixed
-// order), so the partials are (chunks, h, table rows), not (chunks, h, N, N).
+// Windows of N <= 64 tokens and head_dim <= 64 (every Swin stage), any dtype: a block owns one
+// head of a chunk of windows and, per window, holds the whole (window, head) segment in shared
+// memory, so S and dP are computed once and q, k, v, dO are read once for delta, dQ, dK and dV
+// together (the delta kernel and the two-kernel paths above read dO three times, q, k, v
+// twice).  A warp owns 16 query rows for S, dP and dQ = dS K, then 16 keys for dV = P^T dO and
+// dK = dS^T Q (P and dS staged in shared memory in the input dtype).  With a table, the block
+// folds each window's fp32 dS onto the table rows itself (a thread owns fixed table rows and
+// sums their (i, j) pairs in a fixed order), so the partials are (chunks, h, table rows), not
+// (chunks, h, N, N).  The products are FusedProducts<T, DP>: tensor cores for fp16 / bf16, FFMA
+// for fp32 (exact: no tf32), both leaving their results in the mma accumulator layout, so the
+// softmax recomputation, the stores and the fold are one code.
 constexpr int FN = 64;  // rows and keys of the one tile
 
-template <int DP>
-SF_HOST_DEVICE constexpr int fused_ld() {
-  return FN + 8;
-}
+// 16-byte and 8-byte shared-memory vectors of the fp32 products (one LDS.128 / LDS.64).
+struct alignas(16) F4 {
+  float v[4];
+};
+struct alignas(8) F2 {
+  float x, y;
+};
+SF_DEVICE_INLINE F4 lds4(const float* s) { return *reinterpret_cast<const F4*>(s); }
+SF_DEVICE_INLINE F2 lds2(const float* s) { return *reinterpret_cast<const F2*>(s); }
 
+// The warp tile products of the fused kernel.  Every accumulator is a 16 x 8k tile in the mma
+// layout (sf_mma.cuh): acc[tile][e] is row g + 8 (e / 2), column 8 tile + 2 t4 + e % 2 of the
+// warp's tile (g = lane / 4, t4 = lane % 4).  Shared-memory layout of the kernel:
+//   qs, ks, dos [FN][LD], vs [FN][VLD] (rows = tokens, zero padded past N and d);
+//   ps [FN][LP] P, dss [FN][LP] dS (dS[i][j] at dss[i * LP + j]).
+// fp16 / bf16 (this primary template): mma.sync m16n8k16; the warp's dS stays in registers as
+// the A operand of dQ = dS K; P is stored [i][j] and read transposed for dV.
+template <typename T, int DP>
+struct FusedProducts {
+  static constexpr int LD = DP + 8, LP = FN + 8, VLD = LD;  // +16 bytes: fragment loads spread over the banks
+  static constexpr bool kFfma = false;
+  static constexpr int KS = DP / 16, NT = DP / 8, ST = FN / 8;
+
+  // S = Q K^T and dP = dO V^T for the warp's 16 rows x the window's keys (keys >= N stay 0).
+  static SF_DEVICE_INLINE void scores(float s[ST][4], float dp[ST][4], const T* qs, const T* dos, const T* ks,
+                                      const T* vs, int warp, int lane, int n) {
+#pragma unroll
+    for (int t = 0; t < ST; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[t][e] = dp[t][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+      uint32_t qa[4], da[4];
+      sf::load_a_frag<T>(qa, qs + warp * 16 * LD + kk * 16, LD, lane);
+      sf::load_a_frag<T>(da, dos + warp * 16 * LD + kk * 16, LD, lane);
+#pragma unroll
+      for (int t = 0; t < ST; ++t) {
+        if (t * 8 >= n) continue;  // keys past the window (uniform)
+        uint32_t bb[2];
+        sf::load_b_frag<T>(bb, ks + t * 8 * LD + kk * 16, LD, lane);
+        sf::mma_m16n8k16_f32<T>(s[t], qa, bb, s[t]);
+        sf::load_b_frag<T>(bb, vs + t * 8 * LD + kk * 16, LD, lane);
+        sf::mma_m16n8k16_f32<T>(dp[t], da, bb, dp[t]);
+      }
+    }
+  }
+
+  // acc = dS K for the warp's rows; dS from the registers ds (as `scores` left S), rounded to T.
+  static SF_DEVICE_INLINE void dq(float acc[NT][4], const float ds[ST][4], const T* /*dss*/, const T* ks, int /*warp*/,
+                                  int lane, int n) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < FN / 16; ++kk) {
+      if (kk * 16 >= n) continue;
+      uint32_t a[4];
+      sf::acc_to_a_frag<T>(a, ds[2 * kk], ds[2 * kk + 1]);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        uint32_t bb[2];
+        sf::load_b_frag_t<T>(bb, ks + kk * 16 * LD + nt * 8, LD, lane);
+        sf::mma_m16n8k16_f32<T>(acc[nt], a, bb, acc[nt]);
+      }
+    }
+  }
+
+  // dva = P^T dO and dka = dS^T Q for the warp's 16 keys (k = the window's rows).
+  static SF_DEVICE_INLINE void dkv(float dva[NT][4], float dka[NT][4], const T* ps, const T* dss, const T* dos,
+                                   const T* qs, int warp, int lane, int n) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dva[nt][e] = dka[nt][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < FN / 16; ++kk) {
+      if (kk * 16 >= n) continue;
+      uint32_t pa[4], sa[4];
+      sf::load_a_frag_t<T>(pa, ps + kk * 16 * LP + warp * 16, LP, lane);
+      sf::load_a_frag_t<T>(sa, dss + kk * 16 * LP + warp * 16, LP, lane);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        uint32_t bb[2];
+        sf::load_b_frag_t<T>(bb, dos + kk * 16 * LD + nt * 8, LD, lane);
+        sf::mma_m16n8k16_f32<T>(dva[nt], pa, bb, dva[nt]);
+        sf::load_b_frag_t<T>(bb, qs + kk * 16 * LD + nt * 8, LD, lane);
+        sf::mma_m16n8k16_f32<T>(dka[nt], sa, bb, dka[nt]);
+      }
+    }
+  }
+};
+
+// fp32: FFMA from shared memory, a lane computing its own accumulator elements (rows g, g + 8,
+// columns 2 t4, 2 t4 + 1 of each tile).  Rows are LD = DP + 4 floats apart (16 bytes of padding:
+// the 8 rows g of a 16-byte load fall in distinct banks).  Operands contiguous along k are read
+// 4 k at a time (F4), those contiguous along the output columns as column pairs (F2).
+//   * dQ reads the warp's dS rows back from dss (fp32 dS is exact, so nothing is lost against
+//     the registers);
+//   * P is stored transposed (ps[j * LP + i]), so dV = P^T dO reads P^T rows with F4 loads, and
+//     it is stored over V (the kernel waits for every warp's dP first): the fp32 tiles then fit
+//     88.5 KiB of shared memory at head_dim 64 (sm_86 / sm_89 give a block 99 KiB);
+//   * dS is the fp32 dS the table fold reads, so no separate fp32 copy.
+// k runs over whole groups of 4: the kernel zero-pads rows and keys up to the next 16.
 template <int DP>
-SF_HOST_DEVICE constexpr int fused_smem_bytes_fixed() {
-  return 2 * (4 * FN * mma_ld<DP>() + 2 * FN * fused_ld<DP>()) + 4 * 2 * FN;
+struct FusedProducts<float, DP> {
+  static constexpr int LD = DP + 4, LP = FN + 4, VLD = LD > LP ? LD : LP;
+  static constexpr bool kFfma = true;
+  static constexpr int NT = DP / 8, ST = FN / 8;
+
+  static SF_DEVICE_INLINE void scores(float s[ST][4], float dp[ST][4], const float* qs, const float* dos,
+                                      const float* ks, const float* vs, int warp, int lane, int n) {
+    const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int t = 0; t < ST; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[t][e] = dp[t][e] = 0.f;
+    const float* q0 = qs + (warp * 16 + g) * LD;
+    const float* d0 = dos + (warp * 16 + g) * LD;
+#pragma unroll 2
+    for (int k = 0; k < DP; k += 4) {
+      const F4 qa[2] = {lds4(q0 + k), lds4(q0 + 8 * LD + k)};
+      const F4 da[2] = {lds4(d0 + k), lds4(d0 + 8 * LD + k)};
+#pragma unroll
+      for (int t = 0; t < ST; ++t) {
+        if (t * 8 >= n) continue;  // keys past the window (uniform)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int key = t * 8 + 2 * t4 + c;
+          const F4 kb = lds4(ks + key * LD + k), vb = lds4(vs + key * LD + k);
+#pragma unroll
+          for (int h2 = 0; h2 < 2; ++h2)
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+              s[t][2 * h2 + c] = fmaf(qa[h2].v[kk], kb.v[kk], s[t][2 * h2 + c]);
+              dp[t][2 * h2 + c] = fmaf(da[h2].v[kk], vb.v[kk], dp[t][2 * h2 + c]);
+            }
+        }
+      }
+    }
+  }
+
+  // The warp's dS rows must be in dss (written by its own lanes: the __syncwarp publishes them).
+  static SF_DEVICE_INLINE void dq(float acc[NT][4], const float (*/*ds*/)[4], const float* dss, const float* ks,
+                                  int warp, int lane, int n) {
+    const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+    __syncwarp();
+    const float* a0 = dss + (warp * 16 + g) * LP;
+#pragma unroll 2
+    for (int j = 0; j < n; j += 4) {
+      const F4 a[2] = {lds4(a0 + j), lds4(a0 + 8 * LP + j)};
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const F2 kb = lds2(ks + (j + jj) * LD + nt * 8 + 2 * t4);
+#pragma unroll
+          for (int h2 = 0; h2 < 2; ++h2) {
+            acc[nt][2 * h2] = fmaf(a[h2].v[jj], kb.x, acc[nt][2 * h2]);
+            acc[nt][2 * h2 + 1] = fmaf(a[h2].v[jj], kb.y, acc[nt][2 * h2 + 1]);
+          }
+        }
+    }
+  }
+
+  // ps holds P^T (ps[j * LP + i]).
+  static SF_DEVICE_INLINE void dkv(float dva[NT][4], float dka[NT][4], const float* ps, const float* dss,
+                                   const float* dos, const float* qs, int warp, int lane, int n) {
+    const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dva[nt][e] = dka[nt][e] = 0.f;
+    const int key = warp * 16 + g;
+    const float* p0 = ps + key * LP;
+#pragma unroll 2
+    for (int i = 0; i < n; i += 4) {
+      const F4 pa[2] = {lds4(p0 + i), lds4(p0 + 8 * LP + i)};
+#pragma unroll
+      for (int ii = 0; ii < 4; ++ii) {
+        const float sa[2] = {dss[(i + ii) * LP + key], dss[(i + ii) * LP + key + 8]};
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const F2 ob = lds2(dos + (i + ii) * LD + nt * 8 + 2 * t4), qb = lds2(qs + (i + ii) * LD + nt * 8 + 2 * t4);
+#pragma unroll
+          for (int h2 = 0; h2 < 2; ++h2) {
+            dva[nt][2 * h2] = fmaf(pa[h2].v[ii], ob.x, dva[nt][2 * h2]);
+            dva[nt][2 * h2 + 1] = fmaf(pa[h2].v[ii], ob.y, dva[nt][2 * h2 + 1]);
+            dka[nt][2 * h2] = fmaf(sa[h2], qb.x, dka[nt][2 * h2]);
+            dka[nt][2 * h2 + 1] = fmaf(sa[h2], qb.y, dka[nt][2 * h2 + 1]);
+          }
+        }
+      }
+    }
+  }
+};
+
+// Bytes of dynamic shared memory of the fused kernel: the tiles (see FusedProducts), lse and
+// delta, the fp32 dS of the fold (fp16 / bf16 with a table; fp32 folds dss itself) and the
+// head's table column.
+template <typename T, int DP>
+SF_HOST_DEVICE constexpr size_t fused_smem_bytes(bool table, int trows) {
+  using F = FusedProducts<T, DP>;
+  const size_t tiles = sizeof(T) * FN * (3 * F::LD + F::VLD + (F::kFfma ? 1 : 2) * F::LP);
+  const size_t dsf = table && !F::kFfma ? FN * (FN + 1) : 0;
+  return tiles + sizeof(float) * (2 * FN + dsf + (table ? trows : 0));
 }
 
 // Table rows owned by a thread of the fused kernel's fold.
 constexpr int kFoldRows = 2;
 
-// grid (chunks, h); dynamic smem: fused_smem_bytes_fixed + fp32 dS [FN][FN + 1] and the
-// head's table column when there is a table.
+// grid (chunks, h), block kMmaWarps * 32; dynamic smem: fused_smem_bytes.
 template <typename T, int DP>
 // minBlocks = 1: let ptxas use the registers it needs (occupancy is bound by shared memory).
-__global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_bwd_fused_mma_kernel(
+__global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_bwd_fused_kernel(
     Params p, const T* __restrict__ out, const T* __restrict__ dout, const float* __restrict__ lse,
     T* __restrict__ dq, T* __restrict__ dk, T* __restrict__ dv, float* __restrict__ tpart, int64_t per_chunk) {
-  constexpr int LD = mma_ld<DP>(), LP = fused_ld<DP>();
-  constexpr int KS = DP / 16, NT = DP / 8, ST = FN / 8;
+  using F = FusedProducts<T, DP>;
+  constexpr int LD = F::LD, LP = F::LP, NT = F::NT, ST = F::ST;
   SF_DYNAMIC_SHARED(T, smem);
   T* qs = smem;               // [FN][LD]
   T* ks = qs + FN * LD;       // [FN][LD]
-  T* vs = ks + FN * LD;       // [FN][LD]
-  T* dos = vs + FN * LD;      // [FN][LD]
-  T* ps = dos + FN * LD;      // [FN][LP]  P (dropped, rescaled), [i][j]
-  T* dss = ps + FN * LP;      // [FN][LP]  dS, [i][j]
+  T* vs = ks + FN * LD;       // [FN][VLD]
+  T* dos = vs + FN * F::VLD;  // [FN][LD]
+  // P (dropped, rescaled): fp16 / bf16 [i][j] in its own tile; fp32 [j][i] over V.
+  T* ps = F::kFfma ? vs : dos + FN * LD;
+  T* dss = F::kFfma ? dos + FN * LD : ps + FN * LP;       // [FN][LP]  dS, [i][j]
   float* lses = reinterpret_cast<float*>(dss + FN * LP);  // [FN]
   float* deltas = lses + FN;                              // [FN]
-  float* dsf = p.table ? deltas + FN : nullptr;           // [FN][FN + 1]  fp32 dS for the table
-  float* tb = p.table ? dsf + FN * (FN + 1) : nullptr;    // [table rows]
+  // fp32 dS for the fold: [FN][FN + 1] of its own for fp16 / bf16, dss itself for fp32.
+  float* dsf = p.table ? (F::kFfma ? reinterpret_cast<float*>(dss) : deltas + FN) : nullptr;
+  constexpr int DSF_LD = F::kFfma ? LP : FN + 1;
+  float* tb = p.table ? deltas + FN + (F::kFfma ? 0 : FN * (FN + 1)) : nullptr;  // [table rows]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, t4 = lane & 3;
@@ -1107,28 +1315,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_bwd_fused_
       if (lane == 0) deltas[i] = s;
     }
     __syncthreads();
+    float s[ST][4], dp[ST][4];
+    if (rows_live) F::scores(s, dp, qs, dos, ks, vs, warp, lane, n);
+    if constexpr (F::kFfma) __syncthreads();  // P^T goes over V: every warp's dP is done
     if (rows_live) {
-      // S = Q K^T and dP = dO V^T for the warp's 16 rows x the window's keys.
-      float s[ST][4], dp[ST][4];
-#pragma unroll
-      for (int t = 0; t < ST; ++t)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[t][e] = dp[t][e] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < KS; ++kk) {
-        uint32_t qa[4], da[4];
-        sf::load_a_frag<T>(qa, qs + warp * 16 * LD + kk * 16, LD, lane);
-        sf::load_a_frag<T>(da, dos + warp * 16 * LD + kk * 16, LD, lane);
-#pragma unroll
-        for (int t = 0; t < ST; ++t) {
-          if (t * 8 >= n) continue;  // keys past the window (uniform)
-          uint32_t bb[2];
-          sf::load_b_frag<T>(bb, ks + t * 8 * LD + kk * 16, LD, lane);
-          sf::mma_m16n8k16_f32<T>(s[t], qa, bb, s[t]);
-          sf::load_b_frag<T>(bb, vs + t * 8 * LD + kk * 16, LD, lane);
-          sf::mma_m16n8k16_f32<T>(dp[t], da, bb, dp[t]);
-        }
-      }
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) {
         const int i = warp * 16 + g + 8 * h2;
@@ -1147,30 +1337,15 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_bwd_fused_
               pd = prob * f;
               ds = prob * (dp[t][e] * f - delta_i);
             }
-            ps[i * LP + j] = sf::from_float<T>(pd);
+            ps[F::kFfma ? j * LP + i : i * LP + j] = sf::from_float<T>(pd);
             dss[i * LP + j] = sf::from_float<T>(ds);
-            if (dsf) dsf[i * (FN + 1) + j] = ds;
+            if (!F::kFfma && dsf) dsf[i * DSF_LD + j] = ds;
             s[t][e] = ds;
           }
       }
       // dQ = dS K for the warp's rows.
       float acc[NT][4];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < FN / 16; ++kk) {
-        if (kk * 16 >= n) continue;
-        uint32_t a[4];
-        sf::acc_to_a_frag<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          uint32_t bb[2];
-          sf::load_b_frag_t<T>(bb, ks + kk * 16 * LD + nt * 8, LD, lane);
-          sf::mma_m16n8k16_f32<T>(acc[nt], a, bb, acc[nt]);
-        }
-      }
+      F::dq(acc, s, dss, ks, warp, lane, n);
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) {
         const int i = warp * 16 + g + 8 * h2;
@@ -1186,27 +1361,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_bwd_fused_
     }
     __syncthreads();  // P and dS of every row are staged
     if (rows_live) {
-      // dV = P^T dO and dK = dS^T Q for the warp's 16 keys (k = the window's rows).
+      // dV = P^T dO and dK = dS^T Q for the warp's 16 keys.
       float dva[NT][4], dka[NT][4];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dva[nt][e] = dka[nt][e] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < FN / 16; ++kk) {
-        if (kk * 16 >= n) continue;
-        uint32_t pa[4], sa[4];
-        sf::load_a_frag_t<T>(pa, ps + kk * 16 * LP + warp * 16, LP, lane);
-        sf::load_a_frag_t<T>(sa, dss + kk * 16 * LP + warp * 16, LP, lane);
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          uint32_t bb[2];
-          sf::load_b_frag_t<T>(bb, dos + kk * 16 * LD + nt * 8, LD, lane);
-          sf::mma_m16n8k16_f32<T>(dva[nt], pa, bb, dva[nt]);
-          sf::load_b_frag_t<T>(bb, qs + kk * 16 * LD + nt * 8, LD, lane);
-          sf::mma_m16n8k16_f32<T>(dka[nt], sa, bb, dka[nt]);
-        }
-      }
+      F::dkv(dva, dka, ps, dss, dos, qs, warp, lane, n);
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) {
         const int j = warp * 16 + g + 8 * h2;
@@ -1233,11 +1390,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_bwd_fused_
         const int dy = r / (2 * p.ww - 1) - (p.wh - 1), dx = r % (2 * p.ww - 1) - (p.ww - 1);
         const int y_lo = dy > 0 ? dy : 0, y_hi = dy > 0 ? p.wh : p.wh + dy;
         const int x_lo = dx > 0 ? dx : 0, x_hi = dx > 0 ? p.ww : p.ww + dx;
-        float s = 0.f;
+        float sum = 0.f;
         for (int yi = y_lo; yi < y_hi; ++yi)
           for (int xi = x_lo; xi < x_hi; ++xi)
-            s += dsf[(yi * p.ww + xi) * (FN + 1) + (yi - dy) * p.ww + (xi - dx)];
-        fold[k] += s;
+            sum += dsf[(yi * p.ww + xi) * DSF_LD + (yi - dy) * p.ww + (xi - dx)];
+        fold[k] += sum;
       }
     }
   }
@@ -1263,10 +1420,10 @@ __global__ void __launch_bounds__(kThreads) window_attention_table_fold_sum_kern
   dtable[e] = s;
 }
 
-// The fused kernel serves the shape: fp16 / bf16, one tile of keys, head_dim <= 64, and a
-// table the fold's threads cover ((2Wh-1)(2Ww-1) <= 256 rows: every window of <= 64 tokens).
-inline bool fused_backward(const Params& p, bool fp32) {
-  return !fp32 && p.n <= FN && p.d <= 64 && table_rows(p) <= kFoldRows * kMmaWarps * 32;
+// The fused kernel serves the shape (any dtype): one tile of keys, head_dim <= 64, and a table
+// the fold's threads cover ((2Wh-1)(2Ww-1) <= 256 rows: every window of <= 64 tokens).
+inline bool fused_backward(const Params& p) {
+  return p.n <= FN && p.d <= 64 && table_rows(p) <= kFoldRows * kMmaWarps * 32;
 }
 
 // ---------------------------------------------------------------- launchers --
@@ -1297,16 +1454,16 @@ template <typename T, int DP>
 void backward(const Params& p, const T* out, const T* dout, const float* lse, float* delta, T* dq, T* dk, T* dv,
               float* dsum, int64_t chunks, int64_t per_chunk, float* dtable, cudaStream_t stream) {
   const int64_t rows = p.batch * p.heads * p.n;
-  const bool fused = fused_backward(p, std::is_same<T, float>::value);
+  const bool fused = fused_backward(p);
   if (!fused)  // the fused kernel computes delta itself
     SF_LAUNCH(window_attention_delta_kernel<T>, dim3(cdiv(rows, kWarps)), dim3(kThreads), 0, stream, out, dout,
               delta, rows, p.d);
   const size_t tsm = p.table ? table_rows(p) : 0;
   if (fused) {
-    if constexpr (!std::is_same<T, float>::value && DP <= 64) {
+    if constexpr (DP <= 64) {
       // dsum: the (chunks, h, table rows) folded partials.
-      const size_t smem = fused_smem_bytes_fixed<DP>() + sizeof(float) * (p.table ? FN * (FN + 1) + tsm : 0);
-      auto kernel = window_attention_bwd_fused_mma_kernel<T, DP>;
+      const size_t smem = fused_smem_bytes<T, DP>(p.table != nullptr, table_rows(p));
+      auto kernel = window_attention_bwd_fused_kernel<T, DP>;
       SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
       SF_LAUNCH(kernel, dim3(static_cast<unsigned>(chunks), p.heads), dim3(kMmaWarps * 32), smem, stream, p, out,
                 dout, lse, dq, dk, dv, dsum, per_chunk);
@@ -1461,7 +1618,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   SF_CHECK_INPUT(lse, 3);
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "window_attention: dout/out must match q");
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(q), dv = at::empty_like(q);
-  const bool fused = fused_backward(p, q.scalar_type() == at::kFloat);
+  const bool fused = fused_backward(p);
   at::Tensor delta = fused ? at::Tensor() : at::empty_like(lse);  // the fused kernel keeps delta in shared memory
   // The table gradient goes through per-chunk partial sums of dS over chunks of
   // `windows_per_chunk` consecutive windows (the plan is the caller's: a function of the

@@ -509,10 +509,12 @@ def test_semantic_backward_reads_inputs_once_per_launch(dtype):
 # ------------------------------------------- table-gradient chunk plan --
 def test_window_chunk_plan():
     plan = _cuda_module("window_attention").windows_per_chunk
-    # Swin-T stage 1 at batch 1 (64 windows, h = 3, N = 49): the fused kernel (a block per head)
-    # keeps one window per chunk; the FFMA kernel (12 blocks a window) packs 4.
+    # Swin-T stage 1 at batch 1 (64 windows, h = 3, N = 49): the fused kernel (a block per head,
+    # every dtype) keeps one window per chunk; past it (N = 144), the fp32 FFMA dQ kernel (27
+    # blocks a window) packs 3 of 16 windows (the grid keeps 128 blocks).
     assert plan(64, 3, 49, 32, torch.float16) == 1
-    assert plan(64, 3, 49, 32, torch.float32) == 4
+    assert plan(64, 3, 49, 32, torch.float32) == 1
+    assert plan(16, 3, 144, 32, torch.float32) == 3
     # Enough windows: the partials (written once, read once) stay within 10% of the backward's
     # minimum traffic, and the grid keeps a wave of blocks.
     for b_, h, n, d, dtype in [(512, 3, 49, 32, torch.float16), (2048, 3, 144, 32, torch.bfloat16),
@@ -520,7 +522,7 @@ def test_window_chunk_plan():
         k = plan(b_, h, n, d, dtype)
         chunks = -(-b_ // k)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        fused = dtype != torch.float32 and n <= 64 and d <= 64
+        fused = n <= 64 and d <= 64
         slice_floats = h * 4 * n if fused else h * n * n  # (2Wh-1)(2Ww-1) < 4N folded table rows
         assert 2 * chunks * slice_floats * 4 <= 0.1 * 8 * b_ * h * n * d * itemsize
         blocks = h if fused else h * -(-n // 16) if dtype == torch.float32 else -(-h * n // 64)
@@ -532,9 +534,10 @@ def test_window_chunk_plan():
     assert plan(4096, 3, 49, 32, torch.float16) == 1
 
 
-# 12 windows of (5, 3) (fp16: the fused one-tile kernel; fp32: FFMA) and of (9, 8) (N = 72,
-# fp16: the two-kernel tensor-core path).
-FORCED_CHUNK_CASES = [("w5x3", torch.float32), ("w5x3", torch.float16), ("w9x8", torch.float16)]
+# 12 windows of (5, 3) (the fused one-tile kernel: fp16 on tensor cores, fp32 with FFMA) and of
+# (9, 8) (N = 72: the two-kernel paths, tensor-core for fp16, FFMA for fp32).
+FORCED_CHUNK_CASES = [("w5x3", torch.float32), ("w5x3", torch.float16), ("w9x8", torch.float32),
+                      ("w9x8", torch.float16)]
 
 
 @pytest.mark.parametrize("window,dtype", FORCED_CHUNK_CASES, ids=lambda c: c if isinstance(c, str) else IDS(c))
@@ -570,8 +573,8 @@ def test_window_forced_chunks(monkeypatch, per_chunk, window, dtype):
         torch.use_deterministic_algorithms(was)
 
 
-# The fused one-tile backward (fp16 / bf16, N <= 64, head_dim <= 64) at its edges, and the
-# first shapes past them (two-kernel path); fp32 runs the FFMA kernels on the same shapes.
+# The fused one-tile backward (N <= 64, head_dim <= 64; tensor cores for fp16 / bf16, FFMA for
+# fp32) at its edges, and the first shapes past them (two-kernel paths).
 FUSED_WINDOW_SHAPES = {
     # (B*nW, heads, window, head_dim, shift, grid)
     "w8x8-d64-shift": (4, 2, (8, 8), 64, (4, 4), (2, 2)),  # N = 64: the full tile, head_dim 64
@@ -593,3 +596,33 @@ def test_window_fused_backward_edges(name, dtype):
     t["bias_table"] = _randn(g, (2 * ws[0] - 1) * (2 * ws[1] - 1), h)
     fn = functools.partial(semask_fast.window_attention, window_size=ws, shift_size=shift, grid=grid)
     assert_parity(fn, t, ["q", "k", "v", "bias_table"], dtype, backend=BACKEND, op="window_attention")
+
+
+# The fused backward with the inputs the shapes above leave out (every dtype, fp32 being the
+# FFMA twin of the tensor-core kernel): an explicit (nW, N, N) mask with a table, and no table
+# at batch 1 (one window: no fold, no chunk sum).
+FUSED_INPUT_CASES = {
+    # (B*nW, heads, window, head_dim, explicit-mask nW, table)
+    "w3x5-d16-mask": (4, 2, (3, 5), 16, 2, True),
+    "w7x7-d64-no-table-batch1": (1, 3, (7, 7), 64, None, False),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name", list(FUSED_INPUT_CASES))
+def test_window_fused_backward_inputs(name, dtype):
+    require_backend("window_attention", BACKEND)
+    b_, h, ws, d, mask_nw, table = FUSED_INPUT_CASES[name]
+    n = ws[0] * ws[1]
+    g = torch.Generator().manual_seed(11)
+    t = {nm: _randn(g, b_, h, n, d) for nm in ("q", "k", "v")}
+    grads = ["q", "k", "v"]
+    if table:
+        t["bias_table"] = _randn(g, (2 * ws[0] - 1) * (2 * ws[1] - 1), h)
+        grads.append("bias_table")
+    if mask_nw:
+        # Swin-like: 0 or -100 per pair, the diagonal kept (no row fully masked).
+        m = torch.where(torch.rand(mask_nw, n, n, generator=g) < 0.3, -100.0, 0.0).double()
+        t["mask"] = m * (1 - torch.eye(n, dtype=torch.float64))
+    fn = functools.partial(semask_fast.window_attention, window_size=ws)
+    assert_parity(fn, t, grads, dtype, backend=BACKEND, op="window_attention")

@@ -11,9 +11,10 @@ hash, so no mask is stored.  fp16 / bf16 run on tensor cores; their forward and 
 kernels pack the rows of consecutive (window, head) pairs into 64-row blocks, so a
 7x7 window (N = 49) does not leave a quarter of each block idle; the dQ kernel packs
 the rows of a window's heads (it keeps one window per step for the table gradient).
-Windows of at most 64 tokens with head_dim <= 64 (fp16 / bf16) run one fused backward
-kernel instead, a block per (window, head): q, k, v, dO are read once, and the table
-gradient is folded onto the table rows in the block (see :func:`fused_backward`).
+Windows of at most 64 tokens with head_dim <= 64 run one fused backward kernel instead
+(every dtype: tensor cores for fp16 / bf16, FFMA for fp32), a block per (window, head):
+q, k, v, dO are read once, and the table gradient is folded onto the table rows in the
+block (see :func:`fused_backward`).
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ MAX_PARTIAL_FLOATS = 1 << 22
 
 def fused_backward(n: int, head_dim: int, dtype: torch.dtype) -> bool:
     """Whether the backward runs the fused one-tile kernel (as ``fused_backward`` in the .cu:
-    fp16 / bf16, N <= 64, head_dim <= 64): q, k, v, dO read once, table partials folded."""
-    return dtype != torch.float32 and n <= 64 and head_dim <= 64
+    N <= 64, head_dim <= 64, any dtype): q, k, v, dO read once, table partials folded."""
+    return n <= 64 and head_dim <= 64
 
 
 def windows_per_chunk(batch: int, heads: int, n: int, head_dim: int, dtype: torch.dtype) -> int:
