@@ -254,16 +254,20 @@ SF_DEVICE_INLINE void store_row(const Params& p, const FwdDest<T>& dst, int64_t 
 }
 
 // Position of (row r, key jj of the tile) in a warp's head-sum tile.  FFMA: row-major.
-// Tensor cores: the accumulator layout, [8-key group][fragment element e][lane], so that the
-// lanes of a warp update 32 consecutive floats (row-major would put the 8 rows of a
-// fragment in one bank).
+// Tensor cores: the accumulator layout, [8-key group st][fragment element e][lane], so that
+// the lanes of a warp update 32 consecutive floats (row-major would put the 8 rows of a
+// fragment in one bank), with the lane's row bits XOR-ed by (2 st + e % 2) % 8 so that the
+// block's reads of a row of 32 keys hit 32 banks too (unswizzled: 4 banks).
+SF_HOST_DEVICE constexpr int msum_slot(int st, int e, int lane) {
+  return (st * 4 + e) * 32 + (lane ^ (((2 * st + (e & 1)) & 7) << 2));
+}
 template <typename T>
 SF_HOST_DEVICE constexpr int msum_index(int r, int jj) {
   if constexpr (sizeof(T) == 4) {
     return r * BN + jj;
   } else {
-    const int c = jj & 7, e = 2 * (r >> 3) + (c & 1), lane = 4 * (r & 7) + (c >> 1);
-    return ((jj >> 3) * 4 + e) * 32 + lane;
+    const int c = jj & 7;
+    return msum_slot(jj >> 3, 2 * (r >> 3) + (c & 1), 4 * (r & 7) + (c >> 1));
   }
 }
 
@@ -454,7 +458,7 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32, 1)
         for (int e = 0; e < 4; ++e) {
           const int col = st * 8 + 2 * t4 + (e & 1);
           const float x = s[st][e] * p.scale;
-          float& ms = msum[(st * 4 + e) * 32 + lane];  // = msum_index<T>(g + 8 (e / 2), col)
+          float& ms = msum[msum_slot(st, e, lane)];  // = msum_index<T>(g + 8 (e / 2), col)
           ms = hd == warp ? x : ms + x;
           s[st][e] = k0 + col < p.nk ? x : kNegInf;
           mx[e >> 1] = fmaxf(mx[e >> 1], s[st][e]);
