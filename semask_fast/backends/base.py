@@ -122,6 +122,10 @@ class KernelImpl(OpImpl):
                  grad_outputs: Sequence[torch.Tensor]) -> Tuple[Any, ...]:
         raise NotImplementedError
 
+    # torch.compile does not trace into the kernels (launchers, Triton's interpreter, extension
+    # ops without fake implementations): the kernel call is a graph break, run eagerly with its
+    # own backward, and the code around it is compiled as usual.
+    @torch.compiler.disable
     def run(self, inp: Any) -> Tuple[torch.Tensor, ...]:
         return KernelFunction.apply(self, inp, *inp.differentiable())
 
