@@ -49,3 +49,21 @@ def require_backend(op: str, backend: str) -> torch.device:
 def kernel_backend(request) -> str:
     """Each kernel backend in turn (tests call ``require_backend`` with their op)."""
     return request.param
+
+
+@pytest.fixture
+def semantic_launches(monkeypatch) -> list:
+    """The (sq, sk, yv) tensors each Triton semantic_attention forward launch receives (as they reach
+    the launcher, to check that views are not copied on the way)."""
+    require_backend("semantic_attention", "triton")
+    from semask_fast.kernels import semantic_attention as kernels
+
+    seen = []
+    launch = kernels.semantic_attention_forward
+
+    def spy(sq, sk, yv, **kw):
+        seen.append((sq, sk, yv))
+        return launch(sq, sk, yv, **kw)
+
+    monkeypatch.setattr(kernels, "semantic_attention_forward", spy)
+    return seen

@@ -176,24 +176,13 @@ def test_semantic_attention_fused_path_fwd_bwd_matches_official(mode):
         torch.testing.assert_close(p.grad, theirs[name].grad, **tol, msg=lambda msg, name=name: f"{name}: {msg}")
 
 
-def test_semantic_attention_hands_projection_views_to_the_kernel(monkeypatch):
+def test_semantic_attention_hands_projection_views_to_the_kernel(semantic_launches):
     """One fused projection GEMM; Sq, Sk, Yv reach the kernel launcher as views of its output (no copy),
     and the returned prior is the Sq view."""
-    require_backend("semantic_attention", "triton")
-    from semask_fast.kernels import semantic_attention as kernels
-
-    seen = []
-    launch = kernels.semantic_attention_forward
-
-    def spy(sq, sk, yv, **kw):
-        seen.append((sq, sk, yv))
-        return launch(sq, sk, yv, **kw)
-
-    monkeypatch.setattr(kernels, "semantic_attention_forward", spy)
     dim, k, n = 16, 5, 9
     m = SemanticAttention(dim, k, backend="triton").eval()
     prior, _ = m(torch.randn(2, n, dim))
-    (sq, sk, yv), = seen
+    (sq, sk, yv), = semantic_launches
     row = 2 * k + dim
     assert [t.stride() for t in (sq, sk, yv)] == [(n * row, row, 1)] * 3
     assert [t.data_ptr() - sq.data_ptr() for t in (sk, yv)] == [4 * k, 8 * k]

@@ -123,24 +123,13 @@ def test_parity_row_strided_views(kernel_backend, shape, dtype):
     assert_parity(fn, _fused(*shape, device), ["qkv"], dtype, backend=kernel_backend, op=OP)
 
 
-def test_triton_reads_views_in_place(monkeypatch):
+def test_triton_reads_views_in_place(semantic_launches):
     """The Triton backend hands row-strided views to the kernels as they are (no copy)."""
-    require_backend(OP, "triton")
-    from semask_fast.kernels import semantic_attention as kernels
-
-    seen = []
-    launch = kernels.semantic_attention_forward
-
-    def spy(sq, sk, yv, **kw):
-        seen.append((sq, sk, yv))
-        return launch(sq, sk, yv, **kw)
-
-    monkeypatch.setattr(kernels, "semantic_attention_forward", spy)
     K, C = 19, 24
     qkv = _fused(2, 30, K, C, "cpu")["qkv"].float()
     sq, sk, yv = qkv.split([K, K, C], dim=-1)
     semask_fast.semantic_attention(sq, sk, yv, backend="triton")
-    (a, b, c), = seen
+    (a, b, c), = semantic_launches
     row = 2 * K + C
     assert [t.stride() for t in (a, b, c)] == [(30 * row, row, 1)] * 3
     assert [t.data_ptr() - qkv.data_ptr() for t in (a, b, c)] == [0, 4 * K, 8 * K]
