@@ -16,12 +16,12 @@
 //     and recomputes the (cheap, K-deep) logits of its query tile.
 // Forward keeps an online softmax over key tiles and saves the fp32 row
 // logsumexp; N x N never reaches global memory.  Backward (deterministic, no
-// atomics), two launches: dSq per query tile, then dSk and dYv per key tile, each
-// recomputing dP = dO Yv^T over C in chunks of CC columns.  The dSq kernel also
-// computes delta_i = rowsum(dO_i * O_i) of its rows (it reads those dO rows anyway)
-// and stores it for the dSk kernel.  The second launch has a block per (key tile,
-// C tile of dYv); the block of C tile 0 also computes dP and dSk, and its dYv tile
-// from the dO chunks it stages for dP.
+// atomics), one launch of two kinds of blocks: dSq per query tile, and dYv per
+// (key tile, C tile of dYv); the key tile's block of C tile 0 also computes dSk,
+// taking its dYv tile's dO chunks from those it stages for dP.  The blocks computing
+// dP = dO Yv^T (over C in chunks of CC columns) compute delta_i = rowsum(dO_i * O_i)
+// of the query rows they use, so no block depends on another and Sq, Sk, Yv, dO are
+// read by a single kernel for all three gradients.
 
 #include "sf_common.cuh"
 #include "sf_mma.cuh"
@@ -319,12 +319,12 @@ __global__ void __launch_bounds__(kMmaWarps * 32) semantic_attention_fwd_mma_ker
 }
 
 // --------------------------------------------------------------- backward --
-// delta_i = rowsum(dO_i * O_i) of rows [row0, row0 + rows) of one batch entry (out, dout, delta
-// at that entry), one warp per row, into shared deltas[] (0 past n) and global delta.  Called by
-// the dSq kernels, which read these dO rows anyway; their next barrier publishes deltas.
+// delta_i = rowsum(dO_i * O_i) of rows [row0, row0 + rows) of one batch entry (out, dout at that
+// entry), one warp per row, into shared deltas[] (0 past n); the caller's next barrier publishes it.
+// Each block computes the delta of the query rows it uses (a C-long dot per row, next to the
+// C-long dP of each of its rows), so no block waits for another's.
 template <typename T, int NumThreads>
-SF_DEVICE_INLINE void row_deltas(const T* out, const T* dout, int c, int row0, int rows, int n, float* deltas,
-                                 float* delta) {
+SF_DEVICE_INLINE void row_deltas(const T* out, const T* dout, int c, int row0, int rows, int n, float* deltas) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int r = warp; r < rows; r += NumThreads / 32) {
     const int row = row0 + r;
@@ -334,10 +334,7 @@ SF_DEVICE_INLINE void row_deltas(const T* out, const T* dout, int c, int row0, i
       for (int t = lane; t < c; t += 32) s += sf::to_float(out[at + t]) * sf::to_float(dout[at + t]);
     }
     s = warp_sum(s);
-    if (lane == 0) {
-      deltas[r] = s;
-      if (row < n) delta[row] = s;
-    }
+    if (lane == 0) deltas[r] = s;
   }
 }
 
@@ -366,16 +363,12 @@ SF_HOST_DEVICE inline int64_t dk_smem_floats(int kp) {
   return static_cast<int64_t>(BM) * kp + BN * key_ld(kp) + BM * CC + BN * (CC + 1) + 2 * BM * (BN + 1) + 2 * BM;
 }
 
-// grid (B_ * ceil(C / DCT), ceil(N / BN)): dYv of one key tile and C tile, and (C tile 0) dSk of
-// the key tile, with dP over all of C; the dO chunks of the dYv tile serve both.  One launch reads
-// Sq, Sk and dO for both gradients.
+// dYv of the key tile k0 and the C tile from cv0, and (C tile 0) dSk of the key tile, with dP over
+// all of C (and delta of each query tile); the dO chunks of the dYv tile serve both.
 template <typename T, int KPL>
-// minBlocks = 1: without it ptxas capped KPL = 1 at 48 registers and spilled (sm_90).
-__global__ void __launch_bounds__(kThreads, 1) semantic_attention_dk_kernel(Params p, const T* __restrict__ dout,
-                                                                            const float* __restrict__ lse,
-                                                                            const float* __restrict__ delta,
-                                                                            T* __restrict__ dsk, T* __restrict__ dyv) {
-  SF_DYNAMIC_SHARED(float, smem);
+SF_DEVICE_INLINE void dk_block(const Params& p, const T* __restrict__ out, const T* __restrict__ dout,
+                               const float* __restrict__ lse, T* __restrict__ dsk, T* __restrict__ dyv, float* smem,
+                               int64_t b, int cv0, int k0) {
   const int ldk = key_ld(p.kp);
   float* qs = smem;                    // [BM][KP]
   float* ks = qs + BM * p.kp;          // [BN][ldk]
@@ -387,11 +380,7 @@ __global__ void __launch_bounds__(kThreads, 1) semantic_attention_dk_kernel(Para
   float* deltas = lses + BM;           // [BM]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int ctiles = (p.c + DCT - 1) / DCT;
-  const int64_t b = blockIdx.x / ctiles;
-  const int cv0 = static_cast<int>(blockIdx.x % ctiles) * DCT;  // the block's first dYv column
   const bool grad_block = cv0 == 0;  // computes dP and dSk too (uniform over the block)
-  const int k0 = blockIdx.y * BN;
   const T* sqg = static_cast<const T*>(p.sq) + b * p.sq_b;
   const T* skg = static_cast<const T*>(p.sk) + b * p.sk_b;
   const T* yvg = static_cast<const T*>(p.yv) + b * p.yv_b;
@@ -411,11 +400,8 @@ __global__ void __launch_bounds__(kThreads, 1) semantic_attention_dk_kernel(Para
   for (int q0 = 0; q0 < p.n; q0 += BM) {
     __syncthreads();  // the previous tile's readers are done
     load_tile<T>(qs, p.kp, sqg, p.sq_r, q0, BM, p.n, 0, p.kp, p.k);
-    for (int e = threadIdx.x; e < BM; e += kThreads) {
-      const bool ok = q0 + e < p.n;
-      lses[e] = ok ? lse[b * p.n + q0 + e] : 0.f;
-      deltas[e] = ok ? delta[b * p.n + q0 + e] : 0.f;
-    }
+    for (int e = threadIdx.x; e < BM; e += kThreads) lses[e] = q0 + e < p.n ? lse[b * p.n + q0 + e] : 0.f;
+    if (grad_block) row_deltas<T, kThreads>(out + b * p.n * p.c, dog, p.c, q0, BM, p.n, deltas);
     __syncthreads();
     float prob[kRowsPerWarp], dp[kRowsPerWarp];
 #pragma unroll
@@ -483,18 +469,10 @@ __global__ void __launch_bounds__(kThreads, 1) semantic_attention_dk_kernel(Para
   }
 }
 
-SF_HOST_DEVICE inline int64_t dq_smem_floats(int kp) {
-  return static_cast<int64_t>(BM) * kp + BN * key_ld(kp) + BM * CC + BN * (CC + 1) + 2 * BM;
-}
-
-// grid (B_, ceil(N / BM)): dSq of one query tile, and delta of its rows (for the dSk kernel, launched after).
+// dSq of the query tile q0 (and delta of its rows).  Its shared memory is a prefix of dk_block's.
 template <typename T, int KPL>
-__global__ void __launch_bounds__(kThreads) semantic_attention_dq_kernel(Params p, const T* __restrict__ out,
-                                                                         const T* __restrict__ dout,
-                                                                         const float* __restrict__ lse,
-                                                                         float* __restrict__ delta,
-                                                                         T* __restrict__ dsq) {
-  SF_DYNAMIC_SHARED(float, smem);
+SF_DEVICE_INLINE void dq_block(const Params& p, const T* __restrict__ out, const T* __restrict__ dout,
+                               const float* __restrict__ lse, T* __restrict__ dsq, float* smem, int64_t b, int q0) {
   const int ldk = key_ld(p.kp);
   float* qs = smem;                    // [BM][KP]
   float* ks = qs + BM * p.kp;          // [BN][ldk]
@@ -504,15 +482,13 @@ __global__ void __launch_bounds__(kThreads) semantic_attention_dq_kernel(Params 
   float* deltas = lses + BM;           // [BM]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t b = blockIdx.x;
-  const int q0 = blockIdx.y * BM;
   const T* sqg = static_cast<const T*>(p.sq) + b * p.sq_b;
   const T* skg = static_cast<const T*>(p.sk) + b * p.sk_b;
   const T* yvg = static_cast<const T*>(p.yv) + b * p.yv_b;
   const T* dog = dout + b * p.n * p.c;
   load_tile<T>(qs, p.kp, sqg, p.sq_r, q0, BM, p.n, 0, p.kp, p.k);
   for (int e = threadIdx.x; e < BM; e += kThreads) lses[e] = q0 + e < p.n ? lse[b * p.n + q0 + e] : 0.f;
-  row_deltas<T, kThreads>(out + b * p.n * p.c, dog, p.c, q0, BM, p.n, deltas, delta + b * p.n);
+  row_deltas<T, kThreads>(out + b * p.n * p.c, dog, p.c, q0, BM, p.n, deltas);
   float acc[kRowsPerWarp][KPL];
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r)
@@ -535,6 +511,8 @@ __global__ void __launch_bounds__(kThreads) semantic_attention_dq_kernel(Params 
         const float prob = __expf(dot(qs + row * p.kp, ks + lane * ldk, p.k) - lses[row]);
         ds = prob * (dp[r] - deltas[row]);
       }
+      // unroll 8: without it ptxas spilled here next to dk_block (KPL = 5, sm_80).
+#pragma unroll 8
       for (int jj = 0; jj < BN; ++jj) {
         const float sj = __shfl_sync(0xffffffffu, ds, jj);
 #pragma unroll
@@ -551,6 +529,32 @@ __global__ void __launch_bounds__(kThreads) semantic_attention_dq_kernel(Params 
       const int col = lane + 32 * u;
       if (col < p.k) dsq[(b * p.n + i) * p.k + col] = sf::from_float<T>(acc[r][u]);
     }
+  }
+}
+
+// Per batch entry: the query tiles (dSq), then the key tiles of each C tile of dYv (dSk too in C
+// tile 0); one launch, so Sq, Sk, Yv, dO are read by one kernel for all three gradients.
+SF_HOST_DEVICE inline int bwd_blocks_per_entry(int n, int c) {
+  return (n + BM - 1) / BM + (c + DCT - 1) / DCT * ((n + BN - 1) / BN);
+}
+
+// grid (B_ * bwd_blocks_per_entry(N, C)), dynamic shared memory dk_smem_floats (dq_block uses a prefix).
+template <typename T, int KPL>
+// minBlocks = 1: without it ptxas capped KPL = 1 at 48 registers and spilled (sm_90).
+__global__ void __launch_bounds__(kThreads, 1) semantic_attention_bwd_kernel(Params p, const T* __restrict__ out,
+                                                                             const T* __restrict__ dout,
+                                                                             const float* __restrict__ lse,
+                                                                             T* __restrict__ dsq, T* __restrict__ dsk,
+                                                                             T* __restrict__ dyv) {
+  SF_DYNAMIC_SHARED(float, smem);
+  const int per = bwd_blocks_per_entry(p.n, p.c), qtiles = (p.n + BM - 1) / BM, ktiles = (p.n + BN - 1) / BN;
+  const int64_t b = blockIdx.x / per;
+  const int slot = static_cast<int>(blockIdx.x % per);
+  if (slot < qtiles) {
+    dq_block<T, KPL>(p, out, dout, lse, dsq, smem, b, slot * BM);
+  } else {
+    const int s = slot - qtiles;
+    dk_block<T, KPL>(p, out, dout, lse, dsk, dyv, smem, b, s / ktiles * DCT, s % ktiles * BN);
   }
 }
 
@@ -574,19 +578,16 @@ SF_HOST_DEVICE inline int64_t dqk_mma_smem_bytes(int kp) {
   return 2 * static_cast<int64_t>(MBM + MBN) * (mma_ld(kp) + mma_ld(MCC)) + 4 * 2 * MBM;
 }
 
-// block kMmaWarps * 32.  !KEYS: grid (B_, ceil(N / MBM)), dSq of MBM query rows, and delta of
-// those rows (out is read only there) for the KEYS kernel, launched after.  KEYS: grid
-// (B_ * ceil(C / (8 * NTV)), ceil(N / MBM)), dYv of MBM keys and one C tile, and (C tile 0) their
-// dSk: Sq, Sk and dO are read by one launch, not by a dSk and a dYv launch.
+// dSq (!KEYS) of the MBM query rows from r0, or (KEYS) dYv of the MBM keys from r0 and the C tile
+// from cv0, and (C tile 0) their dSk.  Blocks computing dP (dSq, and dSk in C tile 0) compute the
+// delta of the query rows they use.
 template <typename T, int KT, bool KEYS, int NTV>
-// minBlocks = 1: without it ptxas capped KEYS KT = 96 at 128 registers and spilled (sm_80).
-__global__ void __launch_bounds__(kMmaWarps * 32, 1) semantic_attention_dqk_mma_kernel(
-    Params p, const T* __restrict__ out, const T* __restrict__ dout, const float* __restrict__ lse,
-    float* __restrict__ delta, T* __restrict__ grad, T* __restrict__ dyv) {
+SF_DEVICE_INLINE void dqk_mma_block(const Params& p, const T* __restrict__ out, const T* __restrict__ dout,
+                                    const float* __restrict__ lse, T* __restrict__ grad, T* __restrict__ dyv, T* smem,
+                                    int64_t b, int cv0, int r0) {
   static_assert(KEYS == (NTV > 0) && NTV % (MCC / 8) == 0, "the KEYS kernel holds dYv of a C tile of whole C chunks");
   constexpr int NTK = KT / 8, ST = MBN / 8, LDC = MCC + 8;
   const int ldk = mma_ld(p.kp), ks_steps = p.kp / 16;
-  SF_DYNAMIC_SHARED(T, smem);
   T* oa = smem;             // [MBM][ldk] owners' Sk (KEYS) or Sq
   T* xa = oa + MBM * ldk;   // [MBN][ldk] others' Sq (KEYS) or Sk
   T* oc = xa + MBN * ldk;   // [MBM][LDC] owners' Yv (KEYS) or dO, one C chunk
@@ -597,11 +598,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) semantic_attention_dqk_mma_
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, t4 = lane & 3;
   constexpr int CTV = 8 * (NTV > 0 ? NTV : 1);  // dYv columns of a KEYS block
-  const int ctiles = KEYS ? (p.c + CTV - 1) / CTV : 1;
-  const int64_t b = blockIdx.x / ctiles;
-  const int cv0 = static_cast<int>(blockIdx.x % ctiles) * CTV;  // the block's first dYv column
   const bool grad_block = cv0 == 0;  // computes dP and the dSq / dSk rows (uniform over the block)
-  const int r0 = blockIdx.y * MBM;
   const T* sqg = static_cast<const T*>(p.sq) + b * p.sq_b;
   const T* skg = static_cast<const T*>(p.sk) + b * p.sk_b;
   const T* yvg = static_cast<const T*>(p.yv) + b * p.yv_b;
@@ -612,15 +609,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) semantic_attention_dqk_mma_
   const T* oth_c = KEYS ? dog : yvg;
   const int64_t own_a_r = KEYS ? p.sk_r : p.sq_r, oth_a_r = KEYS ? p.sq_r : p.sk_r;
   const int64_t own_c_r = KEYS ? p.yv_r : p.c, oth_c_r = KEYS ? p.c : p.yv_r;
-  // lse of `rows` queries from row0 into shared memory, and their delta: loaded (KEYS) or computed.
+  // lse of `rows` queries from row0 into shared memory, and (dP blocks) their delta.
   auto load_stats = [&](int row0, int rows) {
-    for (int e = threadIdx.x; e < rows; e += kMmaWarps * 32) {
-      const bool ok = row0 + e < p.n;
-      lses[e] = ok ? lse[b * p.n + row0 + e] : 0.f;
-      if constexpr (KEYS) deltas[e] = ok ? delta[b * p.n + row0 + e] : 0.f;
-    }
-    if constexpr (!KEYS)
-      row_deltas<T, kMmaWarps * 32>(out + b * p.n * p.c, dog, p.c, row0, rows, p.n, deltas, delta + b * p.n);
+    for (int e = threadIdx.x; e < rows; e += kMmaWarps * 32) lses[e] = row0 + e < p.n ? lse[b * p.n + row0 + e] : 0.f;
+    if (grad_block) row_deltas<T, kMmaWarps * 32>(out + b * p.n * p.c, dog, p.c, row0, rows, p.n, deltas);
   };
   load_tile_raw<T>(oa, ldk, own_a, own_a_r, r0, MBM, p.n, 0, p.kp, p.k);
   if constexpr (!KEYS) load_stats(r0, MBM);
@@ -757,6 +749,26 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) semantic_attention_dqk_mma_
   }
 }
 
+// dYv columns of one KEYS block: 16 n-tiles (128 columns) of accumulators.
+constexpr int kDyvTiles = 16;
+
+// grid (B_ * (1 + ceil(C / (8 * kDyvTiles))), ceil(N / MBM)), block kMmaWarps * 32: per batch entry
+// and 64-row block, the dSq block, then the dSk / dYv block of each C tile; one launch, so Sq, Sk,
+// Yv, dO are read by one kernel for all three gradients.
+template <typename T, int KT>
+// minBlocks = 1: without it ptxas capped KEYS KT = 96 at 128 registers and spilled (sm_80).
+__global__ void __launch_bounds__(kMmaWarps * 32, 1) semantic_attention_bwd_mma_kernel(
+    Params p, const T* __restrict__ out, const T* __restrict__ dout, const float* __restrict__ lse,
+    T* __restrict__ dsq, T* __restrict__ dsk, T* __restrict__ dyv) {
+  SF_DYNAMIC_SHARED(T, smem);
+  constexpr int CTV = 8 * kDyvTiles;
+  const int slots = 1 + (p.c + CTV - 1) / CTV;
+  const int64_t b = blockIdx.x / slots;
+  const int slot = static_cast<int>(blockIdx.x % slots), r0 = blockIdx.y * MBM;
+  if (slot == 0) dqk_mma_block<T, KT, false, 0>(p, out, dout, lse, dsq, static_cast<T*>(nullptr), smem, b, 0, r0);
+  else dqk_mma_block<T, KT, true, kDyvTiles>(p, out, dout, lse, dsk, dyv, smem, b, (slot - 1) * CTV, r0);
+}
+
 // ---------------------------------------------------------------- launchers --
 inline unsigned cdiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
@@ -782,35 +794,23 @@ void forward(const Params& p, T* out, float* lse, cudaStream_t stream) {
   SF_CHECK_LAUNCH();
 }
 
-// dYv columns of one block of the fp16 / bf16 dSk kernel: 16 n-tiles (128 columns) of accumulators.
-constexpr int kDyvTiles = 16;
-
-// The backward in two launches: dSq (which also writes delta), then dSk (which reads it) and dYv.
+// The backward in one launch (dSq blocks and dSk / dYv blocks side by side).
 template <typename T, int KPL>
-void backward(const Params& p, const T* out, const T* dout, const float* lse, float* delta, T* dsq, T* dsk, T* dyv,
+void backward(const Params& p, const T* out, const T* dout, const float* lse, T* dsq, T* dsk, T* dyv,
               cudaStream_t stream) {
   if constexpr (!std::is_same<T, float>::value) {
     // fp16 / bf16: tensor cores, the accumulators cover KT = kp = 32 * KPL columns.
     const size_t smem = dqk_mma_smem_bytes(p.kp);
-    auto qk = semantic_attention_dqk_mma_kernel<T, 32 * KPL, false, 0>;
-    SF_ALLOW_DYNAMIC_SMEM(qk, smem);
-    SF_LAUNCH(qk, dim3(static_cast<unsigned>(p.batch), cdiv(p.n, MBM)), dim3(kMmaWarps * 32), smem, stream, p, out,
-              dout, lse, delta, dsq, static_cast<T*>(nullptr));
-    auto kk = semantic_attention_dqk_mma_kernel<T, 32 * KPL, true, kDyvTiles>;
-    SF_ALLOW_DYNAMIC_SMEM(kk, smem);
-    SF_LAUNCH(kk, dim3(static_cast<unsigned>(p.batch * cdiv(p.c, 8 * kDyvTiles)), cdiv(p.n, MBM)),
-              dim3(kMmaWarps * 32), smem, stream, p, out, dout, lse, delta, dsk, dyv);
+    auto kernel = semantic_attention_bwd_mma_kernel<T, 32 * KPL>;
+    SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
+    SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * (1 + cdiv(p.c, 8 * kDyvTiles))), cdiv(p.n, MBM)),
+              dim3(kMmaWarps * 32), smem, stream, p, out, dout, lse, dsq, dsk, dyv);
   } else {
-    const size_t smem_q = sizeof(float) * dq_smem_floats(p.kp);
-    auto qk = semantic_attention_dq_kernel<T, KPL>;
-    SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
-    SF_LAUNCH(qk, dim3(static_cast<unsigned>(p.batch), cdiv(p.n, BM)), dim3(kThreads), smem_q, stream, p, out, dout,
-              lse, delta, dsq);
-    const size_t smem_k = sizeof(float) * dk_smem_floats(p.kp);
-    auto kk = semantic_attention_dk_kernel<T, KPL>;
-    SF_ALLOW_DYNAMIC_SMEM(kk, smem_k);
-    SF_LAUNCH(kk, dim3(static_cast<unsigned>(p.batch * cdiv(p.c, DCT)), cdiv(p.n, BN)), dim3(kThreads), smem_k,
-              stream, p, dout, lse, delta, dsk, dyv);
+    const size_t smem = sizeof(float) * dk_smem_floats(p.kp);
+    auto kernel = semantic_attention_bwd_kernel<T, KPL>;
+    SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
+    SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * bwd_blocks_per_entry(p.n, p.c))), dim3(kThreads), smem,
+              stream, p, out, dout, lse, dsq, dsk, dyv);
   }
   SF_CHECK_LAUNCH();
 }
@@ -819,8 +819,6 @@ void backward(const Params& p, const T* out, const T* dout, const float* lse, fl
 
 // ----------------------------------------------------------------- bindings --
 #include "sf_torch.h"
-
-#include <ATen/ops/empty_like.h>
 
 #include <tuple>
 #include <type_traits>
@@ -908,11 +906,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
   // Contiguous gradients whatever the inputs' strides (the kernels write rows of k / c elements).
   at::Tensor dsq = at::empty(sq.sizes(), sq.options()), dsk = at::empty(sk.sizes(), sk.options());
   at::Tensor dyv = at::empty(yv.sizes(), yv.options());
-  at::Tensor delta = at::empty_like(lse);
   SF_DISPATCH_FLOAT(sq.scalar_type(), "semantic_attention", [&] {
     with_int<kMaxClasses / 32>(p.kp / 32, [&](auto kpl) {
       backward<scalar_t, decltype(kpl)::value>(p, sf::data_ptr<scalar_t>(out), sf::data_ptr<scalar_t>(dout),
-                                               lse.data_ptr<float>(), delta.data_ptr<float>(),
+                                               lse.data_ptr<float>(),
                                                sf::data_ptr<scalar_t>(dsq), sf::data_ptr<scalar_t>(dsk),
                                                sf::data_ptr<scalar_t>(dyv), sf::current_stream());
     });

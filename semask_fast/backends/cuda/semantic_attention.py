@@ -3,8 +3,9 @@
 The class dimension K is staged whole in shared memory (K <= 160); C is tiled
 over blocks.  sq, sk and yv are read in place with their batch and row strides
 (only the last dim must be contiguous).  Forward saves the output and the fp32 row logsumexp; backward
-recomputes the probabilities (N x N never reaches global memory) in two launches: dSq (and
-delta = rowsum(dO * O)), then dSk and dYv (a block per key tile and C tile of dYv).  fp16 and bf16
+recomputes the probabilities (N x N never reaches global memory) in one launch: dSq blocks, and
+dSk / dYv blocks (a block per key tile and C tile of dYv); the blocks computing dP compute
+delta = rowsum(dO * O) of their query rows themselves, so none waits for another.  fp16 and bf16
 run every product of forward and backward on tensor cores (``sf_mma.cuh``, fp32
 accumulation); fp32 runs FFMA kernels.
 """
