@@ -130,6 +130,34 @@ def _head_tile(base, bh, offs_r, offs_d, R, D, ok):
 
 
 @triton.jit
+def _query_rows(Q, DO, LSE, DELTA, bh, g_ok, offs_m, offs_d, NQ, D):
+    """q, dO tiles and the lse, delta rows of query rows offs_m for a group of heads, with the
+    (heads, rows, d) and (heads, rows) masks they were loaded with."""
+    m_ok = offs_m < NQ
+    q_ok = g_ok[:, None, None] & m_ok[None, :, None] & (offs_d < D)[None, None, :]
+    row_ok = g_ok[:, None] & m_ok[None, :]
+    q = _head_tile(Q, bh, offs_m, offs_d, NQ, D, q_ok)
+    do = _head_tile(DO, bh, offs_m, offs_d, NQ, D, q_ok)
+    lse = tl.load(LSE + bh[:, None] * NQ + offs_m[None, :], mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh[:, None] * NQ + offs_m[None, :], mask=row_ok, other=0.0)
+    return q, do, lse, delta, q_ok, row_ok
+
+
+@triton.jit
+def _key_rows(K, V, bh, g_ok, offs_n, offs_d, NK, D):
+    """k, v tiles of keys offs_n for a group of heads, with their (heads, keys, d) mask."""
+    kv_ok = g_ok[:, None, None] & (offs_n < NK)[None, :, None] & (offs_d < D)[None, None, :]
+    return _head_tile(K, bh, offs_n, offs_d, NK, D, kv_ok), _head_tile(V, bh, offs_n, offs_d, NK, D, kv_ok), kv_ok
+
+
+@triton.jit
+def _dmask_tile(DM, b, offs_m, offs_n, NQ, NK):
+    """The (BLOCK_M, BLOCK_N) tile of d(mask logits), shared by every head."""
+    ok = (offs_m < NQ)[:, None] & (offs_n < NK)[None, :]
+    return tl.load(DM + (b * NQ + offs_m[:, None]) * NK + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _grad_logits(q, k, v, do, lse, delta, dm, valid, bh, offs_m, offs_n, seed, NQ, NK, scale, dropout_p, H,
                  DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
     """(P*Z, dS) for one (query block, key block) tile of a group of heads, all (heads, BLOCK_M, BLOCK_N).
@@ -161,24 +189,14 @@ def _atm_bwd_kv_kernel(Q, K, V, DO, DM, LSE, DELTA, DK, DV, seed, H, NQ, NK, D, 
     g_ok = heads < H
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    n_ok = offs_n < NK
-    kv_ok = g_ok[:, None, None] & n_ok[None, :, None] & (offs_d < D)[None, None, :]
-    k = _head_tile(K, bh, offs_n, offs_d, NK, D, kv_ok)
-    v = _head_tile(V, bh, offs_n, offs_d, NK, D, kv_ok)
+    k, v, kv_ok = _key_rows(K, V, bh, g_ok, offs_n, offs_d, NK, D)
     dk = tl.zeros([BLOCK_G, BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_G, BLOCK_N, BLOCK_D], dtype=tl.float32)
     for m0 in range(0, NQ, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < NQ
-        q_ok = g_ok[:, None, None] & m_ok[None, :, None] & (offs_d < D)[None, None, :]
-        q = _head_tile(Q, bh, offs_m, offs_d, NQ, D, q_ok)
-        do = _head_tile(DO, bh, offs_m, offs_d, NQ, D, q_ok)
-        row_ok = g_ok[:, None] & m_ok[None, :]
-        lse = tl.load(LSE + bh[:, None] * NQ + offs_m[None, :], mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + bh[:, None] * NQ + offs_m[None, :], mask=row_ok, other=0.0)
-        dm = tl.load(DM + (b * NQ + offs_m[:, None]) * NK + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
-                     other=0.0).to(tl.float32)
-        valid = row_ok[:, :, None] & n_ok[None, None, :]
+        q, do, lse, delta, q_ok, row_ok = _query_rows(Q, DO, LSE, DELTA, bh, g_ok, offs_m, offs_d, NQ, D)
+        dm = _dmask_tile(DM, b, offs_m, offs_n, NQ, NK)
+        valid = row_ok[:, :, None] & (offs_n < NK)[None, None, :]
         pz, ds = _grad_logits(q, k, v, do, lse, delta, dm, valid, bh, offs_m, offs_n, seed, NQ, NK, scale,
                               dropout_p, H, DROPOUT, DOT_FP32)
         dv += mm(_t(pz.to(do.dtype)), do, DOT_FP32)
@@ -199,23 +217,13 @@ def _atm_bwd_q_kernel(Q, K, V, DO, DM, LSE, DELTA, DQ, seed, H, NQ, NK, D, scale
     g_ok = heads < H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < NQ
-    q_ok = g_ok[:, None, None] & m_ok[None, :, None] & (offs_d < D)[None, None, :]
-    q = _head_tile(Q, bh, offs_m, offs_d, NQ, D, q_ok)
-    do = _head_tile(DO, bh, offs_m, offs_d, NQ, D, q_ok)
-    row_ok = g_ok[:, None] & m_ok[None, :]
-    lse = tl.load(LSE + bh[:, None] * NQ + offs_m[None, :], mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + bh[:, None] * NQ + offs_m[None, :], mask=row_ok, other=0.0)
+    q, do, lse, delta, q_ok, row_ok = _query_rows(Q, DO, LSE, DELTA, bh, g_ok, offs_m, offs_d, NQ, D)
     dq = tl.zeros([BLOCK_G, BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(0, NK, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < NK
-        kv_ok = g_ok[:, None, None] & n_ok[None, :, None] & (offs_d < D)[None, None, :]
-        k = _head_tile(K, bh, offs_n, offs_d, NK, D, kv_ok)
-        v = _head_tile(V, bh, offs_n, offs_d, NK, D, kv_ok)
-        dm = tl.load(DM + (b * NQ + offs_m[:, None]) * NK + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
-                     other=0.0).to(tl.float32)
-        valid = row_ok[:, :, None] & n_ok[None, None, :]
+        k, v, _ = _key_rows(K, V, bh, g_ok, offs_n, offs_d, NK, D)
+        dm = _dmask_tile(DM, b, offs_m, offs_n, NQ, NK)
+        valid = row_ok[:, :, None] & (offs_n < NK)[None, None, :]
         _, ds = _grad_logits(q, k, v, do, lse, delta, dm, valid, bh, offs_m, offs_n, seed, NQ, NK, scale,
                              dropout_p, H, DROPOUT, DOT_FP32)
         dq += mm(ds.to(k.dtype), k, DOT_FP32)
