@@ -624,3 +624,44 @@ def test_window_fused_backward_inputs(name, dtype):
         t["mask"] = m * (1 - torch.eye(n, dtype=torch.float64))
     fn = functools.partial(semask_fast.window_attention, window_size=ws)
     assert_parity(fn, t, grads, dtype, backend=BACKEND, op="window_attention")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("table", [True, False], ids=["table", "no-table"])
+def test_window_fused_backward_reads_inputs_once(table, dtype):
+    """Swin-like windows (N = 49, shift) in every dtype take the fused backward: one launch, plus
+    the chunk sum of the folded table partials with a table.  Counted by the harness tracer
+    (unique bytes per launch): q, k, v, dO, O, lse and the table are read once, every gradient
+    byte is written once, and the only workspace is the (chunks, h, table rows) partials,
+    written once and read once."""
+    import sys
+    from pathlib import Path
+
+    from semask_fast import _build
+
+    if _build.toolchain_reasons("trace"):
+        pytest.skip("; ".join(_build.toolchain_reasons("trace")))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks.traffic import harness_bytes
+
+    b_, h, ws, d, shift, grid = 4, 2, (7, 7), 32, (3, 3), (2, 2)
+    n, trows = ws[0] * ws[1], (2 * ws[0] - 1) * (2 * ws[1] - 1)
+    g = torch.Generator().manual_seed(12)
+    q, k, v, dout = (_randn(g, b_, h, n, d).to(dtype) for _ in range(4))
+    tab = _randn(g, trows, h).float() if table else None
+    args = (tab, None, *ws, *grid, *shift, d ** -0.5, -100.0, 0.0, 0)
+    lib = _build.load("simt", "window_attention.cu")
+    out, lse = lib.window_attention_forward(q, k, v, *args)
+    regions, grads = [], []
+    traffic = harness_bytes("window_attention.cu", lambda tl: grads.extend(
+        tl.window_attention_backward(dout, q, k, v, out, lse, *args, 1)), [dout, q, k, v, out, lse, tab], regions)
+    assert traffic.launches == (2 if table else 1)
+    read = {r["begin"]: r["read"] for r in regions}
+    for x in (q, k, v, dout, out, lse) + ((tab,) if table else ()):
+        assert read[x.data_ptr()] == x.nbytes
+    written = {r["begin"]: (r["written"], r["written_issued"]) for r in regions if r["written"]}
+    want = {x.data_ptr(): (x.nbytes, x.nbytes) for x in grads[:3] + (grads[3:] if table else [])}
+    partials = b_ * h * trows * 4  # one window per chunk
+    workspace = {r["begin"]: (r["written"], r["read"]) for r in regions if r["written"] and r["begin"] not in want}
+    assert list(workspace.values()) == ([(partials, partials)] if table else [])
+    assert {a: w for a, w in written.items() if a in want} == want
