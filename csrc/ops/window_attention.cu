@@ -1145,10 +1145,12 @@ struct FusedProducts {
 //   * dQ reads the warp's dS rows back from dss (fp32 dS is exact, so nothing is lost against
 //     the registers);
 //   * P is stored transposed (ps[j * LP + i]), so dV = P^T dO reads P^T rows with F4 loads, and
-//     it is stored over V (the kernel waits for every warp's dP first): the fp32 tiles then fit
-//     88.5 KiB of shared memory at head_dim 64 (sm_86 / sm_89 give a block 99 KiB);
+//     it is stored over V (the kernel waits for every warp's dP first): with lse, delta and the
+//     table column, at most 86.4 KiB of shared memory at head_dim 64 (sm_86 / sm_89 give a
+//     block 99 KiB);
 //   * dS is the fp32 dS the table fold reads, so no separate fp32 copy.
-// k runs over whole groups of 4: the kernel zero-pads rows and keys up to the next 16.
+// k runs over whole groups of 4 past N: the tiles are zero there (q, k, v, dO up to 64 rows,
+// P and dS up to the next 16).
 template <int DP>
 struct FusedProducts<float, DP> {
   static constexpr int LD = DP + 4, LP = FN + 4, VLD = LD > LP ? LD : LP;
