@@ -117,18 +117,28 @@ def semantic_case(label, B, N, K, C, dtype=torch.float16):
                 inputs=[sq, sk, yv], gouts=[dout], outputs=[dout], eager=lambda: run("reference"))
 
 
-def atm_case(label, B, H, NQ, NK, D, dtype=torch.float16):
+def atm_case(label, B, H, NQ, NK, D, dtype=torch.float16, splits=None):
+    """``splits``: the CUDA forward's key ranges, forced (None: the plan's choice, which trades the
+    fp32 partials' traffic for more blocks when the grid is small; see plan_splits)."""
+    from semask_fast.backends.cuda import atm_attention as cuda_atm
+
     g = torch.Generator().manual_seed(0)
     q, k, v = (_randn(B, H, n, D, dtype=dtype, gen=g) for n in (NQ, NK, NK))
     dout = torch.randn(B, H, NQ, D, generator=g).to(dtype)
     dmask = torch.randn(B, NQ, NK, generator=g).to(dtype)
+    planned = cuda_atm.plan_splits(B, H, NQ, NK, dtype, D, sms=cuda_atm.HARNESS_DEVICE[0])
+    ranges = f"{splits} key range{'s' if splits > 1 else ''}, forced" if splits else f"{planned} key ranges, planned"
 
     def run(backend):
-        return semask_fast.atm_attention(q, k, v, backend=backend)
+        previous, cuda_atm.force_splits = cuda_atm.force_splits, splits
+        try:
+            return semask_fast.atm_attention(q, k, v, backend=backend)
+        finally:
+            cuda_atm.force_splits = previous
 
-    return dict(name=f"atm_attention ({label}, {str(dtype)[6:]})", op="atm_attention", source="atm_attention.cu",
-                shape=f"B={B}, h={H}, Nq={NQ}, Nk={NK}, d={D}", run=run, inputs=[q, k, v], gouts=[dout, dmask],
-                outputs=[dout, dmask], eager=lambda: run("reference"))
+    return dict(name=f"atm_attention ({label}, {str(dtype)[6:]}, {ranges})", op="atm_attention",
+                source="atm_attention.cu", shape=f"B={B}, h={H}, Nq={NQ}, Nk={NK}, d={D}", run=run,
+                inputs=[q, k, v], gouts=[dout, dmask], outputs=[dout, dmask], eager=lambda: run("reference"))
 
 
 def mask_case(label, B, N, K, C, dtype=torch.float16):
@@ -152,6 +162,7 @@ def cases():
         semantic_case("SeMask-T stage 1, windowed, B=1", 64, 49, 150, 96),
         semantic_case("SeMask-T stage 3, global, 16x16 of the 32x32 tokens", 1, 256, 150, 384),
         atm_case("SegViT-L, B=1, 20x20 of the 40x40 tokens", 1, 16, 150, 400, 32),
+        atm_case("SegViT-L, B=1, 20x20 of the 40x40 tokens", 1, 16, 150, 400, 32, splits=1),
         mask_case("Segmenter ViT-B, ADE20K, B=1, 32x32 tokens", 1, 1024, 150, 768),
     ]
 
