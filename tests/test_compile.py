@@ -6,6 +6,9 @@ compiled function computes what the eager one does, forward and backward, on the
 inductor's C++ code generation, which would only slow this test down.
 """
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -84,3 +87,12 @@ def test_compiled_function_matches_eager(kernel_backend, op):
     torch.testing.assert_close(value, want_value, rtol=1e-5, atol=1e-5)
     for name in tensors:
         torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+def test_importing_the_package_imports_neither_triton_nor_dynamo():
+    # Triton's interpreter is chosen by TRITON_INTERPRET before triton is imported (the CLI sets it
+    # after importing semask_fast): an import of dynamo (which imports triton) at package import,
+    # e.g. a module-level torch.compiler.disable, broke every nested @triton.jit call under it.
+    code = "import sys, semask_fast; print(sorted(m for m in ('triton', 'torch._dynamo') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -122,12 +122,15 @@ class KernelImpl(OpImpl):
                  grad_outputs: Sequence[torch.Tensor]) -> Tuple[Any, ...]:
         raise NotImplementedError
 
-    # torch.compile does not trace into the kernels (launchers, Triton's interpreter, extension
-    # ops without fake implementations): the kernel call is a graph break, run eagerly with its
-    # own backward, and the code around it is compiled as usual.
-    @torch.compiler.disable
     def run(self, inp: Any) -> Tuple[torch.Tensor, ...]:
-        return KernelFunction.apply(self, inp, *inp.differentiable())
+        apply = KernelFunction.apply
+        if torch.compiler.is_compiling():
+            # torch.compile does not trace into the kernels (launchers, Triton's interpreter,
+            # extension ops without fake implementations): the call is a graph break, run eagerly
+            # with its own backward.  Wrapped here, not at import: torch.compiler.disable imports
+            # dynamo, which imports triton, which must come after TRITON_INTERPRET is set.
+            apply = torch.compiler.disable(apply)
+        return apply(self, inp, *inp.differentiable())
 
 
 class KernelFunction(torch.autograd.Function):
