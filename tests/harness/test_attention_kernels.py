@@ -199,18 +199,33 @@ SEMANTIC_SHAPES = {
     "k160-max": (1, 33, 160, 32),
     "c-remainder-two-tiles": (1, 18, 19, 161),
     "one-token": (3, 1, 150, 96),
+    # K buckets of the dSq / dSk accumulators (kp = 64, 128), two 64-row owner blocks with a
+    # remainder, dYv over two C tiles and dP over C chunks with remainders.
+    "k40-n70-c200": (1, 70, 40, 200),
+    "k100-n65-c72-batch2": (2, 65, 100, 72),
+    # The backward is one launch: dSq blocks, and a block per (key block, 128-column C tile of dYv);
+    # the C tile 0 block also computes dP over all of C and dSk.  At the C tile edges (one full tile, a
+    # one-column second tile, two full tiles, a one-column third tile, three tiles) with odd N (key
+    # blocks of 64 (fp16 / bf16) and 32 (fp32) ending partial), K = 19 and 150, batch 1 and 2.
+    "c128-one-tile": (1, 67, 19, 128),
+    "c129-one-column-tile": (1, 67, 150, 129),
+    "c256-two-tiles": (1, 33, 19, 256),
+    "c257-batch2": (2, 45, 150, 257),
+    "c384-three-tiles": (1, 71, 150, 384),
 }
+
+
+def _semantic_inputs(g, b_, n, k, c):
+    # SeMask's logits are O(1): keep Sq Sk^T in a range where fp16 is meaningful.
+    return {"sq": _randn(g, b_, n, k, scale=k ** -0.25), "sk": _randn(g, b_, n, k, scale=k ** -0.25),
+            "yv": _randn(g, b_, n, c)}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("name", list(SEMANTIC_SHAPES))
-def test_semantic_edge_shapes(name, dtype):
+def test_semantic_shapes(name, dtype):
     require_backend("semantic_attention", BACKEND)
-    b_, n, k, c = SEMANTIC_SHAPES[name]
-    g = torch.Generator().manual_seed(6)
-    # SeMask's logits are O(1): keep Sq Sk^T in a range where fp16 is meaningful.
-    t = {"sq": _randn(g, b_, n, k, scale=k ** -0.25), "sk": _randn(g, b_, n, k, scale=k ** -0.25),
-         "yv": _randn(g, b_, n, c)}
+    t = _semantic_inputs(torch.Generator().manual_seed(6), *SEMANTIC_SHAPES[name])
     assert_parity(semask_fast.semantic_attention, t, ["sq", "sk", "yv"], dtype, backend=BACKEND,
                   op="semantic_attention")
 
@@ -398,56 +413,7 @@ def test_window_packed_rows(name, dtype):
     assert_parity(fn, t, ["q", "k", "v", "bias_table"], dtype, backend=BACKEND, op="window_attention")
 
 
-SEMANTIC_MMA_SHAPES = {
-    # (B_, N, K, C): K buckets of the dSq / dSk accumulators (kp = 64, 128), two 64-row owner
-    # blocks with a remainder, dYv over two C tiles and dP over C chunks with remainders.
-    "k40-n70-c200": (1, 70, 40, 200),
-    "k100-n65-c72-batch2": (2, 65, 100, 72),
-}
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
-@pytest.mark.parametrize("name", list(SEMANTIC_MMA_SHAPES))
-def test_semantic_backward_tiles(name, dtype):
-    require_backend("semantic_attention", BACKEND)
-    b_, n, k, c = SEMANTIC_MMA_SHAPES[name]
-    g = torch.Generator().manual_seed(8)
-    t = {"sq": _randn(g, b_, n, k, scale=k ** -0.25), "sk": _randn(g, b_, n, k, scale=k ** -0.25),
-         "yv": _randn(g, b_, n, c)}
-    assert_parity(semask_fast.semantic_attention, t, ["sq", "sk", "yv"], dtype, backend=BACKEND,
-                  op="semantic_attention")
-
-
-# ------------------------------------------- semantic backward launch (helper L) --
-# The backward is one launch: dSq blocks, and a block per (key block, 128-column C tile of dYv); the
-# C tile 0 block also computes dP over all of C and dSk.  These shapes sit at the C tile edges (one full
-# tile, a one-column second tile, two full tiles, a one-column third tile, three tiles) with odd N
-# (key blocks of 64 (fp16 / bf16) and 32 (fp32) ending partial), K = 19 and 150, batch 1 and 2.
-SEMANTIC_DYV_SHAPES = {
-    # (B_, N, K, C)
-    "c128-one-tile": (1, 67, 19, 128),
-    "c129-one-column-tile": (1, 67, 150, 129),
-    "c256-two-tiles": (1, 33, 19, 256),
-    "c257-batch2": (2, 45, 150, 257),
-    "c384-three-tiles": (1, 71, 150, 384),
-}
-
-
-def _semantic_inputs(g, b_, n, k, c):
-    # SeMask's logits are O(1): keep Sq Sk^T in a range where fp16 is meaningful.
-    return {"sq": _randn(g, b_, n, k, scale=k ** -0.25), "sk": _randn(g, b_, n, k, scale=k ** -0.25),
-            "yv": _randn(g, b_, n, c)}
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
-@pytest.mark.parametrize("name", list(SEMANTIC_DYV_SHAPES))
-def test_semantic_dyv_c_tiles(name, dtype):
-    require_backend("semantic_attention", BACKEND)
-    t = _semantic_inputs(torch.Generator().manual_seed(9), *SEMANTIC_DYV_SHAPES[name])
-    assert_parity(semask_fast.semantic_attention, t, ["sq", "sk", "yv"], dtype, backend=BACKEND,
-                  op="semantic_attention")
-
-
+# ------------------------------------ semantic backward: strided inputs, traffic --
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("layout", ["qkv-columns", "batch-inner"])
 def test_semantic_dyv_c_tiles_strided(layout, dtype):
