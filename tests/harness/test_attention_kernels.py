@@ -29,7 +29,8 @@ import pytest
 import torch
 
 import semask_fast
-from semask_fast import reference
+from benchmarks.traffic import harness_bytes
+from semask_fast import _build, reference
 from semask_fast.backends.registry import BackendNotSupportedError
 from semask_fast.testing import assert_parity
 from tests.conftest import require_backend
@@ -148,6 +149,13 @@ WINDOW_SHAPES = {
     "d1": (2, 2, (3, 3), 1, (1, 1), (1, 2)),
     "d80-padded": (2, 1, (4, 4), 80, (0, 0), None),
     "nonsquare-12x4-shift-y": (4, 2, (12, 4), 24, (6, 0), (2, 2)),
+    # The fused one-tile backward (N <= 64, head_dim <= 64; tensor cores for fp16 / bf16, FFMA for
+    # fp32) at its edges, and the first shapes past them (two-kernel paths).
+    "w8x8-d64-shift": (4, 2, (8, 8), 64, (4, 4), (2, 2)),  # N = 64: the full tile, head_dim 64
+    "w2x2-d40": (3, 5, (2, 2), 40, (0, 0), None),  # N = 4: three warps without rows or keys
+    "w1x7-d33-shift": (4, 3, (1, 7), 33, (0, 3), (2, 2)),  # one-row windows, padded head_dim
+    "w13x5-shift": (4, 2, (13, 5), 16, (6, 2), (2, 2)),  # N = 65: two-kernel path
+    "w4x4-d65": (2, 2, (4, 4), 65, (0, 0), None),  # head_dim 65: two-kernel path
 }
 
 
@@ -437,21 +445,18 @@ def test_semantic_dyv_c_tiles_strided(layout, dtype):
         assert_parity(fn, stored, ["sq", "sk", "yv"], dtype, backend=BACKEND, op="semantic_attention")
 
 
+def _require_trace_build():
+    reasons = _build.toolchain_reasons("trace")
+    if reasons:
+        pytest.skip("; ".join(reasons))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=IDS)
 def test_semantic_backward_reads_inputs_once(dtype):
     """The backward is one launch (dSq blocks, dSk / dYv blocks) whatever the number of dYv C tiles:
     it reads Sq, Sk, Yv, dO and O once, counted by the harness tracer (unique bytes per launch), and
     writes every gradient byte once; the backward has no workspace."""
-    import sys
-    from pathlib import Path
-
-    from semask_fast import _build
-
-    if _build.toolchain_reasons("trace"):
-        pytest.skip("; ".join(_build.toolchain_reasons("trace")))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from benchmarks.traffic import harness_bytes
-
+    _require_trace_build()
     b_, n, k, c = 1, 70, 19, 300  # three dYv C tiles
     t = _semantic_inputs(torch.Generator().manual_seed(11), b_, n, k, c)
     sq, sk, yv = (t[nm].to(dtype) for nm in ("sq", "sk", "yv"))
@@ -538,32 +543,7 @@ def test_window_forced_chunks(monkeypatch, per_chunk, window, dtype):
         torch.use_deterministic_algorithms(was)
 
 
-# The fused one-tile backward (N <= 64, head_dim <= 64; tensor cores for fp16 / bf16, FFMA for
-# fp32) at its edges, and the first shapes past them (two-kernel paths).
-FUSED_WINDOW_SHAPES = {
-    # (B*nW, heads, window, head_dim, shift, grid)
-    "w8x8-d64-shift": (4, 2, (8, 8), 64, (4, 4), (2, 2)),  # N = 64: the full tile, head_dim 64
-    "w2x2-d40": (3, 5, (2, 2), 40, (0, 0), None),  # N = 4: three warps without rows or keys
-    "w1x7-d33-shift": (4, 3, (1, 7), 33, (0, 3), (2, 2)),  # one-row windows, padded head_dim
-    "w13x5-shift": (4, 2, (13, 5), 16, (6, 2), (2, 2)),  # N = 65: two-kernel path
-    "w4x4-d65": (2, 2, (4, 4), 65, (0, 0), None),  # head_dim 65: two-kernel path
-}
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
-@pytest.mark.parametrize("name", list(FUSED_WINDOW_SHAPES))
-def test_window_fused_backward_edges(name, dtype):
-    require_backend("window_attention", BACKEND)
-    b_, h, ws, d, shift, grid = FUSED_WINDOW_SHAPES[name]
-    n = ws[0] * ws[1]
-    g = torch.Generator().manual_seed(10)
-    t = {nm: _randn(g, b_, h, n, d) for nm in ("q", "k", "v")}
-    t["bias_table"] = _randn(g, (2 * ws[0] - 1) * (2 * ws[1] - 1), h)
-    fn = functools.partial(semask_fast.window_attention, window_size=ws, shift_size=shift, grid=grid)
-    assert_parity(fn, t, ["q", "k", "v", "bias_table"], dtype, backend=BACKEND, op="window_attention")
-
-
-# The fused backward with the inputs the shapes above leave out (every dtype, fp32 being the
+# The fused backward with the inputs the shapes of WINDOW_SHAPES leave out (every dtype, fp32 being the
 # FFMA twin of the tensor-core kernel): an explicit (nW, N, N) mask with a table, and no table
 # at batch 1 (one window: no fold, no chunk sum).
 FUSED_INPUT_CASES = {
@@ -601,16 +581,7 @@ def test_window_fused_backward_reads_inputs_once(table, dtype):
     (unique bytes per launch): q, k, v, dO, O, lse and the table are read once, every gradient
     byte is written once, and the only workspace is the (chunks, h, table rows) partials,
     written once and read once."""
-    import sys
-    from pathlib import Path
-
-    from semask_fast import _build
-
-    if _build.toolchain_reasons("trace"):
-        pytest.skip("; ".join(_build.toolchain_reasons("trace")))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from benchmarks.traffic import harness_bytes
-
+    _require_trace_build()
     b_, h, ws, d, shift, grid = 4, 2, (7, 7), 32, (3, 3), (2, 2)
     n, trows = ws[0] * ws[1], (2 * ws[0] - 1) * (2 * ws[1] - 1)
     g = torch.Generator().manual_seed(12)

@@ -5,17 +5,12 @@ exactly: a window partition reads every input byte once and writes every output 
 included, whatever the geometry.  These numbers come from the tensors' sizes, not from a table.
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from benchmarks.traffic import harness_bytes
 from semask_fast import _build
 from semask_fast.ops.window_process import padded_grid
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from benchmarks.traffic import harness_bytes  # noqa: E402
 
 pytestmark = pytest.mark.harness
 
