@@ -159,6 +159,16 @@ def triton_bytes(fn: Callable[[], object]) -> Traffic:
     return traffic
 
 
+def gpu_tiles() -> None:
+    """Make the Triton launchers pick the tiles a GPU runs, not the interpreter's large test tiles,
+    so the interpreter counts what a GPU would move."""
+    from semask_fast.kernels import atm_attention, mask_similarity, semantic_attention, window_attention
+
+    for module in (atm_attention, mask_similarity, semantic_attention):
+        module.INTERPRETER_TILES = False
+    window_attention.MULTI_TILE = window_attention.GPU_MULTI_TILE
+
+
 def harness_bytes(source: str, fn: Callable[[object], object], inputs: Iterable[torch.Tensor],
                   regions: Optional[list] = None) -> Traffic:
     """Bytes the CUDA kernels of ``csrc/ops/<source>`` launched by ``fn(lib)`` read and write.

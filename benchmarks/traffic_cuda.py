@@ -45,17 +45,9 @@ import torch  # noqa: E402
 import semask_fast  # noqa: E402
 from semask_fast import record_dispatch  # noqa: E402
 from semask_fast.backends.cuda import SimtImpl  # noqa: E402
-from benchmarks.traffic import aten_bytes, harness_bytes, minimum_bytes, triton_bytes, write_section  # noqa: E402
+from benchmarks.traffic import (aten_bytes, gpu_tiles, harness_bytes, minimum_bytes, triton_bytes,  # noqa: E402
+                                write_section)
 
-
-
-def gpu_tiles():
-    """Make the Triton launchers pick the tiles a GPU runs, not the interpreter's test tiles."""
-    from semask_fast.kernels import atm_attention, mask_similarity, semantic_attention, window_attention
-
-    for module in (atm_attention, mask_similarity, semantic_attention):
-        module.INTERPRETER_TILES = False
-    window_attention.MULTI_TILE = window_attention.GPU_MULTI_TILE
 
 
 @contextlib.contextmanager

@@ -47,7 +47,7 @@ import triton  # noqa: E402
 
 import semask_fast  # noqa: E402
 from semask_fast import reference as ref  # noqa: E402
-from benchmarks.traffic import aten_bytes, minimum_bytes, triton_bytes, write_section  # noqa: E402
+from benchmarks.traffic import aten_bytes, gpu_tiles, minimum_bytes, triton_bytes, write_section  # noqa: E402
 
 GPU = dict(name="H100-SXM5", bw=3.35e12, half=989e12)
 
@@ -250,11 +250,7 @@ def dm_reads(B, H, NQ, NK, D) -> str:
 
 
 def main():
-    # Count the tiles a GPU runs, not the interpreter's large test tiles.
-    from semask_fast.kernels import atm_attention, mask_similarity, semantic_attention
-
-    for module in (atm_attention, mask_similarity, semantic_attention):
-        module.INTERPRETER_TILES = False
+    gpu_tiles()  # count the tiles a GPU runs, not the interpreter's large test tiles
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--no-write", action="store_true", help="print the tables only")
     args = parser.parse_args()
