@@ -39,6 +39,7 @@ setup(
         "semask_fast.backends",
         "semask_fast.backends.triton",
         "semask_fast.backends.cuda",
+        "semask_fast.backends.cpu",
         "semask_fast.ops",
         "semask_fast.nn",
         "semask_fast.models",

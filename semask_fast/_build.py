@@ -11,6 +11,14 @@ Every ``csrc/ops/<name>.cu`` is built on its own, in two flavours (and a third f
   ``torch.ops.semask_fast_trace_<name>.*`` beside ``trace_begin`` / ``trace_end``.  Used by
   ``benchmarks/traffic_cuda.py``, never by a backend.
 
+The native CPU kernels, ``csrc/cpu/<name>.cpp``, are a fourth flavour:
+
+* ``"cpu"``: g++ with OpenMP (``at::parallel_for``) for the instruction set of the machine it runs
+  on (``-march=native``; ``SEMASK_FAST_CPU_ISA=portable`` builds for the compiler's baseline
+  instead, e.g. plain x86-64 SSE2); ops appear as ``torch.ops.semask_fast_cpu.*``.  The CPU's
+  feature flags are part of the build hash: a cache shared by machines of different CPUs never
+  hands one a library built for the other.
+
 One shared library per (flavour, source file): a file that does not compile only takes its own
 ops down, and editing one kernel rebuilds one library.  Builds go through
 ``torch.utils.cpp_extension.load`` (ninja) into a directory named after a hash of everything
@@ -34,11 +42,11 @@ import threading
 from pathlib import Path
 from typing import Dict, List, Optional
 
-FLAVOURS = ("simt", "cuda", "trace")
+FLAVOURS = ("simt", "cuda", "trace", "cpu")
 
 #: torch.ops namespace of each flavour (SF_TORCH_NS in csrc/include/sf_torch.h); the trace
 #: flavour has one per source (several traced libraries can be loaded at once).
-NAMESPACES = {"simt": "semask_fast_simt", "cuda": "semask_fast_cuda"}
+NAMESPACES = {"simt": "semask_fast_simt", "cuda": "semask_fast_cuda", "cpu": "semask_fast_cpu"}
 
 
 def namespace(flavour: str, source: Path) -> str:
@@ -64,6 +72,12 @@ SIMT_CFLAGS = ["-O2", "-std=c++20", "-DSF_SIMT", "-fno-strict-aliasing", "-Wno-u
 TRACE_CFLAGS = SIMT_CFLAGS + ["-DSF_TRACE", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0"]
 #: g++ flags of the flavours compiled as C++ (the harness).
 HOST_CFLAGS = {"simt": SIMT_CFLAGS, "trace": TRACE_CFLAGS}
+#: g++ flags of the native CPU kernels (the instruction set is added by :func:`cpu_isa_flags`).  No
+#: -ffast-math: the kernels' exp is their own, and NaN/inf must propagate as in PyTorch.
+#: -fno-tree-loop-distribute-patterns: a row copy stays a vector loop, not a memcpy call per row.
+CPU_CFLAGS = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno",
+              "-fno-tree-loop-distribute-patterns", "-Wno-unused-function"]
+CPU_ISAS = ("native", "portable")
 CUDA_CFLAGS = (["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
                + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS])
 
@@ -118,13 +132,52 @@ def cuda_home() -> Optional[Path]:
     return None
 
 
+def cpu_isa() -> str:
+    """Instruction set of the cpu flavour: ``$SEMASK_FAST_CPU_ISA`` (native or portable), default native."""
+    isa = os.environ.get("SEMASK_FAST_CPU_ISA", "native")
+    if isa not in CPU_ISAS:
+        raise ValueError(f"SEMASK_FAST_CPU_ISA={isa!r} (expected one of {CPU_ISAS})")
+    return isa
+
+
+def cpu_isa_flags() -> List[str]:
+    return ["-march=native"] if cpu_isa() == "native" else []
+
+
+def cpu_features() -> str:
+    """This CPU's model and feature flags (Linux /proc/cpuinfo; elsewhere the platform's name)."""
+    import platform
+
+    model = flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key == "model name" and not model:
+                    model = line.split(":", 1)[1].strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{model or platform.processor()}|{flags or platform.machine()}"
+
+
+def _flags(flavour: str) -> List[str]:
+    if flavour == "cpu":
+        return CPU_CFLAGS + cpu_isa_flags()
+    return HOST_CFLAGS.get(flavour, CUDA_CFLAGS)
+
+
 def toolchain_reasons(flavour: str) -> List[str]:
     """Why ``flavour`` cannot be built on this machine ([] = it can)."""
     reasons = []
     if importlib.util.find_spec("ninja") is None and shutil.which("ninja") is None:
         reasons.append("ninja is not installed (pip install ninja)")
     home = cuda_home()
-    if flavour in HOST_CFLAGS:
+    if flavour == "cpu":
+        if shutil.which(os.environ.get("CXX", "g++")) is None:
+            reasons.append("no C++ compiler (g++ or $CXX) for the native CPU kernels")
+    elif flavour in HOST_CFLAGS:
         if shutil.which(os.environ.get("CXX", "g++")) is None:
             reasons.append("no C++ compiler (g++ or $CXX) for the SIMT harness build")
         if home is None:
@@ -154,9 +207,11 @@ def _digest(flavour: str, source: Path, csrc: Optional[Path] = None) -> str:
 
     csrc = csrc or csrc_dir()
     h = hashlib.sha256()
-    flags = HOST_CFLAGS.get(flavour, CUDA_CFLAGS)
-    h.update(f"{flavour}|{torch.__version__}|{flags}".encode())
-    headers = [f for d in ("include", "harness") for f in sorted((csrc / d).iterdir()) if f.suffix in (".h", ".cuh")]
+    h.update(f"{flavour}|{torch.__version__}|{_flags(flavour)}".encode())
+    if flavour == "cpu":
+        h.update(cpu_features().encode())
+    header_dirs = ("cpu",) if flavour == "cpu" else ("include", "harness")
+    headers = [f for d in header_dirs for f in sorted((csrc / d).iterdir()) if f.suffix in (".h", ".cuh")]
     files = [source] + headers
     for f in files:
         if f.is_file():
@@ -258,7 +313,11 @@ def _compile(flavour: str, source: Path, out: Path, verbose: bool) -> None:
     build_dir.mkdir(parents=True, exist_ok=True)
     includes = [str(csrc_dir() / "include")]
     home = cuda_home()
-    if flavour in HOST_CFLAGS:
+    if flavour == "cpu":
+        includes = [str(csrc_dir() / "cpu")]
+        sources = [str(source)]
+        kwargs = dict(extra_cflags=_flags(flavour), extra_ldflags=["-fopenmp"], with_cuda=False)
+    elif flavour in HOST_CFLAGS:
         includes += [str(csrc_dir() / "harness"), str(home / "include")]
         # The .cu is compiled as C++: a wrapper translation unit includes it.
         wrapper = build_dir / f"{source.stem}_{flavour}.cpp"

@@ -16,12 +16,14 @@ import pytest  # noqa: E402
 
 from semask_fast.backends import registry  # noqa: E402
 
-#: Kernel backends every op test runs over.  ``cpu`` is the CUDA C++ source run
-#: by the CPU SIMT harness (``pytest -k harness`` selects it).
+#: Kernel backends every op test runs over.  ``cpu`` is the native C++ CPU backend
+#: (csrc/cpu); ``simt`` is the CUDA C++ source run by the CPU SIMT harness
+#: (``pytest -k harness`` selects it).
 KERNEL_BACKENDS = [
     pytest.param("triton", id="triton"),
     pytest.param("cuda", id="cuda"),
-    pytest.param("cpu", id="cpu-harness", marks=pytest.mark.harness),
+    pytest.param("cpu", id="cpu"),
+    pytest.param("simt", id="simt", marks=pytest.mark.harness),
 ]
 
 #: Backends that must run here (comma list, e.g. "triton,cpu" in CI): for them a

@@ -41,7 +41,7 @@ def fake_backend(monkeypatch):
     """Only the fake kernel backend and the reference serve semantic_attention."""
     registry._load()
     impls = registry._IMPLS["semantic_attention"]
-    for other in ("triton", "cpu"):
+    for other in ("triton", "cpu", "simt"):
         monkeypatch.delitem(impls, other, raising=False)
     monkeypatch.setitem(impls, "cuda", _FakeSemantic())
     monkeypatch.setattr(registry, "_warned", set())
@@ -86,9 +86,9 @@ def test_explicit_backend_that_cannot_serve_raises_with_reasons(fake_backend):
 
 def test_explicit_backend_without_implementation_raises(monkeypatch):
     registry._load()
-    monkeypatch.delitem(registry._IMPLS["semantic_attention"], "cpu", raising=False)
-    with pytest.raises(BackendNotSupportedError, match="no cpu implementation of semantic_attention"):
-        sf.semantic_attention(*_inputs(), backend="cpu")
+    monkeypatch.delitem(registry._IMPLS["semantic_attention"], "simt", raising=False)
+    with pytest.raises(BackendNotSupportedError, match="no simt implementation of semantic_attention"):
+        sf.semantic_attention(*_inputs(), backend="simt")
 
 
 def test_available_backends_lists_every_op_and_backend():
@@ -132,3 +132,18 @@ def test_cli_check_runs_and_reports():
     res = _cli("check", "--dtype", "float32", "--op", "mask_similarity")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "checks ran, 0 failed" in res.stdout
+
+
+def test_auto_on_cpu_tensors_walks_cpu_then_reference():
+    """The correctness tools (Triton's interpreter, the SIMT harness) are never picked automatically:
+    ``auto`` skips them even where they can run, and takes the native cpu backend (or the reference)."""
+    from semask_fast.ops.semantic_attention import SemanticAttentionInputs
+
+    sq, sk, yv = (t.detach() for t in _inputs())
+    inp = SemanticAttentionInputs(sq=sq, sk=sk, yv=yv)
+    for backend in ("triton", "simt"):
+        impl = registry.implementation("semantic_attention", backend)
+        if impl is not None:
+            assert not impl.auto_selectable(inp), backend
+    chosen = registry.select("semantic_attention", inp).backend
+    assert chosen == ("cpu" if not registry.reasons("semantic_attention", "cpu", inp) else "reference")

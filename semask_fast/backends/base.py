@@ -4,7 +4,7 @@ Like xformers' fmha operators, an :class:`OpImpl` states its devices and dtypes
 (and whatever else it needs through :meth:`OpImpl.input_reasons`) and, for
 inputs it cannot serve, returns readable reasons instead of failing.
 
-Kernel backends (triton, cuda, cpu) implement ``forward`` and ``backward``;
+Kernel backends (triton, cuda, cpu, simt) implement ``forward`` and ``backward``;
 the one autograd Function, :class:`KernelFunction`, sits above all of them.
 The reference backend is differentiable through autograd and overrides ``run``.
 """
@@ -69,6 +69,10 @@ class OpImpl:
     #: False for backends that must be asked for by name (e.g. the SIMT harness,
     #: a correctness tool that is slower than the reference).
     auto_select: ClassVar[bool] = True
+
+    def auto_selectable(self, inp: Any) -> bool:
+        """Whether ``backend="auto"`` may pick this implementation for ``inp``."""
+        return self.auto_select
 
     def availability_reasons(self) -> List[str]:
         return []

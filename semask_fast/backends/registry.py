@@ -18,8 +18,10 @@ from typing import Any, Dict, List, Optional, Type
 
 from .base import OpImpl
 
-#: Priority order for ``backend="auto"``.
-BACKENDS = ("cuda", "triton", "cpu", "reference")
+#: Priority order for ``backend="auto"``.  ``simt`` (the CUDA C++ sources in the CPU SIMT harness)
+#: and ``triton`` on CPU tensors (Triton's interpreter) are correctness tools, never picked
+#: automatically (:meth:`OpImpl.auto_selectable`): on CPU tensors ``auto`` walks cpu -> reference.
+BACKENDS = ("cuda", "triton", "cpu", "simt", "reference")
 
 #: Public ops, in the order tables print them.
 OPS = (
@@ -38,7 +40,7 @@ OPS = (
 _OP_MODULES = ("window_attention", "window_process", "shifted_window_attention", "semantic_attention",
                "atm_attention", "mask_similarity")
 IMPLEMENTATION_MODULES = ("semask_fast.backends.reference",) + tuple(
-    f"semask_fast.backends.{package}.{module}" for package in ("triton", "cuda") for module in _OP_MODULES)
+    f"semask_fast.backends.{package}.{module}" for package in ("triton", "cuda", "cpu") for module in _OP_MODULES)
 
 _IMPLS: Dict[str, Dict[str, OpImpl]] = {op: {} for op in OPS}
 _loaded = False
@@ -107,7 +109,7 @@ def select(op: str, inp: Any, backend: str = "auto") -> OpImpl:
     rejected: Dict[str, List[str]] = {}
     for name in BACKENDS:
         impl = implementation(op, name)
-        if impl is not None and not impl.auto_select:
+        if impl is not None and not impl.auto_selectable(inp):
             continue
         why = reasons(op, name, inp)
         if not why:

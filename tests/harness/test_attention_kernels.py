@@ -1,6 +1,6 @@
 """The CUDA attention kernels (csrc/ops/{window,atm,semantic}_attention.cu) under the SIMT harness.
 
-The shared parity tests in tests/ops/ already run these kernels through the ``cpu``
+The shared parity tests in tests/ops/ already run these kernels through the ``simt``
 backend (``pytest -k harness``).  This file adds what they do not cover:
 
 * dropout: the kernels' Philox hash checked against its known-answer vector, and
@@ -17,7 +17,7 @@ backend (``pytest -k harness``).  This file adds what they do not cover:
   heads), dropout, bitwise reproducibility.
 
 Every parity check goes through ``assert_parity`` (float64 reference, and the
-``cpu`` backend must have run forward and backward).  bf16 and fp16 run the same
+``simt`` backend must have run forward and backward).  bf16 and fp16 run the same
 kernel code as on a GPU (fp32 accumulation of the FFMA path); nothing is upcast
 for the harness.
 """
@@ -37,7 +37,7 @@ from tests.conftest import require_backend
 
 pytestmark = pytest.mark.harness
 
-BACKEND = "cpu"
+BACKEND = "simt"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IDS = lambda d: str(d).replace("torch.", "")  # noqa: E731
 

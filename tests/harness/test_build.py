@@ -44,7 +44,7 @@ def test_every_op_source_defines_forward_and_backward():
 @pytest.mark.harness
 @pytest.mark.parametrize("source", SOURCES)
 def test_simt_extension_builds_and_loads(source):
-    _require_toolchain("simt", "cpu")
+    _require_toolchain("simt", "simt")
     ns = _build.load("simt", source)
     for name in _schema_names(source):
         assert hasattr(ns, name), f"torch.ops.semask_fast_simt.{name} missing after loading {source}"
@@ -89,12 +89,12 @@ def test_harness_backend_is_never_picked_automatically():
     from semask_fast.ops.window_process import WindowPartitionInputs
 
     inp = WindowPartitionInputs(x=x, window_size=(7, 7), shift_size=(0, 0), pad_then_roll=True)
-    assert registry.select("window_partition", inp).backend != "cpu"
-    assert registry.implementation("window_partition", "cpu").auto_select is False
+    assert registry.select("window_partition", inp).backend != "simt"
+    assert registry.implementation("window_partition", "simt").auto_select is False
 
 
 def test_build_failure_becomes_an_availability_reason(tmp_path, monkeypatch):
-    _require_toolchain("simt", "cpu")
+    _require_toolchain("simt", "simt")
     src = tmp_path / "csrc"
     shutil.copytree(_build.csrc_dir() / "include", src / "include")
     shutil.copytree(_build.csrc_dir() / "harness", src / "harness")

@@ -19,7 +19,7 @@ from tests.conftest import require_backend
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ids = {"dtype": lambda d: str(d).replace("torch.", "")}
-BACKENDS = [pytest.param("cuda", id="cuda"), pytest.param("cpu", id="cpu-harness", marks=pytest.mark.harness)]
+BACKENDS = [pytest.param("cuda", id="cuda"), pytest.param("simt", id="simt", marks=pytest.mark.harness)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

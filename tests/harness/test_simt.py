@@ -21,7 +21,7 @@ def simt():
     reasons = _build.toolchain_reasons("simt")
     if reasons:
         msg = "SIMT harness cannot build here: " + "; ".join(reasons)
-        if "cpu" in REQUIRED_BACKENDS:
+        if "simt" in REQUIRED_BACKENDS:
             pytest.fail(msg)
         pytest.skip(msg)
     return _build.load("simt", "harness/selftest.cu")

@@ -137,3 +137,76 @@ def test_triton_gpu_tiling(monkeypatch):
     monkeypatch.setattr(k, "MULTI_TILE", k.GPU_MULTI_TILE)
     t = _inputs(1, 10, 13, 1, 16, (7, 7), "cpu")
     assert_parity(_fn(1, (7, 7), (3, 3), True), t, list(t), torch.float32, backend="triton", op=OP)
+
+
+# --------------------------------------------------------------------------- #
+# cpu-specific (the native C++ kernels, image mode of csrc/cpu/window_attention.cpp)
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("pad_then_roll", [True, False], ids=["pad-then-roll", "roll-then-pad"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["no-dropout", "dropout"])
+def test_cpu_gradcheck_float64(pad_then_roll, dropout_p):
+    """gradcheck on the zero-copy kernels (fp64): d(qkv), d(bias_table) and d(qkv_bias) through padded
+    tokens, a shift, a non-square window and a head dim that fills no vector."""
+    require_backend(OP, "cpu")
+    t = _inputs(2, 5, 7, 2, 3, (2, 3), "cpu")
+    inputs = tuple(t[n].requires_grad_() for n in ("qkv", "bias_table", "qkv_bias"))
+
+    def fn(qkv, table, qkv_bias):
+        torch.manual_seed(0)
+        return semask_fast.shifted_window_attention(qkv, table, qkv_bias=qkv_bias, num_heads=2, window_size=(2, 3),
+                                                    shift_size=(1, 1), pad_then_roll=pad_then_roll,
+                                                    dropout_p=dropout_p, backend="cpu")
+
+    with record_dispatch() as ran:
+        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+    assert {b for _, b, _ in ran} == {"cpu"} and (OP, "cpu", "backward") in ran
+
+
+def test_cpu_dropout_replay():
+    """Image layout: the keep-mask is keyed by (window, head, i, j) as in the window layout."""
+    require_backend(OP, "cpu")
+    from semask_fast.backends.cuda.window_attention import draw_seed, dropout_keep
+
+    b, H, W, h, d, ws, p = 2, 10, 13, 2, 16, (7, 7), 0.25
+    t = {n: v.float().requires_grad_() for n, v in _inputs(b, H, W, h, d, ws, "cpu").items()}
+    torch.manual_seed(7)
+    keep = dropout_keep(draw_seed(), (b * 4, h, 49, 49), p)
+    torch.manual_seed(7)
+    with record_dispatch() as ran:
+        out = semask_fast.shifted_window_attention(t["qkv"], t["bias_table"], qkv_bias=t["qkv_bias"], num_heads=h,
+                                                   window_size=ws, shift_size=3, dropout_p=p, backend="cpu")
+        gout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, list(t.values()), gout)
+    assert ran == [(OP, "cpu", "forward"), (OP, "cpu", "backward")]
+    r = {n: v.detach().double().requires_grad_() for n, v in t.items()}
+    ref = reference.shifted_window_attention(r["qkv"], r["bias_table"], qkv_bias=r["qkv_bias"], num_heads=h,
+                                             window_size=ws, shift_size=(3, 3), dropout_p=p, dropout_keep=keep)
+    ref_grads = torch.autograd.grad(ref, list(r.values()), gout.double())
+    from semask_fast.testing import TOLERANCES
+
+    tol = TOLERANCES[torch.float32][1]
+    torch.testing.assert_close(out.double(), ref, atol=tol.atol, rtol=tol.rtol)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), rg, atol=tol.atol, rtol=tol.rtol)
+
+
+def test_cpu_bitwise_independent_of_thread_count():
+    """d(bias_table) and d(qkv_bias) are sums over windows: bitwise the same with 1 and 2 threads."""
+    require_backend(OP, "cpu")
+    t = {n: v.float() for n, v in _inputs(3, 17, 19, 3, 32, (7, 7), "cpu").items()}
+    results = []
+    previous = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            x = {n: v.clone().requires_grad_() for n, v in t.items()}
+            out = semask_fast.shifted_window_attention(x["qkv"], x["bias_table"], qkv_bias=x["qkv_bias"], num_heads=3,
+                                                       window_size=7, shift_size=3, backend="cpu")
+            out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
+            results.append([out] + [x[n].grad for n in ("qkv", "bias_table", "qkv_bias")])
+        finally:
+            torch.set_num_threads(previous)
+    for name, a, b in zip(["out", "qkv", "bias_table", "qkv_bias"], *results):
+        assert torch.equal(a, b), name

@@ -239,3 +239,130 @@ def test_triton_gpu_tiling(monkeypatch, dtype):
     assert k.tiling(49, 32, backward=True)[:3:2] == (16, 4)
     assert_parity(_fn((7, 7), (3, 3), (1, 2)), _inputs(2, 1, (7, 7), 32, None, "cpu"), GRADS, dtype,
                   backend="triton", op=OP)
+
+
+# --------------------------------------------------------------------------- #
+# cpu-specific (the native C++ kernels of csrc/cpu/window_attention.cpp)
+# --------------------------------------------------------------------------- #
+
+# (B*nW, heads, window, head_dim, shift, grid, explicit-mask nW): small, every logit path, head dims
+# that fill no vector (5) and two vectors (32).
+CPU_GRADCHECK_SHAPES = {
+    "shift-table": (4, 2, (3, 3), 5, (1, 1), (2, 2), None),
+    "explicit-mask-nonsquare": (4, 1, (2, 3), 8, (0, 0), None, 2),
+    "no-shift-d32": (2, 1, (2, 2), 32, (0, 0), None, None),
+}
+
+
+@pytest.mark.parametrize("name", list(CPU_GRADCHECK_SHAPES))
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_cpu_gradcheck_float64(name, dropout_p):
+    """torch.autograd.gradcheck on the kernels themselves (fp64): output and every gradient, with
+    dropout too (the seed is fixed per call, so the kernel is one function of its inputs)."""
+    require_backend(OP, "cpu")
+    b_, h, ws, d, shift, grid, mask_nw = CPU_GRADCHECK_SHAPES[name]
+    t = _inputs(b_, h, ws, d, mask_nw, "cpu")
+    mask = t.pop("mask", None)
+    inputs = tuple(t[n].requires_grad_() for n in GRADS)
+
+    def fn(q, k, v, table):
+        torch.manual_seed(0)
+        return semask_fast.window_attention(q, k, v, table, window_size=ws, shift_size=shift, grid=grid, mask=mask,
+                                            dropout_p=dropout_p, backend="cpu")
+
+    with record_dispatch() as ran:
+        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+    assert (OP, "cpu", "forward") in ran and (OP, "cpu", "backward") in ran
+    assert {b for _, b, _ in ran} == {"cpu"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_cpu_dropout_replay(dtype):
+    """The kernels' keep-mask (the GPU kernels' Philox hash, replayed in numpy) reproduces the
+    forward and every gradient in the reference."""
+    require_backend(OP, "cpu")
+    from semask_fast.backends.cuda.window_attention import draw_seed, dropout_keep
+
+    p, b_, h = 0.3, 4, 2
+    t = {n: v.to(dtype).requires_grad_() for n, v in _inputs(b_, h, (7, 7), 16, None, "cpu").items()}
+    torch.manual_seed(123)
+    keep = dropout_keep(draw_seed(), (b_, h, 49, 49), p)
+    assert 0.6 < keep.float().mean().item() < 0.8
+    torch.manual_seed(123)
+    with record_dispatch() as ran:
+        out = semask_fast.window_attention(t["q"], t["k"], t["v"], t["bias_table"], window_size=7, shift_size=3,
+                                           grid=(2, 2), dropout_p=p, backend="cpu")
+        gout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, [t[n] for n in GRADS], gout)
+    assert ran == [(OP, "cpu", "forward"), (OP, "cpu", "backward")]
+    r = {n: v.detach().double().requires_grad_() for n, v in t.items()}
+    ref = reference.window_attention(r["q"], r["k"], r["v"], r["bias_table"], window_size=(7, 7), shift_size=(3, 3),
+                                     grid=(2, 2), dropout_p=p, dropout_keep=keep)
+    ref_grads = torch.autograd.grad(ref, [r[n] for n in GRADS], gout.double())
+    from semask_fast.testing import TOLERANCES
+
+    tol = TOLERANCES[dtype][1]
+    torch.testing.assert_close(out.double(), ref, atol=tol.atol, rtol=tol.rtol)
+    for name, g, rg in zip(GRADS, grads, ref_grads):
+        torch.testing.assert_close(g.double(), rg, atol=tol.atol, rtol=tol.rtol, msg=lambda m: f"d{name}: {m}")
+
+
+def _cpu_fwd_bwd(t, threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = {n: v.detach().clone().requires_grad_() for n, v in t.items()}
+        out = semask_fast.window_attention(x["q"], x["k"], x["v"], x["bias_table"], window_size=7, shift_size=3,
+                                           grid=(3, 3), backend="cpu")
+        out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
+        return [out] + [x[n].grad for n in GRADS]
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_cpu_bitwise_independent_of_thread_count():
+    """Every output and gradient (the table's, summed over windows, included) is bitwise the same
+    with one thread and with two: the reduction order is fixed by the shape."""
+    require_backend(OP, "cpu")
+    t = {n: v.float() for n, v in _inputs(18, 3, (7, 7), 32, None, "cpu").items()}
+    one, two = _cpu_fwd_bwd(t, 1), _cpu_fwd_bwd(t, 2)
+    for name, a, b in zip(["out"] + GRADS, one, two):
+        assert torch.equal(a, b), name
+
+
+def test_cpu_is_picked_automatically_for_cpu_tensors():
+    require_backend(OP, "cpu")
+    t = {n: v.float().requires_grad_() for n, v in _inputs(4, 2, (7, 7), 32, None, "cpu").items()}
+    with record_dispatch() as ran:
+        out = semask_fast.window_attention(t["q"], t["k"], t["v"], t["bias_table"], window_size=7, shift_size=3,
+                                           grid=(2, 2))
+        out.sum().backward()
+    assert ran == [(OP, "cpu", "forward"), (OP, "cpu", "backward")]
+
+
+def test_cpu_allocates_nothing_quadratic():
+    """No (B*nW, h, N, N) tensor in forward or backward: the largest allocation the profiler sees
+    is the size of q (the outputs, gradients and saved tensors), far below one logit per pair."""
+    require_backend(OP, "cpu")
+    b_, h, n, d = 64, 3, 49, 16
+    t = {k: v.float().requires_grad_() for k, v in _inputs(b_, h, (7, 7), d, None, "cpu").items()}
+    semask_fast.window_attention(t["q"], t["k"], t["v"], t["bias_table"], window_size=7, shift_size=3,
+                                 grid=(8, 8), backend="cpu").sum().backward()  # build and warm up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = semask_fast.window_attention(t["q"], t["k"], t["v"], t["bias_table"], window_size=7, shift_size=3,
+                                           grid=(8, 8), backend="cpu")
+        out.sum().backward()
+    # Every allocation goes through aten::empty / empty_strided (in the kernels' bindings too).
+    sizes = [e.cpu_memory_usage for e in prof.events() if e.name in ("aten::empty", "aten::empty_strided")]
+    assert sizes, "the profiler recorded no allocation"
+    assert max(sizes) <= b_ * h * n * d * 4
+    assert max(sizes) < b_ * h * n * n * 4 // 2
+
+
+def test_cpu_reasons_window_tokens():
+    require_backend(OP, "cpu")
+    from semask_fast.backends.cpu.window_attention import MAX_WINDOW_TOKENS
+
+    q = torch.randn(1, 1, (MAX_WINDOW_TOKENS // 32 + 1) * 32, 4)
+    with pytest.raises(BackendNotSupportedError, match="window of N="):
+        semask_fast.window_attention(q, q, q, window_size=(MAX_WINDOW_TOKENS // 32 + 1, 32), backend="cpu")

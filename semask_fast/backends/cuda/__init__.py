@@ -1,9 +1,10 @@
 """The CUDA C++ kernels of ``csrc/ops``, as two backends.
 
 * ``cuda`` (:class:`CudaImpl`): the nvcc build (sm_80, sm_90) on CUDA tensors.
-* ``cpu`` (:class:`SimtImpl`): the same kernel sources compiled by g++ into the CPU SIMT
+* ``simt`` (:class:`SimtImpl`): the same kernel sources compiled by g++ into the CPU SIMT
   harness, on CPU tensors.  A correctness tool (every kernel runs in CI without a GPU), slower
-  than the reference, so it is never picked automatically: ask for ``backend="cpu"``.
+  than the reference, so it is never picked automatically: ask for ``backend="simt"``.  (The fast
+  native CPU kernels are the ``cpu`` backend, :mod:`semask_fast.backends.cpu`.)
 
 Each op family has a module here (``window_process``, ``mask_similarity``, ...) with one
 ``KernelImpl`` mixin that calls ``self.library().<op>_forward`` / ``_backward`` and registers a
@@ -85,7 +86,7 @@ class CudaImpl(_CompiledImpl):
 
 
 class SimtImpl(_CompiledImpl):
-    backend = "cpu"
+    backend = "simt"
     flavour = "simt"
     auto_select = False
 

@@ -1,0 +1,425 @@
+// What every native CPU kernel (csrc/cpu/*.cpp) shares: the vector type, a vector exp, the
+// register-blocked product every attention op is made of, denormal flushing, parallel loops,
+// dtype dispatch and the torch bindings (namespace semask_fast_cpu).
+//
+// Vectors are GCC vector extensions sized to the widest registers the build targets (AVX-512:
+// 16 floats, AVX/AVX2: 8, otherwise 4): one source for every instruction set, the compiler picks
+// the instructions (FMA where present, since -ffp-contract=fast).  The build is -march=native
+// (semask_fast/_build.py), or the compiler's baseline for SEMASK_FAST_CPU_ISA=portable.
+//
+// Every kernel computes in fp32 (fp64 for double inputs, so gradcheck runs on the kernels);
+// fp16 / bf16 rows are converted to fp32 when staged and rounded once when written.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(__SSE__) || defined(__x86_64__)
+#include <xmmintrin.h>
+#define SF_CPU_X86 1
+#endif
+
+#if defined(__AVX512F__)
+#define SF_CPU_VEC_BYTES 64
+#elif defined(__AVX__)
+#define SF_CPU_VEC_BYTES 32
+#else
+#define SF_CPU_VEC_BYTES 16
+#endif
+
+// Accumulator registers the product's register blocking may use (AVX-512 has 32 vector
+// registers, AVX2 and SSE 16; a few stay free for operands).
+#if defined(__AVX512F__)
+#define SF_CPU_ACC_REGS 24
+#else
+#define SF_CPU_ACC_REGS 12
+#endif
+
+namespace sf::cpu {
+
+// ------------------------------------------------------------------ vectors --
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(SF_CPU_VEC_BYTES)));
+  typedef float unaligned __attribute__((vector_size(SF_CPU_VEC_BYTES), aligned(4)));
+  typedef int32_t mask __attribute__((vector_size(SF_CPU_VEC_BYTES)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(SF_CPU_VEC_BYTES)));
+  typedef double unaligned __attribute__((vector_size(SF_CPU_VEC_BYTES), aligned(8)));
+  typedef int64_t mask __attribute__((vector_size(SF_CPU_VEC_BYTES)));
+};
+
+template <typename T>
+using Vec = typename VecOf<T>::type;
+template <typename T>
+constexpr int kLanes = SF_CPU_VEC_BYTES / sizeof(T);
+
+template <typename T>
+inline Vec<T> vload(const T* p) {
+  return *reinterpret_cast<const typename VecOf<T>::unaligned*>(p);
+}
+template <typename T>
+inline void vstore(T* p, Vec<T> v) {
+  *reinterpret_cast<typename VecOf<T>::unaligned*>(p) = v;
+}
+template <typename T>
+inline Vec<T> vsplat(T x) {
+  return Vec<T>{} + x;
+}
+template <typename T>
+inline Vec<T> vmax(Vec<T> a, Vec<T> b) {
+  return a > b ? a : b;
+}
+template <typename T>
+inline T hsum(Vec<T> v) {
+  T s = 0;
+  for (int i = 0; i < kLanes<T>; ++i) s += v[i];
+  return s;
+}
+template <typename T>
+inline T hmax(Vec<T> v) {
+  T m = v[0];
+  for (int i = 1; i < kLanes<T>; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+// exp(x) lane by lane.  fp32: Cody-Waite reduction x = n ln2 + r and a degree-6 polynomial for
+// e^r (Cephes' expf, relative error ~2 ulp on [-87.3, 88.3]), 2^n built in the exponent bits;
+// -inf and x < -87.3 give 0 (flushed, as FTZ would), NaN stays NaN, x > 88.72 gives inf.  The
+// kernels call it on x - rowmax <= 0.  fp64 calls std::exp per lane (fp64 serves gradcheck).
+inline Vec<float> vexp(Vec<float> x) {
+  using V = Vec<float>;
+  using I = VecOf<float>::mask;
+  const V magic = vsplat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const V xc = vmax<float>(vsplat(-87.5f), x < 88.3f ? x : vsplat(88.3f));  // 2^n stays normal
+  const V t = xc * 1.44269504088896341f + magic;
+  const V n = t - magic;
+  V r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  V p = vsplat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const I bits = (reinterpret_cast<const I&>(t) - reinterpret_cast<const I&>(magic) + 127) << 23;
+  V y = p * reinterpret_cast<const V&>(bits);
+  y = x < -87.3f ? vsplat(0.0f) : y;
+  y = x > 88.72f ? vsplat(std::numeric_limits<float>::infinity()) : y;
+  return x != x ? x : y;  // NaN in, NaN out
+}
+
+inline Vec<double> vexp(Vec<double> x) {
+  for (int i = 0; i < kLanes<double>; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
+
+// log(x) lane by lane for x > 0 (Cephes' logf: mantissa in [sqrt(1/2), sqrt(2)), degree-8
+// polynomial, ~1 ulp); x = 0 gives -inf, x = inf gives inf, NaN and x < 0 give NaN.  fp64: std::log.
+inline Vec<float> vlog(Vec<float> x) {
+  using V = Vec<float>;
+  using I = VecOf<float>::mask;
+  const I bits = reinterpret_cast<const I&>(x);
+  I e = ((bits >> 23) & 0xff) - 126;
+  const I mbits = (bits & 0x007fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  V m = reinterpret_cast<const V&>(mbits);
+  const I small = m < 0.707106781186547524f;  // -1 where m < sqrt(1/2): use 2m, e - 1
+  e += small;
+  m = m + (small ? m : vsplat(0.0f)) - 1.0f;
+  const V z = m * m;
+  V y = vsplat(7.0376836292e-2f);
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const V ef = __builtin_convertvector(e, V);
+  y += ef * -2.12194440e-4f;
+  y -= 0.5f * z;
+  V r = m + y + ef * 0.693359375f;
+  r = x == 0.0f ? vsplat(-std::numeric_limits<float>::infinity()) : r;
+  r = x == std::numeric_limits<float>::infinity() ? x : r;
+  return (x < 0.0f) | (x != x) ? vsplat(std::numeric_limits<float>::quiet_NaN()) : r;
+}
+
+inline Vec<double> vlog(Vec<double> x) {
+  for (int i = 0; i < kLanes<double>; ++i) x[i] = std::log(x[i]);
+  return x;
+}
+
+template <typename T>
+inline T sexp(T x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return vexp(vsplat(x))[0];
+  } else {
+    return std::exp(x);
+  }
+}
+
+// ------------------------------------------------------------ the product --
+// C[r][v] (R rows x V vectors of kLanes<T> columns) = init[r][v] + sum_{k < K} A(r, k) * B[k][v]:
+// A read as scalars A[r * a_rs + k * a_ks] and broadcast, B rows of vectors (row stride ldb),
+// C and init row stride ldc; init may be C itself (accumulate) or nullptr (zero).  Every attention
+// product of the CPU kernels is one of these with the right strides (S^T = K Q^T + bias,
+// O = P V, dV = P^T dO, ...); the register block stays in registers for the whole k loop.
+template <typename T, int R, int V>
+inline void block_product(int K, const T* __restrict__ A, int64_t a_rs, int64_t a_ks, const T* __restrict__ B,
+                          int64_t ldb, T* C, int64_t ldc, const T* init) {
+  constexpr int L = kLanes<T>;
+  Vec<T> acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = init ? vload(init + r * ldc + v * L) : Vec<T>{};
+  for (int k = 0; k < K; ++k) {
+    Vec<T> b[V];
+    for (int v = 0; v < V; ++v) b[v] = vload(B + k * ldb + v * L);
+    for (int r = 0; r < R; ++r) {
+      const Vec<T> a = vsplat(A[r * a_rs + k * a_ks]);
+      for (int v = 0; v < V; ++v) acc[r][v] += a * b[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) vstore(C + r * ldc + v * L, acc[r][v]);
+}
+
+constexpr int kMaxBlockVecs = 4;
+constexpr int kMaxBlockRows = 12;
+
+template <typename T, int V, int... Rs>
+constexpr auto row_table(std::integer_sequence<int, Rs...>) {
+  using Fn = void (*)(int, const T*, int64_t, int64_t, const T*, int64_t, T*, int64_t, const T*);
+  return std::array<Fn, sizeof...(Rs)>{&block_product<T, Rs + 1, V>...};
+}
+
+// Rows per register block for V vectors: as many as the accumulator registers allow.
+constexpr int block_rows(int v) { return std::min(kMaxBlockRows, SF_CPU_ACC_REGS / v); }
+
+// C (rows x cols, cols a multiple of kLanes<T>) = [C or init +] sum_k A(r, k) B[k][:], tiled into
+// register blocks.  The caller pads cols (zero columns in B) to whole vectors.  accumulate: add to
+// C; init (row stride ldc, exclusive with accumulate): add to these values instead.
+template <typename T>
+inline void product(int rows, int cols, int K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb, T* C,
+                    int64_t ldc, bool accumulate = false, const T* init = nullptr) {
+  constexpr int L = kLanes<T>;
+  static constexpr auto t1 = row_table<T, 1>(std::make_integer_sequence<int, kMaxBlockRows>{});
+  static constexpr auto t2 = row_table<T, 2>(std::make_integer_sequence<int, kMaxBlockRows>{});
+  static constexpr auto t3 = row_table<T, 3>(std::make_integer_sequence<int, kMaxBlockRows>{});
+  static constexpr auto t4 = row_table<T, 4>(std::make_integer_sequence<int, kMaxBlockRows>{});
+  const int vecs = cols / L;
+  for (int v0 = 0; v0 < vecs; v0 += kMaxBlockVecs) {
+    const int nv = std::min(kMaxBlockVecs, vecs - v0);
+    const auto& table = nv == 1 ? t1 : nv == 2 ? t2 : nv == 3 ? t3 : t4;
+    const int rb = block_rows(nv);
+    for (int r0 = 0; r0 < rows; r0 += rb) {
+      const int nr = std::min(rb, rows - r0);
+      const int64_t c_off = int64_t(r0) * ldc + v0 * L;
+      const T* start = accumulate ? C + c_off : init ? init + c_off : nullptr;
+      table[nr - 1](K, A + r0 * a_rs, a_rs, a_ks, B + v0 * L, ldb, C + c_off, ldc, start);
+    }
+  }
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ---------------------------------------------------------------- transpose --
+// [a0 b0 a1 b1 ...] of the low halves (hi: of the high halves).
+template <typename T, size_t... I>
+inline Vec<T> interleave_lo(Vec<T> a, Vec<T> b, std::index_sequence<I...>) {
+  constexpr int N = sizeof...(I);
+  return __builtin_shufflevector(a, b, ((I % 2) ? int(I / 2 + N) : int(I / 2))...);
+}
+template <typename T, size_t... I>
+inline Vec<T> interleave_hi(Vec<T> a, Vec<T> b, std::index_sequence<I...>) {
+  constexpr int N = sizeof...(I);
+  return __builtin_shufflevector(a, b, ((I % 2) ? int(I / 2 + N + N / 2) : int(I / 2 + N / 2))...);
+}
+
+// Transposes an L x L block (L = kLanes<T>) in registers: row r of dst = column r of src, times
+// scale.  src rows at src + r * lds (rows >= src_rows read as zeros), dst rows at dst + c * ldd for
+// c < dst_rows.  log2(L) rounds of interleaving row k with row k + L/2 (each round rotates the
+// (row, column) index bits by one).
+template <typename T>
+inline void transpose_block(const T* src, int64_t lds, int src_rows, T* dst, int64_t ldd, int dst_rows, T scale) {
+  constexpr int L = kLanes<T>;
+  constexpr auto seq = std::make_index_sequence<L>{};
+  Vec<T> r[L], t[L];
+  for (int i = 0; i < L; ++i) r[i] = i < src_rows ? vload(src + i * lds) * scale : Vec<T>{};
+  for (int round = 1; round < L; round *= 2) {
+    for (int k = 0; k < L / 2; ++k) {
+      t[2 * k] = interleave_lo<T>(r[k], r[k + L / 2], seq);
+      t[2 * k + 1] = interleave_hi<T>(r[k], r[k + L / 2], seq);
+    }
+    for (int i = 0; i < L; ++i) r[i] = t[i];
+  }
+  for (int c = 0; c < dst_rows; ++c) vstore(dst + c * ldd, r[c]);
+}
+
+// dst (cols x ld_dst) = scale * src^T for src (rows x cols, row stride lds, cols a multiple of L):
+// dst columns past rows, up to round_up(rows, L), are zero.
+template <typename T>
+inline void transpose(const T* src, int64_t lds, int rows, int cols, T* dst, int64_t ld_dst, T scale = T(1)) {
+  constexpr int L = kLanes<T>;
+  for (int r0 = 0; r0 < rows; r0 += L)
+    for (int c0 = 0; c0 < cols; c0 += L)
+      transpose_block(src + r0 * lds + c0, lds, std::min(L, rows - r0), dst + c0 * ld_dst + r0, ld_dst,
+                      std::min(L, cols - c0), scale);
+}
+
+// ------------------------------------------------------------- conversion --
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename Acc<T>::type;
+
+// n elements of src (any storage type) -> dst in the compute type, times scale.
+template <typename S, typename T>
+inline void load_row(T* __restrict__ dst, const S* __restrict__ src, int64_t n, T scale = T(1)) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]) * scale;
+}
+// n elements of src, strided, -> dst.
+template <typename S, typename T>
+inline void load_strided(T* __restrict__ dst, const S* __restrict__ src, int64_t n, int64_t stride, T scale = T(1)) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i * stride]) * scale;
+}
+// n compute-type values -> storage type (fp16 / bf16: round to nearest even).
+template <typename S, typename T>
+inline void store_row(S* __restrict__ dst, const T* __restrict__ src, int64_t n, T scale = T(1)) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<S>(src[i] * scale);
+}
+
+// ------------------------------------------------------- denormals, threads --
+// Sets flush-to-zero and denormals-are-zero for its scope.  The -100 shift mask makes exp
+// underflow; products on denormals run an order of magnitude slower on x86.  fp32 results change
+// only below 1.2e-38, far under every tolerance (the GPU kernels flush too).
+class FlushDenormals {
+ public:
+  FlushDenormals() {
+#ifdef SF_CPU_X86
+    saved_ = _mm_getcsr();
+    _mm_setcsr(saved_ | 0x8040);
+#endif
+  }
+  ~FlushDenormals() {
+#ifdef SF_CPU_X86
+    _mm_setcsr(saved_);
+#endif
+  }
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+
+ private:
+  unsigned saved_ = 0;
+};
+
+// at::parallel_for (torch's thread pool, honouring torch.set_num_threads) with denormals flushed
+// in every worker.  fn(begin, end) over [0, n); grain: items per task at least.
+template <typename F>
+inline void parallel_for(int64_t n, int64_t grain, const F& fn) {
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    FlushDenormals flush;
+    fn(begin, end);
+  });
+}
+
+// A per-thread scratch buffer of at least n elements (reused across calls: no allocation in the
+// hot loop).  Contents are unspecified.
+template <typename T>
+inline T* scratch(int slot, size_t n) {
+  thread_local std::vector<T> buffers[8];
+  auto& b = buffers[slot];
+  if (b.size() < n) b.resize(n);
+  return b.data();
+}
+
+// ------------------------------------------------------------------ dropout --
+// Philox-4x32-10 keyed by the seed, counter (index lo, index hi, 0, 0): first output word.  The
+// same hash as the GPU kernels, so a seed replays the same keep-mask on every backend.
+inline uint32_t philox(uint64_t seed, uint64_t index) {
+  uint32_t c0 = uint32_t(index), c1 = uint32_t(index >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t p0 = uint64_t(0xD2511F53u) * c0, p1 = uint64_t(0xCD9E8D57u) * c2;
+    c0 = uint32_t(p1 >> 32) ^ c1 ^ k0;
+    c1 = uint32_t(p1);
+    c2 = uint32_t(p0 >> 32) ^ c3 ^ k1;
+    c3 = uint32_t(p0);
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+// Multiplier of a probability under dropout: 1/(1-p) when element `index` is kept, else 0
+// (kept when (hash >> 8) / 2^24 >= p, compared in fp32 as on the GPU).
+inline float dropout_factor(uint64_t seed, uint64_t index, float p) {
+  const float u = static_cast<float>(philox(seed, index) >> 8) * (1.0f / 16777216.0f);
+  return u >= p ? 1.0f / (1.0f - p) : 0.0f;
+}
+
+}  // namespace sf::cpu
+
+// ----------------------------------------------------------------- bindings --
+#define SF_CPU_LIBRARY(m) TORCH_LIBRARY_FRAGMENT(semask_fast_cpu, m)
+#define SF_CPU_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(semask_fast_cpu, CPU, m)
+
+#define SF_CPU_CHECK_INPUT(t, n)                                                                   \
+  TORCH_CHECK((t).device().is_cpu(), #t " must be a CPU tensor, got ", (t).device());             \
+  TORCH_CHECK((t).dim() == (n), #t " must have ", n, " dims, got ", (t).dim())
+#define SF_CPU_CHECK_CONTIGUOUS(t) TORCH_CHECK((t).is_contiguous(), #t " must be contiguous")
+#define SF_CPU_CHECK_SAME_DTYPE(t, ref) \
+  TORCH_CHECK((t).scalar_type() == (ref).scalar_type(), #t " has dtype ", (t).scalar_type(), " but " #ref " has ", (ref).scalar_type())
+
+// Runs the lambda with scalar_t = the storage type (float, double, c10::Half, c10::BFloat16) and
+// T = its compute type (float; double for double).
+#define SF_CPU_DISPATCH(dtype, name, ...)                                                               \
+  [&] {                                                                                                 \
+    switch (dtype) {                                                                                    \
+      case at::kFloat: {                                                                                \
+        using scalar_t = float;                                                                         \
+        return __VA_ARGS__();                                                                           \
+      }                                                                                                 \
+      case at::kDouble: {                                                                               \
+        using scalar_t = double;                                                                        \
+        return __VA_ARGS__();                                                                           \
+      }                                                                                                 \
+      case at::kHalf: {                                                                                 \
+        using scalar_t = c10::Half;                                                                     \
+        return __VA_ARGS__();                                                                           \
+      }                                                                                                 \
+      case at::kBFloat16: {                                                                             \
+        using scalar_t = c10::BFloat16;                                                                 \
+        return __VA_ARGS__();                                                                           \
+      }                                                                                                 \
+      default:                                                                                          \
+        TORCH_CHECK(false, name ": unsupported dtype ", dtype, " (float32, float64, float16, bfloat16)"); \
+    }                                                                                                   \
+  }()

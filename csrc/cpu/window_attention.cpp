@@ -1,0 +1,805 @@
+// Swin (shifted-)window attention on the CPU, forward and backward (SPEC.md section 1):
+//   out = dropout(softmax(scale q k^T + bias[rel(i, j)] + mask)) v   per (window, head).
+//
+// One engine, two ways to reach the tokens:
+//   window mode  (window_attention): q, k, v (B_, h, N, d) with any strides but a unit last one
+//                (timm's permuted views of one qkv tensor are read in place);
+//   image mode   (shifted_window_attention, zero-copy): the (B, H, W, 3 h d) qkv image; a window
+//                token is a pixel found by the pad / roll arithmetic of window_process, or a pad
+//                token, which carries qkv_bias; the output goes straight to the (B, H, W, h d) image.
+//
+// A task is one (window, head).  Its tiles live in per-thread scratch, in fp32 (fp64 for double):
+//   S^T (N x Np, keys as rows, queries in vector lanes) = K (Q scale)^T, so the row max and sum of
+//   the softmax are plain vector operations down the rows, then O = P V with P read as
+//   broadcast scalars.  Np = N rounded up to the vector width; padded query lanes hold zero q.
+// The bias is gathered once per call into (h, N, Np) from the table; the shift mask is computed
+// from the tokens' region ids (0 inside a region, mask_value across); an explicit (nW, N, N) mask
+// is transposed once per call.  Forward saves O and the row logsumexp (fp32; fp64 for double);
+// backward recomputes P per task (nothing N x N per window reaches memory) and takes
+//   dV = P^T dO,  dP = dO V^T,  dS = P (dP - rowsum(dO O)),  dQ = scale dS K,  dK = dS^T (scale Q).
+// Table gradient: the windows are split into chunks fixed by the shape (not by the thread count);
+// a task (chunk, head) sums dS over its windows, folds the sum onto the table rows, and the chunks'
+// partials are added in chunk order: bitwise reproducible for any torch.set_num_threads.  The
+// zero-copy qkv_bias gradient (what reaches pad tokens) is reduced the same way.
+// Dropout: keep(element) = philox(seed, ((b_ h + head) N + i) N + j) >= p, as on the GPU.
+#include "sf_cpu.h"
+
+namespace {
+
+using namespace sf::cpu;
+
+// Token geometry of the image mode (as csrc/ops/window_process.cu).
+struct Image {
+  int64_t B;
+  int H, W, Hp, Wp, nWw, nW;
+  int sy, sx;  // roll
+  bool pad_then_roll;
+  int64_t row_stride;  // elements between pixels (3 h d for qkv, h d for out)
+};
+
+// Window-frame position (py, px) -> image pixel (y, x), or false for a pad token.
+inline bool window_to_pixel(const Image& g, int py, int px, int& y, int& x) {
+  if (g.pad_then_roll) {
+    y = py + g.sy;
+    x = px + g.sx;
+    if (y >= g.Hp) y -= g.Hp;
+    if (x >= g.Wp) x -= g.Wp;
+    return y < g.H && x < g.W;
+  }
+  if (py >= g.H || px >= g.W) return false;
+  y = py + g.sy;
+  x = px + g.sx;
+  if (y >= g.H) y -= g.H;
+  if (x >= g.W) x -= g.W;
+  return true;
+}
+
+struct Problem {
+  int64_t batch;  // B_ windows
+  int heads, n, d;
+  int wh, ww;
+  // Shift mask from region ids (grid > 0), or an explicit mask (mask_windows > 0), or neither.
+  int grid_h, grid_w, shift_h, shift_w;
+  int mask_windows;
+  float scale, mask_value, dropout_p;
+  uint64_t seed;
+  int table_rows() const { return (2 * wh - 1) * (2 * ww - 1); }
+  bool shifted() const { return grid_h > 0; }
+};
+
+// Region id (0..8) of token t of window w, as reference.shift_region_ids.
+inline int region_id(const Problem& p, int64_t w, int t) {
+  const int hp = p.grid_h * p.wh, wp = p.grid_w * p.ww;
+  const int y = int(w / p.grid_w) * p.wh + t / p.ww;
+  const int x = int(w % p.grid_w) * p.ww + t % p.ww;
+  const int ry = p.shift_h ? (y >= hp - p.wh) + (y >= hp - p.shift_h) : 0;
+  const int rx = p.shift_w ? (x >= wp - p.ww) + (x >= wp - p.shift_w) : 0;
+  return ry * 3 + rx;
+}
+
+// Relative-position index of (query i, key j), as reference.relative_position_index.
+inline int relative_index(const Problem& p, int i, int j) {
+  const int dy = i / p.ww - j / p.ww + p.wh - 1, dx = i % p.ww - j % p.ww + p.ww - 1;
+  return dy * (2 * p.ww - 1) + dx;
+}
+
+// Where a task's token rows are.  q/k/v rows: pointers to d contiguous elements (nullptr never);
+// out rows: nullptr for a pad token (image mode), whose output is cropped away.
+template <typename S>
+struct Rows {
+  std::vector<const S*> q, k, v;
+  std::vector<S*> out;
+  explicit Rows(int n) : q(n), k(n), v(n), out(n) {}
+};
+
+template <typename S>
+struct WindowTokens {
+  const S *q, *k, *v;
+  int64_t qs[3], ks[3], vs[3];  // strides of dims 0..2 (the last is 1)
+  S* out;                       // (B_, h, N, d) contiguous, or nullptr (backward)
+  int n, d, heads;
+
+  void rows(int64_t b, int head, Rows<S>& r) const {
+    for (int t = 0; t < n; ++t) {
+      r.q[t] = q + b * qs[0] + head * qs[1] + t * qs[2];
+      r.k[t] = k + b * ks[0] + head * ks[1] + t * ks[2];
+      r.v[t] = v + b * vs[0] + head * vs[1] + t * vs[2];
+      r.out[t] = out ? out + ((b * heads + head) * n + t) * d : nullptr;
+    }
+  }
+};
+
+template <typename S>
+struct ImageTokens {
+  const S* qkv;      // (B, H, W, 3 h d)
+  const S* pad_row;  // (3 h d): qkv_bias in qkv's dtype, or zeros
+  S* out;            // (B, H, W, h d), or nullptr
+  Image g;
+  int wh, ww, heads, d;
+
+  void rows(int64_t b_, int head, Rows<S>& r) const {
+    const int64_t b = b_ / g.nW;
+    const int w = int(b_ % g.nW);
+    const int64_t c = int64_t(heads) * d, hoff = int64_t(head) * d;
+    for (int t = 0; t < wh * ww; ++t) {
+      int y, x;
+      const bool real = window_to_pixel(g, (w / g.nWw) * wh + t / ww, (w % g.nWw) * ww + t % ww, y, x);
+      const int64_t pixel = (b * g.H + y) * g.W + x;
+      const S* base = real ? qkv + pixel * 3 * c : pad_row;
+      r.q[t] = base + hoff;
+      r.k[t] = base + c + hoff;
+      r.v[t] = base + 2 * c + hoff;
+      r.out[t] = real && out ? out + pixel * c + hoff : nullptr;
+    }
+  }
+};
+
+// Per-call constants.  The logits' additive part (bias + mask) takes few distinct values: one per
+// head without a mask, one per (corner pattern, head) with the shift mask (a window's region ids
+// depend only on whether it is in the last window row and / or column), one per (mask window,
+// head) with an explicit mask.  Each is stored once in S^T layout (N x Np, zero in padded lanes)
+// and starts the accumulators of the S^T product.
+template <typename T>
+struct Logits {
+  const Problem& p;
+  int np;
+  int patterns = 0;
+  std::vector<T> init;          // (patterns, h, N, Np), or empty: no bias and no mask
+  std::vector<int> rel;         // (N, N): table row of (i, j), indexed [j * N + i]
+
+  Logits(const Problem& p_, int np_, const T* table, const T* mask) : p(p_), np(np_) {
+    const int n = p.n;
+    rel.resize(size_t(n) * n);
+    for (int j = 0; j < n; ++j)
+      for (int i = 0; i < n; ++i) rel[size_t(j) * n + i] = relative_index(p, i, j);
+    patterns = mask ? p.mask_windows : p.shifted() ? 4 : 1;
+    if (!table && !mask && !p.shifted()) return;
+    init.assign(size_t(patterns) * p.heads * n * np, T(0));
+    std::vector<int> region(n);
+    for (int pat = 0; pat < patterns; ++pat) {
+      if (p.shifted()) {  // a window of this pattern: first or last window row / column
+        const int64_t wy = (pat & 2) ? p.grid_h - 1 : 0, wx = (pat & 1) ? p.grid_w - 1 : 0;
+        for (int t = 0; t < n; ++t) region[t] = region_id(p, wy * p.grid_w + wx, t);
+      }
+      for (int h = 0; h < p.heads; ++h) {
+        T* tile = init.data() + (size_t(pat) * p.heads + h) * n * np;
+        for (int j = 0; j < n; ++j)
+          for (int i = 0; i < n; ++i) {
+            T x = table ? table[int64_t(rel[size_t(j) * n + i]) * p.heads + h] : T(0);
+            if (mask) x += mask[(int64_t(pat) * n + i) * n + j];
+            if (p.shifted() && region[i] != region[j]) x += T(p.mask_value);
+            tile[size_t(j) * np + i] = x;
+          }
+      }
+    }
+  }
+
+  // The additive tile of window b_, head h (nullptr: zero).
+  const T* tile(int64_t b_, int h) const {
+    if (init.empty()) return nullptr;
+    int pat = 0;
+    if (p.mask_windows) {
+      pat = int(b_ % p.mask_windows);
+    } else if (p.shifted()) {
+      const int64_t w = b_ % (int64_t(p.grid_h) * p.grid_w);
+      pat = 2 * (w / p.grid_w == p.grid_h - 1) + (w % p.grid_w == p.grid_w - 1);
+    }
+    return init.data() + (size_t(pat) * p.heads + h) * p.n * np;
+  }
+};
+
+// Scratch layout of a task: named tiles carved out of one per-thread buffer.
+template <typename T>
+struct Tiles {
+  T* base;
+  size_t used = 0;
+  T* take(size_t n) {
+    T* p = base + used;
+    used += round_up(int64_t(n), 64 / sizeof(T));  // keep tiles cache-line aligned
+    return p;
+  }
+};
+
+// A tile of token rows as a product operand: rows at ptr + t * ld.
+template <typename T>
+struct Operand {
+  const T* ptr;
+  int64_t ld;
+};
+
+// n rows of d elements -> dst (d <= dp), converted to T, zero columns up to dp.
+template <typename S, typename T>
+inline void copy_row(T* __restrict__ dst, const S* __restrict__ src, int d, int dp) {
+  constexpr int L = kLanes<T>;
+  int c = 0;
+  if constexpr (std::is_same_v<S, T>) {
+    for (; c + L <= d; c += L) vstore(dst + c, vload(src + c));
+  }
+  for (; c < d; ++c) dst[c] = static_cast<T>(src[c]);
+  for (; c < dp; ++c) dst[c] = T(0);
+}
+
+// The rows of a token tensor as an operand: read in place when they are equally spaced rows of
+// the compute type (and, for a B operand or a transpose, fill whole vectors), else staged into
+// tile (N x dp).
+template <typename S, typename T>
+inline Operand<T> rows_operand(const std::vector<const S*>& rows, int n, int d, int dp, bool vector_columns, T* tile) {
+  if constexpr (std::is_same_v<S, T>) {
+    if (!vector_columns || d == dp) {
+      const int64_t ld = n > 1 ? rows[1] - rows[0] : dp;
+      bool uniform = true;
+      for (int t = 2; t < n && uniform; ++t) uniform = rows[t] == rows[0] + t * ld;
+      if (uniform) return {rows[0], ld};
+    }
+  }
+  for (int t = 0; t < n; ++t) copy_row(tile + size_t(t) * dp, rows[t], d, dp);
+  return {tile, dp};
+}
+
+// dst[0:d] = src[0:d] * scale in the storage type.
+template <typename S, typename T>
+inline void write_row(S* __restrict__ dst, const T* __restrict__ src, int d, T scale) {
+  constexpr int L = kLanes<T>;
+  int c = 0;
+  if constexpr (std::is_same_v<S, T>) {
+    const Vec<T> s = vsplat(scale);
+    for (; c + L <= d; c += L) vstore(dst + c, vload(src + c) * s);
+  }
+  for (; c < d; ++c) dst[c] = static_cast<S>(src[c] * scale);
+}
+
+template <typename S, typename T>
+inline T dot_row(const T* __restrict__ a, const S* __restrict__ b, int d) {
+  constexpr int L = kLanes<T>;
+  int c = 0;
+  T s = 0;
+  if constexpr (std::is_same_v<S, T>) {
+    Vec<T> acc{};
+    for (; c + L <= d; c += L) acc += vload(a + c) * vload(b + c);
+    s = hsum<T>(acc);
+  }
+  for (; c < d; ++c) s += a[c] * static_cast<T>(b[c]);
+  return s;
+}
+
+// Fills f[j][i] (N x Np) with the dropout multipliers of (window b_, head h).
+template <typename T>
+inline void dropout_factors(T* f, const Problem& p, int np, int64_t b_, int h) {
+  const uint64_t base = uint64_t((b_ * p.heads + h) * p.n) * uint64_t(p.n);
+  for (int j = 0; j < p.n; ++j)
+    for (int i = 0; i < np; ++i)
+      f[size_t(j) * np + i] = i < p.n ? T(dropout_factor(p.seed, base + uint64_t(i) * p.n + j, p.dropout_p)) : T(0);
+}
+
+// --------------------------------------------------------------- forward --
+template <typename S, typename Tokens>
+void forward(const Problem& p, const Tokens& tokens, const Logits<acc_t<S>>& lg, acc_t<S>* lse) {
+  using T = acc_t<S>;
+  constexpr int L = kLanes<T>;
+  const int n = p.n, d = p.d, np = int(round_up(n, L)), dp = int(round_up(d, L));
+  const size_t tile_elems = size_t(dp) * np + 4 * size_t(n) * dp + 2 * size_t(n) * np + 4 * size_t(np) + 1024;
+  parallel_for(p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
+    Tiles<T> tiles{scratch<T>(0, tile_elems)};
+    T* qt = tiles.take(size_t(dp) * np);
+    T* qtile = tiles.take(size_t(n) * dp);
+    T* ktile = tiles.take(size_t(n) * dp);
+    T* vtile = tiles.take(size_t(n) * dp);
+    T* oacc = tiles.take(size_t(n) * dp);
+    T* st = tiles.take(size_t(n) * np);
+    T* drop = p.dropout_p > 0 ? tiles.take(size_t(n) * np) : nullptr;
+    T* inv_l = tiles.take(np);
+    T* lse_lanes = tiles.take(np);
+    Rows<S> rows(n);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b_ = task / p.heads;
+      const int h = int(task % p.heads);
+      tokens.rows(b_, h, rows);
+      const Operand<T> q = rows_operand(rows.q, n, d, dp, true, qtile);
+      const Operand<T> k = rows_operand(rows.k, n, d, dp, false, ktile);
+      const Operand<T> v = rows_operand(rows.v, n, d, dp, true, vtile);
+      transpose(q.ptr, q.ld, n, dp, qt, np, T(p.scale));
+      product<T>(n, np, d, k.ptr, k.ld, 1, qt, np, st, np, false, lg.tile(b_, h));
+      // Softmax down the key rows, every query lane at once.
+      for (int i = 0; i < np; i += L) {
+        Vec<T> m = vsplat(-std::numeric_limits<T>::infinity());
+        for (int j = 0; j < n; ++j) m = vmax<T>(m, vload(st + size_t(j) * np + i));
+        Vec<T> l{};
+        for (int j = 0; j < n; ++j) {
+          const Vec<T> e = vexp(vload(st + size_t(j) * np + i) - m);
+          vstore(st + size_t(j) * np + i, e);
+          l += e;
+        }
+        vstore(lse_lanes + i, m + vlog(l));
+        vstore(inv_l + i, T(1) / l);
+      }
+      std::copy(lse_lanes, lse_lanes + n, lse + (b_ * p.heads + h) * n);
+      if (drop) {
+        dropout_factors(drop, p, np, b_, h);
+        for (size_t e = 0; e < size_t(n) * np; e += L) vstore(st + e, vload(st + e) * vload(drop + e));
+      }
+      // O[i][:] = sum_j P[i][j] V[j][:]: P^T read as A(i, j) = st[j * np + i].
+      product<T>(n, dp, n, st, 1, np, v.ptr, v.ld, oacc, dp);
+      for (int i = 0; i < n; ++i)
+        if (rows.out[i]) write_row(rows.out[i], oacc + size_t(i) * dp, d, inv_l[i]);
+    }
+  });
+}
+
+// -------------------------------------------------------------- backward --
+// Gradient rows of a task: dq/dk/dv of token t (nullptr for a pad token, whose gradient goes to
+// the chunk's qkv_bias partial instead); dout / out rows of a pad token point to zeros.
+template <typename S>
+struct GradRows {
+  std::vector<S*> dq, dk, dv;
+  std::vector<const S*> dout, out;
+  explicit GradRows(int n) : dq(n), dk(n), dv(n), dout(n), out(n) {}
+};
+
+template <typename S>
+struct WindowGrads {
+  S *dq, *dk, *dv;      // (B_, h, N, d) contiguous
+  const S *dout, *out;  // (B_, h, N, d) contiguous
+  int n, d, heads;
+  void rows(int64_t b, int head, GradRows<S>& r) const {
+    for (int t = 0; t < n; ++t) {
+      const int64_t off = ((b * heads + head) * n + t) * d;
+      r.dq[t] = dq + off;
+      r.dk[t] = dk + off;
+      r.dv[t] = dv + off;
+      r.dout[t] = dout + off;
+      r.out[t] = out + off;
+    }
+  }
+};
+
+template <typename S>
+struct ImageGrads {
+  S* dqkv;              // (B, H, W, 3 h d)
+  const S *dout, *out;  // (B, H, W, h d)
+  const S* zeros;       // (d): dout and out of a pad token
+  Image g;
+  int wh, ww, heads, d;
+  void rows(int64_t b_, int head, GradRows<S>& r) const {
+    const int64_t b = b_ / g.nW;
+    const int w = int(b_ % g.nW);
+    const int64_t c = int64_t(heads) * d, hoff = int64_t(head) * d;
+    for (int t = 0; t < wh * ww; ++t) {
+      int y, x;
+      const bool real = window_to_pixel(g, (w / g.nWw) * wh + t / ww, (w % g.nWw) * ww + t % ww, y, x);
+      const int64_t pixel = (b * g.H + y) * g.W + x;
+      r.dq[t] = real ? dqkv + pixel * 3 * c + hoff : nullptr;
+      r.dk[t] = real ? dqkv + pixel * 3 * c + c + hoff : nullptr;
+      r.dv[t] = real ? dqkv + pixel * 3 * c + 2 * c + hoff : nullptr;
+      r.dout[t] = real ? dout + pixel * c + hoff : zeros;
+      r.out[t] = real ? out + pixel * c + hoff : zeros;
+    }
+  }
+};
+
+// Windows per chunk of the table / qkv_bias gradient: a function of the shape only (so the
+// summation order, hence every bit of the result, does not depend on the thread count), with
+// about kChunkTasks (chunk, head) tasks to balance the threads.
+constexpr int64_t kChunkTasks = 256;
+inline int64_t windows_per_chunk(int64_t batch, int heads) {
+  const int64_t chunks = std::min<int64_t>(batch, std::max<int64_t>(1, (kChunkTasks + heads - 1) / heads));
+  return (batch + chunks - 1) / chunks;
+}
+
+// Writes gradient rows (scaled); a row without a destination (pad token) is added to pad_acc.
+template <typename S, typename T>
+inline void write_grad_rows(const std::vector<S*>& dst, const T* acc, int n, int d, int dp, T scale, T* pad_acc) {
+  for (int t = 0; t < n; ++t) {
+    if (dst[t]) {
+      write_row(dst[t], acc + size_t(t) * dp, d, scale);
+    } else {
+      for (int c = 0; c < d; ++c) pad_acc[c] += acc[size_t(t) * dp + c] * scale;
+    }
+  }
+}
+
+template <typename S, typename Tokens, typename Grads>
+void backward(const Problem& p, const Tokens& tokens, const Grads& grads, const Logits<acc_t<S>>& lg,
+              const acc_t<S>* lse, acc_t<S>* table_partials, acc_t<S>* pad_partials) {
+  using T = acc_t<S>;
+  constexpr int L = kLanes<T>;
+  const int n = p.n, d = p.d, np = int(round_up(n, L)), dp = int(round_up(d, L));
+  const int64_t per_chunk = windows_per_chunk(p.batch, p.heads);
+  const int64_t chunks = (p.batch + per_chunk - 1) / per_chunk;
+  const int rows_of_table = p.table_rows();
+  const size_t tile_elems = 2 * size_t(dp) * np + 5 * size_t(n) * dp + 4 * size_t(n) * np + 3 * size_t(dp) +
+                            3 * size_t(np) + 1024;
+  parallel_for(chunks * p.heads, 1, [&](int64_t begin, int64_t end) {
+    Tiles<T> tiles{scratch<T>(0, tile_elems)};
+    T* qt = tiles.take(size_t(dp) * np);   // (Q scale)^T
+    T* dot = tiles.take(size_t(dp) * np);  // dO^T
+    T* qtile = tiles.take(size_t(n) * dp);
+    T* ktile = tiles.take(size_t(n) * dp);
+    T* vtile = tiles.take(size_t(n) * dp);
+    T* dotile = tiles.take(size_t(n) * dp);
+    T* acc = tiles.take(size_t(n) * dp);   // one gradient's rows at a time
+    T* st = tiles.take(size_t(n) * np);    // S^T, then P^T
+    T* dpt = tiles.take(size_t(n) * np);   // dP^T, then dS^T
+    T* drop = tiles.take(size_t(n) * np);  // dropout multipliers, then P^T dropped
+    T* ds_sum = tiles.take(size_t(n) * np);
+    T* pad_acc = tiles.take(3 * size_t(dp));
+    T* lse_lanes = tiles.take(np);
+    T* delta = tiles.take(np);
+    Rows<S> rows(n);
+    GradRows<S> g(n);
+    const bool want_table = table_partials != nullptr;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t chunk = task / p.heads;
+      const int h = int(task % p.heads);
+      if (want_table) std::fill(ds_sum, ds_sum + size_t(n) * np, T(0));
+      std::fill(pad_acc, pad_acc + 3 * dp, T(0));
+      for (int64_t b_ = chunk * per_chunk; b_ < std::min(p.batch, (chunk + 1) * per_chunk); ++b_) {
+        tokens.rows(b_, h, rows);
+        grads.rows(b_, h, g);
+        const Operand<T> q = rows_operand(rows.q, n, d, dp, true, qtile);
+        const Operand<T> k = rows_operand(rows.k, n, d, dp, true, ktile);
+        const Operand<T> v = rows_operand(rows.v, n, d, dp, false, vtile);
+        const Operand<T> dout = rows_operand(g.dout, n, d, dp, true, dotile);
+        transpose(q.ptr, q.ld, n, dp, qt, np, T(p.scale));
+        transpose(dout.ptr, dout.ld, n, dp, dot, np);
+        const T* lse_row = lse + (b_ * p.heads + h) * n;
+        for (int i = 0; i < np; ++i) {
+          lse_lanes[i] = i < n ? lse_row[i] : std::numeric_limits<T>::infinity();  // P = 0 in pad lanes
+          delta[i] = i < n ? dot_row(dout.ptr + i * dout.ld, g.out[i], d) : T(0);  // rowsum(dO O)
+        }
+        product<T>(n, np, d, k.ptr, k.ld, 1, qt, np, st, np, false, lg.tile(b_, h));
+        for (int j = 0; j < n; ++j)
+          for (int i = 0; i < np; i += L) {
+            T* s = st + size_t(j) * np + i;
+            vstore(s, vexp(vload(s) - vload(lse_lanes + i)));
+          }
+        // dP^T[j][i] = V[j] . dO[i]
+        product<T>(n, np, d, v.ptr, v.ld, 1, dot, np, dpt, np);
+        const T* pv = st;  // the P^T that multiplied V in forward
+        if (p.dropout_p > 0) {
+          dropout_factors(drop, p, np, b_, h);
+          for (size_t e = 0; e < size_t(n) * np; e += L) {
+            const Vec<T> f = vload(drop + e);
+            vstore(dpt + e, vload(dpt + e) * f);
+            vstore(drop + e, vload(st + e) * f);
+          }
+          pv = drop;
+        }
+        // dV[j] = sum_i P[i][j] dO[i]
+        product<T>(n, dp, n, pv, np, 1, dout.ptr, dout.ld, acc, dp);
+        write_grad_rows(g.dv, acc, n, d, dp, T(1), pad_acc + 2 * dp);
+        // dS^T = P^T (dP^T - delta)
+        for (int j = 0; j < n; ++j)
+          for (int i = 0; i < np; i += L) {
+            const size_t e = size_t(j) * np + i;
+            vstore(dpt + e, vload(st + e) * (vload(dpt + e) - vload(delta + i)));
+          }
+        if (want_table)
+          for (size_t e = 0; e < size_t(n) * np; e += L) vstore(ds_sum + e, vload(ds_sum + e) + vload(dpt + e));
+        // dQ[i] = scale sum_j dS[i][j] K[j]
+        product<T>(n, dp, n, dpt, 1, np, k.ptr, k.ld, acc, dp);
+        write_grad_rows(g.dq, acc, n, d, dp, T(p.scale), pad_acc);
+        // dK[j] = scale sum_i dS[i][j] Q[i]
+        product<T>(n, dp, n, dpt, np, 1, q.ptr, q.ld, acc, dp);
+        write_grad_rows(g.dk, acc, n, d, dp, T(p.scale), pad_acc + dp);
+      }
+      if (want_table) {
+        T* part = table_partials + (chunk * p.heads + h) * rows_of_table;
+        std::fill(part, part + rows_of_table, T(0));
+        for (int j = 0; j < n; ++j)
+          for (int i = 0; i < n; ++i) part[lg.rel[size_t(j) * n + i]] += ds_sum[size_t(j) * np + i];
+      }
+      if (pad_partials) {
+        // (chunk, 3, h, d): the q, k, v parts of qkv_bias this head reads.
+        for (int which = 0; which < 3; ++which)
+          std::copy(pad_acc + which * dp, pad_acc + which * dp + d,
+                    pad_partials + ((chunk * 3 + which) * p.heads + h) * d);
+      }
+    }
+  });
+}
+
+// Sums partials (chunks, rows) over the chunks in order -> (rows).
+template <typename T>
+void sum_chunks(const T* partials, int64_t chunks, int64_t rows, T* out) {
+  for (int64_t r = 0; r < rows; ++r) out[r] = T(0);
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t r = 0; r < rows; ++r) out[r] += partials[c * rows + r];
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- bindings --
+namespace {
+
+at::ScalarType acc_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_small(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& ref) {
+  if (!t) return;
+  TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), name, " must be a contiguous CPU tensor");
+  TORCH_CHECK(t->scalar_type() == acc_type(ref), name, " must be ", acc_type(ref), " (the compute type), got ",
+              t->scalar_type());
+}
+
+template <typename T>
+Logits<T> make_logits(const Problem& p, const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& mask) {
+  return Logits<T>(p, int(round_up(p.n, kLanes<T>)), table ? table->data_ptr<T>() : nullptr,
+                   mask ? mask->data_ptr<T>() : nullptr);
+}
+
+Problem window_problem(const at::Tensor& q, const std::optional<at::Tensor>& table,
+                       const std::optional<at::Tensor>& mask, int64_t wh, int64_t ww, int64_t grid_h, int64_t grid_w,
+                       int64_t shift_h, int64_t shift_w, double scale, double mask_value, double dropout_p,
+                       int64_t seed) {
+  Problem p;
+  p.batch = q.size(0);
+  p.heads = int(q.size(1));
+  p.n = int(q.size(2));
+  p.d = int(q.size(3));
+  p.wh = int(wh);
+  p.ww = int(ww);
+  TORCH_CHECK(p.n == p.wh * p.ww, "q has N=", p.n, " tokens, expected window ", wh, "x", ww);
+  p.grid_h = int(grid_h);
+  p.grid_w = int(grid_w);
+  p.shift_h = int(shift_h);
+  p.shift_w = int(shift_w);
+  TORCH_CHECK(!(mask && grid_h > 0), "pass either an explicit mask or a shift geometry, not both");
+  if (grid_h > 0) TORCH_CHECK(p.batch % (grid_h * grid_w) == 0, "the grid does not divide the windows");
+  p.mask_windows = mask ? int(mask->size(0)) : 0;
+  if (mask) {
+    TORCH_CHECK(mask->dim() == 3 && mask->size(1) == p.n && mask->size(2) == p.n && p.batch % mask->size(0) == 0,
+                "mask must be (nW, N, N) with nW dividing the windows, got ", mask->sizes());
+  }
+  if (table) {
+    TORCH_CHECK(table->dim() == 2 && table->size(0) == p.table_rows() && table->size(1) == p.heads,
+                "bias_table must be (", p.table_rows(), ", ", p.heads, "), got ", table->sizes());
+  }
+  p.scale = float(scale);
+  p.mask_value = float(mask_value);
+  p.dropout_p = float(dropout_p);
+  p.seed = uint64_t(seed);
+  return p;
+}
+
+template <typename S>
+WindowTokens<S> window_tokens(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, S* out) {
+  WindowTokens<S> w;
+  w.q = reinterpret_cast<const S*>(q.data_ptr());
+  w.k = reinterpret_cast<const S*>(k.data_ptr());
+  w.v = reinterpret_cast<const S*>(v.data_ptr());
+  for (int i = 0; i < 3; ++i) {
+    w.qs[i] = q.stride(i);
+    w.ks[i] = k.stride(i);
+    w.vs[i] = v.stride(i);
+  }
+  w.out = out;
+  w.n = int(q.size(2));
+  w.d = int(q.size(3));
+  w.heads = int(q.size(1));
+  return w;
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  SF_CPU_CHECK_INPUT(q, 4);
+  SF_CPU_CHECK_INPUT(k, 4);
+  SF_CPU_CHECK_INPUT(v, 4);
+  SF_CPU_CHECK_SAME_DTYPE(k, q);
+  SF_CPU_CHECK_SAME_DTYPE(v, q);
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k and v must have one shape");
+  for (const at::Tensor* t : {&q, &k, &v})
+    TORCH_CHECK(t->stride(3) == 1 || t->size(3) == 1, "q, k and v must have a unit last-dim stride");
+}
+
+std::tuple<at::Tensor, at::Tensor> window_attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v,
+                                                            const std::optional<at::Tensor>& table,
+                                                            const std::optional<at::Tensor>& mask, int64_t wh,
+                                                            int64_t ww, int64_t grid_h, int64_t grid_w,
+                                                            int64_t shift_h, int64_t shift_w, double scale,
+                                                            double mask_value, double dropout_p, int64_t seed) {
+  check_qkv(q, k, v);
+  check_small(table, "bias_table", q);
+  check_small(mask, "mask", q);
+  const Problem p = window_problem(q, table, mask, wh, ww, grid_h, grid_w, shift_h, shift_w, scale, mask_value,
+                                   dropout_p, seed);
+  at::Tensor out = at::empty({p.batch, p.heads, p.n, p.d}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty({p.batch, p.heads, p.n}, q.options().dtype(acc_type(q)));
+  SF_CPU_DISPATCH(q.scalar_type(), "window_attention", [&] {
+    using T = acc_t<scalar_t>;
+    const auto lg = make_logits<T>(p, table, mask);
+    forward<scalar_t>(p, window_tokens<scalar_t>(q, k, v, reinterpret_cast<scalar_t*>(out.data_ptr())), lg,
+                      lse.data_ptr<T>());
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> window_attention_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& mask, int64_t wh,
+    int64_t ww, int64_t grid_h, int64_t grid_w, int64_t shift_h, int64_t shift_w, double scale, double mask_value,
+    double dropout_p, int64_t seed) {
+  check_qkv(q, k, v);
+  check_small(table, "bias_table", q);
+  check_small(mask, "mask", q);
+  SF_CPU_CHECK_INPUT(dout, 4);
+  SF_CPU_CHECK_CONTIGUOUS(dout);
+  SF_CPU_CHECK_CONTIGUOUS(out);
+  SF_CPU_CHECK_CONTIGUOUS(lse);
+  SF_CPU_CHECK_SAME_DTYPE(dout, q);
+  SF_CPU_CHECK_SAME_DTYPE(out, q);
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "dout and out must have q's shape");
+  TORCH_CHECK(lse.scalar_type() == acc_type(q), "lse must be ", acc_type(q));
+  const Problem p = window_problem(q, table, mask, wh, ww, grid_h, grid_w, shift_h, shift_w, scale, mask_value,
+                                   dropout_p, seed);
+  const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor dq = at::empty(q.sizes(), opts), dk = at::empty(q.sizes(), opts), dv = at::empty(q.sizes(), opts);
+  std::optional<at::Tensor> dtable;
+  SF_CPU_DISPATCH(q.scalar_type(), "window_attention", [&] {
+    using T = acc_t<scalar_t>;
+    const auto lg = make_logits<T>(p, table, mask);
+    const int64_t chunks = (p.batch + windows_per_chunk(p.batch, p.heads) - 1) / windows_per_chunk(p.batch, p.heads);
+    at::Tensor partials;
+    if (table) partials = at::empty({chunks, p.heads, p.table_rows()}, lse.options());
+    WindowGrads<scalar_t> grads{reinterpret_cast<scalar_t*>(dq.data_ptr()), reinterpret_cast<scalar_t*>(dk.data_ptr()),
+                                reinterpret_cast<scalar_t*>(dv.data_ptr()),
+                                reinterpret_cast<const scalar_t*>(dout.data_ptr()),
+                                reinterpret_cast<const scalar_t*>(out.data_ptr()), p.n, p.d, p.heads};
+    backward<scalar_t>(p, window_tokens<scalar_t>(q, k, v, nullptr), grads, lg, lse.data_ptr<T>(),
+                       table ? partials.data_ptr<T>() : nullptr, nullptr);
+    if (table) {
+      // partials (chunks, h, rows) -> (rows, h)
+      at::Tensor sum = at::empty({p.heads, p.table_rows()}, lse.options());
+      sum_chunks(partials.data_ptr<T>(), chunks, int64_t(p.heads) * p.table_rows(), sum.data_ptr<T>());
+      dtable = sum.t().contiguous();
+    }
+  });
+  return {dq, dk, dv, dtable};
+}
+
+// ------------------------------------------------------------ image mode --
+Image image_geometry(int64_t B, int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sy, int64_t sx,
+                     bool pad_then_roll) {
+  TORCH_CHECK(H > 0 && W > 0 && wh > 0 && ww > 0, "H, W and the window must be positive");
+  TORCH_CHECK(sy >= 0 && sx >= 0 && sy < wh && sx < ww, "shift must be in [0, window)");
+  Image g;
+  g.B = B;
+  g.H = int(H);
+  g.W = int(W);
+  g.Hp = int((H + wh - 1) / wh * wh);
+  g.Wp = int((W + ww - 1) / ww * ww);
+  g.nWw = g.Wp / int(ww);
+  g.nW = (g.Hp / int(wh)) * g.nWw;
+  // Rolling the unpadded image (timm's order) by s is rolling by s mod its length.
+  g.sy = int(pad_then_roll ? sy : sy % H);
+  g.sx = int(pad_then_roll ? sx : sx % W);
+  g.pad_then_roll = pad_then_roll;
+  return g;
+}
+
+Problem image_problem(const Image& g, int64_t heads, int64_t d, const std::optional<at::Tensor>& table, int64_t wh,
+                      int64_t ww, int64_t shift_h, int64_t shift_w, double scale, double mask_value, double dropout_p,
+                      int64_t seed) {
+  Problem p;
+  p.batch = g.B * g.nW;
+  p.heads = int(heads);
+  p.n = int(wh * ww);
+  p.d = int(d);
+  p.wh = int(wh);
+  p.ww = int(ww);
+  const bool shifted = shift_h > 0 || shift_w > 0;
+  p.grid_h = shifted ? g.Hp / int(wh) : 0;
+  p.grid_w = shifted ? g.nWw : 0;
+  p.shift_h = int(shift_h);
+  p.shift_w = int(shift_w);
+  p.mask_windows = 0;
+  if (table) {
+    TORCH_CHECK(table->dim() == 2 && table->size(0) == p.table_rows() && table->size(1) == p.heads,
+                "bias_table must be (", p.table_rows(), ", ", p.heads, "), got ", table->sizes());
+  }
+  p.scale = float(scale);
+  p.mask_value = float(mask_value);
+  p.dropout_p = float(dropout_p);
+  p.seed = uint64_t(seed);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> shifted_window_attention_forward(
+    const at::Tensor& qkv, const std::optional<at::Tensor>& table, const at::Tensor& pad_row, int64_t heads,
+    int64_t wh, int64_t ww, int64_t shift_h, int64_t shift_w, bool pad_then_roll, double scale, double mask_value,
+    double dropout_p, int64_t seed) {
+  SF_CPU_CHECK_INPUT(qkv, 4);
+  SF_CPU_CHECK_CONTIGUOUS(qkv);
+  SF_CPU_CHECK_CONTIGUOUS(pad_row);
+  SF_CPU_CHECK_SAME_DTYPE(pad_row, qkv);
+  check_small(table, "bias_table", qkv);
+  TORCH_CHECK(qkv.size(3) % (3 * heads) == 0, "qkv's last dim must be 3 * heads * head_dim");
+  TORCH_CHECK(pad_row.numel() == qkv.size(3), "pad_row must have qkv's channel count");
+  const int64_t d = qkv.size(3) / (3 * heads);
+  const Image g = image_geometry(qkv.size(0), qkv.size(1), qkv.size(2), wh, ww, shift_h, shift_w, pad_then_roll);
+  const Problem p = image_problem(g, heads, d, table, wh, ww, shift_h, shift_w, scale, mask_value, dropout_p, seed);
+  at::Tensor out = at::empty({qkv.size(0), qkv.size(1), qkv.size(2), heads * d}, qkv.options());
+  at::Tensor lse = at::empty({p.batch, p.heads, p.n}, qkv.options().dtype(acc_type(qkv)));
+  SF_CPU_DISPATCH(qkv.scalar_type(), "shifted_window_attention", [&] {
+    using T = acc_t<scalar_t>;
+    const auto lg = make_logits<T>(p, table, std::nullopt);
+    ImageTokens<scalar_t> tokens{reinterpret_cast<const scalar_t*>(qkv.data_ptr()),
+                                 reinterpret_cast<const scalar_t*>(pad_row.data_ptr()),
+                                 reinterpret_cast<scalar_t*>(out.data_ptr()), g, int(wh), int(ww), int(heads), int(d)};
+    forward<scalar_t>(p, tokens, lg, lse.data_ptr<T>());
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>, at::Tensor> shifted_window_attention_backward(
+    const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& table, const at::Tensor& pad_row, int64_t heads, int64_t wh, int64_t ww,
+    int64_t shift_h, int64_t shift_w, bool pad_then_roll, double scale, double mask_value, double dropout_p,
+    int64_t seed) {
+  SF_CPU_CHECK_INPUT(qkv, 4);
+  for (const at::Tensor* t : {&dout, &qkv, &out, &lse, &pad_row}) TORCH_CHECK(t->is_contiguous(), "inputs must be contiguous");
+  SF_CPU_CHECK_SAME_DTYPE(dout, qkv);
+  SF_CPU_CHECK_SAME_DTYPE(out, qkv);
+  SF_CPU_CHECK_SAME_DTYPE(pad_row, qkv);
+  check_small(table, "bias_table", qkv);
+  const int64_t d = qkv.size(3) / (3 * heads);
+  const Image g = image_geometry(qkv.size(0), qkv.size(1), qkv.size(2), wh, ww, shift_h, shift_w, pad_then_roll);
+  const Problem p = image_problem(g, heads, d, table, wh, ww, shift_h, shift_w, scale, mask_value, dropout_p, seed);
+  TORCH_CHECK(dout.sizes() == out.sizes() && out.size(3) == heads * d, "dout and out must be (B, H, W, h d)");
+  TORCH_CHECK(lse.numel() == p.batch * p.heads * p.n, "lse must have one value per window row");
+  at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
+  std::optional<at::Tensor> dtable;
+  at::Tensor dpad;
+  SF_CPU_DISPATCH(qkv.scalar_type(), "shifted_window_attention", [&] {
+    using T = acc_t<scalar_t>;
+    const auto lg = make_logits<T>(p, table, std::nullopt);
+    const int64_t per_chunk = windows_per_chunk(p.batch, p.heads);
+    const int64_t chunks = (p.batch + per_chunk - 1) / per_chunk;
+    at::Tensor table_partials;
+    if (table) table_partials = at::empty({chunks, p.heads, p.table_rows()}, lse.options());
+    at::Tensor pad_partials = at::empty({chunks, 3 * heads * d}, lse.options());
+    ImageTokens<scalar_t> tokens{reinterpret_cast<const scalar_t*>(qkv.data_ptr()),
+                                 reinterpret_cast<const scalar_t*>(pad_row.data_ptr()), nullptr, g, int(wh), int(ww),
+                                 int(heads), int(d)};
+    const at::Tensor zeros = at::zeros({d}, qkv.options());
+    ImageGrads<scalar_t> grads{reinterpret_cast<scalar_t*>(dqkv.data_ptr()),
+                               reinterpret_cast<const scalar_t*>(dout.data_ptr()),
+                               reinterpret_cast<const scalar_t*>(out.data_ptr()),
+                               reinterpret_cast<const scalar_t*>(zeros.data_ptr()), g, int(wh), int(ww), int(heads),
+                               int(d)};
+    backward<scalar_t>(p, tokens, grads, lg, lse.data_ptr<T>(), table ? table_partials.data_ptr<T>() : nullptr,
+                       pad_partials.data_ptr<T>());
+    if (table) {
+      at::Tensor sum = at::empty({p.heads, p.table_rows()}, lse.options());
+      sum_chunks(table_partials.data_ptr<T>(), chunks, int64_t(p.heads) * p.table_rows(), sum.data_ptr<T>());
+      dtable = sum.t().contiguous();
+    }
+    dpad = at::empty({3 * heads * d}, lse.options());
+    sum_chunks(pad_partials.data_ptr<T>(), chunks, 3 * heads * d, dpad.data_ptr<T>());
+  });
+  return {dqkv, dtable, dpad};
+}
+
+}  // namespace
+
+SF_CPU_LIBRARY(m) {
+  m.def("window_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? table, Tensor? mask, int wh, int ww, "
+        "int grid_h, int grid_w, int shift_h, int shift_w, float scale, float mask_value, float dropout_p, "
+        "int seed) -> (Tensor, Tensor)");
+  m.def("window_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor? table, Tensor? mask, int wh, int ww, int grid_h, int grid_w, int shift_h, int shift_w, "
+        "float scale, float mask_value, float dropout_p, int seed) -> (Tensor, Tensor, Tensor, Tensor?)");
+  m.def("shifted_window_attention_forward(Tensor qkv, Tensor? table, Tensor pad_row, int heads, int wh, int ww, "
+        "int shift_h, int shift_w, bool pad_then_roll, float scale, float mask_value, float dropout_p, int seed) "
+        "-> (Tensor, Tensor)");
+  m.def("shifted_window_attention_backward(Tensor dout, Tensor qkv, Tensor out, Tensor lse, Tensor? table, "
+        "Tensor pad_row, int heads, int wh, int ww, int shift_h, int shift_w, bool pad_then_roll, float scale, "
+        "float mask_value, float dropout_p, int seed) -> (Tensor, Tensor?, Tensor)");
+}
+
+SF_CPU_LIBRARY_IMPL(m) {
+  m.impl("window_attention_forward", &window_attention_forward);
+  m.impl("window_attention_backward", &window_attention_backward);
+  m.impl("shifted_window_attention_forward", &shifted_window_attention_forward);
+  m.impl("shifted_window_attention_backward", &shifted_window_attention_backward);
+}
