@@ -33,6 +33,9 @@
 #include <xmmintrin.h>
 #define SF_CPU_X86 1
 #endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #if defined(__AVX512F__)
 #define SF_CPU_VEC_BYTES 64
@@ -83,7 +86,7 @@ inline void vstore(T* p, Vec<T> v) {
 }
 template <typename T>
 inline Vec<T> vsplat(T x) {
-  return Vec<T>{} + x;
+  return x - Vec<T>{};  // x - 0 == x for every x (0 + x is not, for -0): folds to a broadcast
 }
 template <typename T>
 inline Vec<T> vmax(Vec<T> a, Vec<T> b) {
@@ -92,7 +95,7 @@ inline Vec<T> vmax(Vec<T> a, Vec<T> b) {
 template <typename T>
 inline T hsum(Vec<T> v) {
   T s = 0;
-  for (int i = 0; i < kLanes<T>; ++i) s += v[i];
+  for (int i = 0; i < kLanes<T>; ++i) s += v[i];  // in lane order: a fixed, documented sum order
   return s;
 }
 template <typename T>
@@ -106,6 +109,30 @@ inline T hmax(Vec<T> v) {
 // e^r (Cephes' expf, relative error ~2 ulp on [-87.3, 88.3]), 2^n built in the exponent bits;
 // -inf and x < -87.3 give 0 (flushed, as FTZ would), NaN stays NaN, x > 88.72 gives inf.  The
 // kernels call it on x - rowmax <= 0.  fp64 calls std::exp per lane (fp64 serves gradcheck).
+#if defined(__AVX512F__)
+// AVX-512: n = round(x log2 e) by vrndscaleps and p 2^n by vscalefps, which also gives inf past the
+// top of the range and 0 (denormals flushed) at the bottom.  The clamps keep -inf and inf out of
+// the reduction (inf - inf); vmaxps / vminps return their second operand for a NaN, so NaN stays NaN.
+template <bool kUpperClamp>
+inline Vec<float> vexp_avx512(Vec<float> x) {
+  __m512 xc = _mm512_max_ps(_mm512_set1_ps(-88.0f), x);
+  if constexpr (kUpperClamp) xc = _mm512_min_ps(_mm512_set1_ps(88.8f), xc);
+  const Vec<float> n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  Vec<float> r = Vec<float>(xc) - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  Vec<float> p = vsplat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return _mm512_scalef_ps(p, n);
+}
+
+inline Vec<float> vexp(Vec<float> x) { return vexp_avx512<true>(x); }
+#else
 inline Vec<float> vexp(Vec<float> x) {
   using V = Vec<float>;
   using I = VecOf<float>::mask;
@@ -128,11 +155,42 @@ inline Vec<float> vexp(Vec<float> x) {
   y = x > 88.72f ? vsplat(std::numeric_limits<float>::infinity()) : y;
   return x != x ? x : y;  // NaN in, NaN out
 }
+#endif
 
 inline Vec<double> vexp(Vec<double> x) {
   for (int i = 0; i < kLanes<double>; ++i) x[i] = std::exp(x[i]);
   return x;
 }
+
+// exp(x) for x <= 0, the argument of a softmax once the row max (or the logsumexp) is subtracted:
+// vexp without the overflow handling (a third fewer instructions).  -inf and x < -87.3 give 0,
+// NaN stays NaN; x > 88.3 is outside its domain.
+#if defined(__AVX512F__)
+inline Vec<float> vexp_nonpositive(Vec<float> x) { return vexp_avx512<false>(x); }
+#else
+inline Vec<float> vexp_nonpositive(Vec<float> x) {
+  using V = Vec<float>;
+  using I = VecOf<float>::mask;
+  const V magic = vsplat(12582912.0f);
+  const V xc = x < -87.3f ? vsplat(-87.3f) : x;  // NaN passes through
+  const V t = xc * 1.44269504088896341f + magic;
+  const V n = t - magic;
+  V r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  V p = vsplat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const I bits = (reinterpret_cast<const I&>(t) - (reinterpret_cast<const I&>(magic) - 127)) << 23;
+  const V y = p * reinterpret_cast<const V&>(bits);
+  return x < -87.3f ? vsplat(0.0f) : y;
+}
+#endif
+
+inline Vec<double> vexp_nonpositive(Vec<double> x) { return vexp(x); }
 
 // log(x) lane by lane for x > 0 (Cephes' logf: mantissa in [sqrt(1/2), sqrt(2)), degree-8
 // polynomial, ~1 ulp); x = 0 gives -inf, x = inf gives inf, NaN and x < 0 give NaN.  fp64: std::log.
@@ -186,10 +244,13 @@ inline T sexp(T x) {
 // C and init row stride ldc; init may be C itself (accumulate) or nullptr (zero).  Every attention
 // product of the CPU kernels is one of these with the right strides (S^T = K Q^T + bias,
 // O = P V, dV = P^T dO, ...); the register block stays in registers for the whole k loop.
-template <typename T, int R, int V>
+// kUnitRows: a_rs == 1 (A's rows adjacent, e.g. P^T read as P), so the R scalars of a k step sit at
+// fixed offsets from one pointer instead of R computed addresses.
+template <typename T, int R, int V, bool kUnitRows>
 inline void block_product(int K, const T* __restrict__ A, int64_t a_rs, int64_t a_ks, const T* __restrict__ B,
                           int64_t ldb, T* C, int64_t ldc, const T* init) {
   constexpr int L = kLanes<T>;
+  if constexpr (kUnitRows) a_rs = 1;
   Vec<T> acc[R][V];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = init ? vload(init + r * ldc + v * L) : Vec<T>{};
@@ -208,10 +269,10 @@ inline void block_product(int K, const T* __restrict__ A, int64_t a_rs, int64_t 
 constexpr int kMaxBlockVecs = 4;
 constexpr int kMaxBlockRows = 12;
 
-template <typename T, int V, int... Rs>
+template <typename T, int V, bool kUnitRows, int... Rs>
 constexpr auto row_table(std::integer_sequence<int, Rs...>) {
   using Fn = void (*)(int, const T*, int64_t, int64_t, const T*, int64_t, T*, int64_t, const T*);
-  return std::array<Fn, sizeof...(Rs)>{&block_product<T, Rs + 1, V>...};
+  return std::array<Fn, sizeof...(Rs)>{&block_product<T, Rs + 1, V, kUnitRows>...};
 }
 
 // Rows per register block for V vectors: as many as the accumulator registers allow.
@@ -224,14 +285,15 @@ template <typename T>
 inline void product(int rows, int cols, int K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb, T* C,
                     int64_t ldc, bool accumulate = false, const T* init = nullptr) {
   constexpr int L = kLanes<T>;
-  static constexpr auto t1 = row_table<T, 1>(std::make_integer_sequence<int, kMaxBlockRows>{});
-  static constexpr auto t2 = row_table<T, 2>(std::make_integer_sequence<int, kMaxBlockRows>{});
-  static constexpr auto t3 = row_table<T, 3>(std::make_integer_sequence<int, kMaxBlockRows>{});
-  static constexpr auto t4 = row_table<T, 4>(std::make_integer_sequence<int, kMaxBlockRows>{});
+  constexpr auto counts = std::make_integer_sequence<int, kMaxBlockRows>{};
+  static constexpr std::array<decltype(row_table<T, 1, false>(counts)), 2 * kMaxBlockVecs> tables = {
+      row_table<T, 1, false>(counts), row_table<T, 2, false>(counts), row_table<T, 3, false>(counts),
+      row_table<T, 4, false>(counts), row_table<T, 1, true>(counts),  row_table<T, 2, true>(counts),
+      row_table<T, 3, true>(counts),  row_table<T, 4, true>(counts)};
   const int vecs = cols / L;
   for (int v0 = 0; v0 < vecs; v0 += kMaxBlockVecs) {
     const int nv = std::min(kMaxBlockVecs, vecs - v0);
-    const auto& table = nv == 1 ? t1 : nv == 2 ? t2 : nv == 3 ? t3 : t4;
+    const auto& table = tables[(a_rs == 1 ? kMaxBlockVecs : 0) + nv - 1];
     const int rb = block_rows(nv);
     for (int r0 = 0; r0 < rows; r0 += rb) {
       const int nr = std::min(rb, rows - r0);

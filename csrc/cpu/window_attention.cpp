@@ -305,7 +305,7 @@ void forward(const Problem& p, const Tokens& tokens, const Logits<acc_t<S>>& lg,
         for (int j = 0; j < n; ++j) m = vmax<T>(m, vload(st + size_t(j) * np + i));
         Vec<T> l{};
         for (int j = 0; j < n; ++j) {
-          const Vec<T> e = vexp(vload(st + size_t(j) * np + i) - m);
+          const Vec<T> e = vexp_nonpositive(vload(st + size_t(j) * np + i) - m);
           vstore(st + size_t(j) * np + i, e);
           l += e;
         }
@@ -450,7 +450,7 @@ void backward(const Problem& p, const Tokens& tokens, const Grads& grads, const 
         for (int j = 0; j < n; ++j)
           for (int i = 0; i < np; i += L) {
             T* s = st + size_t(j) * np + i;
-            vstore(s, vexp(vload(s) - vload(lse_lanes + i)));
+            vstore(s, vexp_nonpositive(vload(s) - vload(lse_lanes + i)));
           }
         // dP^T[j][i] = V[j] . dO[i]
         product<T>(n, np, d, v.ptr, v.ld, 1, dot, np, dpt, np);
