@@ -114,3 +114,90 @@ def test_triton_gpu_tiles(monkeypatch, d, dtype):
     assert kernels.backward_config(5, 40, 70, 32, dtype)["kv"]["BLOCK_G"] == 2
     assert_parity(semask_fast.atm_attention, _inputs(1, 5, 40, 70, d, "cpu"), ["q", "k", "v"], dtype,
                   backend="triton", op=OP)
+
+
+# ------------------------------------------------------------------ cpu backend --
+def _cpu_fn(dropout_p=0.0, seed=None):
+    def fn(q, k, v):
+        if seed is not None:
+            torch.manual_seed(seed)  # the same dropout seed on every call
+        return semask_fast.atm_attention(q, k, v, dropout_p=dropout_p, backend="cpu")
+    return fn
+
+
+@pytest.mark.parametrize("shape,dropout_p", [((1, 2, 5, 70, 16), 0.0), ((2, 3, 4, 9, 16), 0.0),
+                                             ((1, 2, 3, 70, 16), 0.3)],
+                         ids=["two-key-blocks", "batch2", "dropout"])
+def test_cpu_gradcheck(shape, dropout_p):
+    """float64 gradcheck of both outputs on the cpu kernels (dropout with a fixed seed: the same mask
+    in every evaluation); past a thousand inputs in fast mode (random directions)."""
+    require_backend(OP, "cpu")
+    t = {n: x.requires_grad_() for n, x in _inputs(*shape, "cpu").items()}
+    fn = _cpu_fn(dropout_p, seed=3 if dropout_p else None)
+    fast = sum(x.numel() for x in t.values()) > 1000
+    with semask_fast.record_dispatch() as ran:
+        assert torch.autograd.gradcheck(fn, (t["q"], t["k"], t["v"]), fast_mode=fast)
+    assert ("atm_attention", "cpu", "forward") in ran and ("atm_attention", "cpu", "backward") in ran
+    assert {b for _, b, _ in ran} == {"cpu"}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_cpu_odd_head_dim(dtype):
+    """head_dim 20: zero padded to 32 for the kernels, sliced back."""
+    device = require_backend(OP, "cpu")
+    assert_parity(semask_fast.atm_attention, _inputs(2, 3, 30, 70, 20, device), ["q", "k", "v"], dtype,
+                  backend="cpu", op=OP)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_cpu_dropout_replay(dtype):
+    """Forward and backward dropout equal the reference with the keep-mask of the drawn seed (the
+    GPU kernels' hash and element index)."""
+    require_backend(OP, "cpu")
+    from semask_fast import reference
+    from semask_fast.backends.cuda.window_attention import draw_seed, dropout_keep
+
+    B, H, NQ, NK, D, p = 2, 3, 40, 90, 32, 0.1
+    t = {n: x.to(dtype).requires_grad_() for n, x in _inputs(B, H, NQ, NK, D, "cpu").items()}
+    torch.manual_seed(7)
+    with semask_fast.record_dispatch() as ran:
+        out, mask_logits = semask_fast.atm_attention(t["q"], t["k"], t["v"], dropout_p=p, backend="cpu")
+        gout, gmask = torch.randn_like(out), torch.randn_like(mask_logits)
+        torch.autograd.backward([out, mask_logits], [gout, gmask])
+    assert ran == [(OP, "cpu", "forward"), (OP, "cpu", "backward")]
+    torch.manual_seed(7)
+    keep = dropout_keep(draw_seed(), (B, H, NQ, NK), p)
+    assert 0.85 < keep.float().mean().item() < 0.95
+
+    r = {n: x.detach().double().requires_grad_() for n, x in t.items()}
+    r_out, r_mask = reference.atm_attention(r["q"], r["k"], r["v"], dropout_p=p, dropout_keep=keep)
+    torch.autograd.backward([r_out, r_mask], [gout.double(), gmask.double()])
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(out.double(), r_out, **tol)
+    torch.testing.assert_close(mask_logits.double(), r_mask, **tol)
+    for n in t:
+        torch.testing.assert_close(t[n].grad.double(), r[n].grad, **tol)
+    assert not torch.allclose(out.double(), reference.atm_attention(r["q"], r["k"], r["v"])[0], atol=1e-2)
+
+
+def test_cpu_thread_count_invariant():
+    """Outputs and gradients are bitwise the same on 1 and 2 threads (the forward splits the class tokens
+    of the one batch item over 2 threads; dQ partials are added in range order)."""
+    require_backend(OP, "cpu")
+    t = _inputs(1, 4, 150, 300, 32, "cpu")
+    g = torch.Generator().manual_seed(1)
+    gout, gmask = torch.randn(1, 4, 150, 32, generator=g), torch.randn(1, 150, 300, generator=g)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            x = {k: v.float().requires_grad_() for k, v in t.items()}
+            torch.manual_seed(5)
+            out, mask_logits = semask_fast.atm_attention(x["q"], x["k"], x["v"], dropout_p=0.1, backend="cpu")
+            torch.autograd.backward([out, mask_logits], [gout, gmask])
+            results.append([out.detach(), mask_logits.detach()] + [x[k].grad for k in ("q", "k", "v")])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

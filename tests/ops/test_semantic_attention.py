@@ -143,7 +143,7 @@ def test_harness_reads_views_in_place(dtype):
     """The CUDA C++ impl (run here in the SIMT harness) hands the row-strided column views of one
     fused q/k/v tensor to its kernels as they are, forward and backward: no aten op copies from the
     fused tensor's storage, and both bindings receive pointers into it with its strides."""
-    require_backend(OP, "cpu")
+    require_backend(OP, "simt")
     from torch.utils._python_dispatch import TorchDispatchMode
 
     B, N, K, C = 2, 30, 19, 24
@@ -163,7 +163,7 @@ def test_harness_reads_views_in_place(dtype):
 
     with Spy():
         sq, sk, yv = qkv.split([K, K, C], dim=-1)
-        semask_fast.semantic_attention(sq, sk, yv, backend="cpu").sum().backward()
+        semask_fast.semantic_attention(sq, sk, yv, backend="simt").sum().backward()
     assert copies == []
     row, es = 2 * K + C, qkv.element_size()
     views = [(qkv.data_ptr() + es * off, (N * row, row, 1)) for off in (0, K, 2 * K)]
@@ -176,7 +176,7 @@ def test_harness_reads_views_in_place(dtype):
 def test_harness_batch_and_last_dim_strides(dtype):
     """Batch stride below the row stride (inputs stored (N, B_, .) and transposed), and Sk with a
     non-unit last-dim stride (the impl copies it; the kernels need contiguous rows)."""
-    device = require_backend(OP, "cpu")
+    device = require_backend(OP, "simt")
     B, N, K, C = 3, 37, 21, 40
     t = _inputs(B, N, K, C, device)
     t = {"sq": t["sq"].transpose(0, 1).contiguous(), "sk": t["sk"].transpose(1, 2).contiguous(),
@@ -186,12 +186,12 @@ def test_harness_batch_and_last_dim_strides(dtype):
         return semask_fast.semantic_attention(sq.transpose(0, 1), sk.transpose(1, 2), yv.transpose(0, 1),
                                               backend=backend)
 
-    assert_parity(fn, t, ["sq", "sk", "yv"], dtype, backend="cpu", op=OP)
+    assert_parity(fn, t, ["sq", "sk", "yv"], dtype, backend="simt", op=OP)
 
 
 def test_harness_binding_rejects_strided_rows():
     """The binding itself states its layout requirement (the impl never passes such a tensor)."""
-    require_backend(OP, "cpu")
+    require_backend(OP, "simt")
     from semask_fast.backends.cuda.semantic_attention import SemanticAttentionSimt
 
     lib = SemanticAttentionSimt().library()
@@ -206,6 +206,104 @@ def test_harness_fused_dyv_edges(C, dtype):
     """fp16 / bf16: up to C = 128 the dSk block computes all of dYv too (one or two 64-column chunks,
     the last one partial); from C = 129 a second block of the same launch computes the columns past 128
     (tests/harness/test_attention_kernels.py covers more C tiles).  Two key blocks of 64 and a partial one."""
-    device = require_backend(OP, "cpu")
+    device = require_backend(OP, "simt")
     assert_parity(semask_fast.semantic_attention, _inputs(2, 130, 19, C, device), ["sq", "sk", "yv"], dtype,
-                  backend="cpu", op=OP)
+                  backend="simt", op=OP)
+
+
+# ------------------------------------------------------------------ cpu backend --
+# (B_, N, K, C) for the native cpu kernels' own paths: a 48 + 1 query/key tail scored by dot
+# products, a padded vector tail, several forward key blocks (online softmax, N > 128) and several
+# backward key blocks and ranges (dSq partials, N > 64).
+CPU_GRADCHECK_SHAPES = [(2, 17, 5, 7), (1, 27, 4, 19), (1, 70, 3, 5), (1, 131, 2, 3)]
+
+
+@pytest.mark.parametrize("shape", CPU_GRADCHECK_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cpu_gradcheck(shape):
+    """float64 gradcheck on the cpu kernels themselves (forward and backward asserted to run there);
+    past a thousand inputs in fast mode (random directions: the full Jacobian would take minutes)."""
+    require_backend(OP, "cpu")
+    t = {n: x.requires_grad_() for n, x in _inputs(*shape, "cpu", logit_scale=1.0).items()}
+    fn = lambda sq, sk, yv: semask_fast.semantic_attention(sq, sk, yv, backend="cpu")  # noqa: E731
+    fast = sum(x.numel() for x in t.values()) > 1000
+    with semask_fast.record_dispatch() as ran:
+        assert torch.autograd.gradcheck(fn, (t["sq"], t["sk"], t["yv"]), fast_mode=fast)
+    assert ("semantic_attention", "cpu", "forward") in ran and ("semantic_attention", "cpu", "backward") in ran
+    assert {b for _, b, _ in ran} == {"cpu"}
+
+
+def test_cpu_reads_views_in_place():
+    """float32 column views of one fused q/k/v tensor reach the cpu kernels as they are (pointers into
+    the fused storage, its strides), forward and backward, with no copy of the fused tensor."""
+    require_backend(OP, "cpu")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    B, N, K, C = 2, 30, 19, 32
+    qkv = _fused(B, N, K, C, "cpu")["qkv"].float().requires_grad_()
+    storage = qkv.untyped_storage().data_ptr()
+    copies, calls = [], {}
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            name = func.overloadpacket.__name__
+            if name in _COPIES and any(t.untyped_storage().data_ptr() == storage for t in tensors):
+                copies.append(str(func))
+            if func.namespace == "semask_fast_cpu":
+                calls[name] = [(t.data_ptr(), t.stride()) for t in tensors]
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        sq, sk, yv = qkv.split([K, K, C], dim=-1)
+        semask_fast.semantic_attention(sq, sk, yv, backend="cpu").sum().backward()
+    assert copies == []
+    row, es = 2 * K + C, qkv.element_size()
+    views = [(qkv.data_ptr() + es * off, (N * row, row, 1)) for off in (0, K, 2 * K)]
+    assert calls["semantic_attention_forward"] == views
+    assert calls["semantic_attention_backward"][1:4] == views  # (dout, sq, sk, yv, out, lse)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_cpu_batch_and_last_dim_strides(dtype):
+    """Batch stride below the row stride, and Sk with a non-unit last-dim stride (copied by the impl)."""
+    require_backend(OP, "cpu")
+    t = _inputs(3, 37, 21, 40, "cpu")
+    t = {"sq": t["sq"].transpose(0, 1).contiguous(), "sk": t["sk"].transpose(1, 2).contiguous(),
+         "yv": t["yv"].transpose(0, 1).contiguous()}
+
+    def fn(backend, sq, sk, yv):
+        return semask_fast.semantic_attention(sq.transpose(0, 1), sk.transpose(1, 2), yv.transpose(0, 1),
+                                              backend=backend)
+
+    assert_parity(fn, t, ["sq", "sk", "yv"], dtype, backend="cpu", op=OP)
+
+
+def test_cpu_binding_rejects_strided_rows():
+    require_backend(OP, "cpu")
+    from semask_fast.backends.cpu.semantic_attention import SemanticAttentionCpu
+
+    lib = SemanticAttentionCpu().library()
+    with pytest.raises(RuntimeError, match="sk must have a contiguous last dim"):
+        lib.semantic_attention_forward(torch.randn(1, 8, 4), torch.randn(1, 4, 8).transpose(1, 2),
+                                       torch.randn(1, 8, 5))
+
+
+@pytest.mark.parametrize("shape", [(6, 49, 150, 96), (2, 200, 19, 40)], ids=["windows", "global-partials"])
+def test_cpu_thread_count_invariant(shape):
+    """Outputs and gradients are bitwise the same on 1 and 2 threads (blockings depend on the shape only)."""
+    require_backend(OP, "cpu")
+    t = _inputs(*shape, "cpu", logit_scale=0.5)
+    gout = torch.randn(shape[0], shape[1], shape[3], generator=torch.Generator().manual_seed(1))
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            x = {k: v.float().requires_grad_() for k, v in t.items()}
+            out = semask_fast.semantic_attention(x["sq"], x["sk"], x["yv"], backend="cpu")
+            out.backward(gout)
+            results.append([out.detach()] + [x[k].grad for k in ("sq", "sk", "yv")])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

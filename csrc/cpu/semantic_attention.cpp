@@ -1,0 +1,466 @@
+// SeMask semantic attention on the CPU, forward and backward (SPEC.md: semantic_attention).
+//
+//   out = softmax(Sq Sk^T) Yv     (no scale);  sq, sk (B_, N, K), yv (B_, N, C)
+//
+// Inputs are read in place with any batch and row strides (only the last dim must be contiguous:
+// SemanticAttention passes column views of one fused projection); float and double (the Python
+// side converts fp16 / bf16 to fp32 and rounds the results once).
+//
+// Forward: a task per (batch item, block of at most 64 queries).  The scores are computed
+// transposed, S^T = Sk Sq^T (keys as rows, queries as vector lanes), from Sq^T staged once per
+// task, so the softmax statistics of every query are plain vector operations down the rows; an
+// online softmax over key blocks of at most 128 keys accumulates O = P V in a per-thread tile.
+// Queries past the last whole vector are scored by dot products when they are few (a 7x7
+// window: 48 queries in three vectors and the 49th apart, not a padded fourth vector).
+// Backward: a task per (batch item, range of key blocks), queries in blocks inside, the scores
+// recomputed as S = Sq Sk^T (queries as rows) from Sk^T and Yv^T staged once per key block:
+//   P = exp(S - lse), dP = dO Yv^T, dS = P (dP - delta), delta = rowsum(dO * O) (in the task
+//   when one key block holds every key, while dO is in the cache; otherwise in a pass before),
+//   dYv = P^T dO, dSk = dS^T Sq (both complete in the task), dSq = dS Sk (summed over the
+//   task's key blocks; over several ranges through fp32 partials added in range order).
+// Every blocking depends on the shape only, so results are bitwise the same for any thread
+// count.  Nothing N x N outlives a tile.
+
+#include "sf_cpu.h"
+
+#ifdef SF_CPU_X86
+#include <immintrin.h>
+#endif
+
+namespace sf_cpu_semantic {
+
+using namespace sf::cpu;
+
+constexpr int kQueryBlock = 64;      // forward: queries per task (vector lanes of S^T)
+constexpr int kKeyBlock = 128;       // forward: keys per online-softmax step
+constexpr int kBwdKeyBlock = 64;     // backward: keys per block (vector lanes of S)
+constexpr int kBwdQueryBlock = 64;   // backward: queries per block
+constexpr int64_t kBwdTasks = 16;    // backward: key ranges per batch item, at least this many tasks in all
+
+// n items in blocks of at most `target`, balanced: `count` blocks of `size` (the last one shorter).
+struct Blocks {
+  int count, size;
+};
+inline Blocks balanced(int n, int target) {
+  const int count = (n + target - 1) / target;
+  const int size = (n + count - 1) / count;
+  return {(n + size - 1) / size, size};
+}
+
+struct Strides {
+  int64_t batch, row;
+};
+inline Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1)}; }
+
+// Sum of the lanes, halving (log2(kLanes) shuffles and adds).
+template <typename T, int S = kLanes<T> / 2, size_t... I>
+inline T tree_sum(Vec<T> v, std::index_sequence<I...> lanes = {}) {
+  if constexpr (sizeof...(I) == 0) {
+    return tree_sum<T, S>(v, std::make_index_sequence<kLanes<T>>{});
+  } else {
+    v += __builtin_shufflevector(v, v, int((I + S) % kLanes<T>)...);
+    if constexpr (S > 1) return tree_sum<T, S / 2>(v, lanes);
+    else return v[0];
+  }
+}
+
+// dst[c * ld + r] = src[r * src_rs + c] for r < rows, c < cols; zero for rows <= r < ld.  The
+// whole vectors of columns go through sf::cpu::transpose (in registers), the rest one by one.
+template <typename T>
+inline void stage_transposed(T* __restrict__ dst, int ld, const T* __restrict__ src, int64_t src_rs, int rows,
+                             int cols) {
+  constexpr int L = kLanes<T>;
+  const int cols_whole = cols / L * L, rows_zeroed = int(round_up(rows, L));
+  transpose(src, src_rs, rows, cols_whole, dst, ld);
+  for (int c = cols_whole; c < cols; ++c) {
+    for (int r = 0; r < rows; ++r) dst[int64_t(c) * ld + r] = src[r * src_rs + c];
+    std::fill(dst + int64_t(c) * ld + rows, dst + int64_t(c) * ld + rows_zeroed, T(0));
+  }
+  for (int c = 0; c < cols; ++c) std::fill(dst + int64_t(c) * ld + rows_zeroed, dst + int64_t(c + 1) * ld, T(0));
+}
+
+// dst[r * ld + c] = src[r * src_rs + c] for c < cols; zero for cols <= c < ld.
+template <typename T>
+inline void stage_rows(T* __restrict__ dst, int ld, const T* __restrict__ src, int64_t src_rs, int rows, int cols) {
+  for (int r = 0; r < rows; ++r) {
+    std::memcpy(dst + int64_t(r) * ld, src + r * src_rs, sizeof(T) * cols);
+    std::fill(dst + int64_t(r) * ld + cols, dst + int64_t(r + 1) * ld, T(0));
+  }
+}
+
+template <typename T>
+inline T dot(const T* __restrict__ a, const T* __restrict__ b, int n) {
+  constexpr int L = kLanes<T>;
+  Vec<T> acc{};
+  int t = 0;
+  for (; t + L <= n; t += L) acc += vload(a + t) * vload(b + t);
+  T s = tree_sum<T>(acc);
+  for (; t < n; ++t) s += a[t] * b[t];
+  return s;
+}
+
+// Stores one vector at a kLanes-aligned address past the cache (a non-temporal store): the
+// outputs are written once and not read again here, so they need not be read for ownership
+// first, which on the windowed shapes is a third of the memory traffic.
+template <typename T>
+inline void stream_vec(T* dst, Vec<T> v) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) _mm512_stream_ps(dst, (__m512)v);
+  else _mm512_stream_pd(dst, (__m512d)v);
+#elif defined(__AVX__)
+  if constexpr (std::is_same_v<T, float>) _mm256_stream_ps(dst, (__m256)v);
+  else _mm256_stream_pd(dst, (__m256d)v);
+#elif defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) _mm_stream_ps(dst, (__m128)v);
+  else _mm_stream_pd(dst, (__m128d)v);
+#else
+  vstore(dst, v);
+#endif
+}
+
+// Orders this thread's non-temporal stores before whatever follows (end of a parallel chunk).
+inline void stream_fence() {
+#ifdef SF_CPU_X86
+  _mm_sfence();
+#endif
+}
+
+// dst[0, n) = src[0, n): the whole vectors whose address is a multiple of the vector size go past
+// the cache, the ends as plain stores.
+template <typename T>
+inline void stream_copy(T* __restrict__ dst, const T* __restrict__ src, int64_t n) {
+  constexpr int L = kLanes<T>;
+  int64_t e = 0;
+  for (; e < n && reinterpret_cast<uintptr_t>(dst + e) % (L * sizeof(T)) != 0; ++e) dst[e] = src[e];
+  for (; e + L <= n; e += L) stream_vec(dst + e, vload(src + e));
+  for (; e < n; ++e) dst[e] = src[e];
+}
+
+// Writes rows x cols of src (row stride src_ld), row r times row_scale[r] when given, to the
+// contiguous region dst (rows * cols elements), through the staging buffer (rows * cols).
+template <typename T>
+inline void write_rows(T* dst, const T* src, int src_ld, int rows, int cols, const T* row_scale, T* staging) {
+  for (int r = 0; r < rows; ++r) {
+    const T f = row_scale ? row_scale[r] : T(1);
+    const T* in = src + int64_t(r) * src_ld;
+    T* out = staging + int64_t(r) * cols;
+    for (int c = 0; c < cols; ++c) out[c] = in[c] * f;
+  }
+  stream_copy(dst, staging, int64_t(rows) * cols);
+}
+
+// ---------------------------------------------------------------- forward --
+template <typename T>
+struct FwdArgs {
+  const T *sq, *sk, *yv;
+  Strides sq_s, sk_s, yv_s;
+  int n, k, c;
+  T *out, *lse;  // (B_, N, C), (B_, N), contiguous
+};
+
+template <typename T>
+void forward_task(const FwdArgs<T>& a, int64_t b, int i0, int nq, const Blocks& keys) {
+  constexpr int L = kLanes<T>;
+  const int K = a.k, C = a.c, cpad = int(round_up(C, L));
+  const int whole = nq / L * L, tail = nq - whole;
+  const bool dot_tail = tail > 0 && tail <= L / 4;        // a few queries: dot products, not a vector
+  const int qcols = dot_tail ? whole : int(round_up(nq, L));  // columns of the S^T product
+  const int ld = int(round_up(nq, L)), nv = ld / L;
+  const T* sq = a.sq + b * a.sq_s.batch + int64_t(i0) * a.sq_s.row;
+  const T* sk = a.sk + b * a.sk_s.batch;
+  const T* yv = a.yv + b * a.yv_s.batch;
+  const bool stage_v = C % L != 0;  // P V reads Yv rows as whole vectors
+
+  T* sqt = scratch<T>(0, size_t(K) * std::max(qcols, 1));
+  T* st = scratch<T>(1, size_t(keys.size) * ld);
+  T* o = scratch<T>(2, size_t(nq) * cpad);
+  T* vstage = stage_v ? scratch<T>(3, size_t(keys.size) * cpad) : nullptr;
+  T* m = scratch<T>(4, size_t(3) * ld);
+  T* l = m + ld;
+  T* alpha = l + ld;
+  stage_transposed(sqt, qcols, sq, a.sq_s.row, std::min(nq, qcols), K);
+  std::fill(m, m + ld, -std::numeric_limits<T>::infinity());
+  std::fill(l, l + ld, T(0));
+
+  for (int j0 = 0; j0 < a.n; j0 += keys.size) {
+    const int nk = std::min(keys.size, a.n - j0);
+    const T* skj = sk + int64_t(j0) * a.sk_s.row;
+    if (qcols > 0) product<T>(nk, qcols, K, skj, a.sk_s.row, 1, sqt, qcols, st, ld);
+    if (dot_tail) {
+      for (int j = 0; j < nk; ++j) {
+        T* row = st + int64_t(j) * ld;
+        for (int t = 0; t < tail; ++t) row[whole + t] = dot(skj + j * a.sk_s.row, sq + (whole + t) * a.sq_s.row, K);
+        std::fill(row + whole + tail, row + ld, T(0));
+      }
+    }
+    // Online softmax down the columns: P^T = exp(S^T - m_new), running sums rescaled by alpha.
+    for (int v = 0; v < nv; ++v) {
+      const Vec<T> m_old = vload(m + v * L);
+      Vec<T> mx = m_old;
+      for (int j = 0; j < nk; ++j) mx = vmax<T>(mx, vload(st + int64_t(j) * ld + v * L));
+      Vec<T> sum{};
+      for (int j = 0; j < nk; ++j) {
+        T* p = st + int64_t(j) * ld + v * L;
+        const Vec<T> e = vexp(vload(p) - mx);
+        vstore(p, e);
+        sum += e;
+      }
+      const Vec<T> al = vexp(m_old - mx);  // 0 on the first block (m_old = -inf)
+      vstore(alpha + v * L, al);
+      vstore(l + v * L, vload(l + v * L) * al + sum);
+      vstore(m + v * L, mx);
+    }
+    if (j0 > 0) {
+      for (int i = 0; i < nq; ++i) {
+        const T f = alpha[i];
+        if (f != T(1))
+          for (int c = 0; c < cpad; ++c) o[int64_t(i) * cpad + c] *= f;
+      }
+    }
+    const T* vrows = yv + int64_t(j0) * a.yv_s.row;
+    int64_t ldv = a.yv_s.row;
+    if (stage_v) {
+      stage_rows(vstage, cpad, vrows, a.yv_s.row, nk, C);
+      vrows = vstage;
+      ldv = cpad;
+    }
+    product<T>(nq, cpad, nk, st, 1, ld, vrows, ldv, o, cpad, j0 > 0);
+  }
+  const int64_t row0 = b * a.n + i0;
+  for (int i = 0; i < nq; ++i) {
+    a.lse[row0 + i] = m[i] + std::log(l[i]);
+    alpha[i] = T(1) / l[i];
+  }
+  write_rows(a.out + row0 * C, o, cpad, nq, C, alpha, scratch<T>(5, size_t(nq) * C));
+}
+
+// --------------------------------------------------------------- backward --
+template <typename T>
+struct BwdArgs {
+  const T *dout, *sq, *sk, *yv, *lse;  // dout (B_, N, C), lse (B_, N): contiguous
+  const T* out;    // (B_, N, C) contiguous
+  const T* delta;  // rowsum(dO * O) (B_, N); null with a single key block (computed in the task)
+  Strides sq_s, sk_s, yv_s;
+  int n, k, c;
+  T *dsq, *dsk, *dyv;  // (B_, N, K|K|C) contiguous
+  T* dsq_part;         // [ranges][B_][N][kpad] partials of dSq, or null: dSq written directly
+  int64_t batch;
+};
+
+template <typename T>
+void backward_task(const BwdArgs<T>& a, int64_t b, int range, int kb0, int kb1, const Blocks& keys,
+                   const Blocks& queries) {
+  constexpr int L = kLanes<T>;
+  const int K = a.k, C = a.c;
+  const int kpad = int(round_up(K, L)), cpad = int(round_up(C, L));
+  const int bn = int(round_up(keys.size, L));
+  const int bm = queries.size;
+  const T* sq = a.sq + b * a.sq_s.batch;
+  const T* sk = a.sk + b * a.sk_s.batch;
+  const T* yv = a.yv + b * a.yv_s.batch;
+  const int64_t row0 = b * a.n;
+  const T* dout = a.dout + row0 * C;
+  const bool stage_do = C % L != 0;
+
+  T* skt = scratch<T>(0, size_t(K) * bn);
+  T* vt = scratch<T>(1, size_t(C) * bn);
+  T* skp = scratch<T>(2, size_t(keys.size) * kpad);
+  T* dsk = scratch<T>(3, size_t(keys.size) * (kpad + cpad));
+  T* dyv = dsk + size_t(keys.size) * kpad;
+  T* staging = scratch<T>(4, size_t(std::max(keys.size, bm)) * std::max(K, C));
+  T* s = scratch<T>(5, size_t(2) * bm * bn);  // S then P; dP then dS
+  T* ds = s + size_t(bm) * bn;
+  T* sqp = scratch<T>(6, size_t(bm) * (kpad + cpad));
+  T* dop = sqp + size_t(bm) * kpad;
+  T* dsq_tile = a.dsq_part ? nullptr : scratch<T>(7, size_t(bm) * kpad);
+
+  for (int kb = kb0; kb < kb1; ++kb) {
+    const int j0 = kb * keys.size, nk = std::min(keys.size, a.n - j0);
+    stage_transposed(skt, bn, sk + j0 * a.sk_s.row, a.sk_s.row, nk, K);
+    stage_transposed(vt, bn, yv + j0 * a.yv_s.row, a.yv_s.row, nk, C);
+    stage_rows(skp, kpad, sk + j0 * a.sk_s.row, a.sk_s.row, nk, K);
+    const int whole = nk / L * L, tail = nk - whole;
+    const bool dot_tail = tail > 0 && tail <= L / 4;  // a few keys: dot products, not a vector
+    const int kcols = dot_tail ? whole : bn;           // columns of the S and dP products
+    for (int qb = 0; qb < queries.count; ++qb) {
+      const int i0 = qb * queries.size, nq = std::min(queries.size, a.n - i0);
+      const T* sqi = sq + i0 * a.sq_s.row;
+      const T* doi = dout + int64_t(i0) * C;
+      if (kcols > 0) {
+        product<T>(nq, kcols, K, sqi, a.sq_s.row, 1, skt, bn, s, bn);
+        product<T>(nq, kcols, C, doi, C, 1, vt, bn, ds, bn);
+      }
+      if (dot_tail) {
+        for (int i = 0; i < nq; ++i)
+          for (int j = whole; j < nk; ++j) {
+            s[int64_t(i) * bn + j] = dot(sqi + i * a.sq_s.row, sk + (j0 + j) * a.sk_s.row, K);
+            ds[int64_t(i) * bn + j] = dot(doi + int64_t(i) * C, yv + (j0 + j) * a.yv_s.row, C);
+          }
+      }
+      for (int i = 0; i < nq; ++i) {
+        const Vec<T> lse = vsplat(a.lse[row0 + i0 + i]);
+        T* srow = s + int64_t(i) * bn;
+        T* drow = ds + int64_t(i) * bn;
+        for (int j = 0; j < bn; j += L) vstore(srow + j, vexp(vload(srow + j) - lse));
+        for (int j = nk; j < bn; ++j) srow[j] = drow[j] = T(0);  // padding keys
+        const Vec<T> delta = vsplat(a.delta ? a.delta[row0 + i0 + i]
+                                            : dot(a.out + (row0 + i0 + i) * C, doi + int64_t(i) * C, C));
+        for (int j = 0; j < bn; j += L) vstore(drow + j, vload(srow + j) * (vload(drow + j) - delta));
+      }
+      const bool first = qb == 0;
+      const T* dorows = doi;
+      int64_t lddo = C;
+      if (stage_do) {
+        stage_rows(dop, cpad, doi, C, nq, C);
+        dorows = dop;
+        lddo = cpad;
+      }
+      product<T>(nk, cpad, nq, s, 1, bn, dorows, lddo, dyv, cpad, !first);
+      stage_rows(sqp, kpad, sqi, a.sq_s.row, nq, K);
+      product<T>(nk, kpad, nq, ds, 1, bn, sqp, kpad, dsk, kpad, !first);
+      if (a.dsq_part) {
+        T* part = a.dsq_part + ((int64_t(range) * a.batch + b) * a.n + i0) * kpad;
+        product<T>(nq, kpad, nk, ds, bn, 1, skp, kpad, part, kpad, kb != kb0);
+      } else {
+        product<T>(nq, kpad, nk, ds, bn, 1, skp, kpad, dsq_tile, kpad);
+        write_rows(a.dsq + (row0 + i0) * K, dsq_tile, kpad, nq, K, static_cast<const T*>(nullptr), staging);
+      }
+    }
+    write_rows(a.dsk + (row0 + j0) * K, dsk, kpad, nk, K, static_cast<const T*>(nullptr), staging);
+    write_rows(a.dyv + (row0 + j0) * C, dyv, cpad, nk, C, static_cast<const T*>(nullptr), staging);
+  }
+}
+
+// ---------------------------------------------------------------- bindings --
+// f(T{}) with T = float or double (fp16 / bf16 arrive converted to float32).
+template <typename F>
+void dispatch_compute(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kDouble) f(double{});
+  else f(float{});
+}
+
+void check_inputs(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv) {
+  SF_CPU_CHECK_INPUT(sq, 3);
+  SF_CPU_CHECK_INPUT(sk, 3);
+  SF_CPU_CHECK_INPUT(yv, 3);
+  SF_CPU_CHECK_SAME_DTYPE(sk, sq);
+  SF_CPU_CHECK_SAME_DTYPE(yv, sq);
+  TORCH_CHECK(sq.scalar_type() == at::kFloat || sq.scalar_type() == at::kDouble,
+              "semantic_attention: the cpu kernels take float32 or float64, got ", sq.scalar_type());
+  TORCH_CHECK(sk.sizes() == sq.sizes(), "semantic_attention: sk must have sq's shape (B_, N, K)");
+  TORCH_CHECK(yv.size(0) == sq.size(0) && yv.size(1) == sq.size(1), "semantic_attention: yv must be (B_, N, C)");
+  TORCH_CHECK(sq.size(1) >= 1 && sq.size(2) >= 1 && yv.size(2) >= 1, "semantic_attention: empty N, K or C");
+  constexpr int64_t kIntLimit = int64_t(1) << 31;
+  TORCH_CHECK(sq.size(1) < kIntLimit && sq.size(2) < kIntLimit && yv.size(2) < kIntLimit,
+              "semantic_attention: N, K and C must be below 2^31");
+  TORCH_CHECK(sq.stride(2) == 1, "semantic_attention: sq must have a contiguous last dim");
+  TORCH_CHECK(sk.stride(2) == 1, "semantic_attention: sk must have a contiguous last dim");
+  TORCH_CHECK(yv.stride(2) == 1, "semantic_attention: yv must have a contiguous last dim");
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv) {
+  check_inputs(sq, sk, yv);
+  const int64_t batch = sq.size(0);
+  const int n = int(sq.size(1));
+  at::Tensor out = at::empty({batch, n, yv.size(2)}, yv.options());
+  at::Tensor lse = at::empty({batch, n}, sq.options());
+  if (batch == 0) return {out, lse};
+  const Blocks queries = balanced(n, kQueryBlock), keys = balanced(n, kKeyBlock);
+  dispatch_compute(sq.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const FwdArgs<T> a{sq.data_ptr<T>(), sk.data_ptr<T>(), yv.data_ptr<T>(), strides_of(sq), strides_of(sk),
+                       strides_of(yv), n, int(sq.size(2)), int(yv.size(2)), out.data_ptr<T>(), lse.data_ptr<T>()};
+    parallel_for(batch * queries.count, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int qb = int(t % queries.count), i0 = qb * queries.size;
+        forward_task(a, t / queries.count, i0, std::min(queries.size, n - i0), keys);
+      }
+      stream_fence();
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dout, const at::Tensor& sq,
+                                                           const at::Tensor& sk, const at::Tensor& yv,
+                                                           const at::Tensor& out, const at::Tensor& lse) {
+  check_inputs(sq, sk, yv);
+  SF_CPU_CHECK_INPUT(dout, 3);
+  SF_CPU_CHECK_INPUT(out, 3);
+  SF_CPU_CHECK_INPUT(lse, 2);
+  SF_CPU_CHECK_SAME_DTYPE(dout, sq);
+  SF_CPU_CHECK_SAME_DTYPE(out, sq);
+  SF_CPU_CHECK_SAME_DTYPE(lse, sq);
+  TORCH_CHECK(dout.sizes() == yv.sizes() && out.sizes() == yv.sizes(),
+              "semantic_attention: dout and out must be (B_, N, C)");
+  TORCH_CHECK(lse.size(0) == sq.size(0) && lse.size(1) == sq.size(1), "semantic_attention: lse must be (B_, N)");
+  SF_CPU_CHECK_CONTIGUOUS(dout);
+  SF_CPU_CHECK_CONTIGUOUS(out);
+  SF_CPU_CHECK_CONTIGUOUS(lse);
+  const int64_t batch = sq.size(0);
+  const int n = int(sq.size(1)), k = int(sq.size(2)), c = int(yv.size(2));
+  at::Tensor dsq = at::empty(sq.sizes(), sq.options()), dsk = at::empty(sk.sizes(), sk.options());
+  at::Tensor dyv = at::empty(yv.sizes(), yv.options());
+  if (batch == 0) return {dsq, dsk, dyv};
+  const Blocks keys = balanced(n, kBwdKeyBlock), queries = balanced(n, kBwdQueryBlock);
+  // Key ranges per batch item: a fixed function of the shape (never of the thread count).
+  const int ranges_wanted = int(std::min<int64_t>(keys.count, (kBwdTasks + batch - 1) / batch));
+  const int per_range = (keys.count + ranges_wanted - 1) / ranges_wanted;
+  const int ranges = (keys.count + per_range - 1) / per_range;
+  const bool partials = keys.count > 1;
+  dispatch_compute(sq.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t kpad = round_up(k, kLanes<T>);
+    const T* g = dout.data_ptr<T>();
+    at::Tensor delta, part;
+    if (partials) {
+      delta = at::empty({batch, n}, lse.options());
+      part = at::empty({ranges, batch, n, kpad}, sq.options());
+      const T* o = out.data_ptr<T>();
+      T* dl = delta.data_ptr<T>();
+      parallel_for(batch * n, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) dl[r] = dot(o + r * c, g + r * c, c);
+      });
+    }
+    const BwdArgs<T> a{g, sq.data_ptr<T>(), sk.data_ptr<T>(), yv.data_ptr<T>(), lse.data_ptr<T>(),
+                       out.data_ptr<T>(), partials ? delta.data_ptr<T>() : nullptr,
+                       strides_of(sq), strides_of(sk), strides_of(yv), n, k, c, dsq.data_ptr<T>(),
+                       dsk.data_ptr<T>(), dyv.data_ptr<T>(), partials ? part.data_ptr<T>() : nullptr, batch};
+    parallel_for(batch * ranges, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int r = int(t % ranges), kb0 = r * per_range;
+        backward_task(a, t / ranges, r, kb0, std::min(keys.count, kb0 + per_range), keys, queries);
+      }
+      stream_fence();
+    });
+    if (partials) {  // dSq = the ranges' partials added in range order
+      const T* p = part.data_ptr<T>();
+      T* d = dsq.data_ptr<T>();
+      const int64_t range_stride = batch * n * kpad;
+      parallel_for(batch * n, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          T* dst = d + row * k;
+          std::memcpy(dst, p + row * kpad, sizeof(T) * k);
+          for (int r = 1; r < ranges; ++r) {
+            const T* src = p + r * range_stride + row * kpad;
+            for (int t = 0; t < k; ++t) dst[t] += src[t];
+          }
+        }
+      });
+    }
+  });
+  return {dsq, dsk, dyv};
+}
+
+}  // namespace sf_cpu_semantic
+
+SF_CPU_LIBRARY(m) {
+  m.def("semantic_attention_forward(Tensor sq, Tensor sk, Tensor yv) -> (Tensor, Tensor)");
+  m.def("semantic_attention_backward(Tensor dout, Tensor sq, Tensor sk, Tensor yv, Tensor out, Tensor lse) "
+        "-> (Tensor, Tensor, Tensor)");
+}
+
+SF_CPU_LIBRARY_IMPL(m) {
+  m.impl("semantic_attention_forward", &sf_cpu_semantic::forward_op);
+  m.impl("semantic_attention_backward", &sf_cpu_semantic::backward_op);
+}

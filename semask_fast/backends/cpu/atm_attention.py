@@ -1,0 +1,55 @@
+"""atm_attention from ``csrc/cpu/atm_attention.cpp`` (the native ``cpu`` backend).
+
+The kernels take contiguous float32 / float64 tensors with head_dim a multiple of 16: float16 /
+bfloat16 are converted to float32 here (computed in float32, rounded once), and another head_dim
+is zero padded (padding changes no logit; the padded output columns are dropped).  Forward saves
+the float32 (float64) output and row logsumexp; backward takes both gradients,
+dS_h = P (dP - rowsum(dP P)) + dM / h, recomputing the probabilities tile by tile.  Dropout keeps
+element (b, head, i, j) when ``philox(seed, ((b h + head) Nq + i) Nk + j)`` clears p, with the seed
+drawn as on the GPU backends, so :func:`semask_fast.backends.cuda.window_attention.dropout_keep`
+replays it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...ops.atm_attention import ATMAttentionInputs
+from ..cuda.window_attention import draw_seed
+from ..registry import register
+from . import CpuImpl
+
+#: The kernels' head_dim granularity (whole vectors of the widest instruction set).
+HEAD_DIM_MULTIPLE = 16
+
+
+def _compute(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous in the kernels' compute type, head_dim zero padded to the granularity."""
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.float()
+    pad = -t.shape[-1] % HEAD_DIM_MULTIPLE
+    return F.pad(t, (0, pad)) if pad else t.contiguous()
+
+
+@register
+class ATMAttentionCpu(CpuImpl):
+    op = "atm_attention"
+
+    def forward(self, inp: ATMAttentionInputs):
+        seed = draw_seed() if inp.dropout_p > 0 else 0
+        q, k, v = (_compute(t) for t in (inp.q, inp.k, inp.v))
+        out, mask_logits, lse = self.library().atm_attention_forward(q, k, v, inp.scale, inp.dropout_p, seed)
+        d, dtype = inp.q.shape[-1], inp.q.dtype
+        return ((out[..., :d].to(dtype), mask_logits.to(dtype)),
+                (out, lse, torch.tensor(seed, dtype=torch.int64)))
+
+    def backward(self, inp: ATMAttentionInputs, saved, grad_outputs):
+        out, lse, seed = saved
+        q, k, v = (_compute(t) for t in (inp.q, inp.k, inp.v))
+        dout = _compute(grad_outputs[0].to(out.dtype))
+        dmask = grad_outputs[1].to(out.dtype).contiguous()
+        grads = self.library().atm_attention_backward(dout, dmask, q, k, v, out, lse, inp.scale, inp.dropout_p,
+                                                      int(seed))
+        d = inp.q.shape[-1]
+        return tuple(g[..., :d].to(t.dtype) for g, t in zip(grads, (inp.q, inp.k, inp.v)))
