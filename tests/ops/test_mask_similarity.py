@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import semask_fast
+from semask_fast.backends.base import record_dispatch
 from semask_fast.testing import assert_parity
 from tests.conftest import require_backend
 
@@ -91,3 +92,50 @@ def test_triton_gpu_tiles(monkeypatch, k, dtype):
     monkeypatch.setattr(kernels, "INTERPRETER_TILES", False)
     t = _inputs(1, 40, k, 40, "cpu", affine=True)
     assert_parity(_op(True), t, list(t), dtype, backend="triton", op=OP)
+
+
+# --------------------------------------------------------------------------- #
+# The native cpu backend: float64 gradcheck on the kernels, thread-count independence
+# --------------------------------------------------------------------------- #
+def _ran_cpu_only(ran):
+    assert ran, "nothing was recorded"
+    assert {(op, backend) for op, backend, _ in ran} == {(OP, "cpu")}, ran
+    assert {phase for *_, phase in ran} == {"forward", "backward"}, ran
+
+
+@pytest.mark.parametrize("norm,affine", EPILOGUES, ids=["plain", "norm-affine", "norm"])
+def test_cpu_gradcheck_fp64(norm, affine):
+    """torch.autograd.gradcheck through the cpu kernels themselves (K and D not whole vectors)."""
+    require_backend(OP, "cpu")
+    t = {n: x.requires_grad_() for n, x in _inputs(2, 66, 11, 5, "cpu", affine, seed=3).items()}
+    names = list(t)
+
+    def fn(*xs):
+        return semask_fast.mask_similarity(**dict(zip(names, xs)), norm=norm, backend="cpu")
+
+    with record_dispatch() as ran:
+        assert torch.autograd.gradcheck(fn, tuple(t.values()), eps=1e-6, atol=1e-7)
+    _ran_cpu_only(ran)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("norm,affine", [(False, False), (True, True)], ids=["plain", "norm-affine"])
+def test_cpu_independent_of_thread_count(norm, affine, dtype):
+    """Outputs and every gradient are bitwise the same on 1 and 2 threads (fixed reduction order)."""
+    require_backend(OP, "cpu")
+    t = _inputs(3, 200, 150, 40, "cpu", affine, seed=1)
+    grad = torch.randn(3, 200, 150, generator=torch.Generator().manual_seed(2)).to(dtype)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            x = {k: v.to(dtype if k in ("patches", "classes") else torch.float32).requires_grad_()
+                 for k, v in t.items()}
+            out = semask_fast.mask_similarity(**x, norm=norm, backend="cpu")
+            out.backward(grad)
+            results.append([out.detach()] + [v.grad for v in x.values()])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import semask_fast
+from semask_fast.backends.base import record_dispatch
 from semask_fast.testing import assert_parity
 from tests.conftest import require_backend
 
@@ -81,3 +82,60 @@ def test_round_trip(kernel_backend):
     for order in (True, False):
         win = semask_fast.window_partition(x, 7, 3, order, backend=kernel_backend)
         assert torch.equal(semask_fast.window_merge(win, 7, 3, 10, 13, order, backend=kernel_backend), x)
+
+
+# --------------------------------------------------------------------------- #
+# The native cpu backend: every dtype bitwise (float64 too), gradcheck, thread count
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("pad_then_roll", [True, False], ids=["pad-then-roll", "roll-then-pad"])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=ids["dtype"])
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_cpu_bitwise_with_gradients(name, dtype, pad_then_roll):
+    """Partition, merge and both gradients equal the reference composition bit for bit."""
+    require_backend("window_partition", "cpu")
+    b, H, W, c, ws, shift = SHAPES[name]
+    x = torch.randn(b, H, W, c, dtype=torch.float64).to(dtype)
+    nwh, nww = _grid(H, W, ws)
+    grad_win = torch.randn(b * nwh * nww, ws[0], ws[1], c, dtype=torch.float64).to(dtype)
+    results = {}
+    for backend in ("cpu", "reference"):
+        xs = x.clone().requires_grad_()
+        with record_dispatch() as ran:
+            win = semask_fast.window_partition(xs, ws, shift, pad_then_roll, backend=backend)
+            win.backward(grad_win)
+            wins = win.detach().clone().requires_grad_()
+            img = semask_fast.window_merge(wins, ws, shift, H, W, pad_then_roll, backend=backend)
+            img.backward(x)
+        if backend == "cpu":
+            assert [r[1] for r in ran] == ["cpu"] * 4, ran
+        results[backend] = (win, xs.grad, img, wins.grad)
+    for got, want in zip(results["cpu"], results["reference"]):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("pad_then_roll", [True, False], ids=["pad-then-roll", "roll-then-pad"])
+def test_cpu_gradcheck_fp64(pad_then_roll):
+    require_backend("window_partition", "cpu")
+    x = torch.randn(1, 5, 7, 3, dtype=torch.float64, requires_grad=True)
+    win = torch.randn(2 * 2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+    with record_dispatch() as ran:
+        assert torch.autograd.gradcheck(
+            lambda t: semask_fast.window_partition(t, (3, 4), (1, 2), pad_then_roll, backend="cpu"), (x,))
+        assert torch.autograd.gradcheck(
+            lambda t: semask_fast.window_merge(t, (3, 4), (1, 2), 5, 7, pad_then_roll, backend="cpu"), (win,))
+    assert {r[1] for r in ran} == {"cpu"} and {r[2] for r in ran} == {"forward", "backward"}, ran
+
+
+def test_cpu_independent_of_thread_count():
+    require_backend("window_partition", "cpu")
+    x = torch.randn(4, 57, 57, 96)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            win = semask_fast.window_partition(x, 7, 3, backend="cpu")
+            outs.append((win, semask_fast.window_merge(win, 7, 3, 57, 57, backend="cpu")))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[1][1], x)

@@ -1,0 +1,175 @@
+// window_partition / window_merge on the CPU, forward and backward: pad + roll + partition and its
+// exact inverse as parallel row copies (SPEC.md section 1; the geometry is that of
+// csrc/ops/window_process.cu).
+//
+// x (B, H, W, C) is padded with zeros to Hp x Wp (window multiples) and rolled by (-sy, -sx):
+//   pad_then_roll (segmentation Swin / SeMask): the roll wraps around the padded Hp x Wp grid;
+//   roll_then_pad (timm): the roll wraps around the H x W image, padding comes after.
+// Window b * nW + wy * nWw + wx holds the padded-rolled pixels (wy*Wh + i, wx*Ww + j).
+//
+// Partition walks the rows of every window (one source image row each), merge the image rows
+// (each crosses a few windows); either way a row is a few runs of tokens that are consecutive in
+// both tensors, and each run is one memcpy of (run length x C) elements.  Pure byte copies:
+// bitwise exact for every dtype.  Each direction is the other's gradient.  Offsets are int64_t.
+#include "sf_cpu.h"
+
+namespace {
+
+struct Geometry {
+  int64_t H, W;    // image
+  int64_t Hp, Wp;  // padded image
+  int64_t Wh, Ww;  // window
+  int64_t nWw, nW; // windows per padded row, per image
+  int64_t sy, sx;  // roll (shift)
+  bool pad_then_roll;
+};
+
+Geometry make_geometry(int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sy, int64_t sx, bool pad_then_roll) {
+  TORCH_CHECK(H > 0 && W > 0, "window_process: H and W must be positive, got ", H, " x ", W);
+  TORCH_CHECK(wh > 0 && ww > 0, "window_process: window_size must be positive, got (", wh, ", ", ww, ")");
+  TORCH_CHECK(sy >= 0 && sx >= 0 && sy < wh && sx < ww, "window_process: shift_size must be in [0, window), got (",
+              sy, ", ", sx, ")");
+  Geometry g;
+  g.H = H;
+  g.W = W;
+  g.Wh = wh;
+  g.Ww = ww;
+  g.Hp = (H + wh - 1) / wh * wh;
+  g.Wp = (W + ww - 1) / ww * ww;
+  g.nWw = g.Wp / ww;
+  g.nW = (g.Hp / wh) * g.nWw;
+  // Rolling the unpadded image (timm), a shift may exceed a tiny image: a roll by s is a roll by
+  // s mod the axis length.
+  g.sy = pad_then_roll ? sy : sy % H;
+  g.sx = pad_then_roll ? sx : sx % W;
+  g.pad_then_roll = pad_then_roll;
+  return g;
+}
+
+// Image coordinate of padded-rolled coordinate p along an axis of `size` image and `padded`
+// positions, shift s; -1 for a pad position.
+inline int64_t window_to_image(int64_t p, int64_t s, int64_t size, int64_t padded, bool pad_then_roll) {
+  if (pad_then_roll) {
+    const int64_t q = p + s < padded ? p + s : p + s - padded;
+    return q < size ? q : -1;
+  }
+  if (p >= size) return -1;
+  return p + s < size ? p + s : p + s - size;
+}
+
+// Padded-rolled coordinate of image coordinate y (the inverse of window_to_image).
+inline int64_t image_to_window(int64_t y, int64_t s, int64_t size, int64_t padded, bool pad_then_roll) {
+  const int64_t period = pad_then_roll ? padded : size;
+  return y >= s ? y - s : y - s + period;
+}
+
+// Copies `count` tokens of `row_bytes` into dst (contiguous), token j from src_of(j) (nullptr: a
+// zero pad token), one memcpy per run of tokens consecutive in the source.
+template <typename SrcOf>
+inline void copy_runs(char* dst, int64_t count, int64_t row_bytes, const SrcOf& src_of) {
+  int64_t j = 0;
+  while (j < count) {
+    const char* src = src_of(j);
+    int64_t run = 1;
+    if (src == nullptr) {
+      while (j + run < count && src_of(j + run) == nullptr) ++run;
+      std::memset(dst + j * row_bytes, 0, size_t(run * row_bytes));
+    } else {
+      while (j + run < count && src_of(j + run) == src + run * row_bytes) ++run;
+      std::memcpy(dst + j * row_bytes, src, size_t(run * row_bytes));
+    }
+    j += run;
+  }
+}
+
+// Rows per parallel task: at least ~64 KiB of copying, so small rows do not pay per-task overhead.
+int64_t grain_rows(int64_t row_bytes) {
+  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, row_bytes));
+}
+
+// (B, H, W, C) -> (B * nW, Wh, Ww, C)
+at::Tensor partition(const at::Tensor& x, int64_t wh, int64_t ww, int64_t sy, int64_t sx, bool pad_then_roll) {
+  SF_CPU_CHECK_INPUT(x, 4);
+  SF_CPU_CHECK_CONTIGUOUS(x);
+  const Geometry g = make_geometry(x.size(1), x.size(2), wh, ww, sy, sx, pad_then_roll);
+  const int64_t B = x.size(0), token_bytes = x.size(3) * int64_t(x.element_size());
+  at::Tensor out = at::empty({B * g.nW, wh, ww, x.size(3)}, x.options());
+  if (out.numel() == 0) return out;
+  const char* src = static_cast<const char*>(x.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  // One task item: row i of window b_ (Ww tokens), all from image row y (or all padding).
+  const int64_t window_rows = B * g.nW * wh;
+  sf::cpu::parallel_for(window_rows, grain_rows(ww * token_bytes), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t i = r % wh, bw = r / wh, w = bw % g.nW, b = bw / g.nW;
+      const int64_t y = window_to_image((w / g.nWw) * wh + i, g.sy, g.H, g.Hp, pad_then_roll);
+      const int64_t px0 = (w % g.nWw) * ww;
+      const char* image_row = y < 0 ? nullptr : src + (b * g.H + y) * g.W * token_bytes;
+      copy_runs(dst + r * ww * token_bytes, ww, token_bytes, [&](int64_t j) -> const char* {
+        if (image_row == nullptr) return nullptr;
+        const int64_t xx = window_to_image(px0 + j, g.sx, g.W, g.Wp, pad_then_roll);
+        return xx < 0 ? nullptr : image_row + xx * token_bytes;
+      });
+    }
+  });
+  return out;
+}
+
+// (B * nW, Wh, Ww, C) -> (B, H, W, C)
+at::Tensor merge(const at::Tensor& windows, int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sy, int64_t sx,
+                 bool pad_then_roll) {
+  SF_CPU_CHECK_INPUT(windows, 4);
+  SF_CPU_CHECK_CONTIGUOUS(windows);
+  const Geometry g = make_geometry(H, W, wh, ww, sy, sx, pad_then_roll);
+  TORCH_CHECK(windows.size(1) == wh && windows.size(2) == ww, "windows must have window dims (", wh, ", ", ww,
+              "), got ", windows.sizes());
+  TORCH_CHECK(windows.size(0) % g.nW == 0, "windows has ", windows.size(0), " windows, not a multiple of the ",
+              g.nW, " windows of a ", H, "x", W, " image");
+  const int64_t B = windows.size(0) / g.nW, token_bytes = windows.size(3) * int64_t(windows.element_size());
+  at::Tensor out = at::empty({B, H, W, windows.size(3)}, windows.options());
+  if (out.numel() == 0) return out;
+  const char* src = static_cast<const char*>(windows.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  // One task item: image row y of image b; its tokens come from one window row per window crossed.
+  sf::cpu::parallel_for(B * H, grain_rows(W * token_bytes), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t y = r % H, b = r / H;
+      const int64_t py = image_to_window(y, g.sy, g.H, g.Hp, pad_then_roll);
+      const int64_t window_row0 = b * g.nW + (py / wh) * g.nWw;  // first window of this row of windows
+      const int64_t i = py % wh;
+      copy_runs(dst + r * W * token_bytes, W, token_bytes, [&](int64_t xx) -> const char* {
+        const int64_t px = image_to_window(xx, g.sx, g.W, g.Wp, pad_then_roll);
+        return src + (((window_row0 + px / ww) * wh + i) * ww + px % ww) * token_bytes;
+      });
+    }
+  });
+  return out;
+}
+
+// d(partition)/dx is the merge of the gradient, d(merge)/dwindows the partition of the gradient.
+at::Tensor partition_backward(const at::Tensor& grad, int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sy,
+                              int64_t sx, bool pad_then_roll) {
+  return merge(grad, H, W, wh, ww, sy, sx, pad_then_roll);
+}
+
+at::Tensor merge_backward(const at::Tensor& grad, int64_t wh, int64_t ww, int64_t sy, int64_t sx, bool pad_then_roll) {
+  return partition(grad, wh, ww, sy, sx, pad_then_roll);
+}
+
+}  // namespace
+
+SF_CPU_LIBRARY(m) {
+  m.def("window_partition_forward(Tensor x, int wh, int ww, int sy, int sx, bool pad_then_roll) -> Tensor");
+  m.def("window_partition_backward(Tensor grad, int H, int W, int wh, int ww, int sy, int sx, "
+        "bool pad_then_roll) -> Tensor");
+  m.def("window_merge_forward(Tensor windows, int H, int W, int wh, int ww, int sy, int sx, "
+        "bool pad_then_roll) -> Tensor");
+  m.def("window_merge_backward(Tensor grad, int wh, int ww, int sy, int sx, bool pad_then_roll) -> Tensor");
+}
+
+SF_CPU_LIBRARY_IMPL(m) {
+  m.impl("window_partition_forward", &partition);
+  m.impl("window_partition_backward", &partition_backward);
+  m.impl("window_merge_forward", &merge);
+  m.impl("window_merge_backward", &merge_backward);
+}
