@@ -173,25 +173,14 @@ void forward_task(const Problem<T>& p, int64_t b, int i0, int nq, T* out, T* lse
       T* mh = m + size_t(h) * ld;
       T* lh = l + size_t(h) * ld;
       for (int v = 0; v < nv; ++v) {
-        const Vec<T> m_old = vload(mh + v * L);
-        Vec<T> mx = m_old;
+        Vec<T> mx = vload(mh + v * L);
         for (int j = 0; j < nk; ++j) {  // the head sum of the logits and the column max, one read of S^T
           const int64_t e = int64_t(j) * ld + v * L;
           const Vec<T> x = vload(st + e);
           vstore(mt + e, h == 0 ? x : vload(mt + e) + x);
           mx = vmax<T>(mx, x);
         }
-        Vec<T> sum{};
-        for (int j = 0; j < nk; ++j) {
-          T* e = st + int64_t(j) * ld + v * L;
-          const Vec<T> x = vexp(vload(e) - mx);
-          vstore(e, x);
-          sum += x;
-        }
-        const Vec<T> al = vexp(m_old - mx);  // 0 on the first block (m_old = -inf)
-        vstore(alpha + v * L, al);
-        vstore(lh + v * L, vload(lh + v * L) * al + sum);
-        vstore(mh + v * L, mx);
+        online_softmax_block(st + v * L, ld, nk, mx, mh + v * L, lh + v * L, alpha + v * L);
       }
       if (p.dropout_p > 0.f) {  // lanes past nq: multipliers of no element, on unused columns
         for (int j = 0; j < nk; ++j)

@@ -127,12 +127,6 @@ void store_difference(S* __restrict__ dst, const T* __restrict__ tile, const T* 
   for (; i < n; ++i) dst[i] = static_cast<S>(tile[i] - src[i] * f);
 }
 
-// Orders this thread's non-temporal stores before what follows (the end of the parallel loop).
-inline void finish_streaming_stores() {
-#if defined(__AVX512F__) || defined(__AVX__)
-  _mm_sfence();
-#endif
-}
 
 void check_inputs(const at::Tensor& P, const at::Tensor& C) {
   SF_CPU_CHECK_INPUT(P, 3);
@@ -385,7 +379,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
         store_difference(dp + n * D, tile + r * Dpad, pm + n * Dpad, f, D);
       }
     }
-    finish_streaming_stores();
+    sf::cpu::stream_fence();
   });
 
   // coldot per batch, dw and db, summed over the row blocks in order.
@@ -423,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
         store_difference(dc + (b * K + k) * D + d0, tile + k * kCols, cm + (b * K + k) * Dpad + d0, f, dcols);
       }
     }
-    finish_streaming_stores();
+    sf::cpu::stream_fence();
   });
   return {dP, dC, dw, db};
 }

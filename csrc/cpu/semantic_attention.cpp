@@ -52,18 +52,6 @@ struct Strides {
 };
 inline Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1)}; }
 
-// Sum of the lanes, halving (log2(kLanes) shuffles and adds).
-template <typename T, int S = kLanes<T> / 2, size_t... I>
-inline T tree_sum(Vec<T> v, std::index_sequence<I...> lanes = {}) {
-  if constexpr (sizeof...(I) == 0) {
-    return tree_sum<T, S>(v, std::make_index_sequence<kLanes<T>>{});
-  } else {
-    v += __builtin_shufflevector(v, v, int((I + S) % kLanes<T>)...);
-    if constexpr (S > 1) return tree_sum<T, S / 2>(v, lanes);
-    else return v[0];
-  }
-}
-
 // dst[c * ld + r] = src[r * src_rs + c] for r < rows, c < cols; zero for rows <= r < ld.  The
 // whole vectors of columns go through sf::cpu::transpose (in registers), the rest one by one.
 template <typename T>
@@ -94,35 +82,9 @@ inline T dot(const T* __restrict__ a, const T* __restrict__ b, int n) {
   Vec<T> acc{};
   int t = 0;
   for (; t + L <= n; t += L) acc += vload(a + t) * vload(b + t);
-  T s = tree_sum<T>(acc);
+  T s = hsum<T>(acc);
   for (; t < n; ++t) s += a[t] * b[t];
   return s;
-}
-
-// Stores one vector at a kLanes-aligned address past the cache (a non-temporal store): the
-// outputs are written once and not read again here, so they need not be read for ownership
-// first, which on the windowed shapes is a third of the memory traffic.
-template <typename T>
-inline void stream_vec(T* dst, Vec<T> v) {
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float>) _mm512_stream_ps(dst, (__m512)v);
-  else _mm512_stream_pd(dst, (__m512d)v);
-#elif defined(__AVX__)
-  if constexpr (std::is_same_v<T, float>) _mm256_stream_ps(dst, (__m256)v);
-  else _mm256_stream_pd(dst, (__m256d)v);
-#elif defined(__SSE2__)
-  if constexpr (std::is_same_v<T, float>) _mm_stream_ps(dst, (__m128)v);
-  else _mm_stream_pd(dst, (__m128d)v);
-#else
-  vstore(dst, v);
-#endif
-}
-
-// Orders this thread's non-temporal stores before whatever follows (end of a parallel chunk).
-inline void stream_fence() {
-#ifdef SF_CPU_X86
-  _mm_sfence();
-#endif
 }
 
 // dst[0, n) = src[0, n): the whole vectors whose address is a multiple of the vector size go past
@@ -195,20 +157,9 @@ void forward_task(const FwdArgs<T>& a, int64_t b, int i0, int nq, const Blocks& 
     }
     // Online softmax down the columns: P^T = exp(S^T - m_new), running sums rescaled by alpha.
     for (int v = 0; v < nv; ++v) {
-      const Vec<T> m_old = vload(m + v * L);
-      Vec<T> mx = m_old;
+      Vec<T> mx = vload(m + v * L);
       for (int j = 0; j < nk; ++j) mx = vmax<T>(mx, vload(st + int64_t(j) * ld + v * L));
-      Vec<T> sum{};
-      for (int j = 0; j < nk; ++j) {
-        T* p = st + int64_t(j) * ld + v * L;
-        const Vec<T> e = vexp(vload(p) - mx);
-        vstore(p, e);
-        sum += e;
-      }
-      const Vec<T> al = vexp(m_old - mx);  // 0 on the first block (m_old = -inf)
-      vstore(alpha + v * L, al);
-      vstore(l + v * L, vload(l + v * L) * al + sum);
-      vstore(m + v * L, mx);
+      online_softmax_block(st + v * L, ld, nk, mx, m + v * L, l + v * L, alpha + v * L);
     }
     if (j0 > 0) {
       for (int i = 0; i < nq; ++i) {

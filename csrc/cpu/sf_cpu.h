@@ -92,11 +92,16 @@ template <typename T>
 inline Vec<T> vmax(Vec<T> a, Vec<T> b) {
   return a > b ? a : b;
 }
-template <typename T>
-inline T hsum(Vec<T> v) {
-  T s = 0;
-  for (int i = 0; i < kLanes<T>; ++i) s += v[i];  // in lane order: a fixed, documented sum order
-  return s;
+// Sum of the lanes, halving (log2(kLanes) shuffles and adds; a fixed order).
+template <typename T, int S = kLanes<T> / 2, size_t... I>
+inline T hsum(Vec<T> v, std::index_sequence<I...> lanes = {}) {
+  if constexpr (sizeof...(I) == 0) {
+    return hsum<T, S>(v, std::make_index_sequence<kLanes<T>>{});
+  } else {
+    v += __builtin_shufflevector(v, v, int((I + S) % kLanes<T>)...);
+    if constexpr (S > 1) return hsum<T, S / 2>(v, lanes);
+    else return v[0];
+  }
 }
 template <typename T>
 inline T hmax(Vec<T> v) {
@@ -109,6 +114,17 @@ inline T hmax(Vec<T> v) {
 // e^r (Cephes' expf, relative error ~2 ulp on [-87.3, 88.3]), 2^n built in the exponent bits;
 // -inf and x < -87.3 give 0 (flushed, as FTZ would), NaN stays NaN, x > 88.72 gives inf.  The
 // kernels call it on x - rowmax <= 0.  fp64 calls std::exp per lane (fp64 serves gradcheck).
+// e^r for the reduced argument |r| <= ln(2)/2: Cephes' expf polynomial (relative error ~1 ulp).
+inline Vec<float> exp_reduced(Vec<float> r) {
+  Vec<float> p = vsplat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return p * r * r + r + 1.0f;
+}
+
 #if defined(__AVX512F__)
 // AVX-512: n = round(x log2 e) by vrndscaleps and p 2^n by vscalefps, which also gives inf past the
 // top of the range and 0 (denormals flushed) at the bottom.  The clamps keep -inf and inf out of
@@ -121,13 +137,7 @@ inline Vec<float> vexp_avx512(Vec<float> x) {
                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   Vec<float> r = Vec<float>(xc) - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  Vec<float> p = vsplat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const Vec<float> p = exp_reduced(r);
   return _mm512_scalef_ps(p, n);
 }
 
@@ -142,13 +152,7 @@ inline Vec<float> vexp(Vec<float> x) {
   const V n = t - magic;
   V r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  V p = vsplat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const V p = exp_reduced(r);
   const I bits = (reinterpret_cast<const I&>(t) - reinterpret_cast<const I&>(magic) + 127) << 23;
   V y = p * reinterpret_cast<const V&>(bits);
   y = x < -87.3f ? vsplat(0.0f) : y;
@@ -177,13 +181,7 @@ inline Vec<float> vexp_nonpositive(Vec<float> x) {
   const V n = t - magic;
   V r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  V p = vsplat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const V p = exp_reduced(r);
   const I bits = (reinterpret_cast<const I&>(t) - (reinterpret_cast<const I&>(magic) - 127)) << 23;
   const V y = p * reinterpret_cast<const V&>(bits);
   return x < -87.3f ? vsplat(0.0f) : y;
@@ -420,6 +418,53 @@ inline T* scratch(int slot, size_t n) {
   auto& b = buffers[slot];
   if (b.size() < n) b.resize(n);
   return b.data();
+}
+
+// ------------------------------------------------------- streaming stores --
+// Stores one vector at a vector-aligned address past the cache (a non-temporal store): for
+// outputs written once and not read again by the kernel, so their lines need not be read for
+// ownership first.  Call stream_fence() before the end of the parallel chunk.
+template <typename T>
+inline void stream_vec(T* dst, Vec<T> v) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) _mm512_stream_ps(dst, (__m512)v);
+  else _mm512_stream_pd(dst, (__m512d)v);
+#elif defined(__AVX__)
+  if constexpr (std::is_same_v<T, float>) _mm256_stream_ps(dst, (__m256)v);
+  else _mm256_stream_pd(dst, (__m256d)v);
+#elif defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) _mm_stream_ps(dst, (__m128)v);
+  else _mm_stream_pd(dst, (__m128d)v);
+#else
+  vstore(dst, v);
+#endif
+}
+
+// Orders this thread's non-temporal stores before whatever follows.
+inline void stream_fence() {
+#ifdef SF_CPU_X86
+  _mm_sfence();
+#endif
+}
+
+// ---------------------------------------------------------- online softmax --
+// One key block of an online softmax over S^T (keys as rows, queries in lanes), for the query
+// lanes [0, kLanes) at st: given the block's column max mx (>= the running max m), replaces the
+// block by exp(S^T - mx) and updates the running max m, sum l, and alpha = exp(m_old - mx), the
+// factor the caller rescales its output accumulators by (0 on the first block, m_old = -inf).
+template <typename T>
+inline void online_softmax_block(T* st, int64_t ld, int keys, Vec<T> mx, T* m, T* l, T* alpha) {
+  Vec<T> sum{};
+  for (int j = 0; j < keys; ++j) {
+    T* e = st + int64_t(j) * ld;
+    const Vec<T> x = vexp_nonpositive(vload(e) - mx);
+    vstore(e, x);
+    sum += x;
+  }
+  const Vec<T> al = vexp_nonpositive(vload(m) - mx);
+  vstore(alpha, al);
+  vstore(l, vload(l) * al + sum);
+  vstore(m, mx);
 }
 
 // ------------------------------------------------------------------ dropout --

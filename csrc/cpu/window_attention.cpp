@@ -34,7 +34,6 @@ struct Image {
   int H, W, Hp, Wp, nWw, nW;
   int sy, sx;  // roll
   bool pad_then_roll;
-  int64_t row_stride;  // elements between pixels (3 h d for qkv, h d for out)
 };
 
 // Window-frame position (py, px) -> image pixel (y, x), or false for a pad token.
@@ -51,6 +50,16 @@ inline bool window_to_pixel(const Image& g, int py, int px, int& y, int& x) {
   x = px + g.sx;
   if (y >= g.H) y -= g.H;
   if (x >= g.W) x -= g.W;
+  return true;
+}
+
+// Token t of window row b_ (window wh x ww) -> its pixel's index in the (B, H, W) image, or false
+// for a pad token.
+inline bool token_pixel(const Image& g, int wh, int ww, int64_t b_, int t, int64_t& pixel) {
+  const int w = int(b_ % g.nW);
+  int y, x;
+  if (!window_to_pixel(g, (w / g.nWw) * wh + t / ww, (w % g.nWw) * ww + t % ww, y, x)) return false;
+  pixel = (b_ / g.nW * g.H + y) * g.W + x;
   return true;
 }
 
@@ -118,13 +127,10 @@ struct ImageTokens {
   int wh, ww, heads, d;
 
   void rows(int64_t b_, int head, Rows<S>& r) const {
-    const int64_t b = b_ / g.nW;
-    const int w = int(b_ % g.nW);
     const int64_t c = int64_t(heads) * d, hoff = int64_t(head) * d;
     for (int t = 0; t < wh * ww; ++t) {
-      int y, x;
-      const bool real = window_to_pixel(g, (w / g.nWw) * wh + t / ww, (w % g.nWw) * ww + t % ww, y, x);
-      const int64_t pixel = (b * g.H + y) * g.W + x;
+      int64_t pixel = 0;
+      const bool real = token_pixel(g, wh, ww, b_, t, pixel);
       const S* base = real ? qkv + pixel * 3 * c : pad_row;
       r.q[t] = base + hoff;
       r.k[t] = base + c + hoff;
@@ -360,13 +366,10 @@ struct ImageGrads {
   Image g;
   int wh, ww, heads, d;
   void rows(int64_t b_, int head, GradRows<S>& r) const {
-    const int64_t b = b_ / g.nW;
-    const int w = int(b_ % g.nW);
     const int64_t c = int64_t(heads) * d, hoff = int64_t(head) * d;
     for (int t = 0; t < wh * ww; ++t) {
-      int y, x;
-      const bool real = window_to_pixel(g, (w / g.nWw) * wh + t / ww, (w % g.nWw) * ww + t % ww, y, x);
-      const int64_t pixel = (b * g.H + y) * g.W + x;
+      int64_t pixel = 0;
+      const bool real = token_pixel(g, wh, ww, b_, t, pixel);
       r.dq[t] = real ? dqkv + pixel * 3 * c + hoff : nullptr;
       r.dk[t] = real ? dqkv + pixel * 3 * c + c + hoff : nullptr;
       r.dv[t] = real ? dqkv + pixel * 3 * c + 2 * c + hoff : nullptr;
