@@ -1,43 +1,48 @@
-"""pytest-benchmark of every op on each available backend and each peer, beside eager PyTorch.
+"""pytest-benchmark of the CPU benchmark's cases: every peer and every available semask_fast CPU
+backend, forward and forward+backward (the cases, peers and steps of ``python -m semask_fast bench``).
 
-    python -m pytest benchmarks/test_bench_ops.py --benchmark-enable --benchmark-group-by=param:case
+    python -m pytest benchmarks/test_bench_ops.py --benchmark-enable --benchmark-group-by=param:case,param:mode
+    SEMASK_FAST_BENCH_SCALE=paper python -m pytest benchmarks/test_bench_ops.py --benchmark-enable ...
 
-Not part of the test suite (``testpaths = tests``).  On a machine without a GPU
-only the eager reference and the peers are timed: the Triton interpreter and the
-SIMT harness are correctness tools (``python -m semask_fast bench --include-tools``
-times them anyway, labelled).
+Not part of the test suite (``testpaths = tests``).  Small shapes (the paper cases at batch 1) unless
+``SEMASK_FAST_BENCH_SCALE=paper``.  Correctness tools (the SIMT harness, Triton's interpreter) are
+not timed; compiled peers compile on their first call (pytest-benchmark's calibration absorbs it).
 """
+
+import functools
+import os
 
 import pytest
 import torch
 
-from semask_fast._bench import bench_cases, make_step
-from semask_fast.backends import registry
+from semask_fast import _bench
 
-CASES = bench_cases("small")
-
-
-def _run(benchmark, call, tensors, mode, device):
-    benchmark(make_step(call, tensors, mode, device))
+CASES = {c.key: c for c in _bench.bench_cases(os.environ.get("SEMASK_FAST_BENCH_SCALE", "small"))}
 
 
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("case,backend", [pytest.param(c, b, id=f"{c.op}-{b}") for c in CASES
-                                          for b in registry.BACKENDS])
-def test_bench(benchmark, case, backend, mode):
-    why = registry.reasons(case.op, backend)
-    impl = registry.implementation(case.op, backend)
-    device = impl.preferred_device() if impl else None
-    if why or backend == "cpu" or (backend == "triton" and device.type == "cpu"):
-        pytest.skip("; ".join(why) or "correctness tool, not a speed")
-    benchmark.extra_info.update(case=case.name, backend=backend, mode=mode)
-    _run(benchmark, lambda **t: case.call(backend, **t), case.make(device, torch.float32), mode, device)
+@functools.lru_cache(maxsize=None)
+def _contenders(key: str):
+    """name -> contender, built once per case so each compiled peer compiles once."""
+    return {c.name: c for c in _bench.contenders(CASES[key])}
 
 
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("case,peer", [pytest.param(c, name, id=f"{c.op}-peer-{name}")
-                                       for c in CASES for name in c.peers])
-def test_bench_peer(benchmark, case, peer, mode):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    benchmark.extra_info.update(case=case.name, backend=f"peer: {peer}", mode=mode)
-    _run(benchmark, case.peers[peer], case.make(device, torch.float32), mode, device)
+def _params():
+    for key, case in CASES.items():
+        names = [p.name for p in case.peers] + [f"semask_fast {b}" for b in _bench.our_backends(case.op)]
+        for name in names:
+            yield pytest.param(key, name, id=f"{key}-{name}")
+
+
+@pytest.mark.parametrize("mode", _bench.MODES)
+@pytest.mark.parametrize("case,impl", list(_params()))
+def test_bench(benchmark, case, impl, mode):
+    contender = _contenders(case)[impl]
+    if mode == "fwd+bwd" and not contender.backward:
+        pytest.skip(contender.note)
+    if mode == "fwd" and contender.grads is not None:
+        pytest.skip("the same forward as the peer it derives from")
+    benchmark.extra_info.update(case=CASES[case].name, impl=impl, kind=contender.kind, mode=mode,
+                                gflop=_bench.step_flops(CASES[case].flops, mode) / 1e9)
+    step = _bench.Step(contender.fn, CASES[case].make(torch.float32, torch.Generator().manual_seed(0)), mode,
+                       contender.grads)
+    benchmark(step)

@@ -6,13 +6,18 @@
   per dtype, against the float64 reference (outputs and every gradient), and
   prints a parity table.  Without a CUDA device, Triton kernels run in Triton's
   interpreter on CPU tensors.  Exits 1 if any check fails.
-* ``bench``: times every available backend side by side with eager PyTorch on
-  the papers' shapes (or scaled down), names the machine, appends to a CSV.
+* ``bench``: the CPU benchmark: every op at the papers' shapes, our CPU backends
+  side by side with eager PyTorch, SDPA, compiled FlexAttention and
+  ``torch.compile``, forward and forward+backward, and timm's Swin-T end to end;
+  names the machine, writes ``benchmarks/results/bench_cpu.md`` and ``.png``,
+  optionally appends to a CSV.  ``bench --quick``: Swin-T stage 1 window
+  attention against eager and SDPA in seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import shutil
@@ -86,6 +91,7 @@ def cmd_info(args) -> int:
           f"CUDA device: {'yes' if torch.cuda.is_available() else 'none'})")
     print(f"triton       {triton_version}" + (" (kernels run in the interpreter on CPU tensors)" if interpreted else ""))
     print(f"nvcc         {_nvcc_version()}")
+    print(f"cpu backend  {_cpu_target()}")
     print()
     footnotes: List[str] = []
     rows = []
@@ -104,7 +110,22 @@ def cmd_info(args) -> int:
     print(_table(["op", *registry.BACKENDS], rows))
     for i, text in enumerate(footnotes, 1):
         print(f"[{i}] {text}")
+    print()
+    print("backend='auto' walks cuda -> triton (CUDA tensors only) -> cpu -> reference. Never chosen "
+          "automatically, ask for them by name: simt (the CUDA C++ sources run by the CPU SIMT harness) and "
+          "triton on CPU tensors (Triton's interpreter) are correctness tools, slower than the reference.")
     return 0
+
+
+def _cpu_target() -> str:
+    """The instruction set the cpu backend's kernels are built for on this machine."""
+    from semask_fast import _build, _bench_report
+
+    flags = " ".join(_build.cpu_isa_flags()) or "no -march flag (the compiler's default target)"
+    target = f"g++ {flags} (SEMASK_FAST_CPU_ISA={_build.cpu_isa()}"
+    if _build.cpu_isa() == "native":
+        target += f"; -march=native is {_bench_report.march_native()} here"
+    return f"{target}); this CPU: {' '.join(_bench_report.isa_flags()) or 'none of the listed ISA flags'}"
 
 
 def cmd_check(args) -> int:
@@ -155,21 +176,85 @@ def cmd_check(args) -> int:
     return 1 if failures else 0
 
 
-def cmd_bench(args) -> int:
+def _dtype(name: str):
     import torch
 
-    from semask_fast import _bench
+    return {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+            "bfloat16": torch.bfloat16}[name]
 
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
-    machine = machine_name()
-    print(f"{args.mode} timings, {args.dtype}, {args.scale} shapes, on {machine}")
-    rows = _bench.run(args.scale, dtype, args.mode, args.backend, include_tools=args.include_tools,
-                      peers=not args.backend)
-    table = [[r["op"], r["case"], r["backend"], "-" if r["seconds"] is None else f"{r['seconds'] * 1e3:.3f} ms",
-              "-" if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}x", r["note"]] for r in rows]
-    print(_table(["op", "case", "backend", "median", "vs eager", "note"], table))
+
+def _bench_quick(args) -> int:
+    """Swin-T stage 1 window attention (B=8): our fastest CPU backend against eager and SDPA."""
+    from semask_fast import _bench, _bench_report
+
+    case = _bench.quick_case()
+    modes = _modes(args.mode)
+    print(f"semask_fast on {_bench_report.machine_line()}")
+    sgemm = _bench.sgemm_rate()
+    print(f"{case.name}, {args.dtype}; sgemm rate {sgemm:.0f} GFLOP/s:")
+    if not _bench.our_backends(case.op, args.backend):
+        print("  no semask_fast CPU backend is available here (see `python -m semask_fast info`): "
+              "backend='auto' runs the reference, i.e. eager")
+    rows = _bench.run([case], _dtype(args.dtype), modes, args.backend, peers=("eager", "SDPA"), sgemm_gflops=sgemm,
+                      memory=False, progress=lambda message: None)
+    table = []
+    for mode in modes:
+        peer, ours = _bench.fastest_peer(rows, case.key, mode), _bench.fastest_ours(rows, case.key, mode)
+        table.append([mode, f"{ours['seconds'] * 1e3:.2f} ms ({ours['impl']})" if ours else "-",
+                      f"{peer['seconds'] * 1e3:.2f} ms ({peer['impl']})" if peer else "-",
+                      f"{ours['ratio']:.2f}x" if ours else "-", f"{ours['pct_sgemm']:.0f}%" if ours else "-"])
+    print(_table(["mode", "semask_fast", "fastest peer (eager, SDPA)", "speedup", "% of sgemm"], table))
+    print("fwd+bwd computes the q, k, v and bias-table gradients. The full benchmark (every op, with "
+          "torch.compile and FlexAttention): python -m semask_fast bench")
+    return 0
+
+
+def _modes(mode: str):
+    return ("fwd", "fwd+bwd") if mode == "both" else (mode,)
+
+
+def cmd_bench(args) -> int:
+    if args.include_tools or "triton" in (args.backend or ()):
+        _prepare_interpreter()  # without a GPU, Triton's kernels are timed in its interpreter
+    if args.quick:
+        return _bench_quick(args)
+    from semask_fast import _bench, _bench_report
+
+    dtype = _dtype(args.dtype)
+    modes = _modes(args.mode)
+    cases = [c for c in _bench.bench_cases(args.scale)
+             if not args.case or any(f in c.key or f in c.name for f in args.case)]
+    if not cases:
+        print(f"no case matches {args.case}; cases: {', '.join(c.key for c in _bench.bench_cases(args.scale))}")
+        return 2
+    machine = _bench_report.machine_line()
+    command = "python -m semask_fast bench" + "".join(f" {a}" for a in (args.argv or []))
+    print(f"CPU benchmark, {args.dtype}, {args.scale} shapes, on {machine}", flush=True)
+    sgemm = _bench.sgemm_rate()
+    print(f"sgemm rate: {sgemm:.0f} GFLOP/s (fp32 torch.mm 2048^3, best of 5)", flush=True)
+    rows = _bench.run(cases, dtype, modes, args.backend, include_tools=args.include_tools, sgemm_gflops=sgemm)
+    e2e = None
+    full_run = args.scale == "paper" and not args.case and modes == _bench.MODES
+    if args.e2e or (args.e2e is None and full_run):
+        if importlib.util.find_spec("timm") is None:
+            print("end to end skipped: timm is not installed (pip install timm)")
+        else:
+            from semask_fast import _bench_e2e
+
+            print("end to end:", file=sys.stderr, flush=True)
+            e2e = _bench_e2e.run(progress=lambda m: print(m, file=sys.stderr, flush=True))
+    print(_bench_report.summary_table(rows, modes))
+    if e2e:
+        print(_bench_report.e2e_markdown(e2e))
+    out = args.out if args.out is not None else (os.path.join("benchmarks", "results") if full_run else "")
+    if out:
+        md, png = os.path.join(out, "bench_cpu.md"), os.path.join(out, "bench_cpu.png")
+        header = _bench_report.header_lines(machine, dtype, args.scale, sgemm, command)
+        plotted = _bench_report.write_plot(png, rows, modes, f"{args.dtype}, {args.scale} shapes\n{machine}")
+        _bench_report.write_markdown(md, rows, modes, header, e2e, os.path.basename(png) if plotted else None)
+        print(f"wrote {md}" + (f" and {png}" if plotted else " (no plot: matplotlib is not installed)"))
     if args.csv:
-        _bench.write_csv(rows, args.csv, machine, dtype, args.mode)
+        _bench_report.append_csv(args.csv, rows, machine, dtype)
         print(f"appended to {args.csv}")
     return 0
 
@@ -183,15 +268,25 @@ def main(argv=None) -> int:
     check.add_argument("--op", action="append", help="only this op (repeatable)")
     check.add_argument("--dtype", nargs="+", default=["float32", "float16", "bfloat16"],
                        choices=["float32", "float16", "bfloat16"])
-    bench = sub.add_parser("bench", help="side-by-side timings against eager PyTorch on this machine")
-    bench.add_argument("--backend", action="append", help="only this backend (repeatable)")
-    bench.add_argument("--scale", choices=["small", "paper"], default="small")
-    bench.add_argument("--mode", choices=["fwd", "fwd+bwd"], default="fwd")
-    bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    bench = sub.add_parser("bench", help="side-by-side CPU timings against eager PyTorch, SDPA, FlexAttention "
+                                         "and torch.compile on the papers' shapes")
+    bench.add_argument("--quick", action="store_true",
+                       help="only Swin-T stage 1 window attention (B=8) against eager and SDPA (seconds)")
+    bench.add_argument("--scale", choices=["paper", "small"], default="paper",
+                       help="the papers' shapes, or the same cases at batch 1")
+    bench.add_argument("--mode", choices=["fwd", "fwd+bwd", "both"], default="both")
+    bench.add_argument("--dtype", choices=["float32", "float64", "float16", "bfloat16"], default="float32")
+    bench.add_argument("--backend", action="append", help="only this semask_fast backend (repeatable)")
+    bench.add_argument("--case", action="append", help="only cases whose key or name contains this (repeatable)")
     bench.add_argument("--include-tools", action="store_true",
                        help="also time the Triton interpreter and the SIMT harness (correctness tools)")
+    bench.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=None,
+                       help="time timm's Swin-T end to end (default: with --scale paper and no --case)")
+    bench.add_argument("--out", help="write bench_cpu.md and bench_cpu.png here (default: benchmarks/results "
+                                     "for a full paper-scale run, nothing otherwise; '' writes nothing)")
     bench.add_argument("--csv", help="append the rows to this CSV file")
     args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])[1:]
     return {"info": cmd_info, "check": cmd_check, "bench": cmd_bench}[args.command](args)
 
 
