@@ -103,12 +103,6 @@ inline T hsum(Vec<T> v, std::index_sequence<I...> lanes = {}) {
     else return v[0];
   }
 }
-template <typename T>
-inline T hmax(Vec<T> v) {
-  T m = v[0];
-  for (int i = 1; i < kLanes<T>; ++i) m = std::max(m, v[i]);
-  return m;
-}
 
 // exp(x) lane by lane.  fp32: Cody-Waite reduction x = n ln2 + r and a degree-6 polynomial for
 // e^r (Cephes' expf, relative error ~2 ulp on [-87.3, 88.3]), 2^n built in the exponent bits;
@@ -364,11 +358,6 @@ using acc_t = typename Acc<T>::type;
 template <typename S, typename T>
 inline void load_row(T* __restrict__ dst, const S* __restrict__ src, int64_t n, T scale = T(1)) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]) * scale;
-}
-// n elements of src, strided, -> dst.
-template <typename S, typename T>
-inline void load_strided(T* __restrict__ dst, const S* __restrict__ src, int64_t n, int64_t stride, T scale = T(1)) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i * stride]) * scale;
 }
 // n compute-type values -> storage type (fp16 / bf16: round to nearest even).
 template <typename S, typename T>

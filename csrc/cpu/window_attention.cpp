@@ -531,6 +531,19 @@ Logits<T> make_logits(const Problem& p, const std::optional<at::Tensor>& table, 
                    mask ? mask->data_ptr<T>() : nullptr);
 }
 
+// The bias table's shape check and the scalars, shared by both modes once the geometry is set.
+void set_logit_terms(Problem& p, const std::optional<at::Tensor>& table, double scale, double mask_value,
+                     double dropout_p, int64_t seed) {
+  if (table) {
+    TORCH_CHECK(table->dim() == 2 && table->size(0) == p.table_rows() && table->size(1) == p.heads,
+                "bias_table must be (", p.table_rows(), ", ", p.heads, "), got ", table->sizes());
+  }
+  p.scale = float(scale);
+  p.mask_value = float(mask_value);
+  p.dropout_p = float(dropout_p);
+  p.seed = uint64_t(seed);
+}
+
 Problem window_problem(const at::Tensor& q, const std::optional<at::Tensor>& table,
                        const std::optional<at::Tensor>& mask, int64_t wh, int64_t ww, int64_t grid_h, int64_t grid_w,
                        int64_t shift_h, int64_t shift_w, double scale, double mask_value, double dropout_p,
@@ -554,14 +567,7 @@ Problem window_problem(const at::Tensor& q, const std::optional<at::Tensor>& tab
     TORCH_CHECK(mask->dim() == 3 && mask->size(1) == p.n && mask->size(2) == p.n && p.batch % mask->size(0) == 0,
                 "mask must be (nW, N, N) with nW dividing the windows, got ", mask->sizes());
   }
-  if (table) {
-    TORCH_CHECK(table->dim() == 2 && table->size(0) == p.table_rows() && table->size(1) == p.heads,
-                "bias_table must be (", p.table_rows(), ", ", p.heads, "), got ", table->sizes());
-  }
-  p.scale = float(scale);
-  p.mask_value = float(mask_value);
-  p.dropout_p = float(dropout_p);
-  p.seed = uint64_t(seed);
+  set_logit_terms(p, table, scale, mask_value, dropout_p, seed);
   return p;
 }
 
@@ -696,14 +702,7 @@ Problem image_problem(const Image& g, int64_t heads, int64_t d, const std::optio
   p.shift_h = int(shift_h);
   p.shift_w = int(shift_w);
   p.mask_windows = 0;
-  if (table) {
-    TORCH_CHECK(table->dim() == 2 && table->size(0) == p.table_rows() && table->size(1) == p.heads,
-                "bias_table must be (", p.table_rows(), ", ", p.heads, "), got ", table->sizes());
-  }
-  p.scale = float(scale);
-  p.mask_value = float(mask_value);
-  p.dropout_p = float(dropout_p);
-  p.seed = uint64_t(seed);
+  set_logit_terms(p, table, scale, mask_value, dropout_p, seed);
   return p;
 }
 

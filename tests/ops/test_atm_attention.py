@@ -55,27 +55,46 @@ def test_parity_custom_scale(kernel_backend):
                   op=OP)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
-def test_triton_dropout_replay(dtype):
+def _keep_mask(backend, B, H, NQ, NK, p):
+    """The keep-mask a backend's kernels apply for the seed drawn next from torch's generator."""
+    if backend == "triton":
+        from semask_fast.kernels.atm_attention import draw_seed, dropout_keep_mask
+
+        return dropout_keep_mask(draw_seed(), B, H, NQ, NK, p)
+    from semask_fast.backends.cuda.window_attention import draw_seed, dropout_keep  # the GPU kernels' hash
+
+    return dropout_keep(draw_seed(), (B, H, NQ, NK), p)
+
+
+_DROPOUT_CASES = [("triton", torch.float32), ("triton", torch.float16), ("cpu", torch.float32),
+                  ("cpu", torch.float64)]
+
+
+@pytest.mark.parametrize("backend,dtype", _DROPOUT_CASES,
+                         ids=[f"{b}-{str(d).replace('torch.', '')}" for b, d in _DROPOUT_CASES])
+def test_dropout_replay(backend, dtype):
     """Forward and backward dropout equal the reference with the kernels' keep-mask for the seed."""
-    require_backend(OP, "triton")
+    require_backend(OP, backend)
     from semask_fast import reference
-    from semask_fast.kernels.atm_attention import draw_seed, dropout_keep_mask
+    from semask_fast.testing import TOLERANCES
 
     B, H, NQ, NK, D, p = 2, 3, 40, 90, 32, 0.1
     t = {n: x.to(dtype).requires_grad_() for n, x in _inputs(B, H, NQ, NK, D, "cpu").items()}
     torch.manual_seed(7)
-    out, mask_logits = semask_fast.atm_attention(t["q"], t["k"], t["v"], dropout_p=p, backend="triton")
+    with semask_fast.record_dispatch() as ran:
+        out, mask_logits = semask_fast.atm_attention(t["q"], t["k"], t["v"], dropout_p=p, backend=backend)
+        gout, gmask = torch.randn_like(out), torch.randn_like(mask_logits)
+        torch.autograd.backward([out, mask_logits], [gout, gmask])
+    assert ran == [(OP, backend, "forward"), (OP, backend, "backward")]
     torch.manual_seed(7)
-    keep = dropout_keep_mask(draw_seed(), B, H, NQ, NK, p)
+    keep = _keep_mask(backend, B, H, NQ, NK, p)
     assert 0.85 < keep.float().mean().item() < 0.95  # about 1 - p kept
-    gout, gmask = torch.randn_like(out), torch.randn_like(mask_logits)
-    torch.autograd.backward([out, mask_logits], [gout, gmask])
 
     r = {n: x.detach().double().requires_grad_() for n, x in t.items()}
     r_out, r_mask = reference.atm_attention(r["q"], r["k"], r["v"], dropout_p=p, dropout_keep=keep)
     torch.autograd.backward([r_out, r_mask], [gout.double(), gmask.double()])
-    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    tol = TOLERANCES[dtype][1]
+    tol = dict(atol=tol.atol, rtol=tol.rtol)
     torch.testing.assert_close(out.double(), r_out, **tol)
     torch.testing.assert_close(mask_logits.double(), r_mask, **tol)
     for n in t:
@@ -147,37 +166,6 @@ def test_cpu_odd_head_dim(dtype):
     device = require_backend(OP, "cpu")
     assert_parity(semask_fast.atm_attention, _inputs(2, 3, 30, 70, 20, device), ["q", "k", "v"], dtype,
                   backend="cpu", op=OP)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-def test_cpu_dropout_replay(dtype):
-    """Forward and backward dropout equal the reference with the keep-mask of the drawn seed (the
-    GPU kernels' hash and element index)."""
-    require_backend(OP, "cpu")
-    from semask_fast import reference
-    from semask_fast.backends.cuda.window_attention import draw_seed, dropout_keep
-
-    B, H, NQ, NK, D, p = 2, 3, 40, 90, 32, 0.1
-    t = {n: x.to(dtype).requires_grad_() for n, x in _inputs(B, H, NQ, NK, D, "cpu").items()}
-    torch.manual_seed(7)
-    with semask_fast.record_dispatch() as ran:
-        out, mask_logits = semask_fast.atm_attention(t["q"], t["k"], t["v"], dropout_p=p, backend="cpu")
-        gout, gmask = torch.randn_like(out), torch.randn_like(mask_logits)
-        torch.autograd.backward([out, mask_logits], [gout, gmask])
-    assert ran == [(OP, "cpu", "forward"), (OP, "cpu", "backward")]
-    torch.manual_seed(7)
-    keep = dropout_keep(draw_seed(), (B, H, NQ, NK), p)
-    assert 0.85 < keep.float().mean().item() < 0.95
-
-    r = {n: x.detach().double().requires_grad_() for n, x in t.items()}
-    r_out, r_mask = reference.atm_attention(r["q"], r["k"], r["v"], dropout_p=p, dropout_keep=keep)
-    torch.autograd.backward([r_out, r_mask], [gout.double(), gmask.double()])
-    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(out.double(), r_out, **tol)
-    torch.testing.assert_close(mask_logits.double(), r_mask, **tol)
-    for n in t:
-        torch.testing.assert_close(t[n].grad.double(), r[n].grad, **tol)
-    assert not torch.allclose(out.double(), reference.atm_attention(r["q"], r["k"], r["v"])[0], atol=1e-2)
 
 
 def test_cpu_thread_count_invariant():

@@ -138,15 +138,21 @@ def test_triton_reads_views_in_place(semantic_launches):
 _COPIES = ("copy_", "clone", "_to_copy", "contiguous")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-def test_harness_reads_views_in_place(dtype):
-    """The CUDA C++ impl (run here in the SIMT harness) hands the row-strided column views of one
-    fused q/k/v tensor to its kernels as they are, forward and backward: no aten op copies from the
-    fused tensor's storage, and both bindings receive pointers into it with its strides."""
-    require_backend(OP, "simt")
+# (backend, its torch.ops namespace, dtype, C): the harness in every dtype; the cpu kernels read fp32
+# and fp64 in place (fp16 / bf16 are converted, a copy by design).
+_IN_PLACE = [("simt", "semask_fast_simt", dtype, 24) for dtype in DTYPES] + [("cpu", "semask_fast_cpu", torch.float32, 32)]
+
+
+@pytest.mark.parametrize("backend,namespace,dtype,C", _IN_PLACE,
+                         ids=[f"{b}-{str(d).replace('torch.', '')}" for b, _, d, _ in _IN_PLACE])
+def test_reads_views_in_place(backend, namespace, dtype, C):
+    """The kernel backends hand the row-strided column views of one fused q/k/v tensor to their
+    kernels as they are, forward and backward: no aten op copies from the fused tensor's storage,
+    and both bindings receive pointers into it with its strides."""
+    require_backend(OP, backend)
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    B, N, K, C = 2, 30, 19, 24
+    B, N, K = 2, 30, 19
     qkv = _fused(B, N, K, C, "cpu")["qkv"].to(dtype).requires_grad_()
     storage = qkv.untyped_storage().data_ptr()
     copies, calls = [], {}
@@ -157,13 +163,13 @@ def test_harness_reads_views_in_place(dtype):
             name = func.overloadpacket.__name__
             if name in _COPIES and any(t.untyped_storage().data_ptr() == storage for t in tensors):
                 copies.append(str(func))
-            if func.namespace == "semask_fast_simt":
+            if func.namespace == namespace:
                 calls[name] = [(t.data_ptr(), t.stride()) for t in tensors]
             return func(*args, **(kwargs or {}))
 
     with Spy():
         sq, sk, yv = qkv.split([K, K, C], dim=-1)
-        semask_fast.semantic_attention(sq, sk, yv, backend="simt").sum().backward()
+        semask_fast.semantic_attention(sq, sk, yv, backend=backend).sum().backward()
     assert copies == []
     row, es = 2 * K + C, qkv.element_size()
     views = [(qkv.data_ptr() + es * off, (N * row, row, 1)) for off in (0, K, 2 * K)]
@@ -173,10 +179,11 @@ def test_harness_reads_views_in_place(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-def test_harness_batch_and_last_dim_strides(dtype):
+@pytest.mark.parametrize("backend", ["simt", "cpu"])
+def test_batch_and_last_dim_strides(backend, dtype):
     """Batch stride below the row stride (inputs stored (N, B_, .) and transposed), and Sk with a
     non-unit last-dim stride (the impl copies it; the kernels need contiguous rows)."""
-    device = require_backend(OP, "simt")
+    device = require_backend(OP, backend)
     B, N, K, C = 3, 37, 21, 40
     t = _inputs(B, N, K, C, device)
     t = {"sq": t["sq"].transpose(0, 1).contiguous(), "sk": t["sk"].transpose(1, 2).contiguous(),
@@ -186,15 +193,16 @@ def test_harness_batch_and_last_dim_strides(dtype):
         return semask_fast.semantic_attention(sq.transpose(0, 1), sk.transpose(1, 2), yv.transpose(0, 1),
                                               backend=backend)
 
-    assert_parity(fn, t, ["sq", "sk", "yv"], dtype, backend="simt", op=OP)
+    assert_parity(fn, t, ["sq", "sk", "yv"], dtype, backend=backend, op=OP)
 
 
-def test_harness_binding_rejects_strided_rows():
+@pytest.mark.parametrize("backend", ["simt", "cpu"])
+def test_binding_rejects_strided_rows(backend):
     """The binding itself states its layout requirement (the impl never passes such a tensor)."""
-    require_backend(OP, "simt")
-    from semask_fast.backends.cuda.semantic_attention import SemanticAttentionSimt
+    require_backend(OP, backend)
+    from semask_fast.backends import registry
 
-    lib = SemanticAttentionSimt().library()
+    lib = registry.implementation(OP, backend).library()
     sq = torch.randn(1, 8, 4)
     with pytest.raises(RuntimeError, match="sk must have a contiguous last dim"):
         lib.semantic_attention_forward(sq, torch.randn(1, 4, 8).transpose(1, 2), torch.randn(1, 8, 5))
@@ -230,62 +238,6 @@ def test_cpu_gradcheck(shape):
         assert torch.autograd.gradcheck(fn, (t["sq"], t["sk"], t["yv"]), fast_mode=fast)
     assert ("semantic_attention", "cpu", "forward") in ran and ("semantic_attention", "cpu", "backward") in ran
     assert {b for _, b, _ in ran} == {"cpu"}
-
-
-def test_cpu_reads_views_in_place():
-    """float32 column views of one fused q/k/v tensor reach the cpu kernels as they are (pointers into
-    the fused storage, its strides), forward and backward, with no copy of the fused tensor."""
-    require_backend(OP, "cpu")
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    B, N, K, C = 2, 30, 19, 32
-    qkv = _fused(B, N, K, C, "cpu")["qkv"].float().requires_grad_()
-    storage = qkv.untyped_storage().data_ptr()
-    copies, calls = [], {}
-
-    class Spy(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            name = func.overloadpacket.__name__
-            if name in _COPIES and any(t.untyped_storage().data_ptr() == storage for t in tensors):
-                copies.append(str(func))
-            if func.namespace == "semask_fast_cpu":
-                calls[name] = [(t.data_ptr(), t.stride()) for t in tensors]
-            return func(*args, **(kwargs or {}))
-
-    with Spy():
-        sq, sk, yv = qkv.split([K, K, C], dim=-1)
-        semask_fast.semantic_attention(sq, sk, yv, backend="cpu").sum().backward()
-    assert copies == []
-    row, es = 2 * K + C, qkv.element_size()
-    views = [(qkv.data_ptr() + es * off, (N * row, row, 1)) for off in (0, K, 2 * K)]
-    assert calls["semantic_attention_forward"] == views
-    assert calls["semantic_attention_backward"][1:4] == views  # (dout, sq, sk, yv, out, lse)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-def test_cpu_batch_and_last_dim_strides(dtype):
-    """Batch stride below the row stride, and Sk with a non-unit last-dim stride (copied by the impl)."""
-    require_backend(OP, "cpu")
-    t = _inputs(3, 37, 21, 40, "cpu")
-    t = {"sq": t["sq"].transpose(0, 1).contiguous(), "sk": t["sk"].transpose(1, 2).contiguous(),
-         "yv": t["yv"].transpose(0, 1).contiguous()}
-
-    def fn(backend, sq, sk, yv):
-        return semask_fast.semantic_attention(sq.transpose(0, 1), sk.transpose(1, 2), yv.transpose(0, 1),
-                                              backend=backend)
-
-    assert_parity(fn, t, ["sq", "sk", "yv"], dtype, backend="cpu", op=OP)
-
-
-def test_cpu_binding_rejects_strided_rows():
-    require_backend(OP, "cpu")
-    from semask_fast.backends.cpu.semantic_attention import SemanticAttentionCpu
-
-    lib = SemanticAttentionCpu().library()
-    with pytest.raises(RuntimeError, match="sk must have a contiguous last dim"):
-        lib.semantic_attention_forward(torch.randn(1, 8, 4), torch.randn(1, 4, 8).transpose(1, 2),
-                                       torch.randn(1, 8, 5))
 
 
 @pytest.mark.parametrize("shape", [(6, 49, 150, 96), (2, 200, 19, 40)], ids=["windows", "global-partials"])

@@ -77,29 +77,42 @@ def test_no_pad_qkv_bias_gradient_is_zero(kernel_backend):
     assert g is None or not g.any()
 
 
-def test_triton_dropout_replay():
+def _keep_mask(backend, windows, h, n, p):
+    """The keep-mask a backend's kernels apply for the seed drawn next from torch's generator."""
+    if backend == "triton":
+        from semask_fast.kernels import window_attention as k
+
+        return k.dropout_keep_mask(k.draw_seed(), windows, h, n, p)
+    from semask_fast.backends.cuda.window_attention import draw_seed, dropout_keep  # the GPU kernels' hash
+
+    return dropout_keep(draw_seed(), (windows, h, n, n), p)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_dropout_replay(backend):
     """Image layout: the keep-mask is keyed by (window, head, i, j) as in the window layout."""
-    require_backend(OP, "triton")
-    from semask_fast.kernels import window_attention as k
+    require_backend(OP, backend)
+    from semask_fast.testing import TOLERANCES
 
     b, H, W, h, d, ws, p = 2, 10, 13, 2, 16, (7, 7), 0.25
     t = {n: v.float().requires_grad_() for n, v in _inputs(b, H, W, h, d, ws, "cpu").items()}
     torch.manual_seed(7)
-    keep = k.dropout_keep_mask(k.draw_seed(), b * 4, h, 49, p)
+    keep = _keep_mask(backend, b * 4, h, 49, p)
     torch.manual_seed(7)
     with record_dispatch() as ran:
         out = semask_fast.shifted_window_attention(t["qkv"], t["bias_table"], qkv_bias=t["qkv_bias"], num_heads=h,
-                                                   window_size=ws, shift_size=3, dropout_p=p, backend="triton")
+                                                   window_size=ws, shift_size=3, dropout_p=p, backend=backend)
         gout = torch.randn_like(out)
         grads = torch.autograd.grad(out, list(t.values()), gout)
-    assert ran == [(OP, "triton", "forward"), (OP, "triton", "backward")]
+    assert ran == [(OP, backend, "forward"), (OP, backend, "backward")]
     r = {n: v.detach().double().requires_grad_() for n, v in t.items()}
     ref = reference.shifted_window_attention(r["qkv"], r["bias_table"], qkv_bias=r["qkv_bias"], num_heads=h,
                                              window_size=ws, shift_size=(3, 3), dropout_p=p, dropout_keep=keep)
     ref_grads = torch.autograd.grad(ref, list(r.values()), gout.double())
-    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    tol = TOLERANCES[torch.float32][1]
+    torch.testing.assert_close(out.double(), ref, atol=tol.atol, rtol=tol.rtol)
     for g, rg in zip(grads, ref_grads):
-        torch.testing.assert_close(g.double(), rg, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(g.double(), rg, atol=tol.atol, rtol=tol.rtol)
 
 
 def test_patch_timm_zero_copy_matches_timm(kernel_backend):
@@ -162,34 +175,6 @@ def test_cpu_gradcheck_float64(pad_then_roll, dropout_p):
     with record_dispatch() as ran:
         assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
     assert {b for _, b, _ in ran} == {"cpu"} and (OP, "cpu", "backward") in ran
-
-
-def test_cpu_dropout_replay():
-    """Image layout: the keep-mask is keyed by (window, head, i, j) as in the window layout."""
-    require_backend(OP, "cpu")
-    from semask_fast.backends.cuda.window_attention import draw_seed, dropout_keep
-
-    b, H, W, h, d, ws, p = 2, 10, 13, 2, 16, (7, 7), 0.25
-    t = {n: v.float().requires_grad_() for n, v in _inputs(b, H, W, h, d, ws, "cpu").items()}
-    torch.manual_seed(7)
-    keep = dropout_keep(draw_seed(), (b * 4, h, 49, 49), p)
-    torch.manual_seed(7)
-    with record_dispatch() as ran:
-        out = semask_fast.shifted_window_attention(t["qkv"], t["bias_table"], qkv_bias=t["qkv_bias"], num_heads=h,
-                                                   window_size=ws, shift_size=3, dropout_p=p, backend="cpu")
-        gout = torch.randn_like(out)
-        grads = torch.autograd.grad(out, list(t.values()), gout)
-    assert ran == [(OP, "cpu", "forward"), (OP, "cpu", "backward")]
-    r = {n: v.detach().double().requires_grad_() for n, v in t.items()}
-    ref = reference.shifted_window_attention(r["qkv"], r["bias_table"], qkv_bias=r["qkv_bias"], num_heads=h,
-                                             window_size=ws, shift_size=(3, 3), dropout_p=p, dropout_keep=keep)
-    ref_grads = torch.autograd.grad(ref, list(r.values()), gout.double())
-    from semask_fast.testing import TOLERANCES
-
-    tol = TOLERANCES[torch.float32][1]
-    torch.testing.assert_close(out.double(), ref, atol=tol.atol, rtol=tol.rtol)
-    for g, rg in zip(grads, ref_grads):
-        torch.testing.assert_close(g.double(), rg, atol=tol.atol, rtol=tol.rtol)
 
 
 def test_cpu_bitwise_independent_of_thread_count():
