@@ -11,24 +11,20 @@ them; fp16 / bf16 are converted when staged, accumulated in fp32 and rounded onc
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import ClassVar, FrozenSet, List
 
 import torch
 
-from ... import _build
-from ..base import FLOAT_DTYPES, KernelImpl
+from ..base import FLOAT_DTYPES
+from ..cuda import _CompiledImpl
 
 
-@lru_cache(maxsize=None)
-def _toolchain_reasons() -> tuple:
-    return tuple(_build.toolchain_reasons("cpu"))
-
-
-class CpuImpl(KernelImpl):
-    """An op whose kernels come from one ``csrc/cpu/*.cpp`` file."""
+class CpuImpl(_CompiledImpl):
+    """An op whose kernels come from one ``csrc/cpu/*.cpp`` file (built like the CUDA sources, in
+    the ``cpu`` flavour)."""
 
     backend = "cpu"
+    flavour = "cpu"
     dtypes = FLOAT_DTYPES | {torch.float64}
     #: File of ``csrc/cpu`` with this op's kernels; empty means ``<module name>.cpp``.
     source: ClassVar[str] = ""
@@ -37,21 +33,8 @@ class CpuImpl(KernelImpl):
     def source_name(cls) -> str:
         return "cpu/" + (cls.source or cls.__module__.rsplit(".", 1)[-1] + ".cpp")
 
-    def library(self):
-        """The loaded ``torch.ops.semask_fast_cpu`` namespace."""
-        return _build.load("cpu", self.source_name())
-
     def availability_reasons(self) -> List[str]:
-        reasons = list(_toolchain_reasons())
-        if reasons:
-            return reasons
-        try:
-            self.library()
-        except _build.BuildError as e:
-            return [f"cpu build of csrc/{self.source_name()} failed: {e.first_error}"]
-        except FileNotFoundError as e:
-            return [str(e)]
-        return []
+        return self.build_reasons()
 
     def supported_devices(self) -> FrozenSet[str]:
         return frozenset({"cpu"})

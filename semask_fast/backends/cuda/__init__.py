@@ -57,7 +57,7 @@ class _CompiledImpl(KernelImpl):
         return cls.source or cls.__module__.rsplit(".", 1)[-1] + ".cu"
 
     def library(self):
-        """The loaded ``torch.ops`` namespace (``semask_fast_cuda`` / ``semask_fast_simt``)."""
+        """The loaded ``torch.ops`` namespace of the flavour (``semask_fast_cuda``, ``semask_fast_simt``...)."""
         return _build.load(self.flavour, self.source_name())
 
     def build_reasons(self) -> List[str]:
@@ -67,7 +67,8 @@ class _CompiledImpl(KernelImpl):
         try:
             self.library()
         except _build.BuildError as e:
-            return [f"{self.flavour} build of csrc/ops/{self.source_name()} failed: {e.first_error}"]
+            name = self.source_name()
+            return [f"{self.flavour} build of csrc/{name if '/' in name else 'ops/' + name} failed: {e.first_error}"]
         except FileNotFoundError as e:
             return [str(e)]
         return []
