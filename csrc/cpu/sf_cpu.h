@@ -104,6 +104,41 @@ inline T hsum(Vec<T> v, std::index_sequence<I...> lanes = {}) {
   }
 }
 
+// Largest lane (same halving order as hsum).
+template <typename T, int S = kLanes<T> / 2, size_t... I>
+inline T hmax(Vec<T> v, std::index_sequence<I...> lanes = {}) {
+  if constexpr (sizeof...(I) == 0) {
+    return hmax<T, S>(v, std::make_index_sequence<kLanes<T>>{});
+  } else {
+    v = vmax<T>(v, __builtin_shufflevector(v, v, int((I + S) % kLanes<T>)...));
+    if constexpr (S > 1) return hmax<T, S / 2>(v, lanes);
+    else return v[0];
+  }
+}
+
+// Lane o of fold_pair<G>(u, v): the sum of the two halves of a group of 2G lanes, groups of u
+// first.  With u and v made of groups of 2G lanes, the result is made of groups of G lanes.
+constexpr int fold_lane(int lanes, int g_size, int o, int half) {
+  const int groups = lanes / (2 * g_size), g = o / g_size, w = o % g_size;
+  return (g < groups ? g * 2 * g_size : lanes + (g - groups) * 2 * g_size) + w + half;
+}
+template <typename T, int G, size_t... I>
+inline Vec<T> fold_pair(Vec<T> u, Vec<T> v, std::index_sequence<I...>) {
+  return __builtin_shufflevector(u, v, fold_lane(kLanes<T>, G, int(I), 0)...) +
+         __builtin_shufflevector(u, v, fold_lane(kLanes<T>, G, int(I), G)...);
+}
+// Lane t of the result = sum of the lanes of x[t], for kLanes<T> vectors x (overwritten): a
+// transpose-and-add tree of kLanes - 1 shuffle pairs, instead of a horizontal sum per vector.
+template <typename T, int G = kLanes<T> / 2>
+inline Vec<T> hsum_lanes(Vec<T>* x) {
+  constexpr int L = kLanes<T>;
+  // 2G vectors in (each holds L / 2G of the sums, in groups of 2G lanes), G out.
+#pragma GCC unroll 16
+  for (int p = 0; p < G; ++p) x[p] = fold_pair<T, G>(x[2 * p], x[2 * p + 1], std::make_index_sequence<L>{});
+  if constexpr (G > 1) return hsum_lanes<T, G / 2>(x);
+  else return x[0];
+}
+
 // exp(x) lane by lane.  fp32: Cody-Waite reduction x = n ln2 + r and a degree-6 polynomial for
 // e^r (Cephes' expf, relative error ~2 ulp on [-87.3, 88.3]), 2^n built in the exponent bits;
 // -inf and x < -87.3 give 0 (flushed, as FTZ would), NaN stays NaN, x > 88.72 gives inf.  The
@@ -243,18 +278,34 @@ inline void block_product(int K, const T* __restrict__ A, int64_t a_rs, int64_t 
                           int64_t ldb, T* C, int64_t ldc, const T* init) {
   constexpr int L = kLanes<T>;
   if constexpr (kUnitRows) a_rs = 1;
+  // Every loop over the block is unrolled so that acc lives in registers (GCC otherwise keeps the
+  // array on the stack around the k loop: a store and a load per accumulator and block).
   Vec<T> acc[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = init ? vload(init + r * ldc + v * L) : Vec<T>{};
+  if (init) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r][v] = vload(init + r * ldc + v * L);
+  } else {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r][v] = Vec<T>{};
+  }
   for (int k = 0; k < K; ++k) {
     Vec<T> b[V];
+#pragma GCC unroll 4
     for (int v = 0; v < V; ++v) b[v] = vload(B + k * ldb + v * L);
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const Vec<T> a = vsplat(A[r * a_rs + k * a_ks]);
+#pragma GCC unroll 4
       for (int v = 0; v < V; ++v) acc[r][v] += a * b[v];
     }
   }
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
     for (int v = 0; v < V; ++v) vstore(C + r * ldc + v * L, acc[r][v]);
 }
 

@@ -277,16 +277,96 @@ inline void dropout_factors(T* f, const Problem& p, int np, int64_t b_, int h) {
       f[size_t(j) * np + i] = i < p.n ? T(dropout_factor(p.seed, base + uint64_t(i) * p.n + j, p.dropout_p)) : T(0);
 }
 
+// Queries scored in S^T's vector lanes: all of them rounded up to whole vectors, unless only a few
+// (at most half a vector) spill past the last whole vector.  Those few are scored as rows
+// (s_i = (scale q_i) K^T, keys in lanes) instead: a padded vector of lanes costs N d FMAs, a row
+// N d / L (Swin's N = 49 is 3 vectors and one query).
+template <typename T>
+inline int lane_queries(int n) {
+  constexpr int L = kLanes<T>;
+  const int spill = n % L;
+  return spill > 0 && spill <= L / 2 ? n - spill : int(round_up(n, L));
+}
+
+// s[j] = scale a . b_j for the N rows b_j of an operand, keys in lanes (zero past N): each block of
+// L rows gives L dot-product vectors, folded into one by hsum_lanes.  a and the rows of b: dp
+// elements (whole vectors, zero past d).
+template <typename T>
+inline void row_dots(const T* a, Operand<T> b, int n, int np, int dp, T scale, T* s) {
+  constexpr int L = kLanes<T>;
+  for (int j0 = 0; j0 < np; j0 += L) {
+    Vec<T> dots[L];
+    for (int t = 0; t < L; ++t) {
+      Vec<T> acc{};
+      if (j0 + t < n) {
+        const T* bj = b.ptr + (j0 + t) * b.ld;
+        for (int c = 0; c < dp; c += L) acc += vload(bj + c) * vload(a + c);
+      }
+      dots[t] = acc;
+    }
+    vstore(s + j0, hsum_lanes<T>(dots) * scale);
+  }
+}
+
+// Row i of the task's logits, s_i = scale q_i K^T + the additive tile's terms (its column i),
+// keys in lanes; -inf past N.
+template <typename T>
+inline void row_logits(int i, int n, int np, int dp, Operand<T> q, Operand<T> k, T scale, const T* init, T* s) {
+  row_dots(q.ptr + i * q.ld, k, n, np, dp, scale, s);
+  if (init)
+    for (int j = 0; j < n; ++j) s[j] += init[size_t(j) * np + i];
+  std::fill(s + n, s + np, -std::numeric_limits<T>::infinity());
+}
+
+// Column i of an S^T-layout tile (N x Np) = the row s.
+template <typename T>
+inline void scatter_column(T* tile, int n, int np, int i, const T* s) {
+  for (int j = 0; j < n; ++j) tile[size_t(j) * np + i] = s[j];
+}
+
+// The row queries [nl, n) of a forward task: logits, softmax, P to the S^T tile's lanes nl.. as
+// the lane path leaves it, with lse and 1/l.
+template <typename T>
+inline void row_query_softmax(int n, int nl, int np, int dp, Operand<T> q, Operand<T> k, T scale, const T* init,
+                              T* s, T* st, T* lse_lanes, T* inv_l) {
+  constexpr int L = kLanes<T>;
+  for (int i = nl; i < n; ++i) {
+    row_logits(i, n, np, dp, q, k, scale, init, s);
+    Vec<T> m = vsplat(-std::numeric_limits<T>::infinity());
+    for (int j = 0; j < np; j += L) m = vmax<T>(m, vload(s + j));
+    const T mx = hmax<T>(m);
+    Vec<T> l{};
+    for (int j = 0; j < np; j += L) {
+      const Vec<T> e = vexp_nonpositive(vload(s + j) - mx);
+      vstore(s + j, e);
+      l += e;
+    }
+    const T sum = hsum<T>(l);
+    scatter_column(st, n, np, i, s);
+    lse_lanes[i] = mx + std::log(sum);
+    inv_l[i] = T(1) / sum;
+  }
+}
+
+// With row queries the products leave the lanes past N of S^T-layout tiles unwritten: zero them
+// once per thread (nothing writes them later), so lane-wise passes never meet stale values.
+template <typename T>
+inline void zero_pad_lanes(T* tile, int n, int np) {
+  for (int j = 0; j < n; ++j) std::fill(tile + size_t(j) * np + n, tile + size_t(j + 1) * np, T(0));
+}
+
 // --------------------------------------------------------------- forward --
 template <typename S, typename Tokens>
 void forward(const Problem& p, const Tokens& tokens, const Logits<acc_t<S>>& lg, acc_t<S>* lse) {
   using T = acc_t<S>;
   constexpr int L = kLanes<T>;
   const int n = p.n, d = p.d, np = int(round_up(n, L)), dp = int(round_up(d, L));
-  const size_t tile_elems = size_t(dp) * np + 4 * size_t(n) * dp + 2 * size_t(n) * np + 4 * size_t(np) + 1024;
+  const int nl = lane_queries<T>(n), row_queries = std::max(0, n - nl);
+  const size_t tile_elems = size_t(dp) * np + 4 * size_t(n) * dp + 2 * size_t(n) * np + 5 * size_t(np) + 1024;
   parallel_for(p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
     Tiles<T> tiles{scratch<T>(0, tile_elems)};
     T* qt = tiles.take(size_t(dp) * np);
+    T* srow = tiles.take(np);  // a row query's logits, then P
     T* qtile = tiles.take(size_t(n) * dp);
     T* ktile = tiles.take(size_t(n) * dp);
     T* vtile = tiles.take(size_t(n) * dp);
@@ -295,18 +375,21 @@ void forward(const Problem& p, const Tokens& tokens, const Logits<acc_t<S>>& lg,
     T* drop = p.dropout_p > 0 ? tiles.take(size_t(n) * np) : nullptr;
     T* inv_l = tiles.take(np);
     T* lse_lanes = tiles.take(np);
+    if (row_queries) zero_pad_lanes(st, n, np);
     Rows<S> rows(n);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b_ = task / p.heads;
       const int h = int(task % p.heads);
       tokens.rows(b_, h, rows);
       const Operand<T> q = rows_operand(rows.q, n, d, dp, true, qtile);
-      const Operand<T> k = rows_operand(rows.k, n, d, dp, false, ktile);
+      const Operand<T> k = rows_operand(rows.k, n, d, dp, row_queries > 0, ktile);
       const Operand<T> v = rows_operand(rows.v, n, d, dp, true, vtile);
-      transpose(q.ptr, q.ld, n, dp, qt, np, T(p.scale));
-      product<T>(n, np, d, k.ptr, k.ld, 1, qt, np, st, np, false, lg.tile(b_, h));
-      // Softmax down the key rows, every query lane at once.
-      for (int i = 0; i < np; i += L) {
+      const T* init = lg.tile(b_, h);
+      transpose(q.ptr, q.ld, std::min(n, nl), dp, qt, np, T(p.scale));
+      product<T>(n, nl, d, k.ptr, k.ld, 1, qt, np, st, np, false, init);
+      if (row_queries) row_query_softmax(n, nl, np, dp, q, k, T(p.scale), init, srow, st, lse_lanes, inv_l);
+      // Softmax down the key rows, every lane query at once.
+      for (int i = 0; i < nl; i += L) {
         Vec<T> m = vsplat(-std::numeric_limits<T>::infinity());
         for (int j = 0; j < n; ++j) m = vmax<T>(m, vload(st + size_t(j) * np + i));
         Vec<T> l{};
@@ -409,8 +492,9 @@ void backward(const Problem& p, const Tokens& tokens, const Grads& grads, const 
   const int64_t per_chunk = windows_per_chunk(p.batch, p.heads);
   const int64_t chunks = (p.batch + per_chunk - 1) / per_chunk;
   const int rows_of_table = p.table_rows();
+  const int nl = lane_queries<T>(n), row_queries = std::max(0, n - nl);
   const size_t tile_elems = 2 * size_t(dp) * np + 5 * size_t(n) * dp + 4 * size_t(n) * np + 3 * size_t(dp) +
-                            3 * size_t(np) + 1024;
+                            4 * size_t(np) + 1024;
   parallel_for(chunks * p.heads, 1, [&](int64_t begin, int64_t end) {
     Tiles<T> tiles{scratch<T>(0, tile_elems)};
     T* qt = tiles.take(size_t(dp) * np);   // (Q scale)^T
@@ -427,6 +511,11 @@ void backward(const Problem& p, const Tokens& tokens, const Grads& grads, const 
     T* pad_acc = tiles.take(3 * size_t(dp));
     T* lse_lanes = tiles.take(np);
     T* delta = tiles.take(np);
+    T* srow = tiles.take(np);  // a row query's P, then dP
+    if (row_queries) {
+      zero_pad_lanes(st, n, np);
+      zero_pad_lanes(dpt, n, np);
+    }
     Rows<S> rows(n);
     GradRows<S> g(n);
     const bool want_table = table_partials != nullptr;
@@ -440,23 +529,33 @@ void backward(const Problem& p, const Tokens& tokens, const Grads& grads, const 
         grads.rows(b_, h, g);
         const Operand<T> q = rows_operand(rows.q, n, d, dp, true, qtile);
         const Operand<T> k = rows_operand(rows.k, n, d, dp, true, ktile);
-        const Operand<T> v = rows_operand(rows.v, n, d, dp, false, vtile);
+        const Operand<T> v = rows_operand(rows.v, n, d, dp, row_queries > 0, vtile);
         const Operand<T> dout = rows_operand(g.dout, n, d, dp, true, dotile);
-        transpose(q.ptr, q.ld, n, dp, qt, np, T(p.scale));
-        transpose(dout.ptr, dout.ld, n, dp, dot, np);
+        transpose(q.ptr, q.ld, std::min(n, nl), dp, qt, np, T(p.scale));
+        transpose(dout.ptr, dout.ld, std::min(n, nl), dp, dot, np);
         const T* lse_row = lse + (b_ * p.heads + h) * n;
         for (int i = 0; i < np; ++i) {
           lse_lanes[i] = i < n ? lse_row[i] : std::numeric_limits<T>::infinity();  // P = 0 in pad lanes
           delta[i] = i < n ? dot_row(dout.ptr + i * dout.ld, g.out[i], d) : T(0);  // rowsum(dO O)
         }
-        product<T>(n, np, d, k.ptr, k.ld, 1, qt, np, st, np, false, lg.tile(b_, h));
+        const T* init = lg.tile(b_, h);
+        product<T>(n, nl, d, k.ptr, k.ld, 1, qt, np, st, np, false, init);
         for (int j = 0; j < n; ++j)
-          for (int i = 0; i < np; i += L) {
+          for (int i = 0; i < nl; i += L) {
             T* s = st + size_t(j) * np + i;
             vstore(s, vexp_nonpositive(vload(s) - vload(lse_lanes + i)));
           }
+        for (int i = nl; i < n; ++i) {
+          row_logits(i, n, np, dp, q, k, T(p.scale), init, srow);
+          for (int j = 0; j < np; j += L) vstore(srow + j, vexp_nonpositive(vload(srow + j) - lse_lanes[i]));
+          scatter_column(st, n, np, i, srow);
+        }
         // dP^T[j][i] = V[j] . dO[i]
-        product<T>(n, np, d, v.ptr, v.ld, 1, dot, np, dpt, np);
+        product<T>(n, nl, d, v.ptr, v.ld, 1, dot, np, dpt, np);
+        for (int i = nl; i < n; ++i) {
+          row_dots(dout.ptr + i * dout.ld, v, n, np, dp, T(1), srow);
+          scatter_column(dpt, n, np, i, srow);
+        }
         const T* pv = st;  // the P^T that multiplied V in forward
         if (p.dropout_p > 0) {
           dropout_factors(drop, p, np, b_, h);
