@@ -20,9 +20,10 @@ from .ops import (atm_attention, mask_similarity, semantic_attention, shifted_wi
                   window_merge, window_partition)
 from . import nn  # noqa: E402  (needs the ops above)
 from .nn import patch_timm
+from .patch import patch
 
 __all__ = [
     "__version__", "BackendNotSupportedError", "available_backends", "record_dispatch", "atm_attention",
     "mask_similarity", "semantic_attention", "shifted_window_attention", "window_attention", "window_merge",
-    "window_partition", "nn", "patch_timm",
+    "window_partition", "nn", "patch_timm", "patch",
 ]

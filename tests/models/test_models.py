@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semask_fast.models import ATMDecoderLayer, MaskTransformerHead, SemanticLayer, reinit_linears, semantic_prior_logits
-from semask_fast.models import semask_loss
+from semask_fast.models import (ATMDecoderLayer, MaskTransformerHead, SemanticLayer, reinit_linears,
+                                semantic_prior_logits, semask_loss)
 from tests.official import OfficialSemanticAttention
 
 
@@ -17,12 +17,12 @@ def _seed():
 def _official_semantic_layer(layer, x, H, W, ws):
     """SWSeMaskBlock as SPEC.md describes it: LN, zero-pad, partition, blocks, reverse, crop."""
     b, _, c = x.shape
-    x = layer.norm(x).view(b, H, W, c)
+    x = layer.norm1(x).view(b, H, W, c)
     hp, wp = -(-H // ws) * ws, -(-W // ws) * ws
     x = F.pad(x, (0, 0, 0, wp - W, 0, hp - H))
     win = x.view(b, hp // ws, ws, wp // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
     prior = None
-    for blk in layer.blocks:
+    for blk in layer.class_injection:
         off = OfficialSemanticAttention(c, blk.nc).to(x.dtype)
         off.load_state_dict(blk.state_dict())
         prior, win = off.eval()(win)
@@ -40,7 +40,7 @@ def test_semantic_layer_matches_official_order(hw):
     layer = SemanticLayer(16, 5, window_size=7, num_blocks=2, backend="reference").eval()
     reinit_linears(layer)
     with torch.no_grad():
-        for blk in layer.blocks:
+        for blk in layer.class_injection:
             blk.gamma.fill_(0.5)
     x = torch.randn(2, hw[0] * hw[1], 16)
     out, prior = layer(x, *hw)
@@ -64,8 +64,8 @@ def test_semantic_layer_triton_fwd_bwd_matches_official(ws):
     layer = SemanticLayer(16, 5, window_size=ws, backend="triton").eval()
     reinit_linears(layer)
     with torch.no_grad():
-        layer.blocks[0].gamma.fill_(0.5)
-        layer.blocks[0].mlp_res.bias.normal_()
+        layer.class_injection[0].gamma.fill_(0.5)
+        layer.class_injection[0].mlp_res.bias.normal_()
     x = torch.randn(2, hw[0] * hw[1], 16)
     g_out, g_prior = torch.randn(2, hw[0] * hw[1], 16), torch.randn(2, 5, *hw)
     xa = x.clone().requires_grad_()
@@ -77,8 +77,8 @@ def test_semantic_layer_triton_fwd_bwd_matches_official(ws):
     xb = x.double().requires_grad_()
     if ws is None:  # one window per image: the official block on the whole normalised image
         off = OfficialSemanticAttention(16, 5).double()
-        off.load_state_dict(ref.blocks[0].state_dict())
-        exp_prior, exp_out = off.eval()(ref.norm(xb))
+        off.load_state_dict(ref.class_injection[0].state_dict())
+        exp_prior, exp_out = off.eval()(ref.norm1(xb))
         exp_prior = exp_prior.view(2, *hw, 5).permute(0, 3, 1, 2)
     else:
         exp_out, exp_prior = _official_semantic_layer(ref, xb, *hw, ws)
@@ -93,8 +93,8 @@ def test_global_semantic_layer_is_one_window_per_image():
     layer = SemanticLayer(8, 3, window_size=None, backend="reference").eval()
     x = torch.randn(2, 20, 8)
     out, prior = layer(x, 4, 5)
-    blk = layer.blocks[0]
-    exp_prior, exp_out = blk(layer.norm(x))
+    blk = layer.class_injection[0]
+    exp_prior, exp_out = blk(layer.norm1(x))
     torch.testing.assert_close(out, exp_out)
     torch.testing.assert_close(prior, exp_prior.view(2, 4, 5, 3).permute(0, 3, 1, 2))
 
@@ -108,7 +108,7 @@ def test_fpn_reinit_rescues_the_semantic_branch():
         layer.zero_grad()
         out, prior = layer(x, 4, 4)
         (out.square().sum() + prior.sum()).backward()
-        blk = layer.blocks[0]
+        blk = layer.class_injection[0]
         return blk.gamma.grad.abs().item(), blk.mlp_res.weight.grad.abs().max().item()
 
     assert grads() == (0.0, 0.0)
@@ -122,12 +122,43 @@ def test_semantic_prior_logits_and_loss():
     up = lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False)  # noqa: E731
     torch.testing.assert_close(semantic_prior_logits([p0, p1, p2]), p0 + up(p1) + up(up(p2)))
     labels = torch.randint(0, 4, (2, 64, 64))
-    labels[0, 0, 0] = 255
+    labels[0, :3] = 255
     main = torch.randn(2, 4, 16, 16)
     big = lambda t: F.interpolate(t, size=(64, 64), mode="bilinear", align_corners=False)  # noqa: E731
-    expected = F.cross_entropy(big(main), labels, ignore_index=255) + 0.4 * F.cross_entropy(big(p0), labels,
-                                                                                            ignore_index=255)
-    torch.testing.assert_close(semask_loss(main, p0, labels), expected)
+    # mmseg 0.x averages over every pixel, the ignored ones counting as zero.
+    ce = lambda t: F.cross_entropy(big(t), labels, ignore_index=255, reduction="sum") / labels.numel()  # noqa: E731
+    torch.testing.assert_close(semask_loss(main, p0, labels), ce(main) + 0.4 * ce(p0))
+
+
+def test_semantic_prior_logits_odd_grids_are_resized_to_stage_0():
+    """Odd token grids (17, 9, 5): x2 upsampling overshoots, the official head resizes to stage 0."""
+    p0, p1, p2 = torch.randn(1, 3, 17, 17), torch.randn(1, 3, 9, 9), torch.randn(1, 3, 5, 5)
+    up = lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False)  # noqa: E731
+    fit = lambda t: F.interpolate(t, size=(17, 17), mode="bilinear", align_corners=False)  # noqa: E731
+    torch.testing.assert_close(semantic_prior_logits([p0, p1, p2]), p0 + fit(up(p1)) + fit(up(up(p2))))
+
+
+def test_ohem_keeps_the_hardest_valid_pixels_of_the_main_term():
+    """mmseg's OHEMPixelSampler without threshold: weight 1 on the min_kept * B largest valid losses."""
+    main, prior = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    labels = torch.randint(0, 4, (2, 8, 8))
+    labels[1, :2] = 255
+    pixel = F.cross_entropy(main, labels, ignore_index=255, reduction="none")
+    valid = labels != 255
+    threshold = pixel[valid].sort(descending=True).values[10 * 2 - 1]
+    kept = (pixel >= threshold) & valid
+    assert kept.sum() == 20
+    expected_main = (pixel * kept).sum() / labels.numel()
+    expected_prior = F.cross_entropy(prior, labels, ignore_index=255, reduction="sum") / labels.numel()
+    torch.testing.assert_close(semask_loss(main, prior, labels, ohem_min_kept=10),
+                               expected_main + 0.4 * expected_prior)
+
+
+def test_semask_loss_rejects_bad_labels():
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        semask_loss(torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.zeros(2, 1, 8, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels must have the batch size"):
+        semask_loss(torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.zeros(3, 8, 8, dtype=torch.long))
 
 
 def test_atm_decoder_layer_post_norm_and_mask_logits():
