@@ -1,5 +1,5 @@
-"""Packaging: the Python package, the Triton kernels (``kernels/`` -> ``semask_fast.kernels``)
-and the C++/CUDA sources (``csrc/`` -> ``semask_fast.csrc``, compiled just in time).
+"""Packaging: the Python package (its Triton kernels in ``semask_fast/kernels``) and the C++/CUDA
+sources (``csrc/`` -> ``semask_fast.csrc``, compiled just in time).
 
 A pure install never compiles anything and works with or without a GPU or nvcc.
 ``SEMASK_FAST_BUILD_CUDA=1`` additionally builds the CUDA kernels (csrc/ops/*.cu) with nvcc for
@@ -46,7 +46,7 @@ setup(
         "semask_fast.kernels",
         "semask_fast.csrc",
     ],
-    package_dir={"semask_fast.kernels": "kernels", "semask_fast.csrc": "csrc"},
+    package_dir={"semask_fast.csrc": "csrc"},
     package_data={"semask_fast.csrc": ["**/*.cu", "**/*.cuh", "**/*.h", "**/*.cpp", "**/*.hpp"]},
     **_cuda_extensions(),
 )

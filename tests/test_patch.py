@@ -3,8 +3,6 @@ transcriptions of the official Swin / SeMask and mm* layers: outputs and gradien
 original's (fp32, 1e-5), at resolutions that need padding, the fast backend ran, the report."""
 
 import copy
-import os
-import sys
 
 import pytest
 import torch
@@ -238,19 +236,7 @@ def test_torchvision_v2_is_left_with_the_reason():
 # transformers
 # --------------------------------------------------------------------------- #
 def _transformers_swin():
-    """transformers' Swin module.  The repository's top-level ``kernels/`` (semask_fast.kernels'
-    sources) shadows the ``kernels`` package transformers 5 imports when the repository root is on
-    sys.path, so it is imported with the root off the path."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    shadow = sys.modules.get("kernels")
-    if shadow is not None and os.path.dirname(os.path.dirname(getattr(shadow, "__file__", "") or "")) == root:
-        del sys.modules["kernels"]
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
-    try:
-        return pytest.importorskip("transformers.models.swin.modeling_swin", reason="transformers is not installed")
-    finally:
-        sys.path[:] = saved
+    return pytest.importorskip("transformers.models.swin.modeling_swin", reason="transformers is not installed")
 
 
 def _hf_model(hf, **kw):
