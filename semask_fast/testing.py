@@ -124,10 +124,7 @@ def check_parity(fn: Callable[..., Sequence[torch.Tensor]], tensors: Dict[str, O
                                                                      zip(grad_outputs, outs)])
                  if names else ())
     expected_ran = [(op, backend, "forward")]
-    if backend == "reference" or not names:
-        expected_bwd = []
-    else:
-        expected_bwd = [(op, backend, "backward")]
+    expected_bwd = [(op, backend, "backward")] if names else []
     if ran != expected_ran or ran_bwd != expected_bwd:
         raise AssertionError(f"expected {op} to run on {backend}, but dispatch recorded {ran + ran_bwd}")
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import semask_fast as sf
-from semask_fast.backends import BackendNotSupportedError, KernelImpl, record_dispatch, registry
+from semask_fast.backends import BackendNotSupportedError, OpImpl, record_dispatch, registry
 from semask_fast.reference import semantic_attention as ref_semantic
 
 
-class _FakeSemantic(KernelImpl):
+class _FakeSemantic(OpImpl):
     """A 'kernel' backend for tests: the reference math with a hand-written backward."""
 
     op = "semantic_attention"
@@ -25,12 +25,16 @@ class _FakeSemantic(KernelImpl):
     def input_reasons(self, inp):
         return [f"K={inp.sq.shape[-1]} (supported: <= 8)"] if inp.sq.shape[-1] > 8 else []
 
-    def forward(self, inp):
+    def forward(self, inp, seed):
         p = torch.softmax(inp.sq @ inp.sk.transpose(-2, -1), -1)
         return (p @ inp.yv,), (p,)
 
-    def backward(self, inp, saved, grads):
-        (p,), (g,) = saved, grads
+    def residuals_like(self, inp):
+        b, n, _ = inp.sq.shape
+        return (inp.sq.new_empty((b, n, n)),)
+
+    def backward(self, inp, outputs, residuals, grads, needs, seed):
+        (p,), (g,) = residuals, grads
         dp = g @ inp.yv.transpose(-2, -1)
         ds = p * (dp - (dp * p).sum(-1, keepdim=True))
         return ds @ inp.sk, ds.transpose(-2, -1) @ inp.sq, p.transpose(-2, -1) @ g
@@ -80,7 +84,8 @@ def test_auto_falls_back_with_one_warning_giving_reasons(fake_backend):
 
 def test_explicit_backend_that_cannot_serve_raises_with_reasons(fake_backend):
     sq, sk, yv = _inputs(dtype=torch.float64)
-    with pytest.raises(BackendNotSupportedError, match=r"backend 'cuda' cannot serve .*dtype=float64 \(supported: float32\)"):
+    expected = r"backend 'cuda' cannot serve .*dtype=float64 \(supported: float32\)"
+    with pytest.raises(BackendNotSupportedError, match=expected):
         sf.semantic_attention(sq, sk, yv, backend="cuda")
 
 
@@ -101,7 +106,7 @@ def test_available_backends_lists_every_op_and_backend():
 
 
 def test_register_rejects_unknown_names():
-    class Bad(KernelImpl):
+    class Bad(OpImpl):
         op = "nope"
         backend = "cuda"
 
@@ -109,8 +114,8 @@ def test_register_rejects_unknown_names():
         registry.register(Bad)
 
 
-def test_kernel_function_checks_gradient_count(fake_backend, monkeypatch):
-    monkeypatch.setattr(_FakeSemantic, "backward", lambda self, inp, saved, grads: (None,))
+def test_backward_gradient_count_is_checked(fake_backend, monkeypatch):
+    monkeypatch.setattr(_FakeSemantic, "backward", lambda self, *args: (None,))
     out = sf.semantic_attention(*_inputs())
     with pytest.raises(RuntimeError, match="returned 1 gradients, expected 3"):
         out.sum().backward()
@@ -147,3 +152,29 @@ def test_auto_on_cpu_tensors_walks_cpu_then_reference():
             assert not impl.auto_selectable(inp), backend
     chosen = registry.select("semantic_attention", inp).backend
     assert chosen == ("cpu" if not registry.reasons("semantic_attention", "cpu", inp) else "reference")
+
+
+def test_selection_fallback_and_dispatch_record_work_compiled(fake_backend):
+    """Selection runs inside the op (and its fake implementation): compiled, the fallback still warns
+    once with the reasons, and the record names the backend that ran."""
+    sq, sk, yv = _inputs(k=9)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b, c: sf.semantic_attention(a * 1, b, c), backend="aot_eager", fullgraph=True)
+    with pytest.warns(RuntimeWarning, match=r"falling back to the reference backend \(cuda: K=9"):
+        with record_dispatch() as ran:
+            compiled(sq, sk, yv).sum().backward()
+    assert ran == [("semantic_attention", "reference", "forward"), ("semantic_attention", "reference", "backward")]
+    sq, sk, yv = _inputs(k=5)
+    with record_dispatch() as ran:
+        compiled(sq, sk, yv).sum().backward()
+    assert ran == [("semantic_attention", "cuda", "forward"), ("semantic_attention", "cuda", "backward")]
+
+
+def test_implementation_modules_derive_from_the_op_descriptions():
+    modules = registry.implementation_modules()
+    assert modules[0] == "semask_fast.backends.reference"
+    families = {spec.family for spec in sf.ops.SPECS.values()}
+    assert families == {"window_attention", "window_process", "shifted_window_attention", "semantic_attention",
+                        "atm_attention", "mask_similarity"}
+    assert set(modules[1:]) == {f"semask_fast.backends.{p}.{f}" for p in ("triton", "cuda", "cpu") for f in families}
+    assert registry.OPS == tuple(sf.ops.SPECS)

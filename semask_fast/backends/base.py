@@ -4,16 +4,16 @@ Like xformers' fmha operators, an :class:`OpImpl` states its devices and dtypes
 (and whatever else it needs through :meth:`OpImpl.input_reasons`) and, for
 inputs it cannot serve, returns readable reasons instead of failing.
 
-Kernel backends (triton, cuda, cpu, simt) implement ``forward`` and ``backward``;
-the one autograd Function, :class:`KernelFunction`, sits above all of them.
-The reference backend is differentiable through autograd and overrides ``run``.
+Every implementation (kernel backends and the reference) has an explicit ``forward`` and
+``backward``; the op's custom op (:mod:`semask_fast.ops._library`) calls them, and autograd,
+``torch.compile`` and saved-tensor handling sit above it, once for every backend.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, ClassVar, FrozenSet, List, Sequence, Tuple
+from typing import Any, ClassVar, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -49,6 +49,30 @@ def note_ran(op: str, backend: str, phase: str) -> None:
     """Called by every implementation when it executes (see :func:`record_dispatch`)."""
     for log in getattr(_recorders, "stack", ()):
         log.append((op, backend, phase))
+
+
+def draw_seed(device: torch.device, bound: int) -> int:
+    """A dropout seed in [0, bound) from torch's default generator of ``device``.
+
+    ``torch.manual_seed`` reproduces it and every call advances the generator.  On CPU it is one
+    ``randint`` draw (the tests replay a kernel's mask with the same call).  On CUDA the device
+    generator's (seed, philox offset) are mixed into the seed and the offset is advanced, as a
+    random op does, without reading anything back from the device (no host-device sync).
+    """
+    if device.type != "cuda":
+        return int(torch.randint(0, bound, (), dtype=torch.int64))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    gen = torch.cuda.default_generators[index]
+    offset = gen.get_offset()
+    gen.set_offset(offset + 4)  # one Philox draw of 4 words, as a random op's increment
+    return _splitmix64(gen.initial_seed() ^ _splitmix64(offset)) % bound
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -102,58 +126,27 @@ class OpImpl:
         reasons.extend(self.input_reasons(inp))
         return reasons
 
-    def run(self, inp: Any) -> Tuple[torch.Tensor, ...]:
-        """Compute the op's outputs (always a tuple), differentiable."""
+    # ------------------------------------------------------------------ computation
+    #: Dropout seeds are drawn in [0, seed_bound) (the Triton kernels take 31-bit seeds).
+    seed_bound: ClassVar[int] = 2 ** 62
+
+    def forward(self, inp: Any, seed: int) -> Tuple[Tuple[torch.Tensor, ...], Tuple[torch.Tensor, ...]]:
+        """``(outputs, residuals)``: the op's outputs and the tensors its backward needs beyond the
+        inputs and outputs (e.g. a row logsumexp), neither aliasing an input.  ``seed`` is the
+        dropout seed (0 without dropout)."""
+        raise NotImplementedError
+
+    def residuals_like(self, inp: Any) -> Tuple[torch.Tensor, ...]:
+        """Empty tensors shaped as :meth:`forward`'s residuals (``inp`` may hold fake tensors)."""
+        return ()
+
+    def backward(self, inp: Any, outputs: Sequence[torch.Tensor], residuals: Sequence[torch.Tensor],
+                 grad_outputs: Sequence[torch.Tensor], needs: Sequence[bool],
+                 seed: int) -> Tuple[Optional[torch.Tensor], ...]:
+        """One gradient per field of ``inp.grad_fields``; ``needs[i]`` says whether field i's
+        gradient is wanted (False also for an absent optional tensor): an implementation may
+        skip the others and return None for them."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"<{self.backend} {self.op}>"
-
-
-class KernelImpl(OpImpl):
-    """A backend made of explicit forward and backward kernels.
-
-    ``forward(inp) -> (outputs, saved)``: outputs is a tuple of tensors, saved a
-    tuple of tensors kept for backward (non-tensor state, such as a dropout seed,
-    travels as a tensor too).  ``backward(inp, saved, grad_outputs)`` returns one
-    gradient (or None) per tensor of ``inp.differentiable()``.
-    """
-
-    def forward(self, inp: Any) -> Tuple[Tuple[torch.Tensor, ...], Tuple[torch.Tensor, ...]]:
-        raise NotImplementedError
-
-    def backward(self, inp: Any, saved: Sequence[torch.Tensor],
-                 grad_outputs: Sequence[torch.Tensor]) -> Tuple[Any, ...]:
-        raise NotImplementedError
-
-    def run(self, inp: Any) -> Tuple[torch.Tensor, ...]:
-        apply = KernelFunction.apply
-        if torch.compiler.is_compiling():
-            # torch.compile does not trace into the kernels (launchers, Triton's interpreter,
-            # extension ops without fake implementations): the call is a graph break, run eagerly
-            # with its own backward.  Wrapped here, not at import: torch.compiler.disable imports
-            # dynamo, which imports triton, which must come after TRITON_INTERPRET is set.
-            apply = torch.compiler.disable(apply)
-        return apply(self, inp, *inp.differentiable())
-
-
-class KernelFunction(torch.autograd.Function):
-    """The autograd Function shared by every kernel backend of every op."""
-
-    @staticmethod
-    def forward(ctx, impl: KernelImpl, inp: Any, *tensors):
-        note_ran(impl.op, impl.backend, "forward")
-        outputs, saved = impl.forward(inp)
-        ctx.impl, ctx.inp = impl, inp
-        ctx.save_for_backward(*saved)
-        return outputs
-
-    @staticmethod
-    def backward(ctx, *grad_outputs):
-        note_ran(ctx.impl.op, ctx.impl.backend, "backward")
-        grads = ctx.impl.backward(ctx.inp, ctx.saved_tensors, grad_outputs)
-        n = len(ctx.needs_input_grad) - 2
-        if len(grads) != n:
-            raise RuntimeError(f"{ctx.impl!r}.backward returned {len(grads)} gradients, expected {n}")
-        grads = tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:]))
-        return (None, None, *grads)

@@ -1,23 +1,28 @@
-"""The reference backend: :mod:`semask_fast.reference` behind the backend interface.
+"""The reference backend: each op's reference math (:mod:`semask_fast.reference`) behind the
+backend interface.
 
-It serves every validated input on every device and dtype (float64 included),
-differentiable through autograd.  Dropout draws from torch's generator.
+It serves every validated input on every device and dtype (float64 included).  Like the kernel
+backends it runs inside the op's custom op: forward computes the outputs and keeps nothing;
+backward recomputes the forward and differentiates it (``torch.func.vjp``) with respect to the
+inputs that need a gradient only.  Dropout draws its keep-mask from a generator seeded
+with the op's seed, so the recomputation sees the same mask.
 """
 
 from __future__ import annotations
 
-from typing import Any, FrozenSet, List, Tuple
+from typing import Any, ClassVar, FrozenSet, List, Optional
 
 import torch
 
-from .. import reference as ref
-from .base import OpImpl, note_ran
+from ..ops import SPECS, OpSpec
+from .base import OpImpl
 from .registry import register
 
 
 class ReferenceImpl(OpImpl):
     backend = "reference"
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+    spec: ClassVar[OpSpec]
 
     def supported_devices(self) -> FrozenSet[str]:
         return frozenset({"cpu", "cuda"})  # and any other device PyTorch runs on
@@ -25,72 +30,28 @@ class ReferenceImpl(OpImpl):
     def not_supported_reasons(self, inp: Any) -> List[str]:
         return []
 
-    def run(self, inp: Any) -> Tuple[torch.Tensor, ...]:
-        note_ran(self.op, self.backend, "forward")
-        out = self.compute(inp)
-        return out if isinstance(out, tuple) else (out,)
+    def _dropout_keep(self, inp: Any, seed: int) -> Optional[torch.Tensor]:
+        if not self.spec.has_dropout or inp.dropout_p == 0:
+            return None
+        gen = torch.Generator(device=inp.device).manual_seed(seed)
+        return torch.rand(self.spec.dropout_shape(inp), generator=gen, device=inp.device) >= inp.dropout_p
 
-    def compute(self, inp: Any):
-        raise NotImplementedError
+    def forward(self, inp, seed):
+        return tuple(self.spec.reference(inp, self._dropout_keep(inp, seed))), ()
 
+    def backward(self, inp, outputs, residuals, grad_outputs, needs, seed):
+        # torch.func.vjp, not torch.autograd: autograd does not record inside a custom op's kernel.
+        keep = self._dropout_keep(inp, seed)
+        wanted = [n for n, need in zip(inp.grad_fields, needs) if need]
 
-@register
-class WindowAttentionReference(ReferenceImpl):
-    op = "window_attention"
+        def recompute(*tensors):
+            return tuple(self.spec.reference(inp.replace(**dict(zip(wanted, tensors))), keep))
 
-    def compute(self, inp):
-        return ref.window_attention(inp.q, inp.k, inp.v, inp.bias_table, window_size=inp.window_size,
-                                    shift_size=inp.shift_size, grid=inp.grid, mask=inp.mask, scale=inp.scale,
-                                    mask_value=inp.mask_value, dropout_p=inp.dropout_p)
-
-
-@register
-class WindowPartitionReference(ReferenceImpl):
-    op = "window_partition"
-
-    def compute(self, inp):
-        return ref.window_partition(inp.x, inp.window_size, inp.shift_size, inp.pad_then_roll)
+        _, vjp = torch.func.vjp(recompute, *(getattr(inp, n) for n in wanted))
+        grads = dict(zip(wanted, vjp(tuple(g.to(o.dtype) for g, o in zip(grad_outputs, outputs)))))
+        return tuple(grads.get(n) for n in inp.grad_fields)
 
 
-@register
-class WindowMergeReference(ReferenceImpl):
-    op = "window_merge"
-
-    def compute(self, inp):
-        return ref.window_merge(inp.windows, inp.window_size, inp.shift_size, inp.H, inp.W, inp.pad_then_roll)
-
-
-@register
-class ShiftedWindowAttentionReference(ReferenceImpl):
-    op = "shifted_window_attention"
-
-    def compute(self, inp):
-        return ref.shifted_window_attention(
-            inp.qkv, inp.bias_table, num_heads=inp.num_heads, window_size=inp.window_size,
-            shift_size=inp.shift_size, pad_then_roll=inp.pad_then_roll, qkv_bias=inp.qkv_bias, scale=inp.scale,
-            mask_value=inp.mask_value, dropout_p=inp.dropout_p)
-
-
-@register
-class SemanticAttentionReference(ReferenceImpl):
-    op = "semantic_attention"
-
-    def compute(self, inp):
-        return ref.semantic_attention(inp.sq, inp.sk, inp.yv)
-
-
-@register
-class ATMAttentionReference(ReferenceImpl):
-    op = "atm_attention"
-
-    def compute(self, inp):
-        return ref.atm_attention(inp.q, inp.k, inp.v, scale=inp.scale, dropout_p=inp.dropout_p)
-
-
-@register
-class MaskSimilarityReference(ReferenceImpl):
-    op = "mask_similarity"
-
-    def compute(self, inp):
-        return ref.mask_similarity(inp.patches, inp.classes, norm_weight=inp.norm_weight, norm_bias=inp.norm_bias,
-                                   norm=inp.norm, norm_eps=inp.norm_eps)
+for _spec in SPECS.values():
+    register(type(f"{''.join(w.title() for w in _spec.name.split('_'))}Reference", (ReferenceImpl,),
+                  {"op": _spec.name, "spec": _spec, "__module__": __name__}))

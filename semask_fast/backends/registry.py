@@ -1,9 +1,10 @@
 """Which implementations exist, and which one serves a call.
 
+The ops are those described in :mod:`semask_fast.ops` (``OPS``, in their order).
 Implementations register themselves with :func:`register` when their module is
-imported; the modules are listed in ``IMPLEMENTATION_MODULES`` and imported on
-first use (a kernel module is never imported before the user asks for it, so
-``TRITON_INTERPRET`` can still be set).  Selection walks ``BACKENDS`` in
+imported; the modules (:func:`implementation_modules`: the reference, then one per
+kernel backend package and op family) are imported on first use (a kernel module is
+never imported before the user asks for it, so ``TRITON_INTERPRET`` can still be set).  Selection walks ``BACKENDS`` in
 priority order and takes the first implementation with no reasons against the
 inputs; an automatic fallback to the reference warns once with the reasons, and
 an explicitly requested backend that cannot serve raises them.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import importlib
 import threading
 import warnings
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 from .base import OpImpl
 
@@ -23,26 +24,12 @@ from .base import OpImpl
 #: automatically (:meth:`OpImpl.auto_selectable`): on CPU tensors ``auto`` walks cpu -> reference.
 BACKENDS = ("cuda", "triton", "cpu", "simt", "reference")
 
-#: Public ops, in the order tables print them.
-OPS = (
-    "window_attention",
-    "window_partition",
-    "window_merge",
-    "shifted_window_attention",
-    "semantic_attention",
-    "atm_attention",
-    "mask_similarity",
-)
+#: Backend packages with one module per op family (the name of the module in :mod:`semask_fast.ops`
+#: that describes the op); a module that does not exist registers nothing, and its ops report
+#: "no implementation".
+_KERNEL_PACKAGES = ("triton", "cuda", "cpu")
 
-#: Modules whose import registers implementations: the reference, then one
-#: module per (kernel backend package, op family).  A module that does not
-#: exist registers nothing, and its ops report "no implementation".
-_OP_MODULES = ("window_attention", "window_process", "shifted_window_attention", "semantic_attention",
-               "atm_attention", "mask_similarity")
-IMPLEMENTATION_MODULES = ("semask_fast.backends.reference",) + tuple(
-    f"semask_fast.backends.{package}.{module}" for package in ("triton", "cuda", "cpu") for module in _OP_MODULES)
-
-_IMPLS: Dict[str, Dict[str, OpImpl]] = {op: {} for op in OPS}
+_IMPLS: Dict[str, Dict[str, OpImpl]] = {}
 _loaded = False
 _lock = threading.Lock()
 _warned: set = set()
@@ -52,13 +39,33 @@ class BackendNotSupportedError(ValueError):
     """No backend (or not the requested one) can serve these inputs."""
 
 
+def _specs():
+    from ..ops import SPECS  # the ops import this module: look them up when first needed
+
+    return SPECS
+
+
+def __getattr__(name: str):
+    if name == "OPS":
+        return tuple(_specs())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def implementation_modules() -> Tuple[str, ...]:
+    """Modules whose import registers implementations: the reference, then one module per (kernel
+    backend package, op family)."""
+    families = dict.fromkeys(spec.family for spec in _specs().values())
+    return ("semask_fast.backends.reference",) + tuple(
+        f"semask_fast.backends.{package}.{family}" for package in _KERNEL_PACKAGES for family in families)
+
+
 def register(cls: Type[OpImpl]) -> Type[OpImpl]:
     """Class decorator: make an implementation selectable."""
-    if cls.op not in _IMPLS:
-        raise ValueError(f"unknown op {cls.op!r} (known: {', '.join(OPS)})")
+    if cls.op not in _specs():
+        raise ValueError(f"unknown op {cls.op!r} (known: {', '.join(_specs())})")
     if cls.backend not in BACKENDS:
         raise ValueError(f"unknown backend {cls.backend!r} (known: {', '.join(BACKENDS)})")
-    _IMPLS[cls.op][cls.backend] = cls()
+    _IMPLS.setdefault(cls.op, {})[cls.backend] = cls()
     return cls
 
 
@@ -69,7 +76,7 @@ def _load() -> None:
     with _lock:
         if _loaded:
             return
-        for name in IMPLEMENTATION_MODULES:
+        for name in implementation_modules():
             try:
                 importlib.import_module(name)
             except ModuleNotFoundError as e:
@@ -82,7 +89,7 @@ def _load() -> None:
 
 def implementation(op: str, backend: str) -> Optional[OpImpl]:
     _load()
-    return _IMPLS[op].get(backend)
+    return _IMPLS.get(op, {}).get(backend)
 
 
 def reasons(op: str, backend: str, inp: Any = None) -> List[str]:
@@ -134,4 +141,4 @@ def _warn_fallback(op: str, rejected: Dict[str, List[str]]) -> None:
 
 def available_backends() -> Dict[str, Dict[str, List[str]]]:
     """op -> backend -> reasons it is unavailable on this machine ([] = available)."""
-    return {op: {b: reasons(op, b) for b in BACKENDS} for op in OPS}
+    return {op: {b: reasons(op, b) for b in BACKENDS} for op in _specs()}

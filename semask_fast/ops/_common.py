@@ -7,14 +7,26 @@ message names the argument and says what was expected.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Optional, Tuple
+import functools
+import typing
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 
-from ..backends import registry
-from ..backends.base import FLOAT_DTYPES, note_ran
+from ..backends.base import FLOAT_DTYPES
 
 Pair = Tuple[int, int]
+#: An int that may be symbolic under ``torch.compile(dynamic=True)`` (derived from an input's shape,
+#: such as an image size): the op's schema types it ``SymInt`` so a new value does not recompile.
+SymInt = typing.NewType("SymInt", int)
+SymPair = Tuple[SymInt, SymInt]
+
+#: Field type -> custom-op schema type.
+_SCHEMA_TYPES = {
+    torch.Tensor: "Tensor", Optional[torch.Tensor]: "Tensor?", bool: "bool", int: "int", SymInt: "SymInt",
+    float: "float", Pair: "int[]", SymPair: "SymInt[]", Optional[SymPair]: "SymInt[]?",
+}
+_PAIR_TYPES = (Pair, SymPair, Optional[SymPair])
 
 _ALL_FLOAT = FLOAT_DTYPES | {torch.float64}
 
@@ -98,6 +110,12 @@ def check_scale(name: str, scale: Any, default: float) -> float:
     return float(scale)
 
 
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> Dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
 def _describe_value(v: Any) -> str:
     if isinstance(v, torch.Tensor):
         return f"{tuple(v.shape)} {str(v.dtype).replace('torch.', '')} {v.device.type}"
@@ -106,10 +124,42 @@ def _describe_value(v: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class OpInputs:
-    """Validated inputs of one call.  Subclasses list their tensors first."""
+    """Validated inputs of one call.  Subclasses list their tensors first.
+
+    The fields, in order and with their annotated types, are the arguments of the op's custom op
+    (:meth:`schema_arguments`); :meth:`args` and :meth:`from_args` convert both ways.
+    """
 
     #: Names of the tensor fields autograd differentiates, in order.
     grad_fields: ClassVar[Tuple[str, ...]] = ()
+
+    @classmethod
+    def _types(cls) -> Dict[str, Any]:
+        return _field_types(cls)
+
+    @classmethod
+    def schema_arguments(cls) -> List[str]:
+        """``"<type> <name>"`` per field, as a custom op's schema writes them."""
+        out = []
+        for name, tp in cls._types().items():
+            if tp not in _SCHEMA_TYPES:
+                raise TypeError(f"{cls.__name__}.{name}: no custom-op schema type for {tp}")
+            out.append(f"{_SCHEMA_TYPES[tp]} {name}")
+        return out
+
+    @classmethod
+    def tensor_fields(cls) -> Tuple[str, ...]:
+        return tuple(n for n, tp in cls._types().items() if tp in (torch.Tensor, Optional[torch.Tensor]))
+
+    @classmethod
+    def from_args(cls, args: typing.Sequence[Any]) -> "OpInputs":
+        """The inputs from the op's arguments (lists back to pairs)."""
+        types = cls._types()
+        return cls(**{name: tuple(v) if tp in _PAIR_TYPES and v is not None else v
+                      for (name, tp), v in zip(types.items(), args)})
+
+    def args(self) -> Tuple[Any, ...]:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
 
     def differentiable(self) -> Tuple[Optional[torch.Tensor], ...]:
         return tuple(getattr(self, f) for f in self.grad_fields)
@@ -142,17 +192,8 @@ class OpInputs:
         return ", ".join(parts)
 
 
-def dispatch(op: str, inp: OpInputs, backend: str) -> Tuple[torch.Tensor, ...]:
-    """Select the implementation for ``inp`` and run it; outputs as a tuple."""
-    if inp.is_empty:
-        # Nothing to compute: the reference returns correctly shaped empty
-        # outputs (and gradients) for any backend.
-        return registry.implementation(op, "reference").run(inp)
-    return registry.select(op, inp, backend).run(inp)
-
-
 __all__ = [
     "Pair", "to_pair", "check_tensor", "check_like", "check_dim", "check_probability", "check_scale",
     "check_window_geometry", "check_bias_table",
-    "OpInputs", "dispatch", "note_ran",
+    "OpInputs", "SymInt", "SymPair",
 ]

@@ -7,7 +7,9 @@ from typing import Tuple
 
 import torch
 
-from ._common import OpInputs, check_like, check_probability, check_scale, check_tensor, dispatch
+from .. import reference as ref
+from ._common import OpInputs, check_like, check_probability, check_scale, check_tensor
+from ._library import OpSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +49,19 @@ def atm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale=No
     if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
         raise ValueError(f"k must have shape (B, heads, Nk, head_dim) = ({q.shape[0]}, {q.shape[1]}, Nk, "
                          f"{q.shape[3]}) to match q, got {tuple(k.shape)}")
-    inp = ATMAttentionInputs(q=q, k=k, v=v, scale=check_scale("scale", scale, q.shape[-1] ** -0.5),
-                             dropout_p=check_probability("dropout_p", dropout_p))
-    out, mask_logits = dispatch("atm_attention", inp, backend)
+    out, mask_logits = SPEC(backend, q=q, k=k, v=v, scale=check_scale("scale", scale, q.shape[-1] ** -0.5),
+                            dropout_p=check_probability("dropout_p", dropout_p))
     return out, mask_logits
 
 
-__all__ = ["atm_attention", "ATMAttentionInputs"]
+def _outputs_like(inp: ATMAttentionInputs):
+    b, _, nq, _ = inp.q.shape
+    return inp.q.new_empty(inp.q.shape), inp.q.new_empty((b, nq, inp.k.shape[2]))
+
+
+SPEC = OpSpec("atm_attention", ATMAttentionInputs, outputs=("out", "mask_logits"), outputs_like=_outputs_like,
+              reference=lambda inp, keep: ref.atm_attention(inp.q, inp.k, inp.v, scale=inp.scale,
+                                                            dropout_p=inp.dropout_p, dropout_keep=keep),
+              dropout_shape=lambda inp: (*inp.q.shape[:3], inp.k.shape[2]))
+
+__all__ = ["atm_attention", "ATMAttentionInputs", "SPEC"]

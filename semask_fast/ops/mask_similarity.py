@@ -7,7 +7,9 @@ from typing import Optional
 
 import torch
 
-from ._common import OpInputs, check_like, check_tensor, dispatch
+from .. import reference as ref
+from ._common import OpInputs, check_like, check_tensor
+from ._library import OpSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +55,18 @@ def mask_similarity(patches: torch.Tensor, classes: torch.Tensor, *, norm: bool 
         check_like(name, t, "patches", patches, dtype=False)
         if t.shape[0] != kcls:
             raise ValueError(f"{name} must have shape ({kcls},), got {tuple(t.shape)}")
-    inp = MaskSimilarityInputs(patches=patches, classes=classes, norm_weight=norm_weight, norm_bias=norm_bias,
-                               norm=bool(norm), norm_eps=float(norm_eps))
-    return dispatch("mask_similarity", inp, backend)[0]
+    return SPEC(backend, patches=patches, classes=classes, norm_weight=norm_weight, norm_bias=norm_bias,
+                norm=bool(norm), norm_eps=float(norm_eps))[0]
 
 
-__all__ = ["mask_similarity", "MaskSimilarityInputs"]
+def _outputs_like(inp: MaskSimilarityInputs):
+    b, n_p, _ = inp.patches.shape
+    return (inp.patches.new_empty((b, n_p, inp.classes.shape[1])),)
+
+
+SPEC = OpSpec("mask_similarity", MaskSimilarityInputs, outputs=("masks",), outputs_like=_outputs_like,
+              reference=lambda inp, keep: (ref.mask_similarity(inp.patches, inp.classes, norm_weight=inp.norm_weight,
+                                                               norm_bias=inp.norm_bias, norm=inp.norm,
+                                                               norm_eps=inp.norm_eps),))
+
+__all__ = ["mask_similarity", "MaskSimilarityInputs", "SPEC"]

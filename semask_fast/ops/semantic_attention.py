@@ -6,7 +6,9 @@ import dataclasses
 
 import torch
 
-from ._common import OpInputs, check_like, check_tensor, dispatch
+from .. import reference as ref
+from ._common import OpInputs, check_like, check_tensor
+from ._library import OpSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +41,11 @@ def semantic_attention(sq: torch.Tensor, sk: torch.Tensor, yv: torch.Tensor, *, 
         raise ValueError(f"sk must have the shape of sq {tuple(sq.shape)}, got {tuple(sk.shape)}")
     if yv.shape[:2] != sq.shape[:2]:
         raise ValueError(f"yv must have shape (B_, N, C) = ({sq.shape[0]}, {sq.shape[1]}, C), got {tuple(yv.shape)}")
-    inp = SemanticAttentionInputs(sq=sq, sk=sk, yv=yv)
-    return dispatch("semantic_attention", inp, backend)[0]
+    return SPEC(backend, sq=sq, sk=sk, yv=yv)[0]
 
 
-__all__ = ["semantic_attention", "SemanticAttentionInputs"]
+SPEC = OpSpec("semantic_attention", SemanticAttentionInputs, outputs=("out",),
+              outputs_like=lambda inp: (inp.yv.new_empty(inp.yv.shape),),
+              reference=lambda inp, keep: (ref.semantic_attention(inp.sq, inp.sk, inp.yv),))
+
+__all__ = ["semantic_attention", "SemanticAttentionInputs", "SPEC"]

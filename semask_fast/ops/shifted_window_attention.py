@@ -7,8 +7,10 @@ from typing import Optional
 
 import torch
 
+from .. import reference as ref
 from ._common import (OpInputs, Pair, check_bias_table, check_like, check_probability, check_scale, check_tensor,
-                      check_window_geometry, dispatch)
+                      check_window_geometry)
+from ._library import OpSpec
 from .window_process import padded_grid
 
 
@@ -75,11 +77,29 @@ def shifted_window_attention(qkv: torch.Tensor, bias_table: Optional[torch.Tenso
         if qkv_bias.shape[0] != c3:
             raise ValueError(f"qkv_bias must have shape ({c3},), got {tuple(qkv_bias.shape)}")
     d = c3 // (3 * num_heads)
-    inp = ShiftedWindowAttentionInputs(
-        qkv=qkv, bias_table=bias_table, qkv_bias=qkv_bias, num_heads=num_heads, window_size=ws,
-        shift_size=shift, pad_then_roll=pad_then_roll, scale=check_scale("scale", scale, d ** -0.5),
-        mask_value=float(mask_value), dropout_p=check_probability("dropout_p", dropout_p))
-    return dispatch("shifted_window_attention", inp, backend)[0]
+    return SPEC(backend, qkv=qkv, bias_table=bias_table, qkv_bias=qkv_bias, num_heads=num_heads, window_size=ws,
+                shift_size=shift, pad_then_roll=pad_then_roll, scale=check_scale("scale", scale, d ** -0.5),
+                mask_value=float(mask_value), dropout_p=check_probability("dropout_p", dropout_p))[0]
 
 
-__all__ = ["shifted_window_attention", "ShiftedWindowAttentionInputs"]
+def _reference(inp: ShiftedWindowAttentionInputs, dropout_keep):
+    return (ref.shifted_window_attention(
+        inp.qkv, inp.bias_table, num_heads=inp.num_heads, window_size=inp.window_size, shift_size=inp.shift_size,
+        pad_then_roll=inp.pad_then_roll, qkv_bias=inp.qkv_bias, scale=inp.scale, mask_value=inp.mask_value,
+        dropout_p=inp.dropout_p, dropout_keep=dropout_keep),)
+
+
+def _outputs_like(inp: ShiftedWindowAttentionInputs):
+    b, h, w, _ = inp.qkv.shape
+    return (inp.qkv.new_empty((b, h, w, inp.num_heads * inp.head_dim)),)
+
+
+def _dropout_shape(inp: ShiftedWindowAttentionInputs):
+    n = inp.window_size[0] * inp.window_size[1]
+    return (inp.qkv.shape[0] * inp.grid[0] * inp.grid[1], inp.num_heads, n, n)
+
+
+SPEC = OpSpec("shifted_window_attention", ShiftedWindowAttentionInputs, outputs=("out",),
+              outputs_like=_outputs_like, reference=_reference, dropout_shape=_dropout_shape)
+
+__all__ = ["shifted_window_attention", "ShiftedWindowAttentionInputs", "SPEC"]

@@ -7,8 +7,10 @@ from typing import Optional
 
 import torch
 
-from ._common import (OpInputs, Pair, check_bias_table, check_like, check_probability, check_scale, check_tensor,
-                      check_window_geometry, dispatch, to_pair)
+from .. import reference as ref
+from ._common import (OpInputs, Pair, SymPair, check_bias_table, check_like, check_probability, check_scale,
+                      check_tensor, check_window_geometry, to_pair)
+from ._library import OpSpec
 
 _QKV = "(B*nW, heads, N, head_dim)"
 
@@ -22,7 +24,7 @@ class WindowAttentionInputs(OpInputs):
     mask: Optional[torch.Tensor]
     window_size: Pair
     shift_size: Pair
-    grid: Optional[Pair]
+    grid: Optional[SymPair]
     scale: float
     mask_value: float
     dropout_p: float
@@ -98,11 +100,19 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_tab
                              f"got {tuple(mask.shape)}")
     elif any(shift) and grid is None:
         raise ValueError("grid=(nWh, nWw) is required when shift_size > 0 (the shift mask depends on it)")
-    inp = WindowAttentionInputs(
-        q=q, k=k, v=v, bias_table=bias_table, mask=mask, window_size=ws, shift_size=shift, grid=grid,
-        scale=check_scale("scale", scale, d ** -0.5), mask_value=float(mask_value),
-        dropout_p=check_probability("dropout_p", dropout_p))
-    return dispatch("window_attention", inp, backend)[0]
+    return SPEC(backend, q=q, k=k, v=v, bias_table=bias_table, mask=mask, window_size=ws, shift_size=shift,
+                grid=grid, scale=check_scale("scale", scale, d ** -0.5), mask_value=float(mask_value),
+                dropout_p=check_probability("dropout_p", dropout_p))[0]
 
 
-__all__ = ["window_attention", "WindowAttentionInputs"]
+def _reference(inp: WindowAttentionInputs, dropout_keep):
+    return (ref.window_attention(inp.q, inp.k, inp.v, inp.bias_table, window_size=inp.window_size,
+                                 shift_size=inp.shift_size, grid=inp.grid, mask=inp.mask, scale=inp.scale,
+                                 mask_value=inp.mask_value, dropout_p=inp.dropout_p, dropout_keep=dropout_keep),)
+
+
+SPEC = OpSpec("window_attention", WindowAttentionInputs, outputs=("out",),
+              outputs_like=lambda inp: (inp.q.new_empty(inp.q.shape),), reference=_reference,
+              dropout_shape=lambda inp: (*inp.q.shape[:3], inp.q.shape[2]))
+
+__all__ = ["window_attention", "WindowAttentionInputs", "SPEC"]

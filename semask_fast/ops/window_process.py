@@ -6,7 +6,9 @@ import dataclasses
 
 import torch
 
-from ._common import OpInputs, Pair, check_tensor, check_window_geometry, dispatch
+from .. import reference as ref
+from ._common import OpInputs, Pair, SymInt, check_tensor, check_window_geometry
+from ._library import OpSpec
 
 
 def _check_order(pad_then_roll) -> bool:
@@ -35,8 +37,8 @@ class WindowMergeInputs(OpInputs):
     windows: torch.Tensor  # always (B*nW, Wh, Ww, C)
     window_size: Pair
     shift_size: Pair
-    H: int
-    W: int
+    H: SymInt
+    W: SymInt
     pad_then_roll: bool
 
     grad_fields = ("windows",)
@@ -59,8 +61,7 @@ def window_partition(x: torch.Tensor, window_size, shift_size=0, pad_then_roll: 
     """
     check_tensor("x", x, 4, "(B, H, W, C)")
     ws, shift = check_window_geometry(window_size, shift_size)
-    inp = WindowPartitionInputs(x=x, window_size=ws, shift_size=shift, pad_then_roll=_check_order(pad_then_roll))
-    return dispatch("window_partition", inp, backend)[0]
+    return PARTITION(backend, x=x, window_size=ws, shift_size=shift, pad_then_roll=_check_order(pad_then_roll))[0]
 
 
 def window_merge(windows: torch.Tensor, window_size, shift_size, H: int, W: int, pad_then_roll: bool = True,
@@ -94,9 +95,29 @@ def window_merge(windows: torch.Tensor, window_size, shift_size, H: int, W: int,
     if windows.shape[0] % (nwh * nww):
         raise ValueError(f"windows has {windows.shape[0]} windows, not a multiple of the {nwh * nww} "
                          f"windows of a {H}x{W} image with window_size={ws}")
-    inp = WindowMergeInputs(windows=windows, window_size=ws, shift_size=shift, H=H, W=W,
-                            pad_then_roll=_check_order(pad_then_roll))
-    return dispatch("window_merge", inp, backend)[0]
+    return MERGE(backend, windows=windows, window_size=ws, shift_size=shift, H=H, W=W,
+                 pad_then_roll=_check_order(pad_then_roll))[0]
 
 
-__all__ = ["window_partition", "window_merge", "padded_grid", "WindowPartitionInputs", "WindowMergeInputs"]
+def _partition_like(inp: WindowPartitionInputs):
+    b, h, w, c = inp.x.shape
+    nwh, nww = padded_grid(h, w, inp.window_size)
+    return (inp.x.new_empty((b * nwh * nww, *inp.window_size, c)),)
+
+
+def _merge_like(inp: WindowMergeInputs):
+    nwh, nww = padded_grid(inp.H, inp.W, inp.window_size)
+    windows = inp.windows
+    return (windows.new_empty((windows.shape[0] // (nwh * nww), inp.H, inp.W, windows.shape[-1])),)
+
+
+PARTITION = OpSpec(
+    "window_partition", WindowPartitionInputs, outputs=("windows",), outputs_like=_partition_like,
+    reference=lambda inp, keep: (ref.window_partition(inp.x, inp.window_size, inp.shift_size, inp.pad_then_roll),))
+MERGE = OpSpec(
+    "window_merge", WindowMergeInputs, outputs=("x",), outputs_like=_merge_like,
+    reference=lambda inp, keep: (ref.window_merge(inp.windows, inp.window_size, inp.shift_size, inp.H, inp.W,
+                                                  inp.pad_then_roll),))
+
+__all__ = ["window_partition", "window_merge", "padded_grid", "WindowPartitionInputs", "WindowMergeInputs",
+           "PARTITION", "MERGE"]

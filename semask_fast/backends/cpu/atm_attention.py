@@ -3,7 +3,8 @@
 The kernels take contiguous float32 / float64 tensors with head_dim a multiple of 16: float16 /
 bfloat16 are converted to float32 here (computed in float32, rounded once), and another head_dim
 is zero padded (padding changes no logit; the padded output columns are dropped).  Forward saves
-the float32 (float64) output and row logsumexp; backward takes both gradients,
+the row logsumexp, and the kernels' output when the returned one is not it (rounded to float16 /
+bfloat16 or cut to head_dim); backward takes both gradients,
 dS_h = P (dP - rowsum(dP P)) + dM / h, recomputing the probabilities tile by tile.  Dropout keeps
 element (b, head, i, j) when ``philox(seed, ((b h + head) Nq + i) Nk + j)`` clears p, with the seed
 drawn as on the GPU backends, so :func:`semask_fast.backends.cuda.window_attention.dropout_keep`
@@ -16,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from ...ops.atm_attention import ATMAttentionInputs
-from ..cuda.window_attention import draw_seed
 from ..registry import register
 from . import CpuImpl
 
@@ -32,24 +32,42 @@ def _compute(t: torch.Tensor) -> torch.Tensor:
     return F.pad(t, (0, pad)) if pad else t.contiguous()
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _output_is_kernels(inp: ATMAttentionInputs) -> bool:
+    """Whether the returned output is the kernels' own (no rounding, no head_dim padding to cut)."""
+    return inp.q.dtype in (torch.float32, torch.float64) and inp.q.shape[-1] % HEAD_DIM_MULTIPLE == 0
+
+
 @register
 class ATMAttentionCpu(CpuImpl):
     op = "atm_attention"
 
-    def forward(self, inp: ATMAttentionInputs):
-        seed = draw_seed() if inp.dropout_p > 0 else 0
+    def forward(self, inp: ATMAttentionInputs, seed: int):
         q, k, v = (_compute(t) for t in (inp.q, inp.k, inp.v))
         out, mask_logits, lse = self.library().atm_attention_forward(q, k, v, inp.scale, inp.dropout_p, seed)
         d, dtype = inp.q.shape[-1], inp.q.dtype
-        return ((out[..., :d].to(dtype), mask_logits.to(dtype)),
-                (out, lse, torch.tensor(seed, dtype=torch.int64)))
+        if _output_is_kernels(inp):
+            return (out, mask_logits), (lse,)
+        return (out[..., :d].to(dtype), mask_logits.to(dtype)), (lse, out)
 
-    def backward(self, inp: ATMAttentionInputs, saved, grad_outputs):
-        out, lse, seed = saved
+    def residuals_like(self, inp: ATMAttentionInputs):
+        acc = _compute_dtype(inp.q.dtype)
+        lse = inp.q.new_empty(inp.q.shape[:3], dtype=acc)
+        if _output_is_kernels(inp):
+            return (lse,)
+        d = inp.q.shape[-1]
+        return lse, inp.q.new_empty((*inp.q.shape[:3], d + -d % HEAD_DIM_MULTIPLE), dtype=acc)
+
+    def backward(self, inp: ATMAttentionInputs, outputs, residuals, grad_outputs, needs, seed: int):
+        # The kernels compute only what autograd needs: dQ, and dK with dV.
+        lse, out = residuals[0], outputs[0] if _output_is_kernels(inp) else residuals[1]
         q, k, v = (_compute(t) for t in (inp.q, inp.k, inp.v))
         dout = _compute(grad_outputs[0].to(out.dtype))
         dmask = grad_outputs[1].to(out.dtype).contiguous()
-        grads = self.library().atm_attention_backward(dout, dmask, q, k, v, out, lse, inp.scale, inp.dropout_p,
-                                                      int(seed))
+        grads = self.library().atm_attention_backward(dout, dmask, q, k, v, out, lse, inp.scale, inp.dropout_p, seed,
+                                                      needs[0], needs[1] or needs[2])
         d = inp.q.shape[-1]
-        return tuple(g[..., :d].to(t.dtype) for g, t in zip(grads, (inp.q, inp.k, inp.v)))
+        return tuple(g[..., :d].to(t.dtype) if need else None for g, t, need in zip(grads, (inp.q, inp.k, inp.v), needs))

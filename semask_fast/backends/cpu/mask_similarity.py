@@ -29,20 +29,29 @@ def _affine(t, dtype):
 class MaskSimilarityCpu(CpuImpl):
     op = "mask_similarity"
 
-    def forward(self, inp: MaskSimilarityInputs):
+    def forward(self, inp: MaskSimilarityInputs, seed: int):
         acc = _compute_dtype(inp.patches.dtype)
         out, scores, rinv_p, rinv_c = self.library().mask_similarity_forward(
             inp.patches.contiguous(), inp.classes.contiguous(), _affine(inp.norm_weight, acc),
             _affine(inp.norm_bias, acc), inp.norm, inp.norm_eps)
         # An empty scores tensor means the output holds the cosines (no LayerNorm, fp32 / fp64).
-        return (out,), (out if scores.numel() == 0 else scores, rinv_p, rinv_c)
+        return (out,), (scores, rinv_p, rinv_c)
 
-    def backward(self, inp: MaskSimilarityInputs, saved, grad_outputs):
-        scores, rinv_p, rinv_c = saved
+    def residuals_like(self, inp: MaskSimilarityInputs):
+        acc = _compute_dtype(inp.patches.dtype)
+        (b, n_p, _), k = inp.patches.shape, inp.classes.shape[1]
+        scores_in_out = not inp.norm and inp.patches.dtype == acc
+        scores = inp.patches.new_empty((0,) if scores_in_out else (b, n_p, k), dtype=acc)
+        return scores, inp.patches.new_empty((b, n_p), dtype=acc), inp.patches.new_empty((b, k), dtype=acc)
+
+    def backward(self, inp: MaskSimilarityInputs, outputs, residuals, grad_outputs, needs, seed: int):
+        # The kernels skip dP or dC when autograd does not need them.
+        scores, rinv_p, rinv_c = residuals
         acc = _compute_dtype(inp.patches.dtype)
         dp, dc, dw, db = self.library().mask_similarity_backward(
-            grad_outputs[0].contiguous(), inp.patches.contiguous(), inp.classes.contiguous(), scores, rinv_p,
-            rinv_c, _affine(inp.norm_weight, acc), inp.norm, inp.norm_eps)
-        dw = None if inp.norm_weight is None else dw.to(inp.norm_weight.dtype)
-        db = None if inp.norm_bias is None else db.to(inp.norm_bias.dtype)
-        return dp, dc, dw, db
+            grad_outputs[0].contiguous(), inp.patches.contiguous(), inp.classes.contiguous(),
+            outputs[0] if scores.numel() == 0 else scores, rinv_p, rinv_c, _affine(inp.norm_weight, acc), inp.norm,
+            inp.norm_eps, needs[0], needs[1])
+        dw = dw.to(inp.norm_weight.dtype) if needs[2] else None
+        db = db.to(inp.norm_bias.dtype) if needs[3] else None
+        return dp if needs[0] else None, dc if needs[1] else None, dw, db

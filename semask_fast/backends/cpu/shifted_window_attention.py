@@ -12,10 +12,9 @@ from typing import List
 
 import torch
 
-from ..cuda.window_attention import draw_seed
 from ..registry import register
 from . import CpuImpl
-from .window_attention import as_compute, window_reasons
+from .window_attention import as_compute, compute_dtype, window_reasons
 
 
 @register
@@ -38,18 +37,23 @@ class ShiftedWindowAttentionCpu(CpuImpl):
         return (inp.num_heads, *inp.window_size, *inp.shift_size, inp.pad_then_roll, inp.scale, inp.mask_value,
                 inp.dropout_p, seed)
 
-    def forward(self, inp):
-        seed = draw_seed() if inp.dropout_p > 0 else 0
+    def forward(self, inp, seed: int):
         out, lse = self.library().shifted_window_attention_forward(
             inp.qkv.contiguous(), as_compute(inp.bias_table, inp.qkv.dtype), self._pad_row(inp),
             *self._args(inp, seed))
-        return (out,), (out, lse, torch.tensor(seed, dtype=torch.int64))
+        return (out,), (lse,)
 
-    def backward(self, inp, saved, grad_outputs):
-        out, lse, seed = saved
+    def residuals_like(self, inp):
+        n = inp.window_size[0] * inp.window_size[1]
+        windows = inp.qkv.shape[0] * inp.grid[0] * inp.grid[1]
+        return (inp.qkv.new_empty((windows, inp.num_heads, n), dtype=compute_dtype(inp.qkv.dtype)),)  # lse
+
+    def backward(self, inp, outputs, residuals, grad_outputs, needs, seed: int):
+        # The kernels skip the table and qkv_bias gradients when autograd does not need them.
         dqkv, dtable, dpad = self.library().shifted_window_attention_backward(
-            grad_outputs[0].contiguous(), inp.qkv.contiguous(), out, lse, as_compute(inp.bias_table, inp.qkv.dtype),
-            self._pad_row(inp), *self._args(inp, int(seed)))
-        dtable = None if inp.bias_table is None else dtable.to(inp.bias_table.dtype)
-        dbias = None if inp.qkv_bias is None else dpad.to(inp.qkv_bias.dtype)
+            grad_outputs[0].contiguous(), inp.qkv.contiguous(), outputs[0], residuals[0],
+            as_compute(inp.bias_table, inp.qkv.dtype), self._pad_row(inp), *self._args(inp, seed), needs[1],
+            needs[2])
+        dtable = dtable.to(inp.bias_table.dtype) if needs[1] else None
+        dbias = dpad.to(inp.qkv_bias.dtype) if needs[2] else None
         return dqkv, dtable, dbias

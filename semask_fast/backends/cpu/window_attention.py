@@ -16,7 +16,6 @@ from typing import List, Optional
 import torch
 
 from ...ops.window_attention import WindowAttentionInputs
-from ..cuda.window_attention import draw_seed
 from ..registry import register
 from . import CpuImpl
 
@@ -61,15 +60,20 @@ class WindowAttentionCpu(CpuImpl):
         return (as_compute(inp.bias_table, dtype), as_compute(inp.mask, dtype), *inp.window_size, *_geometry(inp),
                 inp.scale, inp.mask_value, inp.dropout_p, seed)
 
-    def forward(self, inp: WindowAttentionInputs):
-        seed = draw_seed() if inp.dropout_p > 0 else 0
+    def forward(self, inp: WindowAttentionInputs, seed: int):
         q, k, v = (unit_last_stride(t) for t in (inp.q, inp.k, inp.v))
         out, lse = self.library().window_attention_forward(q, k, v, *self._args(inp, seed))
-        return (out,), (out, lse, torch.tensor(seed, dtype=torch.int64))
+        return (out,), (lse,)
 
-    def backward(self, inp: WindowAttentionInputs, saved, grad_outputs):
-        out, lse, seed = saved
+    def residuals_like(self, inp: WindowAttentionInputs):
+        return (inp.q.new_empty(inp.q.shape[:3], dtype=compute_dtype(inp.q.dtype)),)  # lse
+
+    def backward(self, inp: WindowAttentionInputs, outputs, residuals, grad_outputs, needs, seed: int):
+        # The kernels skip what autograd does not need: dQ, dK with dV, the table gradient.
         q, k, v = (unit_last_stride(t) for t in (inp.q, inp.k, inp.v))
+        need_dkv = needs[1] or needs[2]
         dq, dk, dv, dtable = self.library().window_attention_backward(
-            grad_outputs[0].contiguous(), q, k, v, out, lse, *self._args(inp, int(seed)))
-        return dq, dk, dv, None if inp.bias_table is None else dtable.to(inp.bias_table.dtype)
+            grad_outputs[0].contiguous(), q, k, v, outputs[0], residuals[0], *self._args(inp, seed), needs[0],
+            need_dkv, needs[3])
+        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
+                dtable.to(inp.bias_table.dtype) if needs[3] else None)

@@ -7,7 +7,7 @@
   native CPU kernels are the ``cpu`` backend, :mod:`semask_fast.backends.cpu`.)
 
 Each op family has a module here (``window_process``, ``mask_similarity``, ...) with one
-``KernelImpl`` mixin that calls ``self.library().<op>_forward`` / ``_backward`` and registers a
+mixin that calls ``self.library().<op>_forward`` / ``_backward`` and registers a
 ``CudaImpl`` and a ``SimtImpl`` class built from it.  The kernels of that module live in
 ``csrc/ops/<module name>.cu`` (override with the ``source`` class attribute); that file is built
 on first use (see :mod:`semask_fast._build`).  A failed build is an availability reason carrying
@@ -22,7 +22,7 @@ from typing import ClassVar, FrozenSet, List
 import torch
 
 from ... import _build
-from ..base import KernelImpl
+from ..base import OpImpl
 
 #: Oldest GPU the kernels are built for (sm_80: mma.sync with bf16, cp.async).
 MIN_COMPUTE_CAPABILITY = (8, 0)
@@ -45,7 +45,7 @@ def cuda_device_reasons() -> List[str]:
     return []
 
 
-class _CompiledImpl(KernelImpl):
+class _CompiledImpl(OpImpl):
     """An op whose kernels come from one ``csrc/ops/*.cu`` file, in one build flavour."""
 
     flavour: ClassVar[str]

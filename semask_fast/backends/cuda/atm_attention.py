@@ -22,7 +22,6 @@ import torch
 from ...ops.atm_attention import ATMAttentionInputs
 from ..registry import register
 from . import CudaImpl, SimtImpl
-from .window_attention import draw_seed
 
 MAX_HEAD_DIM = 128
 #: Query rows and keys per forward tile (BM, BN in the .cu).
@@ -129,20 +128,22 @@ class _ATMAttentionKernels:
                     f"memory per block (this device: {limit})"]
         return []
 
-    def forward(self, inp: ATMAttentionInputs):
-        seed = draw_seed() if inp.dropout_p > 0 else 0
+    def forward(self, inp: ATMAttentionInputs, seed: int):
         q, k, v = (t.contiguous() for t in (inp.q, inp.k, inp.v))
         splits = plan_splits(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.dtype, q.shape[3],
                              sms=_device_limits(q.device)[0], requested=force_splits)
         out, mask_logits, lse = self.library().atm_attention_forward(q, k, v, inp.scale, inp.dropout_p, seed, splits)
-        return (out, mask_logits), (out, lse, torch.tensor(seed, dtype=torch.int64))
+        return (out, mask_logits), (lse,)
 
-    def backward(self, inp: ATMAttentionInputs, saved, grad_outputs):
-        out, lse, seed = saved
+    def residuals_like(self, inp: ATMAttentionInputs):
+        return (inp.q.new_empty(inp.q.shape[:3], dtype=torch.float32),)  # lse
+
+    def backward(self, inp: ATMAttentionInputs, outputs, residuals, grad_outputs, needs, seed: int):
+        # The kernels compute every gradient (needs is not passed down yet).
         q, k, v = (t.contiguous() for t in (inp.q, inp.k, inp.v))
         dout, dmask = (g.contiguous() for g in grad_outputs)
-        return tuple(self.library().atm_attention_backward(dout, dmask, q, k, v, out, lse, inp.scale, inp.dropout_p,
-                                                           int(seed)))
+        return tuple(self.library().atm_attention_backward(dout, dmask, q, k, v, outputs[0], residuals[0], inp.scale,
+                                                           inp.dropout_p, seed))
 
 
 @register

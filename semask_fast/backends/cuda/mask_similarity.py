@@ -30,18 +30,19 @@ class _MaskSimilarityKernels:
         k = inp.classes.shape[1]
         return [f"K={k} classes (the kernels support K <= {MAX_CLASSES})"] if k > MAX_CLASSES else []
 
-    def forward(self, inp: MaskSimilarityInputs):
+    def forward(self, inp: MaskSimilarityInputs, seed: int):
         out = self.library().mask_similarity_forward(inp.patches.contiguous(), inp.classes.contiguous(),
                                                      _affine(inp.norm_weight), _affine(inp.norm_bias), inp.norm,
                                                      inp.norm_eps)
         return (out,), ()
 
-    def backward(self, inp: MaskSimilarityInputs, saved, grad_outputs):
+    def backward(self, inp: MaskSimilarityInputs, outputs, residuals, grad_outputs, needs, seed: int):
+        # The kernels compute every gradient (needs is not passed down yet).
         dp, dc, dw, db = self.library().mask_similarity_backward(
             grad_outputs[0].contiguous(), inp.patches.contiguous(), inp.classes.contiguous(),
             _affine(inp.norm_weight), inp.norm, inp.norm_eps)
-        dw = None if inp.norm_weight is None else dw.to(inp.norm_weight.dtype)
-        db = None if inp.norm_bias is None else db.to(inp.norm_bias.dtype)
+        dw = dw.to(inp.norm_weight.dtype) if needs[2] else None
+        db = db.to(inp.norm_bias.dtype) if needs[3] else None
         return dp, dc, dw, db
 
 

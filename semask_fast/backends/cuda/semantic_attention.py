@@ -31,15 +31,19 @@ class _SemanticAttentionKernels:
         k = inp.sq.shape[-1]
         return [f"K={k} classes (supported: 1..{MAX_CLASSES})"] if k > MAX_CLASSES else []
 
-    def forward(self, inp: SemanticAttentionInputs):
+    def forward(self, inp: SemanticAttentionInputs, seed: int):
         sq, sk, yv = (_rows(t) for t in (inp.sq, inp.sk, inp.yv))
         out, lse = self.library().semantic_attention_forward(sq, sk, yv)
-        return (out,), (out, lse)
+        return (out,), (lse,)
 
-    def backward(self, inp: SemanticAttentionInputs, saved, grad_outputs):
-        out, lse = saved
+    def residuals_like(self, inp: SemanticAttentionInputs):
+        return (inp.sq.new_empty(inp.sq.shape[:2], dtype=torch.float32),)  # lse
+
+    def backward(self, inp: SemanticAttentionInputs, outputs, residuals, grad_outputs, needs, seed: int):
+        # The kernels compute every gradient (needs is not passed down yet).
         sq, sk, yv = (_rows(t) for t in (inp.sq, inp.sk, inp.yv))
-        return tuple(self.library().semantic_attention_backward(grad_outputs[0].contiguous(), sq, sk, yv, out, lse))
+        return tuple(self.library().semantic_attention_backward(grad_outputs[0].contiguous(), sq, sk, yv, outputs[0],
+                                                                residuals[0]))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

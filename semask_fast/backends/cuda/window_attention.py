@@ -25,12 +25,15 @@ import numpy as np
 import torch
 
 from ...ops.window_attention import WindowAttentionInputs
+from .. import base
 from ..registry import register
 from . import CudaImpl, SimtImpl
 
+
 def draw_seed() -> int:
-    """A dropout seed from torch's default generator (reproducible under ``torch.manual_seed``)."""
-    return int(torch.randint(0, 2 ** 62, ()).item())
+    """The dropout seed an op with dropout draws on CPU tensors for these kernels (the next one from
+    torch's CPU generator): tests call it after ``torch.manual_seed`` to replay a kernel's mask."""
+    return base.draw_seed(torch.device("cpu"), base.OpImpl.seed_bound)
 
 
 def philox(seed: int, index: np.ndarray) -> np.ndarray:
@@ -135,20 +138,21 @@ class _WindowAttentionKernels:
             return self.per_chunk
         return windows_per_chunk(*inp.q.shape, inp.q.dtype)
 
-    def forward(self, inp: WindowAttentionInputs):
-        seed = draw_seed() if inp.dropout_p > 0 else 0
+    def forward(self, inp: WindowAttentionInputs, seed: int):
         q, k, v = (t.contiguous() for t in (inp.q, inp.k, inp.v))
         out, lse = self.library().window_attention_forward(q, k, v, *self._args(inp, seed))
-        return (out,), (out, lse, torch.tensor(seed, dtype=torch.int64))
+        return (out,), (lse,)
 
-    def backward(self, inp: WindowAttentionInputs, saved, grad_outputs):
-        out, lse, seed = saved
+    def residuals_like(self, inp: WindowAttentionInputs):
+        return (inp.q.new_empty(inp.q.shape[:3], dtype=torch.float32),)  # lse
+
+    def backward(self, inp: WindowAttentionInputs, outputs, residuals, grad_outputs, needs, seed: int):
+        # The kernels compute every gradient (needs is not passed down yet).
         q, k, v = (t.contiguous() for t in (inp.q, inp.k, inp.v))
         dq, dk, dv, dtable = self.library().window_attention_backward(
-            grad_outputs[0].contiguous(), q, k, v, out, lse, *self._args(inp, int(seed)), self._per_chunk(inp))
-        if inp.bias_table is None:
-            return dq, dk, dv, None
-        return dq, dk, dv, dtable.to(inp.bias_table.dtype)
+            grad_outputs[0].contiguous(), q, k, v, outputs[0], residuals[0], *self._args(inp, seed),
+            self._per_chunk(inp))
+        return dq, dk, dv, dtable.to(inp.bias_table.dtype) if needs[3] else None
 
 
 @register

@@ -15,12 +15,12 @@ from . import CudaImpl, SimtImpl
 class _WindowPartitionKernels:
     op = "window_partition"
 
-    def forward(self, inp: WindowPartitionInputs):
+    def forward(self, inp: WindowPartitionInputs, seed: int):
         out = self.library().window_partition_forward(inp.x.contiguous(), *inp.window_size, *inp.shift_size,
                                                       inp.pad_then_roll)
         return (out,), ()
 
-    def backward(self, inp: WindowPartitionInputs, saved, grad_outputs):
+    def backward(self, inp: WindowPartitionInputs, outputs, residuals, grad_outputs, needs, seed: int):
         _, h, w, _ = inp.x.shape
         grad = self.library().window_partition_backward(grad_outputs[0].contiguous(), h, w, *inp.window_size,
                                                         *inp.shift_size, inp.pad_then_roll)
@@ -30,12 +30,12 @@ class _WindowPartitionKernels:
 class _WindowMergeKernels:
     op = "window_merge"
 
-    def forward(self, inp: WindowMergeInputs):
+    def forward(self, inp: WindowMergeInputs, seed: int):
         out = self.library().window_merge_forward(inp.windows.contiguous(), inp.H, inp.W, *inp.window_size,
                                                   *inp.shift_size, inp.pad_then_roll)
         return (out,), ()
 
-    def backward(self, inp: WindowMergeInputs, saved, grad_outputs):
+    def backward(self, inp: WindowMergeInputs, outputs, residuals, grad_outputs, needs, seed: int):
         grad = self.library().window_merge_backward(grad_outputs[0].contiguous(), *inp.window_size,
                                                     *inp.shift_size, inp.pad_then_roll)
         return (grad,)

@@ -1,7 +1,7 @@
 """The triton backend: what every Triton implementation shares.
 
 Each op's implementation lives in a module of this package (registered through
-``registry.IMPLEMENTATION_MODULES``) and launches kernels from
+``registry.implementation_modules()``) and launches kernels from
 ``semask_fast.kernels``.  On a machine without a CUDA device the backend runs
 on CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1`` was set
 before the kernels were imported.
@@ -17,7 +17,7 @@ from typing import FrozenSet, List
 
 import torch
 
-from ..base import KernelImpl
+from ..base import OpImpl
 
 INTERPRET_HINT = "set TRITON_INTERPRET=1 before importing semask_fast to run Triton's interpreter on CPU tensors"
 
@@ -50,8 +50,9 @@ def triton_reasons() -> List[str]:
     return []
 
 
-class TritonImpl(KernelImpl):
+class TritonImpl(OpImpl):
     backend = "triton"
+    seed_bound = 2 ** 31 - 1  # the kernels take 31-bit seeds
 
     def availability_reasons(self) -> List[str]:
         return triton_reasons()

@@ -25,19 +25,21 @@ class ATMAttentionTriton(TritonImpl):
             reasons.append(f"heads={heads} (supported: 1..{MAX_HEADS}; one program reduces all heads)")
         return reasons
 
-    def forward(self, inp):
+    def forward(self, inp, seed: int):
         from ...kernels import atm_attention as k
 
         q, kk, v = inp.q.contiguous(), inp.k.contiguous(), inp.v.contiguous()
-        seed = k.draw_seed() if inp.dropout_p > 0 else 0
         out, mask_logits, lse = k.atm_attention_forward(q, kk, v, scale=inp.scale, dropout_p=inp.dropout_p, seed=seed)
-        # The seed travels as a tensor so autograd keeps it with the other saved state.
-        return (out, mask_logits), (q, kk, v, out, lse, torch.tensor(seed, dtype=torch.int64))
+        return (out, mask_logits), (lse,)
 
-    def backward(self, inp, saved, grad_outputs):
+    def residuals_like(self, inp):
+        return (inp.q.new_empty(inp.q.shape[:3], dtype=torch.float32),)  # lse
+
+    def backward(self, inp, outputs, residuals, grad_outputs, needs, seed: int):
+        # The launcher computes every gradient (needs is not passed down yet).
         from ...kernels import atm_attention as k
 
-        q, kk, v, out, lse, seed = saved
+        q, kk, v = inp.q.contiguous(), inp.k.contiguous(), inp.v.contiguous()
         dout, dmask = (g.contiguous() for g in grad_outputs)
-        return k.atm_attention_backward(q, kk, v, out, lse, dout, dmask, scale=inp.scale, dropout_p=inp.dropout_p,
-                                        seed=int(seed.item()))
+        return k.atm_attention_backward(q, kk, v, outputs[0], residuals[0], dout, dmask, scale=inp.scale,
+                                        dropout_p=inp.dropout_p, seed=seed)

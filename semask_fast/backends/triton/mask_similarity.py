@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import List
 
+import torch
+
 from ..registry import register
 from . import TritonImpl
 
@@ -20,23 +22,31 @@ class MaskSimilarityTriton(TritonImpl):
             return [f"classes K={k} (supported: 1..{MAX_K}; a program holds all K columns)"]
         return []
 
-    def forward(self, inp):
+    def forward(self, inp, seed: int):
         from ...kernels.mask_similarity import mask_similarity_forward
 
         patches, classes = inp.patches.contiguous(), inp.classes.contiguous()
-        weight = inp.norm_weight.contiguous() if inp.norm_weight is not None else None
-        bias = inp.norm_bias.contiguous() if inp.norm_bias is not None else None
-        out, rp, rc = mask_similarity_forward(patches, classes, weight, bias, norm=inp.norm, eps=inp.norm_eps)
-        saved = (patches, classes, rp, rc) + ((weight,) if weight is not None else ())
-        return (out,), saved
+        out, rp, rc = mask_similarity_forward(patches, classes, _contiguous(inp.norm_weight),
+                                              _contiguous(inp.norm_bias), norm=inp.norm, eps=inp.norm_eps)
+        return (out,), (rp, rc)
 
-    def backward(self, inp, saved, grad_outputs):
+    def residuals_like(self, inp):
+        (b, n_p, _), k = inp.patches.shape, inp.classes.shape[1]
+        return (inp.patches.new_empty((b, n_p), dtype=torch.float32),
+                inp.patches.new_empty((b, k), dtype=torch.float32))  # inverse norms
+
+    def backward(self, inp, outputs, residuals, grad_outputs, needs, seed: int):
+        # The launcher computes every gradient (needs is not passed down yet).
         from ...kernels.mask_similarity import mask_similarity_backward
 
-        patches, classes, rp, rc = saved[:4]
-        weight = saved[4] if len(saved) > 4 else None
-        dp, dc, dw, db = mask_similarity_backward(patches, classes, weight, rp, rc, grad_outputs[0].contiguous(),
+        rp, rc = residuals
+        dp, dc, dw, db = mask_similarity_backward(inp.patches.contiguous(), inp.classes.contiguous(),
+                                                  _contiguous(inp.norm_weight), rp, rc, grad_outputs[0].contiguous(),
                                                   norm=inp.norm, eps=inp.norm_eps)
-        dw = dw.to(inp.norm_weight.dtype) if inp.norm_weight is not None else None
-        db = db.to(inp.norm_bias.dtype) if inp.norm_bias is not None else None
+        dw = dw.to(inp.norm_weight.dtype) if needs[2] else None
+        db = db.to(inp.norm_bias.dtype) if needs[3] else None
         return dp, dc, dw, db
+
+
+def _contiguous(t):
+    return None if t is None else t.contiguous()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import List
 
+import torch
+
 from ..registry import register
 from . import TritonImpl
 from .window_attention import unit_stride
@@ -21,16 +23,20 @@ class SemanticAttentionTriton(TritonImpl):
             return [f"classes K={k} (supported: 1..{MAX_K}; the backward holds K in registers)"]
         return []
 
-    def forward(self, inp):
+    def forward(self, inp, seed: int):
         from ...kernels.semantic_attention import semantic_attention_forward
 
         # Row-strided views (e.g. column slices of one fused q/k/v projection) are read in place.
         sq, sk, yv = unit_stride(inp.sq), unit_stride(inp.sk), unit_stride(inp.yv)
         out, lse = semantic_attention_forward(sq, sk, yv)
-        return (out,), (sq, sk, yv, out, lse)
+        return (out,), (lse,)
 
-    def backward(self, inp, saved, grad_outputs):
+    def residuals_like(self, inp):
+        return (inp.sq.new_empty(inp.sq.shape[:2], dtype=torch.float32),)  # lse
+
+    def backward(self, inp, outputs, residuals, grad_outputs, needs, seed: int):
+        # The launcher computes every gradient (needs is not passed down yet).
         from ...kernels.semantic_attention import semantic_attention_backward
 
-        sq, sk, yv, out, lse = saved
-        return semantic_attention_backward(sq, sk, yv, out, lse, grad_outputs[0].contiguous())
+        sq, sk, yv = unit_stride(inp.sq), unit_stride(inp.sk), unit_stride(inp.yv)
+        return semantic_attention_backward(sq, sk, yv, outputs[0], residuals[0], grad_outputs[0].contiguous())

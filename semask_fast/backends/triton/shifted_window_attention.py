@@ -47,27 +47,31 @@ class ShiftedWindowAttentionTriton(TritonImpl):
     def _split(t, c):
         return t[..., :c], t[..., c:2 * c], t[..., 2 * c:]
 
-    def forward(self, inp):
+    def forward(self, inp, seed: int):
         k = _kernels()
         qkv, geo, qkv_bias = self._prepare(inp)
         c = inp.num_heads * inp.head_dim
         out = torch.empty(qkv.shape[:3] + (c,), dtype=qkv.dtype, device=qkv.device)
-        seed = k.draw_seed() if inp.dropout_p > 0 else 0
         lse = k.window_attention_forward(*self._split(qkv, c), out, geo, inp.bias_table, None, qkv_bias,
                                          scale=inp.scale, mask_value=inp.mask_value, dropout_p=inp.dropout_p,
                                          seed=seed)
-        return (out,), (out, lse, torch.tensor(seed, dtype=torch.int64))
+        return (out,), (lse,)
 
-    def backward(self, inp, saved, grad_outputs):
+    def residuals_like(self, inp):
+        n = inp.window_size[0] * inp.window_size[1]
+        windows = inp.qkv.shape[0] * inp.grid[0] * inp.grid[1]
+        return (inp.qkv.new_empty((windows, inp.num_heads, n), dtype=torch.float32),)  # lse
+
+    def backward(self, inp, outputs, residuals, grad_outputs, needs, seed: int):
+        # The launcher computes every gradient (needs is not passed down yet).
         k = _kernels()
-        out, lse, seed = saved
         qkv, geo, qkv_bias = self._prepare(inp)
         c = inp.num_heads * inp.head_dim
         dout = unit_stride(grad_outputs[0])
         dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
         d_table, d_qkv_bias = k.window_attention_backward(
-            *self._split(qkv, c), out, dout, lse, *self._split(dqkv, c), geo, inp.bias_table, None, qkv_bias,
-            scale=inp.scale, mask_value=inp.mask_value, dropout_p=inp.dropout_p, seed=int(seed.item()))
-        if inp.qkv_bias is not None and d_qkv_bias is None:
+            *self._split(qkv, c), outputs[0], dout, residuals[0], *self._split(dqkv, c), geo, inp.bias_table, None,
+            qkv_bias, scale=inp.scale, mask_value=inp.mask_value, dropout_p=inp.dropout_p, seed=seed)
+        if needs[2] and d_qkv_bias is None:  # no pad tokens: the qkv bias reaches no attention input
             d_qkv_bias = torch.zeros_like(inp.qkv_bias)
-        return dqkv, d_table, d_qkv_bias
+        return dqkv, d_table if needs[1] else None, d_qkv_bias if needs[2] else None

@@ -50,24 +50,25 @@ class WindowAttentionTriton(TritonImpl):
         b_, h, n, d = inp.q.shape
         return k.Geometry(inp.window_size, b_, h, d, grid=inp.grid, shift=inp.shift_size)
 
-    def forward(self, inp):
+    def forward(self, inp, seed: int):
         k = _kernels()
         q, kk, v = (unit_stride(t) for t in (inp.q, inp.k, inp.v))
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        seed = k.draw_seed() if inp.dropout_p > 0 else 0
         lse = k.window_attention_forward(q, kk, v, out, self._geometry(inp), inp.bias_table, inp.mask,
                                          scale=inp.scale, mask_value=inp.mask_value, dropout_p=inp.dropout_p,
                                          seed=seed)
-        return (out,), (out, lse, torch.tensor(seed, dtype=torch.int64))
+        return (out,), (lse,)
 
-    def backward(self, inp, saved, grad_outputs):
+    def residuals_like(self, inp):
+        return (inp.q.new_empty(inp.q.shape[:3], dtype=torch.float32),)  # lse
+
+    def backward(self, inp, outputs, residuals, grad_outputs, needs, seed: int):
+        # The launcher computes every gradient (needs is not passed down yet).
         k = _kernels()
-        out, lse, seed = saved
         q, kk, v = (unit_stride(t) for t in (inp.q, inp.k, inp.v))
         dout = unit_stride(grad_outputs[0])
         dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
-        d_table, _ = k.window_attention_backward(q, kk, v, out, dout, lse, dq, dk, dv, self._geometry(inp),
-                                                 inp.bias_table, inp.mask, scale=inp.scale,
-                                                 mask_value=inp.mask_value, dropout_p=inp.dropout_p,
-                                                 seed=int(seed.item()))
-        return dq, dk, dv, d_table
+        d_table, _ = k.window_attention_backward(q, kk, v, outputs[0], dout, residuals[0], dq, dk, dv,
+                                                 self._geometry(inp), inp.bias_table, inp.mask, scale=inp.scale,
+                                                 mask_value=inp.mask_value, dropout_p=inp.dropout_p, seed=seed)
+        return dq, dk, dv, d_table if needs[3] else None
