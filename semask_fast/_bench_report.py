@@ -174,6 +174,37 @@ def e2e_markdown(e2e: dict) -> str:
     return head + "\n\n" + table
 
 
+README_BEGIN = "<!-- bench_cpu:results:begin -->"
+README_END = "<!-- bench_cpu:results:end -->"
+
+
+def readme_results(rows: Sequence[dict], modes: Sequence[str], header: Sequence[str], e2e: Optional[dict],
+                   plot_path: Optional[str]) -> str:
+    """The README's generated part of "CPU performance": machine, run, summary, plot, end to end."""
+    parts = [*header, "", summary_table(rows, modes), ""]
+    if plot_path:
+        parts += [f"![speedup vs the fastest peer, per case, fwd and fwd+bwd]({plot_path})", ""]
+    if e2e:
+        parts += ["End to end, timm Swin-T (same weights; inference and a training step):", "", e2e_markdown(e2e)]
+    return "\n".join(parts).rstrip("\n")
+
+
+def update_readme(path: str, text: str) -> bool:
+    """Replaces what stands between README_BEGIN and README_END in ``path`` by ``text``; False
+    (nothing written) when the file or a marker is missing."""
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        content = f.read()
+    begin, end = content.find(README_BEGIN), content.find(README_END)
+    if begin < 0 or end < begin:
+        return False
+    content = content[:begin + len(README_BEGIN)] + "\n" + text + "\n" + content[end:]
+    with open(path, "w") as f:
+        f.write(content)
+    return True
+
+
 # --------------------------------------------------------------------------- #
 # Plot
 # --------------------------------------------------------------------------- #

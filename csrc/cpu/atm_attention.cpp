@@ -220,6 +220,7 @@ struct Grads {
   const T *dout, *dmask, *lse, *delta;
   T *dk, *dv;
   T* dq_part;  // [ranges][B][h][Nq][d]
+  bool need_dq, need_dkv;  // autograd's needs_input_grad: the others are not computed
 };
 
 template <typename T>
@@ -272,13 +273,17 @@ void backward_task(const Problem<T>& p, const Grads<T>& g, int64_t b, int range,
           }
           for (int j = nk; j < bn; ++j) srow[j] = drow[j] = T(0);  // padding keys
         }
-        product<T>(nk, d, nq, s, 1, bn, doh, d, dv, d, qb > 0);
-        product<T>(nk, d, nq, ds, 1, bn, qh, d, dk, d, qb > 0);
-        product<T>(nq, d, nk, ds, bn, 1, kh, d, part + int64_t(i0) * d, d, kb > kb0);
+        if (g.need_dkv) {
+          product<T>(nk, d, nq, s, 1, bn, doh, d, dv, d, qb > 0);
+          product<T>(nk, d, nq, ds, 1, bn, qh, d, dk, d, qb > 0);
+        }
+        if (g.need_dq) product<T>(nq, d, nk, ds, bn, 1, kh, d, part + int64_t(i0) * d, d, kb > kb0);
       }
-      const int64_t krow = p.k_offset(b, h) + int64_t(j0) * d;
-      std::memcpy(g.dk + krow, dk, sizeof(T) * nk * d);
-      std::memcpy(g.dv + krow, dv, sizeof(T) * nk * d);
+      if (g.need_dkv) {
+        const int64_t krow = p.k_offset(b, h) + int64_t(j0) * d;
+        std::memcpy(g.dk + krow, dk, sizeof(T) * nk * d);
+        std::memcpy(g.dv + krow, dv, sizeof(T) * nk * d);
+      }
     }
   }
 }
@@ -351,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
                                                            const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& v, const at::Tensor& out,
                                                            const at::Tensor& lse, double scale, double dropout_p,
-                                                           int64_t seed) {
+                                                           int64_t seed, bool need_dq, bool need_dkv) {
   check_inputs(q, k, v, dropout_p);
   SF_CPU_CHECK_INPUT(dout, 4);
   SF_CPU_CHECK_INPUT(dmask, 3);
@@ -389,16 +394,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
         dl[r] = acc;
       }
     });
-    at::Tensor part = ranges == 1 ? dq : at::empty({ranges, q.size(0), q.size(1), q.size(2), d}, q.options());
+    const bool partials = ranges > 1 && need_dq;
+    at::Tensor part = partials ? at::empty({ranges, q.size(0), q.size(1), q.size(2), d}, q.options()) : dq;
     const Grads<T> g{go, dmask.data_ptr<T>(), lse.data_ptr<T>(), dl, dk.data_ptr<T>(), dv.data_ptr<T>(),
-                     part.data_ptr<T>()};
+                     part.data_ptr<T>(), need_dq, need_dkv};
     parallel_for(batch * ranges, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int r = int(t % ranges), kb0 = r * per_range;
         backward_task(p, g, t / ranges, r, kb0, std::min(keys.count, kb0 + per_range), keys, queries);
       }
     });
-    if (ranges > 1) {
+    if (partials) {
       const T* src = part.data_ptr<T>();
       T* dst = dq.data_ptr<T>();
       const int64_t n = dq.numel();
@@ -420,7 +426,7 @@ SF_CPU_LIBRARY(m) {
   m.def("atm_attention_forward(Tensor q, Tensor k, Tensor v, float scale, float dropout_p, int seed) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("atm_attention_backward(Tensor dout, Tensor dmask_logits, Tensor q, Tensor k, Tensor v, Tensor out, "
-        "Tensor lse, float scale, float dropout_p, int seed) -> (Tensor, Tensor, Tensor)");
+        "Tensor lse, float scale, float dropout_p, int seed, bool need_dq, bool need_dkv) -> (Tensor, Tensor, Tensor)");
 }
 
 SF_CPU_LIBRARY_IMPL(m) {

@@ -103,27 +103,20 @@ void layer_norm_stats(T* row, int64_t K, int64_t Kpad, T eps, T& mean, T& rstd) 
   rstd = T(1) / std::sqrt(sf::cpu::hsum<T>(acc) / T(K) + eps);
 }
 
-// dst[i] = tile[i] - src[i] * f over n values, rounded to S.  fp32 rows that start on a vector
+// dst[i] = tile[i] - src[i] * f over n values, rounded to S.  Rows that start on a vector
 // boundary go out with non-temporal stores: these gradients are written once, and a plain store
-// would first read every line of them from memory.
+// would first read every line of them from memory (measured: faster here, unlike the windowed
+// semantic attention, whose many small rows made the page faults of fresh outputs costlier).
 template <typename S, typename T>
 void store_difference(S* __restrict__ dst, const T* __restrict__ tile, const T* __restrict__ src, T f, int64_t n) {
   int64_t i = 0;
-#if defined(__AVX512F__) || defined(__AVX__)
-  if constexpr (std::is_same_v<S, float>) {
+  if constexpr (std::is_same_v<S, T>) {
     if (reinterpret_cast<uintptr_t>(dst) % SF_CPU_VEC_BYTES == 0) {
       const Vec<T> fv = sf::cpu::vsplat<T>(f);
-      for (; i + kLanes<T> <= n; i += kLanes<T>) {
-        const Vec<T> v = sf::cpu::vload(tile + i) - sf::cpu::vload(src + i) * fv;
-#if defined(__AVX512F__)
-        _mm512_stream_ps(dst + i, __m512(v));
-#else
-        _mm256_stream_ps(dst + i, __m256(v));
-#endif
-      }
+      for (; i + kLanes<T> <= n; i += kLanes<T>)
+        sf::cpu::stream_vec(dst + i, sf::cpu::vload(tile + i) - sf::cpu::vload(src + i) * fv);
     }
   }
-#endif
   for (; i < n; ++i) dst[i] = static_cast<S>(tile[i] - src[i] * f);
 }
 
@@ -244,7 +237,7 @@ template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad, const at::Tensor& P, const at::Tensor& C, const at::Tensor& scores,
     const at::Tensor& rinv_p, const at::Tensor& rinv_c, const std::optional<at::Tensor>& weight, bool norm,
-    double eps) {
+    double eps, bool need_dp, bool need_dc) {
   using T = acc_t<scalar_t>;
   constexpr bool kSameType = std::is_same_v<scalar_t, T>;
   const int64_t B = P.size(0), Np = P.size(1), K = C.size(1), D = P.size(2);
@@ -299,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const int64_t blocks = (Np + kRows - 1) / kRows;
   // G^T (B, K, Np): the A operand of the dC product, rows contiguous along its depth Np.  Per
   // row block: column partials of coldot, dw, db (Kpad each).
-  std::vector<T> gt(size_t(B * K * Np));
+  std::vector<T> gt(need_dc ? size_t(B * K * Np) : 0);
   const int nparts = norm ? 3 : 1;
   std::vector<T> partials(size_t(B * blocks * nparts * Kpad));
 
@@ -367,9 +360,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
         }
         rowdot[r] = sf::cpu::hsum<T>(dot_acc);
       }
-      T* gtb = gt.data() + b * K * Np + n0;
-      for (int64_t k = 0; k < K; ++k)
-        for (int r = 0; r < rows; ++r) gtb[k * Np + r] = g[r * Kpad + k];
+      if (need_dc) {
+        T* gtb = gt.data() + b * K * Np + n0;
+        for (int64_t k = 0; k < K; ++k)
+          for (int r = 0; r < rows; ++r) gtb[k * Np + r] = g[r * Kpad + k];
+      }
+      if (!need_dp) continue;
       // dP rows = G C - P rp^2 rowdot.
       sf::cpu::product<T>(rows, int(Dpad), int(K), g, Kpad, 1, cm + b * K * Dpad, Dpad, tile, Dpad);
       for (int r = 0; r < rows; ++r) {
@@ -399,7 +395,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     }
 
   // dC = G^T P - C rc^2 coldot, per batch and kCols columns of D.
-  const int64_t col_blocks = (Dpad + kCols - 1) / kCols;
+  const int64_t col_blocks = need_dc ? (Dpad + kCols - 1) / kCols : 0;
   sf::cpu::parallel_for(B * col_blocks, 1, [&](int64_t t0, int64_t t1) {
     T* tile = sf::cpu::scratch<T>(0, size_t(K * kCols));
     for (int64_t t = t0; t < t1; ++t) {
@@ -437,7 +433,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
                                                                     const at::Tensor& rinv_p,
                                                                     const at::Tensor& rinv_c,
                                                                     const std::optional<at::Tensor>& weight,
-                                                                    bool norm, double eps) {
+                                                                    bool norm, double eps, bool need_dp,
+                                                                    bool need_dc) {
   check_inputs(P, C);
   SF_CPU_CHECK_INPUT(grad, 3);
   SF_CPU_CHECK_CONTIGUOUS(grad);
@@ -446,7 +443,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
               "grad must have shape (B, Np, K) = (", P.size(0), ", ", P.size(1), ", ", C.size(1), "), got ",
               grad.sizes());
   return SF_CPU_DISPATCH(P.scalar_type(), "mask_similarity", [&] {
-    return backward_impl<scalar_t>(grad, P, C, scores, rinv_p, rinv_c, weight, norm, eps);
+    return backward_impl<scalar_t>(grad, P, C, scores, rinv_p, rinv_c, weight, norm, eps, need_dp, need_dc);
   });
 }
 
@@ -456,7 +453,8 @@ SF_CPU_LIBRARY(m) {
   m.def("mask_similarity_forward(Tensor patches, Tensor classes, Tensor? norm_weight, Tensor? norm_bias, "
         "bool norm, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("mask_similarity_backward(Tensor grad, Tensor patches, Tensor classes, Tensor scores, Tensor rinv_p, "
-        "Tensor rinv_c, Tensor? norm_weight, bool norm, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor rinv_c, Tensor? norm_weight, bool norm, float eps, bool need_dp, bool need_dc) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 SF_CPU_LIBRARY_IMPL(m) {

@@ -483,9 +483,15 @@ inline void write_grad_rows(const std::vector<S*>& dst, const T* acc, int n, int
   }
 }
 
+// Which gradients a backward call computes (autograd's needs_input_grad): dQ, dK and dV (dS is
+// needed by any of them); the table and pad partials are null when not wanted.
+struct Needs {
+  bool dq = true, dkv = true;
+};
+
 template <typename S, typename Tokens, typename Grads>
 void backward(const Problem& p, const Tokens& tokens, const Grads& grads, const Logits<acc_t<S>>& lg,
-              const acc_t<S>* lse, acc_t<S>* table_partials, acc_t<S>* pad_partials) {
+              const acc_t<S>* lse, Needs needs, acc_t<S>* table_partials, acc_t<S>* pad_partials) {
   using T = acc_t<S>;
   constexpr int L = kLanes<T>;
   const int n = p.n, d = p.d, np = int(round_up(n, L)), dp = int(round_up(d, L));
@@ -567,8 +573,10 @@ void backward(const Problem& p, const Tokens& tokens, const Grads& grads, const 
           pv = drop;
         }
         // dV[j] = sum_i P[i][j] dO[i]
-        product<T>(n, dp, n, pv, np, 1, dout.ptr, dout.ld, acc, dp);
-        write_grad_rows(g.dv, acc, n, d, dp, T(1), pad_acc + 2 * dp);
+        if (needs.dkv) {
+          product<T>(n, dp, n, pv, np, 1, dout.ptr, dout.ld, acc, dp);
+          write_grad_rows(g.dv, acc, n, d, dp, T(1), pad_acc + 2 * dp);
+        }
         // dS^T = P^T (dP^T - delta)
         for (int j = 0; j < n; ++j)
           for (int i = 0; i < np; i += L) {
@@ -578,11 +586,15 @@ void backward(const Problem& p, const Tokens& tokens, const Grads& grads, const 
         if (want_table)
           for (size_t e = 0; e < size_t(n) * np; e += L) vstore(ds_sum + e, vload(ds_sum + e) + vload(dpt + e));
         // dQ[i] = scale sum_j dS[i][j] K[j]
-        product<T>(n, dp, n, dpt, 1, np, k.ptr, k.ld, acc, dp);
-        write_grad_rows(g.dq, acc, n, d, dp, T(p.scale), pad_acc);
+        if (needs.dq) {
+          product<T>(n, dp, n, dpt, 1, np, k.ptr, k.ld, acc, dp);
+          write_grad_rows(g.dq, acc, n, d, dp, T(p.scale), pad_acc);
+        }
         // dK[j] = scale sum_i dS[i][j] Q[i]
-        product<T>(n, dp, n, dpt, np, 1, q.ptr, q.ld, acc, dp);
-        write_grad_rows(g.dk, acc, n, d, dp, T(p.scale), pad_acc + dp);
+        if (needs.dkv) {
+          product<T>(n, dp, n, dpt, np, 1, q.ptr, q.ld, acc, dp);
+          write_grad_rows(g.dk, acc, n, d, dp, T(p.scale), pad_acc + dp);
+        }
       }
       if (want_table) {
         T* part = table_partials + (chunk * p.heads + h) * rows_of_table;
@@ -726,7 +738,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> window
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& mask, int64_t wh,
     int64_t ww, int64_t grid_h, int64_t grid_w, int64_t shift_h, int64_t shift_w, double scale, double mask_value,
-    double dropout_p, int64_t seed) {
+    double dropout_p, int64_t seed, bool need_dq, bool need_dkv, bool need_table) {
   check_qkv(q, k, v);
   check_small(table, "bias_table", q);
   check_small(mask, "mask", q);
@@ -741,21 +753,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> window
   const Problem p = window_problem(q, table, mask, wh, ww, grid_h, grid_w, shift_h, shift_w, scale, mask_value,
                                    dropout_p, seed);
   const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
+  // Gradients not needed are left unwritten (never touched: their pages are never faulted in).
   at::Tensor dq = at::empty(q.sizes(), opts), dk = at::empty(q.sizes(), opts), dv = at::empty(q.sizes(), opts);
   std::optional<at::Tensor> dtable;
+  const bool want_table = table && need_table;
   SF_CPU_DISPATCH(q.scalar_type(), "window_attention", [&] {
     using T = acc_t<scalar_t>;
     const auto lg = make_logits<T>(p, table, mask);
     const int64_t chunks = (p.batch + windows_per_chunk(p.batch, p.heads) - 1) / windows_per_chunk(p.batch, p.heads);
     at::Tensor partials;
-    if (table) partials = at::empty({chunks, p.heads, p.table_rows()}, lse.options());
+    if (want_table) partials = at::empty({chunks, p.heads, p.table_rows()}, lse.options());
     WindowGrads<scalar_t> grads{reinterpret_cast<scalar_t*>(dq.data_ptr()), reinterpret_cast<scalar_t*>(dk.data_ptr()),
                                 reinterpret_cast<scalar_t*>(dv.data_ptr()),
                                 reinterpret_cast<const scalar_t*>(dout.data_ptr()),
                                 reinterpret_cast<const scalar_t*>(out.data_ptr()), p.n, p.d, p.heads};
     backward<scalar_t>(p, window_tokens<scalar_t>(q, k, v, nullptr), grads, lg, lse.data_ptr<T>(),
-                       table ? partials.data_ptr<T>() : nullptr, nullptr);
-    if (table) {
+                       Needs{need_dq, need_dkv}, want_table ? partials.data_ptr<T>() : nullptr, nullptr);
+    if (want_table) {
       // partials (chunks, h, rows) -> (rows, h)
       at::Tensor sum = at::empty({p.heads, p.table_rows()}, lse.options());
       sum_chunks(partials.data_ptr<T>(), chunks, int64_t(p.heads) * p.table_rows(), sum.data_ptr<T>());
@@ -832,11 +846,11 @@ std::tuple<at::Tensor, at::Tensor> shifted_window_attention_forward(
   return {out, lse};
 }
 
-std::tuple<at::Tensor, std::optional<at::Tensor>, at::Tensor> shifted_window_attention_backward(
+std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> shifted_window_attention_backward(
     const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
     const std::optional<at::Tensor>& table, const at::Tensor& pad_row, int64_t heads, int64_t wh, int64_t ww,
     int64_t shift_h, int64_t shift_w, bool pad_then_roll, double scale, double mask_value, double dropout_p,
-    int64_t seed) {
+    int64_t seed, bool need_table, bool need_dpad) {
   SF_CPU_CHECK_INPUT(qkv, 4);
   for (const at::Tensor* t : {&dout, &qkv, &out, &lse, &pad_row}) TORCH_CHECK(t->is_contiguous(), "inputs must be contiguous");
   SF_CPU_CHECK_SAME_DTYPE(dout, qkv);
@@ -849,16 +863,16 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, at::Tensor> shifted_window_att
   TORCH_CHECK(dout.sizes() == out.sizes() && out.size(3) == heads * d, "dout and out must be (B, H, W, h d)");
   TORCH_CHECK(lse.numel() == p.batch * p.heads * p.n, "lse must have one value per window row");
   at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
-  std::optional<at::Tensor> dtable;
-  at::Tensor dpad;
+  std::optional<at::Tensor> dtable, dpad;
+  const bool want_table = table && need_table;
   SF_CPU_DISPATCH(qkv.scalar_type(), "shifted_window_attention", [&] {
     using T = acc_t<scalar_t>;
     const auto lg = make_logits<T>(p, table, std::nullopt);
     const int64_t per_chunk = windows_per_chunk(p.batch, p.heads);
     const int64_t chunks = (p.batch + per_chunk - 1) / per_chunk;
-    at::Tensor table_partials;
-    if (table) table_partials = at::empty({chunks, p.heads, p.table_rows()}, lse.options());
-    at::Tensor pad_partials = at::empty({chunks, 3 * heads * d}, lse.options());
+    at::Tensor table_partials, pad_partials;
+    if (want_table) table_partials = at::empty({chunks, p.heads, p.table_rows()}, lse.options());
+    if (need_dpad) pad_partials = at::empty({chunks, 3 * heads * d}, lse.options());
     ImageTokens<scalar_t> tokens{reinterpret_cast<const scalar_t*>(qkv.data_ptr()),
                                  reinterpret_cast<const scalar_t*>(pad_row.data_ptr()), nullptr, g, int(wh), int(ww),
                                  int(heads), int(d)};
@@ -868,15 +882,18 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, at::Tensor> shifted_window_att
                                reinterpret_cast<const scalar_t*>(out.data_ptr()),
                                reinterpret_cast<const scalar_t*>(zeros.data_ptr()), g, int(wh), int(ww), int(heads),
                                int(d)};
-    backward<scalar_t>(p, tokens, grads, lg, lse.data_ptr<T>(), table ? table_partials.data_ptr<T>() : nullptr,
-                       pad_partials.data_ptr<T>());
-    if (table) {
+    backward<scalar_t>(p, tokens, grads, lg, lse.data_ptr<T>(), Needs{},
+                       want_table ? table_partials.data_ptr<T>() : nullptr,
+                       need_dpad ? pad_partials.data_ptr<T>() : nullptr);
+    if (want_table) {
       at::Tensor sum = at::empty({p.heads, p.table_rows()}, lse.options());
       sum_chunks(table_partials.data_ptr<T>(), chunks, int64_t(p.heads) * p.table_rows(), sum.data_ptr<T>());
       dtable = sum.t().contiguous();
     }
-    dpad = at::empty({3 * heads * d}, lse.options());
-    sum_chunks(pad_partials.data_ptr<T>(), chunks, 3 * heads * d, dpad.data_ptr<T>());
+    if (need_dpad) {
+      dpad = at::empty({3 * heads * d}, lse.options());
+      sum_chunks(pad_partials.data_ptr<T>(), chunks, 3 * heads * d, dpad->data_ptr<T>());
+    }
   });
   return {dqkv, dtable, dpad};
 }
@@ -889,13 +906,14 @@ SF_CPU_LIBRARY(m) {
         "int seed) -> (Tensor, Tensor)");
   m.def("window_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? table, Tensor? mask, int wh, int ww, int grid_h, int grid_w, int shift_h, int shift_w, "
-        "float scale, float mask_value, float dropout_p, int seed) -> (Tensor, Tensor, Tensor, Tensor?)");
+        "float scale, float mask_value, float dropout_p, int seed, bool need_dq, bool need_dkv, bool need_table) "
+        "-> (Tensor, Tensor, Tensor, Tensor?)");
   m.def("shifted_window_attention_forward(Tensor qkv, Tensor? table, Tensor pad_row, int heads, int wh, int ww, "
         "int shift_h, int shift_w, bool pad_then_roll, float scale, float mask_value, float dropout_p, int seed) "
         "-> (Tensor, Tensor)");
   m.def("shifted_window_attention_backward(Tensor dout, Tensor qkv, Tensor out, Tensor lse, Tensor? table, "
         "Tensor pad_row, int heads, int wh, int ww, int shift_h, int shift_w, bool pad_then_roll, float scale, "
-        "float mask_value, float dropout_p, int seed) -> (Tensor, Tensor?, Tensor)");
+        "float mask_value, float dropout_p, int seed, bool need_table, bool need_dpad) -> (Tensor, Tensor?, Tensor?)");
 }
 
 SF_CPU_LIBRARY_IMPL(m) {

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..nn.atm_attention import ATMAttention
 from ._patches import masks_to_image
+from .semask import reinit_linears
 
 __all__ = ["ATMDecoderLayer", "ATMDecoder", "ATMHead", "ATMLoss", "atm_semantic_inference"]
 
@@ -100,14 +101,7 @@ class ATMHead(nn.Module):
     def init_weights(self) -> None:
         """The official ``init_weights``: every Linear trunc-normal(0.02) with zero bias, LayerNorms
         (1, 0); the self-attention's packed in-projection and the class queries keep torch's init."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        reinit_linears(self, layer_norms=True)
 
     def forward(self, features: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         if len(features) < self.use_stages:

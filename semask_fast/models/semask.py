@@ -129,8 +129,10 @@ def semask_loss(main_logits: torch.Tensor, prior_logits: torch.Tensor, labels: t
     return ce + prior_weight * mmseg_cross_entropy(prior_logits, labels, ignore_index, None, align_corners)
 
 
-def reinit_linears(model: nn.Module, std: float = 0.02) -> int:
-    """trunc_normal(std) weights and zero biases on every Linear, as SeMask's FPN model does; returns the count."""
+def reinit_linears(model: nn.Module, std: float = 0.02, layer_norms: bool = False) -> int:
+    """trunc_normal(std) weights and zero biases on every Linear, as SeMask's FPN model does (and,
+    with ``layer_norms``, unit weight and zero bias on every LayerNorm, the official Swin and ATM
+    ``init_weights``); returns the count of Linears."""
     count = 0
     for m in model.modules():
         if isinstance(m, nn.Linear):
@@ -138,4 +140,7 @@ def reinit_linears(model: nn.Module, std: float = 0.02) -> int:
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
             count += 1
+        elif layer_norms and isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
     return count

@@ -37,7 +37,7 @@ from torch import nn
 from ..nn.window_attention import WindowAttention
 from ._registry import register_model
 from .fpn_head import BranchFPNHead
-from .semask import SemanticLayer, semask_loss
+from .semask import SemanticLayer, reinit_linears, semask_loss
 
 __all__ = ["SeMaskSwinTransformer", "SeMaskFPN", "semantic_window_sizes", "CONFIGS"]
 
@@ -211,14 +211,7 @@ class SeMaskSwinTransformer(nn.Module):
 
     def init_weights(self) -> None:
         """The official ``init_weights``: trunc_normal(0.02) Linears (zero bias), unit LayerNorms."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        reinit_linears(self, layer_norms=True)
 
     def forward(self, images: torch.Tensor) -> Tuple[Tuple[torch.Tensor, ...], List[torch.Tensor]]:
         x = self.patch_embed(images)
