@@ -1,4 +1,4 @@
-"""Command line: ``python -m semask_fast {info,check,bench}``.
+"""Command line: ``python -m semask_fast {info,check,bench,gpu-check}``.
 
 * ``info``: versions, devices, toolchains, and the op x backend table with the
   reason each unavailable backend gives.
@@ -12,6 +12,11 @@
   names the machine, writes ``benchmarks/results/bench_cpu.md`` and ``.png``,
   optionally appends to a CSV.  ``bench --quick``: Swin-T stage 1 window
   attention against eager and SDPA in seconds.
+* ``gpu-check``: the whole GPU validation on one GPU, within a time budget (8 minutes by
+  default): builds the CUDA kernels, parity of every op x backend (cuda, triton) x dtype, the
+  layers under ``torch.compile(fullgraph=True)``, and the benchmark's cases on the GPU; writes
+  ``benchmarks/results/gpu_check.md``.  Fails (exit 2) without a GPU; ``--dry-run`` lists what it
+  would run.  See :mod:`semask_fast._gpu_check`.
 """
 
 from __future__ import annotations
@@ -253,10 +258,37 @@ def cmd_bench(args) -> int:
         plotted = _bench_report.write_plot(png, rows, modes, f"{args.dtype}, {args.scale} shapes\n{machine}")
         _bench_report.write_markdown(md, rows, modes, header, e2e, os.path.basename(png) if plotted else None)
         print(f"wrote {md}" + (f" and {png}" if plotted else " (no plot: matplotlib is not installed)"))
+        readme = args.readme
+        if readme is None:
+            checkout_readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+            readme = checkout_readme if full_run and args.out is None else ""
+        if readme:
+            plot = os.path.relpath(png, os.path.dirname(os.path.abspath(readme))) if plotted else None
+            text = _bench_report.readme_results(rows, modes, header, e2e, plot)
+            if _bench_report.update_readme(readme, text):
+                print(f"wrote the results into {readme}")
+            else:
+                print(f"{readme}: no {_bench_report.README_BEGIN} ... {_bench_report.README_END} markers; not written")
     if args.csv:
         _bench_report.append_csv(args.csv, rows, machine, dtype)
         print(f"appended to {args.csv}")
     return 0
+
+
+def cmd_gpu_check(args) -> int:
+    from semask_fast import _gpu_check
+
+    options = _gpu_check.Options(steps=tuple(args.step or _gpu_check.STEPS),
+                                 bench_dtypes=tuple(_dtype(d) for d in args.bench_dtype),
+                                 compiled_peers=args.compiled_peers, budget_s=args.budget, out=args.out)
+    if args.dry_run:
+        print(_gpu_check.format_plan(_gpu_check.plan(options), options))
+        return 0
+    try:
+        return _gpu_check.run(options, command="python -m semask_fast gpu-check" + "".join(f" {a}" for a in args.argv))
+    except _gpu_check.NoGPUError as e:
+        print(f"gpu-check FAILED: {e}", file=sys.stderr)
+        return 2
 
 
 def main(argv=None) -> int:
@@ -285,9 +317,23 @@ def main(argv=None) -> int:
     bench.add_argument("--out", help="write bench_cpu.md and bench_cpu.png here (default: benchmarks/results "
                                      "for a full paper-scale run, nothing otherwise; '' writes nothing)")
     bench.add_argument("--csv", help="append the rows to this CSV file")
+    bench.add_argument("--readme", help="write the summary, plot and end to end into this README's generated "
+                                        "part (default: the checkout's README.md for a full paper-scale run "
+                                        "written to benchmarks/results, nothing otherwise; '' writes nothing)")
+    gpu = sub.add_parser("gpu-check", help="the whole GPU validation (parity, compile, benchmarks) on one GPU")
+    gpu.add_argument("--dry-run", action="store_true", help="list what would run (no GPU needed)")
+    gpu.add_argument("--step", action="append", choices=["build", "parity", "compile", "bench"],
+                     help="only this step (repeatable; default: all, in order)")
+    gpu.add_argument("--bench-dtype", nargs="+", default=["bfloat16"], choices=["float32", "float16", "bfloat16"])
+    gpu.add_argument("--compiled-peers", action="store_true",
+                     help="also time compiled FlexAttention and torch.compile(eager) (one compilation per case)")
+    gpu.add_argument("--budget", type=float, default=480.0,
+                     help="seconds: items not started by then are reported as not run (a failure)")
+    gpu.add_argument("--out", default=os.path.join("benchmarks", "results"),
+                     help="write gpu_check.md and gpu_check.json here ('' writes nothing)")
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])[1:]
-    return {"info": cmd_info, "check": cmd_check, "bench": cmd_bench}[args.command](args)
+    return {"info": cmd_info, "check": cmd_check, "bench": cmd_bench, "gpu-check": cmd_gpu_check}[args.command](args)
 
 
 if __name__ == "__main__":

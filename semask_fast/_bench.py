@@ -121,13 +121,15 @@ def _randn(gen: torch.Generator, dtype: torch.dtype, *shape: int) -> torch.Tenso
     return torch.randn(*shape, generator=gen).to(dtype)
 
 
-def _window_geometry(window: int, shift: int, grid: Tuple[int, int], dtype: torch.dtype):
-    """The relative-position index (N*N,) and the shift mask (nW, N, N), or None without shift."""
-    index = _cached(("index", window), lambda: ref.relative_position_index((window, window)).view(-1))
+def _window_geometry(window: int, shift: int, grid: Tuple[int, int], dtype: torch.dtype, device: torch.device):
+    """The relative-position index (N*N,) and the shift mask (nW, N, N) on ``device``, or None
+    without shift."""
+    index = _cached(("index", window, str(device)),
+                    lambda: ref.relative_position_index((window, window)).view(-1).to(device))
     mask = None
     if shift:
-        mask = _cached(("mask", window, shift, grid, dtype),
-                       lambda: ref.shift_mask(grid, (window, window), (shift, shift), dtype=dtype))
+        mask = _cached(("mask", window, shift, grid, dtype, str(device)),
+                       lambda: ref.shift_mask(grid, (window, window), (shift, shift), dtype=dtype).to(device))
     return index, mask
 
 
@@ -144,7 +146,7 @@ def sdpa_window(q, k, v, bias_table, *, window: int, shift: int, grid: Tuple[int
     (unless the mask requires grad: then PyTorch falls back to math; the bench says which ran).
     """
     windows, h, n, d = q.shape
-    index, mask = _window_geometry(window, shift, grid, q.dtype)
+    index, mask = _window_geometry(window, shift, grid, q.dtype, q.device)
     nw = grid[0] * grid[1]
     bias = _window_bias(bias_table, index, n).unsqueeze(0)
     attn_mask = (bias + mask.unsqueeze(1) if mask is not None else bias.expand(nw, h, n, n)).reshape(1, nw * h, n, n)
@@ -164,7 +166,7 @@ def flex_window(q, k, v, bias_table, *, window: int, shift: int, grid: Tuple[int
     The bias is gathered outside ``kernel`` (the compiled flex_attention): Inductor's CPU template
     needs the score_mod's buffers to be inputs of the compiled graph."""
     n = q.shape[2]
-    index, mask = _window_geometry(window, shift, grid, q.dtype)
+    index, mask = _window_geometry(window, shift, grid, q.dtype, q.device)
     bias = _window_bias(bias_table, index, n)
     nw = grid[0] * grid[1]
 

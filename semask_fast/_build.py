@@ -5,7 +5,8 @@ Every ``csrc/ops/<name>.cu`` is built on its own, in two flavours (and a third f
 * ``"simt"``: g++ compiles the ``.cu`` as C++ with ``-DSF_SIMT``, so its kernels run on CPU
   tensors in the SIMT harness (``csrc/harness/sf_simt.h``); ops appear as
   ``torch.ops.semask_fast_simt.<op>_forward`` / ``_backward``.
-* ``"cuda"``: nvcc for sm_80 and sm_90; ops appear as ``torch.ops.semask_fast_cuda.*``.
+* ``"cuda"``: nvcc, machine code for sm_80 and sm_90 and PTX for compute_90 (which the driver
+  compiles for newer GPUs); ops appear as ``torch.ops.semask_fast_cuda.*``.
 * ``"trace"``: the simt build with every load and store instrumented
   (``csrc/harness/sf_trace.h``), which counts the kernels' global-memory traffic; ops appear as
   ``torch.ops.semask_fast_trace_<name>.*`` beside ``trace_begin`` / ``trace_end``.  Used by
@@ -40,7 +41,7 @@ import re
 import shutil
 import threading
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 FLAVOURS = ("simt", "cuda", "trace", "cpu")
 
@@ -54,8 +55,12 @@ def namespace(flavour: str, source: Path) -> str:
         return "semask_fast_trace_" + re.sub(r"\W", "_", source.stem)
     return NAMESPACES[flavour]
 
-#: GPU architectures of the cuda flavour.
+#: GPU architectures of the cuda flavour: machine code (SASS) for each.
 CUDA_ARCHS = ("80", "90")
+#: PTX is embedded for the newest one: the driver compiles it for GPUs newer than every SASS target
+#: (sm_100, sm_120...), which would otherwise fail at launch with "no kernel image".  None: no PTX,
+#: and such GPUs are declared unsupported (see :func:`cuda_arch_reasons`).
+CUDA_PTX_ARCH: Optional[str] = CUDA_ARCHS[-1]
 
 # torch compiles every nvcc source with these (cpp_extension.COMMON_NVCC_FLAGS); the harness build
 # uses them too, so a kernel that compiles under the harness compiles under nvcc.
@@ -79,7 +84,29 @@ CPU_CFLAGS = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=fast", "-fno-math-
               "-fno-tree-loop-distribute-patterns", "-Wno-unused-function"]
 CPU_ISAS = ("native", "portable")
 CUDA_CFLAGS = (["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
-               + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS])
+               + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
+               + ([f"-gencode=arch=compute_{CUDA_PTX_ARCH},code=compute_{CUDA_PTX_ARCH}"] if CUDA_PTX_ARCH else []))
+
+
+def _arch(name: str) -> Tuple[int, int]:
+    return int(name[:-1]), int(name[-1])
+
+
+def cuda_arch_reasons(capability: Tuple[int, int]) -> List[str]:
+    """Why the cuda flavour's kernels cannot run on a GPU of this compute capability ([] = they can).
+
+    SASS built for sm_XY runs on sm_XZ with Z >= Y (same major version); the embedded PTX of
+    :data:`CUDA_PTX_ARCH` is compiled by the driver for any newer GPU.
+    """
+    sass = [_arch(a) for a in CUDA_ARCHS]
+    if any(capability[0] == major and capability[1] >= minor for major, minor in sass):
+        return []
+    if CUDA_PTX_ARCH and capability >= _arch(CUDA_PTX_ARCH):
+        return []
+    built = ", ".join(f"sm_{a}" for a in CUDA_ARCHS)
+    ptx = f" and PTX for compute_{CUDA_PTX_ARCH}" if CUDA_PTX_ARCH else ", no PTX"
+    return [f"compute capability {capability[0]}.{capability[1]}: the kernels are built as machine code for "
+            f"{built}{ptx}, none of which this GPU runs"]
 
 
 class BuildError(RuntimeError):

@@ -68,6 +68,17 @@ def draw_seed(device: torch.device, bound: int) -> int:
     return _splitmix64(gen.initial_seed() ^ _splitmix64(offset)) % bound
 
 
+def on_device(device: torch.device):
+    """Makes ``device`` current while an implementation runs on its tensors: kernels launch on the
+    current CUDA device and stream (Triton's launcher, a raw launch), not necessarily the inputs'."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def device_capability(device: torch.device) -> Tuple[int, int]:
+    """Compute capability of a CUDA ``device`` (of the current device when it has no index)."""
+    return torch.cuda.get_device_capability(device)
+
+
 def _splitmix64(x: int) -> int:
     x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
@@ -107,6 +118,11 @@ class OpImpl:
     def input_reasons(self, inp: Any) -> List[str]:
         return []
 
+    def device_reasons(self, device: torch.device) -> List[str]:
+        """Reasons this implementation cannot run on ``device`` (the inputs' device, of a supported
+        type), e.g. its compute capability: checked on that device, not the current one."""
+        return []
+
     def preferred_device(self) -> torch.device:
         """Where to put inputs for this implementation on this machine (CUDA when it can)."""
         devices = self.supported_devices()
@@ -120,6 +136,8 @@ class OpImpl:
         devices = self.supported_devices()
         if inp.device.type not in devices:
             reasons.append(f"device={inp.device.type} (supported: {', '.join(sorted(devices)) or 'none'})")
+        else:
+            reasons.extend(self.device_reasons(inp.device))
         if inp.dtype not in self.dtypes:
             names = ", ".join(sorted(_dtype_name(d) for d in self.dtypes))
             reasons.append(f"dtype={_dtype_name(inp.dtype)} (supported: {names})")

@@ -61,7 +61,9 @@ class SemanticAttention(nn.Module):
         qkv = F.linear(x, torch.cat([m.weight for m in lins]), torch.cat([m.bias for m in lins]))
         sq, sk, yv = qkv.split([self.nc, self.nc, self.dim], dim=-1)
         a = semantic_attention(sq, sk, yv, backend=self.backend)
-        if self.training and self.proj_drop.p > 0:
+        if (self.training and self.proj_drop.p > 0) or torch.is_autocast_enabled(x.device.type):
+            # Under autocast the official layer adds the residual in fp32 (gamma is fp32): the fused
+            # addmm below would run, and return, in the autocast dtype.
             return sq, self.gamma * self.proj_drop(self.mlp_res(a)) + x
         c = self.dim
         out = torch.addmm(x.reshape(-1, c), a.reshape(-1, c), (self.gamma * self.mlp_res.weight).t())

@@ -11,7 +11,7 @@ from .shifted_window_attention import shifted_window_attention
 from .semantic_attention import semantic_attention
 from .atm_attention import atm_attention
 from .mask_similarity import mask_similarity
-from ._library import SPECS, OpSpec
+from ._library import SPECS, OpSpec, decompositions, lowered_to_reference
 
-__all__ = ["SPECS", "OpSpec", "atm_attention", "mask_similarity", "semantic_attention", "shifted_window_attention",
+__all__ = ["SPECS", "OpSpec", "decompositions", "lowered_to_reference", "atm_attention", "mask_similarity", "semantic_attention", "shifted_window_attention",
            "window_attention", "window_merge", "window_partition"]

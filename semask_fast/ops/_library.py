@@ -23,22 +23,59 @@ travels to backward as a tensor.  Autograd is registered once for every op: the 
 outputs and residuals go through ``save_for_backward`` (so an in-place change after forward raises
 PyTorch's version-counter error, and saved-tensor hooks and non-reentrant checkpointing see them);
 the backward op is once differentiable (double backward raises).
+
+Under ``torch.autocast`` (CPU and CUDA) the forward op
+runs as its reference math does there (:class:`Autocast`): the operands of its matrix products
+are cast to the autocast dtype, bias tables and masks stay float32 (the kernels accumulate and
+take the softmax in float32 whatever the input dtype), and an output that autocast's float32
+reductions (``sum``, ``layer_norm`` on CUDA) leave in float32 is returned in float32.
+
+``torch.export.export`` keeps each op as one node; :meth:`OpSpec.decompose` lowers it to its
+reference math: :func:`decompositions` for ``ExportedProgram.run_decompositions``, and
+:func:`lowered_to_reference` around ``torch.onnx.export(..., dynamo=True)``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
+import torch._decomp
 
 from ..backends import registry
-from ..backends.base import OpImpl, draw_seed, note_ran
+from ..backends.base import OpImpl, draw_seed, note_ran, on_device
 from ._common import OpInputs
 
 NAMESPACE = "semask_fast"
 
 #: Every op's description, in definition order (the order tables print them); filled by OpSpec.
 SPECS: Dict[str, "OpSpec"] = {}
+
+#: Device types whose autocast dispatch key every op with an :class:`Autocast` rule registers.
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
+
+_LIBRARY = torch.library.Library(NAMESPACE, "IMPL")
+
+
+@dataclasses.dataclass(frozen=True)
+class Autocast:
+    """How an op runs under ``torch.autocast``: as its reference math does under the same autocast.
+
+    Args:
+        lowered: tensor fields cast to the autocast dtype (autocast casts a matrix product's
+            operands; float64 tensors are left alone, as autocast leaves them).
+        fp32: tensor fields cast to float32 (parameters the reference adds to or applies after
+            the products in float32: bias tables, masks, LayerNorm weights).
+        fp32_outputs: ``(inp, device_type) -> names`` of the outputs that autocast leaves in
+            float32 on that device type (on CUDA autocast runs ``sum``, ``norm`` and
+            ``layer_norm`` in float32; on CPU it does not).
+    """
+
+    lowered: Tuple[str, ...]
+    fp32: Tuple[str, ...] = ()
+    fp32_outputs: Callable[[Any, str], Tuple[str, ...]] = lambda inp, device_type: ()
 
 
 class OpSpec:
@@ -53,12 +90,15 @@ class OpSpec:
         reference: ``(inp, dropout_keep) -> tuple`` of outputs, the official math
             (:mod:`semask_fast.reference`); ``dropout_keep`` is a boolean keep-mask or None.
         dropout_shape: ``inp -> shape`` of the op's dropout mask, for ops with ``dropout_p``.
+        autocast: the op's rule under ``torch.autocast``; None for pure data movement, which
+            autocast leaves in its input dtype.
     """
 
     def __init__(self, name: str, inputs: Type[OpInputs], outputs: Tuple[str, ...],
                  outputs_like: Callable[[Any], Tuple[torch.Tensor, ...]],
                  reference: Callable[[Any, Optional[torch.Tensor]], Tuple[torch.Tensor, ...]],
-                 dropout_shape: Optional[Callable[[Any], Tuple[int, ...]]] = None):
+                 dropout_shape: Optional[Callable[[Any], Tuple[int, ...]]] = None,
+                 autocast: Optional[Autocast] = None):
         if name in SPECS:
             raise ValueError(f"op {name!r} is described twice")
         self.name = name
@@ -67,6 +107,7 @@ class OpSpec:
         self.outputs_like = outputs_like
         self.reference = reference
         self.dropout_shape = dropout_shape
+        self.autocast = autocast
         self.arg_names = tuple(n.split()[-1] for n in inputs.schema_arguments())
         self._tensor_positions = tuple(self.arg_names.index(n) for n in inputs.tensor_fields())
         self._grad_positions = tuple(self.arg_names.index(n) for n in inputs.grad_fields)
@@ -103,7 +144,51 @@ class OpSpec:
         backward.register_fake(self._backward_fake)
         forward.register_autograd(self._autograd_backward, setup_context=self._setup_context)
         backward.register_autograd(self._double_backward, setup_context=_no_context)
+        if self.autocast is not None:
+            for device_type in AUTOCAST_DEVICE_TYPES:
+                self._register_autocast(device_type)
         return forward, backward
+
+    def decompose(self, *args: Any) -> List[torch.Tensor]:
+        """The forward op as its reference math in aten ops (what :func:`decompositions` maps it to).
+
+        The residuals (which only the op's own backward reads) are zeros of the selected
+        implementation's residual shapes, as the traced graph has them; an inference graph drops them.
+        """
+        inp, backend = self.inputs.from_args(args[:-1]), args[-1]
+        keep = None
+        if self.has_dropout and inp.dropout_p > 0:
+            keep = torch.rand(self.dropout_shape(inp), device=inp.device) >= inp.dropout_p
+        outputs = [o.contiguous() for o in self.reference(inp, keep)]
+        residuals = [torch.zeros_like(r) for r in self._select(inp, backend).residuals_like(inp)]
+        seed = [torch.zeros((), dtype=torch.int64, device=inp.device)] if self.has_dropout else []
+        return [*outputs, *residuals, *seed]
+
+    def _register_autocast(self, device_type: str) -> None:
+        rule = self.autocast
+        unknown = set(rule.lowered + rule.fp32) - set(self.inputs.tensor_fields())
+        if unknown:
+            raise ValueError(f"op {self.name!r}: autocast names {sorted(unknown)}, which are not tensor fields")
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+        targets = {**{n: None for n in rule.lowered}, **{n: torch.float32 for n in rule.fp32}}
+        positions = [(self.arg_names.index(n), dtype) for n, dtype in targets.items()]
+
+        def run_under_autocast(keyset, *args):
+            dtype = torch.get_autocast_dtype(device_type)
+            args = list(args)
+            for i, target in positions:
+                t = args[i]
+                if (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                        and t.device.type == device_type):
+                    args[i] = t.to(target or dtype)
+            with torch._C._ExcludeDispatchKeyGuard(excluded):
+                results = self.forward_op._opoverload(*args)
+            wide = rule.fp32_outputs(self.inputs.from_args(args[:-1]), device_type)
+            return [r.float() if i < len(self.outputs) and self.outputs[i] in wide and r.dtype != torch.float64
+                    else r for i, r in enumerate(results)]
+
+        _LIBRARY.impl(self.name, run_under_autocast, key, with_keyset=True)
 
     def _select(self, inp: OpInputs, backend: str) -> OpImpl:
         if inp.is_empty:
@@ -119,7 +204,8 @@ class OpSpec:
         impl = self._select(inp, backend)
         seed = draw_seed(inp.device, impl.seed_bound) if self.has_dropout and inp.dropout_p > 0 else 0
         note_ran(self.name, impl.backend, "forward")
-        outputs, residuals = impl.forward(inp, seed)
+        with on_device(inp.device):
+            outputs, residuals = impl.forward(inp, seed)
         results = _owned([o.contiguous() for o in outputs] + list(residuals),
                          [t for t in inp.args() if isinstance(t, torch.Tensor)])
         if self.has_dropout:
@@ -145,7 +231,8 @@ class OpSpec:
         note_ran(self.name, impl.backend, "backward")
         grads = [torch.zeros_like(o) if g is None else g for g, o in zip(grads, outputs)]
         seed = int(residuals.pop()) if self.has_dropout else 0
-        result = impl.backward(inp, outputs, residuals, grads, needs, seed)
+        with on_device(inp.device):
+            result = impl.backward(inp, outputs, residuals, grads, needs, seed)
         if len(result) != len(needs):
             raise RuntimeError(f"{impl!r}.backward returned {len(result)} gradients, expected {len(needs)}")
         wanted = []
@@ -190,6 +277,34 @@ class OpSpec:
                            "with create_graph=True) is not supported")
 
 
+def decompositions() -> Dict[Any, Callable[..., List[torch.Tensor]]]:
+    """``{forward op: its reference math}`` for every op: ``exported_program.run_decompositions(
+    decompositions())`` lowers an exported model to plain aten ops."""
+    return {spec.forward_op._opoverload: spec.decompose for spec in SPECS.values()}
+
+
+@contextlib.contextmanager
+def lowered_to_reference():
+    """Within it, every op decomposes to its reference math wherever torch applies ``torch._decomp``'s
+    decomposition table, as ``torch.onnx.export(..., dynamo=True)`` does::
+
+        with lowered_to_reference():
+            torch.onnx.export(model, args, dynamo=True)
+
+    Not registered for good: fake tensors with symbolic sizes prefer a table entry to the op's fake
+    implementation, so ``torch.compile(dynamic=True)`` would trace the reference math (and guard
+    on sizes) instead of keeping the op.
+    """
+    table = torch._decomp.decomposition_table
+    added = {op: fn for op, fn in decompositions().items() if op not in table}
+    table.update(added)
+    try:
+        yield
+    finally:
+        for op in added:
+            table.pop(op, None)
+
+
 def _no_context(ctx, inputs, output) -> None:
     pass
 
@@ -209,4 +324,4 @@ def _owned(results: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> L
     return owned
 
 
-__all__ = ["NAMESPACE", "OpSpec", "SPECS"]
+__all__ = ["AUTOCAST_DEVICE_TYPES", "Autocast", "NAMESPACE", "OpSpec", "SPECS", "decompositions", "lowered_to_reference"]

@@ -9,7 +9,7 @@ import torch
 
 from .. import reference as ref
 from ._common import OpInputs, check_like, check_probability, check_scale, check_tensor
-from ._library import OpSpec
+from ._library import Autocast, OpSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +62,9 @@ def _outputs_like(inp: ATMAttentionInputs):
 SPEC = OpSpec("atm_attention", ATMAttentionInputs, outputs=("out", "mask_logits"), outputs_like=_outputs_like,
               reference=lambda inp, keep: ref.atm_attention(inp.q, inp.k, inp.v, scale=inp.scale,
                                                             dropout_p=inp.dropout_p, dropout_keep=keep),
-              dropout_shape=lambda inp: (*inp.q.shape[:3], inp.k.shape[2]))
+              dropout_shape=lambda inp: (*inp.q.shape[:3], inp.k.shape[2]),
+              # The head-mean is a sum, which CUDA autocast runs in float32.
+              autocast=Autocast(lowered=("q", "k", "v"),
+                                fp32_outputs=lambda inp, device_type: ("mask_logits",) if device_type == "cuda" else ()))
 
 __all__ = ["atm_attention", "ATMAttentionInputs", "SPEC"]

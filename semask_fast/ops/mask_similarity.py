@@ -9,7 +9,7 @@ import torch
 
 from .. import reference as ref
 from ._common import OpInputs, check_like, check_tensor
-from ._library import OpSpec
+from ._library import Autocast, OpSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +67,10 @@ def _outputs_like(inp: MaskSimilarityInputs):
 SPEC = OpSpec("mask_similarity", MaskSimilarityInputs, outputs=("masks",), outputs_like=_outputs_like,
               reference=lambda inp, keep: (ref.mask_similarity(inp.patches, inp.classes, norm_weight=inp.norm_weight,
                                                                norm_bias=inp.norm_bias, norm=inp.norm,
-                                                               norm_eps=inp.norm_eps),))
+                                                               norm_eps=inp.norm_eps),),
+              # CUDA autocast runs the mask_norm LayerNorm in float32.
+              autocast=Autocast(lowered=("patches", "classes"), fp32=("norm_weight", "norm_bias"),
+                                fp32_outputs=lambda inp, device_type: ("masks",) if inp.norm and device_type == "cuda"
+                                else ()))
 
 __all__ = ["mask_similarity", "MaskSimilarityInputs", "SPEC"]

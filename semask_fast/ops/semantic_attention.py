@@ -8,7 +8,7 @@ import torch
 
 from .. import reference as ref
 from ._common import OpInputs, check_like, check_tensor
-from ._library import OpSpec
+from ._library import Autocast, OpSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,7 @@ def semantic_attention(sq: torch.Tensor, sk: torch.Tensor, yv: torch.Tensor, *, 
 
 SPEC = OpSpec("semantic_attention", SemanticAttentionInputs, outputs=("out",),
               outputs_like=lambda inp: (inp.yv.new_empty(inp.yv.shape),),
-              reference=lambda inp, keep: (ref.semantic_attention(inp.sq, inp.sk, inp.yv),))
+              reference=lambda inp, keep: (ref.semantic_attention(inp.sq, inp.sk, inp.yv),),
+              autocast=Autocast(lowered=("sq", "sk", "yv")))
 
 __all__ = ["semantic_attention", "SemanticAttentionInputs", "SPEC"]

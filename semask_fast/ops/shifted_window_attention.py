@@ -10,7 +10,7 @@ import torch
 from .. import reference as ref
 from ._common import (OpInputs, Pair, check_bias_table, check_like, check_probability, check_scale, check_tensor,
                       check_window_geometry)
-from ._library import OpSpec
+from ._library import Autocast, OpSpec
 from .window_process import padded_grid
 
 
@@ -100,6 +100,8 @@ def _dropout_shape(inp: ShiftedWindowAttentionInputs):
 
 
 SPEC = OpSpec("shifted_window_attention", ShiftedWindowAttentionInputs, outputs=("out",),
-              outputs_like=_outputs_like, reference=_reference, dropout_shape=_dropout_shape)
+              outputs_like=_outputs_like, reference=_reference, dropout_shape=_dropout_shape,
+              # Padded tokens carry qkv_bias in qkv's dtype, as the reference pads with it.
+              autocast=Autocast(lowered=("qkv", "qkv_bias"), fp32=("bias_table",)))
 
 __all__ = ["shifted_window_attention", "ShiftedWindowAttentionInputs", "SPEC"]

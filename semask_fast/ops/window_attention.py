@@ -10,7 +10,7 @@ import torch
 from .. import reference as ref
 from ._common import (OpInputs, Pair, SymPair, check_bias_table, check_like, check_probability, check_scale,
                       check_tensor, check_window_geometry, to_pair)
-from ._library import OpSpec
+from ._library import Autocast, OpSpec
 
 _QKV = "(B*nW, heads, N, head_dim)"
 
@@ -113,6 +113,7 @@ def _reference(inp: WindowAttentionInputs, dropout_keep):
 
 SPEC = OpSpec("window_attention", WindowAttentionInputs, outputs=("out",),
               outputs_like=lambda inp: (inp.q.new_empty(inp.q.shape),), reference=_reference,
-              dropout_shape=lambda inp: (*inp.q.shape[:3], inp.q.shape[2]))
+              dropout_shape=lambda inp: (*inp.q.shape[:3], inp.q.shape[2]),
+              autocast=Autocast(lowered=("q", "k", "v"), fp32=("bias_table", "mask")))
 
 __all__ = ["window_attention", "WindowAttentionInputs", "SPEC"]

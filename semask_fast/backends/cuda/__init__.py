@@ -1,6 +1,7 @@
 """The CUDA C++ kernels of ``csrc/ops``, as two backends.
 
-* ``cuda`` (:class:`CudaImpl`): the nvcc build (sm_80, sm_90) on CUDA tensors.
+* ``cuda`` (:class:`CudaImpl`): the nvcc build (sm_80, sm_90, PTX for newer GPUs) on CUDA tensors,
+  each input's device checked (capability, shared memory) and made current for the launch.
 * ``simt`` (:class:`SimtImpl`): the same kernel sources compiled by g++ into the CPU SIMT
   harness, on CPU tensors.  A correctness tool (every kernel runs in CI without a GPU), slower
   than the reference, so it is never picked automatically: ask for ``backend="simt"``.  (The fast
@@ -22,7 +23,7 @@ from typing import ClassVar, FrozenSet, List
 import torch
 
 from ... import _build
-from ..base import OpImpl
+from ..base import OpImpl, device_capability
 
 #: Oldest GPU the kernels are built for (sm_80: mma.sync with bf16, cp.async).
 MIN_COMPUTE_CAPABILITY = (8, 0)
@@ -33,16 +34,24 @@ def _toolchain_reasons(flavour: str) -> tuple:
     return tuple(_build.toolchain_reasons(flavour))
 
 
+def device_reasons(device: torch.device) -> List[str]:
+    """Why the nvcc-built kernels cannot launch on the CUDA ``device`` ([] = they can): too old, or
+    an architecture the build carries neither machine code nor PTX for (see
+    :func:`semask_fast._build.cuda_arch_reasons`), which would fail with "no kernel image"."""
+    capability = device_capability(device)
+    if capability < MIN_COMPUTE_CAPABILITY:
+        return [f"{device}: compute capability {capability[0]}.{capability[1]} (needs >= 8.0)"]
+    return [f"{device}: {r}" for r in _build.cuda_arch_reasons(capability)]
+
+
 def cuda_device_reasons() -> List[str]:
-    """Why the nvcc-built kernels cannot launch on this machine ([] = they can)."""
+    """Why the nvcc-built kernels cannot launch on this machine (no device they can run on)."""
     if torch.version.cuda is None:
         return ["torch was built without CUDA"]
     if not torch.cuda.is_available():
         return ["no CUDA device"]
-    major, minor = torch.cuda.get_device_capability()
-    if (major, minor) < MIN_COMPUTE_CAPABILITY:
-        return [f"compute capability {major}.{minor} (needs >= 8.0)"]
-    return []
+    per_device = [device_reasons(torch.device("cuda", i)) for i in range(torch.cuda.device_count())]
+    return [] if not all(per_device) else [r for rs in per_device for r in rs]
 
 
 class _CompiledImpl(OpImpl):
@@ -85,6 +94,9 @@ class CudaImpl(_CompiledImpl):
     def supported_devices(self) -> FrozenSet[str]:
         return frozenset({"cuda"})
 
+    def device_reasons(self, device: torch.device) -> List[str]:
+        return device_reasons(device)
+
 
 class SimtImpl(_CompiledImpl):
     backend = "simt"
@@ -98,4 +110,4 @@ class SimtImpl(_CompiledImpl):
         return frozenset({"cpu"})
 
 
-__all__ = ["CudaImpl", "SimtImpl", "cuda_device_reasons", "MIN_COMPUTE_CAPABILITY"]
+__all__ = ["CudaImpl", "SimtImpl", "cuda_device_reasons", "device_reasons", "MIN_COMPUTE_CAPABILITY"]

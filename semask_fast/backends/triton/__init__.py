@@ -4,7 +4,8 @@ Each op's implementation lives in a module of this package (registered through
 ``registry.implementation_modules()``) and launches kernels from
 ``semask_fast.kernels``.  On a machine without a CUDA device the backend runs
 on CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1`` was set
-before the kernels were imported.
+before the kernels were imported.  Kernels launch on the inputs' device (the op makes it
+current, :func:`~semask_fast.backends.base.on_device`), whose compute capability is checked.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import FrozenSet, List
 
 import torch
 
-from ..base import OpImpl
+from ..base import OpImpl, device_capability
 
 INTERPRET_HINT = "set TRITON_INTERPRET=1 before importing semask_fast to run Triton's interpreter on CPU tensors"
 
@@ -37,17 +38,27 @@ def _static_reasons() -> tuple:
     return ()
 
 
+#: Oldest GPU the kernels are written for (bf16 tensor-core dots).
+MIN_COMPUTE_CAPABILITY = (8, 0)
+
+
+def device_reasons(device: torch.device) -> List[str]:
+    """Why the Triton kernels cannot run on the CUDA ``device`` ([] = they can)."""
+    major, minor = device_capability(device)
+    if (major, minor) < MIN_COMPUTE_CAPABILITY:
+        return [f"{device}: compute capability {major}.{minor} (needs >= 8.0)"]
+    return []
+
+
 def triton_reasons() -> List[str]:
-    """Reasons the triton backend cannot run at all on this machine."""
+    """Reasons the triton backend cannot run at all on this machine (no device it can run on)."""
     reasons = list(_static_reasons())
     if reasons or interpreting():
         return reasons
     if not torch.cuda.is_available():
         return [f"no CUDA device ({INTERPRET_HINT})"]
-    major, minor = torch.cuda.get_device_capability()
-    if major < 8:
-        return [f"compute capability {major}.{minor} (needs >= 8.0)"]
-    return []
+    per_device = [device_reasons(torch.device("cuda", i)) for i in range(torch.cuda.device_count())]
+    return [] if not all(per_device) else [r for rs in per_device for r in rs]
 
 
 class TritonImpl(OpImpl):
@@ -59,6 +70,9 @@ class TritonImpl(OpImpl):
 
     def supported_devices(self) -> FrozenSet[str]:
         return frozenset({"cpu"}) if interpreting() else frozenset({"cuda"})
+
+    def device_reasons(self, device: torch.device) -> List[str]:
+        return device_reasons(device) if device.type == "cuda" else []
 
     def auto_selectable(self, inp) -> bool:
         # The interpreter is a correctness tool, far slower than the reference: ask for it by name.

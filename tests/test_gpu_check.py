@@ -1,0 +1,112 @@
+"""``python -m semask_fast gpu-check``: what it runs (its dry run covers every op x backend x dtype, the
+compiled layers and every benchmark case), that it fails loudly without a GPU, and its CPU-side
+logic (orchestration, report, the peers' constants placed on the benchmark's device)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from semask_fast import __main__ as cli
+from semask_fast import _bench, _gpu_check
+from semask_fast.ops import SPECS
+from semask_fast.testing import small_cases
+
+
+def test_dry_run_lists_every_op_backend_and_dtype(capsys):
+    assert cli.main(["gpu-check", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    for case in small_cases():
+        for backend in ("cuda", "triton"):
+            for dtype in ("float32", "float16", "bfloat16"):
+                assert f"{case.op} [{case.name}] {backend} {dtype}" in text
+    assert {case.op for case in small_cases()} == set(SPECS)
+    for name in _gpu_check.COMPILE_MODELS:
+        assert f"{name}: torch.compile(fullgraph=True)" in text
+    for case in _bench.bench_cases("paper"):
+        for mode in ("fwd", "fwd+bwd"):
+            assert f"{case.key} bfloat16 {mode}: eager, SDPA, cuda, triton" in text
+    assert "-gencode=arch=compute_90,code=compute_90" in text
+
+
+def test_dry_run_follows_the_options(capsys):
+    assert cli.main(["gpu-check", "--dry-run", "--step", "bench", "--bench-dtype", "float16", "float32",
+                     "--compiled-peers"]) == 0
+    text = capsys.readouterr().out
+    assert "parity:" not in text and "build:" not in text and "bench:" in text
+    assert "float16 fwd: eager, SDPA, FlexAttention (compiled), torch.compile(eager), cuda, triton" in text
+    assert "float32 fwd+bwd" in text
+
+
+def test_fails_loudly_without_a_gpu(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["gpu-check", "--out", ""]) == 2
+    err = capsys.readouterr().err
+    assert "gpu-check FAILED" in err and "needs a CUDA GPU and found none" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's exit status")
+def test_the_command_exits_2_on_a_machine_without_gpu(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "semask_fast", "gpu-check", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "found none" in done.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_run_writes_the_report_and_fails_on_any_failure(monkeypatch, tmp_path):
+    monkeypatch.setattr(_gpu_check, "require_gpu", lambda: torch.device("cpu"))
+    monkeypatch.setattr(_gpu_check, "machine_lines", lambda device: ["Machine: test."])
+    calls = []
+
+    def fake(name, failures):
+        def step(options, deadline, *device):
+            calls.append(name)
+            return _gpu_check.StepResult(name, header=("what", "status"), rows=[[name, "FAIL" if failures else "ok"]],
+                                         failures=failures)
+        return step
+
+    monkeypatch.setattr(_gpu_check, "step_build", fake("build", 0))
+    monkeypatch.setattr(_gpu_check, "step_parity", fake("parity", 0))
+    monkeypatch.setattr(_gpu_check, "step_compile", fake("compile", 1))
+    monkeypatch.setattr(_gpu_check, "step_bench", fake("bench", 0))
+    status = _gpu_check.run(_gpu_check.Options(out=str(tmp_path)), echo=lambda line: None)
+    assert status == 1 and calls == list(_gpu_check.STEPS)
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert "**FAILED: 1 failure(s)**" in text and "## compile" in text and "| compile | FAIL |" in text
+    assert (tmp_path / "gpu_check.json").is_file()
+
+    monkeypatch.setattr(_gpu_check, "step_compile", fake("compile", 0))
+    assert _gpu_check.run(_gpu_check.Options(out=str(tmp_path), steps=("compile",)), echo=lambda line: None) == 0
+    assert "**PASSED**" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_peers_build_their_constants_on_the_benchmarks_device():
+    index, mask = _bench._window_geometry(7, 3, (2, 2), torch.float32, torch.device("cpu"))
+    assert index.device.type == mask.device.type == "cpu"
+    index, mask = _bench._window_geometry(7, 3, (2, 2), torch.float32, torch.device("meta"))
+    assert index.device.type == mask.device.type == "meta"
+    index, mask = _bench._window_geometry(7, 3, (2, 2), torch.float32, torch.device("cpu"))
+    assert mask.device.type == "cpu"
+
+
+def test_a_bench_step_computes_every_gradient_each_time():
+    inputs = {"a": torch.randn(3, 4), "b": torch.randn(4, 5)}
+    seen = []
+    step = _gpu_check._bench_step(lambda a, b: seen.append((a, b)) or a @ b, inputs, "fwd+bwd", None)
+    step()
+    first = [t.grad.clone() for t in seen[0]]
+    step()
+    assert all(torch.equal(t.grad, g) for t, g in zip(seen[1], first))  # reset between steps, not accumulated
+    assert _gpu_check._bench_step(lambda a, b: seen.append((a, b)) or a @ b, inputs, "fwd", None)() is None
+    assert not any(t.requires_grad for t in seen[-1])
+
+
+@pytest.mark.parametrize("name", [n for n in _gpu_check.COMPILE_MODELS if not n.startswith("swin")])
+def test_compile_models_are_built_on_the_given_device(name):
+    model, args = _gpu_check.compile_models(torch.device("cpu"))[name]()
+    assert model.training
+    assert all(a.device.type == "cpu" for a in args if isinstance(a, torch.Tensor))
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    with torch.no_grad():
+        model(*args)
