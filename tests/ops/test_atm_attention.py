@@ -48,6 +48,16 @@ def test_parity(kernel_backend, shape, dtype):
                   backend=kernel_backend, op=OP)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_peaked_logits(kernel_backend, dtype):
+    """Logits above 100 (exp overflows fp32 past 88.7): a softmax without the row maximum fails."""
+    device = require_backend(OP, kernel_backend)
+    t = _inputs(2, 2, 19, 100, 32, device)
+    t["q"], t["k"] = t["q"] * 6, t["k"] * 6
+    assert ((t["q"] * 32 ** -0.5) @ t["k"].transpose(-2, -1)).max() > 100
+    assert_parity(semask_fast.atm_attention, t, ["q", "k", "v"], dtype, backend=kernel_backend, op=OP)
+
+
 def test_parity_custom_scale(kernel_backend):
     device = require_backend(OP, kernel_backend)
     fn = lambda backend, **t: semask_fast.atm_attention(**t, scale=0.3, backend=backend)  # noqa: E731

@@ -51,11 +51,15 @@ def test_parity(kernel_backend, shape, dtype):
                   backend=kernel_backend, op=OP)
 
 
-def test_peaked_softmax(kernel_backend):
-    """Large unscaled logits (|S| ~ 100): the online softmax must not overflow."""
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape", [(2, 49, 150, 32), (1, 300, 150, 32)], ids=["window", "several-key-blocks"])
+def test_peaked_softmax(kernel_backend, shape, dtype):
+    """Large unscaled logits (max > 100; exp overflows fp32 past 88.7): a softmax that forgets the
+    row maximum fails, with one key block and with the online loop over several, in every dtype."""
     device = require_backend(OP, kernel_backend)
-    assert_parity(semask_fast.semantic_attention, _inputs(2, 49, 150, 32, device, logit_scale=1.0),
-                  ["sq", "sk", "yv"], torch.float32, backend=kernel_backend, op=OP)
+    t = _inputs(*shape, device, logit_scale=1.7)
+    assert (t["sq"] @ t["sk"].transpose(-2, -1)).max() > 100
+    assert_parity(semask_fast.semantic_attention, t, ["sq", "sk", "yv"], dtype, backend=kernel_backend, op=OP)
 
 
 def test_triton_windows_per_program():

@@ -83,6 +83,29 @@ def test_no_bias_table_custom_scale_mask_value(kernel_backend):
                   backend=kernel_backend, op=OP)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_mild_shift_mask_value(kernel_backend, dtype):
+    """A mask value that does not saturate the softmax (-1.5): a kernel that ignores mask_value
+    (and applies -100) is caught; -100 and -1e4 both zero the masked probabilities."""
+    device = require_backend(OP, kernel_backend)
+    assert_parity(_fn((7, 7), (3, 3), (2, 2), mask_value=-1.5), _inputs(4, 1, (7, 7), 32, None, device), GRADS,
+                  dtype, backend=kernel_backend, op=OP)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("ws,shift,grid", [((7, 7), (3, 3), (1, 2)), ((12, 12), (6, 6), (1, 1))],
+                         ids=["n49-one-tile", "n144-key-loop"])
+def test_peaked_logits(kernel_backend, ws, shift, grid, dtype):
+    """Logits near 120 (exp overflows fp32 past 88.7): a softmax that forgets to subtract the row
+    maximum fails, in the one-tile path and in the online key loop, in every dtype."""
+    device = require_backend(OP, kernel_backend)
+    t = _inputs(grid[0] * grid[1], 1, ws, 32, None, device)
+    t["q"], t["k"] = t["q"] * 5.5, t["k"] * 5.5
+    logits = (t["q"] * 32 ** -0.5) @ t["k"].transpose(-2, -1)
+    assert logits.max() > 100
+    assert_parity(_fn(ws, shift, grid), t, GRADS, dtype, backend=kernel_backend, op=OP)
+
+
 def test_fp32_table_with_half_inputs(kernel_backend):
     """An fp32 bias table with fp16 q, k, v (autocast-style mixed inputs)."""
     device = require_backend(OP, kernel_backend)
