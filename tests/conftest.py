@@ -47,6 +47,14 @@ def require_backend(op: str, backend: str) -> torch.device:
     return impl.preferred_device()
 
 
+def next_seed(backend: str, op: str = "window_attention") -> int:
+    """The dropout seed ``backend``'s implementation draws next on CPU tensors (from torch's CPU
+    generator, as the op does): tests call it after ``torch.manual_seed`` to replay a mask."""
+    from semask_fast.backends.base import draw_seed
+
+    return draw_seed(torch.device("cpu"), registry.implementation(op, backend).seed_bound)
+
+
 @pytest.fixture(params=KERNEL_BACKENDS)
 def kernel_backend(request) -> str:
     """Each kernel backend in turn (tests call ``require_backend`` with their op)."""

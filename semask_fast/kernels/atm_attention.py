@@ -31,27 +31,25 @@ streams 16 (``backward_config``).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED, AOTConfig, dot_fp32
-from ._common import mm
-from .semantic_attention import row_dot
+from . import AOTConfig, Plan, dot_fp32, interpreter_tiles, p2
+from ._common import dropout_keep, dropped, load_cols, load_rows, mm, row_dot, row_dot_kernel, row_dot_plan, \
+    softmax_step, store_rows
 
 #: Supported head dims and head counts (the pass-1 statistics hold all heads in registers).
 MIN_HEAD_DIM, MAX_HEAD_DIM, MAX_HEADS = 16, 128, 64
 
-#: Triton's interpreter costs per operation, not per element: under it the launchers use the
-#: largest tiles so the tests stay fast.  Compiled kernels always use the register-budgeted tiles
-#: of ``forward_config``/``backward_config`` (the AOT_CONFIGS); tests set this to False on small
-#: shapes to run those tiles too.
-INTERPRETER_TILES = INTERPRETED
-
 
 @triton.jit
-def _keep(seed, bh, offs_m, offs_n, NQ, NK, dropout_p):
-    return tl.rand(seed, (bh * NQ + offs_m[:, None]) * NK + offs_n[None, :]) >= dropout_p
+def _head_scores(Q, K, bh, offs_m, offs_n, offs_d, m_ok, n_ok, d_ok, NQ, NK, D, scale, DOT_FP32: tl.constexpr):
+    """q k^T * scale of one head: (BLOCK_M, BLOCK_N) fp32."""
+    q = load_rows(Q + bh * NQ * D, offs_m, offs_d, D, m_ok, d_ok)
+    return mm(q, load_cols(K + bh * NK * D, offs_n, offs_d, D, n_ok, d_ok), DOT_FP32) * scale
 
 
 @triton.jit
@@ -64,7 +62,6 @@ def _atm_fwd_kernel(Q, K, V, OUT, M, LSE, seed, H, NQ, NK, D, scale, dropout_p,
     heads = tl.arange(0, BLOCK_H)
     m_ok = offs_m < NQ
     d_ok = offs_d < D
-    q_mask = m_ok[:, None] & d_ok[None, :]
 
     # Pass 1: head-mean logits and every head's softmax statistics.
     row_max = tl.full([BLOCK_M, BLOCK_H], float("-inf"), dtype=tl.float32)
@@ -74,45 +71,33 @@ def _atm_fwd_kernel(Q, K, V, OUT, M, LSE, seed, H, NQ, NK, D, scale, dropout_p,
         n_ok = offs_n < NK
         s_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for hh in range(0, H):
-            bh = b * H + hh
-            q = tl.load(Q + (bh * NQ + offs_m[:, None]) * D + offs_d[None, :], mask=q_mask, other=0.0)
-            kt = tl.load(K + (bh * NK + offs_n[None, :]) * D + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :],
-                         other=0.0)
-            s = mm(q, kt, DOT_FP32) * scale
+            s = _head_scores(Q, K, b * H + hh, offs_m, offs_n, offs_d, m_ok, n_ok, d_ok, NQ, NK, D, scale, DOT_FP32)
             s_sum += s
-            s = tl.where(n_ok[None, :], s, float("-inf"))
             this = heads[None, :] == hh
-            m_old = tl.max(tl.where(this, row_max, float("-inf")), 1)
-            l_old = tl.sum(tl.where(this, row_sum, 0.0), 1)
-            m_new = tl.maximum(m_old, tl.max(s, 1))
-            l_new = l_old * tl.exp(m_old - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+            m_new, _, _, l_new = softmax_step(tl.max(tl.where(this, row_max, float("-inf")), 1),
+                                              tl.sum(tl.where(this, row_sum, 0.0), 1),
+                                              tl.where(n_ok[None, :], s, float("-inf")))
             row_max = tl.where(this, m_new[:, None], row_max)
             row_sum = tl.where(this, l_new[:, None], row_sum)
-        tl.store(M + (b * NQ + offs_m[:, None]) * NK + offs_n[None, :], (s_sum / H).to(M.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+        store_rows(M + b * NQ * NK, offs_m, offs_n, NK, m_ok, n_ok, s_sum / H)
     # Padding heads (>= H) have no statistics: log(1) keeps them finite; they are never selected.
     lse_all = row_max + tl.log(tl.where(heads[None, :] < H, row_sum, 1.0))
 
     # Pass 2: each head's output with the final statistics.
-    keep_scale = 1.0 / (1.0 - dropout_p)
     for hh in range(0, H):
         bh = b * H + hh
         lse = tl.max(tl.where(heads[None, :] == hh, lse_all, float("-inf")), 1)
-        q = tl.load(Q + (bh * NQ + offs_m[:, None]) * D + offs_d[None, :], mask=q_mask, other=0.0)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for n0 in range(0, NK, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < NK
-            kt = tl.load(K + (bh * NK + offs_n[None, :]) * D + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :],
-                         other=0.0)
-            s = mm(q, kt, DOT_FP32) * scale
+            s = _head_scores(Q, K, bh, offs_m, offs_n, offs_d, m_ok, n_ok, d_ok, NQ, NK, D, scale, DOT_FP32)
             p = tl.where(n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
             if DROPOUT:
-                p = tl.where(_keep(seed, bh, offs_m, offs_n, NQ, NK, dropout_p), p * keep_scale, 0.0)
-            v = tl.load(V + (bh * NK + offs_n[:, None]) * D + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
-                        other=0.0)
+                p = dropped(p, dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], NQ, NK, dropout_p), dropout_p)
+            v = load_rows(V + bh * NK * D, offs_n, offs_d, D, n_ok, d_ok)
             acc += mm(p.to(v.dtype), v, DOT_FP32)
-        tl.store(OUT + (bh * NQ + offs_m[:, None]) * D + offs_d[None, :], acc.to(OUT.dtype.element_ty), mask=q_mask)
+        store_rows(OUT + bh * NQ * D, offs_m, offs_d, D, m_ok, d_ok, acc)
         tl.store(LSE + bh * NQ + offs_m, lse, mask=m_ok)
 
 
@@ -130,49 +115,53 @@ def _head_tile(base, bh, offs_r, offs_d, R, D, ok):
 
 
 @triton.jit
+def _rows_mask(g_ok, offs_r, offs_d, R, D):
+    """(heads, rows, d) mask of rows offs_r of a group of heads."""
+    return g_ok[:, None, None] & (offs_r < R)[None, :, None] & (offs_d < D)[None, None, :]
+
+
+@triton.jit
 def _query_rows(Q, DO, LSE, DELTA, bh, g_ok, offs_m, offs_d, NQ, D):
     """q, dO tiles and the lse, delta rows of query rows offs_m for a group of heads, with the
-    (heads, rows, d) and (heads, rows) masks they were loaded with."""
-    m_ok = offs_m < NQ
-    q_ok = g_ok[:, None, None] & m_ok[None, :, None] & (offs_d < D)[None, None, :]
-    row_ok = g_ok[:, None] & m_ok[None, :]
+    (heads, rows) mask they were loaded with."""
+    q_ok = _rows_mask(g_ok, offs_m, offs_d, NQ, D)
+    row_ok = g_ok[:, None] & (offs_m < NQ)[None, :]
     q = _head_tile(Q, bh, offs_m, offs_d, NQ, D, q_ok)
     do = _head_tile(DO, bh, offs_m, offs_d, NQ, D, q_ok)
     lse = tl.load(LSE + bh[:, None] * NQ + offs_m[None, :], mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh[:, None] * NQ + offs_m[None, :], mask=row_ok, other=0.0)
-    return q, do, lse, delta, q_ok, row_ok
+    return q, do, lse, delta, row_ok
 
 
 @triton.jit
 def _key_rows(K, V, bh, g_ok, offs_n, offs_d, NK, D):
-    """k, v tiles of keys offs_n for a group of heads, with their (heads, keys, d) mask."""
-    kv_ok = g_ok[:, None, None] & (offs_n < NK)[None, :, None] & (offs_d < D)[None, None, :]
-    return _head_tile(K, bh, offs_n, offs_d, NK, D, kv_ok), _head_tile(V, bh, offs_n, offs_d, NK, D, kv_ok), kv_ok
+    """k, v tiles of keys offs_n for a group of heads."""
+    kv_ok = _rows_mask(g_ok, offs_n, offs_d, NK, D)
+    return _head_tile(K, bh, offs_n, offs_d, NK, D, kv_ok), _head_tile(V, bh, offs_n, offs_d, NK, D, kv_ok)
 
 
 @triton.jit
-def _dmask_tile(DM, b, offs_m, offs_n, NQ, NK):
-    """The (BLOCK_M, BLOCK_N) tile of d(mask logits), shared by every head."""
-    ok = (offs_m < NQ)[:, None] & (offs_n < NK)[None, :]
-    return tl.load(DM + (b * NQ + offs_m[:, None]) * NK + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+def _store_head_rows(base, x, bh, g_ok, offs_r, offs_d, R, D):
+    ptrs = (bh[:, None, None] * R + offs_r[None, :, None]) * D + offs_d[None, None, :]
+    tl.store(base + ptrs, x.to(base.dtype.element_ty), mask=_rows_mask(g_ok, offs_r, offs_d, R, D))
 
 
 @triton.jit
-def _grad_logits(q, k, v, do, lse, delta, dm, valid, bh, offs_m, offs_n, seed, NQ, NK, scale, dropout_p, H,
+def _grad_logits(q, k, v, do, lse, delta, row_ok, DM, b, bh, offs_m, offs_n, seed, NQ, NK, scale, dropout_p, H,
                  DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
     """(P*Z, dS) for one (query block, key block) tile of a group of heads, all (heads, BLOCK_M, BLOCK_N).
 
-    dm is the (BLOCK_M, BLOCK_N) tile of d(mask logits), loaded once for every head of the group.
+    The (BLOCK_M, BLOCK_N) tile of d(mask logits) is loaded once for every head of the group.
     """
-    s = mm(q, _t(k), DOT_FP32) * scale
-    p = tl.where(valid, tl.exp(s - lse[:, :, None]), 0.0)
+    dm = load_rows(DM + b * NQ * NK, offs_m, offs_n, NK, offs_m < NQ, offs_n < NK).to(tl.float32)
+    valid = row_ok[:, :, None] & (offs_n < NK)[None, None, :]
+    p = tl.where(valid, tl.exp(mm(q, _t(k), DOT_FP32) * scale - lse[:, :, None]), 0.0)
     dp = mm(do, _t(v), DOT_FP32)
     pz = p
     if DROPOUT:
-        keep = tl.rand(seed, (bh[:, None, None] * NQ + offs_m[None, :, None]) * NK + offs_n[None, None, :]) >= dropout_p
-        keep_scale = 1.0 / (1.0 - dropout_p)
-        pz = tl.where(keep, p * keep_scale, 0.0)
-        dp = tl.where(keep, dp * keep_scale, 0.0)
+        keep = dropout_keep(seed, bh[:, None, None], offs_m[None, :, None], offs_n[None, None, :], NQ, NK, dropout_p)
+        pz = dropped(p, keep, dropout_p)
+        dp = dropped(dp, keep, dropout_p)
     ds = tl.where(valid, p * (dp - delta[:, :, None]) + dm[None, :, :] / H, 0.0)
     return pz, ds
 
@@ -186,24 +175,20 @@ def _atm_bwd_kv_kernel(Q, K, V, DO, DM, LSE, DELTA, DK, DV, seed, H, NQ, NK, D, 
     b = tl.program_id(1).to(tl.int64)
     heads = tl.program_id(2) * BLOCK_G + tl.arange(0, BLOCK_G)
     bh = b * H + heads
-    g_ok = heads < H
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k, v, kv_ok = _key_rows(K, V, bh, g_ok, offs_n, offs_d, NK, D)
+    k, v = _key_rows(K, V, bh, heads < H, offs_n, offs_d, NK, D)
     dk = tl.zeros([BLOCK_G, BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_G, BLOCK_N, BLOCK_D], dtype=tl.float32)
     for m0 in range(0, NQ, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        q, do, lse, delta, q_ok, row_ok = _query_rows(Q, DO, LSE, DELTA, bh, g_ok, offs_m, offs_d, NQ, D)
-        dm = _dmask_tile(DM, b, offs_m, offs_n, NQ, NK)
-        valid = row_ok[:, :, None] & (offs_n < NK)[None, None, :]
-        pz, ds = _grad_logits(q, k, v, do, lse, delta, dm, valid, bh, offs_m, offs_n, seed, NQ, NK, scale,
+        q, do, lse, delta, row_ok = _query_rows(Q, DO, LSE, DELTA, bh, heads < H, offs_m, offs_d, NQ, D)
+        pz, ds = _grad_logits(q, k, v, do, lse, delta, row_ok, DM, b, bh, offs_m, offs_n, seed, NQ, NK, scale,
                               dropout_p, H, DROPOUT, DOT_FP32)
         dv += mm(_t(pz.to(do.dtype)), do, DOT_FP32)
         dk += mm(_t(ds.to(q.dtype)), q, DOT_FP32)
-    ptrs = (bh[:, None, None] * NK + offs_n[None, :, None]) * D + offs_d[None, None, :]
-    tl.store(DK + ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=kv_ok)
+    _store_head_rows(DK, dk * scale, bh, heads < H, offs_n, offs_d, NK, D)
+    _store_head_rows(DV, dv, bh, heads < H, offs_n, offs_d, NK, D)
 
 
 @triton.jit
@@ -214,21 +199,17 @@ def _atm_bwd_q_kernel(Q, K, V, DO, DM, LSE, DELTA, DQ, seed, H, NQ, NK, D, scale
     b = tl.program_id(1).to(tl.int64)
     heads = tl.program_id(2) * BLOCK_G + tl.arange(0, BLOCK_G)
     bh = b * H + heads
-    g_ok = heads < H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q, do, lse, delta, q_ok, row_ok = _query_rows(Q, DO, LSE, DELTA, bh, g_ok, offs_m, offs_d, NQ, D)
+    q, do, lse, delta, row_ok = _query_rows(Q, DO, LSE, DELTA, bh, heads < H, offs_m, offs_d, NQ, D)
     dq = tl.zeros([BLOCK_G, BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(0, NK, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k, v, _ = _key_rows(K, V, bh, g_ok, offs_n, offs_d, NK, D)
-        dm = _dmask_tile(DM, b, offs_m, offs_n, NQ, NK)
-        valid = row_ok[:, :, None] & (offs_n < NK)[None, None, :]
-        _, ds = _grad_logits(q, k, v, do, lse, delta, dm, valid, bh, offs_m, offs_n, seed, NQ, NK, scale,
+        k, v = _key_rows(K, V, bh, heads < H, offs_n, offs_d, NK, D)
+        _, ds = _grad_logits(q, k, v, do, lse, delta, row_ok, DM, b, bh, offs_m, offs_n, seed, NQ, NK, scale,
                              dropout_p, H, DROPOUT, DOT_FP32)
         dq += mm(ds.to(k.dtype), k, DOT_FP32)
-    ptrs = (bh[:, None, None] * NQ + offs_m[None, :, None]) * D + offs_d[None, None, :]
-    tl.store(DQ + ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_ok)
+    _store_head_rows(DQ, dq * scale, bh, heads < H, offs_m, offs_d, NQ, D)
 
 
 @triton.jit
@@ -236,111 +217,116 @@ def _atm_keep_kernel(KEEP, seed, NQ, NK, dropout_p, BLOCK_M: tl.constexpr, BLOCK
     bh = tl.program_id(2).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _keep(seed, bh, offs_m, offs_n, NQ, NK, dropout_p)
-    tl.store(KEEP + (bh * NQ + offs_m[:, None]) * NK + offs_n[None, :], keep.to(tl.int8),
-             mask=(offs_m < NQ)[:, None] & (offs_n < NK)[None, :])
+    keep = dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], NQ, NK, dropout_p)
+    store_rows(KEEP + bh * NQ * NK, offs_m, offs_n, NK, offs_m < NQ, offs_n < NK, keep)
 
 
 # --------------------------------------------------------------------------- #
-# Launchers
+# Plans
 # --------------------------------------------------------------------------- #
-def _p2(x: int, lo: int = 16, hi: int = 1 << 30) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
-
-
-def forward_config(heads: int, nq: int, nk: int, d: int, dtype) -> dict:
-    """Block sizes and warps; chosen so every shipped configuration compiles without spills on sm_80
-    and sm_90 (AOT table).  fp32 tiles take twice the registers and use FMA dots (ieee)."""
-    if dtype == torch.float32:
-        bm, bn = (16, 16) if d > 64 else (16, 32)
-    else:
-        bm, bn = (32, 32) if d > 64 else (64, 32)
-    return dict(BLOCK_M=_p2(nq, hi=bm), BLOCK_N=_p2(nk, hi=bn), BLOCK_D=_p2(d), BLOCK_H=_p2(heads, lo=1),
-                num_warps=8, num_stages=2)
-
-
 #: Elements of one (heads, rows, d) register tile of the backward kernels, by (fp32, d > 32); larger
 #: spill on sm_80/sm_90 (AOT table).
 TILE_BUDGET = {(False, False): 4096, (False, True): 2048, (True, False): 2048, (True, True): 2048}
+
+#: Triton's interpreter costs per operation, not per element: there the row tiles are this large.
+INTERPRETER_ROWS = 64
+
+
+def forward_plan(heads: int, nq: int, nk: int, d: int, dtype, *, interpreter: Optional[bool] = None) -> Plan:
+    """Tiles chosen so every shipped configuration compiles without spills on sm_80 and sm_90 (AOT
+    table).  fp32 tiles take twice the registers and use FMA dots (ieee)."""
+    interpreter = interpreter_tiles(interpreter)
+    if interpreter:
+        bm = bn = INTERPRETER_ROWS
+    elif dtype == torch.float32:
+        bm, bn = (16, 16) if d > 64 else (16, 32)
+    else:
+        bm, bn = (32, 32) if d > 64 else (64, 32)
+    return Plan(dict(BLOCK_M=p2(nq, hi=bm), BLOCK_N=p2(nk, hi=bn), BLOCK_D=p2(d), BLOCK_H=p2(heads, lo=1)),
+                num_warps=8, num_stages=2)
 
 
 def _group(heads: int, budget: int) -> int:
     """Heads per program: a power of two within the budget, with at most 25% padding heads
     (12 heads: 3 groups of 4, not 2 of 8)."""
-    group = max(1, min(_p2(heads, lo=1), budget))
+    group = max(1, min(p2(heads, lo=1), budget))
     while group > 1 and 4 * triton.cdiv(heads, group) * group > 5 * heads:
         group //= 2
     return group
 
 
-def backward_config(heads: int, nq: int, nk: int, d: int, dtype) -> dict:
-    """Tiles and launch options of the two backward kernels, ``{"q": ..., "kv": ...}``.
+def backward_plan(heads: int, nq: int, nk: int, d: int, dtype, *, interpreter: Optional[bool] = None) -> dict:
+    """Plans of the two backward kernels, ``{"q": ..., "kv": ...}``.
 
     Each program holds BLOCK_G heads of its own rows (keys for kv, queries for q) as batched
     tiles: each d(mask logits) tile is read ceil(h / BLOCK_G) times instead of h times.  The rows
     it holds are the long side (32), the rows it streams 16: fewer programs re-read the streamed
-    tensors (q and dO for kv, k and v for q).
+    tensors (q and dO for kv, k and v for q).  The head groups follow the register budget also
+    under the interpreter; only the row tiles grow there.
     """
+    interpreter = interpreter_tiles(interpreter)
     wide = dtype == torch.float32
-    block_d = _p2(d)
+    block_d = p2(d)
     budget = TILE_BUDGET[(wide, block_d > 32)]
     held = min(32, budget // block_d)
-    kv_rows, q_rows = _p2(nk, hi=held), _p2(nq, hi=held)
-    kv = dict(BLOCK_M=_p2(nq, hi=16), BLOCK_N=kv_rows, BLOCK_D=block_d,
-              BLOCK_G=_group(heads, budget // (kv_rows * block_d)), num_warps=8,
+    kv_rows, q_rows = p2(nk, hi=held), p2(nq, hi=held)
+    streamed = INTERPRETER_ROWS if interpreter else 16
+    kv = Plan(dict(BLOCK_M=p2(nq, hi=streamed), BLOCK_N=kv_rows, BLOCK_D=block_d,
+                   BLOCK_G=_group(heads, budget // (kv_rows * block_d))), num_warps=8,
               num_stages=2 if wide and block_d > 64 else 1)
-    q = dict(BLOCK_M=q_rows, BLOCK_N=_p2(nk, hi=16), BLOCK_D=block_d,
-             BLOCK_G=_group(heads, budget // (q_rows * block_d)), num_warps=8, num_stages=1)
+    q = Plan(dict(BLOCK_M=q_rows, BLOCK_N=p2(nk, hi=streamed), BLOCK_D=block_d,
+                  BLOCK_G=_group(heads, budget // (q_rows * block_d))), num_warps=8, num_stages=1)
+    if interpreter:
+        kv = kv.with_tiles(BLOCK_N=p2(nk, hi=INTERPRETER_ROWS))
+        q = q.with_tiles(BLOCK_M=p2(nq, hi=INTERPRETER_ROWS))
     return dict(q=q, kv=kv)
 
 
-def _tiles(cfg: dict, nq: int, nk: int) -> dict:
-    return dict(cfg, BLOCK_M=_p2(nq, hi=64), BLOCK_N=_p2(nk, hi=64)) if INTERPRETER_TILES else cfg
-
-
-def draw_seed() -> int:
-    """Dropout seed from torch's default generator (``torch.manual_seed`` reproduces it)."""
-    return int(torch.randint(0, 2 ** 31 - 1, (), dtype=torch.int64).item())
-
-
-def atm_attention_forward(q, k, v, *, scale: float, dropout_p: float = 0.0, seed: int = 0):
+# --------------------------------------------------------------------------- #
+# Launchers
+# --------------------------------------------------------------------------- #
+def atm_attention_forward(q, k, v, *, scale: float, dropout_p: float = 0.0, seed: int = 0, plan: Plan = None):
     """(out, mask_logits, lse) for contiguous q (B, h, Nq, d), k, v (B, h, Nk, d)."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
+    plan = plan or forward_plan(H, NQ, NK, D, q.dtype)
     out = torch.empty_like(q)
     mask_logits = torch.empty((B, NQ, NK), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, NQ), device=q.device, dtype=torch.float32)
-    cfg = _tiles(forward_config(H, NQ, NK, D, q.dtype), NQ, NK)
-    _atm_fwd_kernel[(triton.cdiv(NQ, cfg["BLOCK_M"]), B)](
+    _atm_fwd_kernel[(triton.cdiv(NQ, plan["BLOCK_M"]), B)](
         q, k, v, out, mask_logits, lse, seed, H, NQ, NK, D, scale, dropout_p,
-        DROPOUT=dropout_p > 0, DOT_FP32=dot_fp32(q.dtype), **cfg)
+        DROPOUT=dropout_p > 0, DOT_FP32=dot_fp32(q.dtype), **plan.launch())
     return out, mask_logits, lse
 
 
-def atm_attention_backward(q, k, v, out, lse, dout, dmask, *, scale: float, dropout_p: float = 0.0, seed: int = 0):
-    """(dq, dk, dv) from the gradients of both outputs (all contiguous)."""
+def atm_attention_backward(q, k, v, out, lse, dout, dmask, *, scale: float, dropout_p: float = 0.0, seed: int = 0,
+                           plan: dict = None):
+    """(dq, dk, dv) from the gradients of both outputs (all contiguous).  ``plan``: as :func:`backward_plan`."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
+    plan = plan or backward_plan(H, NQ, NK, D, q.dtype)
     delta = row_dot(dout, out)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    cfg = backward_config(H, NQ, NK, D, q.dtype)
     args = (seed, H, NQ, NK, D, scale, dropout_p)
     flags = dict(DROPOUT=dropout_p > 0, DOT_FP32=dot_fp32(q.dtype))
-    kv = _tiles(cfg["kv"], NQ, NK)
+    kv, qp = plan["kv"], plan["q"]
     _atm_bwd_kv_kernel[(triton.cdiv(NK, kv["BLOCK_N"]), B, triton.cdiv(H, kv["BLOCK_G"]))](
-        q, k, v, dout, dmask, lse, delta, dk, dv, *args, **flags, **kv)
-    qc = _tiles(cfg["q"], NQ, NK)
-    _atm_bwd_q_kernel[(triton.cdiv(NQ, qc["BLOCK_M"]), B, triton.cdiv(H, qc["BLOCK_G"]))](
-        q, k, v, dout, dmask, lse, delta, dq, *args, **flags, **qc)
+        q, k, v, dout, dmask, lse, delta, dk, dv, *args, **flags, **kv.launch())
+    _atm_bwd_q_kernel[(triton.cdiv(NQ, qp["BLOCK_M"]), B, triton.cdiv(H, qp["BLOCK_G"]))](
+        q, k, v, dout, dmask, lse, delta, dq, *args, **flags, **qp.launch())
     return dq, dk, dv
+
+
+#: The keep-mask kernel's launch (tests only).
+KEEP_PLAN = Plan(dict(BLOCK_M=32, BLOCK_N=32), num_warps=4, num_stages=2)
 
 
 def dropout_keep_mask(seed: int, batch: int, heads: int, nq: int, nk: int, dropout_p: float,
                       device=None) -> torch.Tensor:
     """(B, h, Nq, Nk) bool keep-mask the kernels draw for ``seed`` (replay it in the reference)."""
     keep = torch.empty((batch, heads, nq, nk), device=device, dtype=torch.int8)
-    grid = (triton.cdiv(nq, 32), triton.cdiv(nk, 32), batch * heads)
-    _atm_keep_kernel[grid](keep, seed, nq, nk, dropout_p, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+    grid = (triton.cdiv(nq, KEEP_PLAN["BLOCK_M"]), triton.cdiv(nk, KEEP_PLAN["BLOCK_N"]), batch * heads)
+    _atm_keep_kernel[grid](keep, seed, nq, nk, dropout_p, **KEEP_PLAN.launch())
     return keep.bool()
 
 
@@ -356,33 +342,32 @@ SHIPPED_SHAPES = [("vitl", 16, 150, 1600, 32), ("vitb", 12, 150, 1024, 32), ("d6
 
 def _aot_configs():
     configs = []
-    ptrs = ("Q", "K", "V")
     scalars = dict(seed="i32", H="i32", NQ="i32", NK="i32", D="i32", scale="fp32", dropout_p="fp32")
+    kernels = (("fwd", _atm_fwd_kernel, ("OUT", "M")), ("bwd_kv", _atm_bwd_kv_kernel, ("DO", "DM", "DK", "DV")),
+               ("bwd_q", _atm_bwd_q_kernel, ("DO", "DM", "DQ")))
     for dtype, ty in _TY.items():
         for name, H, NQ, NK, D in SHIPPED_SHAPES:
+            bwd = backward_plan(H, NQ, NK, D, dtype, interpreter=False)
+            plans = dict(fwd=forward_plan(H, NQ, NK, D, dtype, interpreter=False), bwd_kv=bwd["kv"], bwd_q=bwd["q"])
             for dropout in (False, True):
                 tag = f"{name},{ty}{',dropout' if dropout else ''}"
-                fcfg = dict(forward_config(H, NQ, NK, D, dtype), DROPOUT=dropout, DOT_FP32=False)
-                fopts = dict(num_warps=fcfg.pop("num_warps"), num_stages=fcfg.pop("num_stages"))
-                sig = {p: f"*{ty}" for p in ptrs + ("OUT", "M")}
-                sig.update(LSE="*fp32", **scalars, **{c: "constexpr" for c in fcfg})
-                configs.append(AOTConfig(_atm_fwd_kernel, f"atm_attention_fwd[{tag}]", sig, fcfg, **fopts))
-                base = {p: f"*{ty}" for p in ptrs + ("DO", "DM")}
-                base.update(LSE="*fp32", DELTA="*fp32")
-                for part, kernel, outs in (("kv", _atm_bwd_kv_kernel, ("DK", "DV")),
-                                           ("q", _atm_bwd_q_kernel, ("DQ",))):
-                    bcfg = dict(backward_config(H, NQ, NK, D, dtype)[part], DROPOUT=dropout, DOT_FP32=False)
-                    bopts = dict(num_warps=bcfg.pop("num_warps"), num_stages=bcfg.pop("num_stages"))
-                    sig = dict(base, **{o: f"*{ty}" for o in outs}, **scalars, **{c: "constexpr" for c in bcfg})
-                    configs.append(AOTConfig(kernel, f"atm_attention_bwd_{part}[{tag}]", sig, bcfg, **bopts))
-    configs.append(AOTConfig(_atm_keep_kernel, "atm_attention_keep",
-                             dict(KEEP="*i8", seed="i32", NQ="i32", NK="i32", dropout_p="fp32", BLOCK_M="constexpr",
-                                  BLOCK_N="constexpr"), dict(BLOCK_M=32, BLOCK_N=32)))
+                for part, kernel, ptrs in kernels:
+                    sig = {p: f"*{ty}" for p in ("Q", "K", "V") + ptrs}
+                    sig.update(LSE="*fp32", DELTA="*fp32", **scalars)
+                    sig = {a: t for a, t in sig.items() if a in kernel.arg_names}
+                    configs.append(AOTConfig.from_plan(kernel, f"atm_attention_{part}[{tag}]", sig, plans[part],
+                                                       DROPOUT=dropout, DOT_FP32=False))
+        # The backward's D = rowsum(dO * O) uses the row width (d), capped at 128.
+        for d in (16, 32, 64, 128):
+            configs.append(AOTConfig.from_plan(row_dot_kernel, f"row_dot[C<={d},{ty}]",
+                                               dict(A=f"*{ty}", B=f"*{ty}", OUT="*fp32", R="i32", C="i32"),
+                                               row_dot_plan(d)))
+    configs.append(AOTConfig.from_plan(_atm_keep_kernel, "atm_attention_keep",
+                                       dict(KEEP="*i8", seed="i32", NQ="i32", NK="i32", dropout_p="fp32"), KEEP_PLAN))
     return configs
 
 
 AOT_CONFIGS = _aot_configs()
 
-__all__ = ["atm_attention_forward", "atm_attention_backward", "dropout_keep_mask", "draw_seed", "forward_config",
-           "backward_config", "MIN_HEAD_DIM", "MAX_HEAD_DIM", "MAX_HEADS", "INTERPRETER_TILES",
-           "AOT_CONFIGS"]
+__all__ = ["atm_attention_forward", "atm_attention_backward", "dropout_keep_mask", "forward_plan", "backward_plan",
+           "MIN_HEAD_DIM", "MAX_HEAD_DIM", "MAX_HEADS", "AOT_CONFIGS"]

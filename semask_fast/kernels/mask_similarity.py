@@ -21,41 +21,42 @@ patches for dC.  Partial sums are reduced in a fixed order: deterministic.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED, AOTConfig, dot_fp32
-from ._common import mm
+from . import AOTConfig, Plan, dot_fp32, interpreter_tiles, p2
+from ._common import load_cols, load_rows, mm, store_rows
 
 #: Largest class count: a program holds all K columns (LayerNorm over K) in registers.
 MAX_K = 256
 
-#: Triton's interpreter costs per operation, not per element: under it the launchers use the
-#: largest tiles so the tests stay fast.  Compiled kernels always use the register-budgeted tiles
-#: of the ``*_config`` functions (the AOT_CONFIGS); tests set this to False on small shapes to run
-#: those tiles too.
-INTERPRETER_TILES = INTERPRETED
-
 
 @triton.jit
-def _raw_product(P, C, b, offs_m, offs_k, m_ok, k_ok, NP, K, D, BLOCK_M: tl.constexpr, BLOCK_KP: tl.constexpr,
-                 BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr):
-    """P C^T for (BLOCK_M, BLOCK_KP) and the squared norms of those patches and classes, one pass over D."""
+def _scores(P, C, b, NP, K, D, BLOCK_M: tl.constexpr, BLOCK_KP: tl.constexpr, BLOCK_D: tl.constexpr,
+            DOT_FP32: tl.constexpr):
+    """The patch block of program_id(0) against all K classes, one pass over D: the raw product
+    P C^T (BLOCK_M, BLOCK_KP) and the squared norms of those patches and classes."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_KP)
+    m_ok = offs_m < NP
+    k_ok = offs_k < K
     acc = tl.zeros([BLOCK_M, BLOCK_KP], dtype=tl.float32)
     sp = tl.zeros([BLOCK_M], dtype=tl.float32)
     sc = tl.zeros([BLOCK_KP], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         d_ok = dd < D
-        p = tl.load(P + (b * NP + offs_m[:, None]) * D + dd[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        ct = tl.load(C + (b * K + offs_k[None, :]) * D + dd[:, None], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+        p = load_rows(P + b * NP * D, offs_m, dd, D, m_ok, d_ok)
+        ct = load_cols(C + b * K * D, offs_k, dd, D, k_ok, d_ok)
         acc += mm(p, ct, DOT_FP32)
         pf = p.to(tl.float32)
         cf = ct.to(tl.float32)
         sp += tl.sum(pf * pf, 1)
         sc += tl.sum(cf * cf, 0)
-    return acc, sp, sc
+    return offs_m, offs_k, m_ok, k_ok, acc, sp, sc
 
 
 @triton.jit
@@ -71,13 +72,8 @@ def _layer_norm_stats(s, k_ok, K, eps):
 def _mask_sim_fwd_kernel(P, C, W, BIAS, OUT, RP, RC, NP, K, D, eps,
                          BLOCK_M: tl.constexpr, BLOCK_KP: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr,
                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, DOT_FP32: tl.constexpr):
-    pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_KP)
-    m_ok = offs_m < NP
-    k_ok = offs_k < K
-    acc, sp, sc = _raw_product(P, C, b, offs_m, offs_k, m_ok, k_ok, NP, K, D, BLOCK_M, BLOCK_KP, BLOCK_D, DOT_FP32)
+    offs_m, offs_k, m_ok, k_ok, acc, sp, sc = _scores(P, C, b, NP, K, D, BLOCK_M, BLOCK_KP, BLOCK_D, DOT_FP32)
     # No epsilon (official): a zero row gives inf/NaN as the reference does.  Padding rows/columns use 1.
     rp = 1.0 / tl.sqrt(tl.where(m_ok, sp, 1.0))
     rc = 1.0 / tl.sqrt(tl.where(k_ok, sc, 1.0))
@@ -89,10 +85,9 @@ def _mask_sim_fwd_kernel(P, C, W, BIAS, OUT, RP, RC, NP, K, D, eps,
             s = s * tl.load(W + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_B:
             s = s + tl.load(BIAS + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(OUT + (b * NP + offs_m[:, None]) * K + offs_k[None, :], s.to(OUT.dtype.element_ty),
-             mask=m_ok[:, None] & k_ok[None, :])
+    store_rows(OUT + b * NP * K, offs_m, offs_k, K, m_ok, k_ok, s)
     tl.store(RP + b * NP + offs_m, rp, mask=m_ok)
-    tl.store(RC + b * K + offs_k, rc, mask=k_ok & (pid_m == 0))
+    tl.store(RC + b * K + offs_k, rc, mask=k_ok & (tl.program_id(0) == 0))
 
 
 @triton.jit
@@ -100,19 +95,13 @@ def _mask_sim_bwd_rows_kernel(P, C, W, DY, RP, RC, DP, DS, PART, NP, K, D, eps,
                               BLOCK_M: tl.constexpr, BLOCK_KP: tl.constexpr, BLOCK_D: tl.constexpr,
                               NORM: tl.constexpr, HAS_W: tl.constexpr, DOT_FP32: tl.constexpr):
     """dP, dS and per-block partials PART[b, block, {t, d weight, d bias}, K] for one patch block."""
-    pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_KP)
-    m_ok = offs_m < NP
-    k_ok = offs_k < K
-    mk_ok = m_ok[:, None] & k_ok[None, :]
-    acc, _, _ = _raw_product(P, C, b, offs_m, offs_k, m_ok, k_ok, NP, K, D, BLOCK_M, BLOCK_KP, BLOCK_D, DOT_FP32)
+    offs_m, offs_k, m_ok, k_ok, acc, _, _ = _scores(P, C, b, NP, K, D, BLOCK_M, BLOCK_KP, BLOCK_D, DOT_FP32)
     rp = tl.load(RP + b * NP + offs_m, mask=m_ok, other=0.0)
     rc = tl.load(RC + b * K + offs_k, mask=k_ok, other=0.0)
     s = acc * rp[:, None] * rc[None, :]
-    g = tl.load(DY + (b * NP + offs_m[:, None]) * K + offs_k[None, :], mask=mk_ok, other=0.0).to(tl.float32)
-    part = PART + (b * tl.num_programs(0) + pid_m) * 3 * K
+    g = load_rows(DY + b * NP * K, offs_m, offs_k, K, m_ok, k_ok).to(tl.float32)
+    part = PART + (b * tl.num_programs(0) + tl.program_id(0)) * 3 * K
     if NORM:
         xc, rstd = _layer_norm_stats(s, k_ok, K, eps)
         xhat = xc * rstd[:, None]
@@ -121,22 +110,20 @@ def _mask_sim_bwd_rows_kernel(P, C, W, DY, RP, RC, DP, DS, PART, NP, K, D, eps,
         if HAS_W:
             g = g * tl.load(W + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         ds = rstd[:, None] * (g - (tl.sum(g, 1) / K)[:, None] - xhat * (tl.sum(g * xhat, 1) / K)[:, None])
-        ds = tl.where(mk_ok, ds, 0.0)
+        ds = tl.where(m_ok[:, None] & k_ok[None, :], ds, 0.0)
     else:
         ds = g
-    tl.store(DS + (b * NP + offs_m[:, None]) * K + offs_k[None, :], ds, mask=mk_ok)
+    store_rows(DS + b * NP * K, offs_m, offs_k, K, m_ok, k_ok, ds)
     tl.store(part + offs_k, tl.sum(ds * s, 0), mask=k_ok)
     r = tl.sum(ds * s, 1)
     dsc = ds * rc[None, :]
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         d_ok = dd < D
-        c = tl.load(C + (b * K + offs_k[:, None]) * D + dd[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        p_ptrs = P + (b * NP + offs_m[:, None]) * D + dd[None, :]
-        p = tl.load(p_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        dp = rp[:, None] * mm(dsc.to(c.dtype), c, DOT_FP32) - (rp * rp * r)[:, None] * p
-        tl.store(DP + (b * NP + offs_m[:, None]) * D + dd[None, :], dp.to(DP.dtype.element_ty),
-                 mask=m_ok[:, None] & d_ok[None, :])
+        c = load_rows(C + b * K * D, offs_k, dd, D, k_ok, d_ok)
+        p = load_rows(P + b * NP * D, offs_m, dd, D, m_ok, d_ok).to(tl.float32)
+        store_rows(DP + b * NP * D, offs_m, dd, D, m_ok, d_ok,
+                   rp[:, None] * mm(dsc.to(c.dtype), c, DOT_FP32) - (rp * rp * r)[:, None] * p)
 
 
 @triton.jit
@@ -153,92 +140,93 @@ def _mask_sim_bwd_cols_kernel(P, C, DS, RP, RC, PART, DC, NP, K, D, M_BLOCKS,
     for m0 in range(0, NP, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < NP
-        dst = tl.load(DS + (b * NP + offs_m[None, :]) * K + offs_k[:, None], mask=k_ok[:, None] & m_ok[None, :],
-                      other=0.0)
+        dst = load_cols(DS + b * NP * K, offs_m, offs_k, K, m_ok, k_ok)
         rp = tl.load(RP + b * NP + offs_m, mask=m_ok, other=0.0)
-        p = tl.load(P + (b * NP + offs_m[:, None]) * D + dd[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        p = load_rows(P + b * NP * D, offs_m, dd, D, m_ok, d_ok)
         acc += mm((dst * rp[None, :]).to(p.dtype), p, DOT_FP32)
     t = tl.zeros([BLOCK_K], dtype=tl.float32)
     for i in range(0, M_BLOCKS):
         t += tl.load(PART + ((b * M_BLOCKS + i) * 3) * K + offs_k, mask=k_ok, other=0.0)
     rc = tl.load(RC + b * K + offs_k, mask=k_ok, other=0.0)
-    c = tl.load(C + (b * K + offs_k[:, None]) * D + dd[None, :], mask=k_ok[:, None] & d_ok[None, :],
-                other=0.0).to(tl.float32)
-    dc = rc[:, None] * acc - (rc * rc * t)[:, None] * c
-    tl.store(DC + (b * K + offs_k[:, None]) * D + dd[None, :], dc.to(DC.dtype.element_ty),
-             mask=k_ok[:, None] & d_ok[None, :])
+    c = load_rows(C + b * K * D, offs_k, dd, D, k_ok, d_ok).to(tl.float32)
+    store_rows(DC + b * K * D, offs_k, dd, D, k_ok, d_ok, rc[:, None] * acc - (rc * rc * t)[:, None] * c)
+
+
+# --------------------------------------------------------------------------- #
+# Plans
+# --------------------------------------------------------------------------- #
+def _interpreted(plan: Plan, np_: int, d: int, interpreter: bool) -> Plan:
+    """Triton's interpreter costs per operation, not per element: there the row and D tiles are larger."""
+    return plan.with_tiles(BLOCK_M=p2(np_, hi=64), BLOCK_D=p2(d, hi=32)) if interpreter else plan
+
+
+def forward_plan(np_: int, k: int, d: int, dtype, *, interpreter: Optional[bool] = None) -> Plan:
+    """Tiles chosen so every shipped configuration compiles without spills on sm_80 and sm_90 (AOT
+    table).  The (BLOCK_M, K) tile lives in registers: fewer rows for large K."""
+    interpreter = interpreter_tiles(interpreter)
+    kp = p2(k)
+    if kp > 64:
+        plan = Plan(dict(BLOCK_M=p2(np_, hi=32), BLOCK_KP=kp, BLOCK_D=p2(d, hi=16)), num_warps=8)
+    elif dtype == torch.float32:
+        plan = Plan(dict(BLOCK_M=p2(np_, hi=32), BLOCK_KP=kp, BLOCK_D=p2(d, hi=16)))
+    else:
+        plan = Plan(dict(BLOCK_M=p2(np_, hi=64), BLOCK_KP=kp, BLOCK_D=p2(d, hi=32)))
+    return _interpreted(plan, np_, d, interpreter)
+
+
+def backward_plan(np_: int, k: int, d: int, dtype, *, interpreter: Optional[bool] = None) -> dict:
+    """Plans of the two backward kernels, ``{"rows": ..., "cols": ...}``."""
+    interpreter = interpreter_tiles(interpreter)
+    kp = p2(k)
+    if kp > 64:
+        # fp32 dots run on FMAs (ieee), where an 8-wide D chunk is allowed and keeps the tiles in registers.
+        block_d = 8 if dtype == torch.float32 else 16
+        rows = Plan(dict(BLOCK_M=p2(np_, hi=16), BLOCK_KP=kp, BLOCK_D=p2(d, lo=block_d, hi=block_d)), num_warps=8)
+    else:
+        rows = forward_plan(np_, k, d, dtype, interpreter=False)
+    cols = Plan(dict(BLOCK_M=p2(np_, hi=32), BLOCK_K=p2(k, hi=64), BLOCK_D=p2(d, hi=64)))
+    return dict(rows=_interpreted(rows, np_, d, interpreter), cols=cols)
 
 
 # --------------------------------------------------------------------------- #
 # Launchers
 # --------------------------------------------------------------------------- #
-def _p2(x: int, lo: int = 16, hi: int = 1 << 30) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
-
-
-def forward_config(np_: int, k: int, d: int, dtype) -> dict:
-    """Block sizes and warps; chosen so every shipped configuration compiles without spills on sm_80
-    and sm_90 (AOT table).  The (BLOCK_M, K) tile lives in registers: fewer rows for large K."""
-    kp = _p2(k)
-    if kp > 64:
-        return dict(BLOCK_M=_p2(np_, hi=32), BLOCK_KP=kp, BLOCK_D=_p2(d, hi=16), num_warps=8)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=_p2(np_, hi=32), BLOCK_KP=kp, BLOCK_D=_p2(d, hi=16), num_warps=4)
-    return dict(BLOCK_M=_p2(np_, hi=64), BLOCK_KP=kp, BLOCK_D=_p2(d, hi=32), num_warps=4)
-
-
-def rows_config(np_: int, k: int, d: int, dtype) -> dict:
-    kp = _p2(k)
-    if kp > 64:
-        # fp32 dots run on FMAs (ieee), where an 8-wide D chunk is allowed and keeps the tiles in registers.
-        block_d = 8 if dtype == torch.float32 else 16
-        return dict(BLOCK_M=_p2(np_, hi=16), BLOCK_KP=kp, BLOCK_D=_p2(d, lo=block_d, hi=block_d), num_warps=8)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=_p2(np_, hi=32), BLOCK_KP=kp, BLOCK_D=_p2(d, hi=16), num_warps=4)
-    return dict(BLOCK_M=_p2(np_, hi=64), BLOCK_KP=kp, BLOCK_D=_p2(d, hi=32), num_warps=4)
-
-
-def cols_config(np_: int, k: int, d: int) -> dict:
-    return dict(BLOCK_M=_p2(np_, hi=32), BLOCK_K=_p2(k, hi=64), BLOCK_D=_p2(d, hi=64), num_warps=4)
-
-
-def _tiles(cfg: dict, np_: int, d: int) -> dict:
-    return dict(cfg, BLOCK_M=_p2(np_, hi=64), BLOCK_D=_p2(d, hi=32)) if INTERPRETER_TILES else cfg
-
-
-def mask_similarity_forward(patches, classes, weight=None, bias=None, *, norm: bool = False, eps: float = 1e-5):
+def mask_similarity_forward(patches, classes, weight=None, bias=None, *, norm: bool = False, eps: float = 1e-5,
+                            plan: Plan = None):
     """(out (B, Np, K), rp (B, Np) fp32, rc (B, K) fp32) for contiguous patches, classes."""
     B, NP, D = patches.shape
     K = classes.shape[1]
+    plan = plan or forward_plan(NP, K, D, patches.dtype)
     out = torch.empty((B, NP, K), device=patches.device, dtype=patches.dtype)
     rp = torch.empty((B, NP), device=patches.device, dtype=torch.float32)
     rc = torch.empty((B, K), device=patches.device, dtype=torch.float32)
-    cfg = _tiles(forward_config(NP, K, D, patches.dtype), NP, D)
-    _mask_sim_fwd_kernel[(triton.cdiv(NP, cfg["BLOCK_M"]), B)](
+    _mask_sim_fwd_kernel[(triton.cdiv(NP, plan["BLOCK_M"]), B)](
         patches, classes, weight if weight is not None else rp, bias if bias is not None else rp, out, rp, rc,
         NP, K, D, eps, NORM=norm, HAS_W=weight is not None, HAS_B=bias is not None,
-        DOT_FP32=dot_fp32(patches.dtype), **cfg)
+        DOT_FP32=dot_fp32(patches.dtype), **plan.launch())
     return out, rp, rc
 
 
-def mask_similarity_backward(patches, classes, weight, rp, rc, dout, *, norm: bool = False, eps: float = 1e-5):
-    """(d patches, d classes, d weight or None, d bias or None); ``dout`` contiguous (B, Np, K)."""
+def mask_similarity_backward(patches, classes, weight, rp, rc, dout, *, norm: bool = False, eps: float = 1e-5,
+                             plan: dict = None):
+    """(d patches, d classes, d weight or None, d bias or None); ``dout`` contiguous (B, Np, K).
+    ``plan``: as :func:`backward_plan`."""
     B, NP, D = patches.shape
     K = classes.shape[1]
+    plan = plan or backward_plan(NP, K, D, patches.dtype)
     flag = dot_fp32(patches.dtype)
-    cfg = _tiles(rows_config(NP, K, D, patches.dtype), NP, D)
-    m_blocks = triton.cdiv(NP, cfg["BLOCK_M"])
+    rows, cols = plan["rows"], plan["cols"]
+    m_blocks = triton.cdiv(NP, rows["BLOCK_M"])
     dpatches = torch.empty_like(patches)
     ds = torch.empty((B, NP, K), device=patches.device, dtype=torch.float32)
     part = torch.zeros((B, m_blocks, 3, K), device=patches.device, dtype=torch.float32)
     _mask_sim_bwd_rows_kernel[(m_blocks, B)](
         patches, classes, weight if weight is not None else rp, dout, rp, rc, dpatches, ds, part, NP, K, D, eps,
-        NORM=norm, HAS_W=weight is not None, DOT_FP32=flag, **cfg)
+        NORM=norm, HAS_W=weight is not None, DOT_FP32=flag, **rows.launch())
     dclasses = torch.empty_like(classes)
-    ccfg = cols_config(NP, K, D)
-    grid = (triton.cdiv(K, ccfg["BLOCK_K"]), triton.cdiv(D, ccfg["BLOCK_D"]), B)
+    grid = (triton.cdiv(K, cols["BLOCK_K"]), triton.cdiv(D, cols["BLOCK_D"]), B)
     _mask_sim_bwd_cols_kernel[grid](patches, classes, ds, rp, rc, part, dclasses, NP, K, D, m_blocks,
-                                    DOT_FP32=flag, **ccfg)
+                                    DOT_FP32=flag, **cols.launch())
     dweight = dbias = None
     if norm:
         sums = part.sum(dim=(0, 1))  # fixed-order reduction of the per-block partials: deterministic
@@ -259,31 +247,27 @@ def _aot_configs():
     configs = []
     for dtype, ty in _TY.items():
         for name, NP, K, D in SHIPPED_SHAPES:
+            fwd = forward_plan(NP, K, D, dtype, interpreter=False)
+            bwd = backward_plan(NP, K, D, dtype, interpreter=False)
             for norm, has_w in ((False, False), (True, True), (True, False)):
                 tag = f"{name},{ty}{',norm' if norm else ''}{'' if has_w or not norm else ',no-affine'}"
                 wty = ty if has_w else "fp32"  # without affine the launcher passes an fp32 dummy
-                fsig = dict(P=f"*{ty}", C=f"*{ty}", W=f"*{wty}", BIAS=f"*{wty}", OUT=f"*{ty}", RP="*fp32", RC="*fp32",
-                            NP="i32", K="i32", D="i32", eps="fp32")
-                fc = dict(forward_config(NP, K, D, dtype), NORM=norm, HAS_W=has_w, HAS_B=has_w, DOT_FP32=False)
-                warps = fc.pop("num_warps")
-                configs.append(AOTConfig(_mask_sim_fwd_kernel, f"mask_similarity_fwd[{tag}]",
-                                         dict(fsig, **{c: "constexpr" for c in fc}), fc, num_warps=warps))
-                bsig = dict(P=f"*{ty}", C=f"*{ty}", W=f"*{wty}", DY=f"*{ty}", RP="*fp32", RC="*fp32", DP=f"*{ty}",
-                            DS="*fp32", PART="*fp32", NP="i32", K="i32", D="i32", eps="fp32")
-                bc = dict(rows_config(NP, K, D, dtype), NORM=norm, HAS_W=has_w, DOT_FP32=False)
-                warps = bc.pop("num_warps")
-                configs.append(AOTConfig(_mask_sim_bwd_rows_kernel, f"mask_similarity_bwd_rows[{tag}]",
-                                         dict(bsig, **{c: "constexpr" for c in bc}), bc, num_warps=warps))
-            cc = dict(cols_config(NP, K, D), DOT_FP32=False)
-            warps = cc.pop("num_warps")
-            csig = dict(P=f"*{ty}", C=f"*{ty}", DS="*fp32", RP="*fp32", RC="*fp32", PART="*fp32", DC=f"*{ty}",
-                        NP="i32", K="i32", D="i32", M_BLOCKS="i32")
-            configs.append(AOTConfig(_mask_sim_bwd_cols_kernel, f"mask_similarity_bwd_cols[{name},{ty}]",
-                                     dict(csig, **{c: "constexpr" for c in cc}), cc, num_warps=warps))
+                sig = dict(P=f"*{ty}", C=f"*{ty}", W=f"*{wty}", BIAS=f"*{wty}", OUT=f"*{ty}", RP="*fp32", RC="*fp32",
+                           NP="i32", K="i32", D="i32", eps="fp32")
+                configs.append(AOTConfig.from_plan(_mask_sim_fwd_kernel, f"mask_similarity_fwd[{tag}]", sig, fwd,
+                                                   NORM=norm, HAS_W=has_w, HAS_B=has_w, DOT_FP32=False))
+                sig = dict(P=f"*{ty}", C=f"*{ty}", W=f"*{wty}", DY=f"*{ty}", RP="*fp32", RC="*fp32", DP=f"*{ty}",
+                           DS="*fp32", PART="*fp32", NP="i32", K="i32", D="i32", eps="fp32")
+                configs.append(AOTConfig.from_plan(_mask_sim_bwd_rows_kernel, f"mask_similarity_bwd_rows[{tag}]", sig,
+                                                   bwd["rows"], NORM=norm, HAS_W=has_w, DOT_FP32=False))
+            sig = dict(P=f"*{ty}", C=f"*{ty}", DS="*fp32", RP="*fp32", RC="*fp32", PART="*fp32", DC=f"*{ty}",
+                       NP="i32", K="i32", D="i32", M_BLOCKS="i32")
+            configs.append(AOTConfig.from_plan(_mask_sim_bwd_cols_kernel, f"mask_similarity_bwd_cols[{name},{ty}]",
+                                               sig, bwd["cols"], DOT_FP32=False))
     return configs
 
 
 AOT_CONFIGS = _aot_configs()
 
-__all__ = ["mask_similarity_forward", "mask_similarity_backward", "forward_config", "rows_config", "cols_config",
-           "MAX_K", "INTERPRETER_TILES", "AOT_CONFIGS"]
+__all__ = ["mask_similarity_forward", "mask_similarity_backward", "forward_plan", "backward_plan", "MAX_K",
+           "AOT_CONFIGS"]

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import AOTConfig
+from . import AOTConfig, Plan, p2
 
 
 @triton.jit
@@ -79,13 +79,11 @@ def window_merge_kernel(WIN, OUT, total, H, W, nWh, nWw, sy, sx, swb, swn,
     tl.store(OUT + t.to(tl.int64)[:, None] * C + c[None, :], vals, mask=m)
 
 
-#: 8 warps: a 4096-element tile with 4 warps needs ~255 registers and spills on sm_80.
-NUM_WARPS = 8
-
-
-def _blocks(c: int):
-    block_c = min(triton.next_power_of_2(c), 128)
-    return max(16, 4096 // block_c), block_c
+def plan(c: int) -> Plan:
+    """(tokens, channels) tiles of 4096 elements; 8 warps: with 4, such a tile needs ~255 registers
+    and spills on sm_80."""
+    block_c = p2(c, lo=1, hi=128)
+    return Plan(dict(BLOCK_T=max(16, 4096 // block_c), BLOCK_C=block_c), num_warps=8)
 
 
 def _unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
@@ -106,10 +104,10 @@ def window_partition(x: torch.Tensor, window_size, shift_size, pad_then_roll: bo
     nwh, nww = -(-h // wh), -(-w // ww)
     out = torch.empty((b * nwh * nww, wh, ww, c), dtype=x.dtype, device=x.device)
     total = out.numel() // max(c, 1)
-    block_t, block_c = _blocks(c)
-    window_partition_kernel[(triton.cdiv(total, block_t), triton.cdiv(c, block_c))](
+    tiles = plan(c)
+    window_partition_kernel[(triton.cdiv(total, tiles["BLOCK_T"]), triton.cdiv(c, tiles["BLOCK_C"]))](
         x, out, total, h, w, nwh, nww, *_roll(shift_size, h, w, pad_then_roll), x.stride(0), x.stride(1), x.stride(2),
-        C=c, WH=wh, WW=ww, PAD_THEN_ROLL=pad_then_roll, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=NUM_WARPS)
+        C=c, WH=wh, WW=ww, PAD_THEN_ROLL=pad_then_roll, **tiles.launch())
     return out
 
 
@@ -126,33 +124,29 @@ def window_merge(windows: torch.Tensor, window_size, shift_size, H: int, W: int,
         win = win.contiguous()
     out = torch.empty((b, H, W, c), dtype=win.dtype, device=win.device)
     total = b * H * W
-    block_t, block_c = _blocks(c)
-    window_merge_kernel[(triton.cdiv(total, block_t), triton.cdiv(c, block_c))](
+    tiles = plan(c)
+    window_merge_kernel[(triton.cdiv(total, tiles["BLOCK_T"]), triton.cdiv(c, tiles["BLOCK_C"]))](
         win, out, total, H, W, nwh, nww, *_roll(shift_size, H, W, pad_then_roll), win.stride(0), win.stride(2),
-        C=c, WH=wh, WW=ww, PAD_THEN_ROLL=pad_then_roll, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=NUM_WARPS)
+        C=c, WH=wh, WW=ww, PAD_THEN_ROLL=pad_then_roll, **tiles.launch())
     return out
 
 
 def _aot_configs():
     configs = []
+    ints = dict(total="i32", H="i32", W="i32", nWh="i32", nWw="i32", sy="i32", sx="i32")
     for dtype in ("fp16", "bf16", "fp32"):
         for c, ws in ((96, (7, 7)), (128, (12, 12)), (512, (7, 7))):
-            block_t, block_c = _blocks(c)
-            const = dict(C=c, WH=ws[0], WW=ws[1], PAD_THEN_ROLL=True, BLOCK_T=block_t, BLOCK_C=block_c)
-            ints = ("total", "H", "W", "nWh", "nWw", "sy", "sx")
-            configs.append(AOTConfig(
-                window_partition_kernel, f"window_partition[C={c},{ws[0]}x{ws[1]},{dtype}]",
-                {"X": f"*{dtype}", "OUT": f"*{dtype}", **{k: "i32" for k in ints},
-                 "sxb": "i64", "sxy": "i64", "sxx": "i64", **{k: "constexpr" for k in const}}, const,
-                num_warps=NUM_WARPS))
-            configs.append(AOTConfig(
-                window_merge_kernel, f"window_merge[C={c},{ws[0]}x{ws[1]},{dtype}]",
-                {"WIN": f"*{dtype}", "OUT": f"*{dtype}", **{k: "i32" for k in ints},
-                 "swb": "i64", "swn": "i64", **{k: "constexpr" for k in const}}, const,
-                num_warps=NUM_WARPS))
+            flags = dict(C=c, WH=ws[0], WW=ws[1], PAD_THEN_ROLL=True)
+            tag = f"[C={c},{ws[0]}x{ws[1]},{dtype}]"
+            configs.append(AOTConfig.from_plan(
+                window_partition_kernel, "window_partition" + tag,
+                dict(X=f"*{dtype}", OUT=f"*{dtype}", **ints, sxb="i64", sxy="i64", sxx="i64"), plan(c), **flags))
+            configs.append(AOTConfig.from_plan(
+                window_merge_kernel, "window_merge" + tag,
+                dict(WIN=f"*{dtype}", OUT=f"*{dtype}", **ints, swb="i64", swn="i64"), plan(c), **flags))
     return configs
 
 
 AOT_CONFIGS = _aot_configs()
 
-__all__ = ["window_partition", "window_merge", "AOT_CONFIGS"]
+__all__ = ["window_partition", "window_merge", "plan", "AOT_CONFIGS"]

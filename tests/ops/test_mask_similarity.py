@@ -82,18 +82,6 @@ def test_triton_rejects_too_many_classes():
         semask_fast.mask_similarity(t["patches"].float(), t["classes"].float(), backend="triton")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("k", [150, 19])
-def test_triton_gpu_tiles(monkeypatch, k, dtype):
-    """The register-budgeted tiles compiled for GPUs (the interpreter otherwise runs larger ones)."""
-    require_backend(OP, "triton")
-    from semask_fast.kernels import mask_similarity as kernels
-
-    monkeypatch.setattr(kernels, "INTERPRETER_TILES", False)
-    t = _inputs(1, 40, k, 40, "cpu", affine=True)
-    assert_parity(_op(True), t, list(t), dtype, backend="triton", op=OP)
-
-
 # --------------------------------------------------------------------------- #
 # The native cpu backend: float64 gradcheck on the kernels, thread-count independence
 # --------------------------------------------------------------------------- #

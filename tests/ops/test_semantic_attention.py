@@ -62,49 +62,11 @@ def test_peaked_softmax(kernel_backend, shape, dtype):
     assert_parity(semask_fast.semantic_attention, t, ["sq", "sk", "yv"], dtype, backend=kernel_backend, op=OP)
 
 
-def test_triton_windows_per_program():
-    """Several windows per program (the packing used for large windowed batches), B_ not a multiple."""
-    require_backend(OP, "triton")
-    from semask_fast import reference
-    from semask_fast.kernels.semantic_attention import semantic_attention_backward, semantic_attention_forward
-
-    t = _inputs(7, 49, 150, 40, "cpu")
-    sq, sk, yv = (t[n].float() for n in ("sq", "sk", "yv"))
-    gout = torch.randn(7, 49, 40)
-    out, lse = semantic_attention_forward(sq, sk, yv, windows_per_program=3)
-    grads = semantic_attention_backward(sq, sk, yv, out, lse, gout, windows_per_program=3)
-    ref_in = [x.double().requires_grad_() for x in (sq, sk, yv)]
-    ref_out = reference.semantic_attention(*ref_in)
-    ref_out.backward(gout.double())
-    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
-    for g, r in zip(grads, ref_in):
-        torch.testing.assert_close(g.double(), r.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse.double(), torch.logsumexp(ref_in[0] @ ref_in[1].transpose(1, 2), -1),
-                               atol=1e-5, rtol=1e-5)
-
-
 def test_triton_rejects_too_many_classes():
     require_backend(OP, "triton")
     t = _inputs(1, 8, 300, 16, "cpu")
     with pytest.raises(ValueError, match="K=300"):
         semask_fast.semantic_attention(t["sq"].float(), t["sk"].float(), t["yv"].float(), backend="triton")
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("shape", [(2, 49, 150, 40), (1, 70, 19, 70), (1, 40, 150, 300)],
-                         ids=["K150", "K19", "C-tiled"])
-def test_triton_gpu_tiles(monkeypatch, shape, dtype):
-    """The register-budgeted tiles compiled for GPUs (the interpreter otherwise runs larger ones).
-
-    C = 300 is wider than the key-major backward's C tile on every dtype (several C tiles, dP in
-    BLOCK_CD chunks); the other two hold all of C in one tile.  K = 150 runs the two-piece K
-    registers (128 + 32), K = 19 one piece."""
-    require_backend(OP, "triton")
-    from semask_fast.kernels import semantic_attention as kernels
-
-    monkeypatch.setattr(kernels, "INTERPRETER_TILES", False)
-    assert_parity(semask_fast.semantic_attention, _inputs(*shape, "cpu"), ["sq", "sk", "yv"], dtype,
-                  backend="triton", op=OP)
 
 
 def _fused(B, N, K, C, device, seed=0):

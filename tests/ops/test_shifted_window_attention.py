@@ -14,7 +14,7 @@ the bf16 tensor-core product is not.
 
 Tile size under the interpreter: the kernels' multi-tile paths run with 32-token
 tiles (interpreter cost is per tile operation); GPUs use 16-token tiles with the
-same kernel code, which ``test_triton_gpu_tiling`` runs here too.
+same kernel code, which ``tests/kernels/test_triton_plans.py`` runs here too.
 """
 
 import functools
@@ -26,7 +26,7 @@ import semask_fast
 from semask_fast import reference
 from semask_fast.backends.base import record_dispatch
 from semask_fast.testing import assert_parity
-from tests.conftest import require_backend
+from tests.conftest import next_seed as _next_seed, require_backend
 
 OP = "shifted_window_attention"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -82,10 +82,10 @@ def _keep_mask(backend, windows, h, n, p):
     if backend == "triton":
         from semask_fast.kernels import window_attention as k
 
-        return k.dropout_keep_mask(k.draw_seed(), windows, h, n, p)
-    from semask_fast.backends.cuda.window_attention import draw_seed, dropout_keep  # the GPU kernels' hash
+        return k.dropout_keep_mask(_next_seed("triton"), windows, h, n, p)
+    from semask_fast.backends.cuda.window_attention import dropout_keep  # the GPU kernels' hash
 
-    return dropout_keep(draw_seed(), (windows, h, n, n), p)
+    return dropout_keep(_next_seed(backend), (windows, h, n, n), p)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
@@ -140,16 +140,6 @@ def test_patch_timm_zero_copy_matches_timm(kernel_backend):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     for (name, a), b in zip(patched.named_parameters(), orig.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-3, rtol=1e-3, msg=name)
-
-
-def test_triton_gpu_tiling(monkeypatch):
-    """Image layout with the 16-token tiles GPUs run (the interpreter defaults to 32, same kernel code)."""
-    require_backend(OP, "triton")
-    from semask_fast.kernels import window_attention as k
-
-    monkeypatch.setattr(k, "MULTI_TILE", k.GPU_MULTI_TILE)
-    t = _inputs(1, 10, 13, 1, 16, (7, 7), "cpu")
-    assert_parity(_fn(1, (7, 7), (3, 3), True), t, list(t), torch.float32, backend="triton", op=OP)
 
 
 # --------------------------------------------------------------------------- #

@@ -13,12 +13,13 @@ before each ``tl.dot`` (``DOT_FP32``).  bf16 loads, the casts of P and dS to
 bf16, and bf16 stores are exercised; the bf16 tensor-core product itself is not
 (it is on a GPU, where ``DOT_FP32`` is always False).
 
-Tests at the end are Triton-specific (logsumexp, dropout replay, determinism of
-the table gradient, several windows per program).
+Tests at the end are Triton-specific (dropout replay, determinism of the table
+gradient); the launchers' plans (tiles, windows per program) are tested in
+``tests/kernels``.
 
 Tile size under the interpreter: the kernels' multi-tile paths run with 32-token
 tiles (interpreter cost is per tile operation); GPUs use 16-token tiles with the
-same kernel code, which ``test_triton_gpu_tiling`` runs here too.
+same kernel code, which ``tests/kernels/test_triton_plans.py`` runs here too.
 """
 
 import functools
@@ -31,7 +32,7 @@ from semask_fast import reference
 from semask_fast.backends.base import record_dispatch
 from semask_fast.backends.registry import BackendNotSupportedError
 from semask_fast.testing import assert_parity
-from tests.conftest import require_backend
+from tests.conftest import next_seed as _next_seed, require_backend
 
 OP = "window_attention"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -160,18 +161,6 @@ def _reference_logits(q, k, table, ws, shift, grid, scale):
     return attn
 
 
-@pytest.mark.parametrize("ws,shift,grid", [((7, 7), (3, 3), (1, 2)), ((12, 12), (6, 6), (1, 2))],
-                         ids=["n49", "n144"])
-def test_triton_logsumexp(ws, shift, grid):
-    k = _triton()
-    t = {n: v.float() for n, v in _inputs(2, 2, ws, 32, None, "cpu").items()}
-    out = torch.empty_like(t["q"])
-    geo = k.Geometry(ws, 2, 2, 32, grid=grid, shift=shift)
-    lse = k.window_attention_forward(t["q"], t["k"], t["v"], out, geo, t["bias_table"], scale=32 ** -0.5)
-    logits = _reference_logits(*(t[n].double() for n in ("q", "k", "bias_table")), ws, shift, grid, 32 ** -0.5)
-    torch.testing.assert_close(lse.double(), torch.logsumexp(logits, -1), atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 def test_triton_dropout_replay(dtype):
     """The kernel's keep-mask, materialised for the same seed, reproduces forward and every gradient."""
@@ -179,7 +168,7 @@ def test_triton_dropout_replay(dtype):
     p = 0.3
     t = {n: v.to(dtype).requires_grad_() for n, v in _inputs(4, 2, (7, 7), 16, None, "cpu").items()}
     torch.manual_seed(123)
-    seed = k.draw_seed()
+    seed = _next_seed("triton")
     keep = k.dropout_keep_mask(seed, 4, 2, 49, p)
     assert 0.6 < keep.float().mean().item() < 0.8
     torch.manual_seed(123)
@@ -199,14 +188,6 @@ def test_triton_dropout_replay(dtype):
         torch.testing.assert_close(g.double(), r, atol=tol, rtol=tol, msg=lambda m: f"d{name}: {m}")
 
 
-def test_triton_dropout_seed_changes_mask():
-    k = _triton()
-    a = k.dropout_keep_mask(1, 2, 2, 49, 0.5)
-    b = k.dropout_keep_mask(2, 2, 2, 49, 0.5)
-    assert torch.equal(a, k.dropout_keep_mask(1, 2, 2, 49, 0.5))
-    assert not torch.equal(a, b)
-
-
 @pytest.mark.parametrize("ws,grid", [((7, 7), (2, 3)), ((12, 12), (1, 2))], ids=["n49", "n144"])
 def test_triton_table_grad_deterministic(ws, grid):
     """Two backward runs give a bitwise-identical table gradient (no atomics)."""
@@ -222,46 +203,12 @@ def test_triton_table_grad_deterministic(ws, grid):
     assert torch.equal(table_grads[0], table_grads[1])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
-def test_triton_windows_per_program(dtype):
-    """Four windows per program (the packing large batches get) against the reference: the
-    forward's one-tile path (fp16) and the key loop (fp32), and the backward's partial sums."""
-    k = _triton()
-    ws, grid, shift, wpp = (7, 7), (2, 2), (3, 3), 4
-    t = {n: v.to(dtype) for n, v in _inputs(8, 1, ws, 32, None, "cpu").items()}
-    geo = k.Geometry(ws, 8, 1, 32, grid=grid, shift=shift)
-    out = torch.empty_like(t["q"])
-    lse = k.window_attention_forward(t["q"], t["k"], t["v"], out, geo, t["bias_table"], scale=32 ** -0.5, wpp=wpp)
-    gout = torch.randn_like(out)
-    dq, dk, dv = (torch.empty_like(out) for _ in range(3))
-    d_table, _ = k.window_attention_backward(t["q"], t["k"], t["v"], out, gout, lse, dq, dk, dv, geo,
-                                             t["bias_table"], scale=32 ** -0.5, wpp=wpp)
-    ref_in = {n: v.double().requires_grad_() for n, v in t.items()}
-    ref = reference.window_attention(ref_in["q"], ref_in["k"], ref_in["v"], ref_in["bias_table"], window_size=ws,
-                                     shift_size=shift, grid=grid)
-    ref_grads = torch.autograd.grad(ref, [ref_in[n] for n in GRADS], gout.double())
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
-    for g, r in zip((dq, dk, dv, d_table), ref_grads):
-        torch.testing.assert_close(g.double(), r, atol=tol, rtol=tol)
-
-
 def test_triton_reasons_head_dim():
     """Unsupported-but-valid inputs give a readable reason; forcing the backend raises it."""
     _triton()
     q = torch.randn(1, 1, 4, 256)
     with pytest.raises(BackendNotSupportedError, match="head_dim=256"):
         semask_fast.window_attention(q, q, q, window_size=2, backend="triton")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_triton_gpu_tiling(monkeypatch, dtype):
-    """The 16-token tiles GPUs run (the interpreter defaults to 32-token tiles, same kernel code)."""
-    k = _triton()
-    monkeypatch.setattr(k, "MULTI_TILE", k.GPU_MULTI_TILE)
-    assert k.tiling(49, 32, backward=True)[:3:2] == (16, 4)
-    assert_parity(_fn((7, 7), (3, 3), (1, 2)), _inputs(2, 1, (7, 7), 32, None, "cpu"), GRADS, dtype,
-                  backend="triton", op=OP)
 
 
 # --------------------------------------------------------------------------- #
@@ -304,12 +251,12 @@ def test_cpu_dropout_replay(dtype):
     """The kernels' keep-mask (the GPU kernels' Philox hash, replayed in numpy) reproduces the
     forward and every gradient in the reference."""
     require_backend(OP, "cpu")
-    from semask_fast.backends.cuda.window_attention import draw_seed, dropout_keep
+    from semask_fast.backends.cuda.window_attention import dropout_keep
 
     p, b_, h = 0.3, 4, 2
     t = {n: v.to(dtype).requires_grad_() for n, v in _inputs(b_, h, (7, 7), 16, None, "cpu").items()}
     torch.manual_seed(123)
-    keep = dropout_keep(draw_seed(), (b_, h, 49, 49), p)
+    keep = dropout_keep(_next_seed("cpu"), (b_, h, 49, 49), p)
     assert 0.6 < keep.float().mean().item() < 0.8
     torch.manual_seed(123)
     with record_dispatch() as ran:

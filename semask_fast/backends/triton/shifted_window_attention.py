@@ -43,18 +43,11 @@ class ShiftedWindowAttentionTriton(TritonImpl):
         qkv_bias = inp.qkv_bias if padded else None
         return qkv, geo, qkv_bias
 
-    @staticmethod
-    def _split(t, c):
-        return t[..., :c], t[..., c:2 * c], t[..., 2 * c:]
-
     def forward(self, inp, seed: int):
-        k = _kernels()
         qkv, geo, qkv_bias = self._prepare(inp)
-        c = inp.num_heads * inp.head_dim
-        out = torch.empty(qkv.shape[:3] + (c,), dtype=qkv.dtype, device=qkv.device)
-        lse = k.window_attention_forward(*self._split(qkv, c), out, geo, inp.bias_table, None, qkv_bias,
-                                         scale=inp.scale, mask_value=inp.mask_value, dropout_p=inp.dropout_p,
-                                         seed=seed)
+        out, lse = _kernels().shifted_window_attention_forward(
+            qkv, geo, inp.bias_table, qkv_bias, scale=inp.scale, mask_value=inp.mask_value, dropout_p=inp.dropout_p,
+            seed=seed)
         return (out,), (lse,)
 
     def residuals_like(self, inp):
@@ -64,14 +57,10 @@ class ShiftedWindowAttentionTriton(TritonImpl):
 
     def backward(self, inp, outputs, residuals, grad_outputs, needs, seed: int):
         # The launcher computes every gradient (needs is not passed down yet).
-        k = _kernels()
         qkv, geo, qkv_bias = self._prepare(inp)
-        c = inp.num_heads * inp.head_dim
-        dout = unit_stride(grad_outputs[0])
-        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-        d_table, d_qkv_bias = k.window_attention_backward(
-            *self._split(qkv, c), outputs[0], dout, residuals[0], *self._split(dqkv, c), geo, inp.bias_table, None,
-            qkv_bias, scale=inp.scale, mask_value=inp.mask_value, dropout_p=inp.dropout_p, seed=seed)
+        dqkv, d_table, d_qkv_bias = _kernels().shifted_window_attention_backward(
+            qkv, outputs[0], unit_stride(grad_outputs[0]), residuals[0], geo, inp.bias_table, qkv_bias,
+            scale=inp.scale, mask_value=inp.mask_value, dropout_p=inp.dropout_p, seed=seed)
         if needs[2] and d_qkv_bias is None:  # no pad tokens: the qkv bias reaches no attention input
             d_qkv_bias = torch.zeros_like(inp.qkv_bias)
         return dqkv, d_table if needs[1] else None, d_qkv_bias if needs[2] else None

@@ -51,12 +51,10 @@ class WindowAttentionTriton(TritonImpl):
         return k.Geometry(inp.window_size, b_, h, d, grid=inp.grid, shift=inp.shift_size)
 
     def forward(self, inp, seed: int):
-        k = _kernels()
         q, kk, v = (unit_stride(t) for t in (inp.q, inp.k, inp.v))
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse = k.window_attention_forward(q, kk, v, out, self._geometry(inp), inp.bias_table, inp.mask,
-                                         scale=inp.scale, mask_value=inp.mask_value, dropout_p=inp.dropout_p,
-                                         seed=seed)
+        out, lse = _kernels().window_attention_forward(
+            q, kk, v, self._geometry(inp), inp.bias_table, inp.mask, scale=inp.scale, mask_value=inp.mask_value,
+            dropout_p=inp.dropout_p, seed=seed)
         return (out,), (lse,)
 
     def residuals_like(self, inp):
@@ -64,11 +62,8 @@ class WindowAttentionTriton(TritonImpl):
 
     def backward(self, inp, outputs, residuals, grad_outputs, needs, seed: int):
         # The launcher computes every gradient (needs is not passed down yet).
-        k = _kernels()
         q, kk, v = (unit_stride(t) for t in (inp.q, inp.k, inp.v))
-        dout = unit_stride(grad_outputs[0])
-        dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
-        d_table, _ = k.window_attention_backward(q, kk, v, outputs[0], dout, residuals[0], dq, dk, dv,
-                                                 self._geometry(inp), inp.bias_table, inp.mask, scale=inp.scale,
-                                                 mask_value=inp.mask_value, dropout_p=inp.dropout_p, seed=seed)
+        dq, dk, dv, d_table = _kernels().window_attention_backward(
+            q, kk, v, outputs[0], unit_stride(grad_outputs[0]), residuals[0], self._geometry(inp), inp.bias_table,
+            inp.mask, scale=inp.scale, mask_value=inp.mask_value, dropout_p=inp.dropout_p, seed=seed)
         return dq, dk, dv, d_table if needs[3] else None

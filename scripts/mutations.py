@@ -1,0 +1,164 @@
+"""Planted bugs, each of which a named test must catch.
+
+    python scripts/mutations.py [--list] [--only NAME ...]
+
+Each mutation replaces one exact snippet of one source file (it must occur exactly once), runs the
+named tests, and counts as caught when they fail; the file is restored afterwards whatever
+happens.  The tests run from this checkout with its root first on ``sys.path``; the script first
+checks that the package, its Triton kernels and its C++/CUDA sources would be imported from this
+checkout (an editable install of another checkout maps ``semask_fast.csrc`` to that one's
+``csrc/``: then it stops and says so).  C++ mutations rebuild their extension (cached by content,
+so restoring costs nothing): the whole list takes about 15 minutes on 2 cores, which is why CI
+does not run it; run it after touching a kernel.  Exit status 1 when a mutation survives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str  # relative to the checkout
+    old: str
+    new: str
+    tests: Sequence[str]  # pytest arguments: files, node ids, -k expressions
+    why: str
+
+
+MUTATIONS: List[Mutation] = [
+    # ----------------------------------------------------------------- cpu kernels
+    Mutation("cpu window: softmax without the row maximum", "csrc/cpu/window_attention.cpp",
+             "const Vec<T> e = vexp_nonpositive(vload(st + size_t(j) * np + i) - m);",
+             "const Vec<T> e = vexp(vload(st + size_t(j) * np + i));",
+             ["tests/ops/test_window_attention.py", "-k", "peaked and cpu"],
+             "logits past 88.7 overflow exp"),
+    Mutation("cpu window: mask_value ignored (always -100)", "csrc/cpu/window_attention.cpp",
+             "if (p.shifted() && region[i] != region[j]) x += T(p.mask_value);",
+             "if (p.shifted() && region[i] != region[j]) x += T(-100);",
+             ["tests/ops/test_window_attention.py", "-k", "mild and cpu"],
+             "-100 and -1e4 both saturate the softmax; -1.5 does not"),
+    Mutation("cpu window: dQ without the scale", "csrc/cpu/window_attention.cpp",
+             "write_grad_rows(g.dq, acc, n, d, dp, T(p.scale), pad_acc);",
+             "write_grad_rows(g.dq, acc, n, d, dp, T(1), pad_acc);",
+             ["tests/ops/test_window_attention.py", "-k", "parity and cpu and swin-t and float32"],
+             "a gradient-only bug"),
+    Mutation("cpu online softmax: running sum not rescaled", "csrc/cpu/sf_cpu.h",
+             "vstore(l, vload(l) * al + sum);",
+             "vstore(l, vload(l) + sum);",
+             ["tests/ops/test_semantic_attention.py", "-k", "peaked and cpu and several"],
+             "only the multi-block online loop rescales"),
+    Mutation("cpu ATM: mask logits summed over heads, not averaged", "csrc/cpu/atm_attention.cpp",
+             "for (int j = 0; j < nk; ++j) mrow[int64_t(i) * p.nk + j] = mt[int64_t(j) * ld + i] * inv_heads;",
+             "for (int j = 0; j < nk; ++j) mrow[int64_t(i) * p.nk + j] = mt[int64_t(j) * ld + i];",
+             ["tests/ops/test_atm_attention.py", "-k", "parity and cpu and float32"],
+             "SegViT's mask logits are the head mean"),
+    Mutation("cpu mask similarity: patch norm squared", "csrc/cpu/mask_similarity.cpp",
+             "rp[r] = T(1) / std::sqrt(dot(a + r * D, a + r * D, D));",
+             "rp[r] = T(1) / dot(a + r * D, a + r * D, D);",
+             ["tests/ops/test_mask_similarity.py", "-k", "cpu and float32"],
+             "cosines need unit rows"),
+    # ----------------------------------------------------------------- Triton kernels (interpreter)
+    Mutation("triton: softmax without the running maximum", "semask_fast/kernels/_common.py",
+             "    p = tl.exp(s - m_new[:, None])",
+             "    p = tl.exp(s)",
+             ["tests/kernels/test_triton_adversarial.py", "-k", "peaked"],
+             "logits past 88.7 overflow exp"),
+    Mutation("triton: running sum not rescaled", "semask_fast/kernels/_common.py",
+             "    return m_new, alpha, p, l_i * alpha + tl.sum(p, 1)",
+             "    return m_new, alpha, p, l_i + tl.sum(p, 1)",
+             ["tests/kernels/test_triton_adversarial.py", "-k", "four-tiles or key-loop"],
+             "only multi-tile paths rescale"),
+    Mutation("triton window: mask_value ignored (always -100)", "semask_fast/kernels/window_attention.py",
+             "        s += tl.where(ri[:, None] == rj[None, :], 0.0, mask_value)",
+             "        s += tl.where(ri[:, None] == rj[None, :], 0.0, -100.0)",
+             ["tests/kernels/test_triton_adversarial.py", "-k", "mild"],
+             "-100 and -1e4 both saturate the softmax; -1.5 does not"),
+    Mutation("triton window: backward-only dropout scale missing on dP", "semask_fast/kernels/window_attention.py",
+             "        dp = dropped(dp, keep, dropout_p)",
+             "        dp = tl.where(keep, dp, 0.0)",
+             ["tests/kernels/test_triton_plans.py", "-k", "window_dropout_replay"],
+             "forward-only checks cannot see it"),
+    # ----------------------------------------------------------------- Python layer
+    Mutation("validation: a shift equal to the window accepted", "semask_fast/ops/_common.py",
+             "if any(s >= w for s, w in zip(shift, ws)):",
+             "if any(s > w for s, w in zip(shift, ws)):",
+             ["tests/test_validation.py"],
+             "shift must be smaller than the window"),
+    Mutation("reference: shift mask region rule off by one", "semask_fast/reference.py",
+             "ry = _axis_regions(nwh * wh, wh, shift_size[0], device)",
+             "ry = _axis_regions(nwh * wh, wh, max(shift_size[0] - 1, 0), device)",
+             ["tests/reference/test_reference.py"],
+             "the reference is checked against the official code's transcription"),
+]
+
+
+def _imports_from_this_checkout() -> str:
+    """'' when the package, its kernels and csrc resolve inside ROOT, else what resolves elsewhere."""
+    code = ("import importlib.util, semask_fast, semask_fast.kernels, semask_fast._build as b; "
+            "print(semask_fast.__file__); print(semask_fast.kernels.__file__); print(b.csrc_dir())")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    if out.returncode:
+        return out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "import failed"
+    elsewhere = [p for p in out.stdout.split() if not Path(p).resolve().is_relative_to(ROOT)]
+    return ", ".join(elsewhere)
+
+
+def run_one(m: Mutation) -> bool:
+    """True when the tests fail with the mutation in place (caught)."""
+    path = ROOT / m.file
+    original = path.read_text()
+    if original.count(m.old) != 1:
+        raise SystemExit(f"{m.name}: the snippet occurs {original.count(m.old)} times in {m.file} (expected once); "
+                         "update the mutation list")
+    try:
+        path.write_text(original.replace(m.old, m.new))
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.tests],
+                                cwd=ROOT, env=env, capture_output=True, text=True)
+    finally:
+        path.write_text(original)
+    if result.returncode == 5:
+        raise SystemExit(f"{m.name}: the tests {' '.join(m.tests)} selected nothing")
+    return result.returncode != 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--list", action="store_true", help="print the mutations and the tests meant to catch them")
+    parser.add_argument("--only", action="append", help="run only mutations whose name contains this (repeatable)")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.only or any(o in m.name for o in args.only)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}\n    {m.file}; caught by: pytest {' '.join(m.tests)}\n    ({m.why})")
+        return 0
+    elsewhere = _imports_from_this_checkout()
+    if elsewhere:
+        print(f"these would be imported from outside {ROOT}: {elsewhere}; reinstall this checkout "
+              "(pip install -e .) before mutating it")
+        return 2
+    survived = []
+    for m in chosen:
+        start = time.time()
+        caught = run_one(m)
+        print(f"{'caught  ' if caught else 'SURVIVED'} {m.name} ({time.time() - start:.0f} s)", flush=True)
+        if not caught:
+            survived.append(m.name)
+    print(f"{len(chosen) - len(survived)} of {len(chosen)} planted bugs caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
