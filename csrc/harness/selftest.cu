@@ -11,7 +11,7 @@ namespace {
 // out = x reversed within each block of blockDim.x elements, through shared memory.  With
 // sync == false the barrier between the write and the read is missing.
 __global__ void reverse_kernel(const float* __restrict__ x, float* __restrict__ out, bool sync) {
-  __shared__ float tile[1024];
+  SF_STATIC_SHARED(float, tile, 1024);
   const int t = threadIdx.x, n = blockDim.x;
   const int64_t base = int64_t(blockIdx.x) * n;
   tile[t] = x[base + t];
@@ -49,7 +49,7 @@ __global__ void warp_ops_kernel(const int* __restrict__ x, int* __restrict__ out
 
 // Sum of each block's elements: warp shuffles, then the per-warp partials through shared memory.
 __global__ void block_sum_kernel(const float* __restrict__ x, float* __restrict__ out, int n) {
-  __shared__ float partial[32];
+  SF_STATIC_SHARED(float, partial, 32);
   const int t = threadIdx.x;
   float s = 0.f;
   for (int j = t; j < n; j += blockDim.x) s += x[int64_t(blockIdx.x) * n + j];
@@ -92,6 +92,37 @@ __global__ void host_thread_kernel(int64_t* out) {
   if (threadIdx.x == 0) out[blockIdx.x] = int64_t(std::hash<std::thread::id>()(std::this_thread::get_id()) >> 1);
 }
 
+// One warp: a running maximum kept in shared memory (as a flash-attention row statistic).  Every
+// lane reads it, the warp reduces with shuffles, lane 0 writes the new value.  Without `fence`
+// (a __syncwarp before the write) the other lanes' reads are ordered before lane 0's write only
+// by the shuffles: a race on the GPU, which the instrumented build must report.
+__global__ void running_max_kernel(const float* __restrict__ x, float* __restrict__ out, bool fence) {
+  SF_STATIC_SHARED(float, m, 1);
+  const int lane = threadIdx.x;
+  if (lane == 0) m[0] = x[0];
+  __syncwarp();
+  float v = fmaxf(m[0], x[lane]);
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
+  if (fence) __syncwarp();
+  if (lane == 0) m[0] = v;
+  __syncwarp();
+  out[lane] = m[0];
+}
+
+// 16 KiB of static and `dynamic` bytes of dynamic shared memory, every byte written and read back.
+__global__ void shared_memory_kernel(float* __restrict__ out, int dynamic) {
+  SF_STATIC_SHARED(float, fixed, 4096);
+  SF_DYNAMIC_SHARED(float, extra);
+  const int t = threadIdx.x, n = dynamic / 4;
+  for (int i = t; i < 4096; i += blockDim.x) fixed[i] = float(i);
+  for (int i = t; i < n; i += blockDim.x) extra[i] = float(i);
+  __syncthreads();
+  float s = 0.f;
+  for (int i = t; i < 4096; i += blockDim.x) s += fixed[i];
+  for (int i = t; i < n; i += blockDim.x) s += extra[i];
+  out[t] = s;
+}
+
 // One warp: d = A B (load_a_frag, load_b_frag), dt = A^T B' (load_a_frag_t, load_b_frag_t), and
 // e = [A B | A B2] B3: the two accumulators re-used as the A operand (acc_to_a_frag).
 // a: 16x16 row-major, b: 8x16 (n-major, B[k][n] = b[n*16+k]), bt: 16x8 k-major, b2 like b,
@@ -99,7 +130,11 @@ __global__ void host_thread_kernel(int64_t* out) {
 template <typename T>
 __global__ void mma_kernel(const T* a, const T* b, const T* bt, const T* b2, const T* b3, float* d, float* dt,
                            float* e) {
-  __shared__ __align__(16) T sa[16 * 16], sb[8 * 16], sbt[16 * 8], sb2[8 * 16], sb3[16 * 8];
+  SF_STATIC_SHARED(T, sa, 16 * 16);
+  SF_STATIC_SHARED(T, sb, 8 * 16);
+  SF_STATIC_SHARED(T, sbt, 16 * 8);
+  SF_STATIC_SHARED(T, sb2, 8 * 16);
+  SF_STATIC_SHARED(T, sb3, 16 * 8);
   const int lane = threadIdx.x;
   for (int i = lane; i < 256; i += 32) sa[i] = a[i];
   for (int i = lane; i < 128; i += 32) sb[i] = b[i], sbt[i] = bt[i], sb2[i] = b2[i], sb3[i] = b3[i];
@@ -197,6 +232,22 @@ at::Tensor host_threads(int64_t blocks) {
   return out;
 }
 
+at::Tensor running_max(const at::Tensor& x, bool fence) {
+  SF_CHECK_INPUT(x, 1);
+  SF_CHECK_DTYPE(x, at::kFloat);
+  TORCH_CHECK(x.numel() == 32, "running_max: x must have 32 elements");
+  at::Tensor out = at::empty_like(x);
+  SF_LAUNCH(running_max_kernel, 1, 32, 0, nullptr, x.data_ptr<float>(), out.data_ptr<float>(), fence);
+  return out;
+}
+
+// Per thread of one 128-thread block, the sum of its share of 0..4095 and 0..dynamic/4-1.
+at::Tensor shared_memory(const at::Tensor& like, int64_t dynamic) {
+  at::Tensor out = at::empty({128}, like.options().dtype(at::kFloat));
+  SF_LAUNCH(shared_memory_kernel, 1, 128, dynamic, nullptr, out.data_ptr<float>(), int(dynamic));
+  return out;
+}
+
 std::vector<at::Tensor> mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bt, const at::Tensor& b2,
                             const at::Tensor& b3) {
   for (const at::Tensor* t : {&a, &b, &bt, &b2, &b3}) {
@@ -227,6 +278,8 @@ SF_TORCH_LIBRARY_FRAGMENT(m) {
   m.def("selftest_atomics(int blocks, int threads) -> Tensor[]");
   m.def("selftest_early_exit(int threads) -> Tensor");
   m.def("selftest_host_threads(int blocks) -> Tensor");
+  m.def("selftest_running_max(Tensor x, bool fence) -> Tensor");
+  m.def("selftest_shared_memory(Tensor like, int dynamic) -> Tensor");
   m.def("selftest_mma(Tensor a, Tensor b, Tensor bt, Tensor b2, Tensor b3) -> Tensor[]");
 }
 
@@ -236,6 +289,8 @@ SF_TORCH_LIBRARY_IMPL(m) {
   m.impl("selftest_block_sum", &block_sum);
   m.impl("selftest_accumulate", &accumulate);
   m.impl("selftest_mma", &mma);
+  m.impl("selftest_running_max", &running_max);
+  m.impl("selftest_shared_memory", &shared_memory);
 }
 
 // Ops without tensor inputs have no dispatch key to select an implementation by.

@@ -10,13 +10,21 @@
 //   the order in which the fibers run is a seeded random permutation (SF_SIMT_SEED, default 0;
 //   fixed per (seed, block) so runs are reproducible), so a kernel that relies on an order the
 //   hardware does not guarantee (a missing __syncthreads) computes wrong values in tests.
-// - Static __shared__ variables are thread_local statics: one copy per host thread, i.e. per
-//   running block.  Dynamic shared memory is declared with SF_DYNAMIC_SHARED(T, name) (the
-//   harness cannot express `extern __shared__ T name[]`); it is filled with 0xFF bytes (NaN for
-//   every float type) before each block, so reading shared memory nobody wrote shows up.
+// - Shared memory is declared with SF_DYNAMIC_SHARED(T, name) (the harness cannot express
+//   `extern __shared__ T name[]`) and SF_STATIC_SHARED(T, name, count) (a thread_local static:
+//   one copy per host thread, i.e. per running block; a plain `__shared__` does not compile
+//   here, so none escapes the count below).  Both are filled with 0xFF bytes (NaN for every
+//   float type) before a block uses them, so reading shared memory nobody wrote shows up.
+// - A block's static plus dynamic shared memory must fit the target architecture's limit
+//   (SF_SIMT_ARCH: sm_80 163 KiB, sm_86 / sm_89 99 KiB, sm_90 227 KiB, the default), and its
+//   static shared memory nvcc's 48 KiB; a launch or a declaration past them throws.
 // - Warp operations (__shfl*_sync, __ballot_sync, __any/__all_sync, __syncwarp and the MMA
 //   emulation of sf_mma.cuh) are exchanges through a per-warp buffer guarded by a warp barrier:
-//   every lane named in the mask must reach the same operation, as on sm_70+.
+//   every lane named in the mask must reach the same operation, as on sm_70+.  Only __syncwarp
+//   and __syncthreads order memory: the instrumented trace build (csrc/harness/sf_race.h)
+//   reports shared-memory accesses of two threads that only a shuffle (or nothing) separates,
+//   which the run order above cannot show (a lane's reads before a shuffle always run before
+//   another lane's writes after it here, not on the GPU).
 // - Barrier misuse is an error, not a hang: if some threads wait at a barrier that the others
 //   can no longer reach (they returned, or wait at another warp operation), the launch throws
 //   std::runtime_error naming the block and the barrier.
@@ -46,7 +54,7 @@
 
 // ---------------------------------------------------------------------------------------------
 // CUDA keywords.  The CUDA headers define most of them to nothing under a host compiler;
-// __shared__ must become per-block (= per host thread) storage.
+// shared memory must become per-block (= per host thread) storage the harness can count.
 // ---------------------------------------------------------------------------------------------
 #undef __global__
 #undef __device__
@@ -61,7 +69,8 @@
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
 #define __noinline__ __attribute__((noinline))
-#define __shared__ static thread_local
+// Static shared memory is SF_STATIC_SHARED (sf_common.cuh), which the harness counts.
+#define __shared__ static_assert(false, "declare static shared memory with SF_STATIC_SHARED(T, name, count)");
 #define __constant__ static const
 #define __launch_bounds__(...)
 
@@ -70,8 +79,15 @@ namespace simt {
 
 constexpr int kWarpSize = 32;
 constexpr int kMaxThreadsPerBlock = 1024;
-// Largest dynamic shared memory a block may opt in to (sm_90: 227 KiB).
-constexpr size_t kMaxDynamicSmem = 227 * 1024;
+// Shared memory a block may use, static plus dynamic (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+struct ArchLimit {
+  const char* arch;
+  size_t smem;
+};
+constexpr ArchLimit kArchLimits[] = {{"sm_80", 163 * 1024}, {"sm_86", 99 * 1024}, {"sm_89", 99 * 1024},
+                                     {"sm_90", 227 * 1024}};
+// Static shared memory of a kernel (nvcc rejects more).
+constexpr size_t kMaxStaticSmem = 48 * 1024;
 // Bytes each lane may contribute to one warp exchange (the MMA emulation needs 24).
 constexpr size_t kExchangeSlot = 64;
 constexpr size_t kFiberStack = 256 * 1024;
@@ -95,7 +111,15 @@ struct Warp {
   unsigned exists = 0;       // bitmask of those lanes
   unsigned mask = 0;         // mask of the warp barrier being gathered (0: none)
   int arrived = 0;
+  bool fence = false;        // the barrier being gathered is a __syncwarp
+  unsigned syncs = 0;        // __syncwarp()s completed by the whole warp (orders memory)
   alignas(16) unsigned char buf[2][kWarpSize][kExchangeSlot];
+};
+
+// A static shared array in use by the running block.
+struct StaticShared {
+  unsigned char* begin;
+  size_t bytes;
 };
 
 void run_fiber_body();
@@ -106,6 +130,13 @@ struct BlockRunner {
   std::vector<Warp> warps;
   std::vector<Fiber*> ready, next;
   std::vector<unsigned char> dynamic_smem;
+  size_t dynamic_bytes = 0;                  // the launch's dynamic shared memory
+  std::vector<StaticShared> statics;         // the block's static shared arrays so far
+  size_t static_bytes = 0;
+  size_t smem_limit = 0;                     // static + dynamic (the target architecture's)
+  const char* arch = "";
+  unsigned barriers = 0;                     // __syncthreads()s the block completed
+  unsigned long long block_serial = 0;       // distinct per block run on this host thread
   void* scheduler_sp = nullptr;
 #if !defined(__x86_64__)
   ucontext_t scheduler_ctx;
@@ -123,6 +154,10 @@ struct BlockRunner {
 };
 
 inline thread_local BlockRunner* tls_runner = nullptr;
+// Set while the harness's own code runs inside a kernel: the instrumented build's memory checks
+// (sf_race.h) skip those accesses, and do not re-enter themselves through the library calls they
+// make (g++ does not inline instrumented code into uninstrumented functions).
+inline thread_local bool tls_internal = false;
 
 inline BlockRunner& runner() { return *tls_runner; }
 inline Fiber& fiber() { return *tls_runner->current; }
@@ -215,6 +250,7 @@ inline void block_barrier() {
   f.state = Fiber::kAtBlockBarrier;
   if (++r.at_block_barrier == r.nthreads) {
     r.at_block_barrier = 0;
+    ++r.barriers;
     for (int t = 0; t < r.nthreads; ++t) {
       r.fibers[t].state = Fiber::kReady;
       r.next.push_back(&r.fibers[t]);
@@ -224,7 +260,8 @@ inline void block_barrier() {
 }
 
 // Warp barrier over the lanes of `mask` (that exist); every one of them must pass the same mask.
-inline void warp_barrier(unsigned mask) {
+// `fence`: a __syncwarp (orders the lanes' memory accesses); every lane must reach the same kind.
+inline void warp_barrier(unsigned mask, bool fence) {
   BlockRunner& r = runner();
   Fiber& f = fiber();
   Warp& w = r.warps[f.warp];
@@ -232,13 +269,17 @@ inline void warp_barrier(unsigned mask) {
   if (!(members >> f.lane & 1u)) fail("warp operation with a mask that excludes the calling lane");
   if (w.mask == 0) {
     w.mask = mask;
+    w.fence = fence;
   } else if (w.mask != mask) {
     fail("lanes of one warp reached warp operations with different masks");
+  } else if (w.fence != fence) {
+    fail("lanes of one warp reached different warp operations (__syncwarp and a shuffle)");
   }
   f.state = Fiber::kAtWarpBarrier;
   if (++w.arrived == __builtin_popcount(members)) {
     w.mask = 0;
     w.arrived = 0;
+    if (fence) ++w.syncs;
     int base = f.warp * kWarpSize;
     for (int l = 0; l < w.lanes; ++l) {
       if (members >> l & 1u) {
@@ -254,12 +295,12 @@ inline void warp_barrier(unsigned mask) {
 // Every lane of `mask` contributes `bytes` bytes; returns the warp's buffer: lane l's bytes at
 // [l * kExchangeSlot].  Valid until this lane's next-but-one exchange (two buffers alternate; a
 // lane cannot start the exchange after next before every lane has left this one).
-inline const unsigned char* warp_exchange(unsigned mask, const void* data, size_t bytes) {
+inline const unsigned char* warp_exchange(unsigned mask, const void* data, size_t bytes, bool fence = false) {
   Fiber& f = fiber();
   Warp& w = runner().warps[f.warp];
   unsigned char (*buf)[kExchangeSlot] = w.buf[f.exchanges++ & 1u];
   std::memcpy(buf[f.lane], data, bytes);
-  warp_barrier(mask);
+  warp_barrier(mask, fence);
   return &buf[0][0];
 }
 
@@ -279,6 +320,20 @@ inline unsigned long long env_u64(const char* name, unsigned long long fallback)
 
 inline std::string dim_str(dim3 d) {
   return "(" + std::to_string(d.x) + "," + std::to_string(d.y) + "," + std::to_string(d.z) + ")";
+}
+
+// The target architecture (SF_SIMT_ARCH, default sm_90) and its shared-memory limit.
+inline const ArchLimit& arch_limit() {
+  const char* v = std::getenv("SF_SIMT_ARCH");
+  const std::string arch = v && *v ? v : "sm_90";
+  for (const ArchLimit& a : kArchLimits)
+    if (arch == a.arch) return a;
+  throw std::runtime_error("SIMT harness: SF_SIMT_ARCH=" + arch + " (expected sm_80, sm_86, sm_89 or sm_90)");
+}
+
+inline std::string smem_use(const BlockRunner& r) {
+  return std::to_string(r.static_bytes + r.dynamic_bytes) + " bytes of shared memory (" +
+         std::to_string(r.static_bytes) + " static + " + std::to_string(r.dynamic_bytes) + " dynamic)";
 }
 
 inline void setup_runner(BlockRunner& r, dim3 grid, dim3 block, size_t smem) {
@@ -301,12 +356,20 @@ inline void setup_runner(BlockRunner& r, dim3 grid, dim3 block, size_t smem) {
     r.warps[w].exists = lanes == kWarpSize ? 0xFFFFFFFFu : ((1u << lanes) - 1u);
   }
   r.dynamic_smem.resize(std::max<size_t>(smem, 16));
+  r.dynamic_bytes = smem;
+  const ArchLimit& a = arch_limit();
+  r.smem_limit = a.smem;
+  r.arch = a.arch;
 }
 
 inline void run_block(BlockRunner& r, dim3 bidx, unsigned long long seed) {
   r.block_idx = bidx;
   r.error.clear();
   r.at_block_barrier = 0;
+  r.barriers = 0;
+  ++r.block_serial;
+  r.statics.clear();
+  r.static_bytes = 0;
   std::memset(r.dynamic_smem.data(), 0xFF, r.dynamic_smem.size());
   r.ready.clear();
   r.next.clear();
@@ -321,7 +384,7 @@ inline void run_block(BlockRunner& r, dim3 bidx, unsigned long long seed) {
     prepare_fiber(f);
     r.ready.push_back(&f);
   }
-  for (Warp& w : r.warps) w.mask = 0, w.arrived = 0;
+  for (Warp& w : r.warps) w.mask = 0, w.arrived = 0, w.fence = false, w.syncs = 0;
   unsigned long long block_linear = bidx.x + (unsigned long long)r.grid_dim.x * (bidx.y + (unsigned long long)r.grid_dim.y * bidx.z);
   unsigned long long state = mix64(seed * 0x2545F4914F6CDD1Dull + block_linear);
   while (!r.ready.empty()) {
@@ -361,9 +424,10 @@ inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void(
     throw std::runtime_error("SIMT launch: block " + dim_str(block) + " must have 1..1024 threads");
   if (grid.y > 65535 || grid.z > 65535)
     throw std::runtime_error("SIMT launch: grid " + dim_str(grid) + ": y and z must be <= 65535");
-  if (smem > kMaxDynamicSmem)
-    throw std::runtime_error("SIMT launch: " + std::to_string(smem) + " bytes of dynamic shared memory (max " +
-                             std::to_string(kMaxDynamicSmem) + ")");
+  const ArchLimit& arch = arch_limit();
+  if (smem > arch.smem)
+    throw std::runtime_error("SIMT launch: " + std::to_string(smem) + " bytes of dynamic shared memory (" +
+                             arch.arch + " gives a block at most " + std::to_string(arch.smem) + ", SF_SIMT_ARCH)");
   unsigned long long nblocks = (unsigned long long)grid.x * grid.y * grid.z;
   if (nblocks == 0) return;
   unsigned long long seed = env_u64("SF_SIMT_SEED", 0);
@@ -404,6 +468,25 @@ inline T* dynamic_shared() {
   return reinterpret_cast<T*>(runner().dynamic_smem.data());
 }
 
+// A thread reached the declaration of a static shared array (SF_STATIC_SHARED): the first one
+// of the block counts it against the limits and poisons it (as dynamic shared memory).
+__attribute__((no_sanitize_thread)) inline void note_static_shared(void* p, size_t bytes) {
+  BlockRunner& r = runner();
+  unsigned char* begin = static_cast<unsigned char*>(p);
+  for (const StaticShared& s : r.statics)
+    if (s.begin == begin) return;
+  tls_internal = true;
+  r.statics.push_back({begin, bytes});
+  tls_internal = false;
+  r.static_bytes += bytes;
+  if (r.static_bytes > kMaxStaticSmem)
+    fail(std::to_string(r.static_bytes) + " bytes of static shared memory (nvcc allows " +
+         std::to_string(kMaxStaticSmem) + ")");
+  if (r.static_bytes + r.dynamic_bytes > r.smem_limit)
+    fail(smem_use(r) + ": " + r.arch + " gives a block at most " + std::to_string(r.smem_limit) + " (SF_SIMT_ARCH)");
+  std::memset(begin, 0xFF, bytes);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Warp primitives
 // ---------------------------------------------------------------------------------------------
@@ -435,7 +518,7 @@ inline void check_width(int width) {
 #define warpSize 32
 
 inline void __syncthreads() { sf::simt::block_barrier(); }
-inline void __syncwarp(unsigned mask = 0xFFFFFFFFu) { sf::simt::warp_exchange(mask, &mask, 0); }
+inline void __syncwarp(unsigned mask = 0xFFFFFFFFu) { sf::simt::warp_exchange(mask, &mask, 0, true); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 [[noreturn]] inline void __trap() { sf::simt::fail("__trap()"); }

@@ -11,6 +11,8 @@
 // Shared memory (thread_local statics), fiber stacks and harness bookkeeping are not registered,
 // so they are not counted: what remains is the global-memory traffic of the kernels.
 //
+// The same build checks shared memory for races (sf_race.h): plain loads and stores go to both.
+//
 // Per region it reports issued bytes (every access) and unique bytes per kernel launch (an address
 // counts once per launch: the DRAM model, in which a launch's repeated reads hit in cache), the same
 // two measures benchmarks/traffic.py takes from Triton's interpreter.  Tracing needs the blocks of a
@@ -27,6 +29,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <vector>
+
+#include "sf_race.h"
 
 #define SF_NO_TRACE __attribute__((no_sanitize_thread, noinline))
 
@@ -60,6 +64,12 @@ SF_NO_TRACE inline void access(const void* p, long n, bool write) {
     for (uintptr_t x = a; x < e; ++x) r.seen[x - r.begin] |= bit;
     return;
   }
+}
+
+// A plain (not atomic) load or store: counted, and checked for shared-memory races.
+SF_NO_TRACE inline void plain_access(const void* p, long n, bool write) {
+  race::on_access(p, n, write);
+  access(p, n, write);
 }
 
 // Folds the unique bytes of the launch that just ended into the totals.
@@ -161,18 +171,18 @@ SF_NO_TRACE inline void on_launch() {
 // The instrumentation's callbacks.  Hidden: each traced library counts its own kernels.
 #define SF_TRACE_EXPORT extern "C" __attribute__((visibility("hidden"))) SF_NO_TRACE
 #define SF_TRACE_ACCESS(n)                                                                                     \
-  SF_TRACE_EXPORT void __tsan_read##n(void* p) { sf::trace::access(p, n, false); }                            \
-  SF_TRACE_EXPORT void __tsan_write##n(void* p) { sf::trace::access(p, n, true); }                            \
-  SF_TRACE_EXPORT void __tsan_unaligned_read##n(void* p) { sf::trace::access(p, n, false); }                  \
-  SF_TRACE_EXPORT void __tsan_unaligned_write##n(void* p) { sf::trace::access(p, n, true); }
+  SF_TRACE_EXPORT void __tsan_read##n(void* p) { sf::trace::plain_access(p, n, false); }                      \
+  SF_TRACE_EXPORT void __tsan_write##n(void* p) { sf::trace::plain_access(p, n, true); }                      \
+  SF_TRACE_EXPORT void __tsan_unaligned_read##n(void* p) { sf::trace::plain_access(p, n, false); }            \
+  SF_TRACE_EXPORT void __tsan_unaligned_write##n(void* p) { sf::trace::plain_access(p, n, true); }
 SF_TRACE_ACCESS(1)
 SF_TRACE_ACCESS(2)
 SF_TRACE_ACCESS(4)
 SF_TRACE_ACCESS(8)
 SF_TRACE_ACCESS(16)
 #undef SF_TRACE_ACCESS
-SF_TRACE_EXPORT void __tsan_read_range(void* p, unsigned long n) { sf::trace::access(p, long(n), false); }
-SF_TRACE_EXPORT void __tsan_write_range(void* p, unsigned long n) { sf::trace::access(p, long(n), true); }
+SF_TRACE_EXPORT void __tsan_read_range(void* p, unsigned long n) { sf::trace::plain_access(p, long(n), false); }
+SF_TRACE_EXPORT void __tsan_write_range(void* p, unsigned long n) { sf::trace::plain_access(p, long(n), true); }
 SF_TRACE_EXPORT void __tsan_init() {}
 SF_TRACE_EXPORT void __tsan_func_entry(void*) {}
 SF_TRACE_EXPORT void __tsan_func_exit() {}

@@ -7,7 +7,9 @@
 //
 // Kernels write plain CUDA, with two harness-visible conventions:
 // - launch with SF_LAUNCH(kernel, grid, block, smem_bytes, stream, args...);
-// - dynamic shared memory is SF_DYNAMIC_SHARED(T, name); (not `extern __shared__ T name[]`).
+// - dynamic shared memory is SF_DYNAMIC_SHARED(T, name); (not `extern __shared__ T name[]`);
+// - static shared memory is SF_STATIC_SHARED(T, name, count); (16-byte aligned; the harness counts
+//   it against the architecture's shared-memory limit, see sf_simt.h).
 #pragma once
 
 #include <cstdint>
@@ -27,6 +29,9 @@
   sf_simt_launch(kernel, dim3(grid), dim3(block), size_t(smem), ##__VA_ARGS__)
 #endif
 #define SF_DYNAMIC_SHARED(T, name) T* name = ::sf::simt::dynamic_shared<T>()
+#define SF_STATIC_SHARED(T, name, count)    \
+  alignas(16) static thread_local T name[count]; \
+  ::sf::simt::note_static_shared(name, sizeof(name))
 // The harness has no launch errors to collect after the fact: a failing launch throws.
 #define SF_CHECK_LAUNCH() ((void)0)
 // Opt a kernel in to more than 48 KiB of dynamic shared memory (no limit to lift in the harness).
@@ -37,6 +42,7 @@
 #include <cuda_runtime.h>
 #define SF_LAUNCH(kernel, grid, block, smem, stream, ...) \
   kernel<<<dim3(grid), dim3(block), size_t(smem), stream>>>(__VA_ARGS__)
+#define SF_STATIC_SHARED(T, name, count) __shared__ __align__(16) T name[count]
 #define SF_DYNAMIC_SHARED(T, name) \
   extern __shared__ __align__(16) unsigned char sf_dynamic_smem_[]; \
   T* name = reinterpret_cast<T*>(sf_dynamic_smem_)

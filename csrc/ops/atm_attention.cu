@@ -22,11 +22,14 @@
 //   delta_i = rowsum(dO_i * O_i);  dS = P * (f dP' - delta) + dM / h;
 //   dK, dV: a block per key tile loops over query tiles; dQ: a block per
 //   query tile loops over key tiles.
-// Dropout: keep = philox(seed, ((b * h + head) * Nq + i) * Nk + j) >= p, the same
-// hash as window_attention.cu, evaluated in forward and backward.
+// Dropout: sf_dropout.cuh with element index ((b * h + head) * Nq + i) * Nk + j, evaluated in
+// forward and backward.
 
 #include "sf_common.cuh"
-#include "sf_mma.cuh"
+#include "sf_dropout.cuh"
+#include "sf_reduce.cuh"
+#include "sf_tile.cuh"
+#include "sf_warp_gemm.cuh"
 
 #include <cstdint>
 #include <type_traits>
@@ -62,87 +65,25 @@ struct Params {
   bool vec;                // tiles load in 16-byte chunks (see stage_tile)
 };
 
-SF_DEVICE_INLINE float warp_max(float x) {
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-
-SF_DEVICE_INLINE float warp_sum(float x) {
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-
-SF_DEVICE_INLINE uint32_t mulhi32(uint32_t a, uint32_t b) {
-  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
-}
-
-// Philox-4x32-10 (first output word), as in window_attention.cu.
-SF_DEVICE_INLINE uint32_t philox(uint64_t seed, uint64_t index) {
-  uint32_t c0 = static_cast<uint32_t>(index), c1 = static_cast<uint32_t>(index >> 32), c2 = 0, c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int r = 0; r < 10; ++r) {
-    const uint32_t hi0 = mulhi32(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
-    const uint32_t hi1 = mulhi32(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
-    c0 = hi1 ^ c1 ^ k0;
-    c1 = lo1;
-    c2 = hi0 ^ c3 ^ k1;
-    c3 = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  return c0;
-}
+using sf::group_max;
+using sf::group_sum;
+using sf::warp_max;
+using sf::warp_sum;
 
 SF_DEVICE_INLINE float dropout_factor(const Params& p, uint64_t index) {
-  if (p.dropout_p <= 0.f) return 1.f;
-  const float u = static_cast<float>(philox(p.seed, index) >> 8) * (1.0f / 16777216.0f);
-  return u >= p.dropout_p ? p.keep_scale : 0.f;
+  return sf::dropout_factor(p.seed, p.dropout_p, p.keep_scale, index);
 }
-
-SF_DEVICE_INLINE void stage(float& dst, float x) { dst = x; }
-SF_DEVICE_INLINE void stage(float& dst, __half x) { dst = sf::to_float(x); }
-SF_DEVICE_INLINE void stage(float& dst, __nv_bfloat16 x) { dst = sf::to_float(x); }
-SF_DEVICE_INLINE void stage(__half& dst, __half x) { dst = x; }
-SF_DEVICE_INLINE void stage(__nv_bfloat16& dst, __nv_bfloat16 x) { dst = x; }
-
-// 16 bytes, moved by one load or store.
-struct alignas(16) Chunk16 {
-  uint32_t w[4];
-};
 
 // Stage rows [row0, row0 + rows) x [0, DP) of a (n, d) matrix into dst (row stride ld, in S),
 // zero padded; the threads first, first + step, ... share the work (a warp: lane, 32; the
 // block: threadIdx.x, blockDim.x).  With p.vec (d a multiple of 16 bytes, every tensor 16-byte
-// aligned: checked by the host) a thread moves 16-byte chunks of a row, and stores them whole
-// into the 16-bit tiles (rows and bases 16-byte aligned, see mma_ld; the fp32 tiles' padded
-// rows are not).
+// aligned: checked by the host) 16-byte chunks (the 16-bit tiles' rows and bases are 16-byte
+// aligned, see mma_ld; the fp32 tiles' padded rows are not, and take the chunks apart).
 template <typename S, typename T, int DP>
 SF_DEVICE_INLINE void stage_tile(const Params& p, S* dst, int ld, const T* src, int row0, int rows, int n, int first,
                                  int step) {
-  const int d = p.d;
-  if (p.vec) {
-    constexpr int V = 16 / sizeof(T), CPR = DP / V;  // elements per chunk, chunks per padded row
-    for (int e = first; e < rows * CPR; e += step) {
-      const int r = e / CPR, t = (e % CPR) * V, row = row0 + r;
-      Chunk16 c{};
-      if (row < n && t < d) c = *reinterpret_cast<const Chunk16*>(src + static_cast<int64_t>(row) * d + t);
-      if constexpr (std::is_same_v<S, T> && sizeof(T) == 2) {
-        *reinterpret_cast<Chunk16*>(dst + r * ld + t) = c;
-      } else {
-        const T* x = reinterpret_cast<const T*>(&c);
-#pragma unroll
-        for (int v = 0; v < V; ++v) stage(dst[r * ld + t + v], x[v]);
-      }
-    }
-    return;
-  }
-  const S zero = sf::from_float<S>(0.f);
-  for (int e = first; e < rows * DP; e += step) {
-    const int r = e / DP, t = e % DP;
-    const int row = row0 + r;
-    if (row < n && t < d) stage(dst[r * ld + t], src[static_cast<int64_t>(row) * d + t]);
-    else dst[r * ld + t] = zero;
-  }
+  if (p.vec) sf::stage_tile_16b<DP>(dst, ld, src, row0, rows, n, p.d, first, step);
+  else sf::stage_tile<S>(dst, ld, src, p.d, row0, rows, n, 0, DP, p.d, first, step);
 }
 
 // The whole (kThreads) block stages a tile.
@@ -213,16 +154,6 @@ SF_HOST_DEVICE constexpr int64_t fwd_warp_bytes() {
 template <typename T, int DP>
 SF_HOST_DEVICE constexpr int64_t fwd_smem_bytes(int heads) {
   return 2 * 4 * static_cast<int64_t>(heads) * BM + fwd_warps<T, DP>() * fwd_warp_bytes<T, DP>();
-}
-
-SF_DEVICE_INLINE float group_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-
-SF_DEVICE_INLINE float group_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
 // Where a block's result for (head, row i) goes: normalised output and logsumexp (one split),
@@ -342,7 +273,9 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32, 1) atm_attention_fwd_
         const float m_new = fmaxf(m_old, warp_max(x));
         const float prob = x == kNegInf ? 0.f : __expf(x - m_new);
         const float l_new = l_old * __expf(m_old - m_new) + warp_sum(prob);  // e^-inf = 0
-        // Every lane read m_old / l_old before the shuffles above: lane 0 may overwrite.
+        // Every lane has read m_old / l_old: lane 0 may overwrite (the shuffles above order no
+        // memory access, the __syncwarp does).
+        __syncwarp();
         if (lane == 0) {
           mrow[hd * BM + r] = m_new;
           lrow[hd * BM + r] = l_new;
@@ -424,17 +357,8 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32, 1)
 
   // S = q_h k_h^T (unscaled) for the staged tiles.
   auto logits = [&](float (&s)[ST][4], const uint32_t (&qf)[KS][4]) {
-#pragma unroll
-    for (int st = 0; st < ST; ++st) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[st][e] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < KS; ++kk) {
-        uint32_t bf[2];
-        sf::load_b_frag<T>(bf, ks + st * 8 * LD + kk * 16, LD, lane);
-        sf::mma_m16n8k16_f32<T>(s[st], qf[kk], bf, s[st]);
-      }
-    }
+    sf::zero_acc<ST>(s);
+    sf::mma_abt<T, ST, KS>(s, sf::FragsA{qf}, ks, LD, lane);
   };
 
   // Pass 1.
@@ -475,15 +399,17 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32, 1)
       for (int st = 0; st < ST; ++st)
 #pragma unroll
         for (int e = 0; e < 4; ++e) sum[e >> 1] += __expf(s[st][e] - m_new[e >> 1]);  // e^-inf = 0
+      float l_new[2];
 #pragma unroll
-      for (int h2 = 0; h2 < 2; ++h2) {
-        const float l_new = l_old[h2] * __expf(m_old[h2] - m_new[h2]) + group_sum(sum[h2]);
-        // The 4 lanes of the group read m_old / l_old before the shuffles above.
+      for (int h2 = 0; h2 < 2; ++h2) l_new[h2] = l_old[h2] * __expf(m_old[h2] - m_new[h2]) + group_sum(sum[h2]);
+      // The 4 lanes of each group have read m_old / l_old (the shuffles order no memory access).
+      __syncwarp();
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2)
         if (t4 == 0) {
           mrow[hd * BM + g + 8 * h2] = m_new[h2];
-          lrow[hd * BM + g + 8 * h2] = l_new;
+          lrow[hd * BM + g + 8 * h2] = l_new[h2];
         }
-      }
     }
     __syncthreads();  // every warp's head sum of the tile is complete
     write_mask_logits<T, DP>(p, warps, buf, mask_logits, b, q0, k0);
@@ -522,17 +448,7 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32, 1)
           const float prob = j < p.nk ? __expf(s[st][e] * p.scale - m[h2]) : 0.f;
           s[st][e] = prob * dropout_factor(p, (static_cast<uint64_t>(bh) * p.nq + i) * p.nk + j);
         }
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        uint32_t a[4];
-        sf::acc_to_a_frag<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          uint32_t bf[2];
-          sf::load_b_frag_t<T>(bf, vs + kk * 16 * LD + nt * 8, LD, lane);
-          sf::mma_m16n8k16_f32<T>(o[nt], a, bf, o[nt]);
-        }
-      }
+      sf::mma_ab<T, BN / 16, NT>(o, sf::AccA<T>{s}, vs, LD, lane);
     }
 
     // The accumulator rows go through the warp's (now free) k tile as fp32 so that store_row
@@ -584,9 +500,7 @@ __global__ void __launch_bounds__(kThreads) atm_attention_delta_kernel(const T* 
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;  // whole warp leaves together
-  float s = 0.f;
-  for (int t = lane; t < d; t += 32) s += sf::to_float(out[row * d + t]) * sf::to_float(dout[row * d + t]);
-  s = warp_sum(s);
+  const float s = sf::warp_dot(out + row * d, dout + row * d, d, lane);
   if (lane == 0) delta[row] = s;
 }
 
@@ -827,24 +741,10 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dkv_mma_kernel(Params 
     }
     __syncthreads();
     float pt[ST][4], dst[ST][4];  // S^T, then P^T (dropped); dP^T, then dS^T
-#pragma unroll
-    for (int t = 0; t < ST; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) pt[t][e] = dst[t][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-      uint32_t ka[4], va[4];
-      sf::load_a_frag<T>(ka, ks + warp * 16 * LD + kk * 16, LD, lane);
-      sf::load_a_frag<T>(va, vs + warp * 16 * LD + kk * 16, LD, lane);
-#pragma unroll
-      for (int t = 0; t < ST; ++t) {
-        uint32_t bf[2];
-        sf::load_b_frag<T>(bf, qs + t * 8 * LD + kk * 16, LD, lane);
-        sf::mma_m16n8k16_f32<T>(pt[t], ka, bf, pt[t]);
-        sf::load_b_frag<T>(bf, dos + t * 8 * LD + kk * 16, LD, lane);
-        sf::mma_m16n8k16_f32<T>(dst[t], va, bf, dst[t]);
-      }
-    }
+    sf::zero_acc<ST>(pt);
+    sf::zero_acc<ST>(dst);
+    sf::mma_abt2<T, ST, KS>(pt, sf::RowsA<T>{ks + warp * 16 * LD, LD}, qs, dst, sf::RowsA<T>{vs + warp * 16 * LD, LD},
+                            dos, LD, lane);
 #pragma unroll
     for (int t = 0; t < ST; ++t)
 #pragma unroll
@@ -860,20 +760,7 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dkv_mma_kernel(Params 
         pt[t][e] = pd;
         dst[t][e] = ds;
       }
-#pragma unroll
-    for (int kk = 0; kk < MBN / 16; ++kk) {
-      uint32_t pa[4], sa[4];
-      sf::acc_to_a_frag<T>(pa, pt[2 * kk], pt[2 * kk + 1]);
-      sf::acc_to_a_frag<T>(sa, dst[2 * kk], dst[2 * kk + 1]);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        uint32_t bf[2];
-        sf::load_b_frag_t<T>(bf, dos + kk * 16 * LD + nt * 8, LD, lane);
-        sf::mma_m16n8k16_f32<T>(dva[nt], pa, bf, dva[nt]);
-        sf::load_b_frag_t<T>(bf, qs + kk * 16 * LD + nt * 8, LD, lane);
-        sf::mma_m16n8k16_f32<T>(dka[nt], sa, bf, dka[nt]);
-      }
-    }
+    sf::mma_ab2<T, MBN / 16, NT>(dva, sf::AccA<T>{pt}, dos, dka, sf::AccA<T>{dst}, qs, LD, lane);
   }
 #pragma unroll
   for (int h2 = 0; h2 < 2; ++h2) {
@@ -946,19 +833,9 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dq_mma_kernel(Params p
     stage_tile<T, T, DP>(p, vs, LD, static_cast<const T*>(p.v) + kbase, k0, MBN, p.nk, lane, 32);
     __syncwarp();
     float s[ST][4], dp[ST][4];
-#pragma unroll
-    for (int t = 0; t < ST; ++t) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[t][e] = dp[t][e] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < KS; ++kk) {
-        uint32_t bf[2];
-        sf::load_b_frag<T>(bf, ks + t * 8 * LD + kk * 16, LD, lane);
-        sf::mma_m16n8k16_f32<T>(s[t], qf[kk], bf, s[t]);
-        sf::load_b_frag<T>(bf, vs + t * 8 * LD + kk * 16, LD, lane);
-        sf::mma_m16n8k16_f32<T>(dp[t], df[kk], bf, dp[t]);
-      }
-    }
+    sf::zero_acc<ST>(s);
+    sf::zero_acc<ST>(dp);
+    sf::mma_abt2<T, ST, KS>(s, sf::FragsA{qf}, ks, dp, sf::FragsA{df}, vs, LD, lane);
 #pragma unroll
     for (int t = 0; t < ST; ++t)
 #pragma unroll
@@ -972,17 +849,7 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dq_mma_kernel(Params p
         }
         s[t][e] = ds;
       }
-#pragma unroll
-    for (int kk = 0; kk < MBN / 16; ++kk) {
-      uint32_t sa[4];
-      sf::acc_to_a_frag<T>(sa, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        uint32_t bf[2];
-        sf::load_b_frag_t<T>(bf, ks + kk * 16 * LD + nt * 8, LD, lane);
-        sf::mma_m16n8k16_f32<T>(acc[nt], sa, bf, acc[nt]);
-      }
-    }
+    sf::mma_ab<T, MBN / 16, NT>(acc, sf::AccA<T>{s}, ks, LD, lane);
   }
   __syncthreads();  // every warp is done with its k/v tiles: red reuses them
   float* mine = red + warp * BM * DP;
@@ -1002,13 +869,13 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dq_mma_kernel(Params p
 }
 
 // ---------------------------------------------------------------- launchers --
-inline unsigned cdiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
+using sf::ceil_div;
 
 template <typename T, int DP>
 void forward(const Params& p, const FwdDest<T>& dst, T* mask_logits, cudaStream_t stream) {
   SF_CHECK(p.batch <= 65535 && p.splits <= 65535, "atm_attention: batch and split count must be at most 65535");
   const size_t smem = fwd_smem_bytes<T, DP>(p.heads);
-  const dim3 grid(cdiv(p.nq, BM), static_cast<unsigned>(p.splits), static_cast<unsigned>(p.batch));
+  const dim3 grid(ceil_div(p.nq, BM), static_cast<unsigned>(p.splits), static_cast<unsigned>(p.batch));
   if constexpr (std::is_same_v<T, float>) {
     auto kernel = atm_attention_fwd_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
@@ -1020,7 +887,7 @@ void forward(const Params& p, const FwdDest<T>& dst, T* mask_logits, cudaStream_
   }
   if (p.splits > 1) {
     const int64_t rows = p.batch * p.heads * p.nq;
-    SF_LAUNCH(atm_attention_combine_kernel<T>, dim3(cdiv(rows, kWarps)), dim3(kThreads), 0, stream, dst.part_o,
+    SF_LAUNCH(atm_attention_combine_kernel<T>, dim3(ceil_div(rows, kWarps)), dim3(kThreads), 0, stream, dst.part_o,
               dst.part_lse, p.splits, rows, p.d, dst.out, dst.lse);
   }
   SF_CHECK_LAUNCH();
@@ -1030,27 +897,27 @@ template <typename T, int DP>
 void backward(const Params& p, const T* out, const T* dout, const T* dmask, const float* lse, float* delta, T* dq,
               T* dk, T* dv, cudaStream_t stream) {
   const int64_t rows = p.batch * p.heads * p.nq;
-  SF_LAUNCH(atm_attention_delta_kernel<T>, dim3(cdiv(rows, kWarps)), dim3(kThreads), 0, stream, out, dout, delta,
+  SF_LAUNCH(atm_attention_delta_kernel<T>, dim3(ceil_div(rows, kWarps)), dim3(kThreads), 0, stream, out, dout, delta,
             rows, p.d);
   const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
   if constexpr (std::is_same_v<T, float>) {
     const size_t smem_kv = sizeof(float) * dkv_smem_floats<DP>();
     auto kv = atm_attention_dkv_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(kv, smem_kv);
-    SF_LAUNCH(kv, dim3(bh, cdiv(p.nk, BN)), dim3(kThreads), smem_kv, stream, p, dout, dmask, lse, delta, dk, dv);
+    SF_LAUNCH(kv, dim3(bh, ceil_div(p.nk, BN)), dim3(kThreads), smem_kv, stream, p, dout, dmask, lse, delta, dk, dv);
     const size_t smem_q = sizeof(float) * dq_smem_floats<DP>();
     auto qk = atm_attention_dq_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
-    SF_LAUNCH(qk, dim3(bh, cdiv(p.nq, BM)), dim3(kThreads), smem_q, stream, p, dout, dmask, lse, delta, dq);
+    SF_LAUNCH(qk, dim3(bh, ceil_div(p.nq, BM)), dim3(kThreads), smem_q, stream, p, dout, dmask, lse, delta, dq);
   } else {
     const size_t smem_kv = dkv_mma_smem_bytes<DP>();
     auto kv = atm_attention_dkv_mma_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(kv, smem_kv);
-    SF_LAUNCH(kv, dim3(bh, cdiv(p.nk, MBM)), dim3(kThreads), smem_kv, stream, p, dout, dmask, lse, delta, dk, dv);
+    SF_LAUNCH(kv, dim3(bh, ceil_div(p.nk, MBM)), dim3(kThreads), smem_kv, stream, p, dout, dmask, lse, delta, dk, dv);
     const size_t smem_q = dq_mma_smem_bytes<DP>();
     auto qk = atm_attention_dq_mma_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
-    SF_LAUNCH(qk, dim3(bh, cdiv(p.nq, BM)), dim3(kThreads), smem_q, stream, p, dout, dmask, lse, delta, dq);
+    SF_LAUNCH(qk, dim3(bh, ceil_div(p.nq, BM)), dim3(kThreads), smem_q, stream, p, dout, dmask, lse, delta, dq);
   }
   SF_CHECK_LAUNCH();
 }

@@ -24,7 +24,8 @@
 #include <type_traits>
 
 #include "sf_common.cuh"
-#include "sf_mma.cuh"
+#include "sf_reduce.cuh"
+#include "sf_warp_gemm.cuh"
 
 namespace {
 
@@ -56,25 +57,11 @@ SF_DEVICE_INLINE void warp_tile(float acc[4][4], const T* As, const T* Bs, int w
       }
     }
   } else {
-#pragma unroll
-    for (int kk = 0; kk < BK; kk += 16) {
-      uint32_t a[4];
-      sf::load_a_frag(a, As + wm * LDS + kk, LDS, lane);
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        uint32_t b[2];
-        sf::load_b_frag(b, Bs + (wn + nt * 8) * LDS + kk, LDS, lane);
-        sf::mma_m16n8k16_f32<T>(acc[nt], a, b, acc[nt]);
-      }
-    }
+    sf::mma_abt<T, 4, BK / 16>(acc, sf::RowsA<T>{As + wm * LDS, LDS}, Bs + wn * LDS, LDS, lane);
   }
 }
 
-SF_DEVICE_INLINE float warp_sum(float v) {
-#pragma unroll
-  for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, m);
-  return v;
-}
+using sf::warp_sum;
 
 // Mean and 1 / std of a row of K scores (LayerNorm over the classes, biased variance), by one warp.
 SF_DEVICE_INLINE void layer_norm_stats(const float* row, int K, float eps, int lane, float& mean, float& rstd) {
@@ -175,9 +162,9 @@ __global__ void __launch_bounds__(kThreads)
     similarity_kernel(const T* __restrict__ P, const T* __restrict__ C, const float* __restrict__ weight,
                       const float* __restrict__ bias, T* __restrict__ out, int Np, int K, int D, int Kpad,
                       float eps) {
-  __shared__ __align__(16) T As[BM * LDS];
-  __shared__ __align__(16) T Bs[BN * LDS];
-  __shared__ float rinv_s[BM];
+  SF_STATIC_SHARED(T, As, BM * LDS);
+  SF_STATIC_SHARED(T, Bs, BN * LDS);
+  SF_STATIC_SHARED(float, rinv_s, BM);
   SF_DYNAMIC_SHARED(float, rinv_cs);
   float* S = rinv_cs + class_tiles_len(K);
   const int64_t b = blockIdx.y;
@@ -218,9 +205,14 @@ __global__ void __launch_bounds__(kThreads, 1)
                   const float* __restrict__ weight, T* __restrict__ G, T* __restrict__ dP,
                   float* __restrict__ rinv_p, float* __restrict__ rinv_c, float* __restrict__ colpart,
                   float* __restrict__ wpart, float* __restrict__ bpart, int Np, int K, int D, int Kpad, float eps) {
-  __shared__ __align__(16) T As[BM * LDS];
-  __shared__ __align__(16) T Bs[BN * LDS];
-  __shared__ float rinv_s[BM], mean_s[BM], rstd_s[BM], a1_s[BM], a2_s[BM], rowdot_s[BM];
+  SF_STATIC_SHARED(T, As, BM * LDS);
+  SF_STATIC_SHARED(T, Bs, BN * LDS);
+  SF_STATIC_SHARED(float, rinv_s, BM);
+  SF_STATIC_SHARED(float, mean_s, BM);
+  SF_STATIC_SHARED(float, rstd_s, BM);
+  SF_STATIC_SHARED(float, a1_s, BM);
+  SF_STATIC_SHARED(float, a2_s, BM);
+  SF_STATIC_SHARED(float, rowdot_s, BM);
   SF_DYNAMIC_SHARED(float, rinv_cs);
   float* S = rinv_cs + class_tiles_len(K);  // [BM][Kpad] cosines, then dS
   const int64_t b = blockIdx.y;
@@ -342,9 +334,9 @@ __global__ void __launch_bounds__(kThreads)
                   const T* __restrict__ C, const float* __restrict__ rinv_c, const float* __restrict__ colpart,
                   const float* __restrict__ wpart, const float* __restrict__ bpart, float* __restrict__ dw,
                   float* __restrict__ db, T* __restrict__ dC, int B, int Np, int K, int D, int nblocks) {
-  __shared__ __align__(16) T As[BM * LDS];
-  __shared__ __align__(16) T Bs[BN * LDS];
-  __shared__ float coldot_s[BM];
+  SF_STATIC_SHARED(T, As, BM * LDS);
+  SF_STATIC_SHARED(T, Bs, BN * LDS);
+  SF_STATIC_SHARED(float, coldot_s, BM);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int64_t b = blockIdx.z;
   const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;

@@ -24,7 +24,9 @@
 // read by a single kernel for all three gradients.
 
 #include "sf_common.cuh"
-#include "sf_mma.cuh"
+#include "sf_reduce.cuh"
+#include "sf_tile.cuh"
+#include "sf_warp_gemm.cuh"
 
 #include <cstdint>
 #include <type_traits>
@@ -51,26 +53,17 @@ struct Params {
   int64_t sq_b, sq_r, sk_b, sk_r, yv_b, yv_r;
 };
 
-SF_DEVICE_INLINE float warp_max(float x) {
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-
-SF_DEVICE_INLINE float warp_sum(float x) {
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
+using sf::group_max;
+using sf::group_sum;
+using sf::warp_max;
+using sf::warp_sum;
 
 // Stage rows [row0, row0 + rows) x cols [col0, col0 + width) of an (n, cols) matrix with row
 // stride rs as fp32 with leading dimension ld, zero padded.
 template <typename T>
 SF_DEVICE_INLINE void load_tile(float* dst, int ld, const T* src, int64_t rs, int row0, int rows, int n, int col0,
                                 int width, int cols) {
-  for (int e = threadIdx.x; e < rows * width; e += kThreads) {
-    const int r = e / width, t = e % width;
-    const int row = row0 + r, col = col0 + t;
-    dst[r * ld + t] = (row < n && col < cols) ? sf::to_float(src[row * rs + col]) : 0.f;
-  }
+  sf::stage_tile<float>(dst, ld, src, rs, row0, rows, n, col0, width, cols, threadIdx.x, kThreads);
 }
 
 SF_DEVICE_INLINE float dot(const float* a, const float* b, int len) {
@@ -182,22 +175,7 @@ SF_HOST_DEVICE inline int64_t fwd_mma_smem_bytes(int k, int ct) {
 template <typename T>
 SF_DEVICE_INLINE void load_tile_raw(T* dst, int ld, const T* src, int64_t rs, int row0, int rows, int n, int col0,
                                     int width, int cols) {
-  const T zero = sf::from_float<T>(0.f);
-  for (int e = threadIdx.x; e < rows * width; e += kMmaWarps * 32) {
-    const int r = e / width, t = e % width;
-    const int row = row0 + r, col = col0 + t;
-    dst[r * ld + t] = (row < n && col < cols) ? src[row * rs + col] : zero;
-  }
-}
-
-SF_DEVICE_INLINE float group_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-
-SF_DEVICE_INLINE float group_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+  sf::stage_tile<T>(dst, ld, src, rs, row0, rows, n, col0, width, cols, threadIdx.x, kMmaWarps * 32);
 }
 
 // grid (B_ * ceil(C / CT), ceil(N / MBM)), block kMmaWarps * 32.
@@ -244,20 +222,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) semantic_attention_fwd_mma_ker
     load_tile_raw<T>(vs, LDV, yvg, p.yv_r, k0, MBN, p.n, c0, CT, p.c);
     __syncthreads();
     float s[ST][4];
-#pragma unroll
-    for (int st = 0; st < ST; ++st)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[st][e] = 0.f;
-    for (int kk = 0; kk < ks_steps; ++kk) {
-      uint32_t a[4];
-      sf::load_a_frag<T>(a, qs + warp * 16 * ldk + kk * 16, ldk, lane);
-#pragma unroll
-      for (int st = 0; st < ST; ++st) {
-        uint32_t bb[2];
-        sf::load_b_frag<T>(bb, ks + st * 8 * ldk + kk * 16, ldk, lane);
-        sf::mma_m16n8k16_f32<T>(s[st], a, bb, s[st]);
-      }
-    }
+    sf::zero_acc<ST>(s);
+    sf::mma_abt<T, ST>(s, sf::RowsA<T>{qs + warp * 16 * ldk, ldk}, ks, ldk, lane, sf::AllLive{}, ks_steps);
     float mx[2] = {kNegInf, kNegInf};
 #pragma unroll
     for (int st = 0; st < ST; ++st)
@@ -290,17 +256,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) semantic_attention_fwd_mma_ker
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[nt][e] *= alpha[e >> 1];
-#pragma unroll
-    for (int kk = 0; kk < MBN / 16; ++kk) {
-      uint32_t a[4];
-      sf::acc_to_a_frag<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        uint32_t bb[2];
-        sf::load_b_frag_t<T>(bb, vs + kk * 16 * LDV + nt * 8, LDV, lane);
-        sf::mma_m16n8k16_f32<T>(o[nt], a, bb, o[nt]);
-      }
-    }
+    sf::mma_ab<T, MBN / 16, NT>(o, sf::AccA<T>{s}, vs, LDV, lane);
   }
 #pragma unroll
   for (int h2 = 0; h2 < 2; ++h2) {
@@ -328,12 +284,8 @@ SF_DEVICE_INLINE void row_deltas(const T* out, const T* dout, int c, int row0, i
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int r = warp; r < rows; r += NumThreads / 32) {
     const int row = row0 + r;
-    float s = 0.f;
-    if (row < n) {  // whole warp: the shuffles below see every lane
-      const int64_t at = static_cast<int64_t>(row) * c;
-      for (int t = lane; t < c; t += 32) s += sf::to_float(out[at + t]) * sf::to_float(dout[at + t]);
-    }
-    s = warp_sum(s);
+    const int64_t at = static_cast<int64_t>(row) * c;
+    const float s = sf::warp_dot(out + at, dout + at, row < n ? c : 0, lane);  // whole warp: the shuffles see every lane
     if (lane == 0) deltas[r] = s;
   }
 }
@@ -635,20 +587,9 @@ SF_DEVICE_INLINE void dqk_mma_block(const Params& p, const T* __restrict__ out, 
     if constexpr (KEYS) load_stats(x0, MBN);
     __syncthreads();
     float s[ST][4], dp[ST][4];
-#pragma unroll
-    for (int st = 0; st < ST; ++st)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[st][e] = dp[st][e] = 0.f;
-    for (int kk = 0; kk < ks_steps; ++kk) {
-      uint32_t a[4];
-      sf::load_a_frag<T>(a, oa + warp * 16 * ldk + kk * 16, ldk, lane);
-#pragma unroll
-      for (int st = 0; st < ST; ++st) {
-        uint32_t bb[2];
-        sf::load_b_frag<T>(bb, xa + st * 8 * ldk + kk * 16, ldk, lane);
-        sf::mma_m16n8k16_f32<T>(s[st], a, bb, s[st]);
-      }
-    }
+    sf::zero_acc<ST>(s);
+    sf::zero_acc<ST>(dp);
+    sf::mma_abt<T, ST>(s, sf::RowsA<T>{oa + warp * 16 * ldk, ldk}, xa, ldk, lane, sf::AllLive{}, ks_steps);
     // S -> P (0 outside the sequence), the probabilities of dS = P (dP - delta) below.
 #pragma unroll
     for (int st = 0; st < ST; ++st)
@@ -670,19 +611,8 @@ SF_DEVICE_INLINE void dqk_mma_block(const Params& p, const T* __restrict__ out, 
       load_tile_raw<T>(xc, LDC, oth_c, oth_c_r, x0, MBN, p.n, c0, MCC, p.c);
       __syncthreads();
     };
-    auto dp_mma = [&]() {
-#pragma unroll
-      for (int kk = 0; kk < MCC / 16; ++kk) {
-        uint32_t a[4];
-        sf::load_a_frag<T>(a, oc + warp * 16 * LDC + kk * 16, LDC, lane);
-#pragma unroll
-        for (int st = 0; st < ST; ++st) {
-          uint32_t bb[2];
-          sf::load_b_frag<T>(bb, xc + st * 8 * LDC + kk * 16, LDC, lane);
-          sf::mma_m16n8k16_f32<T>(dp[st], a, bb, dp[st]);
-        }
-      }
-    };
+    // dP += the chunk's dO Yv^T.
+    auto dp_mma = [&]() { sf::mma_abt<T, ST, MCC / 16>(dp, sf::RowsA<T>{oc + warp * 16 * LDC, LDC}, xc, LDC, lane); };
     // C chunks: all of C for dP (grad blocks); the block's dYv tile for dYv (KEYS).
     const int c_end = grad_block ? p.c : min(p.c, cv0 + CTV);
     for (int c0 = grad_block ? 0 : cv0; c0 < c_end; c0 += MCC) {
@@ -693,15 +623,7 @@ SF_DEVICE_INLINE void dqk_mma_block(const Params& p, const T* __restrict__ out, 
 #pragma unroll
         for (int cc = 0; cc < NTV / (MCC / 8); ++cc) {
           if (cc != ci) continue;  // a compile-time cc names the chunk's accumulators
-#pragma unroll
-          for (int kk = 0; kk < MBN / 16; ++kk)
-#pragma unroll
-            for (int nt = 0; nt < MCC / 8; ++nt) {
-              uint32_t bb[2];
-              sf::load_b_frag_t<T>(bb, xc + kk * 16 * LDC + nt * 8, LDC, lane);
-              float* av = accv[cc * (MCC / 8) + nt];
-              sf::mma_m16n8k16_f32<T>(av, pa[kk], bb, av);
-            }
+          sf::mma_ab<T, MBN / 16, MCC / 8>(accv + cc * (MCC / 8), sf::FragsA{pa}, xc, LDC, lane);
         }
       }
     }
@@ -714,17 +636,7 @@ SF_DEVICE_INLINE void dqk_mma_block(const Params& p, const T* __restrict__ out, 
         const int sr = KEYS ? col : warp * 16 + g + 8 * h2;
         s[st][e] *= dp[st][e] - deltas[sr];
       }
-#pragma unroll
-    for (int kk = 0; kk < MBN / 16; ++kk) {
-      uint32_t a[4];
-      sf::acc_to_a_frag<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int nt = 0; nt < NTK; ++nt) {
-        uint32_t bb[2];
-        sf::load_b_frag_t<T>(bb, xa + kk * 16 * ldk + nt * 8, ldk, lane);
-        sf::mma_m16n8k16_f32<T>(acc[nt], a, bb, acc[nt]);
-      }
-    }
+    sf::mma_ab<T, MBN / 16, NTK>(acc, sf::AccA<T>{s}, xa, ldk, lane);
   }
 #pragma unroll
   for (int h2 = 0; h2 < 2; ++h2) {
@@ -770,7 +682,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) semantic_attention_bwd_mma_
 }
 
 // ---------------------------------------------------------------- launchers --
-inline unsigned cdiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
+using sf::ceil_div;
 
 template <typename T, int CPL>
 void forward(const Params& p, T* out, float* lse, cudaStream_t stream) {
@@ -779,7 +691,7 @@ void forward(const Params& p, T* out, float* lse, cudaStream_t stream) {
     auto launch = [&](auto kernel, int ct) {
       const size_t smem = fwd_mma_smem_bytes(p.k, ct);
       SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
-      SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * cdiv(p.c, ct)), cdiv(p.n, MBM)), dim3(kMmaWarps * 32),
+      SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * ceil_div(p.c, ct)), ceil_div(p.n, MBM)), dim3(kMmaWarps * 32),
                 smem, stream, p, out, lse);
     };
     if (p.c > 64) launch(semantic_attention_fwd_mma_kernel<T, 16>, 128);
@@ -788,7 +700,7 @@ void forward(const Params& p, T* out, float* lse, cudaStream_t stream) {
     const size_t smem = sizeof(float) * fwd_smem_floats(p.kp, 32 * CPL);
     auto kernel = semantic_attention_fwd_kernel<T, CPL>;
     SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
-    SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * cdiv(p.c, 32 * CPL)), cdiv(p.n, BM)), dim3(kThreads),
+    SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * ceil_div(p.c, 32 * CPL)), ceil_div(p.n, BM)), dim3(kThreads),
               smem, stream, p, out, lse);
   }
   SF_CHECK_LAUNCH();
@@ -803,7 +715,7 @@ void backward(const Params& p, const T* out, const T* dout, const float* lse, T*
     const size_t smem = dqk_mma_smem_bytes(p.kp);
     auto kernel = semantic_attention_bwd_mma_kernel<T, 32 * KPL>;
     SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
-    SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * (1 + cdiv(p.c, 8 * kDyvTiles))), cdiv(p.n, MBM)),
+    SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * (1 + ceil_div(p.c, 8 * kDyvTiles))), ceil_div(p.n, MBM)),
               dim3(kMmaWarps * 32), smem, stream, p, out, dout, lse, dsq, dsk, dyv);
   } else {
     const size_t smem = sizeof(float) * dk_smem_floats(p.kp);

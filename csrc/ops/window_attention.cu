@@ -38,7 +38,10 @@
 // same hash, so no mask is stored.
 
 #include "sf_common.cuh"
-#include "sf_mma.cuh"
+#include "sf_dropout.cuh"
+#include "sf_reduce.cuh"
+#include "sf_tile.cuh"
+#include "sf_warp_gemm.cuh"
 
 #include <cstdint>
 #include <type_traits>
@@ -70,43 +73,14 @@ struct Params {
 };
 
 // ---------------------------------------------------------------- helpers --
-SF_DEVICE_INLINE float warp_max(float x) {
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-
-SF_DEVICE_INLINE float warp_sum(float x) {
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-
-SF_DEVICE_INLINE uint32_t mulhi32(uint32_t a, uint32_t b) {
-  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
-}
-
-// Philox-4x32-10 keyed by the seed, counter = (index lo, index hi, 0, 0);
-// returns the first output word.  The Python tests replay it bit for bit.
-SF_DEVICE_INLINE uint32_t philox(uint64_t seed, uint64_t index) {
-  uint32_t c0 = static_cast<uint32_t>(index), c1 = static_cast<uint32_t>(index >> 32), c2 = 0, c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int r = 0; r < 10; ++r) {
-    const uint32_t hi0 = mulhi32(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
-    const uint32_t hi1 = mulhi32(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
-    c0 = hi1 ^ c1 ^ k0;
-    c1 = lo1;
-    c2 = hi0 ^ c3 ^ k1;
-    c3 = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  return c0;
-}
+using sf::group_max;
+using sf::group_sum;
+using sf::warp_max;
+using sf::warp_sum;
 
 // Multiplier of an attention probability under dropout: 1/(1-p) if kept, else 0.
 SF_DEVICE_INLINE float dropout_factor(const Params& p, uint64_t index) {
-  if (p.dropout_p <= 0.f) return 1.f;
-  const float u = static_cast<float>(philox(p.seed, index) >> 8) * (1.0f / 16777216.0f);
-  return u >= p.dropout_p ? 1.f / (1.f - p.dropout_p) : 0.f;
+  return sf::dropout_factor(p.seed, p.dropout_p, 1.f / (1.f - p.dropout_p), index);
 }
 
 // Region id (0..8) of token t of window w (shift mode), as reference.shift_region_ids.
@@ -146,11 +120,7 @@ SF_DEVICE_INLINE float logit(const Params& p, const float* tb, int w, int i, int
 // Stage rows [row0, row0 + rows) x [0, DP) of a (n, d) matrix as fp32, zero padded.
 template <typename T, int DP>
 SF_DEVICE_INLINE void load_tile(float* dst, int ld, const T* src, int row0, int rows, int n, int d) {
-  for (int e = threadIdx.x; e < rows * DP; e += kThreads) {
-    const int r = e / DP, t = e % DP;
-    const int row = row0 + r;
-    dst[r * ld + t] = (row < n && t < d) ? sf::to_float(src[static_cast<int64_t>(row) * d + t]) : 0.f;
-  }
+  sf::stage_tile<float>(dst, ld, src, d, row0, rows, n, 0, DP, d, threadIdx.x, kThreads);
 }
 
 SF_DEVICE_INLINE void load_table(float* tb, const Params& p, int head) {
@@ -284,22 +254,7 @@ SF_HOST_DEVICE constexpr int fwd_mma_smem_bytes_fixed() {
 // Stage rows [row0, row0 + rows) x [0, DP) of a (n, d) matrix in its own dtype, zero padded.
 template <typename T, int DP>
 SF_DEVICE_INLINE void load_tile_raw(T* dst, int ld, const T* src, int row0, int rows, int n, int d) {
-  const T zero = sf::from_float<T>(0.f);
-  for (int e = threadIdx.x; e < rows * DP; e += kMmaWarps * 32) {
-    const int r = e / DP, t = e % DP;
-    const int row = row0 + r;
-    dst[r * ld + t] = (row < n && t < d) ? src[static_cast<int64_t>(row) * d + t] : zero;
-  }
-}
-
-SF_DEVICE_INLINE float group_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-
-SF_DEVICE_INLINE float group_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+  sf::stage_tile<T>(dst, ld, src, d, row0, rows, n, 0, DP, d, threadIdx.x, kMmaWarps * 32);
 }
 
 // grid (ceil(B_ * h * N / MBM)), block kMmaWarps * 32; dynamic smem: fwd_mma_smem_bytes.
@@ -377,18 +332,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_fwd_mma_ke
 #pragma unroll
     for (int st = 0; st < ST; ++st) live[st] = k0 + st * 8 < wkey_end && k0 + st * 8 + 8 > wkey0;
     float s[ST][4];
-#pragma unroll
-    for (int st = 0; st < ST; ++st) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[st][e] = 0.f;
-      if (!live[st]) continue;
-#pragma unroll
-      for (int kk = 0; kk < KS; ++kk) {
-        uint32_t b[2];
-        sf::load_b_frag<T>(b, ks + st * 8 * LD + kk * 16, LD, lane);
-        sf::mma_m16n8k16_f32<T>(s[st], qf[kk], b, s[st]);
-      }
-    }
+    sf::zero_acc<ST>(s);
+    sf::mma_abt<T, ST, KS>(s, sf::FragsA{qf}, ks, LD, lane, [&](int st) { return live[st]; });
     float mx[2] = {kNegInf, kNegInf};
 #pragma unroll
     for (int st = 0; st < ST; ++st)
@@ -429,18 +374,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_fwd_mma_ke
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[nt][e] *= alpha[e >> 1];
-#pragma unroll
-    for (int kk = 0; kk < MBN / 16; ++kk) {
-      if (!live[2 * kk] && !live[2 * kk + 1]) continue;  // P is zero there
-      uint32_t a[4];
-      sf::acc_to_a_frag<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        uint32_t b[2];
-        sf::load_b_frag_t<T>(b, vs + kk * 16 * LD + nt * 8, LD, lane);
-        sf::mma_m16n8k16_f32<T>(o[nt], a, b, o[nt]);
-      }
-    }
+    sf::mma_ab<T, MBN / 16, NT>(o, sf::AccA<T>{s}, vs, LD, lane,  // P is zero off the live tiles
+                                [&](int kk) { return live[2 * kk] || live[2 * kk + 1]; });
   }
 
 #pragma unroll
@@ -469,9 +404,7 @@ __global__ void __launch_bounds__(kThreads) window_attention_delta_kernel(const 
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;  // whole warp leaves together
-  float s = 0.f;
-  for (int t = lane; t < d; t += 32) s += sf::to_float(out[row * d + t]) * sf::to_float(dout[row * d + t]);
-  s = warp_sum(s);
+  const float s = sf::warp_dot(out + row * d, dout + row * d, d, lane);
   if (lane == 0) delta[row] = s;
 }
 
@@ -692,7 +625,7 @@ __global__ void __launch_bounds__(kThreads) window_attention_table_grad_kernel(c
                                                                                float* __restrict__ dtable,
                                                                                int64_t chunks, int heads, int n,
                                                                                int wh, int ww) {
-  __shared__ float red[kThreads];
+  SF_STATIC_SHARED(float, red, kThreads);
   const int r = blockIdx.x, head = blockIdx.y;
   const int dy = r / (2 * ww - 1) - (wh - 1), dx = r % (2 * ww - 1) - (ww - 1);
   // Query rows yi with yj = yi - dy inside the window, likewise for x.
@@ -802,25 +735,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dkv_mma_kerne
     for (int t = 0; t < ST; ++t) live[t] = q0 + t * 8 < wq_end && q0 + t * 8 + 8 > wq0;
     // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x MBN queries.
     float st_[ST][4], dpt[ST][4];
-#pragma unroll
-    for (int t = 0; t < ST; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) st_[t][e] = dpt[t][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-      uint32_t ka[4], va[4];
-      sf::load_a_frag<T>(ka, ks + warp * 16 * LD + kk * 16, LD, lane);
-      sf::load_a_frag<T>(va, vs + warp * 16 * LD + kk * 16, LD, lane);
-#pragma unroll
-      for (int t = 0; t < ST; ++t) {
-        if (!live[t]) continue;
-        uint32_t b[2];
-        sf::load_b_frag<T>(b, qs + t * 8 * LD + kk * 16, LD, lane);
-        sf::mma_m16n8k16_f32<T>(st_[t], ka, b, st_[t]);
-        sf::load_b_frag<T>(b, dos + t * 8 * LD + kk * 16, LD, lane);
-        sf::mma_m16n8k16_f32<T>(dpt[t], va, b, dpt[t]);
-      }
-    }
+    sf::zero_acc<ST>(st_);
+    sf::zero_acc<ST>(dpt);
+    sf::mma_abt2<T, ST, KS>(st_, sf::RowsA<T>{ks + warp * 16 * LD, LD}, qs, dpt, sf::RowsA<T>{vs + warp * 16 * LD, LD},
+                            dos, LD, lane, [&](int t) { return live[t]; });
 #pragma unroll
     for (int t = 0; t < ST; ++t)
 #pragma unroll
@@ -840,22 +758,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dkv_mma_kerne
         st_[t][e] = pd;
         dpt[t][e] = ds;
       }
-    // dV += P^T dO, dK += dS^T Q (k = the tile's queries).
-#pragma unroll
-    for (int kk = 0; kk < MBN / 16; ++kk) {
-      if (!live[2 * kk] && !live[2 * kk + 1]) continue;  // P and dS are zero there
-      uint32_t pa[4], sa[4];
-      sf::acc_to_a_frag<T>(pa, st_[2 * kk], st_[2 * kk + 1]);
-      sf::acc_to_a_frag<T>(sa, dpt[2 * kk], dpt[2 * kk + 1]);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        uint32_t b[2];
-        sf::load_b_frag_t<T>(b, dos + kk * 16 * LD + nt * 8, LD, lane);
-        sf::mma_m16n8k16_f32<T>(dva[nt], pa, b, dva[nt]);
-        sf::load_b_frag_t<T>(b, qs + kk * 16 * LD + nt * 8, LD, lane);
-        sf::mma_m16n8k16_f32<T>(dka[nt], sa, b, dka[nt]);
-      }
-    }
+    // dV += P^T dO, dK += dS^T Q (k = the tile's queries; P and dS are zero off the live tiles).
+    sf::mma_ab2<T, MBN / 16, NT>(dva, sf::AccA<T>{st_}, dos, dka, sf::AccA<T>{dpt}, qs, LD, lane,
+                                 [&](int kk) { return live[2 * kk] || live[2 * kk + 1]; });
   }
 #pragma unroll
   for (int h2 = 0; h2 < 2; ++h2) {
@@ -968,20 +873,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_dq_mma_ker
 #pragma unroll
       for (int t = 0; t < ST; ++t) live[t] = k0 + t * 8 < wkey_end && k0 + t * 8 + 8 > wkey0;
       float s[ST][4], dp[ST][4];
-#pragma unroll
-      for (int t = 0; t < ST; ++t) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[t][e] = dp[t][e] = 0.f;
-        if (!live[t]) continue;
-#pragma unroll
-        for (int kk = 0; kk < KS; ++kk) {
-          uint32_t bb[2];
-          sf::load_b_frag<T>(bb, ks + t * 8 * LD + kk * 16, LD, lane);
-          sf::mma_m16n8k16_f32<T>(s[t], qf[kk], bb, s[t]);
-          sf::load_b_frag<T>(bb, vs + t * 8 * LD + kk * 16, LD, lane);
-          sf::mma_m16n8k16_f32<T>(dp[t], df[kk], bb, dp[t]);
-        }
-      }
+      sf::zero_acc<ST>(s);
+      sf::zero_acc<ST>(dp);
+      sf::mma_abt2<T, ST, KS>(s, sf::FragsA{qf}, ks, dp, sf::FragsA{df}, vs, LD, lane, [&](int t) { return live[t]; });
 #pragma unroll
       for (int t = 0; t < ST; ++t)
 #pragma unroll
@@ -1002,18 +896,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_dq_mma_ker
           }
           s[t][e] = ds;
         }
-#pragma unroll
-      for (int kk = 0; kk < MBN / 16; ++kk) {
-        if (!live[2 * kk] && !live[2 * kk + 1]) continue;  // dS is zero there
-        uint32_t a[4];
-        sf::acc_to_a_frag<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          uint32_t bb[2];
-          sf::load_b_frag_t<T>(bb, ks + kk * 16 * LD + nt * 8, LD, lane);
-          sf::mma_m16n8k16_f32<T>(acc[nt], a, bb, acc[nt]);
-        }
-      }
+      sf::mma_ab<T, MBN / 16, NT>(acc, sf::AccA<T>{s}, ks, LD, lane,  // dS is zero off the live tiles
+                                  [&](int kk) { return live[2 * kk] || live[2 * kk + 1]; });
     }
 #pragma unroll
     for (int h2 = 0; h2 < 2; ++h2) {
@@ -1071,70 +955,26 @@ struct FusedProducts {
   // S = Q K^T and dP = dO V^T for the warp's 16 rows x the window's keys (keys >= N stay 0).
   static SF_DEVICE_INLINE void scores(float s[ST][4], float dp[ST][4], const T* qs, const T* dos, const T* ks,
                                       const T* vs, int warp, int lane, int n) {
-#pragma unroll
-    for (int t = 0; t < ST; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[t][e] = dp[t][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-      uint32_t qa[4], da[4];
-      sf::load_a_frag<T>(qa, qs + warp * 16 * LD + kk * 16, LD, lane);
-      sf::load_a_frag<T>(da, dos + warp * 16 * LD + kk * 16, LD, lane);
-#pragma unroll
-      for (int t = 0; t < ST; ++t) {
-        if (t * 8 >= n) continue;  // keys past the window (uniform)
-        uint32_t bb[2];
-        sf::load_b_frag<T>(bb, ks + t * 8 * LD + kk * 16, LD, lane);
-        sf::mma_m16n8k16_f32<T>(s[t], qa, bb, s[t]);
-        sf::load_b_frag<T>(bb, vs + t * 8 * LD + kk * 16, LD, lane);
-        sf::mma_m16n8k16_f32<T>(dp[t], da, bb, dp[t]);
-      }
-    }
+    sf::zero_acc<ST>(s);
+    sf::zero_acc<ST>(dp);
+    sf::mma_abt2<T, ST, KS>(s, sf::RowsA<T>{qs + warp * 16 * LD, LD}, ks, dp, sf::RowsA<T>{dos + warp * 16 * LD, LD},
+                            vs, LD, lane, [n](int t) { return t * 8 < n; });  // keys past the window stay 0
   }
 
   // acc = dS K for the warp's rows; dS from the registers ds (as `scores` left S), rounded to T.
   static SF_DEVICE_INLINE void dq(float acc[NT][4], const float ds[ST][4], const T* /*dss*/, const T* ks, int /*warp*/,
                                   int lane, int n) {
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < FN / 16; ++kk) {
-      if (kk * 16 >= n) continue;
-      uint32_t a[4];
-      sf::acc_to_a_frag<T>(a, ds[2 * kk], ds[2 * kk + 1]);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        uint32_t bb[2];
-        sf::load_b_frag_t<T>(bb, ks + kk * 16 * LD + nt * 8, LD, lane);
-        sf::mma_m16n8k16_f32<T>(acc[nt], a, bb, acc[nt]);
-      }
-    }
+    sf::zero_acc<NT>(acc);
+    sf::mma_ab<T, FN / 16, NT>(acc, sf::AccA<T>{ds}, ks, LD, lane, [n](int kk) { return kk * 16 < n; });
   }
 
   // dva = P^T dO and dka = dS^T Q for the warp's 16 keys (k = the window's rows).
   static SF_DEVICE_INLINE void dkv(float dva[NT][4], float dka[NT][4], const T* ps, const T* dss, const T* dos,
                                    const T* qs, int warp, int lane, int n) {
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dva[nt][e] = dka[nt][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < FN / 16; ++kk) {
-      if (kk * 16 >= n) continue;
-      uint32_t pa[4], sa[4];
-      sf::load_a_frag_t<T>(pa, ps + kk * 16 * LP + warp * 16, LP, lane);
-      sf::load_a_frag_t<T>(sa, dss + kk * 16 * LP + warp * 16, LP, lane);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        uint32_t bb[2];
-        sf::load_b_frag_t<T>(bb, dos + kk * 16 * LD + nt * 8, LD, lane);
-        sf::mma_m16n8k16_f32<T>(dva[nt], pa, bb, dva[nt]);
-        sf::load_b_frag_t<T>(bb, qs + kk * 16 * LD + nt * 8, LD, lane);
-        sf::mma_m16n8k16_f32<T>(dka[nt], sa, bb, dka[nt]);
-      }
-    }
+    sf::zero_acc<NT>(dva);
+    sf::zero_acc<NT>(dka);
+    sf::mma_ab2<T, FN / 16, NT>(dva, sf::ColsA<T>{ps + warp * 16, LP}, dos, dka, sf::ColsA<T>{dss + warp * 16, LP}, qs,
+                                LD, lane, [n](int kk) { return kk * 16 < n; });
   }
 };
 
@@ -1310,10 +1150,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_bwd_fused_
     __syncthreads();  // dO is staged
     // delta_i = sum_t dO[i, t] * O[i, t] (as window_attention_delta_kernel): a warp per row.
     for (int i = warp; i < FN; i += kMmaWarps) {
-      float s = 0.f;
-      if (i < n)
-        for (int t = lane; t < p.d; t += 32) s += sf::to_float(out[(row0 + i) * p.d + t]) * sf::to_float(dos[i * LD + t]);
-      s = warp_sum(s);
+      const float s = sf::warp_dot(out + (row0 + i) * p.d, dos + i * LD, i < n ? p.d : 0, lane);
       if (lane == 0) deltas[i] = s;
     }
     __syncthreads();
@@ -1429,7 +1266,7 @@ inline bool fused_backward(const Params& p) {
 }
 
 // ---------------------------------------------------------------- launchers --
-inline int cdiv(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+using sf::ceil_div;
 
 template <typename T, int DP>
 void forward(const Params& p, T* out, float* lse, cudaStream_t stream) {
@@ -1440,13 +1277,13 @@ void forward(const Params& p, T* out, float* lse, cudaStream_t stream) {
     const size_t smem = fwd_mma_smem_bytes_fixed<DP>() + sizeof(float) * (p.table ? max_segments * table_rows(p) : 0);
     auto kernel = window_attention_fwd_mma_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
-    SF_LAUNCH(kernel, dim3(static_cast<unsigned>(cdiv(p.batch * p.heads * p.n, MBM))), dim3(kMmaWarps * 32), smem,
+    SF_LAUNCH(kernel, dim3(static_cast<unsigned>(ceil_div(p.batch * p.heads * p.n, MBM))), dim3(kMmaWarps * 32), smem,
               stream, p, out, lse);
   } else {
     const size_t smem = sizeof(float) * (fwd_smem_floats_fixed<DP>() + (p.table ? table_rows(p) : 0));
     auto kernel = window_attention_fwd_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
-    SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * p.heads), cdiv(p.n, BM)), dim3(kThreads), smem, stream,
+    SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * p.heads), ceil_div(p.n, BM)), dim3(kThreads), smem, stream,
               p, out, lse);
   }
   SF_CHECK_LAUNCH();
@@ -1458,7 +1295,7 @@ void backward(const Params& p, const T* out, const T* dout, const float* lse, fl
   const int64_t rows = p.batch * p.heads * p.n;
   const bool fused = fused_backward(p);
   if (!fused)  // the fused kernel computes delta itself
-    SF_LAUNCH(window_attention_delta_kernel<T>, dim3(cdiv(rows, kWarps)), dim3(kThreads), 0, stream, out, dout,
+    SF_LAUNCH(window_attention_delta_kernel<T>, dim3(ceil_div(rows, kWarps)), dim3(kThreads), 0, stream, out, dout,
               delta, rows, p.d);
   const size_t tsm = p.table ? table_rows(p) : 0;
   if (fused) {
@@ -1470,7 +1307,7 @@ void backward(const Params& p, const T* out, const T* dout, const float* lse, fl
       SF_LAUNCH(kernel, dim3(static_cast<unsigned>(chunks), p.heads), dim3(kMmaWarps * 32), smem, stream, p, out,
                 dout, lse, dq, dk, dv, dsum, per_chunk);
       if (p.table)
-        SF_LAUNCH(window_attention_table_fold_sum_kernel, dim3(cdiv(static_cast<int64_t>(tsm) * p.heads, kThreads)),
+        SF_LAUNCH(window_attention_table_fold_sum_kernel, dim3(ceil_div(static_cast<int64_t>(tsm) * p.heads, kThreads)),
                   dim3(kThreads), 0, stream, dsum, dtable, chunks, p.heads, table_rows(p));
     }
   } else if constexpr (!std::is_same<T, float>::value) {
@@ -1479,25 +1316,25 @@ void backward(const Params& p, const T* out, const T* dout, const float* lse, fl
     const size_t smem_kv = bwd_mma_smem_bytes_fixed<DP>() + sizeof(float) * ((MBM - 1) / p.n + 2) * tsm;
     auto kv = window_attention_dkv_mma_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(kv, smem_kv);
-    SF_LAUNCH(kv, dim3(static_cast<unsigned>(cdiv(p.batch * p.heads * p.n, MBM))), dim3(kMmaWarps * 32), smem_kv,
+    SF_LAUNCH(kv, dim3(static_cast<unsigned>(ceil_div(p.batch * p.heads * p.n, MBM))), dim3(kMmaWarps * 32), smem_kv,
               stream, p, dout, lse, delta, dk, dv);
     // Packed heads: MBM rows of a window touch at most min(h, (MBM - 1) / N + 2) heads.
     const int q_heads = (MBM - 1) / p.n + 2 < p.heads ? (MBM - 1) / p.n + 2 : p.heads;
     const size_t smem_q = bwd_mma_smem_bytes_fixed<DP>() + sizeof(float) * q_heads * tsm;
     auto qk = window_attention_dq_mma_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
-    SF_LAUNCH(qk, dim3(static_cast<unsigned>(chunks), cdiv(static_cast<int64_t>(p.heads) * p.n, MBM)),
+    SF_LAUNCH(qk, dim3(static_cast<unsigned>(chunks), ceil_div(static_cast<int64_t>(p.heads) * p.n, MBM)),
               dim3(kMmaWarps * 32), smem_q, stream, p, dout, lse, delta, dq, dsum, per_chunk);
   } else {
     const size_t smem_kv = sizeof(float) * (dkv_smem_floats_fixed<DP>() + tsm);
     auto kv = window_attention_dkv_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(kv, smem_kv);
-    SF_LAUNCH(kv, dim3(static_cast<unsigned>(p.batch * p.heads), cdiv(p.n, BN)), dim3(kThreads), smem_kv, stream, p,
+    SF_LAUNCH(kv, dim3(static_cast<unsigned>(p.batch * p.heads), ceil_div(p.n, BN)), dim3(kThreads), smem_kv, stream, p,
               dout, lse, delta, dk, dv);
     const size_t smem_q = sizeof(float) * (dq_smem_floats_fixed<DP>() + tsm);
     auto qk = window_attention_dq_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
-    SF_LAUNCH(qk, dim3(static_cast<unsigned>(chunks * p.heads), cdiv(p.n, BM)), dim3(kThreads), smem_q, stream, p,
+    SF_LAUNCH(qk, dim3(static_cast<unsigned>(chunks * p.heads), ceil_div(p.n, BM)), dim3(kThreads), smem_q, stream, p,
               dout, lse, delta, dq, dsum, per_chunk);
   }
   if (p.table && !fused)

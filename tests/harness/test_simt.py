@@ -172,3 +172,40 @@ def test_mma_wrapper_matches_matrix_product(simt, dtype, trial):
     torch.testing.assert_close(e.double(), p @ B3, rtol=2e-2, atol=2e-2)
     # And the layout is not accidentally symmetric: a transposed A gives a different product.
     assert not torch.allclose(d.double(), A.T @ B.T, atol=1e-2)
+
+
+# ------------------------------------------------------------ shared-memory limits --
+KIB = 1024
+STATIC = 16 * KIB  # selftest_shared_memory's static array
+
+
+def _shared_memory_sums(dynamic):
+    """What selftest_shared_memory returns: per thread t of 128, its share of 0..4095 and of 0..dynamic/4-1."""
+    t = torch.arange(128)
+    fixed = torch.stack([torch.arange(i, 4096, 128).sum() for i in t]).float()
+    extra = torch.stack([torch.arange(i, dynamic // 4, 128).sum() for i in t]).float()
+    return fixed + extra
+
+
+@pytest.mark.parametrize("arch,limit", [("sm_86", 99 * KIB), ("sm_89", 99 * KIB), ("sm_80", 163 * KIB),
+                                        ("sm_90", 227 * KIB)])
+def test_static_and_dynamic_shared_memory_count_against_the_arch_limit(simt, monkeypatch, arch, limit):
+    monkeypatch.setenv("SF_SIMT_ARCH", arch)
+    like = torch.zeros(1)
+    fits = limit - STATIC
+    assert torch.equal(simt.selftest_shared_memory(like, fits), _shared_memory_sums(fits))
+    # The dynamic part alone fits; with the static array the block is 16 bytes over.
+    with pytest.raises(RuntimeError, match=rf"{limit + 16} bytes of shared memory \({STATIC} static.*{arch}"):
+        simt.selftest_shared_memory(like, fits + 16)
+    with pytest.raises(RuntimeError, match=f"dynamic shared memory.*{arch}"):
+        simt.selftest_shared_memory(like, limit + 16)
+
+
+def test_default_arch_is_sm_90_and_unknown_archs_are_refused(simt, monkeypatch):
+    like = torch.zeros(1)
+    monkeypatch.delenv("SF_SIMT_ARCH", raising=False)
+    simt.selftest_shared_memory(like, 227 * KIB - STATIC)
+    monkeypatch.setenv("SF_SIMT_ARCH", "sm_75")
+    with pytest.raises(RuntimeError, match="SF_SIMT_ARCH=sm_75"):
+        simt.selftest_shared_memory(like, 0)
+
