@@ -131,7 +131,10 @@ def run_one(m: Mutation) -> bool:
         path.write_text(original)
     if result.returncode == 5:
         raise SystemExit(f"{m.name}: the tests {' '.join(m.tests)} selected nothing")
-    return result.returncode != 0
+    if result.returncode not in (0, 1):  # 2-4: collection error, interruption, usage: not a verdict
+        raise SystemExit(f"{m.name}: pytest could not run the tests (exit {result.returncode}):\n"
+                         + "\n".join((result.stdout + result.stderr).splitlines()[-15:]))
+    return result.returncode == 1
 
 
 def main(argv=None) -> int:

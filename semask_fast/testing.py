@@ -38,6 +38,19 @@ TOLERANCES: Dict[torch.dtype, Tuple[Tolerance, Tolerance]] = {
 #: Pure data movement (roll, pad, partition, merge) must be bitwise exact.
 EXACT = Tolerance(0.0, 0.0)
 
+#: ``torch.autograd.gradcheck`` settings for the float64 kernels.
+GRADCHECK = dict(eps=1e-6, atol=1e-7)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, *, backward: bool = False,
+                 what: str = "") -> None:
+    """``actual`` (computed in ``dtype``) within this module's forward or backward tolerance of
+    ``expected`` (compared in float64), for tests that build their own reference (dropout replay,
+    whole models)."""
+    tol = TOLERANCES[dtype][int(backward)]
+    torch.testing.assert_close(actual.double(), expected.double(), atol=tol.atol, rtol=tol.rtol,
+                               msg=(lambda m: f"{what}: {m}") if what else None)
+
 
 @dataclasses.dataclass
 class Comparison:

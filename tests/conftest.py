@@ -47,12 +47,13 @@ def require_backend(op: str, backend: str) -> torch.device:
     return impl.preferred_device()
 
 
-def next_seed(backend: str, op: str = "window_attention") -> int:
-    """The dropout seed ``backend``'s implementation draws next on CPU tensors (from torch's CPU
-    generator, as the op does): tests call it after ``torch.manual_seed`` to replay a mask."""
+def next_seed(backend: str, op: str = "window_attention", device=None) -> int:
+    """The dropout seed ``backend``'s implementation draws next for inputs on ``device`` (from
+    torch's generator of that device, as the op does): tests call it after ``torch.manual_seed``
+    to replay a mask."""
     from semask_fast.backends.base import draw_seed
 
-    return draw_seed(torch.device("cpu"), registry.implementation(op, backend).seed_bound)
+    return draw_seed(torch.device(device or "cpu"), registry.implementation(op, backend).seed_bound)
 
 
 @pytest.fixture(params=KERNEL_BACKENDS)

@@ -65,15 +65,16 @@ def test_parity_custom_scale(kernel_backend):
                   op=OP)
 
 
-def _keep_mask(backend, B, H, NQ, NK, p):
+def _keep_mask(backend, B, H, NQ, NK, p, device):
     """The keep-mask a backend's kernels apply for the seed drawn next from torch's generator."""
+    seed = _next_seed(backend, OP, device)
     if backend == "triton":
         from semask_fast.kernels.atm_attention import dropout_keep_mask
 
-        return dropout_keep_mask(_next_seed("triton"), B, H, NQ, NK, p)
+        return dropout_keep_mask(seed, B, H, NQ, NK, p, device=device)
     from semask_fast.backends.cuda.window_attention import dropout_keep  # the GPU kernels' hash
 
-    return dropout_keep(_next_seed(backend), (B, H, NQ, NK), p)
+    return dropout_keep(seed, (B, H, NQ, NK), p).to(device)
 
 
 _DROPOUT_CASES = [("triton", torch.float32), ("triton", torch.float16), ("cpu", torch.float32),
@@ -84,12 +85,12 @@ _DROPOUT_CASES = [("triton", torch.float32), ("triton", torch.float16), ("cpu", 
                          ids=[f"{b}-{str(d).replace('torch.', '')}" for b, d in _DROPOUT_CASES])
 def test_dropout_replay(backend, dtype):
     """Forward and backward dropout equal the reference with the kernels' keep-mask for the seed."""
-    require_backend(OP, backend)
+    device = require_backend(OP, backend)
     from semask_fast import reference
     from semask_fast.testing import TOLERANCES
 
     B, H, NQ, NK, D, p = 2, 3, 40, 90, 32, 0.1
-    t = {n: x.to(dtype).requires_grad_() for n, x in _inputs(B, H, NQ, NK, D, "cpu").items()}
+    t = {n: x.to(dtype).requires_grad_() for n, x in _inputs(B, H, NQ, NK, D, device).items()}
     torch.manual_seed(7)
     with semask_fast.record_dispatch() as ran:
         out, mask_logits = semask_fast.atm_attention(t["q"], t["k"], t["v"], dropout_p=p, backend=backend)
@@ -97,7 +98,7 @@ def test_dropout_replay(backend, dtype):
         torch.autograd.backward([out, mask_logits], [gout, gmask])
     assert ran == [(OP, backend, "forward"), (OP, backend, "backward")]
     torch.manual_seed(7)
-    keep = _keep_mask(backend, B, H, NQ, NK, p)
+    keep = _keep_mask(backend, B, H, NQ, NK, p, device)
     assert 0.85 < keep.float().mean().item() < 0.95  # about 1 - p kept
 
     r = {n: x.detach().double().requires_grad_() for n, x in t.items()}
@@ -124,8 +125,7 @@ def test_triton_dropout_seed_changes_mask():
 
 @pytest.mark.parametrize("d", [8, 256])
 def test_triton_rejects_head_dim(d):
-    require_backend(OP, "triton")
-    t = _inputs(1, 2, 4, 8, d, "cpu")
+    t = _inputs(1, 2, 4, 8, d, require_backend(OP, "triton"))
     with pytest.raises(ValueError, match=f"head_dim={d}"):
         semask_fast.atm_attention(t["q"].float(), t["k"].float(), t["v"].float(), backend="triton")
 

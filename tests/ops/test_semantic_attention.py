@@ -63,8 +63,7 @@ def test_peaked_softmax(kernel_backend, shape, dtype):
 
 
 def test_triton_rejects_too_many_classes():
-    require_backend(OP, "triton")
-    t = _inputs(1, 8, 300, 16, "cpu")
+    t = _inputs(1, 8, 300, 16, require_backend(OP, "triton"))
     with pytest.raises(ValueError, match="K=300"):
         semask_fast.semantic_attention(t["sq"].float(), t["sk"].float(), t["yv"].float(), backend="triton")
 
@@ -92,7 +91,7 @@ def test_parity_row_strided_views(kernel_backend, shape, dtype):
 def test_triton_reads_views_in_place(semantic_launches):
     """The Triton backend hands row-strided views to the kernels as they are (no copy)."""
     K, C = 19, 24
-    qkv = _fused(2, 30, K, C, "cpu")["qkv"].float()
+    qkv = _fused(2, 30, K, C, require_backend(OP, "triton"))["qkv"].float()
     sq, sk, yv = qkv.split([K, K, C], dim=-1)
     semask_fast.semantic_attention(sq, sk, yv, backend="triton")
     (a, b, c), = semantic_launches

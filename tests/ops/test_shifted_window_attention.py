@@ -25,7 +25,7 @@ import torch
 import semask_fast
 from semask_fast import reference
 from semask_fast.backends.base import record_dispatch
-from semask_fast.testing import assert_parity
+from semask_fast.testing import GRADCHECK, assert_close, assert_parity
 from tests.conftest import next_seed as _next_seed, require_backend
 
 OP = "shifted_window_attention"
@@ -77,27 +77,26 @@ def test_no_pad_qkv_bias_gradient_is_zero(kernel_backend):
     assert g is None or not g.any()
 
 
-def _keep_mask(backend, windows, h, n, p):
+def _keep_mask(backend, windows, h, n, p, device):
     """The keep-mask a backend's kernels apply for the seed drawn next from torch's generator."""
+    seed = _next_seed(backend, OP, device)
     if backend == "triton":
         from semask_fast.kernels import window_attention as k
 
-        return k.dropout_keep_mask(_next_seed("triton"), windows, h, n, p)
+        return k.dropout_keep_mask(seed, windows, h, n, p, device=device)
     from semask_fast.backends.cuda.window_attention import dropout_keep  # the GPU kernels' hash
 
-    return dropout_keep(_next_seed(backend), (windows, h, n, n), p)
+    return dropout_keep(seed, (windows, h, n, n), p).to(device)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_dropout_replay(backend):
     """Image layout: the keep-mask is keyed by (window, head, i, j) as in the window layout."""
-    require_backend(OP, backend)
-    from semask_fast.testing import TOLERANCES
-
+    device = require_backend(OP, backend)
     b, H, W, h, d, ws, p = 2, 10, 13, 2, 16, (7, 7), 0.25
-    t = {n: v.float().requires_grad_() for n, v in _inputs(b, H, W, h, d, ws, "cpu").items()}
+    t = {n: v.float().requires_grad_() for n, v in _inputs(b, H, W, h, d, ws, device).items()}
     torch.manual_seed(7)
-    keep = _keep_mask(backend, b * 4, h, 49, p)
+    keep = _keep_mask(backend, b * 4, h, 49, p, device)
     torch.manual_seed(7)
     with record_dispatch() as ran:
         out = semask_fast.shifted_window_attention(t["qkv"], t["bias_table"], qkv_bias=t["qkv_bias"], num_heads=h,
@@ -109,10 +108,9 @@ def test_dropout_replay(backend):
     ref = reference.shifted_window_attention(r["qkv"], r["bias_table"], qkv_bias=r["qkv_bias"], num_heads=h,
                                              window_size=ws, shift_size=(3, 3), dropout_p=p, dropout_keep=keep)
     ref_grads = torch.autograd.grad(ref, list(r.values()), gout.double())
-    tol = TOLERANCES[torch.float32][1]
-    torch.testing.assert_close(out.double(), ref, atol=tol.atol, rtol=tol.rtol)
-    for g, rg in zip(grads, ref_grads):
-        torch.testing.assert_close(g.double(), rg, atol=tol.atol, rtol=tol.rtol)
+    assert_close(out, ref, torch.float32, what="out")
+    for name, g, rg in zip(t, grads, ref_grads):
+        assert_close(g, rg, torch.float32, backward=True, what=f"d{name}")
 
 
 def test_patch_timm_zero_copy_matches_timm(kernel_backend):
@@ -137,9 +135,9 @@ def test_patch_timm_zero_copy_matches_timm(kernel_backend):
     assert [phase for _, _, phase in ran].count("backward") == 2
     ref = orig(x)
     ref.square().sum().backward()
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert_close(out, ref, torch.float32, what="out")
     for (name, a), b in zip(patched.named_parameters(), orig.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, atol=1e-3, rtol=1e-3, msg=name)
+        assert_close(a.grad, b.grad, torch.float32, backward=True, what=name)
 
 
 # --------------------------------------------------------------------------- #
@@ -163,7 +161,7 @@ def test_cpu_gradcheck_float64(pad_then_roll, dropout_p):
                                                     dropout_p=dropout_p, backend="cpu")
 
     with record_dispatch() as ran:
-        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+        assert torch.autograd.gradcheck(fn, inputs, **GRADCHECK)
     assert {b for _, b, _ in ran} == {"cpu"} and (OP, "cpu", "backward") in ran
 
 

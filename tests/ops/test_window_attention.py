@@ -31,7 +31,7 @@ import semask_fast
 from semask_fast import reference
 from semask_fast.backends.base import record_dispatch
 from semask_fast.backends.registry import BackendNotSupportedError
-from semask_fast.testing import assert_parity
+from semask_fast.testing import GRADCHECK, assert_close, assert_parity
 from tests.conftest import next_seed as _next_seed, require_backend
 
 OP = "window_attention"
@@ -165,11 +165,12 @@ def _reference_logits(q, k, table, ws, shift, grid, scale):
 def test_triton_dropout_replay(dtype):
     """The kernel's keep-mask, materialised for the same seed, reproduces forward and every gradient."""
     k = _triton()
+    device = require_backend(OP, "triton")
     p = 0.3
-    t = {n: v.to(dtype).requires_grad_() for n, v in _inputs(4, 2, (7, 7), 16, None, "cpu").items()}
+    t = {n: v.to(dtype).requires_grad_() for n, v in _inputs(4, 2, (7, 7), 16, None, device).items()}
     torch.manual_seed(123)
-    seed = _next_seed("triton")
-    keep = k.dropout_keep_mask(seed, 4, 2, 49, p)
+    seed = _next_seed("triton", device=device)
+    keep = k.dropout_keep_mask(seed, 4, 2, 49, p, device=device)
     assert 0.6 < keep.float().mean().item() < 0.8
     torch.manual_seed(123)
     with record_dispatch() as ran:
@@ -182,17 +183,16 @@ def test_triton_dropout_replay(dtype):
     ref = reference.window_attention(ref_in["q"], ref_in["k"], ref_in["v"], ref_in["bias_table"], window_size=(7, 7),
                                      shift_size=(3, 3), grid=(2, 2), dropout_p=p, dropout_keep=keep)
     ref_grads = torch.autograd.grad(ref, [ref_in[n] for n in GRADS], gout.double())
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    assert_close(out, ref, dtype, what="out")
     for name, g, r in zip(GRADS, grads, ref_grads):
-        torch.testing.assert_close(g.double(), r, atol=tol, rtol=tol, msg=lambda m: f"d{name}: {m}")
+        assert_close(g, r, dtype, backward=True, what=f"d{name}")
 
 
 @pytest.mark.parametrize("ws,grid", [((7, 7), (2, 3)), ((12, 12), (1, 2))], ids=["n49", "n144"])
 def test_triton_table_grad_deterministic(ws, grid):
     """Two backward runs give a bitwise-identical table gradient (no atomics)."""
-    _triton()
-    t = {n: v.float() for n, v in _inputs(grid[0] * grid[1], 1, ws, 16, None, "cpu").items()}
+    device = require_backend(OP, "triton")
+    t = {n: v.float() for n, v in _inputs(grid[0] * grid[1], 1, ws, 16, None, device).items()}
     table_grads = []
     for _ in range(2):
         table = t["bias_table"].clone().requires_grad_()
@@ -241,7 +241,7 @@ def test_cpu_gradcheck_float64(name, dropout_p):
                                             dropout_p=dropout_p, backend="cpu")
 
     with record_dispatch() as ran:
-        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+        assert torch.autograd.gradcheck(fn, inputs, **GRADCHECK)
     assert (OP, "cpu", "forward") in ran and (OP, "cpu", "backward") in ran
     assert {b for _, b, _ in ran} == {"cpu"}
 
