@@ -8,7 +8,7 @@ happens.  The tests run from this checkout with its root first on ``sys.path``; 
 checks that the package, its Triton kernels and its C++/CUDA sources would be imported from this
 checkout (an editable install of another checkout maps ``semask_fast.csrc`` to that one's
 ``csrc/``: then it stops and says so).  C++ mutations rebuild their extension (cached by content,
-so restoring costs nothing): the whole list takes about 15 minutes on 2 cores, which is why CI
+so restoring costs nothing): the whole list takes about 10 minutes on 2 cores, which is why CI
 does not run it; run it after touching a kernel.  Exit status 1 when a mutation survives.
 """
 
@@ -89,6 +89,20 @@ MUTATIONS: List[Mutation] = [
              "        dp = tl.where(keep, dp, 0.0)",
              ["tests/kernels/test_triton_plans.py", "-k", "window_dropout_replay"],
              "forward-only checks cannot see it"),
+    # ----------------------------------------------------------------- CUDA sources (SIMT harness)
+    Mutation("cuda window: mask_value ignored (always -100)", "csrc/ops/window_attention.cu",
+             "  if (p.shifted) x += ri.region == rj.region ? 0.f : p.mask_value;",
+             "  if (p.shifted) x += ri.region == rj.region ? 0.f : -100.f;",
+             ["tests/ops/test_window_attention.py", "-k", "mild and simt and float32"],
+             "-100 and -1e4 both saturate the softmax; -1.5 does not"),
+    Mutation("cuda ATM: row statistics written before every lane has read them", "csrc/ops/atm_attention.cu",
+             """        // memory access, the __syncwarp does).
+        __syncwarp();
+        if (lane == 0) {""",
+             """        // memory access, the __syncwarp does).
+        if (lane == 0) {""",
+             ["tests/harness/test_race.py", "-k", "atm"],
+             "ordered only by shuffles: the race detector, not a parity test, sees it"),
     # ----------------------------------------------------------------- Python layer
     Mutation("validation: a shift equal to the window accepted", "semask_fast/ops/_common.py",
              "if any(s >= w for s, w in zip(shift, ws)):",
