@@ -3,14 +3,16 @@
 The kernels of ``csrc/ops`` run on the CPU in the SIMT harness, built in the ``trace`` flavour:
 g++ instruments every load and store of the kernel source, and ``csrc/harness/sf_trace.h``
 counts those that fall inside the op's tensors (inputs, outputs, workspaces), per launch
-(``benchmarks.traffic.harness_bytes``).  So these figures are measured on the real kernel code
+(``semask_fast._traffic.harness_bytes``).  So these figures are measured on the real kernel code
 (tile loops, padding, recomputation included), not derived from a model:
 
 * kernel: unique bytes per launch, summed over launches (the DRAM model: a launch's repeated
   reads of the same bytes hit in cache); issued: every access (what reaches L1/L2);
 * minimum: forward reads the inputs and writes the outputs once; backward reads the inputs and
   the output gradients and writes the input gradients once (saved statistics excluded);
-* eager: the reference composition, summing the inputs and outputs of every aten op it runs;
+* eager: the reference composition (:mod:`semask_fast.reference`, called directly: through the
+  op, ``backend="reference"`` is one opaque custom op), summing the inputs and outputs of every
+  aten op it runs, forward and autograd backward;
 * triton: the Triton kernels of the same op on the same tensors, counted the same way (unique
   bytes per launch) in Triton's interpreter with the tiles a GPU runs, so each row compares the
   two implementations like for like.
@@ -44,6 +46,7 @@ import torch  # noqa: E402
 
 import semask_fast  # noqa: E402
 from semask_fast import record_dispatch  # noqa: E402
+from semask_fast import reference as ref  # noqa: E402
 from semask_fast.backends.cuda import SimtImpl  # noqa: E402
 from benchmarks.traffic import (aten_bytes, gpu_tiles, harness_bytes, minimum_bytes, triton_bytes,  # noqa: E402
                                 write_section)
@@ -70,7 +73,7 @@ def window_case(dtype, B=1, res=56, C=96, heads=3, ws=7, shift=3):
     q, k, v = (_randn(B * nW, heads, n, d, dtype=dtype, gen=g) for _ in range(3))
     table = _randn((2 * ws - 1) ** 2, heads, dtype=dtype, scale=0.02, gen=g)
     dout = torch.randn(B * nW, heads, n, d, generator=g).to(dtype)
-    kw = dict(window_size=ws, shift_size=shift, grid=(res // ws, res // ws))
+    kw = dict(window_size=(ws, ws), shift_size=(shift, shift), grid=(res // ws, res // ws))
 
     def run(backend):
         return (semask_fast.window_attention(q, k, v, table, **kw, backend=backend),)
@@ -78,7 +81,8 @@ def window_case(dtype, B=1, res=56, C=96, heads=3, ws=7, shift=3):
     inputs = [q, k, v, table]
     return dict(name=f"window_attention (Swin-T stage 1, B={B}, {str(dtype)[6:]})", op="window_attention",
                 source="window_attention.cu", shape=f"B*nW={B * nW}, h={heads}, N={n}, d={d}, shift {shift}",
-                run=run, inputs=inputs, gouts=[dout], outputs=[dout], eager=lambda: run("reference"))
+                run=run, inputs=inputs, gouts=[dout], outputs=[dout],
+                eager=lambda: (ref.window_attention(q, k, v, table, **kw),))
 
 
 def partition_case(dtype, B=1, res=56, C=96, ws=7, shift=3):
@@ -92,7 +96,8 @@ def partition_case(dtype, B=1, res=56, C=96, ws=7, shift=3):
 
     return dict(name=f"window_partition (Swin-T stage 1, B={B}, {str(dtype)[6:]})", op="window_partition",
                 source="window_process.cu", shape=f"{res}x{res}x{C}, ws {ws}, shift {shift}", run=run,
-                inputs=[x], gouts=[dout], outputs=[dout], eager=lambda: run("reference"), linear=True)
+                inputs=[x], gouts=[dout], outputs=[dout], eager=lambda: (ref.window_partition(x, (ws, ws), (shift, shift)),),
+                linear=True)
 
 
 def semantic_case(label, B, N, K, C, dtype=torch.float16):
@@ -106,7 +111,7 @@ def semantic_case(label, B, N, K, C, dtype=torch.float16):
 
     return dict(name=f"semantic_attention ({label}, {str(dtype)[6:]})", op="semantic_attention",
                 source="semantic_attention.cu", shape=f"B_={B}, N={N}, K={K}, C={C}", run=run,
-                inputs=[sq, sk, yv], gouts=[dout], outputs=[dout], eager=lambda: run("reference"))
+                inputs=[sq, sk, yv], gouts=[dout], outputs=[dout], eager=lambda: (ref.semantic_attention(sq, sk, yv),))
 
 
 def atm_case(label, B, H, NQ, NK, D, dtype=torch.float16, splits=None):
@@ -130,7 +135,7 @@ def atm_case(label, B, H, NQ, NK, D, dtype=torch.float16, splits=None):
 
     return dict(name=f"atm_attention ({label}, {str(dtype)[6:]}, {ranges})", op="atm_attention",
                 source="atm_attention.cu", shape=f"B={B}, h={H}, Nq={NQ}, Nk={NK}, d={D}", run=run,
-                inputs=[q, k, v], gouts=[dout, dmask], outputs=[dout, dmask], eager=lambda: run("reference"))
+                inputs=[q, k, v], gouts=[dout, dmask], outputs=[dout, dmask], eager=lambda: ref.atm_attention(q, k, v))
 
 
 def mask_case(label, B, N, K, C, dtype=torch.float16):
@@ -143,7 +148,8 @@ def mask_case(label, B, N, K, C, dtype=torch.float16):
 
     return dict(name=f"mask_similarity ({label}, {str(dtype)[6:]})", op="mask_similarity",
                 source="mask_similarity.cu", shape=f"B={B}, N={N}, K={K}, C={C}", run=run,
-                inputs=[patches, classes], gouts=[dout], outputs=[dout], eager=lambda: run("reference"))
+                inputs=[patches, classes], gouts=[dout], outputs=[dout],
+                eager=lambda: (ref.mask_similarity(patches, classes),))
 
 
 def cases():
@@ -177,10 +183,10 @@ def measure(case, detail: bool = False) -> list:
 
         regions = []
         with traced_harness(), record_dispatch() as ran:
-            kernel = harness_bytes(case["source"], lambda lib: fn("cpu"), inputs + gouts, regions)
+            kernel = harness_bytes(case["source"], lambda lib: fn("simt"), inputs + gouts, regions)
         if detail:
             _print_regions(case, phase, regions)
-        assert ran == want("cpu"), f"{case['name']}: expected {want('cpu')}, ran {ran}"
+        assert ran == want("simt"), f"{case['name']}: expected {want('simt')}, ran {ran}"
         with record_dispatch() as ran:
             triton = triton_bytes(lambda: fn("triton"))
         assert ran == want("triton"), f"{case['name']}: expected {want('triton')}, ran {ran}"

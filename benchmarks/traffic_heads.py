@@ -11,14 +11,14 @@ For each, forward and forward+backward:
 * kernel: bytes the Triton kernels read + write, each address once per launch (the DRAM
   model).  Derived from the launches (``semantic_model``, ``atm_model``: every kernel reads each
   tensor it touches once and writes each output once), and first checked to equal the count of
-  Triton's interpreter (``benchmarks.traffic.triton_bytes``, with the GPU tiles) on small shapes;
+  Triton's interpreter (``semask_fast._traffic.triton_bytes``, with the GPU tiles) on small shapes;
   the script fails if they differ.  The interpreter is too slow (and its address logs too big)
   at the full shapes on this 2-core machine.  "issued" (every masked-on element of every
   load/store, what reaches L2) is reported for the checked shapes;
 * minimum: forward reads the inputs and writes the outputs once; backward reads the inputs
   and the output gradients and writes the input gradients once (saved statistics excluded);
 * eager: the reference composition, summing the inputs and outputs of every aten op it runs
-  (``benchmarks.traffic.aten_bytes``).
+  (``semask_fast._traffic.aten_bytes``).
 
 GPU times are a MODEL, not a measurement (no GPU here): max(bytes / HBM bandwidth, FLOPs /
 peak) with H100-SXM5 datasheet figures (3.35 TB/s, 989 TFLOP/s dense fp16).  Kernel FLOPs
@@ -83,7 +83,7 @@ def atm_model(B, H, NQ, NK, D, elt):
 # Cases
 # --------------------------------------------------------------------------- #
 def semantic_case(name, B, N, K, C):
-    from semask_fast.kernels.semantic_attention import backward_config, forward_config
+    from semask_fast.kernels.semantic_attention import backward_plan, forward_plan
 
     g = torch.Generator().manual_seed(0)
     sq, sk = _randn(B, N, K, scale=0.25, gen=g), _randn(B, N, K, scale=0.25, gen=g)
@@ -95,7 +95,8 @@ def semantic_case(name, B, N, K, C):
         return (semask_fast.semantic_attention(sq, sk, yv, backend=backend),)
 
     # Issued FLOPs of the kernels (padded tiles and recomputation included).  Forward: S per C tile, P Yv.
-    f, bwd = forward_config(N, K, C, sq.dtype), backward_config(N, K, C, sq.dtype)
+    f = forward_plan(B, N, K, C, sq.dtype, interpreter=False)
+    bwd = backward_plan(B, N, K, C, sq.dtype, interpreter=False)
     pad = lambda n, blk: triton.cdiv(n, blk) * blk  # noqa: E731
     nm, nn, kk, cc = pad(N, f["BLOCK_M"]), pad(N, f["BLOCK_N"]), pad(K, f["BLOCK_K"]), pad(C, f["BLOCK_C"])
     kflops_f = 2 * B * nm * nn * (kk * (cc // f["BLOCK_C"]) + cc)
@@ -120,7 +121,7 @@ def semantic_case(name, B, N, K, C):
 
 
 def atm_case(name, B, H, NQ, NK, D):
-    from semask_fast.kernels.atm_attention import backward_config, forward_config
+    from semask_fast.kernels.atm_attention import backward_plan, forward_plan
 
     g = torch.Generator().manual_seed(0)
     q, k, v = _randn(B, H, NQ, D, gen=g), _randn(B, H, NK, D, gen=g), _randn(B, H, NK, D, gen=g)
@@ -131,7 +132,8 @@ def atm_case(name, B, H, NQ, NK, D):
     def fwd(backend):
         return semask_fast.atm_attention(q, k, v, backend=backend)
 
-    f, b = forward_config(H, NQ, NK, D, q.dtype), backward_config(H, NQ, NK, D, q.dtype)["q"]
+    f = forward_plan(H, NQ, NK, D, q.dtype, interpreter=False)
+    b = backward_plan(H, NQ, NK, D, q.dtype, interpreter=False)["q"]
     pad = lambda n, blk: triton.cdiv(n, blk) * blk  # noqa: E731
     dp = triton.next_power_of_2(D)
     # Forward: S twice (pass 1 and 2), P V once.  Backward (heads padded to whole groups): S and dP in
@@ -227,9 +229,9 @@ def atm_bwd_issued(B, H, NQ, NK, D, elt, kv_rows, q_rows, kv_group, q_group):
 
 
 def atm_issued_now(B, H, NQ, NK, D, elt=2):
-    from semask_fast.kernels.atm_attention import backward_config
+    from semask_fast.kernels.atm_attention import backward_plan
 
-    c = backward_config(H, NQ, NK, D, torch.float16 if elt == 2 else torch.float32)
+    c = backward_plan(H, NQ, NK, D, torch.float16 if elt == 2 else torch.float32, interpreter=False)
     return atm_bwd_issued(B, H, NQ, NK, D, elt, c["kv"]["BLOCK_N"], c["q"]["BLOCK_M"], c["kv"]["BLOCK_G"],
                           c["q"]["BLOCK_G"])
 
@@ -237,9 +239,9 @@ def atm_issued_now(B, H, NQ, NK, D, elt=2):
 def dm_reads(B, H, NQ, NK, D) -> str:
     """d(mask logits) reads and all issued bytes of the ATM backward, heads grouped per program vs the
     earlier kernels (one head per program, 64 x 64 tiles in fp16 at d = 32)."""
-    from semask_fast.kernels.atm_attention import backward_config
+    from semask_fast.kernels.atm_attention import backward_plan
 
-    group = backward_config(H, NQ, NK, D, torch.float16)["q"]["BLOCK_G"]
+    group = backward_plan(H, NQ, NK, D, torch.float16, interpreter=False)["q"]["BLOCK_G"]
     dm = B * NQ * NK * 2
     before = atm_bwd_issued(B, H, NQ, NK, D, 2, 64, 64, 1, 1)
     return (f"\nATM backward (SegViT-L, fp16), issued reads of d(mask logits): {group} heads per program, "

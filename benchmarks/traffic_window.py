@@ -6,12 +6,12 @@ Shape (issue 3): B=8, 56x56 tokens, C=96, h=3 (d=32), window 7, shift 3, i.e.
 * kernel: bytes the Triton kernels read + write, each address once per launch
   (the DRAM model).  Derived from the launches (``attention_model``,
   ``partition_model``), and first checked to equal the count of Triton's
-  interpreter (``benchmarks.traffic.triton_bytes``) on small shapes: the
+  interpreter (``semask_fast._traffic.triton_bytes``) on small shapes: the
   interpreter is too slow for 512 windows.  The script fails if they differ;
 * minimum: inputs read once and outputs written once (backward: q, k, v, out,
   dout, logsumexp in; dq, dk, dv, d(table) out);
 * eager: the reference composition, summing the inputs and outputs of every aten
-  op it runs (``benchmarks.traffic.aten_bytes``), run at the full shape.
+  op it runs (``semask_fast._traffic.aten_bytes``), run at the full shape.
 
 The GPU times are a MODEL, not a measurement (no GPU here): max(bytes / HBM
 bandwidth, FLOPs / peak) with the datasheet figures below.
@@ -56,16 +56,20 @@ def _grads(outs, inputs, gouts):
 # --------------------------------------------------------------------------- #
 
 
-def attention_model(b, hw, h, d, ws, elt, image, table=True, multi_tile=None):
-    """(fwd, bwd) Traffic of the window-attention kernels for an image batch (b, hw), unique bytes per launch.
+def attention_model(b, hw, h, d, ws, dtype, image, table=True, interpreter=None):
+    """(fwd, bwd) Traffic of the window-attention kernels for an image batch (b, hw), unique bytes per launch,
+    with the tiles of ``wa.backward_plan(..., interpreter=interpreter)`` (None: the launchers' default).
 
     fwd: q, k, v read once, the table column of each head, out and the fp32 logsumexp written.
-    bwd: q, k, v, out, dout, lse, table read; dq, dk, dv written; per-program fp32 partial dS sums
-    (G, h, N, N) written (and re-read by the later windows of a program), then the reduction
-    reads the N*N valid pairs of each partial and writes the table gradient.
+    bwd, three launches with a table (one without): the main kernel reads q, k, v, out, dout, lse and the
+    table and writes dq, dk, dv and per-program fp32 partial dS sums (G, h, N, N) (re-read by the later
+    windows of a program when a window spans several tiles); the fold reads the N*N valid pairs of each
+    partial and writes one fp32 (rows, h) sum per chunk of groups; the ordered sum reads the chunks and
+    writes the table gradient.
     """
     from semask_fast.kernels import window_attention as wa
 
+    elt = dtype.itemsize
     nwh, nww = -(-hw[0] // ws[0]), -(-hw[1] // ws[1])
     n, b_ = ws[0] * ws[1], b * nwh * nww
     tokens = b * hw[0] * hw[1] if image else b_ * n  # tokens that exist in memory
@@ -74,14 +78,17 @@ def attention_model(b, hw, h, d, ws, elt, image, table=True, multi_tile=None):
     act = tokens * h * d * elt  # one of q, k, v, out, dout, dq, dk, dv
     lse = b_ * h * n * 4
     fwd = Traffic(read=3 * act + tab, written=act + lse, launches=1)
-    _, _, nt = wa.tiling(n, d, backward=True, fp32=elt == 4, multi_tile=multi_tile)
-    wpp = wa.windows_per_program(b_, h, wa.BWD_MIN_PROGRAMS)
-    part = (b_ // wpp) * h * n * n * 4 if table else 0  # only the real (i, j) pairs are stored
-    part_reread = part if (nt > 1 and wpp > 1) else 0
+    plan = wa.backward_plan(wa.Geometry(ws, b_, h, d), dtype, interpreter=interpreter)
+    main, wpp = plan["main"], plan["main"].per_program
+    groups = b_ // wpp
+    part = groups * h * n * n * 4 if table else 0  # only the real (i, j) pairs are stored
+    part_reread = part if (main["NT"] > 1 and wpp > 1) else 0
     bwd = Traffic(read=5 * act + lse + tab + part_reread, written=3 * act + part, launches=1)
     if table:
-        red = Traffic(read=(b_ // wpp) * h * n * n * 4, written=tab, launches=1)
-        bwd = Traffic(bwd.read + red.read, bwd.written + red.written, launches=2)
+        chunks = -(-groups // plan["table"]["CHUNK"]) * rows * h * 4
+        fold = Traffic(read=part, written=chunks, launches=1)
+        ordered_sum = Traffic(read=chunks, written=tab, launches=1)
+        bwd = _plus(_plus(bwd, fold), ordered_sum)
     return fwd, bwd
 
 
@@ -103,7 +110,7 @@ def _plus(a, b):
 # --------------------------------------------------------------------------- #
 
 
-def window_attention_case(b, dtype, hw=(56, 56), h=3, d=32, ws=(7, 7), shift=(3, 3), multi_tile=None):
+def window_attention_case(b, dtype, hw=(56, 56), h=3, d=32, ws=(7, 7), shift=(3, 3), interpreter=None):
     """The core op on (B*nW, h, N, d), with the in-kernel shift mask."""
     grid = (hw[0] // ws[0], hw[1] // ws[1])
     n, b_ = ws[0] * ws[1], b * grid[0] * grid[1]
@@ -119,14 +126,13 @@ def window_attention_case(b, dtype, hw=(56, 56), h=3, d=32, ws=(7, 7), shift=(3,
     lse = torch.empty(b_, h, n, dtype=torch.float32)
     fwd_min = minimum_bytes([q, k, v, table], [out])
     bwd_min = minimum_bytes([q, k, v, out, out, lse], [q, k, v, table])
-    elt = q.element_size()
     return dict(name="window_attention", inputs=[q, k, v, table], run=run, out_shape=out.shape,
                 eager=lambda: ref.window_attention(q, k, v, table, **kw), fwd_min=fwd_min,
                 both_min=fwd_min + minimum_bytes([], [lse]) + bwd_min, flops=4 * b_ * h * n * n * d,
-                model=attention_model(b, hw, h, d, ws, elt, image=False, multi_tile=multi_tile))
+                model=attention_model(b, hw, h, d, ws, dtype, image=False, interpreter=interpreter))
 
 
-def shifted_window_case(b, dtype, hw=(56, 56), h=3, d=32, ws=(7, 7), shift=(3, 3), multi_tile=None):
+def shifted_window_case(b, dtype, hw=(56, 56), h=3, d=32, ws=(7, 7), shift=(3, 3), interpreter=None):
     """Zero-copy op on the (B, H, W, 3C) qkv image vs. roll + partition + attention + merge + roll."""
     c = h * d
     g = torch.Generator().manual_seed(0)
@@ -146,10 +152,10 @@ def shifted_window_case(b, dtype, hw=(56, 56), h=3, d=32, ws=(7, 7), shift=(3, 3
                 eager=lambda: ref.shifted_window_attention(qkv, table, **kw), fwd_min=fwd_min,
                 both_min=fwd_min + minimum_bytes([], [lse]) + bwd_min,
                 flops=4 * b * nw * h * (ws[0] * ws[1]) ** 2 * d,
-                model=attention_model(b, hw, h, d, ws, qkv.element_size(), image=True, multi_tile=multi_tile))
+                model=attention_model(b, hw, h, d, ws, dtype, image=True, interpreter=interpreter))
 
 
-def partition_case(b, dtype, hw=(56, 56), c=96, ws=(7, 7), shift=(3, 3), multi_tile=None):
+def partition_case(b, dtype, hw=(56, 56), c=96, ws=(7, 7), shift=(3, 3), interpreter=None):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(b, *hw, c, generator=g).to(dtype).requires_grad_()
 
@@ -271,11 +277,9 @@ def main(argv=None) -> int:
         print(f"checking the launch model in the interpreter ({name})...", file=sys.stderr, flush=True)
         checks = check_model(dtype)
         results, flops = [], {}
-        from semask_fast.kernels.window_attention import GPU_MULTI_TILE
-
         for make in CASES:
-            # The figures are for the GPU tiling (the checks above ran the interpreter's).
-            case = make(args.batch, dtype, multi_tile=GPU_MULTI_TILE)
+            # The figures are for the GPU tiles (the checks above ran the interpreter's).
+            case = make(args.batch, dtype, interpreter=False)
             dout = torch.randn(case["out_shape"]).to(dtype)
             results.append((case["name"], measure(case, dout)))
             flops[case["name"]] = case["flops"]

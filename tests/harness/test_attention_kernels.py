@@ -29,8 +29,8 @@ import pytest
 import torch
 
 import semask_fast
-from benchmarks.traffic import harness_bytes
 from semask_fast import _build, reference
+from semask_fast._traffic import harness_bytes
 from semask_fast.backends.registry import BackendNotSupportedError
 from semask_fast.testing import assert_parity
 from tests.conftest import require_backend

@@ -8,8 +8,8 @@ included, whatever the geometry.  These numbers come from the tensors' sizes, no
 import pytest
 import torch
 
-from benchmarks.traffic import harness_bytes
 from semask_fast import _build
+from semask_fast._traffic import harness_bytes
 from semask_fast.ops.window_process import padded_grid
 
 pytestmark = pytest.mark.harness
