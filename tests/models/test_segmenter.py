@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semask_fast import record_dispatch
 from semask_fast.models import create
-from semask_fast.testing import TOLERANCES, compare
+from tests.models._fast_vs_reference import assert_cpu_backend_matches_reference
 
 TINY = dict(image_size=32, d_model=64, n_layers=2, n_heads=2)
 K = 5
@@ -218,32 +217,11 @@ def _build(backend, state=None):
     return model
 
 
-def _loss_and_grads(model, images, labels, autocast=False):
-    model.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = model.loss(images, labels)
-    loss.backward()
-    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_cpu_backend_matches_reference_losses_and_gradients(autocast):
     from tests.conftest import require_backend
 
     require_backend("mask_similarity", "cpu")
-    base = _build("reference")  # the reference in the same precision measures PyTorch's own error
-    fast = _build("cpu", base.state_dict())
-    exact = _build("reference", base.state_dict()).double()
     images, labels = torch.randn(2, 3, 40, 56), torch.randint(0, K, (2, 40, 56))
     labels[1, 10:] = 255
-    exp_loss, exp_grads = _loss_and_grads(exact, images.double(), labels)
-    base_loss, base_grads = _loss_and_grads(base, images, labels, autocast)
-    with record_dispatch() as ran:
-        loss, grads = _loss_and_grads(fast, images, labels, autocast)
-    assert ("mask_similarity", "cpu", "forward") in ran and ("mask_similarity", "cpu", "backward") in ran
-    fwd, bwd = TOLERANCES[torch.bfloat16 if autocast else torch.float32]
-    assert grads.keys() == exp_grads.keys() and len(grads) > 10
-    results = [compare("loss", loss, exp_loss, fwd, base_loss)]
-    results += [compare(f"d{n}", g, exp_grads[n], bwd, base_grads[n]) for n, g in grads.items()]
-    bad = [str(r) for r in results if not r.ok]
-    assert not bad, bad
+    assert_cpu_backend_matches_reference(_build, "mask_similarity", images, labels, autocast)

@@ -9,8 +9,8 @@ from torch import nn
 
 from semask_fast import record_dispatch
 from semask_fast.models import create
+from tests.models._fast_vs_reference import assert_cpu_backend_matches_reference
 from semask_fast.models.segvit import official_name
-from semask_fast.testing import TOLERANCES, compare
 
 TINY = dict(img_size=64, embed_dims=32, num_layers=3, num_heads=2, out_indices=(0, 1, 2), head_embed_dims=32,
             head_num_heads=2, head_num_layers=2)
@@ -341,32 +341,10 @@ def _build(backend, state=None):
     return model
 
 
-def _loss_and_grads(model, images, labels, autocast=False):
-    model.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = model.loss(images, labels)
-    loss.backward()
-    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_cpu_backend_matches_reference_losses_and_gradients(autocast):
     from tests.conftest import require_backend
 
     require_backend("atm_attention", "cpu")
-    base = _build("reference")  # the reference in the same precision measures PyTorch's own error
-    fast = _build("cpu", base.state_dict())
-    exact = _build("reference", base.state_dict()).double()
     images, labels = torch.randn(2, 3, 40, 56), _labels(2, 40, 56)
-    exp_loss, exp_grads = _loss_and_grads(exact, images.double(), labels)
-    base_loss, base_grads = _loss_and_grads(base, images, labels, autocast)
-    with record_dispatch() as ran:
-        loss, grads = _loss_and_grads(fast, images, labels, autocast)
-    assert ("atm_attention", "cpu", "forward") in ran and ("atm_attention", "cpu", "backward") in ran
-    assert all(backend == "cpu" for op, backend, _ in ran if op == "atm_attention")
-    fwd, bwd = TOLERANCES[torch.bfloat16 if autocast else torch.float32]
-    assert grads.keys() == exp_grads.keys() and len(grads) > 10
-    results = [compare("loss", loss, exp_loss, fwd, base_loss)]
-    results += [compare(f"d{n}", g, exp_grads[n], bwd, base_grads[n]) for n, g in grads.items()]
-    bad = [str(r) for r in results if not r.ok]
-    assert not bad, bad
+    assert_cpu_backend_matches_reference(_build, "atm_attention", images, labels, autocast)
