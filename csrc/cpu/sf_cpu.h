@@ -92,28 +92,28 @@ template <typename T>
 inline Vec<T> vmax(Vec<T> a, Vec<T> b) {
   return a > b ? a : b;
 }
-// Sum of the lanes, halving (log2(kLanes) shuffles and adds; a fixed order).
-template <typename T, int S = kLanes<T> / 2, size_t... I>
-inline T hsum(Vec<T> v, std::index_sequence<I...> lanes = {}) {
+// The lanes combined by op, halving (log2(kLanes) shuffles and ops; a fixed order).
+template <typename T, int S = kLanes<T> / 2, typename Op, size_t... I>
+inline T hreduce(Vec<T> v, Op op, std::index_sequence<I...> lanes = {}) {
   if constexpr (sizeof...(I) == 0) {
-    return hsum<T, S>(v, std::make_index_sequence<kLanes<T>>{});
+    return hreduce<T, S>(v, op, std::make_index_sequence<kLanes<T>>{});
   } else {
-    v += __builtin_shufflevector(v, v, int((I + S) % kLanes<T>)...);
-    if constexpr (S > 1) return hsum<T, S / 2>(v, lanes);
+    v = op(v, __builtin_shufflevector(v, v, int((I + S) % kLanes<T>)...));
+    if constexpr (S > 1) return hreduce<T, S / 2>(v, op, lanes);
     else return v[0];
   }
 }
 
-// Largest lane (same halving order as hsum).
-template <typename T, int S = kLanes<T> / 2, size_t... I>
-inline T hmax(Vec<T> v, std::index_sequence<I...> lanes = {}) {
-  if constexpr (sizeof...(I) == 0) {
-    return hmax<T, S>(v, std::make_index_sequence<kLanes<T>>{});
-  } else {
-    v = vmax<T>(v, __builtin_shufflevector(v, v, int((I + S) % kLanes<T>)...));
-    if constexpr (S > 1) return hmax<T, S / 2>(v, lanes);
-    else return v[0];
-  }
+// Sum of the lanes.
+template <typename T>
+inline T hsum(Vec<T> v) {
+  return hreduce<T>(v, [](Vec<T> a, Vec<T> b) { return a + b; });
+}
+
+// Largest lane.
+template <typename T>
+inline T hmax(Vec<T> v) {
+  return hreduce<T>(v, [](Vec<T> a, Vec<T> b) { return vmax<T>(a, b); });
 }
 
 // Lane o of fold_pair<G>(u, v): the sum of the two halves of a group of 2G lanes, groups of u

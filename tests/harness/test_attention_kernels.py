@@ -33,7 +33,7 @@ from semask_fast import _build, reference
 from semask_fast._traffic import harness_bytes
 from semask_fast.backends.registry import BackendNotSupportedError
 from semask_fast.testing import assert_parity
-from tests.conftest import require_backend
+from tests.conftest import next_seed, require_backend
 
 pytestmark = pytest.mark.harness
 
@@ -77,7 +77,7 @@ def test_window_dropout_replay(dtype):
     t = {name: _randn(g, b_, h, n, d) for name in ("q", "k", "v")}
     t["bias_table"] = _randn(g, 13 * 13, h)
     torch.manual_seed(11)
-    keep = wa.dropout_keep(wa.draw_seed(), (b_, h, n, n), p)
+    keep = wa.dropout_keep(next_seed("simt"), (b_, h, n, n), p)
     geo = dict(window_size=ws, shift_size=(3, 3), grid=(2, 2))
 
     def fn(backend, **kw):
@@ -97,7 +97,7 @@ def test_atm_dropout_replay(dtype):
     g = torch.Generator().manual_seed(1)
     t = {"q": _randn(g, b, h, nq, d), "k": _randn(g, b, h, nk, d), "v": _randn(g, b, h, nk, d)}
     torch.manual_seed(12)
-    keep = wa.dropout_keep(wa.draw_seed(), (b, h, nq, nk), p)
+    keep = wa.dropout_keep(next_seed("simt", "atm_attention"), (b, h, nq, nk), p)
 
     def fn(backend, **kw):
         if backend == "reference":
@@ -338,7 +338,7 @@ def test_atm_dropout_replay_splits(monkeypatch, forced):
     monkeypatch.setattr(mod, "force_splits", forced)
     t = _atm_inputs(b, h, nq, nk, d, seed=8)
     torch.manual_seed(13)
-    keep = wa.dropout_keep(wa.draw_seed(), (b, h, nq, nk), p)
+    keep = wa.dropout_keep(next_seed("simt", "atm_attention"), (b, h, nq, nk), p)
 
     def fn(backend, **kw):
         if backend == "reference":

@@ -25,15 +25,8 @@ import numpy as np
 import torch
 
 from ...ops.window_attention import WindowAttentionInputs
-from .. import base
 from ..registry import register
 from . import CudaImpl, SimtImpl
-
-
-def draw_seed() -> int:
-    """The dropout seed an op with dropout draws on CPU tensors for these kernels (the next one from
-    torch's CPU generator): tests call it after ``torch.manual_seed`` to replay a kernel's mask."""
-    return base.draw_seed(torch.device("cpu"), base.OpImpl.seed_bound)
 
 
 def philox(seed: int, index: np.ndarray) -> np.ndarray:
