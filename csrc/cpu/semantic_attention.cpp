@@ -110,7 +110,7 @@ struct FwdArgs {
 };
 
 template <typename T>
-void forward_task(const FwdArgs<T>& a, int64_t b, int i0, int nq, const Blocks& keys) {
+void forward_task(const FwdArgs<T>& a, int64_t b, int i0, int nq, const Blocks& keys, NextTaskPrefetch& next) {
   constexpr int L = kLanes<T>;
   const int K = a.k, C = a.c, cpad = int(round_up(C, L));
   const int whole = nq / L * L, tail = nq - whole;
@@ -136,7 +136,7 @@ void forward_task(const FwdArgs<T>& a, int64_t b, int i0, int nq, const Blocks& 
   for (int j0 = 0; j0 < a.n; j0 += keys.size) {
     const int nk = std::min(keys.size, a.n - j0);
     const T* skj = sk + int64_t(j0) * a.sk_s.row;
-    if (qcols > 0) product<T>(nk, qcols, K, skj, a.sk_s.row, 1, sqt, qcols, st, ld);
+    if (qcols > 0) product<T>(nk, qcols, K, skj, a.sk_s.row, 1, sqt, qcols, st, ld, false, nullptr, &next);
     if (dot_tail) {
       for (int j = 0; j < nk; ++j) {
         T* row = st + int64_t(j) * ld;
@@ -164,7 +164,7 @@ void forward_task(const FwdArgs<T>& a, int64_t b, int i0, int nq, const Blocks& 
       vrows = vstage;
       ldv = cpad;
     }
-    product<T>(nq, cpad, nk, st, 1, ld, vrows, ldv, o, cpad, j0 > 0);
+    product<T>(nq, cpad, nk, st, 1, ld, vrows, ldv, o, cpad, j0 > 0, nullptr, &next);
   }
   const int64_t row0 = b * a.n + i0;
   for (int i = 0; i < nq; ++i) {
@@ -316,7 +316,18 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& sq, const at::Te
     parallel_for(batch * queries.count, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int qb = int(t % queries.count), i0 = qb * queries.size;
-        forward_task(a, t / queries.count, i0, std::min(queries.size, n - i0), keys);
+        NextTaskPrefetch next;
+        if (t + 1 < end) {  // the next task's query rows, and its keys and values if they change
+          const int64_t nb = (t + 1) / queries.count;
+          const int ni0 = int((t + 1) % queries.count) * queries.size;
+          next.add(a.sq + nb * a.sq_s.batch + ni0 * a.sq_s.row, std::min(queries.size, n - ni0),
+                   a.sq_s.row * sizeof(T), a.k * sizeof(T));
+          if (nb != t / queries.count) {
+            next.add(a.sk + nb * a.sk_s.batch, n, a.sk_s.row * sizeof(T), a.k * sizeof(T));
+            next.add(a.yv + nb * a.yv_s.batch, n, a.yv_s.row * sizeof(T), a.c * sizeof(T));
+          }
+        }
+        forward_task(a, t / queries.count, i0, std::min(queries.size, n - i0), keys, next);
       }
     });
   });

@@ -219,6 +219,51 @@ inline Vec<float> vexp_nonpositive(Vec<float> x) {
 
 inline Vec<double> vexp_nonpositive(Vec<double> x) { return vexp(x); }
 
+// 2^x lane by lane for x <= 0: the softmax's exp with log2(e) folded into the logits (one
+// multiply and the Cody-Waite reduction fewer than vexp_nonpositive).  x = n + r, |r| <= 1/2, 2^r by
+// a degree-6 polynomial fitted for relative error (< 1e-7 in fp32), 2^n in the exponent bits.
+// -inf and x < -126 give 0, NaN stays NaN; x > 0 is outside its domain.  fp64: std::exp2.
+inline Vec<float> exp2_reduced(Vec<float> r) {
+  Vec<float> p = vsplat(1.5345811e-4f);
+  p = p * r + 1.3399931e-3f;
+  p = p * r + 9.6184891e-3f;
+  p = p * r + 5.5503286e-2f;
+  p = p * r + 2.4022646e-1f;
+  p = p * r + 6.9314718e-1f;
+  return p * r + 1.0f;
+}
+#if defined(__AVX512F__)
+inline Vec<float> vexp2_nonpositive(Vec<float> x) {
+  // vmaxps returns its second operand for a NaN; vscalefps flushes 2^-127 to 0 (the kernels run
+  // with flush-to-zero, FlushDenormals).
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-127.0f), x);
+  const Vec<float> n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_scalef_ps(exp2_reduced(Vec<float>(xc) - n), n);
+}
+#else
+inline Vec<float> vexp2_nonpositive(Vec<float> x) {
+  using V = Vec<float>;
+  using I = VecOf<float>::mask;
+  const V magic = vsplat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const V xc = x < -126.0f ? vsplat(-126.0f) : x;  // NaN passes through
+  const V t = xc + magic;
+  const V n = t - magic;
+  const I bits = (reinterpret_cast<const I&>(t) - (reinterpret_cast<const I&>(magic) - 127)) << 23;
+  const V y = exp2_reduced(xc - n) * reinterpret_cast<const V&>(bits);
+  return x < -126.0f ? vsplat(0.0f) : y;
+}
+#endif
+
+inline Vec<double> vexp2_nonpositive(Vec<double> x) {
+  for (int i = 0; i < kLanes<double>; ++i) x[i] = std::exp2(x[i]);
+  return x;
+}
+
+template <typename T>
+constexpr T kLog2e = T(1.442695040888963407359924681001892137);
+template <typename T>
+constexpr T kLn2 = T(0.693147180559945309417232121458176568);
+
 // log(x) lane by lane for x > 0 (Cephes' logf: mantissa in [sqrt(1/2), sqrt(2)), degree-8
 // polynomial, ~1 ulp); x = 0 gives -inf, x = inf gives inf, NaN and x < 0 give NaN.  fp64: std::log.
 inline Vec<float> vlog(Vec<float> x) {
@@ -265,6 +310,54 @@ inline T sexp(T x) {
   }
 }
 
+// ------------------------------------------------------------- prefetching --
+// Software prefetch of the next task's inputs into L2 while the current task computes.  A task's
+// operands come from DRAM once (a windowed stage's inputs are far larger than the caches) and the
+// hardware prefetchers do not run ahead across a task's strided rows.  The products issue one
+// prefetch per k step (NextTaskPrefetch::step): spread over the task, the fetches overlap its
+// arithmetic, where a burst of them would stall on the fill buffers.  Into L2, not L1: one task's
+// operands exceed L1.
+class NextTaskPrefetch {
+ public:
+  static constexpr int kLine = 64;
+  // rows of row_bytes each, row r at p + r * stride (bytes).  At most kMaxRanges ranges.
+  void add(const void* p, int64_t rows, int64_t stride, int64_t row_bytes) {
+    if (count_ == kMaxRanges || rows <= 0 || row_bytes <= 0) return;
+    ranges_[count_++] = {static_cast<const char*>(p), stride, rows, row_bytes};
+  }
+  // Prefetches the next line, if any is left (the cursor walks rows, then their lines).
+  void step() {
+    if (range_ == count_) return;
+    const Range& g = ranges_[range_];
+    if (!line_) {
+      const char* row = g.p + row_ * g.stride;
+      line_ = row - reinterpret_cast<uintptr_t>(row) % kLine;
+      row_end_ = row + g.row_bytes;
+    }
+#ifdef SF_CPU_X86
+    _mm_prefetch(line_, _MM_HINT_T1);
+#else
+    __builtin_prefetch(line_, 0, 2);
+#endif
+    line_ += kLine;
+    if (line_ >= row_end_) {
+      line_ = nullptr;
+      if (++row_ == g.rows) row_ = 0, ++range_;
+    }
+  }
+
+ private:
+  struct Range {
+    const char* p;
+    int64_t stride, rows, row_bytes;
+  };
+  static constexpr int kMaxRanges = 4;
+  Range ranges_[kMaxRanges];
+  int count_ = 0, range_ = 0;
+  int64_t row_ = 0;
+  const char *line_ = nullptr, *row_end_ = nullptr;
+};
+
 // ------------------------------------------------------------ the product --
 // C[r][v] (R rows x V vectors of kLanes<T> columns) = init[r][v] + sum_{k < K} A(r, k) * B[k][v]:
 // A read as scalars A[r * a_rs + k * a_ks] and broadcast, B rows of vectors (row stride ldb),
@@ -275,7 +368,7 @@ inline T sexp(T x) {
 // fixed offsets from one pointer instead of R computed addresses.
 template <typename T, int R, int V, bool kUnitRows>
 inline void block_product(int K, const T* __restrict__ A, int64_t a_rs, int64_t a_ks, const T* __restrict__ B,
-                          int64_t ldb, T* C, int64_t ldc, const T* init) {
+                          int64_t ldb, T* C, int64_t ldc, const T* init, NextTaskPrefetch* next) {
   constexpr int L = kLanes<T>;
   if constexpr (kUnitRows) a_rs = 1;
   // Every loop over the block is unrolled so that acc lives in registers (GCC otherwise keeps the
@@ -293,6 +386,7 @@ inline void block_product(int K, const T* __restrict__ A, int64_t a_rs, int64_t 
       for (int v = 0; v < V; ++v) acc[r][v] = Vec<T>{};
   }
   for (int k = 0; k < K; ++k) {
+    if (next) next->step();
     Vec<T> b[V];
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) b[v] = vload(B + k * ldb + v * L);
@@ -314,7 +408,7 @@ constexpr int kMaxBlockRows = 12;
 
 template <typename T, int V, bool kUnitRows, int... Rs>
 constexpr auto row_table(std::integer_sequence<int, Rs...>) {
-  using Fn = void (*)(int, const T*, int64_t, int64_t, const T*, int64_t, T*, int64_t, const T*);
+  using Fn = void (*)(int, const T*, int64_t, int64_t, const T*, int64_t, T*, int64_t, const T*, NextTaskPrefetch*);
   return std::array<Fn, sizeof...(Rs)>{&block_product<T, Rs + 1, V, kUnitRows>...};
 }
 
@@ -326,7 +420,7 @@ constexpr int block_rows(int v) { return std::min(kMaxBlockRows, SF_CPU_ACC_REGS
 // C; init (row stride ldc, exclusive with accumulate): add to these values instead.
 template <typename T>
 inline void product(int rows, int cols, int K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb, T* C,
-                    int64_t ldc, bool accumulate = false, const T* init = nullptr) {
+                    int64_t ldc, bool accumulate = false, const T* init = nullptr, NextTaskPrefetch* next = nullptr) {
   constexpr int L = kLanes<T>;
   constexpr auto counts = std::make_integer_sequence<int, kMaxBlockRows>{};
   static constexpr std::array<decltype(row_table<T, 1, false>(counts)), 2 * kMaxBlockVecs> tables = {
@@ -337,12 +431,15 @@ inline void product(int rows, int cols, int K, const T* A, int64_t a_rs, int64_t
   for (int v0 = 0; v0 < vecs; v0 += kMaxBlockVecs) {
     const int nv = std::min(kMaxBlockVecs, vecs - v0);
     const auto& table = tables[(a_rs == 1 ? kMaxBlockVecs : 0) + nv - 1];
-    const int rb = block_rows(nv);
+    // Rows split evenly over the fewest blocks (49 rows in blocks of 8: seven of 7, not six of 8
+    // and one of 1, whose single accumulator chain runs at the FMA latency, not its throughput).
+    const int blocks = (rows + block_rows(nv) - 1) / block_rows(nv);
+    const int rb = blocks ? (rows + blocks - 1) / blocks : 1;
     for (int r0 = 0; r0 < rows; r0 += rb) {
       const int nr = std::min(rb, rows - r0);
       const int64_t c_off = int64_t(r0) * ldc + v0 * L;
       const T* start = accumulate ? C + c_off : init ? init + c_off : nullptr;
-      table[nr - 1](K, A + r0 * a_rs, a_rs, a_ks, B + v0 * L, ldb, C + c_off, ldc, start);
+      table[nr - 1](K, A + r0 * a_rs, a_rs, a_ks, B + v0 * L, ldb, C + c_off, ldc, start, next);
     }
   }
 }
@@ -366,19 +463,27 @@ inline Vec<T> interleave_hi(Vec<T> a, Vec<T> b, std::index_sequence<I...>) {
 // scale.  src rows at src + r * lds (rows >= src_rows read as zeros), dst rows at dst + c * ldd for
 // c < dst_rows.  log2(L) rounds of interleaving row k with row k + L/2 (each round rotates the
 // (row, column) index bits by one).
-template <typename T>
+// kFull: src_rows == dst_rows == L, every loop unrolled with no bounds tests.
+template <typename T, bool kFull>
 inline void transpose_block(const T* src, int64_t lds, int src_rows, T* dst, int64_t ldd, int dst_rows, T scale) {
   constexpr int L = kLanes<T>;
   constexpr auto seq = std::make_index_sequence<L>{};
+  if constexpr (kFull) src_rows = dst_rows = L;
+  const Vec<T> s = vsplat(scale);
   Vec<T> r[L], t[L];
-  for (int i = 0; i < L; ++i) r[i] = i < src_rows ? vload(src + i * lds) * scale : Vec<T>{};
+#pragma GCC unroll 16
+  for (int i = 0; i < L; ++i) r[i] = i < src_rows ? vload(src + i * lds) * s : Vec<T>{};
+#pragma GCC unroll 4
   for (int round = 1; round < L; round *= 2) {
+#pragma GCC unroll 8
     for (int k = 0; k < L / 2; ++k) {
       t[2 * k] = interleave_lo<T>(r[k], r[k + L / 2], seq);
       t[2 * k + 1] = interleave_hi<T>(r[k], r[k + L / 2], seq);
     }
+#pragma GCC unroll 16
     for (int i = 0; i < L; ++i) r[i] = t[i];
   }
+#pragma GCC unroll 16
   for (int c = 0; c < dst_rows; ++c) vstore(dst + c * ldd, r[c]);
 }
 
@@ -388,9 +493,11 @@ template <typename T>
 inline void transpose(const T* src, int64_t lds, int rows, int cols, T* dst, int64_t ld_dst, T scale = T(1)) {
   constexpr int L = kLanes<T>;
   for (int r0 = 0; r0 < rows; r0 += L)
-    for (int c0 = 0; c0 < cols; c0 += L)
-      transpose_block(src + r0 * lds + c0, lds, std::min(L, rows - r0), dst + c0 * ld_dst + r0, ld_dst,
-                      std::min(L, cols - c0), scale);
+    for (int c0 = 0; c0 < cols; c0 += L) {
+      const int src_rows = std::min(L, rows - r0), dst_rows = std::min(L, cols - c0);
+      auto block = src_rows == L && dst_rows == L ? &transpose_block<T, true> : &transpose_block<T, false>;
+      block(src + r0 * lds + c0, lds, src_rows, dst + c0 * ld_dst + r0, ld_dst, dst_rows, scale);
+    }
 }
 
 // ------------------------------------------------------------- conversion --

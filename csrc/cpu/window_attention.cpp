@@ -72,6 +72,8 @@ struct Problem {
   int mask_windows;
   float scale, mask_value, dropout_p;
   uint64_t seed;
+  // The logits' scale in base-2 units (see Logits).
+  double logit_scale() const { return scale * kLog2e<double>; }
   int table_rows() const { return (2 * wh - 1) * (2 * ww - 1); }
   bool shifted() const { return grid_h > 0; }
 };
@@ -116,6 +118,13 @@ struct WindowTokens {
       r.out[t] = out ? out + ((b * heads + head) * n + t) * d : nullptr;
     }
   }
+  // The q, k, v rows of (b, head) for the next task's prefetch.
+  void prefetch(int64_t b, int head, NextTaskPrefetch& next) const {
+    const int64_t bytes = int64_t(d) * sizeof(S);
+    next.add(q + b * qs[0] + head * qs[1], n, qs[2] * sizeof(S), bytes);
+    next.add(k + b * ks[0] + head * ks[1], n, ks[2] * sizeof(S), bytes);
+    next.add(v + b * vs[0] + head * vs[1], n, vs[2] * sizeof(S), bytes);
+  }
 };
 
 template <typename S>
@@ -138,13 +147,18 @@ struct ImageTokens {
       r.out[t] = real && out ? out + pixel * c + hoff : nullptr;
     }
   }
+  // Nothing: consecutive tasks are the heads of one window (the same pixels), and a window's
+  // pixels are runs of ww contiguous ones, which the hardware prefetchers follow.
+  void prefetch(int64_t, int, NextTaskPrefetch&) const {}
 };
 
 // Per-call constants.  The logits' additive part (bias + mask) takes few distinct values: one per
 // head without a mask, one per (corner pattern, head) with the shift mask (a window's region ids
 // depend only on whether it is in the last window row and / or column), one per (mask window,
 // head) with an explicit mask.  Each is stored once in S^T layout (N x Np, zero in padded lanes)
-// and starts the accumulators of the S^T product.
+// and starts the accumulators of the S^T product.  Logits are kept in base-2 units (times
+// log2(e), as the scale: Problem::logit_scale), so the softmax takes 2^x; the row logsumexp
+// leaves the kernel in natural units.
 template <typename T>
 struct Logits {
   const Problem& p;
@@ -174,7 +188,7 @@ struct Logits {
             T x = table ? table[int64_t(rel[size_t(j) * n + i]) * p.heads + h] : T(0);
             if (mask) x += mask[(int64_t(pat) * n + i) * n + j];
             if (p.shifted() && region[i] != region[j]) x += T(p.mask_value);
-            tile[size_t(j) * np + i] = x;
+            tile[size_t(j) * np + i] = x * kLog2e<T>;
           }
       }
     }
@@ -337,13 +351,13 @@ inline void row_query_softmax(int n, int nl, int np, int dp, Operand<T> q, Opera
     const T mx = hmax<T>(m);
     Vec<T> l{};
     for (int j = 0; j < np; j += L) {
-      const Vec<T> e = vexp_nonpositive(vload(s + j) - mx);
+      const Vec<T> e = vexp2_nonpositive(vload(s + j) - mx);
       vstore(s + j, e);
       l += e;
     }
     const T sum = hsum<T>(l);
     scatter_column(st, n, np, i, s);
-    lse_lanes[i] = mx + std::log(sum);
+    lse_lanes[i] = mx * kLn2<T> + std::log(sum);
     inv_l[i] = T(1) / sum;
   }
 }
@@ -353,6 +367,20 @@ inline void row_query_softmax(int n, int nl, int np, int dp, Operand<T> q, Opera
 template <typename T>
 inline void zero_pad_lanes(T* tile, int n, int np) {
   for (int j = 0; j < n; ++j) std::fill(tile + size_t(j) * np + n, tile + size_t(j + 1) * np, T(0));
+}
+
+// The lane-wise max of n rows of vectors at tile + j * ld: four independent chains (one chain
+// would run at the latency of vmax, one row per four cycles).
+template <typename T>
+inline Vec<T> column_max(const T* tile, int64_t ld, int n) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  Vec<T> m[4] = {vsplat(kNegInf), vsplat(kNegInf), vsplat(kNegInf), vsplat(kNegInf)};
+  int j = 0;
+  for (; j + 4 <= n; j += 4)
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) m[u] = vmax<T>(m[u], vload(tile + (j + u) * ld));
+  for (; j < n; ++j) m[0] = vmax<T>(m[0], vload(tile + j * ld));
+  return vmax<T>(vmax<T>(m[0], m[1]), vmax<T>(m[2], m[3]));
 }
 
 // --------------------------------------------------------------- forward --
@@ -380,25 +408,26 @@ void forward(const Problem& p, const Tokens& tokens, const Logits<acc_t<S>>& lg,
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b_ = task / p.heads;
       const int h = int(task % p.heads);
+      NextTaskPrefetch next;
+      if (task + 1 < end) tokens.prefetch((task + 1) / p.heads, int((task + 1) % p.heads), next);
       tokens.rows(b_, h, rows);
       const Operand<T> q = rows_operand(rows.q, n, d, dp, true, qtile);
       const Operand<T> k = rows_operand(rows.k, n, d, dp, row_queries > 0, ktile);
       const Operand<T> v = rows_operand(rows.v, n, d, dp, true, vtile);
       const T* init = lg.tile(b_, h);
-      transpose(q.ptr, q.ld, std::min(n, nl), dp, qt, np, T(p.scale));
-      product<T>(n, nl, d, k.ptr, k.ld, 1, qt, np, st, np, false, init);
-      if (row_queries) row_query_softmax(n, nl, np, dp, q, k, T(p.scale), init, srow, st, lse_lanes, inv_l);
+      transpose(q.ptr, q.ld, std::min(n, nl), dp, qt, np, T(p.logit_scale()));
+      product<T>(n, nl, d, k.ptr, k.ld, 1, qt, np, st, np, false, init, &next);
+      if (row_queries) row_query_softmax(n, nl, np, dp, q, k, T(p.logit_scale()), init, srow, st, lse_lanes, inv_l);
       // Softmax down the key rows, every lane query at once.
       for (int i = 0; i < nl; i += L) {
-        Vec<T> m = vsplat(-std::numeric_limits<T>::infinity());
-        for (int j = 0; j < n; ++j) m = vmax<T>(m, vload(st + size_t(j) * np + i));
+        const Vec<T> m = column_max(st + i, np, n);
         Vec<T> l{};
         for (int j = 0; j < n; ++j) {
-          const Vec<T> e = vexp_nonpositive(vload(st + size_t(j) * np + i) - m);
+          const Vec<T> e = vexp2_nonpositive(vload(st + size_t(j) * np + i) - m);
           vstore(st + size_t(j) * np + i, e);
           l += e;
         }
-        vstore(lse_lanes + i, m + vlog(l));
+        vstore(lse_lanes + i, m * kLn2<T> + vlog(l));
         vstore(inv_l + i, T(1) / l);
       }
       std::copy(lse_lanes, lse_lanes + n, lse + (b_ * p.heads + h) * n);
@@ -407,7 +436,7 @@ void forward(const Problem& p, const Tokens& tokens, const Logits<acc_t<S>>& lg,
         for (size_t e = 0; e < size_t(n) * np; e += L) vstore(st + e, vload(st + e) * vload(drop + e));
       }
       // O[i][:] = sum_j P[i][j] V[j][:]: P^T read as A(i, j) = st[j * np + i].
-      product<T>(n, dp, n, st, 1, np, v.ptr, v.ld, oacc, dp);
+      product<T>(n, dp, n, st, 1, np, v.ptr, v.ld, oacc, dp, false, nullptr, &next);
       for (int i = 0; i < n; ++i)
         if (rows.out[i]) write_row(rows.out[i], oacc + size_t(i) * dp, d, inv_l[i]);
     }
@@ -537,11 +566,12 @@ void backward(const Problem& p, const Tokens& tokens, const Grads& grads, const 
         const Operand<T> k = rows_operand(rows.k, n, d, dp, true, ktile);
         const Operand<T> v = rows_operand(rows.v, n, d, dp, row_queries > 0, vtile);
         const Operand<T> dout = rows_operand(g.dout, n, d, dp, true, dotile);
-        transpose(q.ptr, q.ld, std::min(n, nl), dp, qt, np, T(p.scale));
+        transpose(q.ptr, q.ld, std::min(n, nl), dp, qt, np, T(p.logit_scale()));
         transpose(dout.ptr, dout.ld, std::min(n, nl), dp, dot, np);
         const T* lse_row = lse + (b_ * p.heads + h) * n;
         for (int i = 0; i < np; ++i) {
-          lse_lanes[i] = i < n ? lse_row[i] : std::numeric_limits<T>::infinity();  // P = 0 in pad lanes
+          // base-2 units, as the logits; P = 0 in pad lanes
+          lse_lanes[i] = i < n ? lse_row[i] * kLog2e<T> : std::numeric_limits<T>::infinity();
           delta[i] = i < n ? dot_row(dout.ptr + i * dout.ld, g.out[i], d) : T(0);  // rowsum(dO O)
         }
         const T* init = lg.tile(b_, h);
@@ -549,11 +579,11 @@ void backward(const Problem& p, const Tokens& tokens, const Grads& grads, const 
         for (int j = 0; j < n; ++j)
           for (int i = 0; i < nl; i += L) {
             T* s = st + size_t(j) * np + i;
-            vstore(s, vexp_nonpositive(vload(s) - vload(lse_lanes + i)));
+            vstore(s, vexp2_nonpositive(vload(s) - vload(lse_lanes + i)));
           }
         for (int i = nl; i < n; ++i) {
-          row_logits(i, n, np, dp, q, k, T(p.scale), init, srow);
-          for (int j = 0; j < np; j += L) vstore(srow + j, vexp_nonpositive(vload(srow + j) - lse_lanes[i]));
+          row_logits(i, n, np, dp, q, k, T(p.logit_scale()), init, srow);
+          for (int j = 0; j < np; j += L) vstore(srow + j, vexp2_nonpositive(vload(srow + j) - lse_lanes[i]));
           scatter_column(st, n, np, i, srow);
         }
         // dP^T[j][i] = V[j] . dO[i]
