@@ -328,8 +328,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& q, c
                                                           const at::Tensor& v, double scale, double dropout_p,
                                                           int64_t seed) {
   check_inputs(q, k, v, dropout_p);
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor mask_logits = at::empty({q.size(0), q.size(2), k.size(2)}, q.options());
+  at::Tensor out = empty_output(q.sizes(), q.options());
+  at::Tensor mask_logits = empty_output({q.size(0), q.size(2), k.size(2)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   // Every class token in one task unless that leaves threads idle: a task reads all of k and v
   // of its batch item.  Results do not depend on this blocking (no sum runs across query rows).
@@ -371,8 +371,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
               "atm_attention: dmask must be (B, Nq, Nk)");
   TORCH_CHECK(lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
               "atm_attention: lse must be (B, h, Nq)");
-  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor dq = empty_output(q.sizes(), q.options()), dk = empty_output(k.sizes(), k.options());
+  at::Tensor dv = empty_output(v.sizes(), v.options());
   const int nk = int(k.size(2)), d = int(q.size(3));
   const Blocks keys = balanced(nk, kBwdKeyBlock), queries = balanced(int(q.size(2)), kBwdQueryBlock);
   const int64_t batch = q.size(0);

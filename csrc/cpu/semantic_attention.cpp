@@ -190,7 +190,7 @@ struct BwdArgs {
 
 template <typename T>
 void backward_task(const BwdArgs<T>& a, int64_t b, int range, int kb0, int kb1, const Blocks& keys,
-                   const Blocks& queries) {
+                   const Blocks& queries, NextTaskPrefetch& next) {
   constexpr int L = kLanes<T>;
   const int K = a.k, C = a.c;
   const int kpad = int(round_up(K, L)), cpad = int(round_up(C, L));
@@ -227,8 +227,8 @@ void backward_task(const BwdArgs<T>& a, int64_t b, int range, int kb0, int kb1, 
       const T* sqi = sq + i0 * a.sq_s.row;
       const T* doi = dout + int64_t(i0) * C;
       if (kcols > 0) {
-        product<T>(nq, kcols, K, sqi, a.sq_s.row, 1, skt, bn, s, bn);
-        product<T>(nq, kcols, C, doi, C, 1, vt, bn, ds, bn);
+        product<T>(nq, kcols, K, sqi, a.sq_s.row, 1, skt, bn, s, bn, false, nullptr, &next);
+        product<T>(nq, kcols, C, doi, C, 1, vt, bn, ds, bn, false, nullptr, &next);
       }
       if (dot_tail) {
         for (int i = 0; i < nq; ++i)
@@ -255,17 +255,17 @@ void backward_task(const BwdArgs<T>& a, int64_t b, int range, int kb0, int kb1, 
         dorows = dop;
         lddo = cpad;
       }
-      if (a.need_dyv) product<T>(nk, cpad, nq, s, 1, bn, dorows, lddo, dyv, cpad, !first);
+      if (a.need_dyv) product<T>(nk, cpad, nq, s, 1, bn, dorows, lddo, dyv, cpad, !first, nullptr, &next);
       if (a.need_dsk) {
         stage_rows(sqp, kpad, sqi, a.sq_s.row, nq, K);
-        product<T>(nk, kpad, nq, ds, 1, bn, sqp, kpad, dsk, kpad, !first);
+        product<T>(nk, kpad, nq, ds, 1, bn, sqp, kpad, dsk, kpad, !first, nullptr, &next);
       }
       if (!a.need_dsq) {
       } else if (a.dsq_part) {
         T* part = a.dsq_part + ((int64_t(range) * a.batch + b) * a.n + i0) * kpad;
-        product<T>(nq, kpad, nk, ds, bn, 1, skp, kpad, part, kpad, kb != kb0);
+        product<T>(nq, kpad, nk, ds, bn, 1, skp, kpad, part, kpad, kb != kb0, nullptr, &next);
       } else {
-        product<T>(nq, kpad, nk, ds, bn, 1, skp, kpad, dsq_tile, kpad);
+        product<T>(nq, kpad, nk, ds, bn, 1, skp, kpad, dsq_tile, kpad, false, nullptr, &next);
         write_rows(a.dsq + (row0 + i0) * K, dsq_tile, kpad, nq, K, static_cast<const T*>(nullptr));
       }
     }
@@ -305,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& sq, const at::Te
   check_inputs(sq, sk, yv);
   const int64_t batch = sq.size(0);
   const int n = int(sq.size(1));
-  at::Tensor out = at::empty({batch, n, yv.size(2)}, yv.options());
+  at::Tensor out = empty_output({batch, n, yv.size(2)}, yv.options());
   at::Tensor lse = at::empty({batch, n}, sq.options());
   if (batch == 0) return {out, lse};
   const Blocks queries = balanced(n, kQueryBlock), keys = balanced(n, kKeyBlock);
@@ -353,8 +353,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
   SF_CPU_CHECK_CONTIGUOUS(lse);
   const int64_t batch = sq.size(0);
   const int n = int(sq.size(1)), k = int(sq.size(2)), c = int(yv.size(2));
-  at::Tensor dsq = at::empty(sq.sizes(), sq.options()), dsk = at::empty(sk.sizes(), sk.options());
-  at::Tensor dyv = at::empty(yv.sizes(), yv.options());
+  at::Tensor dsq = empty_output(sq.sizes(), sq.options()), dsk = empty_output(sk.sizes(), sk.options());
+  at::Tensor dyv = empty_output(yv.sizes(), yv.options());
   if (batch == 0) return {dsq, dsk, dyv};
   const Blocks keys = balanced(n, kBwdKeyBlock), queries = balanced(n, kBwdQueryBlock);
   // Key ranges per batch item: a fixed function of the shape (never of the thread count).
@@ -385,7 +385,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
     parallel_for(batch * ranges, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int r = int(t % ranges), kb0 = r * per_range;
-        backward_task(a, t / ranges, r, kb0, std::min(keys.count, kb0 + per_range), keys, queries);
+        NextTaskPrefetch next;
+        if (t + 1 < end && (t + 1) / ranges != t / ranges) {  // the next batch item's rows
+          const int64_t nb = (t + 1) / ranges;
+          next.add(a.sq + nb * a.sq_s.batch, n, a.sq_s.row * sizeof(T), k * sizeof(T));
+          next.add(a.sk + nb * a.sk_s.batch, n, a.sk_s.row * sizeof(T), k * sizeof(T));
+          next.add(a.yv + nb * a.yv_s.batch, n, a.yv_s.row * sizeof(T), c * sizeof(T));
+          next.add(a.dout + nb * n * c, 1, 0, int64_t(n) * c * sizeof(T));
+          next.add(a.out + nb * n * c, 1, 0, int64_t(n) * c * sizeof(T));
+        }
+        backward_task(a, t / ranges, r, kb0, std::min(keys.count, kb0 + per_range), keys, queries, next);
       }
     });
     if (partials) {  // dSq = the ranges' partials added in range order
