@@ -9,7 +9,7 @@
 // Forward: a task per (batch item, block of class tokens: all of them unless threads would idle),
 // every head inside.  Scores are computed transposed, S_h^T = k_h (scale q_h)^T (keys as rows,
 // queries as vector lanes), from the scaled q^T of every head staged once per task.  Per key
-// block of 64 keys the heads run in order: the head sum of the block's logits accumulates in a
+// block of 32 keys the heads run in order: the head sum of the block's logits accumulates in a
 // tile (written to M once, after the last head) in the same sweep as the column max, and each
 // head's online softmax (statistics down the columns) accumulates out_h = P v_h in a tile.
 // Backward: a task per (batch item, range of key blocks), every head and every query inside,
@@ -33,7 +33,7 @@ namespace sf_cpu_atm {
 
 using namespace sf::cpu;
 
-constexpr int kKeyBlock = 128;       // forward: keys per online-softmax step
+constexpr int kKeyBlock = 32;        // forward: keys per online-softmax step (the S^T and head-sum tiles stay in L1)
 constexpr int kBwdKeyBlock = 64;     // backward: keys per block (vector lanes of S)
 constexpr int kBwdQueryBlock = 160;  // backward: class tokens per block (rows of S)
 constexpr int64_t kBwdTasks = 16;    // backward: key ranges per batch item, at least this many tasks in all
@@ -173,14 +173,26 @@ void forward_task(const Problem<T>& p, int64_t b, int i0, int nq, T* out, T* lse
       T* mh = m + size_t(h) * ld;
       T* lh = l + size_t(h) * ld;
       for (int v = 0; v < nv; ++v) {
-        Vec<T> mx = vload(mh + v * L);
-        for (int j = 0; j < nk; ++j) {  // the head sum of the logits and the column max, one read of S^T
+        // The head sum of the logits and the column max, one read of S^T; the max on four chains
+        // (one would run at the latency of vmax).
+        Vec<T> mx[4] = {vload(mh + v * L), vload(mh + v * L), vload(mh + v * L), vload(mh + v * L)};
+        int j = 0;
+        for (; j + 4 <= nk; j += 4)
+#pragma GCC unroll 4
+          for (int u = 0; u < 4; ++u) {
+            const int64_t e = int64_t(j + u) * ld + v * L;
+            const Vec<T> x = vload(st + e);
+            vstore(mt + e, h == 0 ? x : vload(mt + e) + x);
+            mx[u] = vmax<T>(mx[u], x);
+          }
+        for (; j < nk; ++j) {
           const int64_t e = int64_t(j) * ld + v * L;
           const Vec<T> x = vload(st + e);
           vstore(mt + e, h == 0 ? x : vload(mt + e) + x);
-          mx = vmax<T>(mx, x);
+          mx[0] = vmax<T>(mx[0], x);
         }
-        online_softmax_block(st + v * L, ld, nk, mx, mh + v * L, lh + v * L, alpha + v * L);
+        const Vec<T> m_new = vmax<T>(vmax<T>(mx[0], mx[1]), vmax<T>(mx[2], mx[3]));
+        online_softmax_block(st + v * L, ld, nk, m_new, mh + v * L, lh + v * L, alpha + v * L);
       }
       if (p.dropout_p > 0.f) {  // lanes past nq: multipliers of no element, on unused columns
         for (int j = 0; j < nk; ++j)
@@ -190,18 +202,24 @@ void forward_task(const Problem<T>& p, int64_t b, int i0, int nq, T* out, T* lse
           }
       }
       T* oh = o + size_t(h) * nq * d;
-      if (kb > 0) {
+      if (kb > 0) {  // d is a multiple of the lanes (the Python side pads it to 16)
         for (int i = 0; i < nq; ++i) {
           const T f = alpha[i];
           if (f != T(1))
-            for (int c = 0; c < d; ++c) oh[int64_t(i) * d + c] *= f;
+            for (int c = 0; c < d; c += L) vstore(oh + int64_t(i) * d + c, vload(oh + int64_t(i) * d + c) * f);
         }
       }
       product<T>(nq, d, nk, st, 1, ld, vh, d, oh, d, kb > 0);
     }
     T* mrow = mask_logits + (b * p.nq + i0) * int64_t(p.nk) + j0;
+    // M rows = (mt / h)^T: whole groups of L keys transposed in registers, the rest one by one.
+    const int keys_whole = nk / L * L;
+    for (int j = 0; j < keys_whole; j += L)
+      for (int i = 0; i < nq; i += L)
+        transpose_block<T, false>(mt + int64_t(j) * ld + i, ld, L, mrow + int64_t(i) * p.nk + j, p.nk,
+                                  std::min(L, nq - i), inv_heads);
     for (int i = 0; i < nq; ++i)
-      for (int j = 0; j < nk; ++j) mrow[int64_t(i) * p.nk + j] = mt[int64_t(j) * ld + i] * inv_heads;
+      for (int j = keys_whole; j < nk; ++j) mrow[int64_t(i) * p.nk + j] = mt[int64_t(j) * ld + i] * inv_heads;
   }
   for (int h = 0; h < H; ++h) {
     const int64_t row0 = (b * H + h) * p.nq + i0;

@@ -146,8 +146,7 @@ void forward_task(const FwdArgs<T>& a, int64_t b, int i0, int nq, const Blocks& 
     }
     // Online softmax down the columns: P^T = exp(S^T - m_new), running sums rescaled by alpha.
     for (int v = 0; v < nv; ++v) {
-      Vec<T> mx = vload(m + v * L);
-      for (int j = 0; j < nk; ++j) mx = vmax<T>(mx, vload(st + int64_t(j) * ld + v * L));
+      const Vec<T> mx = column_max(st + v * L, ld, nk, vload(m + v * L));
       online_softmax_block(st + v * L, ld, nk, mx, m + v * L, l + v * L, alpha + v * L);
     }
     if (j0 > 0) {

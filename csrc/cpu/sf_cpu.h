@@ -617,6 +617,19 @@ inline void stream_fence() {
 }
 
 // ---------------------------------------------------------- online softmax --
+// The lane-wise max of init and n rows of vectors at tile + j * ld: four independent chains (one
+// chain would run at the latency of vmax, a row per four cycles).
+template <typename T>
+inline Vec<T> column_max(const T* tile, int64_t ld, int n, Vec<T> init) {
+  Vec<T> m[4] = {init, init, init, init};
+  int j = 0;
+  for (; j + 4 <= n; j += 4)
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) m[u] = vmax<T>(m[u], vload(tile + (j + u) * ld));
+  for (; j < n; ++j) m[0] = vmax<T>(m[0], vload(tile + j * ld));
+  return vmax<T>(vmax<T>(m[0], m[1]), vmax<T>(m[2], m[3]));
+}
+
 // One key block of an online softmax over S^T (keys as rows, queries in lanes), for the query
 // lanes [0, kLanes) at st: given the block's column max mx (>= the running max m), replaces the
 // block by exp(S^T - mx) and updates the running max m, sum l, and alpha = exp(m_old - mx), the

@@ -369,20 +369,6 @@ inline void zero_pad_lanes(T* tile, int n, int np) {
   for (int j = 0; j < n; ++j) std::fill(tile + size_t(j) * np + n, tile + size_t(j + 1) * np, T(0));
 }
 
-// The lane-wise max of n rows of vectors at tile + j * ld: four independent chains (one chain
-// would run at the latency of vmax, one row per four cycles).
-template <typename T>
-inline Vec<T> column_max(const T* tile, int64_t ld, int n) {
-  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  Vec<T> m[4] = {vsplat(kNegInf), vsplat(kNegInf), vsplat(kNegInf), vsplat(kNegInf)};
-  int j = 0;
-  for (; j + 4 <= n; j += 4)
-#pragma GCC unroll 4
-    for (int u = 0; u < 4; ++u) m[u] = vmax<T>(m[u], vload(tile + (j + u) * ld));
-  for (; j < n; ++j) m[0] = vmax<T>(m[0], vload(tile + j * ld));
-  return vmax<T>(vmax<T>(m[0], m[1]), vmax<T>(m[2], m[3]));
-}
-
 // --------------------------------------------------------------- forward --
 template <typename S, typename Tokens>
 void forward(const Problem& p, const Tokens& tokens, const Logits<acc_t<S>>& lg, acc_t<S>* lse) {
@@ -420,7 +406,7 @@ void forward(const Problem& p, const Tokens& tokens, const Logits<acc_t<S>>& lg,
       if (row_queries) row_query_softmax(n, nl, np, dp, q, k, T(p.logit_scale()), init, srow, st, lse_lanes, inv_l);
       // Softmax down the key rows, every lane query at once.
       for (int i = 0; i < nl; i += L) {
-        const Vec<T> m = column_max(st + i, np, n);
+        const Vec<T> m = column_max(st + i, np, n, vsplat(-std::numeric_limits<T>::infinity()));
         Vec<T> l{};
         for (int j = 0; j < n; ++j) {
           const Vec<T> e = vexp2_nonpositive(vload(st + size_t(j) * np + i) - m);
@@ -468,6 +454,12 @@ struct WindowGrads {
       r.out[t] = out + off;
     }
   }
+  // The dout and out rows of (b, head) for the next task's prefetch.
+  void prefetch(int64_t b, int head, NextTaskPrefetch& next) const {
+    const int64_t off = (b * heads + head) * n * d, bytes = int64_t(n) * d * sizeof(S);
+    next.add(dout + off, 1, 0, bytes);
+    next.add(out + off, 1, 0, bytes);
+  }
 };
 
 template <typename S>
@@ -489,6 +481,7 @@ struct ImageGrads {
       r.out[t] = real ? out + pixel * c + hoff : zeros;
     }
   }
+  void prefetch(int64_t, int, NextTaskPrefetch&) const {}  // as ImageTokens::prefetch
 };
 
 // Windows per chunk of the table / qkv_bias gradient: a function of the shape only (so the
@@ -559,7 +552,13 @@ void backward(const Problem& p, const Tokens& tokens, const Grads& grads, const 
       const int h = int(task % p.heads);
       if (want_table) std::fill(ds_sum, ds_sum + size_t(n) * np, T(0));
       std::fill(pad_acc, pad_acc + 3 * dp, T(0));
-      for (int64_t b_ = chunk * per_chunk; b_ < std::min(p.batch, (chunk + 1) * per_chunk); ++b_) {
+      const int64_t chunk_end = std::min(p.batch, (chunk + 1) * per_chunk);
+      for (int64_t b_ = chunk * per_chunk; b_ < chunk_end; ++b_) {
+        NextTaskPrefetch next;  // the next window of this head
+        if (b_ + 1 < chunk_end) {
+          tokens.prefetch(b_ + 1, h, next);
+          grads.prefetch(b_ + 1, h, next);
+        }
         tokens.rows(b_, h, rows);
         grads.rows(b_, h, g);
         const Operand<T> q = rows_operand(rows.q, n, d, dp, true, qtile);
@@ -575,7 +574,7 @@ void backward(const Problem& p, const Tokens& tokens, const Grads& grads, const 
           delta[i] = i < n ? dot_row(dout.ptr + i * dout.ld, g.out[i], d) : T(0);  // rowsum(dO O)
         }
         const T* init = lg.tile(b_, h);
-        product<T>(n, nl, d, k.ptr, k.ld, 1, qt, np, st, np, false, init);
+        product<T>(n, nl, d, k.ptr, k.ld, 1, qt, np, st, np, false, init, &next);
         for (int j = 0; j < n; ++j)
           for (int i = 0; i < nl; i += L) {
             T* s = st + size_t(j) * np + i;
@@ -587,7 +586,7 @@ void backward(const Problem& p, const Tokens& tokens, const Grads& grads, const 
           scatter_column(st, n, np, i, srow);
         }
         // dP^T[j][i] = V[j] . dO[i]
-        product<T>(n, nl, d, v.ptr, v.ld, 1, dot, np, dpt, np);
+        product<T>(n, nl, d, v.ptr, v.ld, 1, dot, np, dpt, np, false, nullptr, &next);
         for (int i = nl; i < n; ++i) {
           row_dots(dout.ptr + i * dout.ld, v, n, np, dp, T(1), srow);
           scatter_column(dpt, n, np, i, srow);
@@ -604,7 +603,7 @@ void backward(const Problem& p, const Tokens& tokens, const Grads& grads, const 
         }
         // dV[j] = sum_i P[i][j] dO[i]
         if (needs.dkv) {
-          product<T>(n, dp, n, pv, np, 1, dout.ptr, dout.ld, acc, dp);
+          product<T>(n, dp, n, pv, np, 1, dout.ptr, dout.ld, acc, dp, false, nullptr, &next);
           write_grad_rows(g.dv, acc, n, d, dp, T(1), pad_acc + 2 * dp);
         }
         // dS^T = P^T (dP^T - delta)
@@ -617,12 +616,12 @@ void backward(const Problem& p, const Tokens& tokens, const Grads& grads, const 
           for (size_t e = 0; e < size_t(n) * np; e += L) vstore(ds_sum + e, vload(ds_sum + e) + vload(dpt + e));
         // dQ[i] = scale sum_j dS[i][j] K[j]
         if (needs.dq) {
-          product<T>(n, dp, n, dpt, 1, np, k.ptr, k.ld, acc, dp);
+          product<T>(n, dp, n, dpt, 1, np, k.ptr, k.ld, acc, dp, false, nullptr, &next);
           write_grad_rows(g.dq, acc, n, d, dp, T(p.scale), pad_acc);
         }
         // dK[j] = scale sum_i dS[i][j] Q[i]
         if (needs.dkv) {
-          product<T>(n, dp, n, dpt, np, 1, q.ptr, q.ld, acc, dp);
+          product<T>(n, dp, n, dpt, np, 1, q.ptr, q.ld, acc, dp, false, nullptr, &next);
           write_grad_rows(g.dk, acc, n, d, dp, T(p.scale), pad_acc + dp);
         }
       }
