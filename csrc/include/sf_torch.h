@@ -99,6 +99,21 @@ inline cudaStream_t current_stream() {
 #endif
 }
 
+// Shared memory a block may use, static plus dynamic, on `t`'s device: the GPU's opt-in limit,
+// or in the harness the target architecture's (SF_SIMT_ARCH).  Kernels whose need grows with the
+// shape check it here and export the need, so that Python falls back with the reason.
+inline int64_t shared_memory_per_block(const at::Tensor& t) {
+#ifdef SF_SIMT
+  (void)t;
+  return int64_t(::sf::simt::arch_limit().smem);
+#else
+  int bytes = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, t.device().index());
+  TORCH_CHECK(err == cudaSuccess, "cannot read the shared memory limit of ", t.device(), ": ", cudaGetErrorString(err));
+  return bytes;
+#endif
+}
+
 // Typed data pointer with the CUDA element type (at::Half -> __half, at::BFloat16 -> __nv_bfloat16).
 template <typename T>
 inline T* data_ptr(const at::Tensor& t) {

@@ -34,7 +34,6 @@ constexpr int BM = 32;         // rows per block
 constexpr int BN = 64;         // columns per tile
 constexpr int BK = 32;         // depth per staged tile
 constexpr int LDS = BK + 8;    // smem row stride: even (32-bit fragment loads), skews banks
-constexpr int kMaxClasses = 1024;
 
 // The 32x64 block tile: warp w computes rows 16 * (w % 2) .. +16 and columns 32 * (w / 2) .. +32,
 // four 16x8 accumulators in the mma.m16n8k16 layout (sf::acc_row / sf::acc_col).
@@ -391,6 +390,21 @@ __global__ void __launch_bounds__(kThreads)
 
 int padded_classes(int K) { return int(sf::ceil_div(K, 4) * 4); }
 
+// Dynamic shared memory of the forward (rinv_c; with the LayerNorm the block's [BM][Kpad] scores)
+// and of the backward's dpatch_kernel (rinv_c and the [BM][Kpad] scores, always).
+size_t forward_dynamic_smem(int K, bool norm) {
+  return (class_tiles_len(K) + (norm ? size_t(BM) * padded_classes(K) : 0)) * sizeof(float);
+}
+size_t backward_dynamic_smem(int K) { return (class_tiles_len(K) + size_t(BM) * padded_classes(K)) * sizeof(float); }
+
+// Shared memory per block, static plus dynamic, of the largest kernel a call runs: the backward's
+// dpatch_kernel (its static tiles and row statistics), which needs at least what the forward
+// does.  The one owner of the K limit: Python asks (mask_similarity_shared_memory) and falls back
+// with the reason where a device gives a block less.
+size_t block_smem_bytes(int K, size_t element_bytes) {
+  return size_t(BM + BN) * LDS * element_bytes + 6 * BM * sizeof(float) + backward_dynamic_smem(K);
+}
+
 }  // namespace
 
 #include "sf_torch.h"
@@ -403,8 +417,20 @@ void check_inputs(const at::Tensor& P, const at::Tensor& C) {
   SF_CHECK_FLOAT(P);
   SF_CHECK_SAME_DTYPE(C, P);
   TORCH_CHECK(C.size(0) == P.size(0) && C.size(2) == P.size(2), "classes must be (B, K, D) like patches");
-  TORCH_CHECK(C.size(1) <= kMaxClasses, "mask_similarity kernels support K <= ", kMaxClasses, ", got ", C.size(1));
+  TORCH_CHECK(C.size(1) < (int64_t(1) << 24), "classes: K must be < 2^24, got ", C.size(1));
+  const size_t need = block_smem_bytes(int(C.size(1)), C.element_size());
+  const int64_t limit = sf::shared_memory_per_block(C);
+  TORCH_CHECK(int64_t(need) <= limit, "mask_similarity: K=", C.size(1), " classes need ", need,
+              " bytes of shared memory per block; this device gives ", limit);
   TORCH_CHECK(P.size(1) < (int64_t(1) << 31) && P.size(2) < (int64_t(1) << 31), "Np and D must be < 2^31");
+}
+
+// [bytes per block the kernels need for these classes, bytes the classes' device gives a block].
+std::vector<int64_t> shared_memory(const at::Tensor& C) {
+  SF_CHECK_DEVICE(C);
+  SF_CHECK_DIM(C, 3);
+  return {int64_t(block_smem_bytes(int(std::min<int64_t>(C.size(1), int64_t(1) << 24)), C.element_size())),
+          sf::shared_memory_per_block(C)};
 }
 
 const float* optional_ptr(const std::optional<at::Tensor>& t, int64_t K, const char* name) {
@@ -423,7 +449,7 @@ at::Tensor forward(const at::Tensor& P, const at::Tensor& C, const std::optional
   const float* w = optional_ptr(weight, K, "norm_weight");
   const float* bi = optional_ptr(bias, K, "norm_bias");
   const int Kpad = padded_classes(int(K));
-  const size_t smem = (class_tiles_len(int(K)) + (norm ? size_t(BM) * Kpad : 0)) * sizeof(float);
+  const size_t smem = forward_dynamic_smem(int(K), norm);
   const dim3 grid(unsigned(sf::ceil_div(Np, BM)), unsigned(B));
   SF_DISPATCH_FLOAT(P.scalar_type(), "mask_similarity", [&] {
     auto kernel = norm ? similarity_kernel<scalar_t, true> : similarity_kernel<scalar_t, false>;
@@ -450,7 +476,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
   const float* w = optional_ptr(weight, K, "norm_weight");
   const int nblocks = int(sf::ceil_div(Np, BM));
   const int Kpad = padded_classes(int(K));
-  const size_t smem = (class_tiles_len(int(K)) + size_t(BM) * Kpad) * sizeof(float);
+  const size_t smem = backward_dynamic_smem(int(K));
   auto f32 = P.options().dtype(at::kFloat);
   at::Tensor rinv_p = at::empty({B, Np}, f32), rinv_c = at::empty({B, K}, f32);
   at::Tensor colpart = at::empty({B, nblocks, K}, f32);
@@ -486,9 +512,11 @@ SF_TORCH_LIBRARY_FRAGMENT(m) {
         "bool norm, float eps) -> Tensor");
   m.def("mask_similarity_backward(Tensor grad, Tensor patches, Tensor classes, Tensor? norm_weight, bool norm, "
         "float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("mask_similarity_shared_memory(Tensor classes) -> int[]");
 }
 
 SF_TORCH_LIBRARY_IMPL(m) {
   m.impl("mask_similarity_forward", &forward);
   m.impl("mask_similarity_backward", &backward);
+  m.impl("mask_similarity_shared_memory", &shared_memory);
 }

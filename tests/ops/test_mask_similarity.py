@@ -81,6 +81,23 @@ def test_triton_rejects_too_many_classes():
         semask_fast.mask_similarity(t["patches"].float(), t["classes"].float(), backend="triton")
 
 
+@pytest.mark.parametrize("dtype, largest", [(torch.float32, 644), (torch.float16, 704)])
+def test_cuda_kernels_declare_their_shared_memory_per_device(monkeypatch, dtype, largest):
+    # The C++ side owns the limit: on a 99 KiB device (the harness as sm_86) K up to `largest`
+    # runs, one class more is refused with the bytes needed and given.
+    require_backend(OP, "simt")
+    monkeypatch.setenv("SF_SIMT_ARCH", "sm_86")
+    t = _inputs(1, 8, largest + 1, 16, "cpu", affine=False)
+    p, c = t["patches"].to(dtype), t["classes"].to(dtype)
+    with pytest.raises(ValueError, match=rf"K={largest + 1} classes .*shared memory per block \(cpu gives 101376\)"):
+        semask_fast.mask_similarity(p, c, backend="simt")
+    with record_dispatch() as ran:
+        out = semask_fast.mask_similarity(p[:, :, :], c[:, :largest], backend="simt")
+    assert [backend for _, backend, _ in ran] == ["simt"]
+    ref = semask_fast.mask_similarity(t["patches"], t["classes"][:, :largest], backend="reference")
+    assert_close(out, ref, dtype, what="out")
+
+
 # --------------------------------------------------------------------------- #
 # The native cpu backend: float64 gradcheck on the kernels, thread-count independence
 # --------------------------------------------------------------------------- #

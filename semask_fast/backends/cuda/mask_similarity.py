@@ -15,10 +15,6 @@ from ...ops.mask_similarity import MaskSimilarityInputs
 from ..registry import register
 from . import CudaImpl, SimtImpl
 
-#: The kernels keep a 32-row block of scores (32 x K fp32) in shared memory.
-MAX_CLASSES = 1024
-
-
 def _affine(t):
     return None if t is None else t.float().contiguous()
 
@@ -27,8 +23,16 @@ class _MaskSimilarityKernels:
     op = "mask_similarity"
 
     def input_reasons(self, inp: MaskSimilarityInputs) -> List[str]:
-        k = inp.classes.shape[1]
-        return [f"K={k} classes (the kernels support K <= {MAX_CLASSES})"] if k > MAX_CLASSES else []
+        # The kernels keep a 32-row block of scores (32 x K fp32) in shared memory: the C++ side
+        # says what K needs and what the inputs' device gives (a 99 KiB sm_86/sm_89 GPU: K <= 644
+        # in fp32, 704 in fp16/bf16).
+        if inp.classes.device.type not in self.supported_devices():
+            return []  # the device reason says it
+        need, limit = self.library().mask_similarity_shared_memory(inp.classes)
+        if need > limit:
+            return [f"K={inp.classes.shape[1]} classes in {inp.classes.dtype}: the kernels need {need} bytes of "
+                    f"shared memory per block ({inp.classes.device} gives {limit})"]
+        return []
 
     def forward(self, inp: MaskSimilarityInputs, seed: int):
         out = self.library().mask_similarity_forward(inp.patches.contiguous(), inp.classes.contiguous(),
