@@ -345,14 +345,21 @@ class NextTaskPrefetch {
   // rows of row_bytes each, row r at p + r * stride (bytes).  At most kMaxRanges ranges.
   void add(const void* p, int64_t rows, int64_t stride, int64_t row_bytes) {
     if (count_ == kMaxRanges || rows <= 0 || row_bytes <= 0) return;
-    ranges_[count_++] = {static_cast<const char*>(p), stride, rows, row_bytes};
+    ranges_[count_++] = {static_cast<const char*>(p), stride, rows, row_bytes, nullptr};
+  }
+  // rows of row_bytes each at the given addresses (the array must outlive the prefetches).
+  template <typename P>
+  void add_rows(P* const* rows, int64_t count, int64_t row_bytes) {
+    if (count_ == kMaxRanges || count <= 0 || row_bytes <= 0) return;
+    static_assert(sizeof(P*) == sizeof(const char*));
+    ranges_[count_++] = {nullptr, 0, count, row_bytes, reinterpret_cast<const void* const*>(rows)};
   }
   // Prefetches the next line, if any is left (the cursor walks rows, then their lines).
   void step() {
     if (range_ == count_) return;
     const Range& g = ranges_[range_];
     if (!line_) {
-      const char* row = g.p + row_ * g.stride;
+      const char* row = g.listed ? static_cast<const char*>(g.listed[row_]) : g.p + row_ * g.stride;
       line_ = row - reinterpret_cast<uintptr_t>(row) % kLine;
       row_end_ = row + g.row_bytes;
     }
@@ -372,6 +379,7 @@ class NextTaskPrefetch {
   struct Range {
     const char* p;
     int64_t stride, rows, row_bytes;
+    const void* const* listed;  // row addresses, or null: strided rows from p
   };
   static constexpr int kMaxRanges = 6;
   Range ranges_[kMaxRanges];

@@ -53,14 +53,19 @@ inline bool window_to_pixel(const Image& g, int py, int px, int& y, int& x) {
   return true;
 }
 
-// Token t of window row b_ (window wh x ww) -> its pixel's index in the (B, H, W) image, or false
-// for a pad token.
-inline bool token_pixel(const Image& g, int wh, int ww, int64_t b_, int t, int64_t& pixel) {
-  const int w = int(b_ % g.nW);
-  int y, x;
-  if (!window_to_pixel(g, (w / g.nWw) * wh + t / ww, (w % g.nWw) * ww + t % ww, y, x)) return false;
-  pixel = (b_ / g.nW * g.H + y) * g.W + x;
-  return true;
+// f(t, pixel) for the tokens t of window row b_ (window wh x ww): pixel = the token's index in the
+// (B, H, W) image, or -1 for a pad token.  The divisions run once per window, not per token (at
+// six per token they cost half as much as the attention of a 7x7 window).
+template <typename F>
+inline void for_window_pixels(const Image& g, int wh, int ww, int64_t b_, F&& f) {
+  const int64_t b = b_ / g.nW;
+  const int w = int(b_ - b * g.nW), wy = w / g.nWw, wx = w - wy * g.nWw;
+  int t = 0;
+  for (int ty = 0; ty < wh; ++ty)
+    for (int tx = 0; tx < ww; ++tx, ++t) {
+      int y, x;
+      f(t, window_to_pixel(g, wy * wh + ty, wx * ww + tx, y, x) ? (b * g.H + y) * g.W + x : int64_t(-1));
+    }
 }
 
 struct Problem {
@@ -118,13 +123,6 @@ struct WindowTokens {
       r.out[t] = out ? out + ((b * heads + head) * n + t) * d : nullptr;
     }
   }
-  // The q, k, v rows of (b, head) for the next task's prefetch.
-  void prefetch(int64_t b, int head, NextTaskPrefetch& next) const {
-    const int64_t bytes = int64_t(d) * sizeof(S);
-    next.add(q + b * qs[0] + head * qs[1], n, qs[2] * sizeof(S), bytes);
-    next.add(k + b * ks[0] + head * ks[1], n, ks[2] * sizeof(S), bytes);
-    next.add(v + b * vs[0] + head * vs[1], n, vs[2] * sizeof(S), bytes);
-  }
 };
 
 template <typename S>
@@ -137,19 +135,15 @@ struct ImageTokens {
 
   void rows(int64_t b_, int head, Rows<S>& r) const {
     const int64_t c = int64_t(heads) * d, hoff = int64_t(head) * d;
-    for (int t = 0; t < wh * ww; ++t) {
-      int64_t pixel = 0;
-      const bool real = token_pixel(g, wh, ww, b_, t, pixel);
+    for_window_pixels(g, wh, ww, b_, [&](int t, int64_t pixel) {
+      const bool real = pixel >= 0;
       const S* base = real ? qkv + pixel * 3 * c : pad_row;
       r.q[t] = base + hoff;
       r.k[t] = base + c + hoff;
       r.v[t] = base + 2 * c + hoff;
       r.out[t] = real && out ? out + pixel * c + hoff : nullptr;
-    }
+    });
   }
-  // Nothing: consecutive tasks are the heads of one window (the same pixels), and a window's
-  // pixels are runs of ww contiguous ones, which the hardware prefetchers follow.
-  void prefetch(int64_t, int, NextTaskPrefetch&) const {}
 };
 
 // Per-call constants.  The logits' additive part (bias + mask) takes few distinct values: one per
@@ -390,13 +384,16 @@ void forward(const Problem& p, const Tokens& tokens, const Logits<acc_t<S>>& lg,
     T* inv_l = tiles.take(np);
     T* lse_lanes = tiles.take(np);
     if (row_queries) zero_pad_lanes(st, n, np);
-    Rows<S> rows(n);
+    Rows<S> rows(n), next_rows(n);  // this task's rows and the next one's (prefetched)
+    tokens.rows(begin / p.heads, int(begin % p.heads), rows);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b_ = task / p.heads;
       const int h = int(task % p.heads);
       NextTaskPrefetch next;
-      if (task + 1 < end) tokens.prefetch((task + 1) / p.heads, int((task + 1) % p.heads), next);
-      tokens.rows(b_, h, rows);
+      if (task + 1 < end) {
+        tokens.rows((task + 1) / p.heads, int((task + 1) % p.heads), next_rows);
+        prefetch_rows(next_rows, n, d, next);
+      }
       const Operand<T> q = rows_operand(rows.q, n, d, dp, true, qtile);
       const Operand<T> k = rows_operand(rows.k, n, d, dp, row_queries > 0, ktile);
       const Operand<T> v = rows_operand(rows.v, n, d, dp, true, vtile);
@@ -425,6 +422,7 @@ void forward(const Problem& p, const Tokens& tokens, const Logits<acc_t<S>>& lg,
       product<T>(n, dp, n, st, 1, np, v.ptr, v.ld, oacc, dp, false, nullptr, &next);
       for (int i = 0; i < n; ++i)
         if (rows.out[i]) write_row(rows.out[i], oacc + size_t(i) * dp, d, inv_l[i]);
+      std::swap(rows, next_rows);
     }
   });
 }
@@ -454,12 +452,6 @@ struct WindowGrads {
       r.out[t] = out + off;
     }
   }
-  // The dout and out rows of (b, head) for the next task's prefetch.
-  void prefetch(int64_t b, int head, NextTaskPrefetch& next) const {
-    const int64_t off = (b * heads + head) * n * d, bytes = int64_t(n) * d * sizeof(S);
-    next.add(dout + off, 1, 0, bytes);
-    next.add(out + off, 1, 0, bytes);
-  }
 };
 
 template <typename S>
@@ -471,18 +463,26 @@ struct ImageGrads {
   int wh, ww, heads, d;
   void rows(int64_t b_, int head, GradRows<S>& r) const {
     const int64_t c = int64_t(heads) * d, hoff = int64_t(head) * d;
-    for (int t = 0; t < wh * ww; ++t) {
-      int64_t pixel = 0;
-      const bool real = token_pixel(g, wh, ww, b_, t, pixel);
+    for_window_pixels(g, wh, ww, b_, [&](int t, int64_t pixel) {
+      const bool real = pixel >= 0;
       r.dq[t] = real ? dqkv + pixel * 3 * c + hoff : nullptr;
       r.dk[t] = real ? dqkv + pixel * 3 * c + c + hoff : nullptr;
       r.dv[t] = real ? dqkv + pixel * 3 * c + 2 * c + hoff : nullptr;
       r.dout[t] = real ? dout + pixel * c + hoff : zeros;
       r.out[t] = real ? out + pixel * c + hoff : zeros;
-    }
+    });
   }
-  void prefetch(int64_t, int, NextTaskPrefetch&) const {}  // as ImageTokens::prefetch
 };
+
+// The next task's input rows, fetched by the current task's products (see NextTaskPrefetch).
+template <typename S>
+inline void prefetch_rows(const Rows<S>& r, int n, int d, NextTaskPrefetch& next) {
+  for (const auto* rows : {&r.q, &r.k, &r.v}) next.add_rows(rows->data(), n, int64_t(d) * sizeof(S));
+}
+template <typename S>
+inline void prefetch_rows(const GradRows<S>& r, int n, int d, NextTaskPrefetch& next) {
+  for (const auto* rows : {&r.dout, &r.out}) next.add_rows(rows->data(), n, int64_t(d) * sizeof(S));
+}
 
 // Windows per chunk of the table / qkv_bias gradient: a function of the shape only (so the
 // summation order, hence every bit of the result, does not depend on the thread count), with
@@ -544,8 +544,8 @@ void backward(const Problem& p, const Tokens& tokens, const Grads& grads, const 
       zero_pad_lanes(st, n, np);
       zero_pad_lanes(dpt, n, np);
     }
-    Rows<S> rows(n);
-    GradRows<S> g(n);
+    Rows<S> rows(n), next_rows(n);  // this window's rows and the next one's (prefetched)
+    GradRows<S> g(n), next_g(n);
     const bool want_table = table_partials != nullptr;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t chunk = task / p.heads;
@@ -553,14 +553,16 @@ void backward(const Problem& p, const Tokens& tokens, const Grads& grads, const 
       if (want_table) std::fill(ds_sum, ds_sum + size_t(n) * np, T(0));
       std::fill(pad_acc, pad_acc + 3 * dp, T(0));
       const int64_t chunk_end = std::min(p.batch, (chunk + 1) * per_chunk);
+      tokens.rows(chunk * per_chunk, h, rows);
+      grads.rows(chunk * per_chunk, h, g);
       for (int64_t b_ = chunk * per_chunk; b_ < chunk_end; ++b_) {
         NextTaskPrefetch next;  // the next window of this head
         if (b_ + 1 < chunk_end) {
-          tokens.prefetch(b_ + 1, h, next);
-          grads.prefetch(b_ + 1, h, next);
+          tokens.rows(b_ + 1, h, next_rows);
+          grads.rows(b_ + 1, h, next_g);
+          prefetch_rows(next_rows, n, d, next);
+          prefetch_rows(next_g, n, d, next);
         }
-        tokens.rows(b_, h, rows);
-        grads.rows(b_, h, g);
         const Operand<T> q = rows_operand(rows.q, n, d, dp, true, qtile);
         const Operand<T> k = rows_operand(rows.k, n, d, dp, true, ktile);
         const Operand<T> v = rows_operand(rows.v, n, d, dp, row_queries > 0, vtile);
@@ -624,6 +626,8 @@ void backward(const Problem& p, const Tokens& tokens, const Grads& grads, const 
           product<T>(n, dp, n, dpt, np, 1, q.ptr, q.ld, acc, dp, false, nullptr, &next);
           write_grad_rows(g.dk, acc, n, d, dp, T(p.scale), pad_acc + dp);
         }
+        std::swap(rows, next_rows);
+        std::swap(g, next_g);
       }
       if (want_table) {
         T* part = table_partials + (chunk * p.heads + h) * rows_of_table;
