@@ -123,7 +123,7 @@ def atm_case(label, B, H, NQ, NK, D, dtype=torch.float16, splits=None):
     q, k, v = (_randn(B, H, n, D, dtype=dtype, gen=g) for n in (NQ, NK, NK))
     dout = torch.randn(B, H, NQ, D, generator=g).to(dtype)
     dmask = torch.randn(B, NQ, NK, generator=g).to(dtype)
-    planned = cuda_atm.plan_splits(B, H, NQ, NK, dtype, D, sms=cuda_atm.HARNESS_DEVICE[0])
+    planned = cuda_atm.plan_splits(B, H, NQ, NK, dtype, D, sms=cuda_atm.HARNESS_MULTIPROCESSORS)
     ranges = f"{splits} key range{'s' if splits > 1 else ''}, forced" if splits else f"{planned} key ranges, planned"
 
     def run(backend):

@@ -101,32 +101,25 @@ def test_cuda_backend_checks_the_inputs_device(gpus, monkeypatch):
     assert impl.device_reasons(torch.device("cuda", 0)) == []
 
 
-def test_atm_shared_memory_limit_is_the_inputs_devices(gpus, monkeypatch):
+def test_atm_split_plan_reads_the_inputs_device(gpus, monkeypatch):
+    # The plan's multiprocessor count is the inputs' device's; the shared-memory limit is read by
+    # the C++ side from the inputs' device (atm_attention_shared_memory, tested in the harness).
     from semask_fast.backends.cuda import atm_attention as cuda_atm
-    from semask_fast.ops.atm_attention import ATMAttentionInputs
 
-    gpus({0: (8, 0), 1: (8, 6)})
+    gpus({0: (9, 0), 1: (8, 6)})
 
     class Props:
-        def __init__(self, smem):
-            self.multi_processor_count, self.shared_memory_per_block_optin = 100, smem
+        def __init__(self, sms):
+            self.multi_processor_count = sms
 
-    limits = {0: 227 * 1024, 1: 1024}
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props(limits[torch.device(device).index]))
-    cuda_atm._device_limits.cache_clear()
+    sms = {0: 132, 1: 20}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props(sms[torch.device(device).index]))
+    cuda_atm._multiprocessors.cache_clear()
     try:
-        impl = registry.implementation("atm_attention", "cuda")
-
-        def inputs(device):
-            with FakeTensorMode():
-                q, k, v = (torch.empty(1, 4, n, 64, device=device) for n in (10, 20, 20))
-            return ATMAttentionInputs(q=q, k=k, v=v, scale=0.125, dropout_p=0.0)
-
-        assert impl.input_reasons(inputs("cuda:0")) == []
-        (reason,) = impl.input_reasons(inputs("cuda:1"))
-        assert "shared memory" in reason and "this device: 1024" in reason
+        assert cuda_atm._multiprocessors(torch.device("cuda", 0)) == 132
+        assert cuda_atm._multiprocessors(torch.device("cuda", 1)) == 20
     finally:
-        cuda_atm._device_limits.cache_clear()
+        cuda_atm._multiprocessors.cache_clear()
 
 
 # --------------------------------------------------------------------------- #

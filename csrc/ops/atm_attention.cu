@@ -944,6 +944,19 @@ void dispatch(const at::Tensor& q, F&& f) {
   });
 }
 
+// [bytes of shared memory a forward block needs for q's dtype, head_dim and heads (every head's
+// row statistics, the warps' tiles), bytes q's device gives a block]: the one owner of this limit
+// (Python falls back with the reason where the need exceeds the device's).
+std::vector<int64_t> shared_memory(const at::Tensor& q) {
+  SF_CHECK_DEVICE(q);
+  SF_CHECK_DIM(q, 4);
+  int64_t need = 0;
+  dispatch(q, [&](auto tag, auto dp) {
+    need = fwd_smem_bytes<decltype(tag), decltype(dp)::value>(q.size(1));
+  });
+  return {need, sf::shared_memory_per_block(q)};
+}
+
 // stage_tile's 16-byte chunks need whole chunks per row and 16-byte aligned tensors (a
 // contiguous view with a storage offset may not be).
 inline bool chunk_aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
@@ -1047,9 +1060,11 @@ SF_TORCH_LIBRARY_FRAGMENT(m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("atm_attention_backward(Tensor dout, Tensor dmask_logits, Tensor q, Tensor k, Tensor v, Tensor out, "
         "Tensor lse, float scale, float dropout_p, int seed) -> (Tensor, Tensor, Tensor)");
+  m.def("atm_attention_shared_memory(Tensor q) -> int[]");
 }
 
 SF_TORCH_LIBRARY_IMPL(m) {
   m.impl("atm_attention_forward", &sf_atm_attention::forward_op);
   m.impl("atm_attention_backward", &sf_atm_attention::backward_op);
+  m.impl("atm_attention_shared_memory", &sf_atm_attention::shared_memory);
 }

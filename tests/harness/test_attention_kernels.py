@@ -31,7 +31,9 @@ import torch
 import semask_fast
 from semask_fast import _build, reference
 from semask_fast._traffic import harness_bytes
+from semask_fast.backends import registry
 from semask_fast.backends.registry import BackendNotSupportedError
+from semask_fast.ops.atm_attention import ATMAttentionInputs
 from semask_fast.testing import assert_parity
 from tests.conftest import next_seed, require_backend
 
@@ -292,12 +294,20 @@ def test_atm_split_plan():
 
 
 def test_atm_reason_when_shared_memory_is_short(monkeypatch):
-    """On a 99 KiB device (sm_86 / sm_89) the fp32 forward with head_dim 128 fits up to 20
-    heads (their row statistics are in shared memory), the 16-bit one many more."""
+    """On a 99 KiB device (the harness as sm_86) the fp32 forward with head_dim 128 fits up to 20
+    heads (their row statistics are in shared memory), the 16-bit one many more: the C++ side
+    says so (atm_attention_shared_memory) and the backend refuses with the reason."""
     require_backend("atm_attention", BACKEND)
-    mod = _cuda_module("atm_attention")
-    monkeypatch.setattr(mod, "_device_limits", lambda device: (84, 101376))
-    assert mod.forward_smem_bytes(torch.float32, 128, 20) <= 101376 < mod.forward_smem_bytes(torch.float32, 128, 21)
+    monkeypatch.setenv("SF_SIMT_ARCH", "sm_86")
+    impl = registry.implementation("atm_attention", BACKEND)
+
+    def reasons(heads, dtype):
+        q = torch.randn(1, heads, 3, 128, dtype=dtype)
+        return impl.input_reasons(ATMAttentionInputs(q=q, k=q, v=q, scale=0.1, dropout_p=0.0))
+
+    assert reasons(20, torch.float32) == []
+    (reason,) = reasons(21, torch.float32)
+    assert "shared memory per block (cpu gives 101376)" in reason, reason
     q = torch.randn(1, 21, 3, 128)
     with pytest.raises(BackendNotSupportedError, match="shared memory per block"):
         semask_fast.atm_attention(q, q, q, backend=BACKEND)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 
@@ -26,8 +26,8 @@ from . import CudaImpl, SimtImpl
 MAX_HEAD_DIM = 128
 #: Query rows and keys per forward tile (BM, BN in the .cu).
 BLOCK_ROWS, BLOCK_KEYS = 16, 32
-#: The device the harness stands for: an H100 SXM (132 SMs, 227 KiB of shared memory per block).
-HARNESS_DEVICE = (132, 232448)
+#: Multiprocessors of the device the harness stands for in the split plan: an H100 SXM.
+HARNESS_MULTIPROCESSORS = 132
 #: Roofline figures of the split model (H100 SXM): DRAM bytes/s, dense FLOP/s on tensor cores
 #: (fp16/bf16) and on FFMA (fp32).
 H100_BANDWIDTH, H100_TENSOR_FLOPS, H100_FP32_FLOPS = 3.35e12, 989e12, 67e12
@@ -35,26 +35,6 @@ H100_BANDWIDTH, H100_TENSOR_FLOPS, H100_FP32_FLOPS = 3.35e12, 989e12, 67e12
 #: Tests set this to run the forward with this many key ranges (normalised: clamped to
 #: 1..key tiles, none empty) instead of the plan.
 force_splits: Optional[int] = None
-
-
-def _padded_head_dim(head_dim: int) -> int:
-    return 32 if head_dim <= 32 else 64 if head_dim <= 64 else 128
-
-
-def forward_smem_bytes(dtype: torch.dtype, head_dim: int, heads: int) -> int:
-    """Shared memory of a forward block (mirrors fwd_smem_bytes in the .cu): every head's row
-    max and sum (16 rows, fp32), and per warp its q and k tiles and a region holding, in turn,
-    its two head-sum tiles of the logits (pass 1) and its v tile (and fp32 output rows, pass 2)."""
-    dp = _padded_head_dim(head_dim)
-    bm, bn = BLOCK_ROWS, BLOCK_KEYS
-    if dtype == torch.float32:
-        warps = 2 if dp > 32 else 4
-        q, k, pass2 = 4 * bm * dp, 4 * bn * (dp + 1), 4 * (bn * (dp + 1) + bm * dp)
-    else:
-        warps = 4
-        q, k = 2 * bm * (dp + 8), 2 * bn * (dp + 8)
-        pass2 = k
-    return 2 * 4 * heads * bm + warps * (q + k + max(pass2, 2 * 4 * bm * bn))
 
 
 def _normalised(splits: int, tiles: int) -> int:
@@ -107,11 +87,11 @@ def plan_splits(batch: int, heads: int, nq: int, nk: int, dtype: torch.dtype, he
 
 
 @functools.lru_cache(maxsize=None)
-def _device_limits(device: torch.device) -> Tuple[int, int]:
+def _multiprocessors(device: torch.device) -> int:
+    """Multiprocessors of the inputs' device (the split plan's input); the harness models an H100."""
     if device.type != "cuda":
-        return HARNESS_DEVICE
-    props = torch.cuda.get_device_properties(device)
-    return props.multi_processor_count, props.shared_memory_per_block_optin
+        return HARNESS_MULTIPROCESSORS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 class _ATMAttentionKernels:
@@ -121,17 +101,20 @@ class _ATMAttentionKernels:
         d = inp.q.shape[-1]
         if d > MAX_HEAD_DIM:
             return [f"head_dim={d} (supported: 1..{MAX_HEAD_DIM})"]
-        heads = inp.q.shape[1]
-        need, limit = forward_smem_bytes(inp.q.dtype, d, heads), _device_limits(inp.q.device)[1]
-        if need > limit:  # fp32 with head_dim > 64 on a 99 KiB (sm_86 / sm_89) device, or very many heads
-            return [f"dtype={inp.q.dtype} head_dim={d} heads={heads}: the forward needs {need} bytes of shared "
-                    f"memory per block (this device: {limit})"]
+        if inp.q.device.type not in self.supported_devices():
+            return []  # the device reason says it
+        # The C++ side owns the forward's shared memory (every head's row statistics and the warps'
+        # tiles): fp32 with head_dim > 64 on a 99 KiB sm_86 / sm_89 device, or very many heads, exceed it.
+        need, limit = self.library().atm_attention_shared_memory(inp.q)
+        if need > limit:
+            return [f"dtype={inp.q.dtype} head_dim={d} heads={inp.q.shape[1]}: the forward needs {need} bytes of "
+                    f"shared memory per block ({inp.q.device} gives {limit})"]
         return []
 
     def forward(self, inp: ATMAttentionInputs, seed: int):
         q, k, v = (t.contiguous() for t in (inp.q, inp.k, inp.v))
         splits = plan_splits(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.dtype, q.shape[3],
-                             sms=_device_limits(q.device)[0], requested=force_splits)
+                             sms=_multiprocessors(q.device), requested=force_splits)
         out, mask_logits, lse = self.library().atm_attention_forward(q, k, v, inp.scale, inp.dropout_p, seed, splits)
         return (out, mask_logits), (lse,)
 
