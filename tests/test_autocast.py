@@ -14,7 +14,7 @@ import semask_fast
 from semask_fast import record_dispatch
 from semask_fast.backends import registry
 from semask_fast.ops import SPECS
-from semask_fast.testing import TOLERANCES, compare, small_cases
+from semask_fast.testing import EXACT, TOLERANCES, assert_close, compare, small_cases
 from tests.conftest import require_backend
 from tests.official import OfficialATMAttention, OfficialSemanticAttention
 
@@ -248,7 +248,7 @@ def test_compiled_under_autocast_equals_eager_under_autocast():
         eager = m(x)
         compiled = torch.compile(m, backend="aot_eager", fullgraph=True)(x)
     assert compiled.dtype == eager.dtype == torch.bfloat16
-    torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
+    assert_close(compiled, eager, tol=EXACT)
 
 
 def test_unknown_autocast_field_is_refused():

@@ -15,7 +15,7 @@ import semask_fast
 import semask_fast.models
 from semask_fast.ops import SPECS
 from semask_fast.ops._library import decompositions, lowered_to_reference
-from semask_fast.testing import TOLERANCES
+from semask_fast.testing import EXACT, TOLERANCES, assert_close
 
 timm = pytest.importorskip("timm")
 
@@ -131,4 +131,4 @@ def test_decomposition_returns_what_the_op_returns():
     with torch.no_grad():
         expected = semask_fast.window_attention(q, q, q, table, window_size=4, backend="reference")
     no_dropout = spec.decompose(*args[:-2], 0.0, "cpu")
-    torch.testing.assert_close(no_dropout[0], expected, atol=0, rtol=0)
+    assert_close(no_dropout[0], expected, tol=EXACT)

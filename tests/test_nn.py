@@ -8,6 +8,7 @@ from timm.models import swin_transformer as timm_swin
 import semask_fast
 from semask_fast import record_dispatch
 from semask_fast.nn import ATMAttention, SemanticAttention, WindowAttention
+from semask_fast.testing import REORDERED_FP32, TOLERANCES, assert_close
 
 from tests.conftest import require_backend
 from tests.official import OfficialATMAttention, OfficialSemanticAttention
@@ -35,7 +36,7 @@ def test_window_attention_matches_timm(window, heads, head_dim):
     x = torch.randn(6, n, 32)
     mask = torch.where(torch.rand(3, n, n) < 0.3, -100.0, 0.0)
     for msk in (None, mask):
-        torch.testing.assert_close(m(x, msk), t(x, msk), atol=1e-5, rtol=0)
+        assert_close(m(x, msk), t(x, msk), tol=REORDERED_FP32)
 
 
 def test_window_attention_gradients_match_timm():
@@ -48,7 +49,7 @@ def test_window_attention_gradients_match_timm():
     t(x, mask).square().sum().backward()
     m(x, mask).square().sum().backward()
     for (name, a), b in zip(m.named_parameters(), t.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5, msg=name)
+        assert_close(a.grad, b.grad, tol=REORDERED_FP32, what=name)
 
 
 def test_state_dict_round_trip_with_timm():
@@ -73,24 +74,26 @@ def _twin_swins(**kw):
     return orig, patched
 
 
-def _assert_same_outputs_and_grads(orig, patched, x, backend, tol):
+def _assert_same_outputs_and_grads(orig, patched, x, backend, tols):
+    """``tols``: (forward, backward) tolerance of ``patched`` against ``orig``, both in float32."""
     with record_dispatch() as ran:
         out = patched(x)
         out.square().sum().backward()
     assert ran and {op for op, _, _ in ran} == {"window_attention"}
     assert {b for _, b, _ in ran} == {backend}
     ref_out = orig(x)
-    torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
+    assert_close(out, ref_out, tol=tols[0], what="output")
     ref_out.square().sum().backward()
     for (name, a), b in zip(patched.named_parameters(), orig.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, atol=10 * tol, rtol=10 * tol, msg=name)
+        assert_close(a.grad, b.grad, tol=tols[1], what=name)
 
 
 def test_patch_timm_swin_model_same_outputs_and_grads():
     orig, patched = _twin_swins(img_size=(64, 96), embed_dim=24, depths=(2, 2), num_heads=(2, 4))
     assert semask_fast.patch_timm(patched, backend="reference") == 4
     assert not any(type(m) is timm_swin.WindowAttention for m in patched.modules())
-    _assert_same_outputs_and_grads(orig, patched, torch.randn(2, 3, 64, 96), "reference", 1e-5)
+    _assert_same_outputs_and_grads(orig, patched, torch.randn(2, 3, 64, 96), "reference",
+                                   (REORDERED_FP32, REORDERED_FP32))
 
 
 def test_patch_timm_with_the_triton_backend():
@@ -98,7 +101,8 @@ def test_patch_timm_with_the_triton_backend():
     require_backend("window_attention", "triton")
     orig, patched = _twin_swins(img_size=(32, 48), embed_dim=16, depths=(2,), num_heads=(2,))
     assert semask_fast.patch_timm(patched, backend="triton") == 2
-    _assert_same_outputs_and_grads(orig, patched, torch.randn(1, 3, 32, 48), "triton", 1e-4)
+    _assert_same_outputs_and_grads(orig, patched, torch.randn(1, 3, 32, 48), "triton",
+                                   TOLERANCES[torch.float32])
 
 
 def test_patch_timm_keeps_mode_and_dropout():
@@ -121,7 +125,7 @@ def test_semantic_attention_matches_official_and_state_dict():
     m.load_state_dict(off.state_dict())
     x = torch.randn(5, 9, 16)
     for a, b in zip(m(x), off(x)):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        assert_close(a, b, tol=REORDERED_FP32)
 
 
 def test_semantic_attention_init_is_the_official_class_init():
@@ -167,13 +171,12 @@ def test_semantic_attention_fused_path_fwd_bwd_matches_official(mode):
     xb = x.double().requires_grad_()
     r_prior, r_out = off(xb)
     torch.autograd.backward([r_prior, r_out], [g_prior.double(), g_out.double()])
-    tol = dict(atol=1e-4, rtol=1e-4, check_dtype=False)
-    torch.testing.assert_close(prior, r_prior, **tol)
-    torch.testing.assert_close(out, r_out, **tol)
-    torch.testing.assert_close(xa.grad, xb.grad, **tol)
+    assert_close(prior, r_prior, torch.float32, what="prior")
+    assert_close(out, r_out, torch.float32, what="output")
+    assert_close(xa.grad, xb.grad, torch.float32, backward=True, what="dx")
     theirs = dict(off.named_parameters())
     for name, p in m.named_parameters():
-        torch.testing.assert_close(p.grad, theirs[name].grad, **tol, msg=lambda msg, name=name: f"{name}: {msg}")
+        assert_close(p.grad, theirs[name].grad, torch.float32, backward=True, what=name)
 
 
 def test_semantic_attention_hands_projection_views_to_the_kernel(semantic_launches):
@@ -198,8 +201,8 @@ def test_semantic_attention_training_dropout_is_the_official_branch():
     prior, out = m(x)
     torch.manual_seed(11)
     r_prior, r_out = off(x)
-    torch.testing.assert_close(prior, r_prior, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out, r_out, atol=1e-5, rtol=1e-5)
+    assert_close(prior, r_prior, tol=REORDERED_FP32, what="prior")
+    assert_close(out, r_out, tol=REORDERED_FP32, what="output")
     assert not torch.allclose(out, m.eval()(x)[1])  # dropout did act: the test can fail
 
 
@@ -214,12 +217,12 @@ def test_atm_attention_matches_official(qkv_bias):
     xq, xk = torch.randn(2, 5, 32, requires_grad=True), torch.randn(2, 11, 32, requires_grad=True)
     (out, logits), (ref_out, ref_logits) = m(xq, xk, xk), off(xq, xk, xk)
     assert out.shape == (5, 2, 32) and logits.shape == (2, 5, 11)
-    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-6, rtol=1e-6)
+    assert_close(out, ref_out, tol=REORDERED_FP32, what="output")
+    assert_close(logits, ref_logits, tol=REORDERED_FP32, what="logits")
     g = torch.autograd.grad((out.square().sum() + logits.sin().sum()), [xq, xk])
     g_ref = torch.autograd.grad((ref_out.square().sum() + ref_logits.sin().sum()), [xq, xk])
     for a, b in zip(g, g_ref):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert_close(a, b, tol=REORDERED_FP32)
 
 
 def test_atm_defaults_are_official():

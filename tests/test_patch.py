@@ -1,6 +1,7 @@
 """semask_fast.patch: every Swin family, against the real timm / torchvision / transformers layers and
 transcriptions of the official Swin / SeMask and mm* layers: outputs and gradients equal to the
-original's (fp32, 1e-5), at resolutions that need padding, the fast backend ran, the report."""
+original's (fp32, within ``testing.REORDERED_FP32``), at resolutions that need padding, the fast
+backend ran, the report."""
 
 import copy
 
@@ -12,12 +13,12 @@ import semask_fast
 from semask_fast import record_dispatch
 from semask_fast.nn import ShiftedWindowAttention, ShiftWindowMSA, SwinWindowAttention, WindowAttention
 from semask_fast.patch import PatchReport
+from semask_fast.testing import REORDERED_FP32
 
 from tests import official_swin as official
 from tests.conftest import require_backend
 
 BACKEND = "cpu"
-TOL = 1e-5
 PARTITION_OPS = {"window_partition", "window_attention", "window_merge"}
 
 
@@ -51,9 +52,12 @@ def _run(model, inputs, out_of):
 
 
 def _assert_close(actual, expected, name):
-    """Largest error at most TOL of the tensor's scale (sums of hundreds of fp32 products reach 1e2)."""
+    """Largest error within REORDERED_FP32 of the tensor's largest element: a gradient sums hundreds of
+    fp32 products (up to 1e2) and cancels near zero in places, so its error follows its scale, not
+    each element."""
     err = (actual - expected).abs().max().item()
-    assert err <= TOL * max(1.0, expected.abs().max().item()), f"{name}: max error {err:.3g}"
+    allowed = REORDERED_FP32.atol + REORDERED_FP32.rtol * expected.abs().max().item()
+    assert err <= allowed, f"{name}: max error {err:.3g} (allowed {allowed:.3g})"
 
 
 def _assert_same(orig, patched, inputs, ops, out_of=lambda o: o):

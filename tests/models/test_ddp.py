@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from semask_fast.models import create
-from semask_fast.testing import TOLERANCES, compare
+from semask_fast.testing import TOLERANCES, assert_close, compare
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -94,8 +94,8 @@ def _worker(rank, port, path):
                                                             + bn.eps).sqrt()
         before = bn.running_mean.clone()
         out = bn(x)
-        torch.testing.assert_close(out, expected * bn.weight[:, None, None] + bn.bias[:, None, None])
-        torch.testing.assert_close(bn.running_mean, 0.9 * before + 0.1 * x.mean((0, 2, 3)))
+        assert_close(out, expected * bn.weight[:, None, None] + bn.bias[:, None, None], torch.float64, what="BN")
+        assert_close(bn.running_mean, 0.9 * before + 0.1 * x.mean((0, 2, 3)), torch.float64, what="running mean")
         torch.save({"grads": grads, "running_mean": bn.running_mean}, f"{path}.rank{rank}")
     finally:
         dist.destroy_process_group()

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from semask_fast.models import (ATMDecoderLayer, MaskTransformerHead, SemanticLayer, reinit_linears,
                                 semantic_prior_logits, semask_loss)
+from semask_fast.testing import REORDERED_FP32, assert_close
 from tests.official import OfficialSemanticAttention
 
 
@@ -46,8 +47,8 @@ def test_semantic_layer_matches_official_order(hw):
     out, prior = layer(x, *hw)
     exp_out, exp_prior = _official_semantic_layer(layer, x, *hw, 7)
     assert prior.shape == (2, 5, *hw)
-    torch.testing.assert_close(out, exp_out, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(prior, exp_prior, atol=1e-6, rtol=1e-6)
+    assert_close(out, exp_out, tol=REORDERED_FP32, what="output")
+    assert_close(prior, exp_prior, tol=REORDERED_FP32, what="prior")
 
 
 @pytest.mark.parametrize("ws", [7, None], ids=["windowed-padded", "global"])
@@ -83,10 +84,9 @@ def test_semantic_layer_triton_fwd_bwd_matches_official(ws):
     else:
         exp_out, exp_prior = _official_semantic_layer(ref, xb, *hw, ws)
     torch.autograd.backward([exp_out, exp_prior], [g_out.double(), g_prior.double()])
-    tol = dict(atol=1e-4, rtol=1e-4, check_dtype=False)
-    torch.testing.assert_close(out, exp_out, **tol)
-    torch.testing.assert_close(prior, exp_prior, **tol)
-    torch.testing.assert_close(xa.grad, xb.grad, **tol)
+    assert_close(out, exp_out, torch.float32, what="output")
+    assert_close(prior, exp_prior, torch.float32, what="prior")
+    assert_close(xa.grad, xb.grad, torch.float32, backward=True, what="dx")
 
 
 def test_global_semantic_layer_is_one_window_per_image():
@@ -95,8 +95,8 @@ def test_global_semantic_layer_is_one_window_per_image():
     out, prior = layer(x, 4, 5)
     blk = layer.class_injection[0]
     exp_prior, exp_out = blk(layer.norm1(x))
-    torch.testing.assert_close(out, exp_out)
-    torch.testing.assert_close(prior, exp_prior.view(2, 4, 5, 3).permute(0, 3, 1, 2))
+    assert_close(out, exp_out, tol=REORDERED_FP32, what="output")
+    assert_close(prior, exp_prior.view(2, 4, 5, 3).permute(0, 3, 1, 2), tol=REORDERED_FP32, what="prior")
 
 
 def test_fpn_reinit_rescues_the_semantic_branch():
@@ -120,14 +120,14 @@ def test_fpn_reinit_rescues_the_semantic_branch():
 def test_semantic_prior_logits_and_loss():
     p0, p1, p2 = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 4, 4)
     up = lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False)  # noqa: E731
-    torch.testing.assert_close(semantic_prior_logits([p0, p1, p2]), p0 + up(p1) + up(up(p2)))
+    assert_close(semantic_prior_logits([p0, p1, p2]), p0 + up(p1) + up(up(p2)), tol=REORDERED_FP32)
     labels = torch.randint(0, 4, (2, 64, 64))
     labels[0, :3] = 255
     main = torch.randn(2, 4, 16, 16)
     big = lambda t: F.interpolate(t, size=(64, 64), mode="bilinear", align_corners=False)  # noqa: E731
     # mmseg 0.x averages over every pixel, the ignored ones counting as zero.
     ce = lambda t: F.cross_entropy(big(t), labels, ignore_index=255, reduction="sum") / labels.numel()  # noqa: E731
-    torch.testing.assert_close(semask_loss(main, p0, labels), ce(main) + 0.4 * ce(p0))
+    assert_close(semask_loss(main, p0, labels), ce(main) + 0.4 * ce(p0), tol=REORDERED_FP32)
 
 
 def test_semantic_prior_logits_odd_grids_are_resized_to_stage_0():
@@ -135,7 +135,7 @@ def test_semantic_prior_logits_odd_grids_are_resized_to_stage_0():
     p0, p1, p2 = torch.randn(1, 3, 17, 17), torch.randn(1, 3, 9, 9), torch.randn(1, 3, 5, 5)
     up = lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False)  # noqa: E731
     fit = lambda t: F.interpolate(t, size=(17, 17), mode="bilinear", align_corners=False)  # noqa: E731
-    torch.testing.assert_close(semantic_prior_logits([p0, p1, p2]), p0 + fit(up(p1)) + fit(up(up(p2))))
+    assert_close(semantic_prior_logits([p0, p1, p2]), p0 + fit(up(p1)) + fit(up(up(p2))), tol=REORDERED_FP32)
 
 
 def test_ohem_keeps_the_hardest_valid_pixels_of_the_main_term():
@@ -150,8 +150,8 @@ def test_ohem_keeps_the_hardest_valid_pixels_of_the_main_term():
     assert kept.sum() == 20
     expected_main = (pixel * kept).sum() / labels.numel()
     expected_prior = F.cross_entropy(prior, labels, ignore_index=255, reduction="sum") / labels.numel()
-    torch.testing.assert_close(semask_loss(main, prior, labels, ohem_min_kept=10),
-                               expected_main + 0.4 * expected_prior)
+    assert_close(semask_loss(main, prior, labels, ohem_min_kept=10), expected_main + 0.4 * expected_prior,
+                 tol=REORDERED_FP32)
 
 
 def test_semask_loss_rejects_bad_labels():
@@ -170,7 +170,7 @@ def test_atm_decoder_layer_post_norm_and_mask_logits():
     attn = layer.multihead_attn
     q = attn.q(t1.transpose(0, 1)).view(2, 6, 4, 8).transpose(1, 2)
     k = attn.k(mem.transpose(0, 1)).view(2, 10, 4, 8).transpose(1, 2)
-    torch.testing.assert_close(logits, ((q @ k.transpose(-2, -1)) * 8 ** -0.5).mean(1), atol=1e-5, rtol=1e-5)
+    assert_close(logits, ((q @ k.transpose(-2, -1)) * 8 ** -0.5).mean(1), tol=REORDERED_FP32)
     (out.sum() + logits.sum()).backward()
     assert all(p.grad is not None for p in layer.parameters())
 
@@ -190,4 +190,4 @@ def test_mask_transformer_head_matches_transcription():
     p, c = t[:, :12] @ head.proj_patch, t[:, 12:] @ head.proj_classes
     p, c = p / p.norm(dim=-1, keepdim=True), c / c.norm(dim=-1, keepdim=True)
     expected = head.mask_norm(p @ c.transpose(1, 2)).transpose(1, 2).reshape(2, 5, 3, 4)
-    torch.testing.assert_close(masks, expected, atol=1e-5, rtol=1e-5)
+    assert_close(masks, expected, tol=REORDERED_FP32)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semask_fast.models import create
+from semask_fast.testing import EXACT, assert_close
 from tests.models._fast_vs_reference import assert_cpu_backend_matches_reference
 
 TINY = dict(image_size=32, d_model=64, n_layers=2, n_heads=2)
@@ -154,9 +155,9 @@ def test_official_checkpoint_loads_strictly_and_matches_the_official_forward_and
     expected = off(images)
     logits = model(images)["logits"]
     assert logits.shape == (2, K, 40, 56)
-    torch.testing.assert_close(logits, expected, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(model.loss(images, labels), F.cross_entropy(expected, labels, ignore_index=255),
-                               atol=1e-10, rtol=1e-10)
+    assert_close(logits, expected, torch.float64, what="logits")
+    assert_close(model.loss(images, labels), F.cross_entropy(expected, labels, ignore_index=255), torch.float64,
+                 what="loss")
 
 
 def test_every_trainable_parameter_gets_a_gradient():
@@ -188,7 +189,7 @@ def test_aliases_and_checkpoint_file(tmp_path):
     torch.save({"model": off.state_dict(), "n_cls": K}, path)
     model = create("segmenter_vit_small", num_classes=K, checkpoint=str(path), **TINY)
     assert model.backbone is model.encoder and model.decode_head is model.decoder
-    torch.testing.assert_close(model.encoder.pos_embed, off.encoder.pos_embed)
+    assert_close(model.encoder.pos_embed, off.encoder.pos_embed, tol=EXACT)
 
 
 @pytest.mark.parametrize("name, official", [

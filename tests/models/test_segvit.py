@@ -9,8 +9,9 @@ from torch import nn
 
 from semask_fast import record_dispatch
 from semask_fast.models import create
-from tests.models._fast_vs_reference import assert_cpu_backend_matches_reference
 from semask_fast.models.segvit import official_name
+from semask_fast.testing import REORDERED_FP32, assert_close
+from tests.models._fast_vs_reference import assert_cpu_backend_matches_reference
 
 TINY = dict(img_size=64, embed_dims=32, num_layers=3, num_heads=2, out_indices=(0, 1, 2), head_embed_dims=32,
             head_num_heads=2, head_num_layers=2)
@@ -260,9 +261,9 @@ def test_official_checkpoint_loads_strictly_and_matches_the_official_forward_and
         loss = model.loss(images, labels)
     assert ("atm_attention", backend, "forward") in ran
     assert out["logits"].shape == (2, K, 64, 64)
-    torch.testing.assert_close(out["logits"], expected["pred"], atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(out["class_logits"][-1], expected["pred_logits"], atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(loss, off.loss(images, labels), atol=1e-10, rtol=1e-10)
+    assert_close(out["logits"], expected["pred"], torch.float64, what="logits")
+    assert_close(out["class_logits"][-1], expected["pred_logits"], torch.float64, what="class logits")
+    assert_close(loss, off.loss(images, labels), torch.float64, what="loss")
 
 
 def test_backbone_pads_and_resizes_the_position_embedding_as_mmseg():
@@ -272,7 +273,7 @@ def test_backbone_pads_and_resizes_the_position_embedding_as_mmseg():
     images = torch.randn(1, 3, 40, 56, dtype=torch.float64)  # pads to 48x64: grid 3x4 against 4x4 learnt
     for ours, theirs in zip(model.backbone(images), off.backbone(images), strict=True):
         assert ours.shape == (1, 32, 3, 4)
-        torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=1e-10)
+        assert_close(ours, theirs, torch.float64)
 
 
 def test_any_input_size_is_padded_and_the_logits_cropped():
@@ -281,7 +282,7 @@ def test_any_input_size_is_padded_and_the_logits_cropped():
     out = model(images)
     padded = model(F.pad(images, (0, 8, 0, 8)))
     assert out["logits"].shape == (2, K, 40, 56) and out["mask_logits"].shape == (3, 2, K, 3, 4)
-    torch.testing.assert_close(out["logits"], padded["logits"][..., :40, :56])
+    assert_close(out["logits"], padded["logits"][..., :40, :56], tol=REORDERED_FP32)
     loss = model.loss(images, _labels(2, 40, 56))
     loss.backward()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]

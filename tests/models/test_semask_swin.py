@@ -10,7 +10,7 @@ from torch import nn
 import semask_fast
 from semask_fast.models import create, list_models
 from semask_fast.models.semask_swin import CONFIGS, semantic_window_sizes
-from semask_fast.testing import TOLERANCES, compare
+from semask_fast.testing import TOLERANCES, assert_close, compare
 from tests.conftest import require_backend
 
 SIZES = ("tiny", "small", "base", "large")
@@ -408,18 +408,18 @@ def test_forward_loss_and_grads_match_the_official_code(hw):
     labels[0, :4] = 255
     out = model(images)
     assert out["logits"].shape == (2, NUM_CLASSES, *hw)
-    torch.testing.assert_close(out["logits"], off.encode_decode(images), atol=1e-10, rtol=1e-10)
+    assert_close(out["logits"], off.encode_decode(images), torch.float64, what="logits")
     features, priors = model.backbone(images)
     exp_features, exp_priors = off.backbone(images)
     for a, e in zip(features + tuple(priors), exp_features + tuple(exp_priors)):
-        torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10)
+        assert_close(a, e, torch.float64)
     loss = model.loss(images, labels)
     expected = off.forward_train(images, labels)
-    torch.testing.assert_close(loss, expected, atol=1e-10, rtol=1e-10)
+    assert_close(loss, expected, torch.float64, what="loss")
     grads = torch.autograd.grad(loss, list(model.parameters()))
     exp_grads = dict(zip([n for n, _ in off.named_parameters()], torch.autograd.grad(expected, list(off.parameters()))))
     for (name, _), g in zip(model.named_parameters(), grads):
-        torch.testing.assert_close(g, exp_grads[name], atol=1e-10, rtol=1e-10, msg=name)
+        assert_close(g, exp_grads[name], torch.float64, backward=True, what=name)
 
 
 def test_init_makes_the_semantic_branch_train():

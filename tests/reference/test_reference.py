@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from timm.models import swin_transformer as timm_swin
 
 from semask_fast import reference as ref
+from semask_fast.testing import assert_close
 
 
 
@@ -38,11 +39,13 @@ def _grads(fn, tensors, seed=0):
     return [o.detach() for o in outs], torch.autograd.grad(loss, tensors)
 
 
-def _assert_same(fn_a, fn_b, tensors, atol=1e-10):
+def _assert_same(fn_a, fn_b, tensors):
     outs_a, grads_a = _grads(fn_a, tensors)
     outs_b, grads_b = _grads(fn_b, tensors)
-    for a, b in zip(outs_a + list(grads_a), outs_b + list(grads_b)):
-        torch.testing.assert_close(a, b, atol=atol, rtol=1e-9)
+    for a, b in zip(outs_a, outs_b):
+        assert_close(a, b, torch.float64)
+    for a, b in zip(grads_a, grads_b):
+        assert_close(a, b, torch.float64, backward=True)
 
 
 # ---------------------------------------------------------------- window attention
@@ -117,7 +120,7 @@ def test_window_attention_matches_timm_module():
     q, k, v = m.qkv(x).reshape(6, 16, 3, 3, 8).permute(2, 0, 3, 1, 4)
     out = ref.window_attention(q, k, v, m.relative_position_bias_table, window_size=(4, 4), mask=mask)
     expected = m(x, mask)
-    torch.testing.assert_close(m.proj(out.transpose(1, 2).reshape(6, 16, 24)), expected, atol=1e-12, rtol=0)
+    assert_close(m.proj(out.transpose(1, 2).reshape(6, 16, 24)), expected, torch.float64)
 
 
 # ---------------------------------------------------------------- partition / merge
@@ -183,7 +186,7 @@ def test_shifted_window_attention_pads_with_qkv_bias():
         q, k, v = lin(wins.reshape(-1, 16, 8)).reshape(-1, 16, 3, 2, 4).permute(2, 0, 3, 1, 4)
         attn = ref.window_attention(q, k, v, table, window_size=(4, 4), shift_size=(2, 2), grid=(2, 2))
         expected = ref.window_merge(attn.transpose(1, 2).reshape(-1, 4, 4, 8), (4, 4), (2, 2), 6, 5, pad_then_roll)
-        torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+        assert_close(out, expected, torch.float64)
 
 
 # ---------------------------------------------------------------- semantic, ATM, mask similarity
@@ -217,7 +220,7 @@ def test_atm_attention_matches_official_transcription():
             outs.append(torch.einsum("bqk,bkd->bqd", torch.softmax(s, -1), v[:, hh]))
         return torch.stack(outs, 1), torch.stack(logits).mean(0)
 
-    _assert_same(ref.atm_attention, official, [q, k, v], atol=0)
+    _assert_same(ref.atm_attention, official, [q, k, v])
     _assert_same(ref.atm_attention, per_head, [q, k, v])
 
 
@@ -282,4 +285,4 @@ def test_dropout_keep_mask_replays():
     keep = torch.rand(2, 1, 4, 4, generator=g) > 0.25
     out = ref.window_attention(q, k, v, window_size=(2, 2), dropout_p=0.25, dropout_keep=keep)
     attn = torch.softmax(q * 3 ** -0.5 @ k.transpose(-2, -1), -1) * keep / 0.75
-    torch.testing.assert_close(out, attn @ v)
+    assert_close(out, attn @ v, torch.float64)
