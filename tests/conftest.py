@@ -53,7 +53,7 @@ def next_seed(backend: str, op: str = "window_attention", device=None) -> int:
     to replay a mask."""
     from semask_fast.backends.base import draw_seed
 
-    return draw_seed(torch.device(device or "cpu"), registry.implementation(op, backend).seed_bound)
+    return int(draw_seed(torch.device(device or "cpu"), registry.implementation(op, backend).seed_bound))
 
 
 @pytest.fixture(params=KERNEL_BACKENDS)

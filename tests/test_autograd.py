@@ -174,6 +174,46 @@ def test_dropout_seed_is_the_generators_next_draw():
     assert torch.equal(after_op, torch.randint(0, 2 ** 62, (), dtype=torch.int64))  # one draw per call
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernels_that_read_the_seed_from_memory_get_the_drawn_tensor(backend, monkeypatch):
+    # What a CUDA-graph replay relies on: the seed is a tensor on the inputs' device, drawn by a
+    # random op (refilled on replay), and a seed_on_device implementation receives that tensor in
+    # forward and backward, not a host copy of its value.
+    device = _device(backend)
+    impl = registry.implementation("window_attention", backend)
+    seen = []
+    for name in ("forward", "backward"):
+        original = getattr(type(impl), name)
+        monkeypatch.setattr(type(impl), name, lambda self, *a, _f=original: (seen.append(a[-1]), _f(self, *a))[1])
+    q, k, v, table = _window_inputs(device)
+    torch.manual_seed(5)
+    _window_attention(q, k, v, table, backend, dropout_p=0.5).sum().backward()
+    torch.manual_seed(5)
+    drawn = semask_fast.backends.draw_seed(torch.device(device), impl.seed_bound)
+    assert len(seen) == 2
+    for seed in seen:
+        if impl.seed_on_device:
+            assert isinstance(seed, torch.Tensor) and seed.dtype == torch.int64 and seed.device == drawn.device
+            assert torch.equal(seed, drawn)
+        else:
+            assert seed == int(drawn)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_replays_draw_fresh_dropout_masks(backend):
+    device = require_backend("window_attention", backend)
+    q, k, v, table = (t.detach() for t in _window_inputs(device))
+    _window_attention(q, k, v, table, backend, dropout_p=0.5)  # compile and load outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _window_attention(q, k, v, table, backend, dropout_p=0.5)
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    assert not torch.equal(first, out)
+
+
 def test_no_dropout_leaves_the_generator_alone():
     q, k, v, table = (t.detach() for t in _window_inputs("cpu"))
     torch.manual_seed(3)

@@ -99,19 +99,30 @@ inline cudaStream_t current_stream() {
 #endif
 }
 
-// Shared memory a block may use, static plus dynamic, on `t`'s device: the GPU's opt-in limit,
-// or in the harness the target architecture's (SF_SIMT_ARCH).  Kernels whose need grows with the
-// shape check it here and export the need, so that Python falls back with the reason.
-inline int64_t shared_memory_per_block(const at::Tensor& t) {
+// Shared memory a block may use, static plus dynamic, on CUDA device `device`: the GPU's opt-in
+// limit, or in the harness the target architecture's (SF_SIMT_ARCH; `device` is ignored).
+// Kernels whose need grows with the shape check it here and export the need (scalar arguments
+// only, so that selection under fake tensors can ask), and Python falls back with the reason.
+inline int64_t shared_memory_per_block(int64_t device) {
 #ifdef SF_SIMT
-  (void)t;
+  (void)device;
   return int64_t(::sf::simt::arch_limit().smem);
 #else
   int bytes = 0;
-  const cudaError_t err = cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, t.device().index());
-  TORCH_CHECK(err == cudaSuccess, "cannot read the shared memory limit of ", t.device(), ": ", cudaGetErrorString(err));
+  const cudaError_t err = cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, int(device));
+  TORCH_CHECK(err == cudaSuccess, "cannot read the shared memory limit of cuda:", device, ": ",
+              cudaGetErrorString(err));
   return bytes;
 #endif
+}
+
+// The dropout seed a kernel reads from device memory: the 0-d int64 tensor the op drew on the
+// inputs' device (a CUDA-graph replay refills it, so each replay gets a fresh mask).
+inline const int64_t* seed_ptr(const at::Tensor& seed, const at::Tensor& like) {
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
+              "seed must be a one-element int64 tensor, got ", seed.scalar_type(), " with ", seed.numel(), " elements");
+  TORCH_CHECK(seed.device() == like.device(), "seed must be on ", like.device(), ", got ", seed.device());
+  return seed.data_ptr<int64_t>();
 }
 
 // Typed data pointer with the CUDA element type (at::Half -> __half, at::BFloat16 -> __nv_bfloat16).

@@ -60,7 +60,7 @@ struct Params {
   // 1 / (1 - dropout_p) and 1 / heads, divided once on the host: an IEEE division in a
   // kernel calls a slow-path subroutine whose call site makes ptxas spill.
   float keep_scale, inv_heads;
-  uint64_t seed;
+  const int64_t* seed;  // device memory (sf::seed_ptr)
   int splits, split_keys;  // forward: key ranges of split_keys keys (a multiple of BN)
   bool vec;                // tiles load in 16-byte chunks (see stage_tile)
 };
@@ -71,7 +71,7 @@ using sf::warp_max;
 using sf::warp_sum;
 
 SF_DEVICE_INLINE float dropout_factor(const Params& p, uint64_t index) {
-  return sf::dropout_factor(p.seed, p.dropout_p, p.keep_scale, index);
+  return sf::dropout_factor(static_cast<uint64_t>(*p.seed), p.dropout_p, p.keep_scale, index);
 }
 
 // Stage rows [row0, row0 + rows) x [0, DP) of a (n, d) matrix into dst (row stride ld, in S),
@@ -935,26 +935,24 @@ void backward(const Params& p, const T* out, const T* dout, const T* dmask, cons
 namespace sf_atm_attention {
 
 template <typename F>
-void dispatch(const at::Tensor& q, F&& f) {
-  const int64_t d = q.size(3);
-  SF_DISPATCH_FLOAT(q.scalar_type(), "atm_attention", [&] {
+void dispatch(at::ScalarType dtype, int64_t d, F&& f) {
+  SF_DISPATCH_FLOAT(dtype, "atm_attention", [&] {
     if (d <= 32) f(scalar_t{}, std::integral_constant<int, 32>{});
     else if (d <= 64) f(scalar_t{}, std::integral_constant<int, 64>{});
     else f(scalar_t{}, std::integral_constant<int, 128>{});
   });
 }
 
-// [bytes of shared memory a forward block needs for q's dtype, head_dim and heads (every head's
-// row statistics, the warps' tiles), bytes q's device gives a block]: the one owner of this limit
-// (Python falls back with the reason where the need exceeds the device's).
-std::vector<int64_t> shared_memory(const at::Tensor& q) {
-  SF_CHECK_DEVICE(q);
-  SF_CHECK_DIM(q, 4);
+// [bytes of shared memory a forward block needs for the dtype, head_dim and heads (every head's
+// row statistics, the warps' tiles), bytes CUDA device `device` gives a block]: the one owner of
+// this limit (Python falls back with the reason where the need exceeds the device's).
+std::vector<int64_t> shared_memory(at::ScalarType dtype, int64_t head_dim, int64_t heads, int64_t device) {
+  TORCH_CHECK(head_dim >= 1 && head_dim <= 128 && heads >= 1, "atm_attention: head_dim must be in 1..128 and heads "
+              ">= 1, got ", head_dim, " and ", heads);
   int64_t need = 0;
-  dispatch(q, [&](auto tag, auto dp) {
-    need = fwd_smem_bytes<decltype(tag), decltype(dp)::value>(q.size(1));
-  });
-  return {need, sf::shared_memory_per_block(q)};
+  dispatch(dtype, head_dim,
+           [&](auto tag, auto dp) { need = fwd_smem_bytes<decltype(tag), decltype(dp)::value>(heads); });
+  return {need, sf::shared_memory_per_block(device)};
 }
 
 // stage_tile's 16-byte chunks need whole chunks per row and 16-byte aligned tensors (a
@@ -962,7 +960,7 @@ std::vector<int64_t> shared_memory(const at::Tensor& q) {
 inline bool chunk_aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, double dropout_p,
-                   int64_t seed) {
+                   const at::Tensor& seed) {
   SF_CHECK_INPUT(q, 4);
   SF_CHECK_INPUT(k, 4);
   SF_CHECK_INPUT(v, 4);
@@ -986,7 +984,7 @@ Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   p.dropout_p = static_cast<float>(dropout_p);
   p.keep_scale = p.dropout_p < 1.f ? 1.f / (1.f - p.dropout_p) : 0.f;
   p.inv_heads = 1.f / static_cast<float>(p.heads);
-  p.seed = static_cast<uint64_t>(seed);
+  p.seed = sf::seed_ptr(seed, q);
   p.vec = (q.size(3) * q.element_size()) % 16 == 0 && chunk_aligned(q) && chunk_aligned(k) && chunk_aligned(v);
   return p;
 }
@@ -995,7 +993,7 @@ Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 // leaves no range empty (semask_fast/backends/cuda/atm_attention.py: plan_splits).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v, double scale, double dropout_p,
-                                                          int64_t seed, int64_t splits) {
+                                                          const at::Tensor& seed, int64_t splits) {
   Params p = make_params(q, k, v, scale, dropout_p, seed);
   const int64_t tiles = sf::ceil_div(p.nk, BN);
   TORCH_CHECK(splits >= 1 && splits <= tiles, "atm_attention: splits must be in 1..", tiles, ", got ", splits);
@@ -1014,7 +1012,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& q, c
     part_o = at::empty({splits, rows, q.size(3)}, lse.options());
     part_lse = at::empty({splits, rows}, lse.options());
   }
-  dispatch(q, [&](auto tag, auto dp) {
+  dispatch(q.scalar_type(), q.size(3), [&](auto tag, auto dp) {
     using T = decltype(tag);
     const FwdDest<T> dst{sf::data_ptr<T>(out), lse.data_ptr<float>(),
                          splits > 1 ? part_o.data_ptr<float>() : nullptr,
@@ -1028,7 +1026,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
                                                            const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& v, const at::Tensor& out,
                                                            const at::Tensor& lse, double scale, double dropout_p,
-                                                           int64_t seed) {
+                                                           const at::Tensor& seed) {
   Params p = make_params(q, k, v, scale, dropout_p, seed);
   SF_DEVICE_GUARD(q);
   SF_CHECK_INPUT(dout, 4);
@@ -1044,7 +1042,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
   p.vec = p.vec && chunk_aligned(dout);
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   at::Tensor delta = at::empty_like(lse);
-  dispatch(q, [&](auto tag, auto dp) {
+  dispatch(q.scalar_type(), q.size(3), [&](auto tag, auto dp) {
     using T = decltype(tag);
     backward<T, decltype(dp)::value>(p, sf::data_ptr<T>(out), sf::data_ptr<T>(dout), sf::data_ptr<T>(dmask),
                                      lse.data_ptr<float>(), delta.data_ptr<float>(), sf::data_ptr<T>(dq),
@@ -1056,15 +1054,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
 }  // namespace sf_atm_attention
 
 SF_TORCH_LIBRARY_FRAGMENT(m) {
-  m.def("atm_attention_forward(Tensor q, Tensor k, Tensor v, float scale, float dropout_p, int seed, int splits) "
+  m.def("atm_attention_forward(Tensor q, Tensor k, Tensor v, float scale, float dropout_p, Tensor seed, int splits) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("atm_attention_backward(Tensor dout, Tensor dmask_logits, Tensor q, Tensor k, Tensor v, Tensor out, "
-        "Tensor lse, float scale, float dropout_p, int seed) -> (Tensor, Tensor, Tensor)");
-  m.def("atm_attention_shared_memory(Tensor q) -> int[]");
+        "Tensor lse, float scale, float dropout_p, Tensor seed) -> (Tensor, Tensor, Tensor)");
+  m.def("atm_attention_shared_memory(ScalarType dtype, int head_dim, int heads, int device) -> int[]",
+        &sf_atm_attention::shared_memory);
 }
 
 SF_TORCH_LIBRARY_IMPL(m) {
   m.impl("atm_attention_forward", &sf_atm_attention::forward_op);
   m.impl("atm_attention_backward", &sf_atm_attention::backward_op);
-  m.impl("atm_attention_shared_memory", &sf_atm_attention::shared_memory);
 }

@@ -419,18 +419,16 @@ void check_inputs(const at::Tensor& P, const at::Tensor& C) {
   TORCH_CHECK(C.size(0) == P.size(0) && C.size(2) == P.size(2), "classes must be (B, K, D) like patches");
   TORCH_CHECK(C.size(1) < (int64_t(1) << 24), "classes: K must be < 2^24, got ", C.size(1));
   const size_t need = block_smem_bytes(int(C.size(1)), C.element_size());
-  const int64_t limit = sf::shared_memory_per_block(C);
+  const int64_t limit = sf::shared_memory_per_block(C.device().index());
   TORCH_CHECK(int64_t(need) <= limit, "mask_similarity: K=", C.size(1), " classes need ", need,
               " bytes of shared memory per block; this device gives ", limit);
   TORCH_CHECK(P.size(1) < (int64_t(1) << 31) && P.size(2) < (int64_t(1) << 31), "Np and D must be < 2^31");
 }
 
-// [bytes per block the kernels need for these classes, bytes the classes' device gives a block].
-std::vector<int64_t> shared_memory(const at::Tensor& C) {
-  SF_CHECK_DEVICE(C);
-  SF_CHECK_DIM(C, 3);
-  return {int64_t(block_smem_bytes(int(std::min<int64_t>(C.size(1), int64_t(1) << 24)), C.element_size())),
-          sf::shared_memory_per_block(C)};
+// [bytes per block the kernels need for K classes of dtype, bytes CUDA device `device` gives].
+std::vector<int64_t> shared_memory(int64_t classes, at::ScalarType dtype, int64_t device) {
+  TORCH_CHECK(classes >= 1 && classes < (int64_t(1) << 24), "classes: K must be in [1, 2^24), got ", classes);
+  return {int64_t(block_smem_bytes(int(classes), c10::elementSize(dtype))), sf::shared_memory_per_block(device)};
 }
 
 const float* optional_ptr(const std::optional<at::Tensor>& t, int64_t K, const char* name) {
@@ -512,11 +510,11 @@ SF_TORCH_LIBRARY_FRAGMENT(m) {
         "bool norm, float eps) -> Tensor");
   m.def("mask_similarity_backward(Tensor grad, Tensor patches, Tensor classes, Tensor? norm_weight, bool norm, "
         "float eps) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("mask_similarity_shared_memory(Tensor classes) -> int[]");
+  m.def("mask_similarity_shared_memory(int classes, ScalarType dtype, int device) -> int[]",
+        &shared_memory);
 }
 
 SF_TORCH_LIBRARY_IMPL(m) {
   m.impl("mask_similarity_forward", &forward);
   m.impl("mask_similarity_backward", &backward);
-  m.impl("mask_similarity_shared_memory", &shared_memory);
 }

@@ -69,7 +69,7 @@ struct Params {
   int shift_h, shift_w;
   int shifted;         // 1: compute the shift mask from the region ids
   float scale, mask_value, dropout_p;
-  uint64_t seed;
+  const int64_t* seed;  // device memory (sf::seed_ptr)
 };
 
 // ---------------------------------------------------------------- helpers --
@@ -80,7 +80,7 @@ using sf::warp_sum;
 
 // Multiplier of an attention probability under dropout: 1/(1-p) if kept, else 0.
 SF_DEVICE_INLINE float dropout_factor(const Params& p, uint64_t index) {
-  return sf::dropout_factor(p.seed, p.dropout_p, 1.f / (1.f - p.dropout_p), index);
+  return sf::dropout_factor(static_cast<uint64_t>(*p.seed), p.dropout_p, 1.f / (1.f - p.dropout_p), index);
 }
 
 // Region id (0..8) of token t of window w (shift mode), as reference.shift_region_ids.
@@ -1370,7 +1370,7 @@ void dispatch(const at::Tensor& q, F&& f) {
 Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& mask, int64_t wh,
                    int64_t ww, int64_t grid_h, int64_t grid_w, int64_t shift_h, int64_t shift_w, double scale,
-                   double mask_value, double dropout_p, int64_t seed) {
+                   double mask_value, double dropout_p, const at::Tensor& seed) {
   SF_CHECK_INPUT(q, 4);
   SF_CHECK_INPUT(k, 4);
   SF_CHECK_INPUT(v, 4);
@@ -1421,7 +1421,7 @@ Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   p.scale = static_cast<float>(scale);
   p.mask_value = static_cast<float>(mask_value);
   p.dropout_p = static_cast<float>(dropout_p);
-  p.seed = static_cast<uint64_t>(seed);
+  p.seed = sf::seed_ptr(seed, q);
   return p;
 }
 
@@ -1429,7 +1429,8 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& q, const at::Ten
                                               const std::optional<at::Tensor>& table,
                                               const std::optional<at::Tensor>& mask, int64_t wh, int64_t ww,
                                               int64_t grid_h, int64_t grid_w, int64_t shift_h, int64_t shift_w,
-                                              double scale, double mask_value, double dropout_p, int64_t seed) {
+                                              double scale, double mask_value, double dropout_p,
+                                              const at::Tensor& seed) {
   const Params p = make_params(q, k, v, table, mask, wh, ww, grid_h, grid_w, shift_h, shift_w, scale, mask_value,
                                dropout_p, seed);
   SF_DEVICE_GUARD(q);
@@ -1447,7 +1448,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& mask, int64_t wh,
     int64_t ww, int64_t grid_h, int64_t grid_w, int64_t shift_h, int64_t shift_w, double scale, double mask_value,
-    double dropout_p, int64_t seed, int64_t windows_per_chunk) {
+    double dropout_p, const at::Tensor& seed, int64_t windows_per_chunk) {
   const Params p = make_params(q, k, v, table, mask, wh, ww, grid_h, grid_w, shift_h, shift_w, scale, mask_value,
                                dropout_p, seed);
   SF_DEVICE_GUARD(q);
@@ -1493,10 +1494,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
 SF_TORCH_LIBRARY_FRAGMENT(m) {
   m.def("window_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? bias_table, Tensor? mask, int wh, int ww, "
         "int grid_h, int grid_w, int shift_h, int shift_w, float scale, float mask_value, float dropout_p, "
-        "int seed) -> (Tensor, Tensor)");
+        "Tensor seed) -> (Tensor, Tensor)");
   m.def("window_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? bias_table, Tensor? mask, int wh, int ww, int grid_h, int grid_w, int shift_h, int shift_w, "
-        "float scale, float mask_value, float dropout_p, int seed, int windows_per_chunk) "
+        "float scale, float mask_value, float dropout_p, Tensor seed, int windows_per_chunk) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -51,21 +51,16 @@ def note_ran(op: str, backend: str, phase: str) -> None:
         log.append((op, backend, phase))
 
 
-def draw_seed(device: torch.device, bound: int) -> int:
-    """A dropout seed in [0, bound) from torch's default generator of ``device``.
+def draw_seed(device: torch.device, bound: int) -> torch.Tensor:
+    """A dropout seed in [0, bound): a 0-d int64 tensor on ``device``, one ``torch.randint`` draw
+    from the device's default generator.
 
-    ``torch.manual_seed`` reproduces it and every call advances the generator.  On CPU it is one
-    ``randint`` draw (the tests replay a kernel's mask with the same call).  On CUDA the device
-    generator's (seed, philox offset) are mixed into the seed and the offset is advanced, as a
-    random op does, without reading anything back from the device (no host-device sync).
+    ``torch.manual_seed`` reproduces it and every call advances the generator.  On CUDA it is a
+    random op like any other: no host-device sync, and inside a captured CUDA graph each replay
+    draws a fresh seed into the same tensor (the generator's graph-safe Philox offset), which the
+    kernels read from device memory, so replays get fresh dropout masks.
     """
-    if device.type != "cuda":
-        return int(torch.randint(0, bound, (), dtype=torch.int64))
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    gen = torch.cuda.default_generators[index]
-    offset = gen.get_offset()
-    gen.set_offset(offset + 4)  # one Philox draw of 4 words, as a random op's increment
-    return _splitmix64(gen.initial_seed() ^ _splitmix64(offset)) % bound
+    return torch.randint(0, bound, (), dtype=torch.int64, device=device)
 
 
 def on_device(device: torch.device):
@@ -77,13 +72,6 @@ def on_device(device: torch.device):
 def device_capability(device: torch.device) -> Tuple[int, int]:
     """Compute capability of a CUDA ``device`` (of the current device when it has no index)."""
     return torch.cuda.get_device_capability(device)
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return x ^ (x >> 31)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -147,11 +135,15 @@ class OpImpl:
     # ------------------------------------------------------------------ computation
     #: Dropout seeds are drawn in [0, seed_bound) (the Triton kernels take 31-bit seeds).
     seed_bound: ClassVar[int] = 2 ** 62
+    #: The kernels read the dropout seed from device memory: ``forward`` and ``backward`` get it as
+    #: the 0-d int64 tensor :func:`draw_seed` returns (what a CUDA graph replays into).  Otherwise
+    #: they get an int (read on the host: a sync for CUDA tensors).
+    seed_on_device: ClassVar[bool] = False
 
-    def forward(self, inp: Any, seed: int) -> Tuple[Tuple[torch.Tensor, ...], Tuple[torch.Tensor, ...]]:
+    def forward(self, inp: Any, seed) -> Tuple[Tuple[torch.Tensor, ...], Tuple[torch.Tensor, ...]]:
         """``(outputs, residuals)``: the op's outputs and the tensors its backward needs beyond the
         inputs and outputs (e.g. a row logsumexp), neither aliasing an input.  ``seed`` is the
-        dropout seed (0 without dropout)."""
+        dropout seed (0 without dropout), an int or (``seed_on_device``) a 0-d int64 tensor."""
         raise NotImplementedError
 
     def residuals_like(self, inp: Any) -> Tuple[torch.Tensor, ...]:
@@ -160,7 +152,7 @@ class OpImpl:
 
     def backward(self, inp: Any, outputs: Sequence[torch.Tensor], residuals: Sequence[torch.Tensor],
                  grad_outputs: Sequence[torch.Tensor], needs: Sequence[bool],
-                 seed: int) -> Tuple[Optional[torch.Tensor], ...]:
+                 seed) -> Tuple[Optional[torch.Tensor], ...]:
         """One gradient per field of ``inp.grad_fields``; ``needs[i]`` says whether field i's
         gradient is wanted (False also for an absent optional tensor): an implementation may
         skip the others and return None for them."""

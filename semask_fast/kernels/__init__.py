@@ -9,7 +9,9 @@ Every op module follows one launcher contract:
 * ``<op>_forward(inputs..., *, op arguments, seed=0, plan=None)`` allocates and
   returns ``(outputs..., residuals...)``; ``<op>_backward(inputs..., outputs,
   residuals, output gradients, *, op arguments, seed=0, plan=None)`` allocates
-  and returns the input gradients.  Dropout takes its ``seed`` from the caller.
+  and returns the input gradients.  Dropout takes its ``seed`` from the caller: the
+  0-d int64 tensor the op drew on the inputs' device, which the kernels load (so a
+  CUDA-graph replay, which refills it, gets a fresh mask), or an int (tests).
 * ``forward_plan(shape..., dtype, *, interpreter=None)`` and
   ``backward_plan(...)`` decide the tiles and launch options (a :class:`Plan`,
   or a dict of them keyed by kernel).  ``plan=None`` means that default; tests

@@ -35,6 +35,14 @@ def softmax_step(m_i, l_i, s):
     return m_new, alpha, p, l_i * alpha + tl.sum(p, 1)
 
 
+def seed_tensor(seed, device) -> torch.Tensor:
+    """The dropout seed as the kernels take it: a 0-d int64 tensor they load (the op passes the one
+    it drew on the inputs' device, which a CUDA-graph replay refills; an int is wrapped)."""
+    if isinstance(seed, torch.Tensor):
+        return seed
+    return torch.tensor(seed, dtype=torch.int64, device=device)
+
+
 @triton.jit
 def dropout_keep(seed, plane, rows, cols, NROWS, NCOLS, dropout_p):
     """Keep-mask of elements (plane, row, col) of a (planes, NROWS, NCOLS) score tensor: Philox

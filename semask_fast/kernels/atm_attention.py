@@ -31,14 +31,14 @@ streams 16 (``backward_config``).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import triton
 import triton.language as tl
 
 from . import AOTConfig, Plan, dot_fp32, interpreter_tiles, p2
-from ._common import dropout_keep, dropped, load_cols, load_rows, mm, row_dot, row_dot_kernel, row_dot_plan, \
+from ._common import dropout_keep, dropped, seed_tensor, load_cols, load_rows, mm, row_dot, row_dot_kernel, row_dot_plan, \
     softmax_step, store_rows
 
 #: Supported head dims and head counts (the pass-1 statistics hold all heads in registers).
@@ -53,9 +53,10 @@ def _head_scores(Q, K, bh, offs_m, offs_n, offs_d, m_ok, n_ok, d_ok, NQ, NK, D, 
 
 
 @triton.jit
-def _atm_fwd_kernel(Q, K, V, OUT, M, LSE, seed, H, NQ, NK, D, scale, dropout_p,
+def _atm_fwd_kernel(Q, K, V, OUT, M, LSE, SEED, H, NQ, NK, D, scale, dropout_p,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
                     DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
+    seed = tl.load(SEED)  # device memory: a CUDA-graph replay reads its fresh draw
     b = tl.program_id(1).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -167,11 +168,12 @@ def _grad_logits(q, k, v, do, lse, delta, row_ok, DM, b, bh, offs_m, offs_n, see
 
 
 @triton.jit
-def _atm_bwd_kv_kernel(Q, K, V, DO, DM, LSE, DELTA, DK, DV, seed, H, NQ, NK, D, scale, dropout_p,
+def _atm_bwd_kv_kernel(Q, K, V, DO, DM, LSE, DELTA, DK, DV, SEED, H, NQ, NK, D, scale, dropout_p,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
                        DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
     """dk, dv for one key block and a group of BLOCK_G heads (batched tiles): each d(mask logits) tile
     is read once per group, not once per head."""
+    seed = tl.load(SEED)
     b = tl.program_id(1).to(tl.int64)
     heads = tl.program_id(2) * BLOCK_G + tl.arange(0, BLOCK_G)
     bh = b * H + heads
@@ -192,10 +194,11 @@ def _atm_bwd_kv_kernel(Q, K, V, DO, DM, LSE, DELTA, DK, DV, seed, H, NQ, NK, D, 
 
 
 @triton.jit
-def _atm_bwd_q_kernel(Q, K, V, DO, DM, LSE, DELTA, DQ, seed, H, NQ, NK, D, scale, dropout_p,
+def _atm_bwd_q_kernel(Q, K, V, DO, DM, LSE, DELTA, DQ, SEED, H, NQ, NK, D, scale, dropout_p,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
                       DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
     """dq for one query block and a group of BLOCK_G heads; each d(mask logits) tile is read once per group."""
+    seed = tl.load(SEED)
     b = tl.program_id(1).to(tl.int64)
     heads = tl.program_id(2) * BLOCK_G + tl.arange(0, BLOCK_G)
     bh = b * H + heads
@@ -213,7 +216,8 @@ def _atm_bwd_q_kernel(Q, K, V, DO, DM, LSE, DELTA, DQ, seed, H, NQ, NK, D, scale
 
 
 @triton.jit
-def _atm_keep_kernel(KEEP, seed, NQ, NK, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _atm_keep_kernel(KEEP, SEED, NQ, NK, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    seed = tl.load(SEED)
     bh = tl.program_id(2).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -285,7 +289,7 @@ def backward_plan(heads: int, nq: int, nk: int, d: int, dtype, *, interpreter: O
 # --------------------------------------------------------------------------- #
 # Launchers
 # --------------------------------------------------------------------------- #
-def atm_attention_forward(q, k, v, *, scale: float, dropout_p: float = 0.0, seed: int = 0, plan: Plan = None):
+def atm_attention_forward(q, k, v, *, scale: float, dropout_p: float = 0.0, seed: Union[int, torch.Tensor] = 0, plan: Plan = None):
     """(out, mask_logits, lse) for contiguous q (B, h, Nq, d), k, v (B, h, Nk, d)."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
@@ -294,12 +298,12 @@ def atm_attention_forward(q, k, v, *, scale: float, dropout_p: float = 0.0, seed
     mask_logits = torch.empty((B, NQ, NK), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, NQ), device=q.device, dtype=torch.float32)
     _atm_fwd_kernel[(triton.cdiv(NQ, plan["BLOCK_M"]), B)](
-        q, k, v, out, mask_logits, lse, seed, H, NQ, NK, D, scale, dropout_p,
+        q, k, v, out, mask_logits, lse, seed_tensor(seed, q.device), H, NQ, NK, D, scale, dropout_p,
         DROPOUT=dropout_p > 0, DOT_FP32=dot_fp32(q.dtype), **plan.launch())
     return out, mask_logits, lse
 
 
-def atm_attention_backward(q, k, v, out, lse, dout, dmask, *, scale: float, dropout_p: float = 0.0, seed: int = 0,
+def atm_attention_backward(q, k, v, out, lse, dout, dmask, *, scale: float, dropout_p: float = 0.0, seed: Union[int, torch.Tensor] = 0,
                            plan: dict = None):
     """(dq, dk, dv) from the gradients of both outputs (all contiguous).  ``plan``: as :func:`backward_plan`."""
     B, H, NQ, D = q.shape
@@ -307,7 +311,7 @@ def atm_attention_backward(q, k, v, out, lse, dout, dmask, *, scale: float, drop
     plan = plan or backward_plan(H, NQ, NK, D, q.dtype)
     delta = row_dot(dout, out)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    args = (seed, H, NQ, NK, D, scale, dropout_p)
+    args = (seed_tensor(seed, q.device), H, NQ, NK, D, scale, dropout_p)
     flags = dict(DROPOUT=dropout_p > 0, DOT_FP32=dot_fp32(q.dtype))
     kv, qp = plan["kv"], plan["q"]
     _atm_bwd_kv_kernel[(triton.cdiv(NK, kv["BLOCK_N"]), B, triton.cdiv(H, kv["BLOCK_G"]))](
@@ -321,12 +325,12 @@ def atm_attention_backward(q, k, v, out, lse, dout, dmask, *, scale: float, drop
 KEEP_PLAN = Plan(dict(BLOCK_M=32, BLOCK_N=32), num_warps=4, num_stages=2)
 
 
-def dropout_keep_mask(seed: int, batch: int, heads: int, nq: int, nk: int, dropout_p: float,
+def dropout_keep_mask(seed: Union[int, torch.Tensor], batch: int, heads: int, nq: int, nk: int, dropout_p: float,
                       device=None) -> torch.Tensor:
     """(B, h, Nq, Nk) bool keep-mask the kernels draw for ``seed`` (replay it in the reference)."""
     keep = torch.empty((batch, heads, nq, nk), device=device, dtype=torch.int8)
     grid = (triton.cdiv(nq, KEEP_PLAN["BLOCK_M"]), triton.cdiv(nk, KEEP_PLAN["BLOCK_N"]), batch * heads)
-    _atm_keep_kernel[grid](keep, seed, nq, nk, dropout_p, **KEEP_PLAN.launch())
+    _atm_keep_kernel[grid](keep, seed_tensor(seed, keep.device), nq, nk, dropout_p, **KEEP_PLAN.launch())
     return keep.bool()
 
 
@@ -342,7 +346,7 @@ SHIPPED_SHAPES = [("vitl", 16, 150, 1600, 32), ("vitb", 12, 150, 1024, 32), ("d6
 
 def _aot_configs():
     configs = []
-    scalars = dict(seed="i32", H="i32", NQ="i32", NK="i32", D="i32", scale="fp32", dropout_p="fp32")
+    scalars = dict(SEED="*i64", H="i32", NQ="i32", NK="i32", D="i32", scale="fp32", dropout_p="fp32")
     kernels = (("fwd", _atm_fwd_kernel, ("OUT", "M")), ("bwd_kv", _atm_bwd_kv_kernel, ("DO", "DM", "DK", "DV")),
                ("bwd_q", _atm_bwd_q_kernel, ("DO", "DM", "DQ")))
     for dtype, ty in _TY.items():
@@ -363,7 +367,7 @@ def _aot_configs():
                                                dict(A=f"*{ty}", B=f"*{ty}", OUT="*fp32", R="i32", C="i32"),
                                                row_dot_plan(d)))
     configs.append(AOTConfig.from_plan(_atm_keep_kernel, "atm_attention_keep",
-                                       dict(KEEP="*i8", seed="i32", NQ="i32", NK="i32", dropout_p="fp32"), KEEP_PLAN))
+                                       dict(KEEP="*i8", SEED="*i64", NQ="i32", NK="i32", dropout_p="fp32"), KEEP_PLAN))
     return configs
 
 

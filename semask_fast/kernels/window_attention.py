@@ -29,14 +29,15 @@ chunk in order; the chunks are summed in order (Swin-T stage 1, B=128: G = 512, 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import triton
 import triton.language as tl
 
 from . import AOTConfig, Plan, dot_fp32, interpreter_tiles, p2
-from ._common import ORDERED_SUM_PLAN, dropout_keep, dropped, mm, ordered_sum, ordered_sum_kernel, softmax_step
+from ._common import (ORDERED_SUM_PLAN, dropout_keep, dropped, mm, ordered_sum, ordered_sum_kernel, seed_tensor,
+                      softmax_step)
 
 # --------------------------------------------------------------------------- #
 # Device helpers
@@ -157,7 +158,7 @@ def _keep(seed, b_, hh, HEADS, i, j, N: tl.constexpr, dropout_p):
 
 @triton.jit
 def window_attention_fwd_kernel(
-        Q, K, V, O, LSE, TABLE, MASK, QKVB, seed,
+        Q, K, V, O, LSE, TABLE, MASK, QKVB, SEED,
         sq_b, sq_h, sq_y, sq_x, sk_b, sk_h, sk_y, sk_x, sv_b, sv_h, sv_y, sv_x, so_b, so_h, so_y, so_x,
         stt, sth, smw, smi, smj,
         HEADS, nW, nWw, H, W, sy, sx, scale, mask_value, dropout_p,
@@ -165,6 +166,7 @@ def window_attention_fwd_kernel(
         BLOCK_D: tl.constexpr, NT: tl.constexpr, WPP: tl.constexpr, IMAGE: tl.constexpr,
         PAD_THEN_ROLL: tl.constexpr, HAS_TABLE: tl.constexpr, MASK_MODE: tl.constexpr, HAS_QKVB: tl.constexpr,
         DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
+    seed = tl.load(SEED)  # device memory: a CUDA-graph replay reads its fresh draw
     g = tl.program_id(0)
     hh = tl.program_id(1)
     r = tl.arange(0, BLOCK)
@@ -241,7 +243,7 @@ def _pad_sum(x, n, real, N: tl.constexpr):
 
 @triton.jit
 def window_attention_bwd_kernel(
-        Q, K, V, O, DO, LSE, DQ, DK, DV, DT_PART, DB_PART, TABLE, MASK, QKVB, seed,
+        Q, K, V, O, DO, LSE, DQ, DK, DV, DT_PART, DB_PART, TABLE, MASK, QKVB, SEED,
         sq_b, sq_h, sq_y, sq_x, sk_b, sk_h, sk_y, sk_x, sv_b, sv_h, sv_y, sv_x, so_b, so_h, so_y, so_x,
         sdo_b, sdo_h, sdo_y, sdo_x, sdq_b, sdq_h, sdq_y, sdq_x, sdk_b, sdk_h, sdk_y, sdk_x, sdv_b, sdv_h, sdv_y,
         sdv_x, stt, sth, smw, smi, smj,
@@ -250,6 +252,7 @@ def window_attention_bwd_kernel(
         BLOCK_D: tl.constexpr, NT: tl.constexpr, WPP: tl.constexpr, IMAGE: tl.constexpr,
         PAD_THEN_ROLL: tl.constexpr, HAS_TABLE: tl.constexpr, MASK_MODE: tl.constexpr, HAS_QKVB: tl.constexpr,
         DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
+    seed = tl.load(SEED)
     g = tl.program_id(0)
     hh = tl.program_id(1)
     r = tl.arange(0, BLOCK)
@@ -365,8 +368,9 @@ def window_attention_table_fold_kernel(
 
 
 @triton.jit
-def window_attention_keep_kernel(KEEP, seed, HEADS, dropout_p, N: tl.constexpr, BLOCK: tl.constexpr):
+def window_attention_keep_kernel(KEEP, SEED, HEADS, dropout_p, N: tl.constexpr, BLOCK: tl.constexpr):
     """Materialises the dropout keep-mask of window program_id(0), head program_id(1) (tests replay it)."""
+    seed = tl.load(SEED)
     b_ = tl.program_id(0)
     hh = tl.program_id(1)
     i = tl.arange(0, BLOCK)
@@ -509,7 +513,7 @@ def _launch_forward(q, k, v, out, geo: Geometry, table, mask, qkv_bias, scale, m
     dummy = lse
     window_attention_fwd_kernel[(_programs(geo, plan), geo.heads)](
         q, k, v, out, lse, table if table is not None else dummy, mask if mask is not None else dummy,
-        qkv_bias if qkv_bias is not None else dummy, seed,
+        qkv_bias if qkv_bias is not None else dummy, seed_tensor(seed, q.device),
         *(s for t in (q, k, v, out) for s in _strides4(t, geo.image, geo.head_dim)),
         *_geometry_args(geo, table, mask), scale, mask_value, dropout_p,
         WPP=plan.per_program, **_flags(geo, table, mask, qkv_bias, dropout_p, q.dtype), **plan.launch())
@@ -533,7 +537,7 @@ def _launch_backward(q, k, v, out, dout, lse, dq, dk, dv, geo: Geometry, table, 
     dummy = lse
     window_attention_bwd_kernel[(groups, geo.heads)](
         q, k, v, out, dout, lse, dq, dk, dv, part, db_part, table if table is not None else dummy,
-        mask if mask is not None else dummy, qkv_bias if qkv_bias is not None else dummy, seed,
+        mask if mask is not None else dummy, qkv_bias if qkv_bias is not None else dummy, seed_tensor(seed, q.device),
         *(s for t in (q, k, v, out, dout, dq, dk, dv) for s in _strides4(t, geo.image, geo.head_dim)),
         *_geometry_args(geo, table, mask), scale, mask_value, dropout_p,
         WPP=main.per_program, **_flags(geo, table, mask, qkv_bias, dropout_p, q.dtype), **main.launch())
@@ -553,7 +557,7 @@ def _launch_backward(q, k, v, out, dout, lse, dq, dk, dv, geo: Geometry, table, 
 
 
 def window_attention_forward(q, k, v, geo: Geometry, table=None, mask=None, *, scale: float,
-                             mask_value: float = -100.0, dropout_p: float = 0.0, seed: int = 0,
+                             mask_value: float = -100.0, dropout_p: float = 0.0, seed: Union[int, torch.Tensor] = 0,
                              plan: Optional[Plan] = None):
     """(out, lse) of the window layout: q, k, v (B*nW, h, N, d) with a unit last stride; out contiguous,
     lse (B*nW, h, N) fp32.  ``plan``: as :func:`forward_plan`."""
@@ -563,7 +567,7 @@ def window_attention_forward(q, k, v, geo: Geometry, table=None, mask=None, *, s
 
 
 def window_attention_backward(q, k, v, out, dout, lse, geo: Geometry, table=None, mask=None, *, scale: float,
-                              mask_value: float = -100.0, dropout_p: float = 0.0, seed: int = 0,
+                              mask_value: float = -100.0, dropout_p: float = 0.0, seed: Union[int, torch.Tensor] = 0,
                               plan: Optional[dict] = None):
     """(dq, dk, dv, d_table or None) of the window layout (dout with a unit last stride).
     ``plan``: as :func:`backward_plan`."""
@@ -579,7 +583,7 @@ def _qkv_blocks(t: torch.Tensor, geo: Geometry):
 
 
 def shifted_window_attention_forward(qkv, geo: Geometry, table=None, qkv_bias=None, *, scale: float,
-                                     mask_value: float = -100.0, dropout_p: float = 0.0, seed: int = 0,
+                                     mask_value: float = -100.0, dropout_p: float = 0.0, seed: Union[int, torch.Tensor] = 0,
                                      plan: Optional[Plan] = None):
     """(out (B, H, W, h*d), lse) of the image layout: qkv (B, H, W, 3*h*d) with a unit last stride, read in
     place (``geo`` has ``image_hw``); pad tokens take ``qkv_bias`` (None: zeros)."""
@@ -591,7 +595,7 @@ def shifted_window_attention_forward(qkv, geo: Geometry, table=None, qkv_bias=No
 
 def shifted_window_attention_backward(qkv, out, dout, lse, geo: Geometry, table=None, qkv_bias=None, *,
                                       scale: float, mask_value: float = -100.0, dropout_p: float = 0.0,
-                                      seed: int = 0, plan: Optional[dict] = None):
+                                      seed: Union[int, torch.Tensor] = 0, plan: Optional[dict] = None):
     """(dqkv (B, H, W, 3*h*d), d_table or None, d_qkv_bias or None) of the image layout."""
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     d_table, d_qkv_bias = _launch_backward(*_qkv_blocks(qkv, geo), out, dout, lse, *_qkv_blocks(dqkv, geo), geo,
@@ -599,11 +603,12 @@ def shifted_window_attention_backward(qkv, out, dout, lse, geo: Geometry, table=
     return dqkv, d_table, d_qkv_bias
 
 
-def dropout_keep_mask(seed: int, num_windows: int, heads: int, n: int, dropout_p: float,
+def dropout_keep_mask(seed: Union[int, torch.Tensor], num_windows: int, heads: int, n: int, dropout_p: float,
                       device=None) -> torch.Tensor:
     """(B*nW, h, N, N) bool keep-mask the kernels use for ``seed`` (for exact replay in tests)."""
     keep = torch.empty((num_windows, heads, n, n), dtype=torch.int8, device=device)
-    window_attention_keep_kernel[(num_windows, heads)](keep, seed, heads, dropout_p, N=n, BLOCK=p2(n))
+    window_attention_keep_kernel[(num_windows, heads)](keep, seed_tensor(seed, keep.device), heads, dropout_p, N=n,
+                                                       BLOCK=p2(n))
     return keep.bool()
 
 
@@ -619,7 +624,7 @@ def _aot_signature(kernel, ty: str):
     # The interpreter wraps kernels differently, so read the Python signature itself.
     params = inspect.signature(kernel.fn).parameters
     sig = {name: "i32" for name, param in params.items() if "constexpr" not in str(param.annotation)}
-    sig.update({name: "*fp32" for name in ("LSE", "DT_PART", "DB_PART", "TABLE") if name in sig})
+    sig.update({name: "*fp32" for name in ("LSE", "DT_PART", "DB_PART", "TABLE") if name in sig}, SEED="*i64")
     sig.update({name: f"*{ty}" for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "MASK", "QKVB") if name in sig})
     sig.update(scale="fp32", mask_value="fp32", dropout_p="fp32")
     return sig

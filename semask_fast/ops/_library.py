@@ -7,7 +7,7 @@ shape.  From it come two custom ops in the ``semask_fast`` namespace:
 
 * ``semask_fast::<op>(<fields>, str backend) -> Tensor[]``: the outputs, then the residuals
   (what the implementation's backward needs beyond inputs and outputs), then, for ops with
-  dropout, the seed as an int64 tensor.
+  dropout, the seed (a 0-d int64 tensor on the inputs' device).
 * ``semask_fast::<op>_backward(Tensor?[] grads, <fields>, Tensor[] outputs, Tensor[] residuals,
   str backend, bool[] needs) -> Tensor[]``: the gradients of the ``grad_fields`` flagged in
   ``needs``, in order (``needs`` is autograd's ``needs_input_grad``; nothing else is computed
@@ -18,8 +18,9 @@ the op runs (and again, identically, by the fake implementation, which needs the
 shapes), so selection, its reasons, the one-time fallback warning and :func:`record_dispatch`
 behave the same eagerly and under ``torch.compile``, where the op is one opaque node of the graph
 (no graph break) and its fake implementation follows symbolic shapes.  The dropout seed is drawn
-inside the forward op from torch's generator (:func:`~semask_fast.backends.base.draw_seed`) and
-travels to backward as a tensor.  Autograd is registered once for every op: the input tensors,
+inside the forward op by a random op on the inputs' device
+(:func:`~semask_fast.backends.base.draw_seed`: no host-device sync, fresh under CUDA-graph replay)
+and travels to backward as that tensor; kernels that read it from device memory get the tensor.  Autograd is registered once for every op: the input tensors,
 outputs and residuals go through ``save_for_backward`` (so an in-place change after forward raises
 PyTorch's version-counter error, and saved-tensor hooks and non-reentrant checkpointing see them);
 the backward op is once differentiable (double backward raises).
@@ -202,20 +203,23 @@ class OpSpec:
         can call it directly)."""
         inp, backend = self.inputs.from_args(args[:-1]), args[-1]
         impl = self._select(inp, backend)
-        seed = draw_seed(inp.device, impl.seed_bound) if self.has_dropout and inp.dropout_p > 0 else 0
+        seed = None
+        if self.has_dropout:
+            seed = (draw_seed(inp.device, impl.seed_bound) if inp.dropout_p > 0
+                    else torch.zeros((), dtype=torch.int64, device=inp.device))
         note_ran(self.name, impl.backend, "forward")
         with on_device(inp.device):
-            outputs, residuals = impl.forward(inp, seed)
+            outputs, residuals = impl.forward(inp, _seed_for(impl, seed))
         results = _owned([o.contiguous() for o in outputs] + list(residuals),
                          [t for t in inp.args() if isinstance(t, torch.Tensor)])
         if self.has_dropout:
-            results.append(torch.tensor(seed, dtype=torch.int64))
+            results.append(seed)
         return results
 
     def _forward_fake(self, *args: Any) -> List[torch.Tensor]:
         inp, backend = self.inputs.from_args(args[:-1]), args[-1]
         impl = self._select(inp, backend)
-        seed = [torch.empty((), dtype=torch.int64)] if self.has_dropout else []
+        seed = [torch.empty((), dtype=torch.int64, device=inp.device)] if self.has_dropout else []
         return [*self.outputs_like(inp), *impl.residuals_like(inp), *seed]
 
     def _split_backward_args(self, rest: Sequence[Any]):
@@ -230,7 +234,7 @@ class OpSpec:
         impl = self._select(inp, backend)
         note_ran(self.name, impl.backend, "backward")
         grads = [torch.zeros_like(o) if g is None else g for g, o in zip(grads, outputs)]
-        seed = int(residuals.pop()) if self.has_dropout else 0
+        seed = _seed_for(impl, residuals.pop() if self.has_dropout else None)
         with on_device(inp.device):
             result = impl.backward(inp, outputs, residuals, grads, needs, seed)
         if len(result) != len(needs):
@@ -307,6 +311,13 @@ def lowered_to_reference():
 
 def _no_context(ctx, inputs, output) -> None:
     pass
+
+
+def _seed_for(impl: OpImpl, seed: Optional[torch.Tensor]):
+    """The dropout seed as ``impl`` takes it: the tensor (its kernels read device memory), or an int."""
+    if seed is None:
+        return 0
+    return seed if impl.seed_on_device else int(seed)
 
 
 def _owned(results: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:

@@ -64,9 +64,10 @@ def test_atm_attention_is_race_free(dtype, splits):
     g = torch.Generator().manual_seed(0)
     B, h, Nq, Nk, d = 1, 5, 20, 70, 32  # 5 heads: the warps take heads round-robin, some idle
     q, k, v = (torch.randn(B, h, n, d, generator=g).to(dtype) for n in (Nq, Nk, Nk))
-    out, mask_logits, lse = lib.atm_attention_forward(q, k, v, d ** -0.5, 0.1, 3, splits)
+    seed = torch.tensor(3)
+    out, mask_logits, lse = lib.atm_attention_forward(q, k, v, d ** -0.5, 0.1, seed, splits)
     dout, dmask = torch.randn_like(out), torch.randn_like(mask_logits)
-    lib.atm_attention_backward(dout, dmask, q, k, v, out, lse, d ** -0.5, 0.1, 3)
+    lib.atm_attention_backward(dout, dmask, q, k, v, out, lse, d ** -0.5, 0.1, seed)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
@@ -79,7 +80,7 @@ def test_window_attention_is_race_free(dtype, ws, d):
     q, k, v = (torch.randn(grid * grid, h, N, d, generator=g).to(dtype) for _ in range(3))
     table = torch.randn((2 * ws - 1) ** 2, h, generator=g)
     shift = ws // 2
-    args = (table, None, ws, ws, grid, grid, shift, shift, d ** -0.5, -100.0, 0.1, 5)
+    args = (table, None, ws, ws, grid, grid, shift, shift, d ** -0.5, -100.0, 0.1, torch.tensor(5))
     out, lse = lib.window_attention_forward(q, k, v, *args)
     lib.window_attention_backward(torch.randn_like(out), q, k, v, out, lse, *args, 2)
 

@@ -44,6 +44,14 @@ def device_reasons(device: torch.device) -> List[str]:
     return [f"{device}: {r}" for r in _build.cuda_arch_reasons(capability)]
 
 
+def cuda_index(device: torch.device) -> int:
+    """The CUDA device index of ``device`` (the current device when it has none); -1 off CUDA (the
+    harness, whose limits come from SF_SIMT_ARCH)."""
+    if device.type != "cuda":
+        return -1
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def cuda_device_reasons() -> List[str]:
     """Why the nvcc-built kernels cannot launch on this machine (no device they can run on)."""
     if torch.version.cuda is None:
@@ -58,6 +66,7 @@ class _CompiledImpl(OpImpl):
     """An op whose kernels come from one ``csrc/ops/*.cu`` file, in one build flavour."""
 
     flavour: ClassVar[str]
+    seed_on_device = True  # the kernels read the dropout seed from the seed tensor
     #: File of ``csrc/ops`` with this op's kernels; empty means ``<module name>.cu``.
     source: ClassVar[str] = ""
 
@@ -110,4 +119,4 @@ class SimtImpl(_CompiledImpl):
         return frozenset({"cpu"})
 
 
-__all__ = ["CudaImpl", "SimtImpl", "cuda_device_reasons", "device_reasons", "MIN_COMPUTE_CAPABILITY"]
+__all__ = ["CudaImpl", "SimtImpl", "cuda_device_reasons", "cuda_index", "device_reasons", "MIN_COMPUTE_CAPABILITY"]

@@ -21,7 +21,7 @@ import torch
 
 from ...ops.atm_attention import ATMAttentionInputs
 from ..registry import register
-from . import CudaImpl, SimtImpl
+from . import CudaImpl, SimtImpl, cuda_index
 
 MAX_HEAD_DIM = 128
 #: Query rows and keys per forward tile (BM, BN in the .cu).
@@ -105,7 +105,8 @@ class _ATMAttentionKernels:
             return []  # the device reason says it
         # The C++ side owns the forward's shared memory (every head's row statistics and the warps'
         # tiles): fp32 with head_dim > 64 on a 99 KiB sm_86 / sm_89 device, or very many heads, exceed it.
-        need, limit = self.library().atm_attention_shared_memory(inp.q)
+        need, limit = self.library().atm_attention_shared_memory(inp.q.dtype, d, inp.q.shape[1],
+                                                                 cuda_index(inp.q.device))
         if need > limit:
             return [f"dtype={inp.q.dtype} head_dim={d} heads={inp.q.shape[1]}: the forward needs {need} bytes of "
                     f"shared memory per block ({inp.q.device} gives {limit})"]

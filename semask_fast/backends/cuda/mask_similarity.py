@@ -13,7 +13,7 @@ from typing import List
 
 from ...ops.mask_similarity import MaskSimilarityInputs
 from ..registry import register
-from . import CudaImpl, SimtImpl
+from . import CudaImpl, SimtImpl, cuda_index
 
 def _affine(t):
     return None if t is None else t.float().contiguous()
@@ -28,7 +28,8 @@ class _MaskSimilarityKernels:
         # in fp32, 704 in fp16/bf16).
         if inp.classes.device.type not in self.supported_devices():
             return []  # the device reason says it
-        need, limit = self.library().mask_similarity_shared_memory(inp.classes)
+        need, limit = self.library().mask_similarity_shared_memory(inp.classes.shape[1], inp.classes.dtype,
+                                                                   cuda_index(inp.classes.device))
         if need > limit:
             return [f"K={inp.classes.shape[1]} classes in {inp.classes.dtype}: the kernels need {need} bytes of "
                     f"shared memory per block ({inp.classes.device} gives {limit})"]

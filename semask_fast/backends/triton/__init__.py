@@ -64,6 +64,7 @@ def triton_reasons() -> List[str]:
 class TritonImpl(OpImpl):
     backend = "triton"
     seed_bound = 2 ** 31 - 1  # the kernels take 31-bit seeds
+    seed_on_device = True  # read by the kernels from the seed tensor (fresh under CUDA-graph replay)
 
     def availability_reasons(self) -> List[str]:
         return triton_reasons()
