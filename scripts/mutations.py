@@ -39,8 +39,8 @@ class Mutation:
 MUTATIONS: List[Mutation] = [
     # ----------------------------------------------------------------- cpu kernels
     Mutation("cpu window: softmax without the row maximum", "csrc/cpu/window_attention.cpp",
-             "const Vec<T> e = vexp_nonpositive(vload(st + size_t(j) * np + i) - m);",
-             "const Vec<T> e = vexp(vload(st + size_t(j) * np + i));",
+             "const Vec<T> e = vexp2_nonpositive(vload(st + size_t(j) * np + i) - m);",
+             "const Vec<T> e = vexp(vload(st + size_t(j) * np + i) * kLn2<T>);",
              ["tests/ops/test_window_attention.py", "-k", "peaked and cpu"],
              "logits past 88.7 overflow exp"),
     Mutation("cpu window: mask_value ignored (always -100)", "csrc/cpu/window_attention.cpp",
@@ -59,8 +59,8 @@ MUTATIONS: List[Mutation] = [
              ["tests/ops/test_semantic_attention.py", "-k", "peaked and cpu and several"],
              "only the multi-block online loop rescales"),
     Mutation("cpu ATM: mask logits summed over heads, not averaged", "csrc/cpu/atm_attention.cpp",
-             "for (int j = 0; j < nk; ++j) mrow[int64_t(i) * p.nk + j] = mt[int64_t(j) * ld + i] * inv_heads;",
-             "for (int j = 0; j < nk; ++j) mrow[int64_t(i) * p.nk + j] = mt[int64_t(j) * ld + i];",
+             "std::min(L, nq - i), inv_heads);",
+             "std::min(L, nq - i), T(1));",
              ["tests/ops/test_atm_attention.py", "-k", "parity and cpu and float32"],
              "SegViT's mask logits are the head mean"),
     Mutation("cpu mask similarity: patch norm squared", "csrc/cpu/mask_similarity.cpp",
