@@ -251,7 +251,12 @@ def window_attention_bwd_kernel(
         N: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
         BLOCK_D: tl.constexpr, NT: tl.constexpr, WPP: tl.constexpr, IMAGE: tl.constexpr,
         PAD_THEN_ROLL: tl.constexpr, HAS_TABLE: tl.constexpr, MASK_MODE: tl.constexpr, HAS_QKVB: tl.constexpr,
-        DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
+        DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, WANT_DQ: tl.constexpr, WANT_DKV: tl.constexpr,
+        WANT_DTABLE: tl.constexpr, WANT_DQKVB: tl.constexpr):
+    # WANT_*: the gradients autograd needs (needs_input_grad); the qkv-bias gradient sums dq, dk, dv
+    # over pad tokens, so it needs them computed even where they are not stored.
+    COMPUTE_DQ: tl.constexpr = WANT_DQ or WANT_DQKVB
+    COMPUTE_DKV: tl.constexpr = WANT_DKV or WANT_DQKVB
     seed = tl.load(SEED)
     g = tl.program_id(0)
     hh = tl.program_id(1)
@@ -281,17 +286,20 @@ def window_attention_bwd_kernel(
                 p_drop, ds = _grad_scores(q, k, v, do, o_delta, lse, b_, hh, i, j, pyi, pxi, pyj, pxj, TABLE, stt,
                                           sth, MASK, smw, smi, smj, nW, nWw, sy, sx, scale, mask_value, seed, HEADS,
                                           dropout_p, N, WH, WW, HAS_TABLE, MASK_MODE, DROPOUT, DOT_FP32)
-                dv += mm(tl.trans(p_drop.to(do.dtype)), do, DOT_FP32)
-                dk += mm(tl.trans(ds.to(q.dtype)), q, DOT_FP32)
+                if COMPUTE_DKV:
+                    dv += mm(tl.trans(p_drop.to(do.dtype)), do, DOT_FP32)
+                    dk += mm(tl.trans(ds.to(q.dtype)), q, DOT_FP32)
                 if NT == 1:
-                    dq = mm(ds.to(k.dtype), k, DOT_FP32) * scale
-                    _store_tile(DQ, _offsets(img, y, x, hh, sdq_b, sdq_h, sdq_y, sdq_x), real_i, d, dq, D)
-                    if HAS_QKVB:
-                        dbq += _pad_sum(dq, i, real_i, N)
-                    if HAS_TABLE:
+                    if COMPUTE_DQ:
+                        dq = mm(ds.to(k.dtype), k, DOT_FP32) * scale
+                        if WANT_DQ:
+                            _store_tile(DQ, _offsets(img, y, x, hh, sdq_b, sdq_h, sdq_y, sdq_x), real_i, d, dq, D)
+                        if WANT_DQKVB:
+                            dbq += _pad_sum(dq, i, real_i, N)
+                    if WANT_DTABLE:
                         ds_acc += ds
                 else:
-                    if HAS_TABLE:
+                    if WANT_DTABLE:
                         # Read-modify-write of this program's own slice: deterministic, no atomics.  The
                         # first window stores without reading, so the buffer needs no zero fill.
                         # Only the N x N real pairs are stored (the reduction reads no others).
@@ -301,12 +309,13 @@ def window_attention_bwd_kernel(
                         tl.store(pp, tl.load(pp, mask=later & real_pair, other=0.0) + ds, mask=real_pair)
                         tl.debug_barrier()
             dk = dk * scale
-            _store_tile(DK, _offsets(imgj, yj, xj, hh, sdk_b, sdk_h, sdk_y, sdk_x), real_j, d, dk, D)
-            _store_tile(DV, _offsets(imgj, yj, xj, hh, sdv_b, sdv_h, sdv_y, sdv_x), real_j, d, dv, D)
-            if HAS_QKVB:
+            if WANT_DKV:
+                _store_tile(DK, _offsets(imgj, yj, xj, hh, sdk_b, sdk_h, sdk_y, sdk_x), real_j, d, dk, D)
+                _store_tile(DV, _offsets(imgj, yj, xj, hh, sdv_b, sdv_h, sdv_y, sdv_x), real_j, d, dv, D)
+            if WANT_DQKVB:
                 dbk += _pad_sum(dk, j, real_j, N)
                 dbv += _pad_sum(dv, j, real_j, N)
-        if NT > 1:
+        if NT > 1 and COMPUTE_DQ:
             # dq of each query tile, looping over the key tiles (recomputes P).
             for qt in range(NT):
                 i = qt * BLOCK + r
@@ -324,13 +333,14 @@ def window_attention_bwd_kernel(
                                          dropout_p, N, WH, WW, HAS_TABLE, MASK_MODE, DROPOUT, DOT_FP32)
                     dq += mm(ds.to(k.dtype), k, DOT_FP32)
                 dq = dq * scale
-                _store_tile(DQ, _offsets(img, y, x, hh, sdq_b, sdq_h, sdq_y, sdq_x), real_i, d, dq, D)
-                if HAS_QKVB:
+                if WANT_DQ:
+                    _store_tile(DQ, _offsets(img, y, x, hh, sdq_b, sdq_h, sdq_y, sdq_x), real_i, d, dq, D)
+                if WANT_DQKVB:
                     dbq += _pad_sum(dq, i, real_i, N)
     if NT == 1:
-        if HAS_TABLE:
+        if WANT_DTABLE:
             tl.store(part + r[:, None] * BLOCK + r[None, :], ds_acc, mask=(r[:, None] < N) & (r[None, :] < N))
-    if HAS_QKVB:
+    if WANT_DQKVB:
         # (G, 3, HEADS, D) partial sums, reduced on the host in a fixed order.
         db = DB_PART + g.to(tl.int64) * 3 * HEADS * D + hh * D + d
         tl.store(db, dbq, mask=d < D)
@@ -521,28 +531,33 @@ def _launch_forward(q, k, v, out, geo: Geometry, table, mask, qkv_bias, scale, m
 
 
 def _launch_backward(q, k, v, out, dout, lse, dq, dk, dv, geo: Geometry, table, mask, qkv_bias, scale, mask_value,
-                     dropout_p, seed, plan: Optional[dict]):
-    """Writes dq, dk, dv (same layouts as q, k, v); returns (d_table or None, d_qkv_bias or None).
+                     dropout_p, seed, plan: Optional[dict], want_table: bool, want_qkv_bias: bool):
+    """Writes dq and dk, dv (same layouts as q, k, v) where given (None: not wanted, not computed
+    unless the qkv-bias gradient needs them); returns (d_table or None, d_qkv_bias or None), computed
+    only when wanted.
 
     The table gradient is bitwise reproducible: per-program partials, folded and summed in a fixed tree.
     """
+    want_table = want_table and table is not None
+    want_qkv_bias = want_qkv_bias and qkv_bias is not None
     plan = plan or backward_plan(geo, q.dtype)
     main, fold = plan["main"], plan["table"]
     groups = _programs(geo, main)
     np_ = main["NT"] * main["BLOCK"]
-    part = torch.empty((groups, geo.heads, np_, np_) if table is not None else (1,), dtype=torch.float32,
-                       device=q.device)
-    db_part = torch.empty((groups, 3, geo.heads * geo.head_dim) if qkv_bias is not None else (1,),
+    part = torch.empty((groups, geo.heads, np_, np_) if want_table else (1,), dtype=torch.float32, device=q.device)
+    db_part = torch.empty((groups, 3, geo.heads * geo.head_dim) if want_qkv_bias else (1,),
                           dtype=torch.float32, device=q.device)
     dummy = lse
+    want = dict(WANT_DQ=dq is not None, WANT_DKV=dk is not None, WANT_DTABLE=want_table, WANT_DQKVB=want_qkv_bias)
+    dq, dk, dv = (t if t is not None else dout for t in (dq, dk, dv))  # never written
     window_attention_bwd_kernel[(groups, geo.heads)](
         q, k, v, out, dout, lse, dq, dk, dv, part, db_part, table if table is not None else dummy,
         mask if mask is not None else dummy, qkv_bias if qkv_bias is not None else dummy, seed_tensor(seed, q.device),
         *(s for t in (q, k, v, out, dout, dq, dk, dv) for s in _strides4(t, geo.image, geo.head_dim)),
         *_geometry_args(geo, table, mask), scale, mask_value, dropout_p,
-        WPP=main.per_program, **_flags(geo, table, mask, qkv_bias, dropout_p, q.dtype), **main.launch())
+        WPP=main.per_program, **_flags(geo, table, mask, qkv_bias, dropout_p, q.dtype), **want, **main.launch())
     d_table = None
-    if table is not None:
+    if want_table:
         rows = table.shape[0]
         chunks = torch.empty((triton.cdiv(groups, fold["CHUNK"]), rows, geo.heads), dtype=torch.float32,
                              device=q.device)
@@ -551,7 +566,7 @@ def _launch_backward(q, k, v, out, dout, lse, dq, dk, dv, geo: Geometry, table, 
             **fold.launch())
         d_table = ordered_sum(chunks, table.dtype)
     d_qkv_bias = None
-    if qkv_bias is not None:
+    if want_qkv_bias:
         d_qkv_bias = db_part.sum(0).reshape(-1).to(qkv_bias.dtype)
     return d_table, d_qkv_bias
 
@@ -568,12 +583,13 @@ def window_attention_forward(q, k, v, geo: Geometry, table=None, mask=None, *, s
 
 def window_attention_backward(q, k, v, out, dout, lse, geo: Geometry, table=None, mask=None, *, scale: float,
                               mask_value: float = -100.0, dropout_p: float = 0.0, seed: Union[int, torch.Tensor] = 0,
-                              plan: Optional[dict] = None):
-    """(dq, dk, dv, d_table or None) of the window layout (dout with a unit last stride).
-    ``plan``: as :func:`backward_plan`."""
-    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+                              plan: Optional[dict] = None, needs: Tuple[bool, bool, bool] = (True, True, True)):
+    """(dq, dk, dv, d_table) of the window layout (dout with a unit last stride); ``needs`` says which of
+    dq, (dk, dv), d_table to compute (the others come back None).  ``plan``: as :func:`backward_plan`."""
+    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) if need else None
+                  for need in (needs[0], needs[1], needs[1]))
     d_table, _ = _launch_backward(q, k, v, out, dout, lse, dq, dk, dv, geo, table, mask, None, scale, mask_value,
-                                  dropout_p, seed, plan)
+                                  dropout_p, seed, plan, needs[2], False)
     return dq, dk, dv, d_table
 
 
@@ -583,8 +599,8 @@ def _qkv_blocks(t: torch.Tensor, geo: Geometry):
 
 
 def shifted_window_attention_forward(qkv, geo: Geometry, table=None, qkv_bias=None, *, scale: float,
-                                     mask_value: float = -100.0, dropout_p: float = 0.0, seed: Union[int, torch.Tensor] = 0,
-                                     plan: Optional[Plan] = None):
+                                     mask_value: float = -100.0, dropout_p: float = 0.0,
+                                     seed: Union[int, torch.Tensor] = 0, plan: Optional[Plan] = None):
     """(out (B, H, W, h*d), lse) of the image layout: qkv (B, H, W, 3*h*d) with a unit last stride, read in
     place (``geo`` has ``image_hw``); pad tokens take ``qkv_bias`` (None: zeros)."""
     out = torch.empty(qkv.shape[:3] + (geo.heads * geo.head_dim,), dtype=qkv.dtype, device=qkv.device)
@@ -595,11 +611,14 @@ def shifted_window_attention_forward(qkv, geo: Geometry, table=None, qkv_bias=No
 
 def shifted_window_attention_backward(qkv, out, dout, lse, geo: Geometry, table=None, qkv_bias=None, *,
                                       scale: float, mask_value: float = -100.0, dropout_p: float = 0.0,
-                                      seed: Union[int, torch.Tensor] = 0, plan: Optional[dict] = None):
-    """(dqkv (B, H, W, 3*h*d), d_table or None, d_qkv_bias or None) of the image layout."""
-    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-    d_table, d_qkv_bias = _launch_backward(*_qkv_blocks(qkv, geo), out, dout, lse, *_qkv_blocks(dqkv, geo), geo,
-                                           table, None, qkv_bias, scale, mask_value, dropout_p, seed, plan)
+                                      seed: Union[int, torch.Tensor] = 0, plan: Optional[dict] = None,
+                                      needs: Tuple[bool, bool, bool] = (True, True, True)):
+    """(dqkv (B, H, W, 3*h*d), d_table, d_qkv_bias) of the image layout; ``needs`` says which of them
+    to compute (the others come back None)."""
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device) if needs[0] else None
+    blocks = _qkv_blocks(dqkv, geo) if needs[0] else (None, None, None)
+    d_table, d_qkv_bias = _launch_backward(*_qkv_blocks(qkv, geo), out, dout, lse, *blocks, geo, table, None,
+                                           qkv_bias, scale, mask_value, dropout_p, seed, plan, needs[1], needs[2])
     return dqkv, d_table, d_qkv_bias
 
 
@@ -647,10 +666,11 @@ def _aot_configs():
             flags = dict(N=geo.n, WH=ws[0], WW=ws[1], D=hd, WPP=8, IMAGE=image, PAD_THEN_ROLL=True, HAS_TABLE=True,
                          MASK_MODE=mask_mode, HAS_QKVB=image, DROPOUT=drop, DOT_FP32=False)
             plans = (forward_plan(geo, dtype, interpreter=False), backward_plan(geo, dtype, interpreter=False)["main"])
-            for kernel, kind, plan in zip((window_attention_fwd_kernel, window_attention_bwd_kernel), ("fwd", "bwd"),
-                                          plans):
+            wants = dict(WANT_DQ=True, WANT_DKV=True, WANT_DTABLE=True, WANT_DQKVB=image)  # every gradient
+            for kernel, kind, plan, extra in zip((window_attention_fwd_kernel, window_attention_bwd_kernel),
+                                                 ("fwd", "bwd"), plans, ({}, wants)):
                 configs.append(AOTConfig.from_plan(kernel, f"window_attention_{kind}[{label},d={hd},{ty}]",
-                                                   _aot_signature(kernel, ty), plan, **flags))
+                                                   _aot_signature(kernel, ty), plan, **flags, **extra))
     for ws in ((7, 7), (12, 12)):
         # Swin-T stage 1 at B=128: 512 groups of 16 windows, chunks of 32.
         geo = Geometry(ws, 128 * 64, 3, 32)

@@ -43,7 +43,7 @@ class ShiftedWindowAttentionTriton(TritonImpl):
         qkv_bias = inp.qkv_bias if padded else None
         return qkv, geo, qkv_bias
 
-    def forward(self, inp, seed: int):
+    def forward(self, inp, seed):
         qkv, geo, qkv_bias = self._prepare(inp)
         out, lse = _kernels().shifted_window_attention_forward(
             qkv, geo, inp.bias_table, qkv_bias, scale=inp.scale, mask_value=inp.mask_value, dropout_p=inp.dropout_p,
@@ -55,12 +55,13 @@ class ShiftedWindowAttentionTriton(TritonImpl):
         windows = inp.qkv.shape[0] * inp.grid[0] * inp.grid[1]
         return (inp.qkv.new_empty((windows, inp.num_heads, n), dtype=torch.float32),)  # lse
 
-    def backward(self, inp, outputs, residuals, grad_outputs, needs, seed: int):
-        # The launcher computes every gradient (needs is not passed down yet).
+    def backward(self, inp, outputs, residuals, grad_outputs, needs, seed):
+        # The kernels skip dqkv, the table gradient or the qkv-bias gradient when autograd does not
+        # need them.
         qkv, geo, qkv_bias = self._prepare(inp)
         dqkv, d_table, d_qkv_bias = _kernels().shifted_window_attention_backward(
             qkv, outputs[0], unit_stride(grad_outputs[0]), residuals[0], geo, inp.bias_table, qkv_bias,
-            scale=inp.scale, mask_value=inp.mask_value, dropout_p=inp.dropout_p, seed=seed)
+            scale=inp.scale, mask_value=inp.mask_value, dropout_p=inp.dropout_p, seed=seed, needs=tuple(needs))
         if needs[2] and d_qkv_bias is None:  # no pad tokens: the qkv bias reaches no attention input
             d_qkv_bias = torch.zeros_like(inp.qkv_bias)
-        return dqkv, d_table if needs[1] else None, d_qkv_bias if needs[2] else None
+        return dqkv, d_table, d_qkv_bias

@@ -50,7 +50,7 @@ class WindowAttentionTriton(TritonImpl):
         b_, h, n, d = inp.q.shape
         return k.Geometry(inp.window_size, b_, h, d, grid=inp.grid, shift=inp.shift_size)
 
-    def forward(self, inp, seed: int):
+    def forward(self, inp, seed):
         q, kk, v = (unit_stride(t) for t in (inp.q, inp.k, inp.v))
         out, lse = _kernels().window_attention_forward(
             q, kk, v, self._geometry(inp), inp.bias_table, inp.mask, scale=inp.scale, mask_value=inp.mask_value,
@@ -60,10 +60,12 @@ class WindowAttentionTriton(TritonImpl):
     def residuals_like(self, inp):
         return (inp.q.new_empty(inp.q.shape[:3], dtype=torch.float32),)  # lse
 
-    def backward(self, inp, outputs, residuals, grad_outputs, needs, seed: int):
-        # The launcher computes every gradient (needs is not passed down yet).
+    def backward(self, inp, outputs, residuals, grad_outputs, needs, seed):
+        # The kernels skip dq, dk and dv, or the table gradient (its partials and their fold), when
+        # autograd does not need them.
         q, kk, v = (unit_stride(t) for t in (inp.q, inp.k, inp.v))
         dq, dk, dv, d_table = _kernels().window_attention_backward(
             q, kk, v, outputs[0], unit_stride(grad_outputs[0]), residuals[0], self._geometry(inp), inp.bias_table,
-            inp.mask, scale=inp.scale, mask_value=inp.mask_value, dropout_p=inp.dropout_p, seed=seed)
-        return dq, dk, dv, d_table if needs[3] else None
+            inp.mask, scale=inp.scale, mask_value=inp.mask_value, dropout_p=inp.dropout_p, seed=seed,
+            needs=(needs[0], needs[1] or needs[2], needs[3]))
+        return dq, dk if needs[1] else None, dv if needs[2] else None, d_table
