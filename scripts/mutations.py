@@ -64,8 +64,8 @@ MUTATIONS: List[Mutation] = [
              ["tests/ops/test_atm_attention.py", "-k", "parity and cpu and float32"],
              "SegViT's mask logits are the head mean"),
     Mutation("cpu mask similarity: patch norm squared", "csrc/cpu/mask_similarity.cpp",
-             "rp[r] = T(1) / std::sqrt(dot(a + r * D, a + r * D, D));",
-             "rp[r] = T(1) / dot(a + r * D, a + r * D, D);",
+             "rp[r] = T(1) / std::sqrt(rp[r]);",
+             "rp[r] = T(1) / rp[r];",
              ["tests/ops/test_mask_similarity.py", "-k", "cpu and float32"],
              "cosines need unit rows"),
     # ----------------------------------------------------------------- Triton kernels (interpreter)

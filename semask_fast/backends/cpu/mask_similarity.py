@@ -1,9 +1,10 @@
 """mask_similarity from ``csrc/cpu/mask_similarity.cpp`` (native cpu backend).
 
-Forward: one product per block of patch rows against the classes packed transposed and scaled by
-their inverse norms, the patch norms and the optional LayerNorm over K applied on the tile.  It
-keeps the cosines (the output itself when that is all it is) and the inverse norms, so backward
-runs only its two products, dP and dC, with deterministic sums across row blocks.  The LayerNorm
+Forward: the classes packed in 6-row panels scaled by their inverse norms, times the patches
+transposed a depth block at a time (patches in vector lanes), the patch norms and the optional
+LayerNorm over K applied on the tile.  It keeps the cosines (the output itself when that is all it
+is) and the inverse norms.  Backward, one pass per batch: dP and dC (= G^T P, accumulated over row
+blocks in order) from the same L2-resident rows of P, with the LayerNorm gradient.  The LayerNorm
 parameters enter in the compute type (float32; float64 for float64 features) and their gradients
 are returned in the parameters' own dtype.
 """
