@@ -1306,7 +1306,7 @@ void backward(const Params& p, const T* out, const T* dout, const float* lse, fl
       SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
       SF_LAUNCH(kernel, dim3(static_cast<unsigned>(chunks), p.heads), dim3(kMmaWarps * 32), smem, stream, p, out,
                 dout, lse, dq, dk, dv, dsum, per_chunk);
-      if (p.table)
+      if (dtable)
         SF_LAUNCH(window_attention_table_fold_sum_kernel, dim3(ceil_div(static_cast<int64_t>(tsm) * p.heads, kThreads)),
                   dim3(kThreads), 0, stream, dsum, dtable, chunks, p.heads, table_rows(p));
     }
@@ -1337,7 +1337,7 @@ void backward(const Params& p, const T* out, const T* dout, const float* lse, fl
     SF_LAUNCH(qk, dim3(static_cast<unsigned>(chunks * p.heads), ceil_div(p.n, BM)), dim3(kThreads), smem_q, stream, p,
               dout, lse, delta, dq, dsum, per_chunk);
   }
-  if (p.table && !fused)
+  if (dtable && !fused)
     SF_LAUNCH(window_attention_table_grad_kernel, dim3(table_rows(p), p.heads), dim3(kThreads), 0, stream, dsum,
               dtable, chunks, p.heads, p.n, p.wh, p.ww);
   SF_CHECK_LAUNCH();
@@ -1448,7 +1448,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& mask, int64_t wh,
     int64_t ww, int64_t grid_h, int64_t grid_w, int64_t shift_h, int64_t shift_w, double scale, double mask_value,
-    double dropout_p, const at::Tensor& seed, int64_t windows_per_chunk) {
+    double dropout_p, const at::Tensor& seed, int64_t windows_per_chunk, bool need_table) {
   const Params p = make_params(q, k, v, table, mask, wh, ww, grid_h, grid_w, shift_h, shift_w, scale, mask_value,
                                dropout_p, seed);
   SF_DEVICE_GUARD(q);
@@ -1467,8 +1467,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   // buffer is not cleared.
   const int64_t per_chunk = std::min(windows_per_chunk, p.batch);
   const int64_t chunks = (p.batch + per_chunk - 1) / per_chunk;
+  // A table that needs no gradient (frozen) still biases the scores, but no partial is written
+  // and neither reduction runs.
+  const bool want_table = table && need_table;
   at::Tensor dsum, dtable;
-  if (table) {
+  if (want_table) {
     if (fused)
       dsum = at::empty({chunks, p.heads, table_rows(p)}, q.options().dtype(at::kFloat));
     else
@@ -1483,7 +1486,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
         p, reinterpret_cast<const T*>(out.data_ptr()), reinterpret_cast<const T*>(dout.data_ptr()),
         lse.data_ptr<float>(), fused ? nullptr : delta.data_ptr<float>(), reinterpret_cast<T*>(dq.data_ptr()),
         reinterpret_cast<T*>(dk.data_ptr()), reinterpret_cast<T*>(dv.data_ptr()),
-        table ? dsum.data_ptr<float>() : nullptr, chunks, per_chunk, table ? dtable.data_ptr<float>() : nullptr,
+        want_table ? dsum.data_ptr<float>() : nullptr, chunks, per_chunk,
+        want_table ? dtable.data_ptr<float>() : nullptr,
         sf::current_stream());
   });
   return {dq, dk, dv, dtable};
@@ -1497,7 +1501,7 @@ SF_TORCH_LIBRARY_FRAGMENT(m) {
         "Tensor seed) -> (Tensor, Tensor)");
   m.def("window_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? bias_table, Tensor? mask, int wh, int ww, int grid_h, int grid_w, int shift_h, int shift_w, "
-        "float scale, float mask_value, float dropout_p, Tensor seed, int windows_per_chunk) "
+        "float scale, float mask_value, float dropout_p, Tensor seed, int windows_per_chunk, bool need_table) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 

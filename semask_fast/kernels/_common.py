@@ -44,6 +44,17 @@ def seed_tensor(seed, device) -> torch.Tensor:
 
 
 @triton.jit
+def load_seed(SEED, DROPOUT: tl.constexpr, VOLATILE: tl.constexpr = False):
+    """The dropout seed from device memory (see ``seed_tensor``), as int32: 31-bit seeds key Philox
+    as an int32 argument did.  Loaded only with dropout (0 otherwise); VOLATILE keeps the compiler
+    from hoisting a load inside a loop out of it."""
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED, volatile=VOLATILE).to(tl.int32)
+    return seed
+
+
+@triton.jit
 def dropout_keep(seed, plane, rows, cols, NROWS, NCOLS, dropout_p):
     """Keep-mask of elements (plane, row, col) of a (planes, NROWS, NCOLS) score tensor: Philox
     (``tl.rand``) keyed by the element's flat index, so backward replays the forward's mask.

@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from . import AOTConfig, Plan, dot_fp32, interpreter_tiles, p2
-from ._common import dropout_keep, dropped, seed_tensor, load_cols, load_rows, mm, row_dot, row_dot_kernel, row_dot_plan, \
-    softmax_step, store_rows
+from ._common import (dropout_keep, dropped, load_cols, load_rows, load_seed, mm, row_dot, row_dot_kernel,
+                      row_dot_plan, seed_tensor, softmax_step, store_rows)
 
 #: Supported head dims and head counts (the pass-1 statistics hold all heads in registers).
 MIN_HEAD_DIM, MAX_HEAD_DIM, MAX_HEADS = 16, 128, 64
@@ -56,7 +56,6 @@ def _head_scores(Q, K, bh, offs_m, offs_n, offs_d, m_ok, n_ok, d_ok, NQ, NK, D, 
 def _atm_fwd_kernel(Q, K, V, OUT, M, LSE, SEED, H, NQ, NK, D, scale, dropout_p,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
                     DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
-    seed = tl.load(SEED)  # device memory: a CUDA-graph replay reads its fresh draw
     b = tl.program_id(1).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -95,6 +94,7 @@ def _atm_fwd_kernel(Q, K, V, OUT, M, LSE, SEED, H, NQ, NK, D, scale, dropout_p,
             s = _head_scores(Q, K, bh, offs_m, offs_n, offs_d, m_ok, n_ok, d_ok, NQ, NK, D, scale, DOT_FP32)
             p = tl.where(n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
             if DROPOUT:
+                seed = load_seed(SEED, DROPOUT)  # at its use: held across the loops it spills fp32 tiles
                 p = dropped(p, dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], NQ, NK, dropout_p), dropout_p)
             v = load_rows(V + bh * NK * D, offs_n, offs_d, D, n_ok, d_ok)
             acc += mm(p.to(v.dtype), v, DOT_FP32)
@@ -173,7 +173,7 @@ def _atm_bwd_kv_kernel(Q, K, V, DO, DM, LSE, DELTA, DK, DV, SEED, H, NQ, NK, D, 
                        DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
     """dk, dv for one key block and a group of BLOCK_G heads (batched tiles): each d(mask logits) tile
     is read once per group, not once per head."""
-    seed = tl.load(SEED)
+    seed = load_seed(SEED, DROPOUT)
     b = tl.program_id(1).to(tl.int64)
     heads = tl.program_id(2) * BLOCK_G + tl.arange(0, BLOCK_G)
     bh = b * H + heads
@@ -198,7 +198,7 @@ def _atm_bwd_q_kernel(Q, K, V, DO, DM, LSE, DELTA, DQ, SEED, H, NQ, NK, D, scale
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
                       DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
     """dq for one query block and a group of BLOCK_G heads; each d(mask logits) tile is read once per group."""
-    seed = tl.load(SEED)
+    seed = load_seed(SEED, DROPOUT)
     b = tl.program_id(1).to(tl.int64)
     heads = tl.program_id(2) * BLOCK_G + tl.arange(0, BLOCK_G)
     bh = b * H + heads
@@ -217,7 +217,7 @@ def _atm_bwd_q_kernel(Q, K, V, DO, DM, LSE, DELTA, DQ, SEED, H, NQ, NK, D, scale
 
 @triton.jit
 def _atm_keep_kernel(KEEP, SEED, NQ, NK, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    seed = tl.load(SEED)
+    seed = load_seed(SEED, True)
     bh = tl.program_id(2).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -236,9 +236,11 @@ TILE_BUDGET = {(False, False): 4096, (False, True): 2048, (True, False): 2048, (
 INTERPRETER_ROWS = 64
 
 
-def forward_plan(heads: int, nq: int, nk: int, d: int, dtype, *, interpreter: Optional[bool] = None) -> Plan:
+def forward_plan(heads: int, nq: int, nk: int, d: int, dtype, *, dropout: bool = False,
+                 interpreter: Optional[bool] = None) -> Plan:
     """Tiles chosen so every shipped configuration compiles without spills on sm_80 and sm_90 (AOT
-    table).  fp32 tiles take twice the registers and use FMA dots (ieee)."""
+    table).  fp32 tiles take twice the registers and use FMA dots (ieee); with d > 64 and dropout
+    (its seed and Philox state) one pipeline stage."""
     interpreter = interpreter_tiles(interpreter)
     if interpreter:
         bm = bn = INTERPRETER_ROWS
@@ -246,8 +248,9 @@ def forward_plan(heads: int, nq: int, nk: int, d: int, dtype, *, interpreter: Op
         bm, bn = (16, 16) if d > 64 else (16, 32)
     else:
         bm, bn = (32, 32) if d > 64 else (64, 32)
+    stages = 1 if dtype == torch.float32 and d > 64 and dropout else 2
     return Plan(dict(BLOCK_M=p2(nq, hi=bm), BLOCK_N=p2(nk, hi=bn), BLOCK_D=p2(d), BLOCK_H=p2(heads, lo=1)),
-                num_warps=8, num_stages=2)
+                num_warps=8, num_stages=stages)
 
 
 def _group(heads: int, budget: int) -> int:
@@ -289,11 +292,12 @@ def backward_plan(heads: int, nq: int, nk: int, d: int, dtype, *, interpreter: O
 # --------------------------------------------------------------------------- #
 # Launchers
 # --------------------------------------------------------------------------- #
-def atm_attention_forward(q, k, v, *, scale: float, dropout_p: float = 0.0, seed: Union[int, torch.Tensor] = 0, plan: Plan = None):
+def atm_attention_forward(q, k, v, *, scale: float, dropout_p: float = 0.0, seed: Union[int, torch.Tensor] = 0,
+                          plan: Plan = None):
     """(out, mask_logits, lse) for contiguous q (B, h, Nq, d), k, v (B, h, Nk, d)."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
-    plan = plan or forward_plan(H, NQ, NK, D, q.dtype)
+    plan = plan or forward_plan(H, NQ, NK, D, q.dtype, dropout=dropout_p > 0.0)
     out = torch.empty_like(q)
     mask_logits = torch.empty((B, NQ, NK), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, NQ), device=q.device, dtype=torch.float32)
@@ -303,8 +307,8 @@ def atm_attention_forward(q, k, v, *, scale: float, dropout_p: float = 0.0, seed
     return out, mask_logits, lse
 
 
-def atm_attention_backward(q, k, v, out, lse, dout, dmask, *, scale: float, dropout_p: float = 0.0, seed: Union[int, torch.Tensor] = 0,
-                           plan: dict = None):
+def atm_attention_backward(q, k, v, out, lse, dout, dmask, *, scale: float, dropout_p: float = 0.0,
+                           seed: Union[int, torch.Tensor] = 0, plan: dict = None):
     """(dq, dk, dv) from the gradients of both outputs (all contiguous).  ``plan``: as :func:`backward_plan`."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
@@ -352,8 +356,9 @@ def _aot_configs():
     for dtype, ty in _TY.items():
         for name, H, NQ, NK, D in SHIPPED_SHAPES:
             bwd = backward_plan(H, NQ, NK, D, dtype, interpreter=False)
-            plans = dict(fwd=forward_plan(H, NQ, NK, D, dtype, interpreter=False), bwd_kv=bwd["kv"], bwd_q=bwd["q"])
             for dropout in (False, True):
+                plans = dict(fwd=forward_plan(H, NQ, NK, D, dtype, dropout=dropout, interpreter=False),
+                             bwd_kv=bwd["kv"], bwd_q=bwd["q"])
                 tag = f"{name},{ty}{',dropout' if dropout else ''}"
                 for part, kernel, ptrs in kernels:
                     sig = {p: f"*{ty}" for p in ("Q", "K", "V") + ptrs}

@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 
 from . import AOTConfig, Plan, dot_fp32, interpreter_tiles, p2
-from ._common import (ORDERED_SUM_PLAN, dropout_keep, dropped, mm, ordered_sum, ordered_sum_kernel, seed_tensor,
-                      softmax_step)
+from ._common import (ORDERED_SUM_PLAN, dropout_keep, dropped, load_seed, mm, ordered_sum, ordered_sum_kernel,
+                      seed_tensor, softmax_step)
 
 # --------------------------------------------------------------------------- #
 # Device helpers
@@ -166,7 +166,7 @@ def window_attention_fwd_kernel(
         BLOCK_D: tl.constexpr, NT: tl.constexpr, WPP: tl.constexpr, IMAGE: tl.constexpr,
         PAD_THEN_ROLL: tl.constexpr, HAS_TABLE: tl.constexpr, MASK_MODE: tl.constexpr, HAS_QKVB: tl.constexpr,
         DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
-    seed = tl.load(SEED)  # device memory: a CUDA-graph replay reads its fresh draw
+    seed = load_seed(SEED, DROPOUT)
     g = tl.program_id(0)
     hh = tl.program_id(1)
     r = tl.arange(0, BLOCK)
@@ -253,11 +253,11 @@ def window_attention_bwd_kernel(
         PAD_THEN_ROLL: tl.constexpr, HAS_TABLE: tl.constexpr, MASK_MODE: tl.constexpr, HAS_QKVB: tl.constexpr,
         DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, WANT_DQ: tl.constexpr, WANT_DKV: tl.constexpr,
         WANT_DTABLE: tl.constexpr, WANT_DQKVB: tl.constexpr):
+    seed = load_seed(SEED, DROPOUT)
     # WANT_*: the gradients autograd needs (needs_input_grad); the qkv-bias gradient sums dq, dk, dv
     # over pad tokens, so it needs them computed even where they are not stored.
     COMPUTE_DQ: tl.constexpr = WANT_DQ or WANT_DQKVB
     COMPUTE_DKV: tl.constexpr = WANT_DKV or WANT_DQKVB
-    seed = tl.load(SEED)
     g = tl.program_id(0)
     hh = tl.program_id(1)
     r = tl.arange(0, BLOCK)
@@ -380,7 +380,7 @@ def window_attention_table_fold_kernel(
 @triton.jit
 def window_attention_keep_kernel(KEEP, SEED, HEADS, dropout_p, N: tl.constexpr, BLOCK: tl.constexpr):
     """Materialises the dropout keep-mask of window program_id(0), head program_id(1) (tests replay it)."""
-    seed = tl.load(SEED)
+    seed = load_seed(SEED, True)
     b_ = tl.program_id(0)
     hh = tl.program_id(1)
     i = tl.arange(0, BLOCK)

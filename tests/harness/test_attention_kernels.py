@@ -597,12 +597,13 @@ def test_window_fused_backward_reads_inputs_once(table, dtype):
     g = torch.Generator().manual_seed(12)
     q, k, v, dout = (_randn(g, b_, h, n, d).to(dtype) for _ in range(4))
     tab = _randn(g, trows, h).float() if table else None
-    args = (tab, None, *ws, *grid, *shift, d ** -0.5, -100.0, 0.0, 0)
+    args = (tab, None, *ws, *grid, *shift, d ** -0.5, -100.0, 0.0, torch.tensor(0))
     lib = _build.load("simt", "window_attention.cu")
     out, lse = lib.window_attention_forward(q, k, v, *args)
     regions, grads = [], []
     traffic = harness_bytes("window_attention.cu", lambda tl: grads.extend(
-        tl.window_attention_backward(dout, q, k, v, out, lse, *args, 1)), [dout, q, k, v, out, lse, tab], regions)
+        tl.window_attention_backward(dout, q, k, v, out, lse, *args, 1, True)), [dout, q, k, v, out, lse, tab],
+        regions)
     assert traffic.launches == (2 if table else 1)
     read = {r["begin"]: r["read"] for r in regions}
     for x in (q, k, v, dout, out, lse) + ((tab,) if table else ()):

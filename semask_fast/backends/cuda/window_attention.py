@@ -117,7 +117,7 @@ class _WindowAttentionKernels:
     def _fp32(t):
         return None if t is None else t.float().contiguous()
 
-    def _args(self, inp: WindowAttentionInputs, seed: int):
+    def _args(self, inp: WindowAttentionInputs, seed):
         return (self._fp32(inp.bias_table), self._fp32(inp.mask), *inp.window_size, *_geometry(inp), inp.scale,
                 inp.mask_value, inp.dropout_p, seed)
 
@@ -131,7 +131,7 @@ class _WindowAttentionKernels:
             return self.per_chunk
         return windows_per_chunk(*inp.q.shape, inp.q.dtype)
 
-    def forward(self, inp: WindowAttentionInputs, seed: int):
+    def forward(self, inp: WindowAttentionInputs, seed):
         q, k, v = (t.contiguous() for t in (inp.q, inp.k, inp.v))
         out, lse = self.library().window_attention_forward(q, k, v, *self._args(inp, seed))
         return (out,), (lse,)
@@ -139,12 +139,13 @@ class _WindowAttentionKernels:
     def residuals_like(self, inp: WindowAttentionInputs):
         return (inp.q.new_empty(inp.q.shape[:3], dtype=torch.float32),)  # lse
 
-    def backward(self, inp: WindowAttentionInputs, outputs, residuals, grad_outputs, needs, seed: int):
-        # The kernels compute every gradient (needs is not passed down yet).
+    def backward(self, inp: WindowAttentionInputs, outputs, residuals, grad_outputs, needs, seed):
+        # The kernels skip the table gradient (partials and reduction) when autograd does not need
+        # it; dq, dk and dv are always computed.
         q, k, v = (t.contiguous() for t in (inp.q, inp.k, inp.v))
         dq, dk, dv, dtable = self.library().window_attention_backward(
             grad_outputs[0].contiguous(), q, k, v, outputs[0], residuals[0], *self._args(inp, seed),
-            self._per_chunk(inp))
+            self._per_chunk(inp), needs[3])
         return dq, dk, dv, dtable.to(inp.bias_table.dtype) if needs[3] else None
 
 
