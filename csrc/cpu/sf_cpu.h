@@ -143,18 +143,22 @@ inline Vec<T> hsum_lanes(Vec<T>* x) {
   else return x[0];
 }
 
+// c0 r^n + c1 r^(n-1) + ... + cn lane by lane (Horner: one FMA per coefficient).
+template <typename... C>
+inline Vec<float> horner(Vec<float> r, float c0, C... cs) {
+  Vec<float> p = vsplat(c0);
+  ((p = p * r + cs), ...);
+  return p;
+}
+
 // exp(x) lane by lane.  fp32: Cody-Waite reduction x = n ln2 + r and a degree-6 polynomial for
 // e^r (Cephes' expf, relative error ~2 ulp on [-87.3, 88.3]), 2^n built in the exponent bits;
 // -inf and x < -87.3 give 0 (flushed, as FTZ would), NaN stays NaN, x > 88.72 gives inf.  The
 // kernels call it on x - rowmax <= 0.  fp64 calls std::exp per lane (fp64 serves gradcheck).
 // e^r for the reduced argument |r| <= ln(2)/2: Cephes' expf polynomial (relative error ~1 ulp).
 inline Vec<float> exp_reduced(Vec<float> r) {
-  Vec<float> p = vsplat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  const Vec<float> p = horner(r, 1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f,
+                              1.6666665459e-1f, 5.0000001201e-1f);
   return p * r * r + r + 1.0f;
 }
 
@@ -228,13 +232,8 @@ inline Vec<double> vexp_nonpositive(Vec<double> x) { return vexp(x); }
 // a degree-6 polynomial fitted for relative error (< 1e-7 in fp32), 2^n in the exponent bits.
 // -inf and x < -126 give 0, NaN stays NaN; x > 0 is outside its domain.  fp64: std::exp2.
 inline Vec<float> exp2_reduced(Vec<float> r) {
-  Vec<float> p = vsplat(1.5345811e-4f);
-  p = p * r + 1.3399931e-3f;
-  p = p * r + 9.6184891e-3f;
-  p = p * r + 5.5503286e-2f;
-  p = p * r + 2.4022646e-1f;
-  p = p * r + 6.9314718e-1f;
-  return p * r + 1.0f;
+  return horner(r, 1.5345811e-4f, 1.3399931e-3f, 9.6184891e-3f, 5.5503286e-2f, 2.4022646e-1f, 6.9314718e-1f,
+                1.0f);
 }
 #if defined(__AVX512F__)
 inline Vec<float> vexp2_nonpositive(Vec<float> x) {
@@ -281,15 +280,8 @@ inline Vec<float> vlog(Vec<float> x) {
   e += small;
   m = m + (small ? m : vsplat(0.0f)) - 1.0f;
   const V z = m * m;
-  V y = vsplat(7.0376836292e-2f);
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
+  V y = horner(m, 7.0376836292e-2f, -1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f, 1.4249322787e-1f,
+               -1.6668057665e-1f, 2.0000714765e-1f, -2.4999993993e-1f, 3.3333331174e-1f);
   y = y * m * z;
   const V ef = __builtin_convertvector(e, V);
   y += ef * -2.12194440e-4f;
