@@ -227,8 +227,9 @@ def _case_id(case):
     return f"{case.op}-{case.name.split(',')[0].replace(' ', '_')}"
 
 
-#: Kernels that skip the gradients autograd does not need: every cpu kernel; the Triton window kernels.
-SKIPPING = {"cpu": None, "triton": ("window_attention", "shifted_window_attention")}
+#: Kernels that skip the gradients autograd does not need: every cpu kernel; Triton's but mask similarity's.
+SKIPPING = {"cpu": None,
+            "triton": ("window_attention", "shifted_window_attention", "atm_attention", "semantic_attention")}
 
 
 @pytest.mark.parametrize("backend", sorted(SKIPPING))

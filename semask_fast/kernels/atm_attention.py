@@ -31,7 +31,7 @@ streams 16 (``backward_config``).
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import triton
@@ -308,20 +308,27 @@ def atm_attention_forward(q, k, v, *, scale: float, dropout_p: float = 0.0, seed
 
 
 def atm_attention_backward(q, k, v, out, lse, dout, dmask, *, scale: float, dropout_p: float = 0.0,
-                           seed: Union[int, torch.Tensor] = 0, plan: dict = None):
-    """(dq, dk, dv) from the gradients of both outputs (all contiguous).  ``plan``: as :func:`backward_plan`."""
+                           seed: Union[int, torch.Tensor] = 0, plan: dict = None,
+                           needs: Tuple[bool, bool] = (True, True)):
+    """(dq, dk, dv) from the gradients of both outputs (all contiguous).  ``needs`` says whether dq and
+    (dk, dv) are wanted: each comes from its own kernel, launched only then (None otherwise).
+    ``plan``: as :func:`backward_plan`."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     plan = plan or backward_plan(H, NQ, NK, D, q.dtype)
     delta = row_dot(dout, out)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq = dk = dv = None
     args = (seed_tensor(seed, q.device), H, NQ, NK, D, scale, dropout_p)
     flags = dict(DROPOUT=dropout_p > 0, DOT_FP32=dot_fp32(q.dtype))
     kv, qp = plan["kv"], plan["q"]
-    _atm_bwd_kv_kernel[(triton.cdiv(NK, kv["BLOCK_N"]), B, triton.cdiv(H, kv["BLOCK_G"]))](
-        q, k, v, dout, dmask, lse, delta, dk, dv, *args, **flags, **kv.launch())
-    _atm_bwd_q_kernel[(triton.cdiv(NQ, qp["BLOCK_M"]), B, triton.cdiv(H, qp["BLOCK_G"]))](
-        q, k, v, dout, dmask, lse, delta, dq, *args, **flags, **qp.launch())
+    if needs[1]:
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        _atm_bwd_kv_kernel[(triton.cdiv(NK, kv["BLOCK_N"]), B, triton.cdiv(H, kv["BLOCK_G"]))](
+            q, k, v, dout, dmask, lse, delta, dk, dv, *args, **flags, **kv.launch())
+    if needs[0]:
+        dq = torch.empty_like(q)
+        _atm_bwd_q_kernel[(triton.cdiv(NQ, qp["BLOCK_M"]), B, triton.cdiv(H, qp["BLOCK_G"]))](
+            q, k, v, dout, dmask, lse, delta, dq, *args, **flags, **qp.launch())
     return dq, dk, dv
 
 

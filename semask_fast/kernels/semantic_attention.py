@@ -28,7 +28,7 @@ pieces where that pads less (K = 150: 128 + 32 columns, not 256).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -289,26 +289,35 @@ def semantic_attention_forward(sq, sk, yv, *, plan: Plan = None):
     return out, lse
 
 
-def semantic_attention_backward(sq, sk, yv, out, lse, dout, *, plan: dict = None):
+def semantic_attention_backward(sq, sk, yv, out, lse, dout, *, plan: dict = None,
+                                needs: Tuple[bool, bool] = (True, True)):
     """(dSq, dSk, dYv), contiguous, given the forward's out and lse and the output gradient (out and
-    dout contiguous; sq, sk, yv as the forward took them).  ``plan``: as :func:`backward_plan`."""
+    dout contiguous; sq, sk, yv as the forward took them).  ``needs`` says whether dSq and (dSk, dYv)
+    are wanted: each comes from its own kernel, launched only then (None otherwise).  ``plan``: as
+    :func:`backward_plan`."""
     B, N, K = sq.shape
     C = yv.shape[-1]
     plan = plan or backward_plan(B, N, K, C, sq.dtype)
-    delta = torch.empty((B, N), device=sq.device, dtype=torch.float32)
-    dsq = torch.empty((B, N, K), device=sq.device, dtype=sq.dtype)
-    dsk = torch.empty_like(dsq)
-    dyv = torch.empty_like(out)
+    dsq = dsk = dyv = None
     args = (B, N, K, C)
     strides = (*row_strides(sq), *row_strides(sk), *row_strides(yv))
     flag = dot_fp32(sq.dtype)
-    # The query-major kernel first: it also computes D = rowsum(dO * O), which the key-major kernel reads.
     q, kv = plan["q"], plan["kv"]
-    _sem_bwd_q_kernel[(triton.cdiv(N, q["BLOCK_M"]), triton.cdiv(B, q.per_program))](
-        sq, sk, yv, out, dout, lse, delta, dsq, *args, q.per_program, *strides, DOT_FP32=flag, **q.launch())
-    kv_grid = (triton.cdiv(N, kv["BLOCK_N"]) * triton.cdiv(C, kv["BLOCK_C"]), triton.cdiv(B, kv.per_program))
-    _sem_bwd_kv_kernel[kv_grid](sq, sk, yv, dout, lse, delta, dsk, dyv, *args, kv.per_program, *strides,
-                                DOT_FP32=flag, **kv.launch())
+    if needs[0]:
+        # The query-major kernel first: it also computes D = rowsum(dO * O), which the key-major
+        # kernel reads.
+        delta = torch.empty((B, N), device=sq.device, dtype=torch.float32)
+        dsq = torch.empty((B, N, K), device=sq.device, dtype=sq.dtype)
+        _sem_bwd_q_kernel[(triton.cdiv(N, q["BLOCK_M"]), triton.cdiv(B, q.per_program))](
+            sq, sk, yv, out, dout, lse, delta, dsq, *args, q.per_program, *strides, DOT_FP32=flag, **q.launch())
+    else:
+        delta = (dout.float() * out.float()).sum(-1)
+    if needs[1]:
+        dsk = torch.empty((B, N, K), device=sq.device, dtype=sq.dtype)
+        dyv = torch.empty_like(out)
+        kv_grid = (triton.cdiv(N, kv["BLOCK_N"]) * triton.cdiv(C, kv["BLOCK_C"]), triton.cdiv(B, kv.per_program))
+        _sem_bwd_kv_kernel[kv_grid](sq, sk, yv, dout, lse, delta, dsk, dyv, *args, kv.per_program, *strides,
+                                    DOT_FP32=flag, **kv.launch())
     return dsq, dsk, dyv
 
 

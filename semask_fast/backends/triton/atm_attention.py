@@ -25,7 +25,7 @@ class ATMAttentionTriton(TritonImpl):
             reasons.append(f"heads={heads} (supported: 1..{MAX_HEADS}; one program reduces all heads)")
         return reasons
 
-    def forward(self, inp, seed: int):
+    def forward(self, inp, seed):
         from ...kernels import atm_attention as k
 
         q, kk, v = inp.q.contiguous(), inp.k.contiguous(), inp.v.contiguous()
@@ -35,11 +35,13 @@ class ATMAttentionTriton(TritonImpl):
     def residuals_like(self, inp):
         return (inp.q.new_empty(inp.q.shape[:3], dtype=torch.float32),)  # lse
 
-    def backward(self, inp, outputs, residuals, grad_outputs, needs, seed: int):
-        # The launcher computes every gradient (needs is not passed down yet).
+    def backward(self, inp, outputs, residuals, grad_outputs, needs, seed):
+        # dq and (dk, dv) come from separate kernels, each launched only when autograd needs it.
         from ...kernels import atm_attention as k
 
         q, kk, v = inp.q.contiguous(), inp.k.contiguous(), inp.v.contiguous()
         dout, dmask = (g.contiguous() for g in grad_outputs)
-        return k.atm_attention_backward(q, kk, v, outputs[0], residuals[0], dout, dmask, scale=inp.scale,
-                                        dropout_p=inp.dropout_p, seed=seed)
+        dq, dk, dv = k.atm_attention_backward(q, kk, v, outputs[0], residuals[0], dout, dmask, scale=inp.scale,
+                                              dropout_p=inp.dropout_p, seed=seed,
+                                              needs=(needs[0], needs[1] or needs[2]))
+        return dq, dk if needs[1] else None, dv if needs[2] else None

@@ -23,7 +23,7 @@ class SemanticAttentionTriton(TritonImpl):
             return [f"classes K={k} (supported: 1..{MAX_K}; the backward holds K in registers)"]
         return []
 
-    def forward(self, inp, seed: int):
+    def forward(self, inp, seed):
         from ...kernels.semantic_attention import semantic_attention_forward
 
         # Row-strided views (e.g. column slices of one fused q/k/v projection) are read in place.
@@ -34,9 +34,11 @@ class SemanticAttentionTriton(TritonImpl):
     def residuals_like(self, inp):
         return (inp.sq.new_empty(inp.sq.shape[:2], dtype=torch.float32),)  # lse
 
-    def backward(self, inp, outputs, residuals, grad_outputs, needs, seed: int):
-        # The launcher computes every gradient (needs is not passed down yet).
+    def backward(self, inp, outputs, residuals, grad_outputs, needs, seed):
+        # dSq and (dSk, dYv) come from separate kernels, each launched only when autograd needs it.
         from ...kernels.semantic_attention import semantic_attention_backward
 
         sq, sk, yv = unit_stride(inp.sq), unit_stride(inp.sk), unit_stride(inp.yv)
-        return semantic_attention_backward(sq, sk, yv, outputs[0], residuals[0], grad_outputs[0].contiguous())
+        dsq, dsk, dyv = semantic_attention_backward(sq, sk, yv, outputs[0], residuals[0], grad_outputs[0].contiguous(),
+                                                    needs=(needs[0], needs[1] or needs[2]))
+        return dsq, dsk if needs[1] else None, dyv if needs[2] else None
