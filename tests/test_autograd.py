@@ -227,9 +227,11 @@ def _case_id(case):
     return f"{case.op}-{case.name.split(',')[0].replace(' ', '_')}"
 
 
-#: Kernels that skip the gradients autograd does not need: every cpu kernel; Triton's but mask similarity's.
+#: Kernels that skip the gradients autograd does not need: every cpu kernel; Triton's but mask similarity's;
+#: the CUDA ATM kernels (run here by the SIMT harness).
 SKIPPING = {"cpu": None,
-            "triton": ("window_attention", "shifted_window_attention", "atm_attention", "semantic_attention")}
+            "triton": ("window_attention", "shifted_window_attention", "atm_attention", "semantic_attention"),
+            "simt": ("atm_attention",)}
 
 
 @pytest.mark.parametrize("backend", sorted(SKIPPING))

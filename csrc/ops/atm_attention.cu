@@ -894,6 +894,7 @@ void forward(const Params& p, const FwdDest<T>& dst, T* mask_logits, cudaStream_
 }
 
 template <typename T, int DP>
+// dq, or dk with dv, may be null: not wanted (autograd's needs_input_grad), its kernel not launched.
 void backward(const Params& p, const T* out, const T* dout, const T* dmask, const float* lse, float* delta, T* dq,
               T* dk, T* dv, cudaStream_t stream) {
   const int64_t rows = p.batch * p.heads * p.nq;
@@ -904,20 +905,22 @@ void backward(const Params& p, const T* out, const T* dout, const T* dmask, cons
     const size_t smem_kv = sizeof(float) * dkv_smem_floats<DP>();
     auto kv = atm_attention_dkv_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(kv, smem_kv);
-    SF_LAUNCH(kv, dim3(bh, ceil_div(p.nk, BN)), dim3(kThreads), smem_kv, stream, p, dout, dmask, lse, delta, dk, dv);
+    if (dk)
+      SF_LAUNCH(kv, dim3(bh, ceil_div(p.nk, BN)), dim3(kThreads), smem_kv, stream, p, dout, dmask, lse, delta, dk, dv);
     const size_t smem_q = sizeof(float) * dq_smem_floats<DP>();
     auto qk = atm_attention_dq_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
-    SF_LAUNCH(qk, dim3(bh, ceil_div(p.nq, BM)), dim3(kThreads), smem_q, stream, p, dout, dmask, lse, delta, dq);
+    if (dq) SF_LAUNCH(qk, dim3(bh, ceil_div(p.nq, BM)), dim3(kThreads), smem_q, stream, p, dout, dmask, lse, delta, dq);
   } else {
     const size_t smem_kv = dkv_mma_smem_bytes<DP>();
     auto kv = atm_attention_dkv_mma_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(kv, smem_kv);
-    SF_LAUNCH(kv, dim3(bh, ceil_div(p.nk, MBM)), dim3(kThreads), smem_kv, stream, p, dout, dmask, lse, delta, dk, dv);
+    if (dk)
+      SF_LAUNCH(kv, dim3(bh, ceil_div(p.nk, MBM)), dim3(kThreads), smem_kv, stream, p, dout, dmask, lse, delta, dk, dv);
     const size_t smem_q = dq_mma_smem_bytes<DP>();
     auto qk = atm_attention_dq_mma_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
-    SF_LAUNCH(qk, dim3(bh, ceil_div(p.nq, BM)), dim3(kThreads), smem_q, stream, p, dout, dmask, lse, delta, dq);
+    if (dq) SF_LAUNCH(qk, dim3(bh, ceil_div(p.nq, BM)), dim3(kThreads), smem_q, stream, p, dout, dmask, lse, delta, dq);
   }
   SF_CHECK_LAUNCH();
 }
@@ -1026,7 +1029,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
                                                            const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& v, const at::Tensor& out,
                                                            const at::Tensor& lse, double scale, double dropout_p,
-                                                           const at::Tensor& seed) {
+                                                           const at::Tensor& seed, bool need_dq, bool need_dkv) {
   Params p = make_params(q, k, v, scale, dropout_p, seed);
   SF_DEVICE_GUARD(q);
   SF_CHECK_INPUT(dout, 4);
@@ -1044,9 +1047,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
   at::Tensor delta = at::empty_like(lse);
   dispatch(q.scalar_type(), q.size(3), [&](auto tag, auto dp) {
     using T = decltype(tag);
+    // Gradients autograd does not need are returned unwritten (the caller drops them).
     backward<T, decltype(dp)::value>(p, sf::data_ptr<T>(out), sf::data_ptr<T>(dout), sf::data_ptr<T>(dmask),
-                                     lse.data_ptr<float>(), delta.data_ptr<float>(), sf::data_ptr<T>(dq),
-                                     sf::data_ptr<T>(dk), sf::data_ptr<T>(dv), sf::current_stream());
+                                     lse.data_ptr<float>(), delta.data_ptr<float>(),
+                                     need_dq ? sf::data_ptr<T>(dq) : nullptr, need_dkv ? sf::data_ptr<T>(dk) : nullptr,
+                                     need_dkv ? sf::data_ptr<T>(dv) : nullptr, sf::current_stream());
   });
   return {dq, dk, dv};
 }
@@ -1057,7 +1062,8 @@ SF_TORCH_LIBRARY_FRAGMENT(m) {
   m.def("atm_attention_forward(Tensor q, Tensor k, Tensor v, float scale, float dropout_p, Tensor seed, int splits) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("atm_attention_backward(Tensor dout, Tensor dmask_logits, Tensor q, Tensor k, Tensor v, Tensor out, "
-        "Tensor lse, float scale, float dropout_p, Tensor seed) -> (Tensor, Tensor, Tensor)");
+        "Tensor lse, float scale, float dropout_p, Tensor seed, bool need_dq, bool need_dkv) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("atm_attention_shared_memory(ScalarType dtype, int head_dim, int heads, int device) -> int[]",
         &sf_atm_attention::shared_memory);
 }

@@ -67,7 +67,7 @@ def test_atm_attention_is_race_free(dtype, splits):
     seed = torch.tensor(3)
     out, mask_logits, lse = lib.atm_attention_forward(q, k, v, d ** -0.5, 0.1, seed, splits)
     dout, dmask = torch.randn_like(out), torch.randn_like(mask_logits)
-    lib.atm_attention_backward(dout, dmask, q, k, v, out, lse, d ** -0.5, 0.1, seed)
+    lib.atm_attention_backward(dout, dmask, q, k, v, out, lse, d ** -0.5, 0.1, seed, True, True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)

@@ -112,7 +112,7 @@ class _ATMAttentionKernels:
                     f"shared memory per block ({inp.q.device} gives {limit})"]
         return []
 
-    def forward(self, inp: ATMAttentionInputs, seed: int):
+    def forward(self, inp: ATMAttentionInputs, seed):
         q, k, v = (t.contiguous() for t in (inp.q, inp.k, inp.v))
         splits = plan_splits(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.dtype, q.shape[3],
                              sms=_multiprocessors(q.device), requested=force_splits)
@@ -122,12 +122,13 @@ class _ATMAttentionKernels:
     def residuals_like(self, inp: ATMAttentionInputs):
         return (inp.q.new_empty(inp.q.shape[:3], dtype=torch.float32),)  # lse
 
-    def backward(self, inp: ATMAttentionInputs, outputs, residuals, grad_outputs, needs, seed: int):
-        # The kernels compute every gradient (needs is not passed down yet).
+    def backward(self, inp: ATMAttentionInputs, outputs, residuals, grad_outputs, needs, seed):
+        # dq and (dk, dv) come from separate kernels, each launched only when autograd needs it.
         q, k, v = (t.contiguous() for t in (inp.q, inp.k, inp.v))
         dout, dmask = (g.contiguous() for g in grad_outputs)
-        return tuple(self.library().atm_attention_backward(dout, dmask, q, k, v, outputs[0], residuals[0], inp.scale,
-                                                           inp.dropout_p, seed))
+        grads = self.library().atm_attention_backward(dout, dmask, q, k, v, outputs[0], residuals[0], inp.scale,
+                                                      inp.dropout_p, seed, needs[0], needs[1] or needs[2])
+        return tuple(g if need else None for g, need in zip(grads, needs))
 
 
 @register
