@@ -173,25 +173,13 @@ void forward_task(const Problem<T>& p, int64_t b, int i0, int nq, T* out, T* lse
       T* mh = m + size_t(h) * ld;
       T* lh = l + size_t(h) * ld;
       for (int v = 0; v < nv; ++v) {
-        // The head sum of the logits and the column max, one read of S^T; the max on four chains
-        // (one would run at the latency of vmax).
-        Vec<T> mx[4] = {vload(mh + v * L), vload(mh + v * L), vload(mh + v * L), vload(mh + v * L)};
-        int j = 0;
-        for (; j + 4 <= nk; j += 4)
-#pragma GCC unroll 4
-          for (int u = 0; u < 4; ++u) {
-            const int64_t e = int64_t(j + u) * ld + v * L;
-            const Vec<T> x = vload(st + e);
-            vstore(mt + e, h == 0 ? x : vload(mt + e) + x);
-            mx[u] = vmax<T>(mx[u], x);
-          }
-        for (; j < nk; ++j) {
+        Vec<T> m_new = vload(mh + v * L);
+        for (int j = 0; j < nk; ++j) {  // the head sum of the logits and the column max, one read of S^T
           const int64_t e = int64_t(j) * ld + v * L;
           const Vec<T> x = vload(st + e);
           vstore(mt + e, h == 0 ? x : vload(mt + e) + x);
-          mx[0] = vmax<T>(mx[0], x);
+          m_new = vmax<T>(m_new, x);
         }
-        const Vec<T> m_new = vmax<T>(vmax<T>(mx[0], mx[1]), vmax<T>(mx[2], mx[3]));
         online_softmax_block(st + v * L, ld, nk, m_new, mh + v * L, lh + v * L, alpha + v * L);
       }
       if (p.dropout_p > 0.f) {  // lanes past nq: multipliers of no element, on unused columns

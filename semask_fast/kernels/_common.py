@@ -44,13 +44,12 @@ def seed_tensor(seed, device) -> torch.Tensor:
 
 
 @triton.jit
-def load_seed(SEED, DROPOUT: tl.constexpr, VOLATILE: tl.constexpr = False):
+def load_seed(SEED, DROPOUT: tl.constexpr):
     """The dropout seed from device memory (see ``seed_tensor``), as int32: 31-bit seeds key Philox
-    as an int32 argument did.  Loaded only with dropout (0 otherwise); VOLATILE keeps the compiler
-    from hoisting a load inside a loop out of it."""
+    as an int32 argument did.  Loaded only with dropout (0 otherwise)."""
     seed = 0
     if DROPOUT:
-        seed = tl.load(SEED, volatile=VOLATILE).to(tl.int32)
+        seed = tl.load(SEED).to(tl.int32)
     return seed
 
 
