@@ -31,6 +31,19 @@ KERNEL_BACKENDS = [
 REQUIRED_BACKENDS = {b for b in os.environ.get("SEMASK_FAST_REQUIRE_BACKENDS", "").split(",") if b}
 
 
+def require_toolchain(flavour: str, backend: str) -> None:
+    """Skip (or fail, if ``backend`` is required here) when the ``flavour`` build (cuda, simt,
+    trace: see ``semask_fast._build``) has no toolchain on this machine."""
+    from semask_fast import _build
+
+    reasons = _build.toolchain_reasons(flavour)
+    if reasons:
+        msg = f"{flavour} build impossible here: " + "; ".join(reasons)
+        if backend in REQUIRED_BACKENDS:
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
 def require_backend(op: str, backend: str) -> torch.device:
     """Skip when ``backend`` has no implementation of ``op``; skip (or fail, if the
     backend is required here) when it has one that cannot run on this machine.

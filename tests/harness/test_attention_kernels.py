@@ -35,7 +35,7 @@ from semask_fast.backends import registry
 from semask_fast.backends.registry import BackendNotSupportedError
 from semask_fast.ops.atm_attention import ATMAttentionInputs
 from semask_fast.testing import assert_parity
-from tests.conftest import next_seed, require_backend
+from tests.conftest import next_seed, require_backend, require_toolchain
 
 pytestmark = pytest.mark.harness
 
@@ -455,18 +455,12 @@ def test_semantic_dyv_c_tiles_strided(layout, dtype):
         assert_parity(fn, stored, ["sq", "sk", "yv"], dtype, backend=BACKEND, op="semantic_attention")
 
 
-def _require_trace_build():
-    reasons = _build.toolchain_reasons("trace")
-    if reasons:
-        pytest.skip("; ".join(reasons))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=IDS)
 def test_semantic_backward_reads_inputs_once(dtype):
     """The backward is one launch (dSq blocks, dSk / dYv blocks) whatever the number of dYv C tiles:
     it reads Sq, Sk, Yv, dO and O once, counted by the harness tracer (unique bytes per launch), and
     writes every gradient byte once; the backward has no workspace."""
-    _require_trace_build()
+    require_toolchain("trace", "simt")
     b_, n, k, c = 1, 70, 19, 300  # three dYv C tiles
     t = _semantic_inputs(torch.Generator().manual_seed(11), b_, n, k, c)
     sq, sk, yv = (t[nm].to(dtype) for nm in ("sq", "sk", "yv"))
@@ -591,7 +585,7 @@ def test_window_fused_backward_reads_inputs_once(table, dtype):
     (unique bytes per launch): q, k, v, dO, O, lse and the table are read once, every gradient
     byte is written once, and the only workspace is the (chunks, h, table rows) partials,
     written once and read once."""
-    _require_trace_build()
+    require_toolchain("trace", "simt")
     b_, h, ws, d, shift, grid = 4, 2, (7, 7), 32, (3, 3), (2, 2)
     n, trows = ws[0] * ws[1], (2 * ws[0] - 1) * (2 * ws[1] - 1)
     g = torch.Generator().manual_seed(12)

@@ -14,19 +14,10 @@ from benchmarks import cuda_resources
 from semask_fast import _build
 from semask_fast.backends import registry
 from semask_fast.backends.cuda import SimtImpl
-from tests.conftest import REQUIRED_BACKENDS
+from tests.conftest import require_toolchain
 
 SOURCES = [p.name for p in _build.op_sources()]
 MY_OPS = ("window_partition", "window_merge", "mask_similarity")
-
-
-def _require_toolchain(flavour, backend):
-    reasons = _build.toolchain_reasons(flavour)
-    if reasons:
-        msg = f"{flavour} build impossible here: " + "; ".join(reasons)
-        if backend in REQUIRED_BACKENDS:
-            pytest.fail(msg)
-        pytest.skip(msg)
 
 
 def _schema_names(source):
@@ -46,7 +37,7 @@ def test_every_op_source_defines_forward_and_backward():
 @pytest.mark.harness
 @pytest.mark.parametrize("source", SOURCES)
 def test_simt_extension_builds_and_loads(source):
-    _require_toolchain("simt", "simt")
+    require_toolchain("simt", "simt")
     ns = _build.load("simt", source)
     for name in _schema_names(source):
         assert hasattr(ns, name), f"torch.ops.semask_fast_simt.{name} missing after loading {source}"
@@ -66,7 +57,7 @@ def _cuobjdump() -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("source", SOURCES)
 def test_nvcc_extension_builds_for_sm80_and_sm90_and_loads(source):
-    _require_toolchain("cuda", "cuda")
+    require_toolchain("cuda", "cuda")
     if torch.version.cuda is None:
         pytest.skip("torch without CUDA cannot load the nvcc extension")
     ns = _build.load("cuda", source)
@@ -96,7 +87,7 @@ def test_harness_backend_is_never_picked_automatically():
 
 
 def test_build_failure_becomes_an_availability_reason(tmp_path, monkeypatch):
-    _require_toolchain("simt", "simt")
+    require_toolchain("simt", "simt")
     src = tmp_path / "csrc"
     shutil.copytree(_build.csrc_dir() / "include", src / "include")
     shutil.copytree(_build.csrc_dir() / "harness", src / "harness")

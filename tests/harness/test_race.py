@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from semask_fast import _build
-from tests.conftest import REQUIRED_BACKENDS
+from tests.conftest import require_toolchain
 
 pytestmark = pytest.mark.harness
 
@@ -20,12 +20,7 @@ RACE = "shared-memory race"
 
 
 def _lib(source):
-    reasons = _build.toolchain_reasons("trace")
-    if reasons:
-        msg = "instrumented build impossible here: " + "; ".join(reasons)
-        if "simt" in REQUIRED_BACKENDS:
-            pytest.fail(msg)
-        pytest.skip(msg)
+    require_toolchain("trace", "simt")
     return _build.load("trace", source)
 
 

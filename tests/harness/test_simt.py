@@ -11,19 +11,14 @@ import pytest
 import torch
 
 from semask_fast import _build
-from tests.conftest import REQUIRED_BACKENDS
+from tests.conftest import require_toolchain
 
 pytestmark = pytest.mark.harness
 
 
 @pytest.fixture(scope="module")
 def simt():
-    reasons = _build.toolchain_reasons("simt")
-    if reasons:
-        msg = "SIMT harness cannot build here: " + "; ".join(reasons)
-        if "simt" in REQUIRED_BACKENDS:
-            pytest.fail(msg)
-        pytest.skip(msg)
+    require_toolchain("simt", "simt")
     return _build.load("simt", "harness/selftest.cu")
 
 

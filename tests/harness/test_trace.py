@@ -11,14 +11,14 @@ import torch
 from semask_fast import _build
 from semask_fast._traffic import harness_bytes
 from semask_fast.ops.window_process import padded_grid
+from tests.conftest import require_toolchain
 
 pytestmark = pytest.mark.harness
 
 
 @pytest.fixture(scope="module", autouse=True)
 def trace_build():
-    if _build.toolchain_reasons("trace"):
-        pytest.skip("; ".join(_build.toolchain_reasons("trace")))
+    require_toolchain("trace", "simt")
     _build.load("trace", "window_process.cu")
 
 
