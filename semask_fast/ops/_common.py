@@ -116,6 +116,12 @@ def _field_types(cls: type) -> Dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+@functools.lru_cache(maxsize=None)
+def _pair_flags(cls: type) -> Tuple[Tuple[str, bool], ...]:
+    """(name, is a pair) per field: from_args runs per call, and comparing typing objects is slow."""
+    return tuple((name, tp in _PAIR_TYPES) for name, tp in _field_types(cls).items())
+
+
 def _describe_value(v: Any) -> str:
     if isinstance(v, torch.Tensor):
         return f"{tuple(v.shape)} {str(v.dtype).replace('torch.', '')} {v.device.type}"
@@ -154,9 +160,8 @@ class OpInputs:
     @classmethod
     def from_args(cls, args: typing.Sequence[Any]) -> "OpInputs":
         """The inputs from the op's arguments (lists back to pairs)."""
-        types = cls._types()
-        return cls(**{name: tuple(v) if tp in _PAIR_TYPES and v is not None else v
-                      for (name, tp), v in zip(types.items(), args)})
+        return cls(**{name: tuple(v) if pair and v is not None else v
+                      for (name, pair), v in zip(_pair_flags(cls), args)})
 
     def args(self) -> Tuple[Any, ...]:
         return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
