@@ -76,7 +76,9 @@ struct Problem {
   // Shift mask from region ids (grid > 0), or an explicit mask (mask_windows > 0), or neither.
   int grid_h, grid_w, shift_h, shift_w;
   int mask_windows;
-  float scale, mask_value, dropout_p;
+  // Converted to the compute type where used (fp64 keeps every bit); the dropout hash compares
+  // in fp32 (as on the GPU), its multiplier 1 / (1 - p) is taken in the compute type.
+  double scale, mask_value, dropout_p;
   uint64_t seed;
   // The logits' scale in base-2 units (see Logits).
   double logit_scale() const { return scale * kLog2e<double>; }
@@ -159,7 +161,10 @@ struct Logits {
   const Problem& p;
   int np;
   int patterns = 0;
+  static constexpr size_t kReusedTileBytes = size_t(4) << 20;
   T* init = nullptr;            // (patterns, h, N, Np), or null: no bias and no mask
+  std::vector<T> owned;         // init's storage when it is not the thread's scratch
+  Logits(const Logits&) = delete;  // init may point into owned
   std::vector<int> rel;         // (N, N): table row of (i, j), indexed [j * N + i]
 
   Logits(const Problem& p_, int np_, const T* table, const T* mask) : p(p_), np(np_) {
@@ -190,9 +195,16 @@ struct Logits {
           for (int i = 0; i < n; ++i) a[size_t(j) * n + i] = T(region[i] != region[j]) * T(p.mask_value);
       }
     }
-    // In the calling thread's scratch: a fresh allocation of this size is mapped anew per call, and
-    // its first-touch page faults cost more than filling it (the tasks use slot 0).
-    init = scratch<T>(7, size_t(patterns) * heads * n * np);
+    // Up to a few MiB in the calling thread's scratch (kept between calls: a fresh allocation is
+    // mapped anew per call and its first-touch page faults cost more than filling it; the tasks
+    // use slot 0); larger (many explicit-mask windows) in memory owned by this call.
+    const size_t elems = size_t(patterns) * heads * n * np;
+    if (elems * sizeof(T) <= kReusedTileBytes) {
+      init = scratch<T>(7, elems);
+    } else {
+      owned.resize(elems);
+      init = owned.data();
+    }
     parallel_for(int64_t(patterns) * heads, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> column(table ? p.table_rows() : 0);  // the table's column of a head
       for (int64_t task = begin; task < end; ++task) {
@@ -314,9 +326,11 @@ inline T dot_row(const T* __restrict__ a, const S* __restrict__ b, int d) {
 template <typename T>
 inline void dropout_factors(T* f, const Problem& p, int np, int64_t b_, int h) {
   const uint64_t base = uint64_t((b_ * p.heads + h) * p.n) * uint64_t(p.n);
+  const T keep = T(1) / (T(1) - T(p.dropout_p));
   for (int j = 0; j < p.n; ++j)
     for (int i = 0; i < np; ++i)
-      f[size_t(j) * np + i] = i < p.n ? T(dropout_factor(p.seed, base + uint64_t(i) * p.n + j, p.dropout_p)) : T(0);
+      f[size_t(j) * np + i] =
+          i < p.n && dropout_factor(p.seed, base + uint64_t(i) * p.n + j, float(p.dropout_p)) != 0.f ? keep : T(0);
 }
 
 // Queries scored in S^T's vector lanes: all of them rounded up to whole vectors, unless only a few
@@ -716,9 +730,9 @@ void set_logit_terms(Problem& p, const std::optional<at::Tensor>& table, double 
     TORCH_CHECK(table->dim() == 2 && table->size(0) == p.table_rows() && table->size(1) == p.heads,
                 "bias_table must be (", p.table_rows(), ", ", p.heads, "), got ", table->sizes());
   }
-  p.scale = float(scale);
-  p.mask_value = float(mask_value);
-  p.dropout_p = float(dropout_p);
+  p.scale = scale;
+  p.mask_value = mask_value;
+  p.dropout_p = dropout_p;
   p.seed = uint64_t(seed);
 }
 

@@ -246,7 +246,7 @@ def test_cpu_gradcheck_float64(name, dropout_p):
     assert {b for _, b, _ in ran} == {"cpu"}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["float64", "float32", "bfloat16"])
 def test_cpu_dropout_replay(dtype):
     """The kernels' keep-mask (the GPU kernels' Philox hash, replayed in numpy) reproduces the
     forward and every gradient in the reference."""
