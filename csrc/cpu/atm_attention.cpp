@@ -38,15 +38,6 @@ constexpr int kBwdKeyBlock = 64;     // backward: keys per block (vector lanes o
 constexpr int kBwdQueryBlock = 160;  // backward: class tokens per block (rows of S)
 constexpr int64_t kBwdTasks = 16;    // backward: key ranges per batch item, at least this many tasks in all
 
-struct Blocks {
-  int count, size;
-};
-inline Blocks balanced(int n, int target) {
-  const int count = (n + target - 1) / target;
-  const int size = (n + count - 1) / count;
-  return {(n + size - 1) / size, size};
-}
-
 // Philox-4x32-10 (sf::cpu::philox, bit for bit) of kLanes<float> counters index0 + t * stride at
 // once, lane t.  AVX-512: the 32 x 32 -> 64-bit products of even and odd lanes by vpmuludq;
 // otherwise in 64-bit lanes.

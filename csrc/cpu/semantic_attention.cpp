@@ -37,16 +37,6 @@ constexpr int kBwdKeyBlock = 64;     // backward: keys per block (vector lanes o
 constexpr int kBwdQueryBlock = 64;   // backward: queries per block
 constexpr int64_t kBwdTasks = 16;    // backward: key ranges per batch item, at least this many tasks in all
 
-// n items in blocks of at most `target`, balanced: `count` blocks of `size` (the last one shorter).
-struct Blocks {
-  int count, size;
-};
-inline Blocks balanced(int n, int target) {
-  const int count = (n + target - 1) / target;
-  const int size = (n + count - 1) / count;
-  return {(n + size - 1) / size, size};
-}
-
 struct Strides {
   int64_t batch, row;
 };

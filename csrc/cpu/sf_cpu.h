@@ -468,6 +468,16 @@ inline void product(int rows, int cols, int K, const T* A, int64_t a_rs, int64_t
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// n items in blocks of at most `target`, balanced: `count` blocks of `size` (the last one shorter).
+struct Blocks {
+  int count, size;
+};
+inline Blocks balanced(int n, int target) {
+  const int count = (n + target - 1) / target;
+  const int size = (n + count - 1) / count;
+  return {(n + size - 1) / size, size};
+}
+
 // ---------------------------------------------------------------- transpose --
 // [a0 b0 a1 b1 ...] of the low halves (hi: of the high halves).
 template <typename T, size_t... I>
