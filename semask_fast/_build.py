@@ -1,6 +1,6 @@
 """Just-in-time builds of the C++/CUDA sources in ``csrc/`` (installed as ``semask_fast.csrc``).
 
-Every ``csrc/ops/<name>.cu`` is built on its own, in two flavours (and a third for measurement):
+Every ``csrc/ops/<name>.cu`` is built on its own, in two flavours (and two more as tools):
 
 * ``"simt"``: g++ compiles the ``.cu`` as C++ with ``-DSF_SIMT``, so its kernels run on CPU
   tensors in the SIMT harness (``csrc/harness/sf_simt.h``); ops appear as
@@ -11,8 +11,15 @@ Every ``csrc/ops/<name>.cu`` is built on its own, in two flavours (and a third f
   (``csrc/harness/sf_trace.h``), which counts the kernels' global-memory traffic; ops appear as
   ``torch.ops.semask_fast_trace_<name>.*`` beside ``trace_begin`` / ``trace_end``.  Used by
   ``benchmarks/traffic_cuda.py``, never by a backend.
+* ``"asan"``: the simt build under AddressSanitizer and UndefinedBehaviorSanitizer with alignment
+  checks (:data:`ASAN_CFLAGS`); the harness marks the unused tail of dynamic shared memory and
+  tells ASan which fiber stack runs (``csrc/harness/sf_simt.h``).  Any finding aborts the process
+  with the sanitizer's report.  Its ops are the simt namespace's: a process started with
+  :func:`asan_environment` (the ASan runtime preloaded, ``SEMASK_FAST_SIMT_BUILD=asan``) runs the
+  ``simt`` backend on this build instead (:func:`simt_flavour`), so the two never load together.
+  A correctness tool like simt, never chosen on its own; ``tests/harness/test_asan.py`` uses it.
 
-The native CPU kernels, ``csrc/cpu/<name>.cpp``, are a fourth flavour:
+The native CPU kernels, ``csrc/cpu/<name>.cpp``, are another flavour:
 
 * ``"cpu"``: g++ with OpenMP (``at::parallel_for``) for the instruction set of the machine it runs
   on (``-march=native``; ``SEMASK_FAST_CPU_ISA=portable`` builds for the compiler's baseline
@@ -34,6 +41,7 @@ its hash matches, see :func:`prebuilt_module`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -42,12 +50,14 @@ import shutil
 import threading
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
+from unittest import mock
 
-FLAVOURS = ("simt", "cuda", "trace", "cpu")
+FLAVOURS = ("simt", "cuda", "trace", "cpu", "asan")
 
 #: torch.ops namespace of each flavour (SF_TORCH_NS in csrc/include/sf_torch.h); the trace
 #: flavour has one per source (several traced libraries can be loaded at once).
-NAMESPACES = {"simt": "semask_fast_simt", "cuda": "semask_fast_cuda", "cpu": "semask_fast_cpu"}
+NAMESPACES = {"simt": "semask_fast_simt", "cuda": "semask_fast_cuda", "cpu": "semask_fast_cpu",
+              "asan": "semask_fast_simt"}
 
 
 def namespace(flavour: str, source: Path) -> str:
@@ -75,8 +85,15 @@ SIMT_CFLAGS = ["-O2", "-std=c++20", "-DSF_SIMT", "-fno-strict-aliasing", "-Wno-u
 #: runtime (csrc/harness/sf_trace.h defines the callbacks).  Unlike AddressSanitizer's, it keeps the
 #: store of a read-modify-write (ASan drops a check dominated by one of the same address).
 TRACE_CFLAGS = SIMT_CFLAGS + ["-DSF_TRACE", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0"]
+#: AddressSanitizer (out-of-bounds and use-after-free on the heap: tensors, dynamic shared memory,
+#: fiber stacks) and UndefinedBehaviorSanitizer with alignment checks (a vector load through a
+#: misaligned pointer, overflowing signed arithmetic, out-of-bounds indexing of a sized array such
+#: as a static shared one); -fno-sanitize-recover: the first finding aborts, so it cannot pass
+#: unnoticed.  -g1: line numbers in the reports.
+ASAN_SANITIZERS = "-fsanitize=address,undefined,alignment"
+ASAN_CFLAGS = SIMT_CFLAGS + [ASAN_SANITIZERS, "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g1"]
 #: g++ flags of the flavours compiled as C++ (the harness).
-HOST_CFLAGS = {"simt": SIMT_CFLAGS, "trace": TRACE_CFLAGS}
+HOST_CFLAGS = {"simt": SIMT_CFLAGS, "trace": TRACE_CFLAGS, "asan": ASAN_CFLAGS}
 #: g++ flags of the native CPU kernels (the instruction set is added by :func:`cpu_isa_flags`).  No
 #: -ffast-math: the kernels' exp is their own, and NaN/inf must propagate as in PyTorch.
 #: -fno-tree-loop-distribute-patterns: a row copy stays a vector loop, not a memcpy call per row.
@@ -195,8 +212,71 @@ def _flags(flavour: str) -> List[str]:
     return HOST_CFLAGS.get(flavour, CUDA_CFLAGS)
 
 
+def simt_flavour() -> str:
+    """The build the ``simt`` backend runs: ``$SEMASK_FAST_SIMT_BUILD``, ``simt`` (default) or ``asan``
+    (in a process started with :func:`asan_environment`)."""
+    flavour = os.environ.get("SEMASK_FAST_SIMT_BUILD") or "simt"
+    if flavour not in ("simt", "asan"):
+        raise ValueError(f"SEMASK_FAST_SIMT_BUILD={flavour!r} (expected simt or asan)")
+    return flavour
+
+
+def _resolve(flavour: str) -> str:
+    return simt_flavour() if flavour == "simt" else flavour
+
+
+def asan_runtime() -> Optional[Path]:
+    """The compiler's AddressSanitizer runtime (libasan), which a process must preload before it
+    can load an asan build (Python is not linked with it); None if the compiler has none."""
+    out = _compiler_output("-print-file-name=libasan.so")
+    return Path(out) if out and os.path.isabs(out) and os.path.isfile(out) else None
+
+
+def _compiler_output(*args: str) -> str:
+    import subprocess
+
+    try:
+        return subprocess.run([os.environ.get("CXX", "g++"), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def asan_runtime_loaded() -> bool:
+    """Whether this process runs with the AddressSanitizer runtime (preloaded)."""
+    import ctypes
+
+    return hasattr(ctypes.CDLL(None), "__asan_init")
+
+
+#: Sanitizer settings of an asan process: Python frees nothing at exit (leak reports would be
+#: noise); a finding exits with status 1 after its report, with a stack trace for UBSan too.
+ASAN_OPTIONS = "detect_leaks=0:halt_on_error=1"
+UBSAN_OPTIONS = "print_stacktrace=1:halt_on_error=1"
+
+
+def asan_environment(base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """Environment of a process whose ``simt`` backend runs the asan build: ``base`` (default
+    ``os.environ``) with the ASan runtime preloaded, the sanitizers' options and
+    ``SEMASK_FAST_SIMT_BUILD=asan``."""
+    runtime = asan_runtime()
+    if runtime is None:
+        raise RuntimeError("; ".join(toolchain_reasons("asan")))
+    env = dict(os.environ if base is None else base)
+    # libstdc++ right after it: ASan finds the __cxa_throw it wraps only in libraries loaded at its
+    # start, and Python does not link libstdc++ (the first C++ exception would abort the process).
+    stdcpp = _compiler_output("-print-file-name=libstdc++.so.6")
+    env["LD_PRELOAD"] = " ".join(filter(None, [str(runtime), stdcpp, env.get("LD_PRELOAD", "")]))
+    env["ASAN_OPTIONS"] = ":".join(filter(None, [ASAN_OPTIONS, env.get("ASAN_OPTIONS", "")]))
+    env["UBSAN_OPTIONS"] = ":".join(filter(None, [UBSAN_OPTIONS, env.get("UBSAN_OPTIONS", "")]))
+    env["SEMASK_FAST_SIMT_BUILD"] = "asan"
+    return env
+
+
 def toolchain_reasons(flavour: str) -> List[str]:
-    """Why ``flavour`` cannot be built on this machine ([] = it can)."""
+    """Why ``flavour`` (``simt``: the build the simt backend runs, :func:`simt_flavour`) cannot be
+    built on this machine ([] = it can)."""
+    flavour = _resolve(flavour)
     reasons = []
     if importlib.util.find_spec("ninja") is None and shutil.which("ninja") is None:
         reasons.append("ninja is not installed (pip install ninja)")
@@ -209,6 +289,8 @@ def toolchain_reasons(flavour: str) -> List[str]:
             reasons.append("no C++ compiler (g++ or $CXX) for the SIMT harness build")
         if home is None:
             reasons.append("CUDA headers (cuda_fp16.h) not found: set CUDA_HOME to a CUDA toolkit")
+        if flavour == "asan" and asan_runtime() is None:
+            reasons.append("the C++ compiler has no AddressSanitizer runtime (libasan)")
     elif flavour == "cuda":
         if home is None or not (home / "bin" / "nvcc").is_file():
             reasons.append("nvcc not found: set CUDA_HOME to a CUDA toolkit")
@@ -284,11 +366,13 @@ _files: Dict[tuple, Path] = {}
 
 
 def load(flavour: str, name: str, verbose: bool = False):
-    """Build (or reuse) and load ``name``; return the ``torch.ops`` namespace of ``flavour``.
+    """Build (or reuse) and load ``name``; return the ``torch.ops`` namespace of ``flavour``
+    (``simt``: of :func:`simt_flavour`).
 
     Raises :class:`BuildError` with the compiler's first error line; the failure is remembered
     for the process, so availability checks do not recompile.
     """
+    flavour = _resolve(flavour)
     key = (flavour, name)
     with _lock:
         if key not in _loaded:
@@ -302,30 +386,42 @@ def load(flavour: str, name: str, verbose: bool = False):
     return result
 
 
-def _build_and_load(flavour: str, name: str, verbose: bool):
-    import torch
-
+def build(flavour: str, name: str, verbose: bool = False) -> Path:
+    """Build ``name`` unless its library is built already (or prebuilt); return the library file,
+    without loading it (an asan build loads only in a process started with :func:`asan_environment`)."""
+    flavour = _resolve(flavour)
     reasons = toolchain_reasons(flavour)
     if reasons:
         raise BuildError(flavour, name, "error: " + "; ".join(reasons))
     source = source_path(name)
-    out = library_path(flavour, name)
     prebuilt = _prebuilt_library(source) if flavour == "cuda" else None
     if prebuilt is not None:
-        out = prebuilt
-    elif not _done_marker(out).is_file():
+        return prebuilt
+    out = library_path(flavour, name)
+    if not _done_marker(out).is_file():
         _compile(flavour, source, out, verbose)
         _done_marker(out).touch()
+    return out
+
+
+def _build_and_load(flavour: str, name: str, verbose: bool):
+    import torch
+
+    out = build(flavour, name, verbose)
+    if flavour == "asan" and not asan_runtime_loaded():
+        # Loading it anyway would make ASan end the process ("runtime does not come first").
+        raise BuildError(flavour, name, "error: the AddressSanitizer runtime is not loaded in this process "
+                                        "(start it with semask_fast._build.asan_environment())")
     torch.ops.load_library(str(out))
     _files[(flavour, name)] = out
-    return getattr(torch.ops, namespace(flavour, source))
+    return getattr(torch.ops, namespace(flavour, source_path(name)))
 
 
 def loaded_library(flavour: str, name: str) -> Path:
     """The file :func:`load` loaded for ``name`` (the sources may have changed since, so this is
     not necessarily :func:`library_path` of the sources now)."""
     load(flavour, name)
-    return _files[(flavour, name)]
+    return _files[(_resolve(flavour), name)]
 
 
 def _done_marker(library: Path) -> Path:
@@ -355,12 +451,19 @@ def _compile(flavour: str, source: Path, out: Path, verbose: bool) -> None:
         if flavour == "trace":
             flags.append(f"-DSF_TRACE_NS={namespace(flavour, source)}")
         sources, kwargs = [str(wrapper)], dict(extra_cflags=flags, with_cuda=False)
+        if flavour == "asan":  # the library needs the sanitizers' runtimes
+            kwargs["extra_ldflags"] = [ASAN_SANITIZERS]
     else:
         sources = [str(source)]
         kwargs = dict(extra_cflags=["-O2", "-std=c++20"], extra_cuda_cflags=list(CUDA_CFLAGS), with_cuda=True)
+    # cpp_extension.load also loads what it built; an asan library must not be loaded here (only
+    # in a process with the ASan runtime preloaded), and :func:`load` loads every flavour itself.
+    built_only = (mock.patch.object(cpp_extension, "_import_module_from_library", lambda *args: None)
+                  if flavour == "asan" else contextlib.nullcontext())
     try:
-        cpp_extension.load(name=out.stem, sources=sources, extra_include_paths=includes,
-                           build_directory=str(build_dir), is_python_module=False, verbose=verbose, **kwargs)
+        with built_only:
+            cpp_extension.load(name=out.stem, sources=sources, extra_include_paths=includes,
+                               build_directory=str(build_dir), is_python_module=False, verbose=verbose, **kwargs)
     except (RuntimeError, OSError) as e:
         raise BuildError(flavour, source.name, str(e)) from None
     if not out.is_file():

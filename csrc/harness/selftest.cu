@@ -162,6 +162,22 @@ __global__ void mma_kernel(const T* a, const T* b, const T* bt, const T* b2, con
   }
 }
 
+// Deliberate memory errors the asan build must report (tests/harness/test_asan.py); the other
+// builds never run them.  fault 0: reads one float past the end of x; 1: writes one float past the
+// launch's dynamic shared memory; 2: loads a float2 from an address aligned to 4 bytes only.
+__global__ void fault_kernel(const float* __restrict__ x, float* __restrict__ out, int n, int fault) {
+  SF_DYNAMIC_SHARED(float, tile);
+  const int t = threadIdx.x;
+  if (fault == 1) tile[n] = 0.f;
+  float v = t < n ? x[t] : 0.f;
+  if (fault == 0 && t == 0) v = x[n];
+  if (fault == 2 && t == 0) {
+    const float2 pair = *reinterpret_cast<const float2*>(x + 1);
+    v = pair.x + pair.y;
+  }
+  if (t < n) out[t] = v;
+}
+
 }  // namespace
 
 #include "sf_torch.h"
@@ -241,6 +257,17 @@ at::Tensor running_max(const at::Tensor& x, bool fence) {
   return out;
 }
 
+at::Tensor fault(const at::Tensor& x, int64_t which) {
+  SF_CHECK_INPUT(x, 1);
+  SF_CHECK_DTYPE(x, at::kFloat);
+  TORCH_CHECK(x.numel() >= 3 && x.numel() <= 1024 && x.storage_offset() == 0 && x.storage().nbytes() == x.nbytes(),
+              "fault: x must be 3..1024 floats, its whole storage");
+  at::Tensor out = at::empty_like(x);
+  const int n = int(x.numel());
+  SF_LAUNCH(fault_kernel, 1, n, n * sizeof(float), nullptr, x.data_ptr<float>(), out.data_ptr<float>(), n, int(which));
+  return out;
+}
+
 // Per thread of one 128-thread block, the sum of its share of 0..4095 and 0..dynamic/4-1.
 at::Tensor shared_memory(const at::Tensor& like, int64_t dynamic) {
   at::Tensor out = at::empty({128}, like.options().dtype(at::kFloat));
@@ -281,6 +308,7 @@ SF_TORCH_LIBRARY_FRAGMENT(m) {
   m.def("selftest_running_max(Tensor x, bool fence) -> Tensor");
   m.def("selftest_shared_memory(Tensor like, int dynamic) -> Tensor");
   m.def("selftest_mma(Tensor a, Tensor b, Tensor bt, Tensor b2, Tensor b3) -> Tensor[]");
+  m.def("selftest_fault(Tensor x, int fault) -> Tensor");
 }
 
 SF_TORCH_LIBRARY_IMPL(m) {
@@ -291,6 +319,7 @@ SF_TORCH_LIBRARY_IMPL(m) {
   m.impl("selftest_mma", &mma);
   m.impl("selftest_running_max", &running_max);
   m.impl("selftest_shared_memory", &shared_memory);
+  m.impl("selftest_fault", &fault);
 }
 
 // Ops without tensor inputs have no dispatch key to select an implementation by.

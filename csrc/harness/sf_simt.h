@@ -29,6 +29,10 @@
 //   can no longer reach (they returned, or wait at another warp operation), the launch throws
 //   std::runtime_error naming the block and the barrier.
 // - Atomics are real host atomics (blocks run concurrently on several host threads).
+// - Under AddressSanitizer (the asan build flavour) the bytes of the dynamic shared-memory buffer
+//   past the launch's size are poisoned, so a kernel reading or writing past its dynamic shared
+//   memory is reported, and every fiber switch is announced to ASan (its stack checks and
+//   unwinding need to know which stack runs).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -50,6 +54,14 @@
 
 #if !defined(__x86_64__)
 #include <ucontext.h>
+#endif
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define SF_SIMT_ASAN 1
+#else
+#define SF_SIMT_ASAN 0
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -104,6 +116,7 @@ struct Fiber {
   unsigned exchanges = 0;  // warp exchanges done: selects the buffer (double buffering)
   enum State { kReady, kAtBlockBarrier, kAtWarpBarrier, kDone } state = kReady;
   char* stack = nullptr;
+  void* asan_fake_stack = nullptr;  // ASan's fake stack of this fiber while switched out
 };
 
 struct Warp {
@@ -138,6 +151,9 @@ struct BlockRunner {
   unsigned barriers = 0;                     // __syncthreads()s the block completed
   unsigned long long block_serial = 0;       // distinct per block run on this host thread
   void* scheduler_sp = nullptr;
+  const void* scheduler_stack = nullptr;     // the host thread's stack (ASan's fiber switches)
+  size_t scheduler_stack_bytes = 0;
+  void* scheduler_fake_stack = nullptr;
 #if !defined(__x86_64__)
   ucontext_t scheduler_ctx;
 #endif
@@ -192,7 +208,10 @@ sf_simt_switch:
     .size sf_simt_switch, .-sf_simt_switch
 )");
 
+void fiber_started();
+
 inline void fiber_entry() {
+  fiber_started();
   run_fiber_body();  // never returns
 }
 
@@ -206,19 +225,58 @@ inline void prepare_fiber(Fiber& f) {
   f.sp = &slot[-8];
 }
 
-inline void switch_to_fiber(BlockRunner& r, Fiber& f) { sf_simt_switch(&r.scheduler_sp, f.sp); }
-inline void switch_to_scheduler(BlockRunner& r, Fiber& f) { sf_simt_switch(&f.sp, r.scheduler_sp); }
+inline void context_to_fiber(BlockRunner& r, Fiber& f) { sf_simt_switch(&r.scheduler_sp, f.sp); }
+inline void context_to_scheduler(BlockRunner& r, Fiber& f) { sf_simt_switch(&f.sp, r.scheduler_sp); }
 #else
+void fiber_started();
+
+inline void fiber_entry() {
+  fiber_started();
+  run_fiber_body();  // never returns
+}
+
 inline void prepare_fiber(Fiber& f) {
   getcontext(&f.ctx);
   f.ctx.uc_stack.ss_sp = f.stack;
   f.ctx.uc_stack.ss_size = kFiberStack;
   f.ctx.uc_link = nullptr;
-  makecontext(&f.ctx, &run_fiber_body, 0);
+  makecontext(&f.ctx, &fiber_entry, 0);
 }
-inline void switch_to_fiber(BlockRunner& r, Fiber& f) { swapcontext(&r.scheduler_ctx, &f.ctx); }
-inline void switch_to_scheduler(BlockRunner& r, Fiber& f) { swapcontext(&f.ctx, &r.scheduler_ctx); }
+inline void context_to_fiber(BlockRunner& r, Fiber& f) { swapcontext(&r.scheduler_ctx, &f.ctx); }
+inline void context_to_scheduler(BlockRunner& r, Fiber& f) { swapcontext(&f.ctx, &r.scheduler_ctx); }
 #endif
+
+// The switches, announced to ASan in the asan build: it checks stack accesses against the bounds
+// of the running stack and unpoisons it at [[noreturn]] calls and exceptions.  A fiber that ends
+// (kDone) has its fake stack freed (nullptr).  Its stack memory is reused by a fiber of the next
+// block, whose frames may lie where an abandoned frame (a fiber stopped by fail(), or left at a
+// barrier by a failed launch) left poisoned redzones: prepare_fiber unpoisons it.
+inline void switch_to_fiber(BlockRunner& r, Fiber& f) {
+#if SF_SIMT_ASAN
+  __sanitizer_start_switch_fiber(&r.scheduler_fake_stack, f.stack, kFiberStack);
+#endif
+  context_to_fiber(r, f);
+#if SF_SIMT_ASAN
+  __sanitizer_finish_switch_fiber(r.scheduler_fake_stack, nullptr, nullptr);
+#endif
+}
+inline void switch_to_scheduler(BlockRunner& r, Fiber& f) {
+#if SF_SIMT_ASAN
+  __sanitizer_start_switch_fiber(f.state == Fiber::kDone ? nullptr : &f.asan_fake_stack, r.scheduler_stack,
+                                 r.scheduler_stack_bytes);
+#endif
+  context_to_scheduler(r, f);
+#if SF_SIMT_ASAN
+  __sanitizer_finish_switch_fiber(f.asan_fake_stack, &r.scheduler_stack, &r.scheduler_stack_bytes);
+#endif
+}
+// First code of a fiber, on its own stack: learns the scheduler's stack (to switch back to).
+inline void fiber_started() {
+#if SF_SIMT_ASAN
+  BlockRunner& r = *tls_runner;
+  __sanitizer_finish_switch_fiber(nullptr, &r.scheduler_stack, &r.scheduler_stack_bytes);
+#endif
+}
 
 // Stop the current fiber for good with an error; the launch throws it.
 [[noreturn]] inline void fail(const std::string& msg) {
@@ -355,8 +413,15 @@ inline void setup_runner(BlockRunner& r, dim3 grid, dim3 block, size_t smem) {
     r.warps[w].lanes = lanes;
     r.warps[w].exists = lanes == kWarpSize ? 0xFFFFFFFFu : ((1u << lanes) - 1u);
   }
+#if SF_SIMT_ASAN
+  ASAN_UNPOISON_MEMORY_REGION(r.dynamic_smem.data(), r.dynamic_smem.capacity());
+#endif
   r.dynamic_smem.resize(std::max<size_t>(smem, 16));
   r.dynamic_bytes = smem;
+#if SF_SIMT_ASAN
+  // Past the launch's dynamic shared memory: a kernel's access there is an ASan finding.
+  ASAN_POISON_MEMORY_REGION(r.dynamic_smem.data() + smem, r.dynamic_smem.capacity() - smem);
+#endif
   const ArchLimit& a = arch_limit();
   r.smem_limit = a.smem;
   r.arch = a.arch;
@@ -370,7 +435,7 @@ inline void run_block(BlockRunner& r, dim3 bidx, unsigned long long seed) {
   ++r.block_serial;
   r.statics.clear();
   r.static_bytes = 0;
-  std::memset(r.dynamic_smem.data(), 0xFF, r.dynamic_smem.size());
+  std::memset(r.dynamic_smem.data(), 0xFF, r.dynamic_bytes);
   r.ready.clear();
   r.next.clear();
   for (int t = 0; t < r.nthreads; ++t) {
@@ -381,6 +446,9 @@ inline void run_block(BlockRunner& r, dim3 bidx, unsigned long long seed) {
     f.lane = t % kWarpSize;
     f.exchanges = 0;
     f.state = Fiber::kReady;
+#if SF_SIMT_ASAN
+    ASAN_UNPOISON_MEMORY_REGION(f.stack, kFiberStack);
+#endif
     prepare_fiber(f);
     r.ready.push_back(&f);
   }
