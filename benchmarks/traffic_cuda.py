@@ -127,11 +127,8 @@ def atm_case(label, B, H, NQ, NK, D, dtype=torch.float16, splits=None):
     ranges = f"{splits} key range{'s' if splits > 1 else ''}, forced" if splits else f"{planned} key ranges, planned"
 
     def run(backend):
-        previous, cuda_atm.force_splits = cuda_atm.force_splits, splits
-        try:
+        with cuda_atm.forward_splits(splits):
             return semask_fast.atm_attention(q, k, v, backend=backend)
-        finally:
-            cuda_atm.force_splits = previous
 
     return dict(name=f"atm_attention ({label}, {str(dtype)[6:]}, {ranges})", op="atm_attention",
                 source="atm_attention.cu", shape=f"B={B}, h={H}, Nq={NQ}, Nk={NK}, d={D}", run=run,

@@ -34,17 +34,17 @@ struct alignas(16) Chunk16 {
   uint32_t w[4];
 };
 
-// stage_tile of rows x [0, DP) with d columns, moving 16-byte chunks: d a multiple of 16 bytes and
-// src 16-byte aligned (the caller checks); a 16-bit tile (rows and base 16-byte aligned) stores
-// them whole.
+// stage_tile of rows x [0, DP) with d columns, rows rs elements apart, moving 16-byte chunks: d,
+// rs and src 16-byte multiples (the caller checks); a 16-bit tile (rows and base 16-byte aligned)
+// stores them whole.
 template <int DP, typename S, typename T>
-SF_DEVICE_INLINE void stage_tile_16b(S* dst, int ld, const T* src, int row0, int rows, int n, int d, int first,
-                                     int step) {
+SF_DEVICE_INLINE void stage_tile_16b(S* dst, int ld, const T* src, int64_t rs, int row0, int rows, int n, int d,
+                                     int first, int step) {
   constexpr int V = 16 / sizeof(T), CPR = DP / V;  // elements per chunk, chunks per padded row
   for (int e = first; e < rows * CPR; e += step) {
     const int r = e / CPR, t = (e % CPR) * V, row = row0 + r;
     Chunk16 c{};
-    if (row < n && t < d) c = *reinterpret_cast<const Chunk16*>(src + static_cast<int64_t>(row) * d + t);
+    if (row < n && t < d) c = *reinterpret_cast<const Chunk16*>(src + row * rs + t);
     if constexpr (std::is_same_v<S, T> && sizeof(T) == 2) {
       *reinterpret_cast<Chunk16*>(dst + r * ld + t) = c;
     } else {

@@ -3,7 +3,9 @@
 //   S_h = (q_h k_h^T) * scale;  out_h = dropout(softmax(S_h)) v_h;  M = sum_h S_h / h
 //
 // q: (B, h, Nq, d); k, v: (B, h, Nk, d); out (B, h, Nq, d); M (B, Nq, Nk) in q's
-// dtype, taken before softmax and dropout (as the official code).
+// dtype, taken before softmax and dropout (as the official code).  q, k, v (and the
+// gradients dO, dM) are read in place with any batch / head / row strides (64-bit offsets),
+// the last dim contiguous; out, M and the gradients dq, dk, dv are written contiguous.
 //
 // Forward: block (query tile of BM = 16 rows, key range, batch item) handles EVERY head of
 // that tile and range in two passes over the range (as the Triton kernel): pass 1, key tiles
@@ -50,10 +52,29 @@ constexpr int BN = 32;
 constexpr int kDqMinBlocks = 4;
 constexpr float kNegInf = -__builtin_huge_valf();
 
+// A (B, h, n, d) input read in place: batch, head and row strides in elements, the last dim
+// contiguous (e.g. q, k, v as permuted views of one fused projection: no copy on the host).
+struct Rows {
+  const void* data;
+  int64_t b, h, r;
+};
+
+// The rows of head `hd` of batch item `b` of a Rows input: base pointer and row stride.
+template <typename T>
+struct HeadRows {
+  const T* data;
+  int64_t rs;
+};
+
+template <typename T>
+SF_DEVICE_INLINE HeadRows<T> head_rows(const Rows& x, int64_t b, int64_t hd) {
+  return {static_cast<const T*>(x.data) + b * x.b + hd * x.h, x.r};
+}
+
 struct Params {
-  const void* q;
-  const void* k;
-  const void* v;
+  Rows q, k, v;
+  Rows dout;                 // backward only
+  int64_t dmask_b, dmask_r;  // backward only: dM's batch and row strides (last dim contiguous)
   int64_t batch;
   int heads, nq, nk, d;
   float scale, dropout_p;
@@ -74,22 +95,28 @@ SF_DEVICE_INLINE float dropout_factor(const Params& p, uint64_t index) {
   return sf::dropout_factor(static_cast<uint64_t>(*p.seed), p.dropout_p, p.keep_scale, index);
 }
 
-// Stage rows [row0, row0 + rows) x [0, DP) of a (n, d) matrix into dst (row stride ld, in S),
-// zero padded; the threads first, first + step, ... share the work (a warp: lane, 32; the
-// block: threadIdx.x, blockDim.x).  With p.vec (d a multiple of 16 bytes, every tensor 16-byte
-// aligned: checked by the host) 16-byte chunks (the 16-bit tiles' rows and bases are 16-byte
+// Stage rows [row0, row0 + rows) x [0, DP) of a head's (n, d) rows into dst (row stride ld, in
+// S), zero padded; the threads first, first + step, ... share the work (a warp: lane, 32; the
+// block: threadIdx.x, blockDim.x).  With p.vec (d, every stride and every base 16-byte
+// multiples: checked by the host) 16-byte chunks (the 16-bit tiles' rows and bases are 16-byte
 // aligned, see mma_ld; the fp32 tiles' padded rows are not, and take the chunks apart).
 template <typename S, typename T, int DP>
-SF_DEVICE_INLINE void stage_tile(const Params& p, S* dst, int ld, const T* src, int row0, int rows, int n, int first,
-                                 int step) {
-  if (p.vec) sf::stage_tile_16b<DP>(dst, ld, src, row0, rows, n, p.d, first, step);
-  else sf::stage_tile<S>(dst, ld, src, p.d, row0, rows, n, 0, DP, p.d, first, step);
+SF_DEVICE_INLINE void stage_tile(const Params& p, S* dst, int ld, HeadRows<T> src, int row0, int rows, int n,
+                                 int first, int step) {
+  if (p.vec) sf::stage_tile_16b<DP>(dst, ld, src.data, src.rs, row0, rows, n, p.d, first, step);
+  else sf::stage_tile<S>(dst, ld, src.data, src.rs, row0, rows, n, 0, DP, p.d, first, step);
 }
 
 // The whole (kThreads) block stages a tile.
 template <typename S, typename T, int DP>
-SF_DEVICE_INLINE void load_tile(const Params& p, S* dst, int ld, const T* src, int row0, int rows, int n) {
+SF_DEVICE_INLINE void load_tile(const Params& p, S* dst, int ld, HeadRows<T> src, int row0, int rows, int n) {
   stage_tile<S, T, DP>(p, dst, ld, src, row0, rows, n, threadIdx.x, kThreads);
+}
+
+// dM[b, i, j] of the (B, Nq, Nk) gradient, read in place.
+template <typename T>
+SF_DEVICE_INLINE float dmask_at(const Params& p, const T* dmask, int64_t b, int i, int j) {
+  return sf::to_float(dmask[b * p.dmask_b + i * p.dmask_r + j]);
 }
 
 template <int DP>
@@ -261,8 +288,8 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32, 1) atm_attention_fwd_
     for (int hd = warp; hd < p.heads; hd += W) {
       const int64_t bh = b * p.heads + hd;
       __syncwarp();  // the previous head's readers of q / k, and lane 0's row statistics, are done
-      stage_tile<float, T, DP>(p, qs, DP, static_cast<const T*>(p.q) + bh * p.nq * p.d, q0, BM, p.nq, lane, 32);
-      stage_tile<float, T, DP>(p, ks, DP + 1, static_cast<const T*>(p.k) + bh * p.nk * p.d, k0, BN, p.nk, lane, 32);
+      stage_tile<float, T, DP>(p, qs, DP, head_rows<T>(p.q, b, hd), q0, BM, p.nq, lane, 32);
+      stage_tile<float, T, DP>(p, ks, DP + 1, head_rows<T>(p.k, b, hd), k0, BN, p.nk, lane, 32);
       __syncwarp();
       for (int r = 0; r < BM; ++r) {
         const float s = dot_row<DP>(qs + r * DP, ks + lane * (DP + 1)) * p.scale;
@@ -290,14 +317,13 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32, 1) atm_attention_fwd_
   // Pass 2.
   for (int hd = warp; hd < p.heads; hd += W) {
     const int64_t bh = b * p.heads + hd;
-    const int64_t kvbase = bh * p.nk * p.d;
     __syncwarp();  // the previous head's epilogue is done with q / o
-    stage_tile<float, T, DP>(p, qs, DP, static_cast<const T*>(p.q) + bh * p.nq * p.d, q0, BM, p.nq, lane, 32);
+    stage_tile<float, T, DP>(p, qs, DP, head_rows<T>(p.q, b, hd), q0, BM, p.nq, lane, 32);
     for (int e = lane; e < BM * DP; e += 32) os[e] = 0.f;
     for (int k0 = kb; k0 < ke; k0 += BN) {
       __syncwarp();  // the previous tile's readers are done
-      stage_tile<float, T, DP>(p, ks, DP + 1, static_cast<const T*>(p.k) + kvbase, k0, BN, p.nk, lane, 32);
-      stage_tile<float, T, DP>(p, vs, DP + 1, static_cast<const T*>(p.v) + kvbase, k0, BN, p.nk, lane, 32);
+      stage_tile<float, T, DP>(p, ks, DP + 1, head_rows<T>(p.k, b, hd), k0, BN, p.nk, lane, 32);
+      stage_tile<float, T, DP>(p, vs, DP + 1, head_rows<T>(p.v, b, hd), k0, BN, p.nk, lane, 32);
       __syncwarp();
       const int j = k0 + lane;
       for (int r = 0; r < BM; ++r) {
@@ -367,8 +393,8 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32, 1)
     for (int hd = warp; hd < p.heads; hd += W) {
       const int64_t bh = b * p.heads + hd;
       __syncwarp();  // the previous head's readers of q / k, and the row statistics' writers, are done
-      stage_tile<T, T, DP>(p, qs, LD, static_cast<const T*>(p.q) + bh * p.nq * p.d, q0, BM, p.nq, lane, 32);
-      stage_tile<T, T, DP>(p, ks, LD, static_cast<const T*>(p.k) + bh * p.nk * p.d, k0, BN, p.nk, lane, 32);
+      stage_tile<T, T, DP>(p, qs, LD, head_rows<T>(p.q, b, hd), q0, BM, p.nq, lane, 32);
+      stage_tile<T, T, DP>(p, ks, LD, head_rows<T>(p.k, b, hd), k0, BN, p.nk, lane, 32);
       __syncwarp();
       uint32_t qf[KS][4];
 #pragma unroll
@@ -419,9 +445,8 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32, 1)
   // Pass 2.
   for (int hd = warp; hd < p.heads; hd += W) {
     const int64_t bh = b * p.heads + hd;
-    const int64_t kvbase = bh * p.nk * p.d;
     __syncwarp();  // the previous head's epilogue is done with q / k
-    stage_tile<T, T, DP>(p, qs, LD, static_cast<const T*>(p.q) + bh * p.nq * p.d, q0, BM, p.nq, lane, 32);
+    stage_tile<T, T, DP>(p, qs, LD, head_rows<T>(p.q, b, hd), q0, BM, p.nq, lane, 32);
     __syncwarp();
     uint32_t qf[KS][4];
 #pragma unroll
@@ -435,8 +460,8 @@ __global__ void __launch_bounds__(fwd_warps<T, DP>() * 32, 1)
 
     for (int k0 = kb; k0 < ke; k0 += BN) {
       __syncwarp();  // the previous tile's readers are done
-      stage_tile<T, T, DP>(p, ks, LD, static_cast<const T*>(p.k) + kvbase, k0, BN, p.nk, lane, 32);
-      stage_tile<T, T, DP>(p, vs, LD, static_cast<const T*>(p.v) + kvbase, k0, BN, p.nk, lane, 32);
+      stage_tile<T, T, DP>(p, ks, LD, head_rows<T>(p.k, b, hd), k0, BN, p.nk, lane, 32);
+      stage_tile<T, T, DP>(p, vs, LD, head_rows<T>(p.v, b, hd), k0, BN, p.nk, lane, 32);
       __syncwarp();
       float s[ST][4];
       logits(s, qf);
@@ -493,14 +518,16 @@ __global__ void __launch_bounds__(kThreads) atm_attention_combine_kernel(const f
 
 // --------------------------------------------------------------- backward --
 // delta for every dtype; the dK/dV and dQ kernels of this section are the fp32 (FFMA) path.
+// A warp per row (b, head, i) of B * h * Nq: out is contiguous, dO read in place.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) atm_attention_delta_kernel(const T* __restrict__ out,
-                                                                       const T* __restrict__ dout,
-                                                                       float* __restrict__ delta, int64_t rows, int d) {
+__global__ void __launch_bounds__(kThreads) atm_attention_delta_kernel(Params p, const T* __restrict__ out,
+                                                                       float* __restrict__ delta) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  if (row >= rows) return;  // whole warp leaves together
-  const float s = sf::warp_dot(out + row * d, dout + row * d, d, lane);
+  if (row >= p.batch * p.heads * p.nq) return;  // whole warp leaves together
+  const int64_t bh = row / p.nq, b = bh / p.heads;
+  const HeadRows<T> dout = head_rows<T>(p.dout, b, bh - b * p.heads);
+  const float s = sf::warp_dot(out + row * p.d, dout.data + (row - bh * p.nq) * dout.rs, p.d, lane);
   if (lane == 0) delta[row] = s;
 }
 
@@ -521,7 +548,7 @@ SF_DEVICE_INLINE Grads recompute(const Params& p, const float* qs, const float* 
   const float f = dropout_factor(p, (static_cast<uint64_t>(bh) * p.nq + i) * p.nk + j);
   const float dp = dot_row<DP>(dos + row * DP, vs + lane * (DP + 1));
   g.pd = prob * f;
-  g.ds = prob * (dp * f - delta_i) + sf::to_float(dmask[(b * p.nq + i) * p.nk + j]) * p.inv_heads;
+  g.ds = prob * (dp * f - delta_i) + dmask_at(p, dmask, b, i, j) * p.inv_heads;
   return g;
 }
 
@@ -532,8 +559,7 @@ SF_HOST_DEVICE constexpr int dkv_smem_floats() {
 
 // grid (B * h, ceil(Nk / BN)).
 template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) atm_attention_dkv_kernel(Params p, const T* __restrict__ dout,
-                                                                     const T* __restrict__ dmask,
+__global__ void __launch_bounds__(kThreads) atm_attention_dkv_kernel(Params p, const T* __restrict__ dmask,
                                                                      const float* __restrict__ lse,
                                                                      const float* __restrict__ delta,
                                                                      T* __restrict__ dk, T* __restrict__ dv) {
@@ -549,10 +575,11 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dkv_kernel(Params p, c
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t bh = blockIdx.x, b = blockIdx.x / static_cast<unsigned>(p.heads);  // 32-bit division
+  const int64_t hd = bh - b * p.heads;
   const int k0 = blockIdx.y * BN;
-  const int64_t qbase = bh * p.nq * p.d, kbase = bh * p.nk * p.d;
-  load_tile<float, T, DP>(p, ks, DP + 1, static_cast<const T*>(p.k) + kbase, k0, BN, p.nk);
-  load_tile<float, T, DP>(p, vs, DP + 1, static_cast<const T*>(p.v) + kbase, k0, BN, p.nk);
+  const int64_t kbase = bh * p.nk * p.d;  // dk, dv: contiguous
+  load_tile<float, T, DP>(p, ks, DP + 1, head_rows<T>(p.k, b, hd), k0, BN, p.nk);
+  load_tile<float, T, DP>(p, vs, DP + 1, head_rows<T>(p.v, b, hd), k0, BN, p.nk);
 
   constexpr int C = DP / 32;
   constexpr int KPW = BN / kWarps;
@@ -565,8 +592,8 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dkv_kernel(Params p, c
   const int j = k0 + lane;
   for (int q0 = 0; q0 < p.nq; q0 += BM) {
     __syncthreads();
-    load_tile<float, T, DP>(p, qs, DP, static_cast<const T*>(p.q) + qbase, q0, BM, p.nq);
-    load_tile<float, T, DP>(p, dos, DP, dout + qbase, q0, BM, p.nq);
+    load_tile<float, T, DP>(p, qs, DP, head_rows<T>(p.q, b, hd), q0, BM, p.nq);
+    load_tile<float, T, DP>(p, dos, DP, head_rows<T>(p.dout, b, hd), q0, BM, p.nq);
     for (int e = threadIdx.x; e < BM; e += kThreads) {
       const bool ok = q0 + e < p.nq;
       lses[e] = ok ? lse[bh * p.nq + q0 + e] : 0.f;
@@ -616,8 +643,7 @@ SF_HOST_DEVICE constexpr int dq_smem_floats() {
 
 // grid (B * h, ceil(Nq / BM)).
 template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads, kDqMinBlocks) atm_attention_dq_kernel(Params p, const T* __restrict__ dout,
-                                                                    const T* __restrict__ dmask,
+__global__ void __launch_bounds__(kThreads, kDqMinBlocks) atm_attention_dq_kernel(Params p, const T* __restrict__ dmask,
                                                                     const float* __restrict__ lse,
                                                                     const float* __restrict__ delta,
                                                                     T* __restrict__ dq) {
@@ -631,10 +657,11 @@ __global__ void __launch_bounds__(kThreads, kDqMinBlocks) atm_attention_dq_kerne
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t bh = blockIdx.x, b = blockIdx.x / static_cast<unsigned>(p.heads);  // 32-bit division
+  const int64_t hd = bh - b * p.heads;
   const int q0 = blockIdx.y * BM;
-  const int64_t qbase = bh * p.nq * p.d, kbase = bh * p.nk * p.d;
-  load_tile<float, T, DP>(p, qs, DP, static_cast<const T*>(p.q) + qbase, q0, BM, p.nq);
-  load_tile<float, T, DP>(p, dos, DP, dout + qbase, q0, BM, p.nq);
+  const int64_t qbase = bh * p.nq * p.d;  // dq: contiguous
+  load_tile<float, T, DP>(p, qs, DP, head_rows<T>(p.q, b, hd), q0, BM, p.nq);
+  load_tile<float, T, DP>(p, dos, DP, head_rows<T>(p.dout, b, hd), q0, BM, p.nq);
   for (int e = threadIdx.x; e < BM; e += kThreads) {
     const bool ok = q0 + e < p.nq;
     lses[e] = ok ? lse[bh * p.nq + q0 + e] : 0.f;
@@ -649,8 +676,8 @@ __global__ void __launch_bounds__(kThreads, kDqMinBlocks) atm_attention_dq_kerne
 
   for (int k0 = 0; k0 < p.nk; k0 += BN) {
     __syncthreads();
-    load_tile<float, T, DP>(p, ks, DP + 1, static_cast<const T*>(p.k) + kbase, k0, BN, p.nk);
-    load_tile<float, T, DP>(p, vs, DP + 1, static_cast<const T*>(p.v) + kbase, k0, BN, p.nk);
+    load_tile<float, T, DP>(p, ks, DP + 1, head_rows<T>(p.k, b, hd), k0, BN, p.nk);
+    load_tile<float, T, DP>(p, vs, DP + 1, head_rows<T>(p.v, b, hd), k0, BN, p.nk);
     __syncthreads();
     const int j = k0 + lane;
 #pragma unroll
@@ -699,8 +726,7 @@ SF_HOST_DEVICE constexpr int dq_mma_smem_bytes() {
 // grid (B * h, ceil(Nk / MBM)): dV = P^T dO and dK = dS^T q * scale for the block's keys,
 // looping over query tiles (S^T = k q^T and dP^T = v dO^T: the keys are the rows).
 template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) atm_attention_dkv_mma_kernel(Params p, const T* __restrict__ dout,
-                                                                         const T* __restrict__ dmask,
+__global__ void __launch_bounds__(kThreads) atm_attention_dkv_mma_kernel(Params p, const T* __restrict__ dmask,
                                                                          const float* __restrict__ lse,
                                                                          const float* __restrict__ delta,
                                                                          T* __restrict__ dk, T* __restrict__ dv) {
@@ -717,10 +743,11 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dkv_mma_kernel(Params 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, t4 = lane & 3;
   const int64_t bh = blockIdx.x, b = blockIdx.x / static_cast<unsigned>(p.heads);  // 32-bit division
+  const int64_t hd = bh - b * p.heads;
   const int k0 = blockIdx.y * MBM;
-  const int64_t qbase = bh * p.nq * p.d, kbase = bh * p.nk * p.d;
-  load_tile<T, T, DP>(p, ks, LD, static_cast<const T*>(p.k) + kbase, k0, MBM, p.nk);
-  load_tile<T, T, DP>(p, vs, LD, static_cast<const T*>(p.v) + kbase, k0, MBM, p.nk);
+  const int64_t kbase = bh * p.nk * p.d;  // dk, dv: contiguous
+  load_tile<T, T, DP>(p, ks, LD, head_rows<T>(p.k, b, hd), k0, MBM, p.nk);
+  load_tile<T, T, DP>(p, vs, LD, head_rows<T>(p.v, b, hd), k0, MBM, p.nk);
   int keys[2];
 #pragma unroll
   for (int h2 = 0; h2 < 2; ++h2) keys[h2] = k0 + warp * 16 + g + 8 * h2;
@@ -732,8 +759,8 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dkv_mma_kernel(Params 
 
   for (int q0 = 0; q0 < p.nq; q0 += MBN) {
     __syncthreads();  // the previous tile's readers are done
-    load_tile<T, T, DP>(p, qs, LD, static_cast<const T*>(p.q) + qbase, q0, MBN, p.nq);
-    load_tile<T, T, DP>(p, dos, LD, dout + qbase, q0, MBN, p.nq);
+    load_tile<T, T, DP>(p, qs, LD, head_rows<T>(p.q, b, hd), q0, MBN, p.nq);
+    load_tile<T, T, DP>(p, dos, LD, head_rows<T>(p.dout, b, hd), q0, MBN, p.nq);
     for (int e = threadIdx.x; e < MBN; e += kThreads) {
       const bool ok = q0 + e < p.nq;
       lses[e] = ok ? lse[bh * p.nq + q0 + e] : 0.f;
@@ -755,7 +782,7 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dkv_mma_kernel(Params 
           const float prob = __expf(pt[t][e] * p.scale - lses[col]);
           const float f = dropout_factor(p, (static_cast<uint64_t>(bh) * p.nq + i) * p.nk + j);
           pd = prob * f;
-          ds = prob * (dst[t][e] * f - deltas[col]) + sf::to_float(dmask[(b * p.nq + i) * p.nk + j]) * p.inv_heads;
+          ds = prob * (dst[t][e] * f - deltas[col]) + dmask_at(p, dmask, b, i, j) * p.inv_heads;
         }
         pt[t][e] = pd;
         dst[t][e] = ds;
@@ -784,8 +811,7 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dkv_mma_kernel(Params 
 // k and v tiles, and their dQ partials are added in warp order at the end (deterministic):
 // 16-row blocks keep the grid large for SegViT's 150 class tokens.
 template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) atm_attention_dq_mma_kernel(Params p, const T* __restrict__ dout,
-                                                                        const T* __restrict__ dmask,
+__global__ void __launch_bounds__(kThreads) atm_attention_dq_mma_kernel(Params p, const T* __restrict__ dmask,
                                                                         const float* __restrict__ lse,
                                                                         const float* __restrict__ delta,
                                                                         T* __restrict__ dq) {
@@ -801,10 +827,11 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dq_mma_kernel(Params p
 
   const int g = lane >> 2, t4 = lane & 3;
   const int64_t bh = blockIdx.x, b = blockIdx.x / static_cast<unsigned>(p.heads);  // 32-bit division
+  const int64_t hd = bh - b * p.heads;
   const int q0 = blockIdx.y * BM;
-  const int64_t qbase = bh * p.nq * p.d, kbase = bh * p.nk * p.d;
-  load_tile<T, T, DP>(p, qs, LD, static_cast<const T*>(p.q) + qbase, q0, BM, p.nq);
-  load_tile<T, T, DP>(p, dos, LD, dout + qbase, q0, BM, p.nq);
+  const int64_t qbase = bh * p.nq * p.d;  // dq: contiguous
+  load_tile<T, T, DP>(p, qs, LD, head_rows<T>(p.q, b, hd), q0, BM, p.nq);
+  load_tile<T, T, DP>(p, dos, LD, head_rows<T>(p.dout, b, hd), q0, BM, p.nq);
   __syncthreads();
   uint32_t qf[KS][4], df[KS][4];
 #pragma unroll
@@ -829,8 +856,8 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dq_mma_kernel(Params p
 
   for (int k0 = warp * MBN; k0 < p.nk; k0 += kWarps * MBN) {
     __syncwarp();  // the previous tile's readers are done
-    stage_tile<T, T, DP>(p, ks, LD, static_cast<const T*>(p.k) + kbase, k0, MBN, p.nk, lane, 32);
-    stage_tile<T, T, DP>(p, vs, LD, static_cast<const T*>(p.v) + kbase, k0, MBN, p.nk, lane, 32);
+    stage_tile<T, T, DP>(p, ks, LD, head_rows<T>(p.k, b, hd), k0, MBN, p.nk, lane, 32);
+    stage_tile<T, T, DP>(p, vs, LD, head_rows<T>(p.v, b, hd), k0, MBN, p.nk, lane, 32);
     __syncwarp();
     float s[ST][4], dp[ST][4];
     sf::zero_acc<ST>(s);
@@ -845,7 +872,7 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dq_mma_kernel(Params p
         if (i < p.nq && j < p.nk) {
           const float prob = __expf(s[t][e] * p.scale - lse_r[h2]);
           const float f = dropout_factor(p, (static_cast<uint64_t>(bh) * p.nq + i) * p.nk + j);
-          ds = prob * (dp[t][e] * f - delta_r[h2]) + sf::to_float(dmask[(b * p.nq + i) * p.nk + j]) * p.inv_heads;
+          ds = prob * (dp[t][e] * f - delta_r[h2]) + dmask_at(p, dmask, b, i, j) * p.inv_heads;
         }
         s[t][e] = ds;
       }
@@ -895,32 +922,31 @@ void forward(const Params& p, const FwdDest<T>& dst, T* mask_logits, cudaStream_
 
 template <typename T, int DP>
 // dq, or dk with dv, may be null: not wanted (autograd's needs_input_grad), its kernel not launched.
-void backward(const Params& p, const T* out, const T* dout, const T* dmask, const float* lse, float* delta, T* dq,
-              T* dk, T* dv, cudaStream_t stream) {
+void backward(const Params& p, const T* out, const T* dmask, const float* lse, float* delta, T* dq, T* dk, T* dv,
+              cudaStream_t stream) {
   const int64_t rows = p.batch * p.heads * p.nq;
-  SF_LAUNCH(atm_attention_delta_kernel<T>, dim3(ceil_div(rows, kWarps)), dim3(kThreads), 0, stream, out, dout, delta,
-            rows, p.d);
+  SF_LAUNCH(atm_attention_delta_kernel<T>, dim3(ceil_div(rows, kWarps)), dim3(kThreads), 0, stream, p, out, delta);
   const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
   if constexpr (std::is_same_v<T, float>) {
     const size_t smem_kv = sizeof(float) * dkv_smem_floats<DP>();
     auto kv = atm_attention_dkv_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(kv, smem_kv);
     if (dk)
-      SF_LAUNCH(kv, dim3(bh, ceil_div(p.nk, BN)), dim3(kThreads), smem_kv, stream, p, dout, dmask, lse, delta, dk, dv);
+      SF_LAUNCH(kv, dim3(bh, ceil_div(p.nk, BN)), dim3(kThreads), smem_kv, stream, p, dmask, lse, delta, dk, dv);
     const size_t smem_q = sizeof(float) * dq_smem_floats<DP>();
     auto qk = atm_attention_dq_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
-    if (dq) SF_LAUNCH(qk, dim3(bh, ceil_div(p.nq, BM)), dim3(kThreads), smem_q, stream, p, dout, dmask, lse, delta, dq);
+    if (dq) SF_LAUNCH(qk, dim3(bh, ceil_div(p.nq, BM)), dim3(kThreads), smem_q, stream, p, dmask, lse, delta, dq);
   } else {
     const size_t smem_kv = dkv_mma_smem_bytes<DP>();
     auto kv = atm_attention_dkv_mma_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(kv, smem_kv);
     if (dk)
-      SF_LAUNCH(kv, dim3(bh, ceil_div(p.nk, MBM)), dim3(kThreads), smem_kv, stream, p, dout, dmask, lse, delta, dk, dv);
+      SF_LAUNCH(kv, dim3(bh, ceil_div(p.nk, MBM)), dim3(kThreads), smem_kv, stream, p, dmask, lse, delta, dk, dv);
     const size_t smem_q = dq_mma_smem_bytes<DP>();
     auto qk = atm_attention_dq_mma_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
-    if (dq) SF_LAUNCH(qk, dim3(bh, ceil_div(p.nq, BM)), dim3(kThreads), smem_q, stream, p, dout, dmask, lse, delta, dq);
+    if (dq) SF_LAUNCH(qk, dim3(bh, ceil_div(p.nq, BM)), dim3(kThreads), smem_q, stream, p, dmask, lse, delta, dq);
   }
   SF_CHECK_LAUNCH();
 }
@@ -958,15 +984,31 @@ std::vector<int64_t> shared_memory(at::ScalarType dtype, int64_t head_dim, int64
   return {need, sf::shared_memory_per_block(device)};
 }
 
-// stage_tile's 16-byte chunks need whole chunks per row and 16-byte aligned tensors (a
-// contiguous view with a storage offset may not be).
-inline bool chunk_aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+// Inputs are read in place with any strides but the last (q, k, v, dO: (B, h, n, d); dM: (B, Nq,
+// Nk)), e.g. permuted views of one fused projection; the host copies only a non-unit last stride.
+#define SF_CHECK_ROWS(t, n)                                                                                        \
+  SF_CHECK_DEVICE(t);                                                                                              \
+  SF_CHECK_DIM(t, n);                                                                                              \
+  TORCH_CHECK((t).size((n) - 1) == 1 || (t).stride((n) - 1) == 1, "atm_attention: " #t " must have a contiguous " \
+              "last dim (other strides are free), got strides ", (t).strides())
+
+inline Rows rows_of(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
+
+// stage_tile's 16-byte chunks need whole chunks per row and 16-byte aligned rows: the base and
+// every stride of a dim with more than one index a 16-byte multiple (a view with a storage
+// offset, or a slice of odd width, may not be).
+inline bool chunk_aligned(const at::Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int64_t dim = 0; dim + 1 < t.dim(); ++dim)
+    if (t.size(dim) > 1 && (t.stride(dim) * t.element_size()) % 16 != 0) return false;
+  return true;
+}
 
 Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, double dropout_p,
                    const at::Tensor& seed) {
-  SF_CHECK_INPUT(q, 4);
-  SF_CHECK_INPUT(k, 4);
-  SF_CHECK_INPUT(v, 4);
+  SF_CHECK_ROWS(q, 4);
+  SF_CHECK_ROWS(k, 4);
+  SF_CHECK_ROWS(v, 4);
   SF_CHECK_FLOAT(q);
   SF_CHECK_SAME_DTYPE(k, q);
   SF_CHECK_SAME_DTYPE(v, q);
@@ -975,9 +1017,9 @@ Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
               "atm_attention: k must be (B, h, Nk, d) matching q");
   TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 128, "atm_attention: head_dim must be in 1..128, got ", q.size(3));
   Params p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
+  p.q = rows_of(q);
+  p.k = rows_of(k);
+  p.v = rows_of(v);
   p.batch = q.size(0);
   p.heads = static_cast<int>(q.size(1));
   p.nq = static_cast<int>(q.size(2));
@@ -1006,7 +1048,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& q, c
   p.splits = static_cast<int>(splits);
   p.split_keys = static_cast<int>(per_split * BN);
   SF_DEVICE_GUARD(q);
-  at::Tensor out = at::empty_like(q);
+  at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous whatever q's strides
   at::Tensor mask_logits = at::empty({q.size(0), q.size(2), k.size(2)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   at::Tensor part_o, part_lse;
@@ -1032,8 +1074,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
                                                            const at::Tensor& seed, bool need_dq, bool need_dkv) {
   Params p = make_params(q, k, v, scale, dropout_p, seed);
   SF_DEVICE_GUARD(q);
-  SF_CHECK_INPUT(dout, 4);
-  SF_CHECK_INPUT(dmask, 3);
+  SF_CHECK_ROWS(dout, 4);
+  SF_CHECK_ROWS(dmask, 3);
   SF_CHECK_INPUT(out, 4);
   SF_CHECK_INPUT(lse, 3);
   SF_CHECK_SAME_DTYPE(dout, q);
@@ -1042,16 +1084,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "atm_attention: dout/out must match q");
   TORCH_CHECK(dmask.size(0) == q.size(0) && dmask.size(1) == q.size(2) && dmask.size(2) == k.size(2),
               "atm_attention: dmask must be (B, Nq, Nk)");
+  p.dout = rows_of(dout);
+  p.dmask_b = dmask.stride(0);
+  p.dmask_r = dmask.stride(1);
   p.vec = p.vec && chunk_aligned(dout);
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  // Contiguous gradients whatever the inputs' strides.
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
   at::Tensor delta = at::empty_like(lse);
   dispatch(q.scalar_type(), q.size(3), [&](auto tag, auto dp) {
     using T = decltype(tag);
     // Gradients autograd does not need are returned unwritten (the caller drops them).
-    backward<T, decltype(dp)::value>(p, sf::data_ptr<T>(out), sf::data_ptr<T>(dout), sf::data_ptr<T>(dmask),
-                                     lse.data_ptr<float>(), delta.data_ptr<float>(),
-                                     need_dq ? sf::data_ptr<T>(dq) : nullptr, need_dkv ? sf::data_ptr<T>(dk) : nullptr,
-                                     need_dkv ? sf::data_ptr<T>(dv) : nullptr, sf::current_stream());
+    backward<T, decltype(dp)::value>(p, sf::data_ptr<T>(out), sf::data_ptr<T>(dmask), lse.data_ptr<float>(),
+                                     delta.data_ptr<float>(), need_dq ? sf::data_ptr<T>(dq) : nullptr,
+                                     need_dkv ? sf::data_ptr<T>(dk) : nullptr, need_dkv ? sf::data_ptr<T>(dv) : nullptr,
+                                     sf::current_stream());
   });
   return {dq, dk, dv};
 }

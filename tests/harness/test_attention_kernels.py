@@ -14,7 +14,10 @@ backend (``pytest -k harness``).  This file adds what they do not cover:
 * the reasons the backends give for inputs they do not serve;
 * the ATM forward's key ranges: the roofline plan, forced counts (one range over 1600
   keys, a partial last range, a count normalised so no range is empty, idle warps, 64
-  heads), dropout, bitwise reproducibility.
+  heads; ``forward_splits`` scoped to its block and thread), dropout, bitwise
+  reproducibility;
+* ATM q, k, v as permuted / sliced views of projections and dO, dM as transposed views:
+  read in place (no copy reaches the library), outputs and every gradient at parity.
 
 Every parity check goes through ``assert_parity`` (float64 reference, and the
 ``simt`` backend must have run forward and backward).  bf16 and fp16 run the same
@@ -22,6 +25,7 @@ kernel code as on a GPU (fp32 accumulation of the FFMA path); nothing is upcast
 for the harness.
 """
 
+import concurrent.futures
 import functools
 
 import numpy as np
@@ -256,11 +260,35 @@ def test_reasons_for_unsupported_inputs():
 
 # ------------------------------------------------ ATM forward key splits --
 # The ATM forward runs a block per 16 class tokens x key range x batch item (all heads, two
-# passes over the range); several ranges are merged by a combine kernel.  `force_splits`
-# replaces the roofline plan.
+# passes over the range); several ranges are merged by a combine kernel.  `forward_splits(n)`
+# replaces the roofline plan within its block.
 def _atm_inputs(b, h, nq, nk, d, seed):
     g = torch.Generator().manual_seed(seed)
     return {"q": _randn(g, b, h, nq, d), "k": _randn(g, b, h, nk, d), "v": _randn(g, b, h, nk, d)}
+
+
+def _spy_atm_library(monkeypatch):
+    """Record what reaches the harness library's ATM kernels (tensors as passed, the forward's key
+    ranges) while still running them; returns the list of calls."""
+    impl = registry.implementation("atm_attention", BACKEND)
+    lib = impl.library()
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+        def atm_attention_forward(self, q, k, v, scale, dropout_p, seed, splits):
+            calls.append({"call": "forward", "q": q, "k": k, "v": v, "splits": splits})
+            return lib.atm_attention_forward(q, k, v, scale, dropout_p, seed, splits)
+
+        def atm_attention_backward(self, dout, dmask, q, k, v, *rest):
+            calls.append({"call": "backward", "dout": dout, "dmask": dmask, "q": q, "k": k, "v": v})
+            return lib.atm_attention_backward(dout, dmask, q, k, v, *rest)
+
+    spy = Spy()
+    monkeypatch.setattr(impl, "library", lambda: spy)
+    return calls
 
 
 def test_atm_split_plan():
@@ -335,17 +363,18 @@ def test_atm_forced_splits(monkeypatch, name, dtype):
     shape, forced, runs = ATM_SPLIT_CASES[name]
     b, h, nq, nk, d = shape
     assert mod.plan_splits(b, h, nq, nk, dtype, d, sms=1, requested=forced) == runs
-    monkeypatch.setattr(mod, "force_splits", forced)
-    assert_parity(semask_fast.atm_attention, _atm_inputs(*shape, seed=7), ["q", "k", "v"], dtype, backend=BACKEND,
-                  op="atm_attention")
+    calls = _spy_atm_library(monkeypatch)
+    with mod.forward_splits(forced):
+        assert_parity(semask_fast.atm_attention, _atm_inputs(*shape, seed=7), ["q", "k", "v"], dtype, backend=BACKEND,
+                      op="atm_attention")
+    assert {c["splits"] for c in calls if c["call"] == "forward"} == {runs}
 
 
 @pytest.mark.parametrize("forced", [1, 3])
-def test_atm_dropout_replay_splits(monkeypatch, forced):
+def test_atm_dropout_replay_splits(forced):
     require_backend("atm_attention", BACKEND)
     wa, mod = _cuda_module("window_attention"), _cuda_module("atm_attention")
     b, h, nq, nk, d, p = 1, 4, 18, 90, 32, 0.2
-    monkeypatch.setattr(mod, "force_splits", forced)
     t = _atm_inputs(b, h, nq, nk, d, seed=8)
     torch.manual_seed(13)
     keep = wa.dropout_keep(next_seed("simt", "atm_attention"), (b, h, nq, nk), p)
@@ -356,7 +385,8 @@ def test_atm_dropout_replay_splits(monkeypatch, forced):
         torch.manual_seed(13)
         return semask_fast.atm_attention(**kw, dropout_p=p, backend=backend)
 
-    assert_parity(fn, t, ["q", "k", "v"], torch.float16, backend=BACKEND, op="atm_attention")
+    with mod.forward_splits(forced):
+        assert_parity(fn, t, ["q", "k", "v"], torch.float16, backend=BACKEND, op="atm_attention")
 
 
 @pytest.mark.parametrize("forced", [1, 3])
@@ -366,17 +396,100 @@ def test_atm_bitwise_reproducible(monkeypatch, dtype, forced):
     head sum (warps in order) and the dQ partials are added in a fixed order, whatever the
     thread order and host threads."""
     require_backend("atm_attention", BACKEND)
-    monkeypatch.setattr(_cuda_module("atm_attention"), "force_splits", forced)
     base = {n: x.to(dtype) for n, x in _atm_inputs(2, 9, 21, 200, 32, seed=9).items()}
     runs = []
     for seed, threads in (("0", "1"), ("5", "3")):
         monkeypatch.setenv("SF_SIMT_SEED", seed)
         monkeypatch.setenv("SF_SIMT_THREADS", threads)
         t = {n: x.clone().requires_grad_() for n, x in base.items()}
-        out, m = semask_fast.atm_attention(t["q"], t["k"], t["v"], backend=BACKEND)
+        with _cuda_module("atm_attention").forward_splits(forced):
+            out, m = semask_fast.atm_attention(t["q"], t["k"], t["v"], backend=BACKEND)
         (out.float().sum() + m.float().square().sum()).backward()
         runs.append([out, m] + [t[n].grad for n in ("q", "k", "v")])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_atm_forward_splits_is_scoped(monkeypatch):
+    """forward_splits holds inside its block only, nests, and does not reach other threads."""
+    require_backend("atm_attention", BACKEND)
+    mod = _cuda_module("atm_attention")
+    calls = _spy_atm_library(monkeypatch)
+    q, k, v = (x.float() for x in _atm_inputs(1, 2, 16, 300, 16, seed=3).values())  # 10 key tiles
+    planned = mod.plan_splits(1, 2, 16, 300, torch.float32, 16, sms=mod.HARNESS_MULTIPROCESSORS)
+    assert planned not in (2, 3)
+
+    def splits_run():
+        semask_fast.atm_attention(q, k, v, backend=BACKEND)
+        return calls[-1]["splits"]
+
+    with mod.forward_splits(3):
+        assert splits_run() == 3
+        with mod.forward_splits(2):
+            assert splits_run() == 2
+        assert splits_run() == 3
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            assert pool.submit(splits_run).result() == planned
+    assert splits_run() == planned
+
+
+# (B, heads, Nq, Nk, head_dim) and how q, k, v are cut from projections.  The kernels read them in
+# place (batch, head and row strides; 16-byte chunks where every stride allows, else elements).
+ATM_VIEW_CASES = {
+    # One fused (B, N, 3, h, d) projection permuted to (B, h, N, d): chunked loads.
+    "fused-qkv": (2, 3, 40, 40, 32),
+    # SegViT's ATM layer: q from the class tokens' (B, Nq, h, d), k and v from one fused (B, Nk, 2, h, d).
+    "segvit-q-and-kv": (2, 3, 19, 70, 32),
+    # Heads cut from a wider buffer (head_dim 13 of 15): odd row strides, element loads.
+    "sliced-heads": (2, 3, 18, 45, 13),
+}
+
+
+def _atm_views(name, fused):
+    """q, k, v as views of the case's projection tensors (no copy)."""
+    if name == "fused-qkv":
+        return fused["qkv"].permute(2, 0, 3, 1, 4).unbind(0)
+    if name == "segvit-q-and-kv":
+        return (fused["q"].transpose(1, 2), *fused["kv"].permute(2, 0, 3, 1, 4).unbind(0))
+    return tuple(fused[n][..., :13] for n in ("q", "k", "v"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name", list(ATM_VIEW_CASES))
+def test_atm_strided_views_read_in_place(monkeypatch, name, dtype):
+    """q, k, v as permuted / sliced views of projections, dO and dM as transposed views (the outputs
+    are used transposed, as SegViT does): parity with the reference for both outputs and every
+    gradient, and what reaches the library is the views themselves (same storage, same strides),
+    not contiguous copies."""
+    require_backend("atm_attention", BACKEND)
+    b, h, nq, nk, d = ATM_VIEW_CASES[name]
+    g = torch.Generator().manual_seed(14)
+    fused = {"fused-qkv": {"qkv": _randn(g, b, nq, 3, h, d)},
+             "segvit-q-and-kv": {"q": _randn(g, b, nq, h, d), "kv": _randn(g, b, nk, 2, h, d)},
+             "sliced-heads": {"q": _randn(g, b, h, nq, 15), "k": _randn(g, b, h, nk, 15),
+                              "v": _randn(g, b, h, nk, 15)}}[name]
+    calls = _spy_atm_library(monkeypatch)
+    seen = []
+
+    def fn(backend, **tensors):
+        q, k, v = _atm_views(name, tensors)
+        if backend == BACKEND:
+            seen.append((tensors, (q, k, v)))
+        out, mask_logits = semask_fast.atm_attention(q, k, v, backend=backend)
+        return out.transpose(1, 2), mask_logits.transpose(0, 1)
+
+    assert_parity(fn, fused, list(fused), dtype, backend=BACKEND, op="atm_attention")
+    (tensors, views), = seen
+    forward, backward = calls
+    assert forward["call"] == "forward" and backward["call"] == "backward"
+    storages = {t.untyped_storage().data_ptr() for t in tensors.values()}
+    for call in (forward, backward):
+        for n, view in zip("qkv", views):
+            assert not view.is_contiguous()
+            assert call[n].untyped_storage().data_ptr() in storages, f"{call['call']}: {n} was copied"
+            assert (call[n].data_ptr(), call[n].stride()) == (view.data_ptr(), view.stride()), n
+    # Gradients of the transposed outputs arrive transposed: read in place as well.
+    assert backward["dout"].stride() == (nq * h * d, d, h * d, 1)
+    assert backward["dmask"].stride() == (nk, b * nk, 1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)

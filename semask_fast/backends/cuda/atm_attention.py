@@ -6,16 +6,23 @@ A block takes 16 class tokens, a range of keys and every head, in two passes ove
 the range (pass 1: head-mean logits and every head's softmax statistics; pass 2:
 P v with the final statistics).  With one range (the default when the grid fills
 the device) it writes the outputs directly; with several, fp32 partials merged by
-a combine kernel.  :func:`plan_splits` picks the number of ranges.  Backward takes
-both gradients: dS_h = P (dP - rowsum(dP P)) + dM / h.  Dropout uses the same
-Philox hash as window_attention, element index ``((b * h + head) * Nq + i) * Nk + j``.
+a combine kernel.  :func:`plan_splits` picks the number of ranges (:func:`forward_splits`
+overrides it for measurements and tests).  Backward takes both gradients:
+dS_h = P (dP - rowsum(dP P)) + dM / h.  Dropout uses the same Philox hash as
+window_attention, element index ``((b * h + head) * Nq + i) * Nk + j``.
+
+q, k, v and the gradients dO, dM are read in place with any batch, head and row strides
+(e.g. SegViT's ATM layer passes q, k, v as permuted views of one fused projection);
+only a non-unit last-dim stride is copied.  Outputs and gradients are contiguous.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 
@@ -32,9 +39,23 @@ HARNESS_MULTIPROCESSORS = 132
 #: (fp16/bf16) and on FFMA (fp32).
 H100_BANDWIDTH, H100_TENSOR_FLOPS, H100_FP32_FLOPS = 3.35e12, 989e12, 67e12
 
-#: Tests set this to run the forward with this many key ranges (normalised: clamped to
-#: 1..key tiles, none empty) instead of the plan.
-force_splits: Optional[int] = None
+#: The key-range count :func:`forward_splits` asks for in the current context (None: the plan).
+_requested_splits: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("atm_forward_splits",
+                                                                                  default=None)
+
+
+@contextlib.contextmanager
+def forward_splits(splits: Optional[int]) -> Iterator[None]:
+    """Run the CUDA / harness ATM forwards inside the block with ``splits`` key ranges instead of
+    :func:`plan_splits`'s choice (normalised as there: clamped to 1..key tiles, none empty; None
+    restores the plan).  A measurement and testing hook, like ``torch.nn.attention.sdpa_kernel``:
+    scoped to the block and to the calling thread / task (a context variable), nested blocks
+    restore the outer choice.  Results are the same for every count up to rounding."""
+    token = _requested_splits.set(splits)
+    try:
+        yield
+    finally:
+        _requested_splits.reset(token)
 
 
 def _normalised(splits: int, tiles: int) -> int:
@@ -73,7 +94,7 @@ def plan_splits(batch: int, heads: int, nq: int, nk: int, dtype: torch.dtype, he
                 requested: Optional[int] = None) -> int:
     """Number of key ranges of the forward.
 
-    ``requested`` (tests) is normalised by :func:`_normalised`.  Otherwise the count, among
+    ``requested`` (:func:`forward_splits`) is normalised by :func:`_normalised`.  Otherwise the count, among
     those that leave no range empty, minimising :func:`split_model_seconds` (ties: the
     smaller): one range as soon as the grid fills the ``sms`` multiprocessors, more for a
     small grid over long key ranges, as long as the partials' traffic does not cost more
@@ -84,6 +105,12 @@ def plan_splits(batch: int, heads: int, nq: int, nk: int, dtype: torch.dtype, he
         return _normalised(requested, tiles)
     candidates = sorted({_normalised(s, tiles) for s in range(1, tiles + 1)})
     return min(candidates, key=lambda s: (split_model_seconds(s, batch, heads, nq, nk, head_dim, dtype, sms), s))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any strides but the last (read in place); only a non-unit last-dim stride
+    needs a copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,9 +140,9 @@ class _ATMAttentionKernels:
         return []
 
     def forward(self, inp: ATMAttentionInputs, seed):
-        q, k, v = (t.contiguous() for t in (inp.q, inp.k, inp.v))
+        q, k, v = (_rows(t) for t in (inp.q, inp.k, inp.v))
         splits = plan_splits(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.dtype, q.shape[3],
-                             sms=_multiprocessors(q.device), requested=force_splits)
+                             sms=_multiprocessors(q.device), requested=_requested_splits.get())
         out, mask_logits, lse = self.library().atm_attention_forward(q, k, v, inp.scale, inp.dropout_p, seed, splits)
         return (out, mask_logits), (lse,)
 
@@ -124,8 +151,8 @@ class _ATMAttentionKernels:
 
     def backward(self, inp: ATMAttentionInputs, outputs, residuals, grad_outputs, needs, seed):
         # dq and (dk, dv) come from separate kernels, each launched only when autograd needs it.
-        q, k, v = (t.contiguous() for t in (inp.q, inp.k, inp.v))
-        dout, dmask = (g.contiguous() for g in grad_outputs)
+        q, k, v = (_rows(t) for t in (inp.q, inp.k, inp.v))
+        dout, dmask = (_rows(g) for g in grad_outputs)
         grads = self.library().atm_attention_backward(dout, dmask, q, k, v, outputs[0], residuals[0], inp.scale,
                                                       inp.dropout_p, seed, needs[0], needs[1] or needs[2])
         return tuple(g if need else None for g, need in zip(grads, needs))
