@@ -227,20 +227,11 @@ def _case_id(case):
     return f"{case.op}-{case.name.split(',')[0].replace(' ', '_')}"
 
 
-#: Kernels that skip the gradients autograd does not need: every cpu kernel; Triton's but mask similarity's;
-#: the CUDA ATM kernels (run here by the SIMT harness).
-SKIPPING = {"cpu": None,
-            "triton": ("window_attention", "shifted_window_attention", "atm_attention", "semantic_attention"),
-            "simt": ("atm_attention",)}
-
-
-@pytest.mark.parametrize("backend", sorted(SKIPPING))
 @pytest.mark.parametrize("case", [c for c in semask_fast.testing.small_cases() if not c.exact], ids=_case_id)
-def test_kernels_compute_each_gradient_alone(case, backend):
-    # needs_input_grad reaches these kernels as flags; asking for one input's gradient at a time
-    # must give what the full backward gives.
-    if SKIPPING[backend] is not None and case.op not in SKIPPING[backend]:
-        pytest.skip(f"{backend} {case.op} computes every gradient")
+def test_kernels_compute_each_gradient_alone(case, kernel_backend):
+    # needs_input_grad reaches every kernel as flags (it skips the gradients not needed); asking for
+    # one input's gradient at a time must give what the full backward gives.
+    backend = kernel_backend
     device = require_backend(case.op, backend)
     tensors = {k: (v.float().to(device) if v is not None else None)
                for k, v in case.tensors(torch.Generator().manual_seed(1)).items()}

@@ -19,7 +19,9 @@
 //   dclass_kernel        dC = rinv_c (G^T p^ - C rinv_c coldot), coldot (and dw, db) summed from the
 //                        partials in a fixed order at the start of the block (deterministic)
 // So P and C are read once per launch, and the only intermediate in global memory is G (the size
-// of dY) and the small partials.
+// of dY) and the small partials.  Only what autograd needs is computed: without dP the row blocks
+// skip the dP GEMM, without dC they write neither G nor the coldot partials and dclass_kernel
+// runs (with norm) only the blocks summing dw, db.
 
 #include <type_traits>
 
@@ -196,6 +198,8 @@ __global__ void __launch_bounds__(kThreads)
 // Backward, first launch (see the file comment).  Per block of rows: S, then dS in place; G = dS
 // (in T) to global memory; rinv_p, rowdot; column partials (fixed order) for coldot, dw, db; the
 // block's rows of dP; the blocks of the first row tile also store rinv_c for dclass_kernel.
+// dP null: dP not wanted (no dP GEMM); G null: dC not wanted (no G, rinv_p, rinv_c, colpart); both
+// null (the LayerNorm parameters' gradients alone): only the column pass's wpart, bpart.
 // Dynamic shared memory: rinv_c (class_tiles_len(K) floats), then [BM][Kpad] scores.
 template <typename T, bool NORM>
 // minBlocks = 1: without it ptxas capped this kernel's registers for occupancy and spilled (sm_90).
@@ -255,19 +259,21 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncwarp();
     }
     float dot = 0.f;
-    for (int c = lane; c < K; c += 32) {
-      float shat, dy;
-      const float ds = dscore_of(r, c, shat, dy);
-      dot = fmaf(ds, row[c], dot);
-      G[(b * Np + m0 + r) * int64_t(K) + c] = sf::from_float<T>(ds);
+    if (dP || G) {
+      for (int c = lane; c < K; c += 32) {
+        float shat, dy;
+        const float ds = dscore_of(r, c, shat, dy);
+        dot = fmaf(ds, row[c], dot);
+        if (G) G[(b * Np + m0 + r) * int64_t(K) + c] = sf::from_float<T>(ds);
+      }
     }
     dot = warp_sum(dot);
     if (lane == 0) {
       rowdot_s[r] = dot;
-      rinv_p[b * Np + m0 + r] = rinv_s[r];
+      if (G) rinv_p[b * Np + m0 + r] = rinv_s[r];
     }
   }
-  if (blockIdx.x == 0)
+  if (G && blockIdx.x == 0)
     for (int c = tid; c < K; c += kThreads) rinv_c[b * K + c] = rinv_cs[c];
   __syncthreads();
   // Column pass: one thread per class, rows in order; then dS replaces S in place (each element is
@@ -284,12 +290,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       db += dy;
       S[r * Kpad + c] = ds;
     }
-    colpart[part + c] = cd;
+    if (colpart) colpart[part + c] = cd;
     if constexpr (NORM) {
       wpart[part + c] = dw;
       bpart[part + c] = db;
     }
   }
+  if (!dP) return;  // (uniform over the block)
   // dP rows = rinv_p (dS c^ - P rinv_p rowdot), c^ = C rinv_c: A = dS (shared), B = C tiles.
   const T* Cb = C + b * K * int64_t(D);
   const T* Pb = P + b * Np * int64_t(D);
@@ -327,6 +334,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 //   dC = rinv_c (G^T p^ - C rinv_c coldot),  p^ = P rinv_p,
 // with coldot of the block's classes summed from the row blocks' partials in a fixed order; the
 // blocks of batch 0 and the first column tile also sum dw, db over batches and row blocks.
+// dC null: dC not wanted, the grid is those blocks only (dw, db).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     dclass_kernel(const T* __restrict__ G, const T* __restrict__ P, const float* __restrict__ rinv_p,
@@ -341,9 +349,11 @@ __global__ void __launch_bounds__(kThreads)
   const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
   if (tid < BM && m0 + tid < K) {
     const int c = m0 + tid;
-    float cd = 0.f;
-    for (int j = 0; j < nblocks; ++j) cd += colpart[(b * nblocks + j) * K + c];
-    coldot_s[tid] = cd;
+    if (dC) {
+      float cd = 0.f;
+      for (int j = 0; j < nblocks; ++j) cd += colpart[(b * nblocks + j) * K + c];
+      coldot_s[tid] = cd;
+    }
     if (wpart && b == 0 && blockIdx.x == 0) {
       float w = 0.f, bb = 0.f;
       for (int bi = 0; bi < B; ++bi)
@@ -354,6 +364,7 @@ __global__ void __launch_bounds__(kThreads)
       dw[c] = w, db[c] = bb;
     }
   }
+  if (!dC) return;  // (uniform over the grid)
   const T* Gb = G + b * Np * int64_t(K);
   const T* Pb = P + b * Np * int64_t(D);
   const float* rp = rinv_p + b * Np;
@@ -460,11 +471,13 @@ at::Tensor forward(const at::Tensor& P, const at::Tensor& C, const std::optional
   return out;
 }
 
-// Returns dP, dC and, with norm, dw and db (float32; empty tensors otherwise).
+// Returns dP, dC and, with norm, dw and db (float32; empty tensors otherwise).  need_dp, need_dc:
+// autograd's needs_input_grad; a gradient not needed is returned unwritten (the caller drops it).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& P,
                                                                     const at::Tensor& C,
                                                                     const std::optional<at::Tensor>& weight,
-                                                                    bool norm, double eps) {
+                                                                    bool norm, double eps, bool need_dp,
+                                                                    bool need_dc) {
   check_inputs(P, C);
   SF_CHECK_INPUT(grad, 3);
   SF_CHECK_SAME_DTYPE(grad, P);
@@ -476,29 +489,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
   const int Kpad = padded_classes(int(K));
   const size_t smem = backward_dynamic_smem(int(K));
   auto f32 = P.options().dtype(at::kFloat);
-  at::Tensor rinv_p = at::empty({B, Np}, f32), rinv_c = at::empty({B, K}, f32);
-  at::Tensor colpart = at::empty({B, nblocks, K}, f32);
+  // The dC intermediates (G, the inverse norms, the coldot partials) only when dC is needed.
+  at::Tensor rinv_p = need_dc ? at::empty({B, Np}, f32) : at::Tensor();
+  at::Tensor rinv_c = need_dc ? at::empty({B, K}, f32) : at::Tensor();
+  at::Tensor colpart = need_dc ? at::empty({B, nblocks, K}, f32) : at::Tensor();
   at::Tensor wpart = norm ? at::empty({B, nblocks, K}, f32) : at::Tensor();
   at::Tensor bpart = norm ? at::empty({B, nblocks, K}, f32) : at::Tensor();
   at::Tensor dw = norm ? at::empty({K}, f32) : at::Tensor(), db = norm ? at::empty({K}, f32) : at::Tensor();
-  at::Tensor G = at::empty({B, Np, K}, P.options());
+  at::Tensor G = need_dc ? at::empty({B, Np, K}, P.options()) : at::Tensor();
   at::Tensor dP = at::empty_like(P), dC = at::empty_like(C);
   auto fptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
   cudaStream_t stream = sf::current_stream();
   SF_DISPATCH_FLOAT(P.scalar_type(), "mask_similarity", [&] {
     using T = scalar_t;
+    T* g = need_dc ? sf::data_ptr<T>(G) : nullptr;
     auto dpatch = norm ? dpatch_kernel<T, true> : dpatch_kernel<T, false>;
     SF_ALLOW_DYNAMIC_SMEM(dpatch, smem);
     SF_LAUNCH(dpatch, dim3(nblocks, unsigned(B)), kThreads, smem, stream, sf::data_ptr<T>(P), sf::data_ptr<T>(C),
-              sf::data_ptr<T>(grad), w, sf::data_ptr<T>(G), sf::data_ptr<T>(dP), rinv_p.data_ptr<float>(),
-              rinv_c.data_ptr<float>(), colpart.data_ptr<float>(), fptr(wpart), fptr(bpart), int(Np), int(K),
-              int(D), Kpad, float(eps));
+              sf::data_ptr<T>(grad), w, g, need_dp ? sf::data_ptr<T>(dP) : nullptr, fptr(rinv_p), fptr(rinv_c),
+              fptr(colpart), fptr(wpart), fptr(bpart), int(Np), int(K), int(D), Kpad, float(eps));
     SF_CHECK_LAUNCH();
-    SF_LAUNCH(dclass_kernel<T>, dim3(unsigned(sf::ceil_div(D, BN)), unsigned(sf::ceil_div(K, BM)), unsigned(B)),
-              kThreads, 0, stream, sf::data_ptr<T>(G), sf::data_ptr<T>(P), rinv_p.data_ptr<float>(),
-              sf::data_ptr<T>(C), rinv_c.data_ptr<float>(), colpart.data_ptr<float>(), fptr(wpart), fptr(bpart),
-              fptr(dw), fptr(db), sf::data_ptr<T>(dC), int(B), int(Np), int(K), int(D), nblocks);
-    SF_CHECK_LAUNCH();
+    // Without dC, only the blocks summing dw, db (batch 0, column tile 0), and none without norm.
+    const dim3 grid = need_dc ? dim3(unsigned(sf::ceil_div(D, BN)), unsigned(sf::ceil_div(K, BM)), unsigned(B))
+                              : dim3(1, unsigned(sf::ceil_div(K, BM)), 1);
+    if (need_dc || norm) {
+      SF_LAUNCH(dclass_kernel<T>, grid, kThreads, 0, stream, g, sf::data_ptr<T>(P), fptr(rinv_p), sf::data_ptr<T>(C),
+                fptr(rinv_c), fptr(colpart), fptr(wpart), fptr(bpart), fptr(dw), fptr(db),
+                need_dc ? sf::data_ptr<T>(dC) : nullptr, int(B), int(Np), int(K), int(D), nblocks);
+      SF_CHECK_LAUNCH();
+    }
   });
   return {dP, dC, dw, db};
 }
@@ -509,7 +528,7 @@ SF_TORCH_LIBRARY_FRAGMENT(m) {
   m.def("mask_similarity_forward(Tensor patches, Tensor classes, Tensor? norm_weight, Tensor? norm_bias, "
         "bool norm, float eps) -> Tensor");
   m.def("mask_similarity_backward(Tensor grad, Tensor patches, Tensor classes, Tensor? norm_weight, bool norm, "
-        "float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+        "float eps, bool need_dp=True, bool need_dc=True) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("mask_similarity_shared_memory(int classes, ScalarType dtype, int device) -> int[]",
         &shared_memory);
 }

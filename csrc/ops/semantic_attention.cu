@@ -21,7 +21,10 @@
 // taking its dYv tile's dO chunks from those it stages for dP.  The blocks computing
 // dP = dO Yv^T (over C in chunks of CC columns) compute delta_i = rowsum(dO_i * O_i)
 // of the query rows they use, so no block depends on another and Sq, Sk, Yv, dO are
-// read by a single kernel for all three gradients.
+// read by a single kernel for all three gradients.  Only the gradients autograd needs
+// are computed: the grid holds dSq blocks only for dSq, the dYv blocks of C tiles past
+// the first only for dYv; without dSk no block computes dP for the keys, without dYv
+// the key blocks store no dYv (the tensor-core ones do not accumulate it either).
 
 #include "sf_common.cuh"
 #include "sf_reduce.cuh"
@@ -316,7 +319,9 @@ SF_HOST_DEVICE inline int64_t dk_smem_floats(int kp) {
 }
 
 // dYv of the key tile k0 and the C tile from cv0, and (C tile 0) dSk of the key tile, with dP over
-// all of C (and delta of each query tile); the dO chunks of the dYv tile serve both.
+// all of C (and delta of each query tile); the dO chunks of the dYv tile serve both.  dsk null: no
+// dP, no dSk; dyv null: no dYv stored (its accumulation over the staged chunks stays: skipping it
+// cost the kernel registers, and with them an SM's third block, sm_80 / sm_90).
 template <typename T, int KPL>
 SF_DEVICE_INLINE void dk_block(const Params& p, const T* __restrict__ out, const T* __restrict__ dout,
                                const float* __restrict__ lse, T* __restrict__ dsk, T* __restrict__ dyv, float* smem,
@@ -332,7 +337,7 @@ SF_DEVICE_INLINE void dk_block(const Params& p, const T* __restrict__ out, const
   float* deltas = lses + BM;           // [BM]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const bool grad_block = cv0 == 0;  // computes dP and dSk too (uniform over the block)
+  const bool grad_block = cv0 == 0 && dsk;  // computes dP and dSk too (uniform over the block)
   const T* sqg = static_cast<const T*>(p.sq) + b * p.sq_b;
   const T* skg = static_cast<const T*>(p.sk) + b * p.sk_b;
   const T* yvg = static_cast<const T*>(p.yv) + b * p.yv_b;
@@ -381,7 +386,7 @@ SF_DEVICE_INLINE void dk_block(const Params& p, const T* __restrict__ out, const
         }
       }
     }
-    if (!grad_block) continue;  // a dYv-only block (C tile > 0)
+    if (!grad_block) continue;  // a dYv-only block (C tile > 0, or no dSk wanted)
     for (int c0 = DCT; c0 < p.c; c0 += CC) {  // dP over the rest of C
       stage_dp_chunk<T>(p, dog, yvg, q0, k0, c0, dos, ys, true);
       dp_chunk_rows(dos, ys, dp);
@@ -413,6 +418,7 @@ SF_DEVICE_INLINE void dk_block(const Params& p, const T* __restrict__ out, const
         if (col < p.k) dsk[(b * p.n + key) * p.k + col] = sf::from_float<T>(acc[a][u]);
       }
     }
+    if (!dyv) continue;
 #pragma unroll
     for (int u = 0; u < DCPL; ++u) {
       const int col = cv0 + lane + 32 * u;
@@ -484,13 +490,19 @@ SF_DEVICE_INLINE void dq_block(const Params& p, const T* __restrict__ out, const
   }
 }
 
-// Per batch entry: the query tiles (dSq), then the key tiles of each C tile of dYv (dSk too in C
-// tile 0); one launch, so Sq, Sk, Yv, dO are read by one kernel for all three gradients.
-SF_HOST_DEVICE inline int bwd_blocks_per_entry(int n, int c) {
-  return (n + BM - 1) / BM + (c + DCT - 1) / DCT * ((n + BN - 1) / BN);
+// C tiles of `ct` columns whose key blocks run: every one with dYv, the first alone for dSk only.
+SF_HOST_DEVICE inline int key_c_tiles(int c, int ct, bool dsk, bool dyv) {
+  return dyv ? (c + ct - 1) / ct : dsk ? 1 : 0;
 }
 
-// grid (B_ * bwd_blocks_per_entry(N, C)), dynamic shared memory dk_smem_floats (dq_block uses a prefix).
+// Per batch entry: the query tiles (with dSq), then the key tiles of each C tile of dYv (dSk too in
+// C tile 0); one launch, so Sq, Sk, Yv, dO are read by one kernel for all three gradients.
+SF_HOST_DEVICE inline int bwd_blocks_per_entry(int n, int c, bool dsq, bool dsk, bool dyv) {
+  return (dsq ? (n + BM - 1) / BM : 0) + key_c_tiles(c, DCT, dsk, dyv) * ((n + BN - 1) / BN);
+}
+
+// grid (B_ * bwd_blocks_per_entry(N, C, ...)), dynamic shared memory dk_smem_floats (dq_block uses a
+// prefix).  A null gradient pointer: not wanted, its blocks not in the grid.
 template <typename T, int KPL>
 // minBlocks = 1: without it ptxas capped KPL = 1 at 48 registers and spilled (sm_90).
 __global__ void __launch_bounds__(kThreads, 1) semantic_attention_bwd_kernel(Params p, const T* __restrict__ out,
@@ -499,7 +511,8 @@ __global__ void __launch_bounds__(kThreads, 1) semantic_attention_bwd_kernel(Par
                                                                              T* __restrict__ dsq, T* __restrict__ dsk,
                                                                              T* __restrict__ dyv) {
   SF_DYNAMIC_SHARED(float, smem);
-  const int per = bwd_blocks_per_entry(p.n, p.c), qtiles = (p.n + BM - 1) / BM, ktiles = (p.n + BN - 1) / BN;
+  const int per = bwd_blocks_per_entry(p.n, p.c, dsq, dsk, dyv);
+  const int qtiles = dsq ? (p.n + BM - 1) / BM : 0, ktiles = (p.n + BN - 1) / BN;
   const int64_t b = blockIdx.x / per;
   const int slot = static_cast<int>(blockIdx.x % per);
   if (slot < qtiles) {
@@ -532,7 +545,7 @@ SF_HOST_DEVICE inline int64_t dqk_mma_smem_bytes(int kp) {
 
 // dSq (!KEYS) of the MBM query rows from r0, or (KEYS) dYv of the MBM keys from r0 and the C tile
 // from cv0, and (C tile 0) their dSk.  Blocks computing dP (dSq, and dSk in C tile 0) compute the
-// delta of the query rows they use.
+// delta of the query rows they use.  KEYS: grad (dSk) or dyv null, that gradient is not wanted.
 template <typename T, int KT, bool KEYS, int NTV>
 SF_DEVICE_INLINE void dqk_mma_block(const Params& p, const T* __restrict__ out, const T* __restrict__ dout,
                                     const float* __restrict__ lse, T* __restrict__ grad, T* __restrict__ dyv, T* smem,
@@ -550,7 +563,7 @@ SF_DEVICE_INLINE void dqk_mma_block(const Params& p, const T* __restrict__ out, 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, t4 = lane & 3;
   constexpr int CTV = 8 * (NTV > 0 ? NTV : 1);  // dYv columns of a KEYS block
-  const bool grad_block = cv0 == 0;  // computes dP and the dSq / dSk rows (uniform over the block)
+  const bool grad_block = cv0 == 0 && grad;  // computes dP and the dSq / dSk rows (uniform over the block)
   const T* sqg = static_cast<const T*>(p.sq) + b * p.sq_b;
   const T* skg = static_cast<const T*>(p.sk) + b * p.sk_b;
   const T* yvg = static_cast<const T*>(p.yv) + b * p.yv_b;
@@ -601,8 +614,10 @@ SF_DEVICE_INLINE void dqk_mma_block(const Params& p, const T* __restrict__ out, 
       }
     uint32_t pa[MBN / 16][4];  // P^T as A fragments of dYv, rounded to T (as in the forward): KEYS only
     if constexpr (KEYS) {
+      if (dyv) {
 #pragma unroll
-      for (int kk = 0; kk < MBN / 16; ++kk) sf::acc_to_a_frag<T>(pa[kk], s[2 * kk], s[2 * kk + 1]);
+        for (int kk = 0; kk < MBN / 16; ++kk) sf::acc_to_a_frag<T>(pa[kk], s[2 * kk], s[2 * kk + 1]);
+      }
     }
     // Stage one C chunk from c0: the others' (dO when KEYS) in xc and, for dP, the owners' in oc.
     auto stage_chunk = [&](int c0, bool for_dp) {
@@ -619,7 +634,7 @@ SF_DEVICE_INLINE void dqk_mma_block(const Params& p, const T* __restrict__ out, 
       stage_chunk(c0, grad_block);
       if (grad_block) dp_mma();
       if constexpr (KEYS) {
-        const int ci = (c0 - cv0) / MCC;  // the chunk's place in the dYv tile (c0 >= cv0; past it: none)
+        const int ci = dyv ? (c0 - cv0) / MCC : -1;  // the chunk's place in the dYv tile (past it, or no dYv: none)
 #pragma unroll
         for (int cc = 0; cc < NTV / (MCC / 8); ++cc) {
           if (cc != ci) continue;  // a compile-time cc names the chunk's accumulators
@@ -627,7 +642,7 @@ SF_DEVICE_INLINE void dqk_mma_block(const Params& p, const T* __restrict__ out, 
         }
       }
     }
-    if (!grad_block) continue;  // a dYv-only block (KEYS, C tile > 0)
+    if (!grad_block) continue;  // a dYv-only block (KEYS: C tile > 0, or no dSk wanted)
 #pragma unroll
     for (int st = 0; st < ST; ++st)
 #pragma unroll
@@ -651,6 +666,7 @@ SF_DEVICE_INLINE void dqk_mma_block(const Params& p, const T* __restrict__ out, 
           if (col < p.k) grad[(b * p.n + row) * p.k + col] = sf::from_float<T>(acc[nt][2 * h2 + c]);
         }
     }
+    if (!dyv) continue;
 #pragma unroll
     for (int nt = 0; nt < NTV; ++nt)
 #pragma unroll
@@ -664,9 +680,15 @@ SF_DEVICE_INLINE void dqk_mma_block(const Params& p, const T* __restrict__ out, 
 // dYv columns of one KEYS block: 16 n-tiles (128 columns) of accumulators.
 constexpr int kDyvTiles = 16;
 
-// grid (B_ * (1 + ceil(C / (8 * kDyvTiles))), ceil(N / MBM)), block kMmaWarps * 32: per batch entry
-// and 64-row block, the dSq block, then the dSk / dYv block of each C tile; one launch, so Sq, Sk,
-// Yv, dO are read by one kernel for all three gradients.
+// Blocks per batch entry and 64-row block: the dSq block (with dSq), then the key blocks of the C tiles.
+SF_HOST_DEVICE inline int mma_bwd_slots(int c, bool dsq, bool dsk, bool dyv) {
+  return (dsq ? 1 : 0) + key_c_tiles(c, 8 * kDyvTiles, dsk, dyv);
+}
+
+// grid (B_ * mma_bwd_slots(C, ...), ceil(N / MBM)), block kMmaWarps * 32: per batch entry and
+// 64-row block, the dSq block, then the dSk / dYv block of each C tile; one launch, so Sq, Sk, Yv,
+// dO are read by one kernel for all three gradients.  A null gradient pointer: not wanted, its
+// blocks not in the grid.
 template <typename T, int KT>
 // minBlocks = 1: without it ptxas capped KEYS KT = 96 at 128 registers and spilled (sm_80).
 __global__ void __launch_bounds__(kMmaWarps * 32, 1) semantic_attention_bwd_mma_kernel(
@@ -674,11 +696,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) semantic_attention_bwd_mma_
     T* __restrict__ dsq, T* __restrict__ dsk, T* __restrict__ dyv) {
   SF_DYNAMIC_SHARED(T, smem);
   constexpr int CTV = 8 * kDyvTiles;
-  const int slots = 1 + (p.c + CTV - 1) / CTV;
+  const int slots = mma_bwd_slots(p.c, dsq, dsk, dyv), qslots = dsq ? 1 : 0;
   const int64_t b = blockIdx.x / slots;
   const int slot = static_cast<int>(blockIdx.x % slots), r0 = blockIdx.y * MBM;
-  if (slot == 0) dqk_mma_block<T, KT, false, 0>(p, out, dout, lse, dsq, static_cast<T*>(nullptr), smem, b, 0, r0);
-  else dqk_mma_block<T, KT, true, kDyvTiles>(p, out, dout, lse, dsk, dyv, smem, b, (slot - 1) * CTV, r0);
+  if (slot < qslots) dqk_mma_block<T, KT, false, 0>(p, out, dout, lse, dsq, static_cast<T*>(nullptr), smem, b, 0, r0);
+  else dqk_mma_block<T, KT, true, kDyvTiles>(p, out, dout, lse, dsk, dyv, smem, b, (slot - qslots) * CTV, r0);
 }
 
 // ---------------------------------------------------------------- launchers --
@@ -706,23 +728,25 @@ void forward(const Params& p, T* out, float* lse, cudaStream_t stream) {
   SF_CHECK_LAUNCH();
 }
 
-// The backward in one launch (dSq blocks and dSk / dYv blocks side by side).
+// The backward in one launch (dSq blocks and dSk / dYv blocks side by side).  dsq, dsk or dyv may
+// be null: not wanted (autograd's needs_input_grad), the blocks serving only it not launched.
 template <typename T, int KPL>
 void backward(const Params& p, const T* out, const T* dout, const float* lse, T* dsq, T* dsk, T* dyv,
               cudaStream_t stream) {
+  if (!dsq && !dsk && !dyv) return;  // an empty grid is no launch
   if constexpr (!std::is_same<T, float>::value) {
     // fp16 / bf16: tensor cores, the accumulators cover KT = kp = 32 * KPL columns.
     const size_t smem = dqk_mma_smem_bytes(p.kp);
     auto kernel = semantic_attention_bwd_mma_kernel<T, 32 * KPL>;
     SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
-    SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * (1 + ceil_div(p.c, 8 * kDyvTiles))), ceil_div(p.n, MBM)),
+    SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * mma_bwd_slots(p.c, dsq, dsk, dyv)), ceil_div(p.n, MBM)),
               dim3(kMmaWarps * 32), smem, stream, p, out, dout, lse, dsq, dsk, dyv);
   } else {
     const size_t smem = sizeof(float) * dk_smem_floats(p.kp);
     auto kernel = semantic_attention_bwd_kernel<T, KPL>;
     SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
-    SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * bwd_blocks_per_entry(p.n, p.c))), dim3(kThreads), smem,
-              stream, p, out, dout, lse, dsq, dsk, dyv);
+    SF_LAUNCH(kernel, dim3(static_cast<unsigned>(p.batch * bwd_blocks_per_entry(p.n, p.c, dsq, dsk, dyv))),
+              dim3(kThreads), smem, stream, p, out, dout, lse, dsq, dsk, dyv);
   }
   SF_CHECK_LAUNCH();
 }
@@ -804,9 +828,12 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& sq, const at::Te
   return {out, lse};
 }
 
+// need_dsq, need_dsk, need_dyv: autograd's needs_input_grad; a gradient not needed is returned
+// unwritten (the caller drops it).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dout, const at::Tensor& sq,
                                                            const at::Tensor& sk, const at::Tensor& yv,
-                                                           const at::Tensor& out, const at::Tensor& lse) {
+                                                           const at::Tensor& out, const at::Tensor& lse,
+                                                           bool need_dsq, bool need_dsk, bool need_dyv) {
   const Params p = make_params(sq, sk, yv);
   SF_DEVICE_GUARD(sq);
   SF_CHECK_INPUT(dout, 3);
@@ -821,9 +848,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
   SF_DISPATCH_FLOAT(sq.scalar_type(), "semantic_attention", [&] {
     with_int<kMaxClasses / 32>(p.kp / 32, [&](auto kpl) {
       backward<scalar_t, decltype(kpl)::value>(p, sf::data_ptr<scalar_t>(out), sf::data_ptr<scalar_t>(dout),
-                                               lse.data_ptr<float>(),
-                                               sf::data_ptr<scalar_t>(dsq), sf::data_ptr<scalar_t>(dsk),
-                                               sf::data_ptr<scalar_t>(dyv), sf::current_stream());
+                                               lse.data_ptr<float>(), need_dsq ? sf::data_ptr<scalar_t>(dsq) : nullptr,
+                                               need_dsk ? sf::data_ptr<scalar_t>(dsk) : nullptr,
+                                               need_dyv ? sf::data_ptr<scalar_t>(dyv) : nullptr, sf::current_stream());
     });
   });
   return {dsq, dsk, dyv};
@@ -833,8 +860,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
 
 SF_TORCH_LIBRARY_FRAGMENT(m) {
   m.def("semantic_attention_forward(Tensor sq, Tensor sk, Tensor yv) -> (Tensor, Tensor)");
-  m.def("semantic_attention_backward(Tensor dout, Tensor sq, Tensor sk, Tensor yv, Tensor out, Tensor lse) "
-        "-> (Tensor, Tensor, Tensor)");
+  m.def("semantic_attention_backward(Tensor dout, Tensor sq, Tensor sk, Tensor yv, Tensor out, Tensor lse, "
+        "bool need_dsq=True, bool need_dsk=True, bool need_dyv=True) -> (Tensor, Tensor, Tensor)");
 }
 
 SF_TORCH_LIBRARY_IMPL(m) {

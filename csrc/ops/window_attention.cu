@@ -32,7 +32,10 @@
 //   block holds a whole (window, head): q, k, v, dO read once), which also folds dS
 //   onto the table rows, so its partials are (chunks, h, table rows) and step 4 is a
 //   plain sum over the chunks.
-//   The result is bitwise reproducible run to run.
+//   The result is bitwise reproducible run to run.  Only the gradients autograd needs are
+//   computed: without dK, dV no dkv kernel runs (the fused kernel skips their products); without
+//   dQ the dq kernels (run for the table gradient alone) and the fused kernel skip the dS K
+//   product and its stores.
 // Dropout: keep(element) = philox(seed, element index) >= p, with the element
 // index ((b_ * h + head) * N + i) * N + j; forward and backward evaluate the
 // same hash, so no mask is stored.
@@ -534,7 +537,9 @@ SF_HOST_DEVICE constexpr int dq_smem_floats_fixed() {
 // grid (h * chunks, ceil(N / BM)): dQ of one query tile for every window of a
 // chunk of `per_chunk` consecutive windows; with a table, also the chunk's
 // partial sum of dS into dsum (chunks, h, N, N): the first window writes, the others add.
-template <typename T, int DP>
+// DQ false (dq not wanted): the table's partials alone; a template flag, not a null test (that
+// made ptxas spill the dQ variant on sm_90).
+template <typename T, int DP, bool DQ>
 __global__ void __launch_bounds__(kThreads) window_attention_dq_kernel(Params p, const T* __restrict__ dout,
                                                                        const float* __restrict__ lse,
                                                                        const float* __restrict__ delta,
@@ -598,6 +603,7 @@ __global__ void __launch_bounds__(kThreads) window_attention_dq_kernel(Params p,
           float* at = part + static_cast<int64_t>(i) * p.n + j;
           *at = first ? g.ds : *at + g.ds;
         }
+        if constexpr (!DQ) continue;
         for (int jj = 0; jj < BN; ++jj) {
           const float sj = __shfl_sync(0xffffffffu, g.ds, jj);
 #pragma unroll
@@ -605,6 +611,7 @@ __global__ void __launch_bounds__(kThreads) window_attention_dq_kernel(Params p,
         }
       }
     }
+    if constexpr (!DQ) continue;
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
       const int i = q0 + warp * kRowsPerWarp + r;
@@ -785,6 +792,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dkv_mma_kerne
 // over the windows of its chunk; a warp owns 16 rows and, per window, loops over key
 // tiles of the heads its rows belong to (see the FFMA dq kernel for the dsum partials:
 // a (head, i) row has one owner thread in the chunk, so plain writes and adds suffice).
+// dq null: the table's partials alone.
 template <typename T, int DP>
 // minBlocks = 1: without it ptxas capped this kernel's registers for occupancy and spilled (sm_80).
 __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_dq_mma_kernel(
@@ -896,9 +904,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_dq_mma_ker
           }
           s[t][e] = ds;
         }
-      sf::mma_ab<T, MBN / 16, NT>(acc, sf::AccA<T>{s}, ks, LD, lane,  // dS is zero off the live tiles
-                                  [&](int kk) { return live[2 * kk] || live[2 * kk + 1]; });
+      if (dq)
+        sf::mma_ab<T, MBN / 16, NT>(acc, sf::AccA<T>{s}, ks, LD, lane,  // dS is zero off the live tiles
+                                    [&](int kk) { return live[2 * kk] || live[2 * kk + 1]; });
     }
+    if (!dq) continue;
 #pragma unroll
     for (int h2 = 0; h2 < 2; ++h2) {
       const int local = warp * 16 + g + 8 * h2;
@@ -926,7 +936,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_dq_mma_ker
 // sums their (i, j) pairs in a fixed order), so the partials are (chunks, h, table rows), not
 // (chunks, h, N, N).  The products are FusedProducts<T, DP>: tensor cores for fp16 / bf16, FFMA
 // for fp32 (exact: no tf32), both leaving their results in the mma accumulator layout, so the
-// softmax recomputation, the stores and the fold are one code.
+// softmax recomputation, the stores and the fold are one code.  dq null: no dQ = dS K; dk (and dv)
+// null: no dV, dK products.
 constexpr int FN = 64;  // rows and keys of the one tile
 
 // 16-byte and 8-byte shared-memory vectors of the fp32 products (one LDS.128 / LDS.64).
@@ -1182,24 +1193,26 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_bwd_fused_
             s[t][e] = ds;
           }
       }
-      // dQ = dS K for the warp's rows.
-      float acc[NT][4];
-      F::dq(acc, s, dss, ks, warp, lane, n);
+      if (dq) {
+        // dQ = dS K for the warp's rows.
+        float acc[NT][4];
+        F::dq(acc, s, dss, ks, warp, lane, n);
 #pragma unroll
-      for (int h2 = 0; h2 < 2; ++h2) {
-        const int i = warp * 16 + g + 8 * h2;
-        if (i >= n) continue;
+        for (int h2 = 0; h2 < 2; ++h2) {
+          const int i = warp * 16 + g + 8 * h2;
+          if (i >= n) continue;
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+          for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int t = nt * 8 + 2 * t4 + c;
-            if (t < p.d) dq[(row0 + i) * p.d + t] = sf::from_float<T>(acc[nt][2 * h2 + c] * p.scale);
-          }
+            for (int c = 0; c < 2; ++c) {
+              const int t = nt * 8 + 2 * t4 + c;
+              if (t < p.d) dq[(row0 + i) * p.d + t] = sf::from_float<T>(acc[nt][2 * h2 + c] * p.scale);
+            }
+        }
       }
     }
     __syncthreads();  // P and dS of every row are staged
-    if (rows_live) {
+    if (rows_live && dk) {
       // dV = P^T dO and dK = dS^T Q for the warp's 16 keys.
       float dva[NT][4], dka[NT][4];
       F::dkv(dva, dka, ps, dss, dos, qs, warp, lane, n);
@@ -1289,6 +1302,8 @@ void forward(const Params& p, T* out, float* lse, cudaStream_t stream) {
   SF_CHECK_LAUNCH();
 }
 
+// dq, or dk with dv, may be null: not wanted (autograd's needs_input_grad); a dkv kernel runs only
+// for dk, dv, a dq kernel for dq or the table's partials (dsum).
 template <typename T, int DP>
 void backward(const Params& p, const T* out, const T* dout, const float* lse, float* delta, T* dq, T* dk, T* dv,
               float* dsum, int64_t chunks, int64_t per_chunk, float* dtable, cudaStream_t stream) {
@@ -1316,26 +1331,30 @@ void backward(const Params& p, const T* out, const T* dout, const float* lse, fl
     const size_t smem_kv = bwd_mma_smem_bytes_fixed<DP>() + sizeof(float) * ((MBM - 1) / p.n + 2) * tsm;
     auto kv = window_attention_dkv_mma_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(kv, smem_kv);
-    SF_LAUNCH(kv, dim3(static_cast<unsigned>(ceil_div(p.batch * p.heads * p.n, MBM))), dim3(kMmaWarps * 32), smem_kv,
-              stream, p, dout, lse, delta, dk, dv);
+    if (dk)
+      SF_LAUNCH(kv, dim3(static_cast<unsigned>(ceil_div(p.batch * p.heads * p.n, MBM))), dim3(kMmaWarps * 32),
+                smem_kv, stream, p, dout, lse, delta, dk, dv);
     // Packed heads: MBM rows of a window touch at most min(h, (MBM - 1) / N + 2) heads.
     const int q_heads = (MBM - 1) / p.n + 2 < p.heads ? (MBM - 1) / p.n + 2 : p.heads;
     const size_t smem_q = bwd_mma_smem_bytes_fixed<DP>() + sizeof(float) * q_heads * tsm;
     auto qk = window_attention_dq_mma_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
-    SF_LAUNCH(qk, dim3(static_cast<unsigned>(chunks), ceil_div(static_cast<int64_t>(p.heads) * p.n, MBM)),
-              dim3(kMmaWarps * 32), smem_q, stream, p, dout, lse, delta, dq, dsum, per_chunk);
+    if (dq || dsum)
+      SF_LAUNCH(qk, dim3(static_cast<unsigned>(chunks), ceil_div(static_cast<int64_t>(p.heads) * p.n, MBM)),
+                dim3(kMmaWarps * 32), smem_q, stream, p, dout, lse, delta, dq, dsum, per_chunk);
   } else {
     const size_t smem_kv = sizeof(float) * (dkv_smem_floats_fixed<DP>() + tsm);
     auto kv = window_attention_dkv_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(kv, smem_kv);
-    SF_LAUNCH(kv, dim3(static_cast<unsigned>(p.batch * p.heads), ceil_div(p.n, BN)), dim3(kThreads), smem_kv, stream, p,
-              dout, lse, delta, dk, dv);
+    if (dk)
+      SF_LAUNCH(kv, dim3(static_cast<unsigned>(p.batch * p.heads), ceil_div(p.n, BN)), dim3(kThreads), smem_kv, stream,
+                p, dout, lse, delta, dk, dv);
     const size_t smem_q = sizeof(float) * (dq_smem_floats_fixed<DP>() + tsm);
-    auto qk = window_attention_dq_kernel<T, DP>;
+    auto qk = dq ? window_attention_dq_kernel<T, DP, true> : window_attention_dq_kernel<T, DP, false>;
     SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
-    SF_LAUNCH(qk, dim3(static_cast<unsigned>(chunks * p.heads), ceil_div(p.n, BM)), dim3(kThreads), smem_q, stream, p,
-              dout, lse, delta, dq, dsum, per_chunk);
+    if (dq || dsum)
+      SF_LAUNCH(qk, dim3(static_cast<unsigned>(chunks * p.heads), ceil_div(p.n, BM)), dim3(kThreads), smem_q, stream,
+                p, dout, lse, delta, dq, dsum, per_chunk);
   }
   if (dtable && !fused)
     SF_LAUNCH(window_attention_table_grad_kernel, dim3(table_rows(p), p.heads), dim3(kThreads), 0, stream, dsum,
@@ -1444,11 +1463,14 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& q, const at::Ten
   return {out, lse};
 }
 
+// need_dq, need_dkv, need_table: autograd's needs_input_grad; dq, dk, dv not needed are returned
+// unwritten (the caller drops them).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& mask, int64_t wh,
     int64_t ww, int64_t grid_h, int64_t grid_w, int64_t shift_h, int64_t shift_w, double scale, double mask_value,
-    double dropout_p, const at::Tensor& seed, int64_t windows_per_chunk, bool need_table) {
+    double dropout_p, const at::Tensor& seed, int64_t windows_per_chunk, bool need_dq, bool need_dkv,
+    bool need_table) {
   const Params p = make_params(q, k, v, table, mask, wh, ww, grid_h, grid_w, shift_h, shift_w, scale, mask_value,
                                dropout_p, seed);
   SF_DEVICE_GUARD(q);
@@ -1484,8 +1506,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     using T = decltype(tag);
     backward<T, decltype(dp)::value>(
         p, reinterpret_cast<const T*>(out.data_ptr()), reinterpret_cast<const T*>(dout.data_ptr()),
-        lse.data_ptr<float>(), fused ? nullptr : delta.data_ptr<float>(), reinterpret_cast<T*>(dq.data_ptr()),
-        reinterpret_cast<T*>(dk.data_ptr()), reinterpret_cast<T*>(dv.data_ptr()),
+        lse.data_ptr<float>(), fused ? nullptr : delta.data_ptr<float>(),
+        need_dq ? reinterpret_cast<T*>(dq.data_ptr()) : nullptr,
+        need_dkv ? reinterpret_cast<T*>(dk.data_ptr()) : nullptr,
+        need_dkv ? reinterpret_cast<T*>(dv.data_ptr()) : nullptr,
         want_table ? dsum.data_ptr<float>() : nullptr, chunks, per_chunk,
         want_table ? dtable.data_ptr<float>() : nullptr,
         sf::current_stream());
@@ -1501,8 +1525,8 @@ SF_TORCH_LIBRARY_FRAGMENT(m) {
         "Tensor seed) -> (Tensor, Tensor)");
   m.def("window_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? bias_table, Tensor? mask, int wh, int ww, int grid_h, int grid_w, int shift_h, int shift_w, "
-        "float scale, float mask_value, float dropout_p, Tensor seed, int windows_per_chunk, bool need_table) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+        "float scale, float mask_value, float dropout_p, Tensor seed, int windows_per_chunk, bool need_dq, "
+        "bool need_dkv, bool need_table) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 SF_TORCH_LIBRARY_IMPL(m) {

@@ -17,11 +17,14 @@ the recomputed S), r_i = sum_j dS_ij S_ij and t_j = sum_i dS_ij S_ij:
 A patch-major kernel writes dP, dS (fp32, the size of the output) and per-block
 partial sums (t, d weight, d bias); a class-major kernel reduces dS^T P over
 patches for dC.  Partial sums are reduced in a fixed order: deterministic.
+Only the gradients autograd needs are computed: without dP the patch-major
+kernel skips its D loop, without dC it writes neither dS nor t and the
+class-major kernel is not launched.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -93,8 +96,11 @@ def _mask_sim_fwd_kernel(P, C, W, BIAS, OUT, RP, RC, NP, K, D, eps,
 @triton.jit
 def _mask_sim_bwd_rows_kernel(P, C, W, DY, RP, RC, DP, DS, PART, NP, K, D, eps,
                               BLOCK_M: tl.constexpr, BLOCK_KP: tl.constexpr, BLOCK_D: tl.constexpr,
-                              NORM: tl.constexpr, HAS_W: tl.constexpr, DOT_FP32: tl.constexpr):
-    """dP, dS and per-block partials PART[b, block, {t, d weight, d bias}, K] for one patch block."""
+                              NORM: tl.constexpr, HAS_W: tl.constexpr, DOT_FP32: tl.constexpr,
+                              WANT_DP: tl.constexpr, WANT_DC: tl.constexpr):
+    """dP, dS and per-block partials PART[b, block, {t, d weight, d bias}, K] for one patch block.
+    WANT_DP: dP is written; WANT_DC: dS and t (what the dC kernel reads) are written.  The LayerNorm
+    partials are always written (they are sums over the tile the block holds anyway)."""
     b = tl.program_id(1).to(tl.int64)
     offs_m, offs_k, m_ok, k_ok, acc, _, _ = _scores(P, C, b, NP, K, D, BLOCK_M, BLOCK_KP, BLOCK_D, DOT_FP32)
     rp = tl.load(RP + b * NP + offs_m, mask=m_ok, other=0.0)
@@ -113,17 +119,19 @@ def _mask_sim_bwd_rows_kernel(P, C, W, DY, RP, RC, DP, DS, PART, NP, K, D, eps,
         ds = tl.where(m_ok[:, None] & k_ok[None, :], ds, 0.0)
     else:
         ds = g
-    store_rows(DS + b * NP * K, offs_m, offs_k, K, m_ok, k_ok, ds)
-    tl.store(part + offs_k, tl.sum(ds * s, 0), mask=k_ok)
-    r = tl.sum(ds * s, 1)
-    dsc = ds * rc[None, :]
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        d_ok = dd < D
-        c = load_rows(C + b * K * D, offs_k, dd, D, k_ok, d_ok)
-        p = load_rows(P + b * NP * D, offs_m, dd, D, m_ok, d_ok).to(tl.float32)
-        store_rows(DP + b * NP * D, offs_m, dd, D, m_ok, d_ok,
-                   rp[:, None] * mm(dsc.to(c.dtype), c, DOT_FP32) - (rp * rp * r)[:, None] * p)
+    if WANT_DC:
+        store_rows(DS + b * NP * K, offs_m, offs_k, K, m_ok, k_ok, ds)
+        tl.store(part + offs_k, tl.sum(ds * s, 0), mask=k_ok)
+    if WANT_DP:
+        r = tl.sum(ds * s, 1)
+        dsc = ds * rc[None, :]
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = dd < D
+            c = load_rows(C + b * K * D, offs_k, dd, D, k_ok, d_ok)
+            p = load_rows(P + b * NP * D, offs_m, dd, D, m_ok, d_ok).to(tl.float32)
+            store_rows(DP + b * NP * D, offs_m, dd, D, m_ok, d_ok,
+                       rp[:, None] * mm(dsc.to(c.dtype), c, DOT_FP32) - (rp * rp * r)[:, None] * p)
 
 
 @triton.jit
@@ -208,8 +216,10 @@ def mask_similarity_forward(patches, classes, weight=None, bias=None, *, norm: b
 
 
 def mask_similarity_backward(patches, classes, weight, rp, rc, dout, *, norm: bool = False, eps: float = 1e-5,
-                             plan: dict = None):
+                             plan: dict = None, needs: Tuple[bool, bool] = (True, True)):
     """(d patches, d classes, d weight or None, d bias or None); ``dout`` contiguous (B, Np, K).
+    ``needs`` says whether d patches and d classes are wanted (None otherwise, their work skipped);
+    with ``norm`` the LayerNorm parameters' gradients are always returned.
     ``plan``: as :func:`backward_plan`."""
     B, NP, D = patches.shape
     K = classes.shape[1]
@@ -217,16 +227,19 @@ def mask_similarity_backward(patches, classes, weight, rp, rc, dout, *, norm: bo
     flag = dot_fp32(patches.dtype)
     rows, cols = plan["rows"], plan["cols"]
     m_blocks = triton.cdiv(NP, rows["BLOCK_M"])
-    dpatches = torch.empty_like(patches)
-    ds = torch.empty((B, NP, K), device=patches.device, dtype=torch.float32)
+    dpatches = torch.empty_like(patches) if needs[0] else None
+    ds = torch.empty((B, NP, K), device=patches.device, dtype=torch.float32) if needs[1] else None
     part = torch.zeros((B, m_blocks, 3, K), device=patches.device, dtype=torch.float32)
     _mask_sim_bwd_rows_kernel[(m_blocks, B)](
-        patches, classes, weight if weight is not None else rp, dout, rp, rc, dpatches, ds, part, NP, K, D, eps,
-        NORM=norm, HAS_W=weight is not None, DOT_FP32=flag, **rows.launch())
-    dclasses = torch.empty_like(classes)
-    grid = (triton.cdiv(K, cols["BLOCK_K"]), triton.cdiv(D, cols["BLOCK_D"]), B)
-    _mask_sim_bwd_cols_kernel[grid](patches, classes, ds, rp, rc, part, dclasses, NP, K, D, m_blocks,
-                                    DOT_FP32=flag, **cols.launch())
+        patches, classes, weight if weight is not None else rp, dout, rp, rc,
+        dpatches if needs[0] else patches, ds if needs[1] else part, part, NP, K, D, eps,  # stand-ins never written
+        NORM=norm, HAS_W=weight is not None, DOT_FP32=flag, WANT_DP=needs[0], WANT_DC=needs[1], **rows.launch())
+    dclasses = None
+    if needs[1]:
+        dclasses = torch.empty_like(classes)
+        grid = (triton.cdiv(K, cols["BLOCK_K"]), triton.cdiv(D, cols["BLOCK_D"]), B)
+        _mask_sim_bwd_cols_kernel[grid](patches, classes, ds, rp, rc, part, dclasses, NP, K, D, m_blocks,
+                                        DOT_FP32=flag, **cols.launch())
     dweight = dbias = None
     if norm:
         sums = part.sum(dim=(0, 1))  # fixed-order reduction of the per-block partials: deterministic
@@ -259,7 +272,8 @@ def _aot_configs():
                 sig = dict(P=f"*{ty}", C=f"*{ty}", W=f"*{wty}", DY=f"*{ty}", RP="*fp32", RC="*fp32", DP=f"*{ty}",
                            DS="*fp32", PART="*fp32", NP="i32", K="i32", D="i32", eps="fp32")
                 configs.append(AOTConfig.from_plan(_mask_sim_bwd_rows_kernel, f"mask_similarity_bwd_rows[{tag}]", sig,
-                                                   bwd["rows"], NORM=norm, HAS_W=has_w, DOT_FP32=False))
+                                                   bwd["rows"], NORM=norm, HAS_W=has_w, DOT_FP32=False,
+                                                   WANT_DP=True, WANT_DC=True))  # every gradient
             sig = dict(P=f"*{ty}", C=f"*{ty}", DS="*fp32", RP="*fp32", RC="*fp32", PART="*fp32", DC=f"*{ty}",
                        NP="i32", K="i32", D="i32", M_BLOCKS="i32")
             configs.append(AOTConfig.from_plan(_mask_sim_bwd_cols_kernel, f"mask_similarity_bwd_cols[{name},{ty}]",

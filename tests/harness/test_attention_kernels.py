@@ -709,7 +709,7 @@ def test_window_fused_backward_reads_inputs_once(table, dtype):
     out, lse = lib.window_attention_forward(q, k, v, *args)
     regions, grads = [], []
     traffic = harness_bytes("window_attention.cu", lambda tl: grads.extend(
-        tl.window_attention_backward(dout, q, k, v, out, lse, *args, 1, True)), [dout, q, k, v, out, lse, tab],
+        tl.window_attention_backward(dout, q, k, v, out, lse, *args, 1, True, True, True)), [dout, q, k, v, out, lse, tab],
         regions)
     assert traffic.launches == (2 if table else 1)
     read = {r["begin"]: r["read"] for r in regions}

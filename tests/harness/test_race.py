@@ -77,7 +77,7 @@ def test_window_attention_is_race_free(dtype, ws, d):
     shift = ws // 2
     args = (table, None, ws, ws, grid, grid, shift, shift, d ** -0.5, -100.0, 0.1, torch.tensor(5))
     out, lse = lib.window_attention_forward(q, k, v, *args)
-    lib.window_attention_backward(torch.randn_like(out), q, k, v, out, lse, *args, 2, True)
+    lib.window_attention_backward(torch.randn_like(out), q, k, v, out, lse, *args, 2, True, True, True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)

@@ -4,7 +4,9 @@ Forward: one kernel per (batch, 32 patch rows) computes the cosines with the nor
 the GEMM (both norms from the staged tiles), and the optional LayerNorm over K as an epilogue
 from shared memory.  Backward, two launches: per row block, dS (recomputing S) and that block's
 rows of dP from the dS held in shared memory; then the dC GEMM, which sums the per-class partials
-in a fixed order.  Nothing is saved but the inputs.
+in a fixed order.  Nothing is saved but the inputs.  Only the gradients autograd needs are
+computed: without dP no dP GEMM, without dC no dS written and, with the LayerNorm, only the blocks
+summing its parameters' gradients run in the second launch.
 """
 
 from __future__ import annotations
@@ -42,13 +44,13 @@ class _MaskSimilarityKernels:
         return (out,), ()
 
     def backward(self, inp: MaskSimilarityInputs, outputs, residuals, grad_outputs, needs, seed: int):
-        # The kernels compute every gradient (needs is not passed down yet).
+        # The kernels skip dP or dC when autograd does not need them (returned unwritten).
         dp, dc, dw, db = self.library().mask_similarity_backward(
             grad_outputs[0].contiguous(), inp.patches.contiguous(), inp.classes.contiguous(),
-            _affine(inp.norm_weight), inp.norm, inp.norm_eps)
+            _affine(inp.norm_weight), inp.norm, inp.norm_eps, needs[0], needs[1])
         dw = dw.to(inp.norm_weight.dtype) if needs[2] else None
         db = db.to(inp.norm_bias.dtype) if needs[3] else None
-        return dp, dc, dw, db
+        return dp if needs[0] else None, dc if needs[1] else None, dw, db
 
 
 @register

@@ -5,9 +5,10 @@ over blocks.  sq, sk and yv are read in place with their batch and row strides
 (only the last dim must be contiguous).  Forward saves the output and the fp32 row logsumexp; backward
 recomputes the probabilities (N x N never reaches global memory) in one launch: dSq blocks, and
 dSk / dYv blocks (a block per key tile and C tile of dYv); the blocks computing dP compute
-delta = rowsum(dO * O) of their query rows themselves, so none waits for another.  fp16 and bf16
-run every product of forward and backward on tensor cores (``sf_mma.cuh``, fp32
-accumulation); fp32 runs FFMA kernels.
+delta = rowsum(dO * O) of their query rows themselves, so none waits for another.  Only the
+work of the gradients autograd needs runs: dSq blocks for dSq, the dYv blocks of every C tile
+for dYv, dP in the key blocks for dSk.  fp16 and bf16 run every product of forward and backward
+on tensor cores (``sf_mma.cuh``, fp32 accumulation); fp32 runs FFMA kernels.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ class _SemanticAttentionKernels:
         return (inp.sq.new_empty(inp.sq.shape[:2], dtype=torch.float32),)  # lse
 
     def backward(self, inp: SemanticAttentionInputs, outputs, residuals, grad_outputs, needs, seed: int):
-        # The kernels compute every gradient (needs is not passed down yet).
+        # Blocks serving only gradients autograd does not need are not launched (those come back unwritten).
         sq, sk, yv = (_rows(t) for t in (inp.sq, inp.sk, inp.yv))
-        return tuple(self.library().semantic_attention_backward(grad_outputs[0].contiguous(), sq, sk, yv, outputs[0],
-                                                                residuals[0]))
+        grads = self.library().semantic_attention_backward(grad_outputs[0].contiguous(), sq, sk, yv, outputs[0],
+                                                           residuals[0], *needs)
+        return tuple(g if need else None for g, need in zip(grads, needs))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

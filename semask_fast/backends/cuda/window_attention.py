@@ -14,7 +14,8 @@ the rows of a window's heads (it keeps one window per step for the table gradien
 Windows of at most 64 tokens with head_dim <= 64 run one fused backward kernel instead
 (every dtype: tensor cores for fp16 / bf16, FFMA for fp32), a block per (window, head):
 q, k, v, dO are read once, and the table gradient is folded onto the table rows in the
-block (see :func:`fused_backward`).
+block (see :func:`fused_backward`).  Gradients autograd does not need are not computed: no dK / dV
+kernel (or products) without them, no dQ product without dq (its kernel still runs for the table).
 """
 
 from __future__ import annotations
@@ -140,13 +141,14 @@ class _WindowAttentionKernels:
         return (inp.q.new_empty(inp.q.shape[:3], dtype=torch.float32),)  # lse
 
     def backward(self, inp: WindowAttentionInputs, outputs, residuals, grad_outputs, needs, seed):
-        # The kernels skip the table gradient (partials and reduction) when autograd does not need
-        # it; dq, dk and dv are always computed.
+        # The kernels skip what autograd does not need: the table gradient (partials and reduction),
+        # dq (its product; its kernel unless the table needs it), dk and dv (their kernel, or products).
         q, k, v = (t.contiguous() for t in (inp.q, inp.k, inp.v))
         dq, dk, dv, dtable = self.library().window_attention_backward(
             grad_outputs[0].contiguous(), q, k, v, outputs[0], residuals[0], *self._args(inp, seed),
-            self._per_chunk(inp), needs[3])
-        return dq, dk, dv, dtable.to(inp.bias_table.dtype) if needs[3] else None
+            self._per_chunk(inp), needs[0], needs[1] or needs[2], needs[3])
+        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
+                dtable.to(inp.bias_table.dtype) if needs[3] else None)
 
 
 @register

@@ -36,13 +36,13 @@ class MaskSimilarityTriton(TritonImpl):
                 inp.patches.new_empty((b, k), dtype=torch.float32))  # inverse norms
 
     def backward(self, inp, outputs, residuals, grad_outputs, needs, seed: int):
-        # The launcher computes every gradient (needs is not passed down yet).
+        # The kernels skip dP or dC when autograd does not need them.
         from ...kernels.mask_similarity import mask_similarity_backward
 
         rp, rc = residuals
         dp, dc, dw, db = mask_similarity_backward(inp.patches.contiguous(), inp.classes.contiguous(),
                                                   _contiguous(inp.norm_weight), rp, rc, grad_outputs[0].contiguous(),
-                                                  norm=inp.norm, eps=inp.norm_eps)
+                                                  norm=inp.norm, eps=inp.norm_eps, needs=(needs[0], needs[1]))
         dw = dw.to(inp.norm_weight.dtype) if needs[2] else None
         db = db.to(inp.norm_bias.dtype) if needs[3] else None
         return dp, dc, dw, db
