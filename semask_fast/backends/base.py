@@ -63,6 +63,12 @@ def draw_seed(device: torch.device, bound: int) -> torch.Tensor:
     return torch.randint(0, bound, (), dtype=torch.int64, device=device)
 
 
+def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim is contiguous (kernels that take row strides read it in place,
+    e.g. permuted views of a fused q/k/v projection), else a contiguous copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
 def on_device(device: torch.device):
     """Makes ``device`` current while an implementation runs on its tensors: kernels launch on the
     current CUDA device and stream (Triton's launcher, a raw launch), not necessarily the inputs'."""

@@ -16,6 +16,7 @@ from typing import List, Optional
 import torch
 
 from ...ops.window_attention import WindowAttentionInputs
+from ..base import unit_last_stride
 from ..registry import register
 from . import CpuImpl
 
@@ -35,10 +36,6 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def as_compute(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     """A small operand (table, mask) in the kernels' compute dtype, contiguous."""
     return None if t is None else t.to(compute_dtype(dtype)).contiguous()
-
-
-def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
 def _geometry(inp: WindowAttentionInputs):

@@ -27,6 +27,7 @@ from typing import Iterator, List, Optional
 import torch
 
 from ...ops.atm_attention import ATMAttentionInputs
+from ..base import unit_last_stride
 from ..registry import register
 from . import CudaImpl, SimtImpl, cuda_index
 
@@ -107,12 +108,6 @@ def plan_splits(batch: int, heads: int, nq: int, nk: int, dtype: torch.dtype, he
     return min(candidates, key=lambda s: (split_model_seconds(s, batch, heads, nq, nk, head_dim, dtype, sms), s))
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """The kernels take any strides but the last (read in place); only a non-unit last-dim stride
-    needs a copy."""
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device: torch.device) -> int:
     """Multiprocessors of the inputs' device (the split plan's input); the harness models an H100."""
@@ -140,7 +135,7 @@ class _ATMAttentionKernels:
         return []
 
     def forward(self, inp: ATMAttentionInputs, seed):
-        q, k, v = (_rows(t) for t in (inp.q, inp.k, inp.v))
+        q, k, v = (unit_last_stride(t) for t in (inp.q, inp.k, inp.v))
         splits = plan_splits(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.dtype, q.shape[3],
                              sms=_multiprocessors(q.device), requested=_requested_splits.get())
         out, mask_logits, lse = self.library().atm_attention_forward(q, k, v, inp.scale, inp.dropout_p, seed, splits)
@@ -151,8 +146,8 @@ class _ATMAttentionKernels:
 
     def backward(self, inp: ATMAttentionInputs, outputs, residuals, grad_outputs, needs, seed):
         # dq and (dk, dv) come from separate kernels, each launched only when autograd needs it.
-        q, k, v = (_rows(t) for t in (inp.q, inp.k, inp.v))
-        dout, dmask = (_rows(g) for g in grad_outputs)
+        q, k, v = (unit_last_stride(t) for t in (inp.q, inp.k, inp.v))
+        dout, dmask = (unit_last_stride(g) for g in grad_outputs)
         grads = self.library().atm_attention_backward(dout, dmask, q, k, v, outputs[0], residuals[0], inp.scale,
                                                       inp.dropout_p, seed, needs[0], needs[1] or needs[2])
         return tuple(g if need else None for g, need in zip(grads, needs))

@@ -18,6 +18,7 @@ from typing import List
 import torch
 
 from ...ops.semantic_attention import SemanticAttentionInputs
+from ..base import unit_last_stride
 from ..registry import register
 from . import CudaImpl, SimtImpl
 
@@ -33,7 +34,7 @@ class _SemanticAttentionKernels:
         return [f"K={k} classes (supported: 1..{MAX_CLASSES})"] if k > MAX_CLASSES else []
 
     def forward(self, inp: SemanticAttentionInputs, seed: int):
-        sq, sk, yv = (_rows(t) for t in (inp.sq, inp.sk, inp.yv))
+        sq, sk, yv = (unit_last_stride(t) for t in (inp.sq, inp.sk, inp.yv))
         out, lse = self.library().semantic_attention_forward(sq, sk, yv)
         return (out,), (lse,)
 
@@ -42,16 +43,10 @@ class _SemanticAttentionKernels:
 
     def backward(self, inp: SemanticAttentionInputs, outputs, residuals, grad_outputs, needs, seed: int):
         # Blocks serving only gradients autograd does not need are not launched (those come back unwritten).
-        sq, sk, yv = (_rows(t) for t in (inp.sq, inp.sk, inp.yv))
+        sq, sk, yv = (unit_last_stride(t) for t in (inp.sq, inp.sk, inp.yv))
         grads = self.library().semantic_attention_backward(grad_outputs[0].contiguous(), sq, sk, yv, outputs[0],
                                                            residuals[0], *needs)
         return tuple(g if need else None for g, need in zip(grads, needs))
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """The kernels take any batch and row strides (e.g. the column views of SemanticAttention's
-    fused q/k/v projection, read in place); only a non-unit last-dim stride needs a copy."""
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
 @register
