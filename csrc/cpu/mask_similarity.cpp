@@ -33,7 +33,6 @@
 // prefetched during this block's products.  Blocks run in order within a task: dC's sum over the
 // patches and coldot's over the blocks have one order; dw and db add the blocks' partials in
 // order after the pass.
-#include <ATen/ops/empty_like.h>
 
 #include "sf_cpu.h"
 
@@ -265,9 +264,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const at
   const std::vector<T> gain = padded_param<T>(weight, K, Kpad, T(1), "norm_weight");
   const std::vector<T> shift = padded_param<T>(bias, K, Kpad, T(0), "norm_bias");
   const auto acc_options = P.options().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor out = at::empty({B, Np, K}, P.options());
+  at::Tensor out = sf::cpu::empty_output({B, Np, K}, P.options());
   const bool scores_in_out = kSameType && !norm;
-  at::Tensor scores = scores_in_out ? at::empty({0}, acc_options) : at::empty({B, Np, K}, acc_options);
+  at::Tensor scores = scores_in_out ? at::empty({0}, acc_options) : sf::cpu::empty_output({B, Np, K}, acc_options);
   at::Tensor rinv_p = at::empty({B, Np}, acc_options), rinv_c = at::empty({B, K}, acc_options);
   if (out.numel() == 0) return {out, scores, rinv_p, rinv_c};
   const scalar_t* p = P.data_ptr<scalar_t>();
@@ -375,7 +374,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
               "rinv_p must be a contiguous (B, Np) tensor of the compute type");
   TORCH_CHECK(rinv_c.scalar_type() == scores.scalar_type() && rinv_c.is_contiguous() && rinv_c.numel() == B * K,
               "rinv_c must be a contiguous (B, K) tensor of the compute type");
-  at::Tensor dP = at::empty_like(P), dC = at::empty_like(C);
+  // P and C are contiguous (the Python side makes them so): so are their gradients.
+  at::Tensor dP = sf::cpu::empty_output(P.sizes(), P.options()), dC = sf::cpu::empty_output(C.sizes(), C.options());
   at::Tensor dw = norm ? at::zeros({K}, acc_options) : at::Tensor();
   at::Tensor db = norm ? at::zeros({K}, acc_options) : at::Tensor();
   if (P.numel() == 0 || C.numel() == 0) {
