@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from semask_fast import _build
+from semask_fast.testing import REORDERED_FP32, assert_close
 from tests.conftest import require_toolchain
 
 pytestmark = pytest.mark.harness
@@ -159,12 +160,12 @@ def test_mma_wrapper_matches_matrix_product(simt, dtype, trial):
     d, dt, e = simt.selftest_mma(a, b, bt, b2, b3)
     A, B, BT, B2, B3 = (t.double() for t in (a, b, bt, b2, b3))
     # Products of 16-bit floats are exact in fp32; only the fp32 accumulation rounds.
-    torch.testing.assert_close(d.double(), A @ B.T, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(dt.double(), A.T @ BT, rtol=1e-6, atol=1e-5)
+    assert_close(d, A @ B.T, tol=REORDERED_FP32)
+    assert_close(dt, A.T @ BT, tol=REORDERED_FP32)
     # acc_to_a_frag rounds the fp32 accumulators to dtype, as a kernel re-using P as an operand; a
-    # value on a rounding boundary may round the other way here, hence a tolerance of a few ulp.
+    # value on a rounding boundary may round the other way here, hence the dtype's tolerance.
     p = torch.cat([d, (A @ B2.T).float()], dim=1).to(dtype).double()
-    torch.testing.assert_close(e.double(), p @ B3, rtol=2e-2, atol=2e-2)
+    assert_close(e, p @ B3, dtype)
     # And the layout is not accidentally symmetric: a transposed A gives a different product.
     assert not torch.allclose(d.double(), A.T @ B.T, atol=1e-2)
 

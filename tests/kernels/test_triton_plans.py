@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from semask_fast import reference
-from semask_fast.testing import assert_close
+from semask_fast.testing import REORDERED_FP32, assert_close
 from tests.kernels._launch_parity import assert_matches_reference, atm_inputs, grad_outputs_like, ids, kernels, \
     rounded, run_atm, run_semantic, run_window, semantic_inputs, window_inputs
 
@@ -80,8 +80,8 @@ def test_window_table_fold_chunks():
                                             scale=0.25, plan=plan)[3] for _ in range(2)]
         assert torch.equal(runs[0], runs[1])
         tables[chunk] = runs[0]
-    torch.testing.assert_close(tables[1], tables[2])
-    torch.testing.assert_close(tables[1], tables[8])
+    for chunk in (2, 8):  # the same sums in another order
+        assert_close(tables[chunk], tables[1], tol=REORDERED_FP32, what=f"table gradient, chunk {chunk}")
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3, 4])
