@@ -2,7 +2,10 @@
 //
 //   out = dropout(softmax(scale * q k^T + bias + mask)) v     per window and head
 //
-// q, k, v, out: (B_, h, N, d) contiguous, window index fastest inside B_.
+// q, k, v, out: (B_, h, N, d), window index fastest inside B_.  q, k, v and dO are read in
+// place with any window / head / row strides (64-bit offsets), the last dim contiguous (the timm
+// drop-in passes permuted views of one fused projection); out and the gradients are written
+// contiguous.
 // The relative-position bias is gathered from the fp32 table with the official
 // index computed in-kernel; the SW-MSA mask is either computed in-kernel from
 // (grid, window, shift) with region ids (reference.shift_region_ids) or read
@@ -58,10 +61,16 @@ constexpr int BM = kWarps * kRowsPerWarp;  // query rows per tile
 constexpr int BN = 32;                     // keys per tile
 constexpr float kNegInf = -__builtin_huge_valf();
 
+// A (B_, h, N, d) input read in place: window, head and row strides in elements, the last dim
+// contiguous.
+struct Rows {
+  const void* data;
+  int64_t b, h, r;
+};
+
 struct Params {
-  const void* q;
-  const void* k;
-  const void* v;
+  Rows q, k, v;
+  Rows dout;           // backward only
   const float* table;  // ((2Wh-1)(2Ww-1), h) or nullptr
   const float* mask;   // (nW, N, N) or nullptr
   int64_t batch;       // B_ = B * nW
@@ -120,10 +129,16 @@ SF_DEVICE_INLINE float logit(const Params& p, const float* tb, int w, int i, int
   return x;
 }
 
-// Stage rows [row0, row0 + rows) x [0, DP) of a (n, d) matrix as fp32, zero padded.
+// The rows of head `head` of window b_ of a Rows input (row stride x.r).
+template <typename T>
+SF_DEVICE_INLINE const T* segment_rows(const Rows& x, int64_t b, int64_t head) {
+  return static_cast<const T*>(x.data) + b * x.b + head * x.h;
+}
+
+// Stage rows [row0, row0 + rows) x [0, DP) of a (n, d) matrix (rows rs apart) as fp32, zero padded.
 template <typename T, int DP>
-SF_DEVICE_INLINE void load_tile(float* dst, int ld, const T* src, int row0, int rows, int n, int d) {
-  sf::stage_tile<float>(dst, ld, src, d, row0, rows, n, 0, DP, d, threadIdx.x, kThreads);
+SF_DEVICE_INLINE void load_tile(float* dst, int ld, const T* src, int64_t rs, int row0, int rows, int n, int d) {
+  sf::stage_tile<float>(dst, ld, src, rs, row0, rows, n, 0, DP, d, threadIdx.x, kThreads);
 }
 
 SF_DEVICE_INLINE void load_table(float* tb, const Params& p, int head) {
@@ -158,15 +173,16 @@ __global__ void __launch_bounds__(kThreads, 1) window_attention_fwd_kernel(Param
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t bh = blockIdx.x;
-  const int head = static_cast<int>(bh % p.heads);
-  const int w = static_cast<int>((bh / p.heads) % p.nw);
+  const int64_t b = bh / p.heads;
+  const int head = static_cast<int>(bh - b * p.heads);
+  const int w = static_cast<int>(b % p.nw);
   const int q0 = blockIdx.y * BM;
-  const int64_t base = bh * p.n * p.d;
-  const T* qg = static_cast<const T*>(p.q) + base;
-  const T* kg = static_cast<const T*>(p.k) + base;
-  const T* vg = static_cast<const T*>(p.v) + base;
+  const int64_t base = bh * p.n * p.d;  // out: contiguous
+  const T* qg = segment_rows<T>(p.q, b, head);
+  const T* kg = segment_rows<T>(p.k, b, head);
+  const T* vg = segment_rows<T>(p.v, b, head);
 
-  load_tile<T, DP>(qs, DP, qg, q0, BM, p.n, p.d);
+  load_tile<T, DP>(qs, DP, qg, p.q.r, q0, BM, p.n, p.d);
   if (tb) load_table(tb, p, head);
 
   constexpr int C = DP / 32;
@@ -183,8 +199,8 @@ __global__ void __launch_bounds__(kThreads, 1) window_attention_fwd_kernel(Param
 
   for (int k0 = 0; k0 < p.n; k0 += BN) {
     __syncthreads();  // the previous tile's readers are done
-    load_tile<T, DP>(ks, DP + 1, kg, k0, BN, p.n, p.d);
-    load_tile<T, DP>(vs, DP, vg, k0, BN, p.n, p.d);
+    load_tile<T, DP>(ks, DP + 1, kg, p.k.r, k0, BN, p.n, p.d);
+    load_tile<T, DP>(vs, DP, vg, p.v.r, k0, BN, p.n, p.d);
     __syncthreads();
     const int j = k0 + lane;
     const RowInfo rj = row_info(p, w, j);
@@ -234,12 +250,12 @@ __global__ void __launch_bounds__(kThreads, 1) window_attention_fwd_kernel(Param
 // 4 lanes of a group, and the probabilities become the A operand of P V without
 // leaving registers (rounded to the input dtype, as flash attention does).
 //
-// Rows are packed: q, k, v, out are (B_ * h * N, d) matrices and a block owns the
-// flat rows [R0, R0 + MBM), whatever (window, head) "segments" (bh = row / N) they
-// belong to, so a 7x7 window (N = 49) no longer leaves 15 of 64 rows idle.  The
-// keys loop over the flat rows of the segments the block touches; a logit whose
-// query and key lie in different segments is -inf, and a warp skips the 8-key
-// sub-tiles outside its own segments (a warp-uniform branch).
+// Rows are packed: q, k, v, out are taken as (B_ * h * N, d) matrices of flat rows
+// (b_ * h + head) * N + i (q, k, v read in place by load_flat_rows) and a block owns the flat
+// rows [R0, R0 + MBM), whatever (window, head) "segments" (bh = row / N) they belong to, so a
+// 7x7 window (N = 49) no longer leaves 15 of 64 rows idle.  The keys loop over the flat rows
+// of the segments the block touches; a logit whose query and key lie in different segments is
+// -inf, and a warp skips the 8-key sub-tiles outside its own segments (a warp-uniform branch).
 constexpr int kMmaWarps = 4;
 constexpr int MBM = 16 * kMmaWarps;
 constexpr int MBN = 32;
@@ -254,10 +270,36 @@ SF_HOST_DEVICE constexpr int fwd_mma_smem_bytes_fixed() {
   return 2 * (MBM + 2 * MBN) * mma_ld<DP>();
 }
 
-// Stage rows [row0, row0 + rows) x [0, DP) of a (n, d) matrix in its own dtype, zero padded.
+// Stage rows [row0, row0 + rows) x [0, DP) of a (n, d) matrix (rows rs apart) in its own dtype,
+// zero padded.
 template <typename T, int DP>
-SF_DEVICE_INLINE void load_tile_raw(T* dst, int ld, const T* src, int row0, int rows, int n, int d) {
-  sf::stage_tile<T>(dst, ld, src, d, row0, rows, n, 0, DP, d, threadIdx.x, kMmaWarps * 32);
+SF_DEVICE_INLINE void load_tile_raw(T* dst, int ld, const T* src, int64_t rs, int row0, int rows, int n, int d) {
+  sf::stage_tile<T>(dst, ld, src, rs, row0, rows, n, 0, DP, d, threadIdx.x, kMmaWarps * 32);
+}
+
+// Stage the flat rows [row0, row0 + rows) of x (flat row (b_ * h + head) * N + i, read in place) x
+// [0, DP) in their own dtype, zero padded past `valid` rows and d columns.  A thread keeps one
+// column (the block's threads are a multiple of DP) and steps its row's (b_, head, i) without
+// dividing: two divisions per call, not per element.
+template <typename T, int DP>
+SF_DEVICE_INLINE void load_flat_rows(T* dst, int ld, const Params& p, const Rows& x, int64_t row0, int rows,
+                                     int valid) {
+  constexpr int kStep = kMmaWarps * 32 / DP;  // rows a pass of the block covers
+  static_assert(kMmaWarps * 32 % DP == 0, "a thread keeps one column");
+  const int t = threadIdx.x % DP;
+  int r = threadIdx.x / DP;
+  const int64_t seg = (row0 + r) / p.n;
+  int64_t b = seg / p.heads;
+  int head = static_cast<int>(seg - b * p.heads), i = static_cast<int>(row0 + r - seg * p.n);
+  const T* src = static_cast<const T*>(x.data) + t;
+  for (; r < rows; r += kStep) {
+    dst[r * ld + t] = r < valid && t < p.d ? src[b * x.b + head * x.h + i * x.r] : sf::from_float<T>(0.f);
+    for (i += kStep; i >= p.n; i -= p.n)
+      if (++head == p.heads) {
+        head = 0;
+        ++b;
+      }
+  }
 }
 
 // grid (ceil(B_ * h * N / MBM)), block kMmaWarps * 32; dynamic smem: fwd_mma_smem_bytes.
@@ -282,10 +324,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_fwd_mma_ke
   const int rows_here = static_cast<int>(total - r0 < MBM ? total - r0 : MBM);
   const int64_t seg0 = r0 / p.n, seg1 = (r0 + rows_here - 1) / p.n;
   const int64_t key0 = seg0 * p.n, key_end = (seg1 + 1) * p.n;  // flat keys of the block's segments
-  const T* kg = static_cast<const T*>(p.k);
-  const T* vg = static_cast<const T*>(p.v);
 
-  load_tile_raw<T, DP>(qs, LD, static_cast<const T*>(p.q) + r0 * p.d, 0, MBM, rows_here, p.d);
+  load_flat_rows<T, DP>(qs, LD, p, p.q, r0, MBM, rows_here);
   const int trows = table_rows(p);
   if (tb) {
     const int segs = static_cast<int>(seg1 - seg0 + 1);
@@ -328,8 +368,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_fwd_mma_ke
   for (int64_t k0 = key0; k0 < key_end; k0 += MBN) {
     const int keys_here = static_cast<int>(key_end - k0 < MBN ? key_end - k0 : MBN);
     __syncthreads();  // the previous tile's readers are done
-    load_tile_raw<T, DP>(ks, LD, kg + k0 * p.d, 0, MBN, keys_here, p.d);
-    load_tile_raw<T, DP>(vs, LD, vg + k0 * p.d, 0, MBN, keys_here, p.d);
+    load_flat_rows<T, DP>(ks, LD, p, p.k, k0, MBN, keys_here);
+    load_flat_rows<T, DP>(vs, LD, p, p.v, k0, MBN, keys_here);
     __syncthreads();
     bool live[ST];  // the 8-key sub-tile meets the warp's segments (uniform over the warp)
 #pragma unroll
@@ -398,16 +438,17 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_fwd_mma_ke
 }
 
 // --------------------------------------------------------------- backward --
-// delta_i = sum_t dO[i, t] * O[i, t]: one warp per row.
+// delta_i = sum_t dO[i, t] * O[i, t]: one warp per flat row (b_, head, i); out is contiguous, dO
+// read in place.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) window_attention_delta_kernel(const T* __restrict__ out,
-                                                                          const T* __restrict__ dout,
-                                                                          float* __restrict__ delta, int64_t rows,
-                                                                          int d) {
+__global__ void __launch_bounds__(kThreads) window_attention_delta_kernel(Params p, const T* __restrict__ out,
+                                                                          float* __restrict__ delta) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  if (row >= rows) return;  // whole warp leaves together
-  const float s = sf::warp_dot(out + row * d, dout + row * d, d, lane);
+  if (row >= p.batch * p.heads * p.n) return;  // whole warp leaves together
+  const int64_t bh = row / p.n, b = bh / p.heads;
+  const T* dout = segment_rows<T>(p.dout, b, bh - b * p.heads) + (row - bh * p.n) * p.dout.r;
+  const float s = sf::warp_dot(out + row * p.d, dout, p.d, lane);
   if (lane == 0) delta[row] = s;
 }
 
@@ -441,8 +482,8 @@ SF_HOST_DEVICE constexpr int dkv_smem_floats_fixed() {
 
 // grid (B_ * h, ceil(N / BN)): dK, dV of one key tile.
 template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) window_attention_dkv_kernel(Params p, const T* __restrict__ dout,
-                                                                        const float* __restrict__ lse,
+// minBlocks = 1: without it ptxas capped this kernel's registers for occupancy and spilled (sm_80, sm_90).
+__global__ void __launch_bounds__(kThreads, 1) window_attention_dkv_kernel(Params p, const float* __restrict__ lse,
                                                                         const float* __restrict__ delta,
                                                                         T* __restrict__ dk, T* __restrict__ dv) {
   SF_DYNAMIC_SHARED(float, smem);
@@ -457,18 +498,14 @@ __global__ void __launch_bounds__(kThreads) window_attention_dkv_kernel(Params p
   float* tb = p.table ? deltas + BM : nullptr;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t bh = blockIdx.x;
-  const int head = static_cast<int>(bh % p.heads);
-  const int w = static_cast<int>((bh / p.heads) % p.nw);
+  const int64_t bh = blockIdx.x, b = bh / p.heads;
+  const int head = static_cast<int>(bh - b * p.heads);
+  const int w = static_cast<int>(b % p.nw);
   const int k0 = blockIdx.y * BN;
-  const int64_t base = bh * p.n * p.d;
-  const T* qg = static_cast<const T*>(p.q) + base;
-  const T* kg = static_cast<const T*>(p.k) + base;
-  const T* vg = static_cast<const T*>(p.v) + base;
-  const T* dog = dout + base;
+  const int64_t base = bh * p.n * p.d;  // dk, dv: contiguous
 
-  load_tile<T, DP>(ks, DP + 1, kg, k0, BN, p.n, p.d);
-  load_tile<T, DP>(vs, DP + 1, vg, k0, BN, p.n, p.d);
+  load_tile<T, DP>(ks, DP + 1, segment_rows<T>(p.k, b, head), p.k.r, k0, BN, p.n, p.d);
+  load_tile<T, DP>(vs, DP + 1, segment_rows<T>(p.v, b, head), p.v.r, k0, BN, p.n, p.d);
   if (tb) load_table(tb, p, head);
 
   constexpr int C = DP / 32;
@@ -483,8 +520,8 @@ __global__ void __launch_bounds__(kThreads) window_attention_dkv_kernel(Params p
   const RowInfo rj = row_info(p, w, j);
   for (int q0 = 0; q0 < p.n; q0 += BM) {
     __syncthreads();  // previous tile's readers are done
-    load_tile<T, DP>(qs, DP, qg, q0, BM, p.n, p.d);
-    load_tile<T, DP>(dos, DP, dog, q0, BM, p.n, p.d);
+    load_tile<T, DP>(qs, DP, segment_rows<T>(p.q, b, head), p.q.r, q0, BM, p.n, p.d);
+    load_tile<T, DP>(dos, DP, segment_rows<T>(p.dout, b, head), p.dout.r, q0, BM, p.n, p.d);
     for (int e = threadIdx.x; e < BM; e += kThreads) {
       const bool ok = q0 + e < p.n;
       lses[e] = ok ? lse[bh * p.n + q0 + e] : 0.f;
@@ -540,8 +577,7 @@ SF_HOST_DEVICE constexpr int dq_smem_floats_fixed() {
 // DQ false (dq not wanted): the table's partials alone; a template flag, not a null test (that
 // made ptxas spill the dQ variant on sm_90).
 template <typename T, int DP, bool DQ>
-__global__ void __launch_bounds__(kThreads) window_attention_dq_kernel(Params p, const T* __restrict__ dout,
-                                                                       const float* __restrict__ lse,
+__global__ void __launch_bounds__(kThreads) window_attention_dq_kernel(Params p, const float* __restrict__ lse,
                                                                        const float* __restrict__ delta,
                                                                        T* __restrict__ dq, float* __restrict__ dsum,
                                                                        int64_t per_chunk) {
@@ -567,13 +603,12 @@ __global__ void __launch_bounds__(kThreads) window_attention_dq_kernel(Params p,
     const bool first = b == chunk * per_chunk;  // writes the partial sums, later windows add
     const int64_t bh = b * p.heads + head;
     const int w = static_cast<int>(b % p.nw);
-    const int64_t base = bh * p.n * p.d;
-    const T* qg = static_cast<const T*>(p.q) + base;
-    const T* kg = static_cast<const T*>(p.k) + base;
-    const T* vg = static_cast<const T*>(p.v) + base;
+    const int64_t base = bh * p.n * p.d;  // dq: contiguous
+    const T* kg = segment_rows<T>(p.k, b, head);
+    const T* vg = segment_rows<T>(p.v, b, head);
     __syncthreads();  // previous window's readers are done
-    load_tile<T, DP>(qs, DP, qg, q0, BM, p.n, p.d);
-    load_tile<T, DP>(dos, DP, dout + base, q0, BM, p.n, p.d);
+    load_tile<T, DP>(qs, DP, segment_rows<T>(p.q, b, head), p.q.r, q0, BM, p.n, p.d);
+    load_tile<T, DP>(dos, DP, segment_rows<T>(p.dout, b, head), p.dout.r, q0, BM, p.n, p.d);
     for (int e = threadIdx.x; e < BM; e += kThreads) {
       const bool ok = q0 + e < p.n;
       lses[e] = ok ? lse[bh * p.n + q0 + e] : 0.f;
@@ -589,8 +624,8 @@ __global__ void __launch_bounds__(kThreads) window_attention_dq_kernel(Params p,
     }
     for (int k0 = 0; k0 < p.n; k0 += BN) {
       __syncthreads();
-      load_tile<T, DP>(ks, DP + 1, kg, k0, BN, p.n, p.d);
-      load_tile<T, DP>(vs, DP + 1, vg, k0, BN, p.n, p.d);
+      load_tile<T, DP>(ks, DP + 1, kg, p.k.r, k0, BN, p.n, p.d);
+      load_tile<T, DP>(vs, DP + 1, vg, p.v.r, k0, BN, p.n, p.d);
       __syncthreads();
       const int j = k0 + lane;
       const RowInfo rj = row_info(p, w, j);
@@ -672,8 +707,7 @@ SF_HOST_DEVICE constexpr int bwd_mma_smem_bytes_fixed() {
 // of the segments those keys belong to; pairs of different segments contribute nothing.
 template <typename T, int DP>
 __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dkv_mma_kernel(
-    Params p, const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-    T* __restrict__ dk, T* __restrict__ dv) {
+    Params p, const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv) {
   constexpr int LD = mma_ld<DP>();
   constexpr int KS = DP / 16, NT = DP / 8, ST = MBN / 8;
   SF_DYNAMIC_SHARED(T, smem);
@@ -692,9 +726,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dkv_mma_kerne
   const int keys_here = static_cast<int>(total - k0 < MBM ? total - k0 : MBM);
   const int64_t seg0 = k0 / p.n, seg1 = (k0 + keys_here - 1) / p.n;
   const int64_t q_begin = seg0 * p.n, q_end = (seg1 + 1) * p.n;  // flat queries of the block's segments
-  const T* qg = static_cast<const T*>(p.q);
-  load_tile_raw<T, DP>(ks, LD, static_cast<const T*>(p.k) + k0 * p.d, 0, MBM, keys_here, p.d);
-  load_tile_raw<T, DP>(vs, LD, static_cast<const T*>(p.v) + k0 * p.d, 0, MBM, keys_here, p.d);
+  load_flat_rows<T, DP>(ks, LD, p, p.k, k0, MBM, keys_here);
+  load_flat_rows<T, DP>(vs, LD, p, p.v, k0, MBM, keys_here);
   const int trows = table_rows(p);
   if (tb) {
     const int segs = static_cast<int>(seg1 - seg0 + 1);
@@ -729,8 +762,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dkv_mma_kerne
   for (int64_t q0 = q_begin; q0 < q_end; q0 += MBN) {
     const int q_here = static_cast<int>(q_end - q0 < MBN ? q_end - q0 : MBN);
     __syncthreads();  // the previous tile's readers are done (first time: publishes the keys above)
-    load_tile_raw<T, DP>(qs, LD, qg + q0 * p.d, 0, MBN, q_here, p.d);
-    load_tile_raw<T, DP>(dos, LD, dout + q0 * p.d, 0, MBN, q_here, p.d);
+    load_flat_rows<T, DP>(qs, LD, p, p.q, q0, MBN, q_here);
+    load_flat_rows<T, DP>(dos, LD, p, p.dout, q0, MBN, q_here);
     for (int e = threadIdx.x; e < MBN; e += kMmaWarps * 32) {
       const bool ok = e < q_here;
       lses[e] = ok ? lse[q0 + e] : 0.f;
@@ -796,8 +829,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dkv_mma_kerne
 template <typename T, int DP>
 // minBlocks = 1: without it ptxas capped this kernel's registers for occupancy and spilled (sm_80).
 __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_dq_mma_kernel(
-    Params p, const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-    T* __restrict__ dq, float* __restrict__ dsum, int64_t per_chunk) {
+    Params p, const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq,
+    float* __restrict__ dsum, int64_t per_chunk) {
   constexpr int LD = mma_ld<DP>();
   constexpr int KS = DP / 16, NT = DP / 8, ST = MBN / 8;
   SF_DYNAMIC_SHARED(T, smem);
@@ -843,8 +876,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_dq_mma_ker
     const int w = static_cast<int>(b % p.nw);
     const int64_t wbase = b * window_rows;  // flat row of the window's first (head 0, token 0) row
     __syncthreads();  // the previous window's readers are done
-    load_tile_raw<T, DP>(qs, LD, static_cast<const T*>(p.q) + (wbase + r0) * p.d, 0, MBM, rows_here, p.d);
-    load_tile_raw<T, DP>(dos, LD, dout + (wbase + r0) * p.d, 0, MBM, rows_here, p.d);
+    load_flat_rows<T, DP>(qs, LD, p, p.q, wbase + r0, MBM, rows_here);
+    load_flat_rows<T, DP>(dos, LD, p, p.dout, wbase + r0, MBM, rows_here);
     for (int e = threadIdx.x; e < MBM; e += kMmaWarps * 32) {
       const bool ok = e < rows_here;
       lses[e] = ok ? lse[wbase + r0 + e] : 0.f;
@@ -874,8 +907,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_dq_mma_ker
     for (int k0 = 0; k0 < span; k0 += MBN) {
       const int keys_here = span - k0 < MBN ? span - k0 : MBN;
       __syncthreads();
-      load_tile_raw<T, DP>(ks, LD, static_cast<const T*>(p.k) + (wbase + key0 + k0) * p.d, 0, MBN, keys_here, p.d);
-      load_tile_raw<T, DP>(vs, LD, static_cast<const T*>(p.v) + (wbase + key0 + k0) * p.d, 0, MBN, keys_here, p.d);
+      load_flat_rows<T, DP>(ks, LD, p, p.k, wbase + key0 + k0, MBN, keys_here);
+      load_flat_rows<T, DP>(vs, LD, p, p.v, wbase + key0 + k0, MBN, keys_here);
       __syncthreads();
       bool live[ST];  // the 8-key sub-tile meets the warp's heads (uniform over the warp)
 #pragma unroll
@@ -1117,8 +1150,8 @@ constexpr int kFoldRows = 2;
 template <typename T, int DP>
 // minBlocks = 1: let ptxas use the registers it needs (occupancy is bound by shared memory).
 __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_bwd_fused_kernel(
-    Params p, const T* __restrict__ out, const T* __restrict__ dout, const float* __restrict__ lse,
-    T* __restrict__ dq, T* __restrict__ dk, T* __restrict__ dv, float* __restrict__ tpart, int64_t per_chunk) {
+    Params p, const T* __restrict__ out, const float* __restrict__ lse, T* __restrict__ dq, T* __restrict__ dk,
+    T* __restrict__ dv, float* __restrict__ tpart, int64_t per_chunk) {
   using F = FusedProducts<T, DP>;
   constexpr int LD = F::LD, LP = F::LP, NT = F::NT, ST = F::ST;
   SF_DYNAMIC_SHARED(T, smem);
@@ -1153,10 +1186,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_bwd_fused_
     const int w = static_cast<int>(b % p.nw);
     const int64_t seg = b * p.heads + head, row0 = seg * n;  // flat row of the segment's token 0
     __syncthreads();  // the previous window's readers are done
-    load_tile_raw<T, DP>(qs, LD, static_cast<const T*>(p.q) + row0 * p.d, 0, FN, n, p.d);
-    load_tile_raw<T, DP>(ks, LD, static_cast<const T*>(p.k) + row0 * p.d, 0, FN, n, p.d);
-    load_tile_raw<T, DP>(vs, LD, static_cast<const T*>(p.v) + row0 * p.d, 0, FN, n, p.d);
-    load_tile_raw<T, DP>(dos, LD, dout + row0 * p.d, 0, FN, n, p.d);
+    load_tile_raw<T, DP>(qs, LD, segment_rows<T>(p.q, b, head), p.q.r, 0, FN, n, p.d);
+    load_tile_raw<T, DP>(ks, LD, segment_rows<T>(p.k, b, head), p.k.r, 0, FN, n, p.d);
+    load_tile_raw<T, DP>(vs, LD, segment_rows<T>(p.v, b, head), p.v.r, 0, FN, n, p.d);
+    load_tile_raw<T, DP>(dos, LD, segment_rows<T>(p.dout, b, head), p.dout.r, 0, FN, n, p.d);
     for (int e = threadIdx.x; e < FN; e += kMmaWarps * 32) lses[e] = e < n ? lse[row0 + e] : 0.f;
     __syncthreads();  // dO is staged
     // delta_i = sum_t dO[i, t] * O[i, t] (as window_attention_delta_kernel): a warp per row.
@@ -1305,13 +1338,12 @@ void forward(const Params& p, T* out, float* lse, cudaStream_t stream) {
 // dq, or dk with dv, may be null: not wanted (autograd's needs_input_grad); a dkv kernel runs only
 // for dk, dv, a dq kernel for dq or the table's partials (dsum).
 template <typename T, int DP>
-void backward(const Params& p, const T* out, const T* dout, const float* lse, float* delta, T* dq, T* dk, T* dv,
+void backward(const Params& p, const T* out, const float* lse, float* delta, T* dq, T* dk, T* dv,
               float* dsum, int64_t chunks, int64_t per_chunk, float* dtable, cudaStream_t stream) {
   const int64_t rows = p.batch * p.heads * p.n;
   const bool fused = fused_backward(p);
   if (!fused)  // the fused kernel computes delta itself
-    SF_LAUNCH(window_attention_delta_kernel<T>, dim3(ceil_div(rows, kWarps)), dim3(kThreads), 0, stream, out, dout,
-              delta, rows, p.d);
+    SF_LAUNCH(window_attention_delta_kernel<T>, dim3(ceil_div(rows, kWarps)), dim3(kThreads), 0, stream, p, out, delta);
   const size_t tsm = p.table ? table_rows(p) : 0;
   if (fused) {
     if constexpr (DP <= 64) {
@@ -1320,7 +1352,7 @@ void backward(const Params& p, const T* out, const T* dout, const float* lse, fl
       auto kernel = window_attention_bwd_fused_kernel<T, DP>;
       SF_ALLOW_DYNAMIC_SMEM(kernel, smem);
       SF_LAUNCH(kernel, dim3(static_cast<unsigned>(chunks), p.heads), dim3(kMmaWarps * 32), smem, stream, p, out,
-                dout, lse, dq, dk, dv, dsum, per_chunk);
+                lse, dq, dk, dv, dsum, per_chunk);
       if (dtable)
         SF_LAUNCH(window_attention_table_fold_sum_kernel, dim3(ceil_div(static_cast<int64_t>(tsm) * p.heads, kThreads)),
                   dim3(kThreads), 0, stream, dsum, dtable, chunks, p.heads, table_rows(p));
@@ -1333,7 +1365,7 @@ void backward(const Params& p, const T* out, const T* dout, const float* lse, fl
     SF_ALLOW_DYNAMIC_SMEM(kv, smem_kv);
     if (dk)
       SF_LAUNCH(kv, dim3(static_cast<unsigned>(ceil_div(p.batch * p.heads * p.n, MBM))), dim3(kMmaWarps * 32),
-                smem_kv, stream, p, dout, lse, delta, dk, dv);
+                smem_kv, stream, p, lse, delta, dk, dv);
     // Packed heads: MBM rows of a window touch at most min(h, (MBM - 1) / N + 2) heads.
     const int q_heads = (MBM - 1) / p.n + 2 < p.heads ? (MBM - 1) / p.n + 2 : p.heads;
     const size_t smem_q = bwd_mma_smem_bytes_fixed<DP>() + sizeof(float) * q_heads * tsm;
@@ -1341,20 +1373,20 @@ void backward(const Params& p, const T* out, const T* dout, const float* lse, fl
     SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
     if (dq || dsum)
       SF_LAUNCH(qk, dim3(static_cast<unsigned>(chunks), ceil_div(static_cast<int64_t>(p.heads) * p.n, MBM)),
-                dim3(kMmaWarps * 32), smem_q, stream, p, dout, lse, delta, dq, dsum, per_chunk);
+                dim3(kMmaWarps * 32), smem_q, stream, p, lse, delta, dq, dsum, per_chunk);
   } else {
     const size_t smem_kv = sizeof(float) * (dkv_smem_floats_fixed<DP>() + tsm);
     auto kv = window_attention_dkv_kernel<T, DP>;
     SF_ALLOW_DYNAMIC_SMEM(kv, smem_kv);
     if (dk)
       SF_LAUNCH(kv, dim3(static_cast<unsigned>(p.batch * p.heads), ceil_div(p.n, BN)), dim3(kThreads), smem_kv, stream,
-                p, dout, lse, delta, dk, dv);
+                p, lse, delta, dk, dv);
     const size_t smem_q = sizeof(float) * (dq_smem_floats_fixed<DP>() + tsm);
     auto qk = dq ? window_attention_dq_kernel<T, DP, true> : window_attention_dq_kernel<T, DP, false>;
     SF_ALLOW_DYNAMIC_SMEM(qk, smem_q);
     if (dq || dsum)
       SF_LAUNCH(qk, dim3(static_cast<unsigned>(chunks * p.heads), ceil_div(p.n, BM)), dim3(kThreads), smem_q, stream,
-                p, dout, lse, delta, dq, dsum, per_chunk);
+                p, lse, delta, dq, dsum, per_chunk);
   }
   if (dtable && !fused)
     SF_LAUNCH(window_attention_table_grad_kernel, dim3(table_rows(p), p.heads), dim3(kThreads), 0, stream, dsum,
@@ -1386,22 +1418,32 @@ void dispatch(const at::Tensor& q, F&& f) {
   });
 }
 
+// Inputs are read in place with any strides but the last (q, k, v, dO: (B_, h, N, d)), e.g.
+// permuted views of one fused projection; the host copies only a non-unit last stride.
+#define SF_CHECK_ROWS(t)                                                                                      \
+  SF_CHECK_DEVICE(t);                                                                                         \
+  SF_CHECK_DIM(t, 4);                                                                                         \
+  TORCH_CHECK((t).size(3) == 1 || (t).stride(3) == 1, "window_attention: " #t " must have a contiguous last " \
+              "dim (other strides are free), got strides ", (t).strides())
+
+inline Rows rows_of(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
+
 Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& mask, int64_t wh,
                    int64_t ww, int64_t grid_h, int64_t grid_w, int64_t shift_h, int64_t shift_w, double scale,
                    double mask_value, double dropout_p, const at::Tensor& seed) {
-  SF_CHECK_INPUT(q, 4);
-  SF_CHECK_INPUT(k, 4);
-  SF_CHECK_INPUT(v, 4);
+  SF_CHECK_ROWS(q);
+  SF_CHECK_ROWS(k);
+  SF_CHECK_ROWS(v);
   TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "window_attention: k and v must have q's shape");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "window_attention: q, k, v must share a dtype");
   TORCH_CHECK(q.size(2) == wh * ww, "window_attention: N = ", q.size(2), " is not Wh*Ww = ", wh * ww);
   TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 128, "window_attention: head_dim must be in 1..128, got ", q.size(3));
   Params p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
+  p.q = rows_of(q);
+  p.k = rows_of(k);
+  p.v = rows_of(v);
   p.batch = q.size(0);
   p.heads = static_cast<int>(q.size(1));
   p.n = static_cast<int>(q.size(2));
@@ -1453,7 +1495,7 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& q, const at::Ten
   const Params p = make_params(q, k, v, table, mask, wh, ww, grid_h, grid_w, shift_h, shift_w, scale, mask_value,
                                dropout_p, seed);
   SF_DEVICE_GUARD(q);
-  at::Tensor out = at::empty_like(q);
+  at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous whatever q's strides
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   dispatch(q, [&](auto tag, auto dp) {
     using T = decltype(tag);
@@ -1471,15 +1513,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     int64_t ww, int64_t grid_h, int64_t grid_w, int64_t shift_h, int64_t shift_w, double scale, double mask_value,
     double dropout_p, const at::Tensor& seed, int64_t windows_per_chunk, bool need_dq, bool need_dkv,
     bool need_table) {
-  const Params p = make_params(q, k, v, table, mask, wh, ww, grid_h, grid_w, shift_h, shift_w, scale, mask_value,
-                               dropout_p, seed);
+  Params p = make_params(q, k, v, table, mask, wh, ww, grid_h, grid_w, shift_h, shift_w, scale, mask_value,
+                         dropout_p, seed);
   SF_DEVICE_GUARD(q);
-  SF_CHECK_INPUT(dout, 4);
+  SF_CHECK_ROWS(dout);
   TORCH_CHECK(windows_per_chunk >= 1, "window_attention: windows_per_chunk must be >= 1, got ", windows_per_chunk);
   SF_CHECK_INPUT(out, 4);
   SF_CHECK_INPUT(lse, 3);
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "window_attention: dout/out must match q");
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(q), dv = at::empty_like(q);
+  SF_CHECK_SAME_DTYPE(dout, q);
+  p.dout = rows_of(dout);
+  // Contiguous gradients whatever the inputs' strides.
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(q.sizes(), q.options());
+  at::Tensor dv = at::empty(q.sizes(), q.options());
   const bool fused = fused_backward(p);
   at::Tensor delta = fused ? at::Tensor() : at::empty_like(lse);  // the fused kernel keeps delta in shared memory
   // The table gradient goes through per-chunk partial sums of dS over chunks of
@@ -1505,8 +1551,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   dispatch(q, [&](auto tag, auto dp) {
     using T = decltype(tag);
     backward<T, decltype(dp)::value>(
-        p, reinterpret_cast<const T*>(out.data_ptr()), reinterpret_cast<const T*>(dout.data_ptr()),
-        lse.data_ptr<float>(), fused ? nullptr : delta.data_ptr<float>(),
+        p, reinterpret_cast<const T*>(out.data_ptr()), lse.data_ptr<float>(), fused ? nullptr : delta.data_ptr<float>(),
         need_dq ? reinterpret_cast<T*>(dq.data_ptr()) : nullptr,
         need_dkv ? reinterpret_cast<T*>(dk.data_ptr()) : nullptr,
         need_dkv ? reinterpret_cast<T*>(dv.data_ptr()) : nullptr,

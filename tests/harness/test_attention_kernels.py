@@ -17,7 +17,11 @@ backend (``pytest -k harness``).  This file adds what they do not cover:
   heads; ``forward_splits`` scoped to its block and thread), dropout, bitwise
   reproducibility;
 * ATM q, k, v as permuted / sliced views of projections and dO, dM as transposed views:
-  read in place (no copy reaches the library), outputs and every gradient at parity.
+  read in place (no copy reaches the library), outputs and every gradient at parity;
+* window q, k, v as the timm drop-in's permuted views of one fused projection and dO as a
+  transposed view: read in place, at parity;
+* the window table gradient's chunking: the plan, ``windows_per_chunk_override`` (any chunking
+  at parity and bitwise reproducible; scoped to its block and thread).
 
 Every parity check goes through ``assert_parity`` (float64 reference, and the
 ``simt`` backend must have run forward and backward).  bf16 and fp16 run the same
@@ -593,7 +597,79 @@ def test_semantic_backward_reads_inputs_once(dtype):
     assert written == {g.data_ptr(): (g.nbytes, g.nbytes) for g in grads.values()}
 
 
+# --------------------------------------- window q, k, v as strided views --
+# The timm drop-in projects (B_, N, C) to one (B_, N, 3, h, d) tensor and passes q, k, v as its
+# permuted views (B_, h, N, d), strides (N*3*h*d, d, 3*h*d, 1); the output is used transposed to
+# (B_, N, h, d), so dO arrives as a transposed view too.  The kernels read both in place.
+WINDOW_VIEW_CASES = {
+    # (B_, heads, window, head_dim, shift, grid)
+    "n49-fused": (4, 3, (7, 7), 32, (3, 3), (2, 2)),  # fused backward; packed forward rows (fp16 / bf16)
+    "n72-two-kernel": (4, 2, (9, 8), 16, (4, 3), (2, 2)),  # two-kernel backward, packed dK/dV keys
+    "n4-d80": (6, 3, (2, 2), 80, (0, 0), None),  # segments of 4 rows, padded head_dim, two-kernel
+    "n2-d8": (5, 3, (1, 2), 8, (0, 0), None),  # segments of 2 rows: a staging pass spans several
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name", list(WINDOW_VIEW_CASES))
+def test_window_strided_views_read_in_place(monkeypatch, name, dtype):
+    """q, k, v as the timm drop-in cuts them from one fused projection and dO as a transposed view:
+    parity with the reference for the output and every gradient (q, k, v through the projection,
+    the bias table), and what reaches the library is the views themselves (same data pointer,
+    same strides), not contiguous copies."""
+    require_backend("window_attention", BACKEND)
+    b_, h, ws, d, shift, grid = WINDOW_VIEW_CASES[name]
+    n = ws[0] * ws[1]
+    g = torch.Generator().manual_seed(15)
+    t = {"qkv": _randn(g, b_, n, 3, h, d), "bias_table": _randn(g, (2 * ws[0] - 1) * (2 * ws[1] - 1), h)}
+    calls = _spy_window_library(monkeypatch)
+    seen = []
+
+    def fn(backend, qkv, bias_table):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if backend == BACKEND:
+            seen.append((q, k, v))
+        out = semask_fast.window_attention(q, k, v, bias_table, window_size=ws, shift_size=shift, grid=grid,
+                                           backend=backend)
+        return out.transpose(1, 2)
+
+    assert_parity(fn, t, ["qkv", "bias_table"], dtype, backend=BACKEND, op="window_attention")
+    (views,) = seen
+    forward, backward = calls
+    assert forward["call"] == "forward" and backward["call"] == "backward"
+    for call in (forward, backward):
+        for nm, view in zip("qkv", views):
+            assert view.stride() == (n * 3 * h * d, d, 3 * h * d, 1)
+            assert (call[nm].data_ptr(), call[nm].stride()) == (view.data_ptr(), view.stride()), f"{call['call']}: {nm}"
+    assert backward["dout"].stride() == (n * h * d, d, h * d, 1)
+
+
 # ------------------------------------------- table-gradient chunk plan --
+def _spy_window_library(monkeypatch):
+    """Record what reaches the harness library's window kernels (tensors as passed, the backward's
+    windows per chunk) while still running them; returns the list of calls."""
+    impl = registry.implementation("window_attention", BACKEND)
+    lib = impl.library()
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+        def window_attention_forward(self, q, k, v, *rest):
+            calls.append({"call": "forward", "q": q, "k": k, "v": v})
+            return lib.window_attention_forward(q, k, v, *rest)
+
+        def window_attention_backward(self, dout, q, k, v, out, lse, *rest):
+            # rest ends with windows_per_chunk, need_dq, need_dkv, need_table.
+            calls.append({"call": "backward", "dout": dout, "q": q, "k": k, "v": v, "per_chunk": rest[-4]})
+            return lib.window_attention_backward(dout, q, k, v, out, lse, *rest)
+
+    spy = Spy()
+    monkeypatch.setattr(impl, "library", lambda: spy)
+    return calls
+
+
 def test_window_chunk_plan():
     plan = _cuda_module("window_attention").windows_per_chunk
     # Swin-T stage 1 at batch 1 (64 windows, h = 3, N = 49): the fused kernel (a block per head,
@@ -634,8 +710,7 @@ def test_window_forced_chunks(monkeypatch, per_chunk, window, dtype):
     Deterministic mode fills uninitialised memory with NaN, so a partial-sum element the
     kernels left unwritten (the buffer is not cleared) poisons the gradient."""
     require_backend("window_attention", BACKEND)
-    impl = type(semask_fast.backends.registry.implementation("window_attention", BACKEND))
-    monkeypatch.setattr(impl, "per_chunk", per_chunk)
+    wa = _cuda_module("window_attention")
     b_, h, d, grid = 12, 3, 8, (3, 4)
     ws = (5, 3) if window == "w5x3" else (9, 8)
     n = ws[0] * ws[1]
@@ -643,21 +718,50 @@ def test_window_forced_chunks(monkeypatch, per_chunk, window, dtype):
     t = {nm: _randn(g, b_, h, n, d) for nm in ("q", "k", "v")}
     t["bias_table"] = _randn(g, (2 * ws[0] - 1) * (2 * ws[1] - 1), h)
     fn = functools.partial(semask_fast.window_attention, window_size=ws, shift_size=(2, 1), grid=grid)
+    calls = _spy_window_library(monkeypatch)
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        assert_parity(fn, t, ["q", "k", "v", "bias_table"], dtype, backend=BACKEND, op="window_attention")
-        runs = []
-        for seed, threads in (("0", "1"), ("5", "3")):
-            monkeypatch.setenv("SF_SIMT_SEED", seed)
-            monkeypatch.setenv("SF_SIMT_THREADS", threads)
-            tab = t["bias_table"].float().requires_grad_()
-            q, k, v = (t[nm].to(dtype) for nm in ("q", "k", "v"))
-            fn(q, k, v, tab, backend=BACKEND).backward(torch.ones(b_, h, n, d, dtype=dtype))
-            runs.append(tab.grad)
+        with wa.windows_per_chunk_override(per_chunk):
+            assert_parity(fn, t, ["q", "k", "v", "bias_table"], dtype, backend=BACKEND, op="window_attention")
+            runs = []
+            for seed, threads in (("0", "1"), ("5", "3")):
+                monkeypatch.setenv("SF_SIMT_SEED", seed)
+                monkeypatch.setenv("SF_SIMT_THREADS", threads)
+                tab = t["bias_table"].float().requires_grad_()
+                q, k, v = (t[nm].to(dtype) for nm in ("q", "k", "v"))
+                fn(q, k, v, tab, backend=BACKEND).backward(torch.ones(b_, h, n, d, dtype=dtype))
+                runs.append(tab.grad)
         assert torch.equal(runs[0], runs[1])
     finally:
         torch.use_deterministic_algorithms(was)
+    assert {c["per_chunk"] for c in calls if c["call"] == "backward"} == {per_chunk}
+
+
+def test_window_per_chunk_override_is_scoped(monkeypatch):
+    """windows_per_chunk_override holds inside its block only, nests, and does not reach other threads."""
+    require_backend("window_attention", BACKEND)
+    wa = _cuda_module("window_attention")
+    calls = _spy_window_library(monkeypatch)
+    b_, h, ws, d = 8, 2, (4, 4), 8
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (_randn(g, b_, h, 16, d).float().requires_grad_() for _ in range(3))
+    tab = _randn(g, 49, h).float().requires_grad_()
+    planned = wa.windows_per_chunk(b_, h, 16, d, torch.float32)
+    assert planned not in (2, 3)
+
+    def per_chunk_run():
+        semask_fast.window_attention(q, k, v, tab, window_size=ws, backend=BACKEND).sum().backward()
+        return calls[-1]["per_chunk"]
+
+    with wa.windows_per_chunk_override(3):
+        assert per_chunk_run() == 3
+        with wa.windows_per_chunk_override(2):
+            assert per_chunk_run() == 2
+        assert per_chunk_run() == 3
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            assert pool.submit(per_chunk_run).result() == planned
+    assert per_chunk_run() == planned
 
 
 # The fused backward with the inputs the shapes of WINDOW_SHAPES leave out (every dtype, fp32 being the

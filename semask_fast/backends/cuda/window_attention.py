@@ -16,16 +16,25 @@ Windows of at most 64 tokens with head_dim <= 64 run one fused backward kernel i
 q, k, v, dO are read once, and the table gradient is folded onto the table rows in the
 block (see :func:`fused_backward`).  Gradients autograd does not need are not computed: no dK / dV
 kernel (or products) without them, no dQ product without dq (its kernel still runs for the table).
+:func:`windows_per_chunk` plans the table gradient's chunks (:func:`windows_per_chunk_override`
+replaces the plan for measurements and tests).
+
+q, k, v and dO are read in place with any window, head and row strides (the timm drop-in passes
+q, k, v as permuted views of one fused (B_, N, 3, h, d) projection, and its dO arrives as a
+transposed view); only a non-unit last-dim stride is copied.  Outputs and gradients are contiguous.
 """
 
 from __future__ import annotations
 
-from typing import List
+import contextlib
+import contextvars
+from typing import Iterator, List, Optional
 
 import numpy as np
 import torch
 
 from ...ops.window_attention import WindowAttentionInputs
+from ..base import unit_last_stride
 from ..registry import register
 from . import CudaImpl, SimtImpl
 
@@ -100,6 +109,28 @@ def windows_per_chunk(batch: int, heads: int, n: int, head_dim: int, dtype: torc
     return max(1, min(budget, wave, batch), memory)
 
 
+#: The windows per chunk :func:`windows_per_chunk_override` asks for in the current context (None: the plan).
+_requested_per_chunk: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("window_windows_per_chunk",
+                                                                                     default=None)
+
+
+@contextlib.contextmanager
+def windows_per_chunk_override(per_chunk: Optional[int]) -> Iterator[None]:
+    """Run the CUDA / harness window backwards inside the block with ``per_chunk`` windows per
+    table-gradient chunk instead of :func:`windows_per_chunk`'s plan (clamped to the batch by the
+    kernels; None restores the plan).  A measurement and testing hook, like ATM's
+    ``forward_splits``: scoped to the block and to the calling thread / task (a context variable),
+    nested blocks restore the outer choice.  The table gradient is the same for every chunking up
+    to rounding, and bitwise reproducible for each."""
+    if per_chunk is not None and per_chunk < 1:
+        raise ValueError(f"windows per chunk must be >= 1, got {per_chunk}")
+    token = _requested_per_chunk.set(per_chunk)
+    try:
+        yield
+    finally:
+        _requested_per_chunk.reset(token)
+
+
 def _geometry(inp: WindowAttentionInputs):
     """(grid_h, grid_w, shift_h, shift_w) as the kernels take them: a grid only for the shift mask."""
     if inp.shifted:
@@ -122,18 +153,15 @@ class _WindowAttentionKernels:
         return (self._fp32(inp.bias_table), self._fp32(inp.mask), *inp.window_size, *_geometry(inp), inp.scale,
                 inp.mask_value, inp.dropout_p, seed)
 
-    #: Forced windows per chunk (tests); None: the shape's plan, windows_per_chunk().
-    per_chunk = None
-
-    def _per_chunk(self, inp: WindowAttentionInputs) -> int:
+    @staticmethod
+    def _per_chunk(inp: WindowAttentionInputs) -> int:
         if inp.bias_table is None:
             return 1  # no partials: one window per dQ block
-        if self.per_chunk is not None:
-            return self.per_chunk
-        return windows_per_chunk(*inp.q.shape, inp.q.dtype)
+        requested = _requested_per_chunk.get()
+        return requested if requested is not None else windows_per_chunk(*inp.q.shape, inp.q.dtype)
 
     def forward(self, inp: WindowAttentionInputs, seed):
-        q, k, v = (t.contiguous() for t in (inp.q, inp.k, inp.v))
+        q, k, v = (unit_last_stride(t) for t in (inp.q, inp.k, inp.v))
         out, lse = self.library().window_attention_forward(q, k, v, *self._args(inp, seed))
         return (out,), (lse,)
 
@@ -143,9 +171,9 @@ class _WindowAttentionKernels:
     def backward(self, inp: WindowAttentionInputs, outputs, residuals, grad_outputs, needs, seed):
         # The kernels skip what autograd does not need: the table gradient (partials and reduction),
         # dq (its product; its kernel unless the table needs it), dk and dv (their kernel, or products).
-        q, k, v = (t.contiguous() for t in (inp.q, inp.k, inp.v))
+        q, k, v = (unit_last_stride(t) for t in (inp.q, inp.k, inp.v))
         dq, dk, dv, dtable = self.library().window_attention_backward(
-            grad_outputs[0].contiguous(), q, k, v, outputs[0], residuals[0], *self._args(inp, seed),
+            unit_last_stride(grad_outputs[0]), q, k, v, outputs[0], residuals[0], *self._args(inp, seed),
             self._per_chunk(inp), needs[0], needs[1] or needs[2], needs[3])
         return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
                 dtable.to(inp.bias_table.dtype) if needs[3] else None)
