@@ -413,6 +413,19 @@ def test_atm_bitwise_reproducible(monkeypatch, dtype, forced):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+def _assert_override_is_scoped(override, run, planned):
+    """A plan override (a context manager) holds inside its block, nests, restores the outer choice
+    and does not reach another thread; run() returns the plan the kernels received."""
+    with override(3):
+        assert run() == 3
+        with override(2):
+            assert run() == 2
+        assert run() == 3
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            assert pool.submit(run).result() == planned
+    assert run() == planned
+
+
 def test_atm_forward_splits_is_scoped(monkeypatch):
     """forward_splits holds inside its block only, nests, and does not reach other threads."""
     require_backend("atm_attention", BACKEND)
@@ -426,14 +439,7 @@ def test_atm_forward_splits_is_scoped(monkeypatch):
         semask_fast.atm_attention(q, k, v, backend=BACKEND)
         return calls[-1]["splits"]
 
-    with mod.forward_splits(3):
-        assert splits_run() == 3
-        with mod.forward_splits(2):
-            assert splits_run() == 2
-        assert splits_run() == 3
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            assert pool.submit(splits_run).result() == planned
-    assert splits_run() == planned
+    _assert_override_is_scoped(mod.forward_splits, splits_run, planned)
 
 
 # (B, heads, Nq, Nk, head_dim) and how q, k, v are cut from projections.  The kernels read them in
@@ -754,14 +760,7 @@ def test_window_per_chunk_override_is_scoped(monkeypatch):
         semask_fast.window_attention(q, k, v, tab, window_size=ws, backend=BACKEND).sum().backward()
         return calls[-1]["per_chunk"]
 
-    with wa.windows_per_chunk_override(3):
-        assert per_chunk_run() == 3
-        with wa.windows_per_chunk_override(2):
-            assert per_chunk_run() == 2
-        assert per_chunk_run() == 3
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            assert pool.submit(per_chunk_run).result() == planned
-    assert per_chunk_run() == planned
+    _assert_override_is_scoped(wa.windows_per_chunk_override, per_chunk_run, planned)
 
 
 # The fused backward with the inputs the shapes of WINDOW_SHAPES leave out (every dtype, fp32 being the
