@@ -29,10 +29,11 @@ SF_DEVICE_INLINE uint32_t philox(uint64_t seed, uint64_t index) {
 }
 
 // Multiplier of a probability under dropout p: keep_scale (= 1 / (1 - p)) if kept, else 0; 1
-// without dropout.
-SF_DEVICE_INLINE float dropout_factor(uint64_t seed, float p, float keep_scale, uint64_t index) {
+// without dropout.  The seed lives in device memory (sf::seed_ptr) and is read only when dropout
+// is on, so a call without dropout issues no load for it.
+SF_DEVICE_INLINE float dropout_factor(const int64_t* seed, float p, float keep_scale, uint64_t index) {
   if (p <= 0.f) return 1.f;
-  const float u = static_cast<float>(philox(seed, index) >> 8) * (1.0f / 16777216.0f);
+  const float u = static_cast<float>(philox(static_cast<uint64_t>(*seed), index) >> 8) * (1.0f / 16777216.0f);
   return u >= p ? keep_scale : 0.f;
 }
 

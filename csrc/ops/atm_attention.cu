@@ -92,7 +92,7 @@ using sf::warp_max;
 using sf::warp_sum;
 
 SF_DEVICE_INLINE float dropout_factor(const Params& p, uint64_t index) {
-  return sf::dropout_factor(static_cast<uint64_t>(*p.seed), p.dropout_p, p.keep_scale, index);
+  return sf::dropout_factor(p.seed, p.dropout_p, p.keep_scale, index);
 }
 
 // Stage rows [row0, row0 + rows) x [0, DP) of a head's (n, d) rows into dst (row stride ld, in

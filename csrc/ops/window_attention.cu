@@ -92,7 +92,7 @@ using sf::warp_sum;
 
 // Multiplier of an attention probability under dropout: 1/(1-p) if kept, else 0.
 SF_DEVICE_INLINE float dropout_factor(const Params& p, uint64_t index) {
-  return sf::dropout_factor(static_cast<uint64_t>(*p.seed), p.dropout_p, 1.f / (1.f - p.dropout_p), index);
+  return sf::dropout_factor(p.seed, p.dropout_p, 1.f / (1.f - p.dropout_p), index);
 }
 
 // Region id (0..8) of token t of window w (shift mode), as reference.shift_region_ids.
