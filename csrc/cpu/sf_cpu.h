@@ -23,6 +23,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -57,6 +58,11 @@
 #define SF_CPU_ACC_REGS 12
 #endif
 
+// Hidden: every kernel library (csrc/cpu/*.cpp, one .so each) runs its own compiled copy of these
+// inline functions.  With default visibility the dynamic linker bound every library's calls to the
+// first loaded library's copy of each template instance (block_product<...> included), so an op's
+// speed depended on which op was loaded first and on that library's inlining decisions.
+#pragma GCC visibility push(hidden)
 namespace sf::cpu {
 
 // ------------------------------------------------------------------ vectors --
@@ -346,8 +352,10 @@ class NextTaskPrefetch {
     static_assert(sizeof(P*) == sizeof(const char*));
     ranges_[count_++] = {nullptr, 0, count, row_bytes, reinterpret_cast<const void* const*>(rows)};
   }
-  // Prefetches the next line, if any is left (the cursor walks rows, then their lines).
-  void step() {
+  // Prefetches the next line, if any is left (the cursor walks rows, then their lines).  Always
+  // inlined: called out of line from a product's k loop, it made the loop spill and reload all
+  // its accumulators around every call (the semantic global forward: 51 -> 72 ms).
+  __attribute__((always_inline)) void step() {
     if (range_ == count_) return;
     const Range& g = ranges_[range_];
     if (!line_) {
@@ -590,13 +598,25 @@ inline void parallel_for(int64_t n, int64_t grain, const F& fn) {
 }
 
 // A per-thread scratch buffer of at least n elements (reused across calls: no allocation in the
-// hot loop).  Contents are unspecified.
+// hot loop; each kernel library has its own).  64-byte aligned: the kernels carve their tiles out
+// of it at multiples of 64 bytes, so each vector access stays within one cache line (malloc's
+// 16-byte alignment made every tile straddle lines).  Contents are unspecified.
 template <typename T>
 inline T* scratch(int slot, size_t n) {
-  thread_local std::vector<T> buffers[8];
-  auto& b = buffers[slot];
-  if (b.size() < n) b.resize(n);
-  return b.data();
+  struct Buffer {
+    T* data = nullptr;
+    size_t size = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffers[8];
+  Buffer& b = buffers[slot];
+  if (b.size < n) {
+    std::free(b.data);
+    b.data = static_cast<T*>(std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64));
+    b.size = b.data ? n : 0;
+    TORCH_CHECK(b.data, "semask_fast cpu: cannot allocate ", n * sizeof(T), " bytes of scratch");
+  }
+  return b.data;
 }
 
 // ------------------------------------------------------- streaming stores --
@@ -685,6 +705,7 @@ inline float dropout_factor(uint64_t seed, uint64_t index, float p) {
 }
 
 }  // namespace sf::cpu
+#pragma GCC visibility pop
 
 // ----------------------------------------------------------------- bindings --
 #define SF_CPU_LIBRARY(m) TORCH_LIBRARY_FRAGMENT(semask_fast_cpu, m)
