@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from .backends.base import record_dispatch
@@ -252,3 +253,33 @@ def small_cases() -> List[Case]:
              lambda g: dict(patches=_randn(g, 2, 30, 32), classes=_randn(g, 2, 19, 32), w=1 + _randn(g, 19, std=0.1),
                             b=_randn(g, 19, std=0.1)), ("patches", "classes", "w", "b")),
     ]
+
+
+# ------------------------------------------------------------- dropout replay --
+# Every kernel backend (cpu, cuda, simt) keeps a dropout element when the Philox hash of its
+# row-major index clears p (csrc/include/sf_dropout.cuh, csrc/cpu/sf_cpu.h); the tests replay it on
+# the host, bit for bit, to run the reference with the same mask.
+def philox(seed: int, index: np.ndarray) -> np.ndarray:
+    """The kernels' dropout hash, bit for bit: first word of Philox-4x32-10 with key ``seed``
+    and counter ``(index lo, index hi, 0, 0)``; ``index`` an integer array, uint32 result."""
+    m0, m1, w0, w1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57), 0x9E3779B9, 0xBB67AE85
+    lo32 = np.uint64(0xFFFFFFFF)
+    index = np.asarray(index, dtype=np.uint64)
+    c0, c1 = index & lo32, index >> np.uint64(32)
+    c2 = c3 = np.zeros_like(index)
+    k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    for _ in range(10):
+        p0, p1 = m0 * c0, m1 * c2  # < 2**64: exact in uint64
+        c0, c1, c2, c3 = ((p1 >> np.uint64(32)) ^ c1 ^ np.uint64(k0), p1 & lo32,
+                          (p0 >> np.uint64(32)) ^ c3 ^ np.uint64(k1), p0 & lo32)
+        k0, k1 = (k0 + w0) & 0xFFFFFFFF, (k1 + w1) & 0xFFFFFFFF
+    return c0.astype(np.uint32)
+
+
+def dropout_keep(seed: int, shape, p: float) -> torch.Tensor:
+    """Boolean keep-mask of ``shape`` = (..., rows, cols) that the kernels apply for ``seed``:
+    element index = row-major position in ``shape``; kept when (hash >> 8) / 2**24 >= p
+    (fp32 compare, as on the device).  Replays a kernel's dropout in the reference."""
+    n = int(np.prod(shape))
+    u = (philox(seed, np.arange(n, dtype=np.uint64)) >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)
+    return torch.from_numpy(u >= np.float32(p)).reshape(tuple(shape))

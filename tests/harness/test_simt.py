@@ -4,15 +4,23 @@ The kernels are in csrc/harness/selftest.cu (harness build only).  Each test com
 result with values computed here independently, or checks that a deliberately broken kernel is
 caught: a missing ``__syncthreads()`` gives wrong results under the seeded shuffle of thread
 order, a barrier not every thread reaches raises instead of hanging.
+
+Also the pieces of the CUDA sources that belong to no single op: their dropout hash (Philox) against
+its known-answer vector, the keep rate of its host replay, and the reasons the ``simt`` backend gives
+for inputs no kernel serves.  Each op's CUDA-source tests are in the "cuda sources" section of
+tests/ops/test_<op>.py (helpers: tests/harness/_cuda_sources.py).
 """
 
-
+import numpy as np
 import pytest
 import torch
 
-from semask_fast import _build
+import semask_fast
+from semask_fast import _build, testing
+from semask_fast.backends.registry import BackendNotSupportedError
 from semask_fast.testing import REORDERED_FP32, assert_close
-from tests.conftest import require_toolchain
+from tests.conftest import require_backend, require_toolchain
+from tests.harness._cuda_sources import BACKEND
 
 pytestmark = pytest.mark.harness
 
@@ -205,3 +213,32 @@ def test_default_arch_is_sm_90_and_unknown_archs_are_refused(simt, monkeypatch):
     with pytest.raises(RuntimeError, match="SF_SIMT_ARCH=sm_75"):
         simt.selftest_shared_memory(like, 0)
 
+
+# -------------------------------------------------- pieces of the CUDA sources shared by several ops --
+# The dropout hash of every CUDA source (replayed on the host by the dropout tests of each op) and
+# the reasons the simt backend gives for inputs no kernel serves.
+def test_philox_known_answer():
+    # Random123's known-answer vector for philox4x32-10: counter 0, key 0.
+    philox = testing.philox
+    assert int(philox(0, np.array([0]))[0]) == 0x6627E8D5
+
+
+def test_dropout_keep_rate_and_seed():
+    keep = testing.dropout_keep
+    a = keep(5, (8, 64, 64), 0.25)
+    assert abs(a.float().mean().item() - 0.75) < 0.01
+    assert torch.equal(a, keep(5, (8, 64, 64), 0.25))
+    assert not torch.equal(a, keep(6, (8, 64, 64), 0.25))
+
+
+def test_reasons_for_unsupported_inputs():
+    require_backend("window_attention", BACKEND)
+    q = torch.randn(1, 1, 4, 129)
+    with pytest.raises(BackendNotSupportedError, match="head_dim=129"):
+        semask_fast.window_attention(q, q, q, window_size=2, backend=BACKEND)
+    s = torch.randn(1, 4, 161)
+    with pytest.raises(BackendNotSupportedError, match="K=161"):
+        semask_fast.semantic_attention(s, s, torch.randn(1, 4, 8), backend=BACKEND)
+    q = torch.randn(1, 2, 3, 129)
+    with pytest.raises(BackendNotSupportedError, match="head_dim=129"):
+        semask_fast.atm_attention(q, q, q, backend=BACKEND)

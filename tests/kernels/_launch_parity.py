@@ -1,8 +1,9 @@
 """Parity of the Triton launchers (semask_fast.kernels) called directly, with explicit plans.
 
-The op-level tests (tests/ops) reach the kernels through the dispatcher with the default
-plans; these call a launcher with a chosen plan and compare its outputs and gradients with
-the float64 reference, by the rules and tolerances of ``semask_fast.testing``.
+Helpers of the "triton launchers" sections of tests/ops/test_<op>.py: most op tests reach the
+kernels through the dispatcher with the default plans; those call a launcher with a chosen plan
+and compare its outputs and gradients with the float64 reference, by the rules and tolerances
+of ``semask_fast.testing``.
 """
 
 from typing import Callable, Dict, Sequence

@@ -1,11 +1,13 @@
-"""Parity of ``mask_similarity`` (Segmenter's normalised masks) on every kernel backend.
+"""Every test of ``mask_similarity`` (Segmenter's normalised masks), one section per backend.
 
-The output and every gradient (patches, classes, and the fused LayerNorm's
+Every backend: the output and every gradient (patches, classes, and the fused LayerNorm's
 weight and bias when present) are compared with the float64 reference through
 ``assert_parity``, which also asserts the requested backend ran forward and
 backward.  Shapes: Segmenter's (Np patches x K = 150 / 19 classes) scaled down,
 odd sizes, batch 1; with and without the ``mask_norm`` epilogue, with and
-without its affine parameters.
+without its affine parameters; the CUDA kernels' shared-memory limit per device.  Then the
+Triton launchers called directly with the GPU tiles (helpers: ``tests/kernels/_launch_parity.py``)
+and the cpu kernels (gradcheck, thread-count independence).
 
 bf16 under Triton's interpreter: ``tl.dot`` is wrong on bf16 operands there
 (triton issue 11584), so the kernels upcast the two dot operands to fp32 right
@@ -17,9 +19,11 @@ import pytest
 import torch
 
 import semask_fast
+from semask_fast import reference
 from semask_fast.backends.base import record_dispatch
 from semask_fast.testing import GRADCHECK, assert_close, assert_parity
 from tests.conftest import require_backend
+from tests.kernels._launch_parity import assert_matches_reference, grad_outputs_like, ids, kernels, rounded
 
 OP = "mask_similarity"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -46,6 +50,11 @@ def _inputs(B, NP, K, D, device, affine, seed=0):
 
 def _op(norm):
     return lambda backend, **t: semask_fast.mask_similarity(**t, norm=norm, backend=backend)
+
+
+# --------------------------------------------------------------------------- #
+# every backend
+# --------------------------------------------------------------------------- #
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
@@ -96,6 +105,36 @@ def test_cuda_kernels_declare_their_shared_memory_per_device(monkeypatch, dtype,
     assert [backend for _, backend, _ in ran] == ["simt"]
     ref = semask_fast.mask_similarity(t["patches"], t["classes"][:, :largest], backend="reference")
     assert_close(out, ref, dtype, what="out")
+
+
+# --------------------------------------------------------------------------- #
+# triton launchers with explicit plans (tests/kernels/_launch_parity.py)
+# --------------------------------------------------------------------------- #
+
+
+@ids()
+@pytest.mark.parametrize("k_classes", [19, 150])
+def test_mask_similarity_gpu_tiles(k_classes, dtype):
+    """The GPU tiles with the LayerNorm epilogue: several patch blocks and D chunks."""
+    k = kernels("mask_similarity")
+    B, NP, D = 1, 70, 40
+    g = torch.Generator().manual_seed(0)
+    t = dict(patches=torch.randn(B, NP, D, generator=g, dtype=torch.float64),
+             classes=torch.randn(B, k_classes, D, generator=g, dtype=torch.float64),
+             norm_weight=torch.randn(k_classes, generator=g, dtype=torch.float64),
+             norm_bias=torch.randn(k_classes, generator=g, dtype=torch.float64))
+    t = rounded(t, dtype)
+    out, rp, rc = k.mask_similarity_forward(t["patches"], t["classes"], t["norm_weight"], t["norm_bias"], norm=True,
+                                            plan=k.forward_plan(NP, k_classes, D, dtype, interpreter=False))
+    (gout,) = grad_outputs_like([out])
+    dp, dc, dw, db = k.mask_similarity_backward(t["patches"], t["classes"], t["norm_weight"], rp, rc, gout, norm=True,
+                                                plan=k.backward_plan(NP, k_classes, D, dtype, interpreter=False))
+
+    def ref(patches, classes, norm_weight, norm_bias):
+        return reference.mask_similarity(patches, classes, norm_weight=norm_weight, norm_bias=norm_bias, norm=True)
+
+    grads = dict(patches=dp, classes=dc, norm_weight=dw.to(dtype), norm_bias=db.to(dtype))
+    assert_matches_reference([out], grads, ref, t, [gout])
 
 
 # --------------------------------------------------------------------------- #

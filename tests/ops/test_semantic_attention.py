@@ -1,10 +1,22 @@
-"""Parity of ``semantic_attention`` (softmax(Sq Sk^T) Yv, no scale) on every kernel backend.
+"""Every test of ``semantic_attention`` (softmax(Sq Sk^T) Yv, no scale), one section per backend.
 
-Outputs and all three gradients (dSq, dSk, dYv) are compared with the float64
+Every backend: outputs and all three gradients (dSq, dSk, dYv) are compared with the float64
 reference through ``assert_parity``, which also asserts that the requested
 backend ran forward and backward.  Shapes are SeMask's scaled down: windowed
 (N = 49, 144 with several windows), global (N ~ 400), K = 150 and 19, C up to
-1536, odd sizes and batch 1.
+1536, odd sizes and batch 1; peaked logits; row-strided views read in place.  Then:
+
+* triton launchers (``semask_fast.kernels.semantic_attention``) called directly with explicit plans
+  (helpers: ``tests/kernels/_launch_parity.py``): the GPU tiles (several C tiles, the two-piece K
+  registers), several windows per program, and peaked logits (Sq = Sk = 0.9 z over K = 150:
+  unscaled diagonal logits ~120, past exp's fp32 range at ~88.7) with one and with several key
+  tiles, built with a modest scale over a wide K for the reason given in
+  tests/ops/test_window_attention.py (the backward's D = rowsum(dO * O) rounding);
+* cpu: gradcheck on the native kernels, thread-count independence;
+* cuda sources: csrc/ops/semantic_attention.cu run by the SIMT harness (``harness`` marker): shapes
+  at the edges of the tiling (K = 1 and K = 160 classes, C tiles with a remainder, single query /
+  key rows, the dSq / dSk / dYv blocks at their C-tile edges), several dYv C tiles read from
+  strided inputs, and the backward's traffic (inputs read once, gradients written once).
 
 bf16 under Triton's interpreter: ``tl.dot`` is wrong on bf16 operands there
 (triton issue 11584), so the kernels upcast the two dot operands to fp32 right
@@ -13,12 +25,18 @@ and bf16 stores are exercised; the bf16 tensor-core product itself is not (it
 is on a GPU).
 """
 
+import dataclasses
+
 import pytest
 import torch
 
 import semask_fast
+from semask_fast import _build
+from semask_fast._traffic import harness_bytes
 from semask_fast.testing import assert_parity
-from tests.conftest import require_backend
+from tests.conftest import require_backend, require_toolchain
+from tests.harness._cuda_sources import BACKEND, IDS, randn
+from tests.kernels._launch_parity import ids, kernels, rounded, run_semantic, semantic_inputs
 
 OP = "semantic_attention"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -41,6 +59,11 @@ def _inputs(B, N, K, C, device, logit_scale=0.25, seed=0):
     sk = torch.randn(B, N, K, generator=g, dtype=torch.float64) * logit_scale
     yv = torch.randn(B, N, C, generator=g, dtype=torch.float64)
     return {"sq": sq.to(device), "sk": sk.to(device), "yv": yv.to(device)}
+
+
+# --------------------------------------------------------------------------- #
+# every backend
+# --------------------------------------------------------------------------- #
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
@@ -183,13 +206,58 @@ def test_binding_rejects_strided_rows(backend):
 def test_harness_fused_dyv_edges(C, dtype):
     """fp16 / bf16: up to C = 128 the dSk block computes all of dYv too (one or two 64-column chunks,
     the last one partial); from C = 129 a second block of the same launch computes the columns past 128
-    (tests/harness/test_attention_kernels.py covers more C tiles).  Two key blocks of 64 and a partial one."""
+    (the cuda sources section below covers more C tiles).  Two key blocks of 64 and a partial one."""
     device = require_backend(OP, "simt")
     assert_parity(semask_fast.semantic_attention, _inputs(2, 130, 19, C, device), ["sq", "sk", "yv"], dtype,
                   backend="simt", op=OP)
 
 
-# ------------------------------------------------------------------ cpu backend --
+# --------------------------------------------------------------------------- #
+# triton launchers with explicit plans (tests/kernels/_launch_parity.py)
+# --------------------------------------------------------------------------- #
+
+
+@ids()
+@pytest.mark.parametrize("shape", [(2, 49, 150, 40), (1, 70, 19, 70), (1, 40, 150, 300)],
+                         ids=["K150", "K19", "C-tiled"])
+def test_semantic_gpu_tiles(shape, dtype):
+    """The register-budgeted GPU tiles.  C = 300 is wider than the key-major backward's C tile on every
+    dtype (several C tiles, dP in BLOCK_CD chunks); the others hold all of C in one tile.  K = 150 runs
+    the two-piece K registers (128 + 32), K = 19 one piece."""
+    k = kernels("semantic_attention")
+    B, N, K, C = shape
+    run_semantic(k, rounded(semantic_inputs(*shape), dtype), k.forward_plan(B, N, K, C, dtype, interpreter=False),
+                 k.backward_plan(B, N, K, C, dtype, interpreter=False))
+
+
+def test_semantic_several_windows_per_program():
+    """Three windows per program over 7 windows: the last program's third window does not exist."""
+    k = kernels("semantic_attention")
+    B, N, K, C = 7, 9, 19, 33
+    fwd = dataclasses.replace(k.forward_plan(B, N, K, C, torch.float32), per_program=3)
+    bwd = {part: dataclasses.replace(p, per_program=3) for part, p in k.backward_plan(B, N, K, C,
+                                                                                         torch.float32).items()}
+    run_semantic(k, rounded(semantic_inputs(B, N, K, C), torch.float32), fwd, bwd)
+
+
+@ids()
+@pytest.mark.parametrize("n,gpu_tiles", [(49, False), (97, True)], ids=["one-key-tile", "key-loop"])
+def test_semantic_peaked_logits(n, gpu_tiles, dtype):
+    """Sq = Sk = 0.9 z over K = 150 classes: unscaled diagonal logits 0.81 |z|^2 ~ 120."""
+    k = kernels("semantic_attention")
+    t = semantic_inputs(2, n, 150, 24, logit_scale=0.9)
+    t["sk"] = t["sq"].clone()
+    t = rounded(t, dtype)
+    assert ((t["sq"].double() @ t["sk"].double().transpose(-2, -1)).amax(-1) > 90).float().mean() > 0.5
+    plans = (k.forward_plan(2, n, 150, 24, dtype, interpreter=not gpu_tiles),
+             k.backward_plan(2, n, 150, 24, dtype, interpreter=not gpu_tiles))
+    assert (plans[0]["BLOCK_N"] < n) == gpu_tiles
+    run_semantic(k, t, *plans)
+
+
+# --------------------------------------------------------------------------- #
+# cpu (the native C++ kernels of csrc/cpu/semantic_attention.cpp)
+# --------------------------------------------------------------------------- #
 # (B_, N, K, C) for the native cpu kernels' own paths: a 48 + 1 query/key tail scored by dot
 # products, a padded vector tail, several forward key blocks (online softmax, N > 128) and several
 # backward key blocks and ranges (dSq partials, N > 64).
@@ -229,3 +297,98 @@ def test_cpu_thread_count_invariant(shape):
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- #
+# cuda sources: csrc/ops/semantic_attention.cu under the SIMT harness
+# --------------------------------------------------------------------------- #
+
+
+# ------------------------------------------------------------ edge shapes --
+SEMANTIC_SHAPES = {
+    # (B_, N, K, C)
+    "k1": (2, 20, 1, 40),
+    "k160-max": (1, 33, 160, 32),
+    "c-remainder-two-tiles": (1, 18, 19, 161),
+    "one-token": (3, 1, 150, 96),
+    # K buckets of the dSq / dSk accumulators (kp = 64, 128), two 64-row owner blocks with a
+    # remainder, dYv over two C tiles and dP over C chunks with remainders.
+    "k40-n70-c200": (1, 70, 40, 200),
+    "k100-n65-c72-batch2": (2, 65, 100, 72),
+    # The backward is one launch: dSq blocks, and a block per (key block, 128-column C tile of dYv);
+    # the C tile 0 block also computes dP over all of C and dSk.  At the C tile edges (one full tile, a
+    # one-column second tile, two full tiles, a one-column third tile, three tiles) with odd N (key
+    # blocks of 64 (fp16 / bf16) and 32 (fp32) ending partial), K = 19 and 150, batch 1 and 2.
+    "c128-one-tile": (1, 67, 19, 128),
+    "c129-one-column-tile": (1, 67, 150, 129),
+    "c256-two-tiles": (1, 33, 19, 256),
+    "c257-batch2": (2, 45, 150, 257),
+    "c384-three-tiles": (1, 71, 150, 384),
+}
+
+
+def _semantic_inputs(g, b_, n, k, c):
+    # SeMask's logits are O(1): keep Sq Sk^T in a range where fp16 is meaningful.
+    return {"sq": randn(g, b_, n, k, scale=k ** -0.25), "sk": randn(g, b_, n, k, scale=k ** -0.25),
+            "yv": randn(g, b_, n, c)}
+
+
+@pytest.mark.harness
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name", list(SEMANTIC_SHAPES))
+def test_semantic_shapes(name, dtype):
+    require_backend("semantic_attention", BACKEND)
+    t = _semantic_inputs(torch.Generator().manual_seed(6), *SEMANTIC_SHAPES[name])
+    assert_parity(semask_fast.semantic_attention, t, ["sq", "sk", "yv"], dtype, backend=BACKEND,
+                  op="semantic_attention")
+
+
+# ------------------------------------ semantic backward: strided inputs, traffic --
+@pytest.mark.harness
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("layout", ["qkv-columns", "batch-inner"])
+def test_semantic_dyv_c_tiles_strided(layout, dtype):
+    """Several dYv C tiles read from strided inputs: Sq, Sk, Yv as column views of one (B_, N, 2K + C)
+    tensor (row stride 2K + C), or stored (N, B_, .) and transposed (batch stride < row stride)."""
+    require_backend("semantic_attention", BACKEND)
+    b_, n, k, c = 2, 37, 150, 257
+    t = _semantic_inputs(torch.Generator().manual_seed(10), b_, n, k, c)
+    if layout == "qkv-columns":
+        def fn(backend, qkv):
+            sq, sk, yv = qkv.split([k, k, c], dim=-1)
+            return semask_fast.semantic_attention(sq, sk, yv, backend=backend)
+
+        assert_parity(fn, {"qkv": torch.cat([t["sq"], t["sk"], t["yv"]], dim=-1)}, ["qkv"], dtype, backend=BACKEND,
+                      op="semantic_attention")
+    else:
+        def fn(backend, sq, sk, yv):
+            return semask_fast.semantic_attention(*(x.transpose(0, 1) for x in (sq, sk, yv)), backend=backend)
+
+        stored = {nm: x.transpose(0, 1).contiguous() for nm, x in t.items()}
+        assert_parity(fn, stored, ["sq", "sk", "yv"], dtype, backend=BACKEND, op="semantic_attention")
+
+
+@pytest.mark.harness
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=IDS)
+def test_semantic_backward_reads_inputs_once(dtype):
+    """The backward is one launch (dSq blocks, dSk / dYv blocks) whatever the number of dYv C tiles:
+    it reads Sq, Sk, Yv, dO and O once, counted by the harness tracer (unique bytes per launch), and
+    writes every gradient byte once; the backward has no workspace."""
+    require_toolchain("trace", "simt")
+    b_, n, k, c = 1, 70, 19, 300  # three dYv C tiles
+    t = _semantic_inputs(torch.Generator().manual_seed(11), b_, n, k, c)
+    sq, sk, yv = (t[nm].to(dtype) for nm in ("sq", "sk", "yv"))
+    dout = torch.randn(b_, n, c, dtype=torch.float64).to(dtype)
+    lib = _build.load("simt", "semantic_attention.cu")
+    out, lse = lib.semantic_attention_forward(sq, sk, yv)
+    regions = []
+    grads = {}
+    traffic = harness_bytes("semantic_attention.cu", lambda tl: grads.update(
+        zip(("sq", "sk", "yv"), tl.semantic_attention_backward(dout, sq, sk, yv, out, lse))),
+        [dout, sq, sk, yv, out, lse], regions)
+    assert traffic.launches == 1
+    read = {r["begin"]: r["read"] for r in regions}
+    for x in (sq, sk, yv, dout, out, lse):
+        assert read[x.data_ptr()] == x.nbytes
+    written = {r["begin"]: (r["written"], r["written_issued"]) for r in regions if r["written"]}
+    assert written == {g.data_ptr(): (g.nbytes, g.nbytes) for g in grads.values()}

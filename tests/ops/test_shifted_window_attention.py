@@ -1,4 +1,4 @@
-"""Parity of the zero-copy ``shifted_window_attention`` on every kernel backend.
+"""Every test of the zero-copy ``shifted_window_attention``, one section per backend.
 
 The op reads q, k, v from the (B, H, W, 3*h*d) qkv image and writes (B, H, W, h*d);
 the reference is the copy-based composition (pad/roll, partition, window attention
@@ -6,7 +6,12 @@ with the shift mask, merge, un-roll/crop).  Output and gradients d(qkv),
 d(bias_table) and, when the image is padded, d(qkv_bias) (pad tokens carry the
 qkv bias) go through ``assert_parity``.  Matrix: both orders of pad and roll,
 H != W with padding, shift on/off/one axis, non-square windows, N = 49 and 144,
-batch 1 and odd batches, fp32/fp16/bf16.
+batch 1 and odd batches, fp32/fp16/bf16; dropout replay (triton, cpu) and timm's Swin blocks
+patched.  Then the Triton launchers (``shifted_window_attention_forward`` / ``_backward``) called
+directly with explicit plans (helpers: ``tests/kernels/_launch_parity.py``): the GPU tiles, and
+adversarial inputs on a padded image (a mild mask value -1.5 and a head with peaked logits ~120,
+built as in tests/ops/test_window_attention.py: q = k = 3.9 z, head_dim 64); then the cpu
+kernels (gradcheck, thread-count independence).
 
 bf16 under Triton's interpreter: the two ``tl.dot`` operands are upcast to fp32
 (``DOT_FP32``, triton issue 11584); bf16 loads, casts and stores are exercised,
@@ -14,7 +19,7 @@ the bf16 tensor-core product is not.
 
 Tile size under the interpreter: the kernels' multi-tile paths run with 32-token
 tiles (interpreter cost is per tile operation); GPUs use 16-token tiles with the
-same kernel code, which ``tests/kernels/test_triton_plans.py`` runs here too.
+same kernel code, which the launcher tests run here too (``interpreter=False`` plans).
 """
 
 import functools
@@ -27,6 +32,7 @@ from semask_fast import reference
 from semask_fast.backends.base import record_dispatch
 from semask_fast.testing import GRADCHECK, assert_close, assert_parity
 from tests.conftest import next_seed as _next_seed, require_backend
+from tests.kernels._launch_parity import assert_matches_reference, grad_outputs_like, ids, kernels, rounded
 
 OP = "shifted_window_attention"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -57,6 +63,11 @@ def _fn(h, ws, shift, pad_then_roll):
                              pad_then_roll=pad_then_roll)
 
 
+# --------------------------------------------------------------------------- #
+# every backend
+# --------------------------------------------------------------------------- #
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_parity(kernel_backend, name, dtype):
@@ -84,7 +95,7 @@ def _keep_mask(backend, windows, h, n, p, device):
         from semask_fast.kernels import window_attention as k
 
         return k.dropout_keep_mask(seed, windows, h, n, p, device=device)
-    from semask_fast.backends.cuda.window_attention import dropout_keep  # the GPU kernels' hash
+    from semask_fast.testing import dropout_keep  # the kernels' Philox hash
 
     return dropout_keep(seed, (windows, h, n, n), p).to(device)
 
@@ -141,7 +152,63 @@ def test_patch_timm_zero_copy_matches_timm(kernel_backend):
 
 
 # --------------------------------------------------------------------------- #
-# cpu-specific (the native C++ kernels, image mode of csrc/cpu/window_attention.cpp)
+# triton launchers with explicit plans (tests/kernels/_launch_parity.py)
+# --------------------------------------------------------------------------- #
+
+
+def test_shifted_window_gpu_tiles():
+    """Image layout (zero-copy launchers) with the GPU tiles, pad tokens taking the qkv bias."""
+    k = kernels("window_attention")
+    b, H, W, h, d, ws = 1, 10, 13, 1, 16, (7, 7)
+    g = torch.Generator().manual_seed(0)
+    t = dict(qkv=torch.randn(b, H, W, 3 * h * d, generator=g, dtype=torch.float64),
+             bias_table=torch.randn(169, h, generator=g, dtype=torch.float64),
+             qkv_bias=torch.randn(3 * h * d, generator=g, dtype=torch.float64))
+    t = rounded(t, torch.float32)
+    geo = k.Geometry(ws, b * 4, h, d, grid=(2, 2), shift=(3, 3), image_hw=(H, W))
+    out, lse = k.shifted_window_attention_forward(t["qkv"], geo, t["bias_table"], t["qkv_bias"], scale=0.25,
+                                                  plan=k.forward_plan(geo, torch.float32, interpreter=False))
+    (gout,) = grad_outputs_like([out])
+    dqkv, d_table, d_bias = k.shifted_window_attention_backward(
+        t["qkv"], out, gout, lse, geo, t["bias_table"], t["qkv_bias"], scale=0.25,
+        plan=k.backward_plan(geo, torch.float32, interpreter=False))
+
+    def ref(qkv, bias_table, qkv_bias):
+        return reference.shifted_window_attention(qkv, bias_table, qkv_bias=qkv_bias, num_heads=h, window_size=ws,
+                                                  shift_size=(3, 3), scale=0.25)
+
+    assert_matches_reference([out], dict(qkv=dqkv, bias_table=d_table, qkv_bias=d_bias), ref, t, [gout])
+
+
+# ------------------------------------------------------------ adversarial inputs --
+@ids()
+def test_shifted_window_mild_mask_value_and_peaked(dtype):
+    """Image layout, padded (10 x 13 with 7 x 7 windows): mask value -1.5 and a peaked head."""
+    k = kernels("window_attention")
+    b, H, W, h, d, ws = 1, 10, 13, 2, 64, (7, 7)
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(b, H, W, 3, h, d, generator=g, dtype=torch.float64)
+    qkv[..., 0, 0, :] *= 3.9  # head 0: q = k = 3.9 z, logits ~120
+    qkv[..., 1, 0, :] = qkv[..., 0, 0, :]
+    t = dict(qkv=qkv.reshape(b, H, W, 3 * h * d), bias_table=torch.randn(169, h, generator=g, dtype=torch.float64),
+             qkv_bias=torch.randn(3 * h * d, generator=g, dtype=torch.float64))
+    t = rounded(t, dtype)
+    geo = k.Geometry(ws, b * 4, h, d, grid=(2, 2), shift=(3, 3), image_hw=(H, W))
+    kw = dict(scale=d ** -0.5, mask_value=-1.5)
+    out, lse = k.shifted_window_attention_forward(t["qkv"], geo, t["bias_table"], t["qkv_bias"], **kw)
+    (gout,) = grad_outputs_like([out])
+    dqkv, d_table, d_bias = k.shifted_window_attention_backward(t["qkv"], out, gout, lse, geo, t["bias_table"],
+                                                                t["qkv_bias"], **kw)
+
+    def ref(qkv, bias_table, qkv_bias):
+        return reference.shifted_window_attention(qkv, bias_table, qkv_bias=qkv_bias, num_heads=h, window_size=ws,
+                                                  shift_size=(3, 3), **kw)
+
+    assert_matches_reference([out], dict(qkv=dqkv, bias_table=d_table, qkv_bias=d_bias), ref, t, [gout])
+
+
+# --------------------------------------------------------------------------- #
+# cpu (the native C++ kernels, image mode of csrc/cpu/window_attention.cpp)
 # --------------------------------------------------------------------------- #
 
 

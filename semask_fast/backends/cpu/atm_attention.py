@@ -7,7 +7,7 @@ the row logsumexp, and the kernels' output when the returned one is not it (roun
 bfloat16 or cut to head_dim); backward takes both gradients,
 dS_h = P (dP - rowsum(dP P)) + dM / h, recomputing the probabilities tile by tile.  Dropout keeps
 element (b, head, i, j) when ``philox(seed, ((b h + head) Nq + i) Nk + j)`` clears p, with the seed
-drawn as on the GPU backends, so :func:`semask_fast.backends.cuda.window_attention.dropout_keep`
+drawn as on the GPU backends, so :func:`semask_fast.testing.dropout_keep`
 replays it.
 """
 

@@ -6,7 +6,7 @@ bitwise reproducible bias-table gradient (per-chunk partials reduced in a fixed
 order, no float atomics).  The bias table and an explicit mask enter the kernels
 as fp32 (they are small); the table gradient is returned in the table's dtype.
 Dropout keeps an element when ``philox(seed, ((b_ * h + head) * N + i) * N + j)``
-clears ``p`` (see :func:`dropout_keep`); forward and backward evaluate the same
+clears ``p`` (replayed on the host by :func:`semask_fast.testing.dropout_keep`); forward and backward evaluate the same
 hash, so no mask is stored.  fp16 / bf16 run on tensor cores; their forward and dK/dV
 kernels pack the rows of consecutive (window, head) pairs into 64-row blocks, so a
 7x7 window (N = 49) does not leave a quarter of each block idle; the dQ kernel packs
@@ -30,39 +30,12 @@ import contextlib
 import contextvars
 from typing import Iterator, List, Optional
 
-import numpy as np
 import torch
 
 from ...ops.window_attention import WindowAttentionInputs
 from ..base import unit_last_stride
 from ..registry import register
 from . import CudaImpl, SimtImpl
-
-
-def philox(seed: int, index: np.ndarray) -> np.ndarray:
-    """The kernels' dropout hash, bit for bit: first word of Philox-4x32-10 with key ``seed``
-    and counter ``(index lo, index hi, 0, 0)``; ``index`` an integer array, uint32 result."""
-    m0, m1, w0, w1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57), 0x9E3779B9, 0xBB67AE85
-    lo32 = np.uint64(0xFFFFFFFF)
-    index = np.asarray(index, dtype=np.uint64)
-    c0, c1 = index & lo32, index >> np.uint64(32)
-    c2 = c3 = np.zeros_like(index)
-    k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
-    for _ in range(10):
-        p0, p1 = m0 * c0, m1 * c2  # < 2**64: exact in uint64
-        c0, c1, c2, c3 = ((p1 >> np.uint64(32)) ^ c1 ^ np.uint64(k0), p1 & lo32,
-                          (p0 >> np.uint64(32)) ^ c3 ^ np.uint64(k1), p0 & lo32)
-        k0, k1 = (k0 + w0) & 0xFFFFFFFF, (k1 + w1) & 0xFFFFFFFF
-    return c0.astype(np.uint32)
-
-
-def dropout_keep(seed: int, shape, p: float) -> torch.Tensor:
-    """Boolean keep-mask of ``shape`` = (..., rows, cols) that the kernels apply for ``seed``:
-    element index = row-major position in ``shape``; kept when (hash >> 8) / 2**24 >= p
-    (fp32 compare, as on the device).  Replays a kernel's dropout in the reference."""
-    n = int(np.prod(shape))
-    u = (philox(seed, np.arange(n, dtype=np.uint64)) >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)
-    return torch.from_numpy(u >= np.float32(p)).reshape(tuple(shape))
 
 
 #: Head dims are padded to 32, 64 or 128 in shared memory.
