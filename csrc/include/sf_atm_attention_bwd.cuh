@@ -25,8 +25,9 @@ SF_DEVICE_INLINE Grads recompute(const Params& p, const float* qs, const float* 
   if (i >= p.nq || j >= p.nk) return {0.f, 0.f};
   const int lane = j % BN;
   const float s = dot_row<DP>(qs + row * DP, ks + lane * (DP + 1)) * p.scale;
+  const float prob = sf::recompute_prob(s, lse_i);
   const float f = dropout_factor(p, (static_cast<uint64_t>(bh) * p.nq + i) * p.nk + j);
-  Grads g = sf::softmax_grads(s, lse_i, dot_row<DP>(dos + row * DP, vs + lane * (DP + 1)), delta_i, f);
+  Grads g = sf::softmax_grads(prob, dot_row<DP>(dos + row * DP, vs + lane * (DP + 1)), delta_i, f);
   g.ds += dmask_at(p, dmask, b, i, j) * p.inv_heads;
   return g;
 }
@@ -149,8 +150,9 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dkv_mma_kernel(Params 
     auto grad = [&](int t, int e, float st, float dpt) {
       const int j = keys[e >> 1], col = t * 8 + 2 * t4 + (e & 1), i = q0 + col;
       if (i >= p.nq || j >= p.nk) return Grads{0.f, 0.f};
+      const float prob = sf::recompute_prob(st * p.scale, lses[col]);
       const float f = dropout_factor(p, (static_cast<uint64_t>(bh) * p.nq + i) * p.nk + j);
-      Grads g = sf::softmax_grads(st * p.scale, lses[col], dpt, deltas[col], f);
+      Grads g = sf::softmax_grads(prob, dpt, deltas[col], f);
       g.ds += dmask_at(p, dmask, b, i, j) * p.inv_heads;
       return g;
     };
@@ -218,8 +220,9 @@ __global__ void __launch_bounds__(kThreads) atm_attention_dq_mma_kernel(Params p
     auto ds = [&](int t, int e, float sv, float dpv) {
       const int h2 = e >> 1, i = rows[h2], j = k0 + t * 8 + 2 * t4 + (e & 1);
       if (i >= p.nq || j >= p.nk) return 0.f;
+      const float prob = sf::recompute_prob(sv * p.scale, lse_r[h2]);
       const float f = dropout_factor(p, (static_cast<uint64_t>(bh) * p.nq + i) * p.nk + j);
-      return sf::softmax_grads(sv * p.scale, lse_r[h2], dpv, delta_r[h2], f).ds +
+      return sf::softmax_grads(prob, dpv, delta_r[h2], f).ds +
              dmask_at(p, dmask, b, i, j) * p.inv_heads;
     };
     sf::mma_dq_tile<T, ST, KS, NT>(acc, qf, df, ks, vs, LD, lane, true, ds);

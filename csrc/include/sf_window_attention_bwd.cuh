@@ -25,8 +25,9 @@ SF_DEVICE_INLINE Grads recompute(const Params& p, const float* tb, const float* 
   if (i >= p.n || j >= p.n) return {0.f, 0.f};
   const int lane = j % BN;
   const float x = logit(p, tb, w, i, j, ri, rj, dot_row<DP>(qs + row * DP, ks + lane * ldk));
+  const float prob = sf::recompute_prob(x, lse_i);
   const float f = dropout_factor(p, (static_cast<uint64_t>(bh) * p.n + i) * p.n + j);
-  return sf::softmax_grads(x, lse_i, dot_row<DP>(dos + row * DP, vs + lane * ldk), delta_i, f);
+  return sf::softmax_grads(prob, dot_row<DP>(dos + row * DP, vs + lane * ldk), delta_i, f);
 }
 
 // grid (B_ * h, ceil(N / BN)): dK, dV of one key tile.
@@ -221,9 +222,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32) window_attention_dkv_mma_kerne
       if (!live[t] || ii < 0 || ii >= p.n) return Grads{0.f, 0.f};
       const int i = static_cast<int>(ii), j = jk[h2];
       const float x = logit(p, tbk[h2], wk[h2], i, j, row_info(p, wk[h2], i), rk[h2], st);
+      const float prob = sf::recompute_prob(x, lses[col]);
       // Dropout element index ((b_ * h + head) * N + i) * N + j = flat query row * N + j.
       const float f = dropout_factor(p, static_cast<uint64_t>(q0 + col) * p.n + j);
-      return sf::softmax_grads(x, lses[col], dpt, deltas[col], f);
+      return sf::softmax_grads(prob, dpt, deltas[col], f);
     };
     sf::mma_dkv_tile<T, ST, KS, NT>(dva, dka, ks + warp * 16 * LD, vs + warp * 16 * LD, qs, dos, LD, lane, grad,
                                     [&](int t) { return live[t]; });
@@ -331,8 +333,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_dq_mma_ker
         if (!live[t] || j < 0 || j >= p.n) return 0.f;
         const int row = r0 + warp * 16 + g + 8 * h2;  // (head, i) inside the window
         const float x = logit(p, tbr[h2], w, i, j, ri[h2], row_info(p, w, j), sv);
+        const float prob = sf::recompute_prob(x, lse_r[h2]);
         const float f = dropout_factor(p, static_cast<uint64_t>(wbase + row) * p.n + j);
-        const float d = sf::softmax_grads(x, lse_r[h2], dpv, delta_r[h2], f).ds;
+        const float d = sf::softmax_grads(prob, dpv, delta_r[h2], f).ds;
         if (part) {  // one owner thread per element; every (row, j < N) is visited once per window
           float* at = part + static_cast<int64_t>(row) * p.n + j;
           *at = first ? d : *at + d;
@@ -451,8 +454,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_bwd_fused_
             Grads gr{0.f, 0.f};
             if (i < n && j < n) {
               const float x = logit(p, tb, w, i, j, ri, row_info(p, w, j), s[t][e]);
+              const float prob = sf::recompute_prob(x, lse_i);
               const float f = dropout_factor(p, static_cast<uint64_t>(row0 + i) * n + j);
-              gr = sf::softmax_grads(x, lse_i, dp[t][e], delta_i, f);
+              gr = sf::softmax_grads(prob, dp[t][e], delta_i, f);
             }
             ps[F::kFfma ? j * LP + i : i * LP + j] = sf::from_float<T>(gr.pd);
             dss[i * LP + j] = sf::from_float<T>(gr.ds);

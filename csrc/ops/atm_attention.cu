@@ -26,6 +26,11 @@
 //   query tile loops over key tiles.
 // Dropout: sf_dropout.cuh with element index ((b * h + head) * Nq + i) * Nk + j, evaluated in
 // forward and backward.
+//
+// Files: the kernels, with the score policy (scale; dM / h in backward), are in
+// csrc/include/sf_atm_attention_fwd.cuh and _bwd.cuh, built on the attention engine
+// (csrc/include/sf_attention.cuh: online softmax, P V, backward recomputation); this file
+// holds the launch plan and the bindings.
 
 #include "sf_common.cuh"
 #include "sf_atm_attention_bwd.cuh"

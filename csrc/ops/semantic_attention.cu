@@ -25,6 +25,11 @@
 // are computed: the grid holds dSq blocks only for dSq, the dYv blocks of C tiles past
 // the first only for dYv; without dSk no block computes dP for the keys, without dYv
 // the key blocks store no dYv (the tensor-core ones do not accumulate it either).
+//
+// Files: the kernels, with the score policy (the K-inner products as they are), are in
+// csrc/include/sf_semantic_attention_fwd.cuh and _bwd.cuh, built on the attention engine
+// (csrc/include/sf_attention.cuh: online softmax, P V, backward recomputation); this file
+// holds the launch plan and the bindings.
 
 #include "sf_common.cuh"
 #include "sf_semantic_attention_bwd.cuh"

@@ -42,6 +42,11 @@
 // Dropout: keep(element) = philox(seed, element index) >= p, with the element
 // index ((b_ * h + head) * N + i) * N + j; forward and backward evaluate the
 // same hash, so no mask is stored.
+//
+// Files: the kernels, with the score policy (scale, bias gather, shift or explicit mask), are in
+// csrc/include/sf_window_attention_fwd.cuh and _bwd.cuh, built on the attention engine
+// (csrc/include/sf_attention.cuh: online softmax, P V, backward recomputation); this file
+// holds the launch plan and the bindings.
 
 #include "sf_common.cuh"
 #include "sf_window_attention_bwd.cuh"
