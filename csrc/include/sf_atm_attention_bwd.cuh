@@ -6,14 +6,8 @@
 namespace sf_atm_attention {
 
 // --------------------------------------------------------------- backward --
-// delta for every dtype; the dK/dV and dQ kernels of this section are the fp32 (FFMA) path.
-// A warp per row (b, head, i) of B * h * Nq: out is contiguous, dO read in place.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) atm_attention_delta_kernel(Params p, const T* __restrict__ out,
-                                                                       float* __restrict__ delta) {
-  sf::delta_rows<T>(p.dout, out, delta, p.batch, p.heads, p.nq, p.d);
-}
-
+// The dK/dV and dQ kernels of this section are the fp32 (FFMA) path; delta, every dtype:
+// sf::attention_delta_kernel.
 using sf::Grads;
 
 // P, its dropped value and dS (sf::softmax_grads, plus the head sum's dM / h) for row `row` of

@@ -180,10 +180,12 @@ SF_DEVICE_INLINE void stage_row_stats(float* lses, float* deltas, const float* l
 // FFMA path (ffma_tiling; head_dim padded to DP, a lane owns the columns lane + 32 c, c < DP / 32).
 constexpr int kFfmaWarps = ffma_tiling::kWarps, kFfmaBM = ffma_tiling::BM, kFfmaRowsPerWarp = ffma_tiling::kRowsPerWarp;
 
-// delta = dO . O of every flat row (b * h + head) * n + i, a warp a row (blocks of kFfmaWarps
-// warps): out contiguous (rows of d), dO read in place.
+// The backward's delta = dO . O of every flat row (b * h + head) * n + i of (B, h, n, d) rows, a
+// warp a row, blocks of ffma_tiling::kThreads: out contiguous (rows of d), dO read in place.
 template <typename T>
-SF_DEVICE_INLINE void delta_rows(const Rows& dout, const T* out, float* delta, int64_t batch, int heads, int n, int d) {
+__global__ void __launch_bounds__(ffma_tiling::kThreads)
+    attention_delta_kernel(Rows dout, const T* __restrict__ out, float* __restrict__ delta, int64_t batch, int heads,
+                           int n, int d) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kFfmaWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= batch * heads * n) return;  // whole warp leaves together

@@ -6,14 +6,7 @@
 namespace sf_window_attention {
 
 // --------------------------------------------------------------- backward --
-// delta_i = sum_t dO[i, t] * O[i, t]: one warp per flat row (b_, head, i); out is contiguous, dO
-// read in place.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) window_attention_delta_kernel(Params p, const T* __restrict__ out,
-                                                                          float* __restrict__ delta) {
-  sf::delta_rows<T>(p.dout, out, delta, p.batch, p.heads, p.n, p.d);
-}
-
+// (delta: sf::attention_delta_kernel.)
 // Recompute, for row `row` of the staged query tile and key j = k0 + lane, the dropped
 // probability and dS (sf::softmax_grads).
 using sf::Grads;
@@ -431,7 +424,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_bwd_fused_
     load_tile_raw<T, DP>(dos, LD, segment_rows<T>(p.dout, b, head), p.dout.r, 0, FN, n, p.d);
     for (int e = threadIdx.x; e < FN; e += kMmaWarps * 32) lses[e] = e < n ? lse[row0 + e] : 0.f;
     __syncthreads();  // dO is staged
-    // delta_i = sum_t dO[i, t] * O[i, t] (as window_attention_delta_kernel): a warp per row.
+    // delta_i = sum_t dO[i, t] * O[i, t] (as sf::attention_delta_kernel): a warp per row.
     for (int i = warp; i < FN; i += kMmaWarps) {
       const float s = sf::warp_dot(out + (row0 + i) * p.d, dos + i * LD, i < n ? p.d : 0, lane);
       if (lane == 0) deltas[i] = s;

@@ -67,7 +67,8 @@ template <typename T, int DP>
 void backward(const Params& p, const T* out, const T* dmask, const float* lse, float* delta, T* dq, T* dk, T* dv,
               cudaStream_t stream) {
   const int64_t rows = p.batch * p.heads * p.nq;
-  SF_LAUNCH(atm_attention_delta_kernel<T>, dim3(ceil_div(rows, kWarps)), dim3(kThreads), 0, stream, p, out, delta);
+  SF_LAUNCH(sf::attention_delta_kernel<T>, dim3(ceil_div(rows, kWarps)), dim3(kThreads), 0, stream, p.dout, out, delta,
+            p.batch, p.heads, p.nq, p.d);
   const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
   if constexpr (std::is_same_v<T, float>) {
     const size_t smem_kv = sizeof(float) * sf::FfmaBwdSmem<DP, true>::kFloats;

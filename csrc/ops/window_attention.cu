@@ -85,7 +85,8 @@ void backward(const Params& p, const T* out, const float* lse, float* delta, T* 
   const int64_t rows = p.batch * p.heads * p.n;
   const bool fused = fused_backward(p);
   if (!fused)  // the fused kernel computes delta itself
-    SF_LAUNCH(window_attention_delta_kernel<T>, dim3(ceil_div(rows, kWarps)), dim3(kThreads), 0, stream, p, out, delta);
+    SF_LAUNCH(sf::attention_delta_kernel<T>, dim3(ceil_div(rows, kWarps)), dim3(kThreads), 0, stream, p.dout, out,
+              delta, p.batch, p.heads, p.n, p.d);
   const size_t tsm = p.table ? table_rows(p) : 0;
   if (fused) {
     if constexpr (DP <= 64) {
