@@ -92,7 +92,7 @@ SF_DEVICE_INLINE void dk_block(const Params& p, const T* __restrict__ out, const
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
       const int row = warp * kRowsPerWarp + r, i = q0 + row;
-      prob[r] = (i < p.n && j < p.n) ? __expf(dot(qs + row * p.kp, ks + lane * ldk, p.k) - lses[row]) : 0.f;
+      prob[r] = (i < p.n && j < p.n) ? sf::recompute_prob(dot(qs + row * p.kp, ks + lane * ldk, p.k), lses[row]) : 0.f;
       ps[row * (BN + 1) + lane] = prob[r];  // published by the next chunk's barriers
       dp[r] = 0.f;
     }
@@ -122,7 +122,7 @@ SF_DEVICE_INLINE void dk_block(const Params& p, const T* __restrict__ out, const
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
       const int row = warp * kRowsPerWarp + r;
-      dss[row * (BN + 1) + lane] = prob[r] * (dp[r] - deltas[row]);
+      dss[row * (BN + 1) + lane] = sf::softmax_grads(prob[r], dp[r], deltas[row], 1.f).ds;  // no dropout
     }
     __syncthreads();
 #pragma unroll
@@ -194,8 +194,8 @@ SF_DEVICE_INLINE void dq_block(const Params& p, const T* __restrict__ out, const
       const int row = warp * kRowsPerWarp + r, i = q0 + row;
       float ds = 0.f;
       if (i < p.n && j < p.n) {
-        const float prob = __expf(dot(qs + row * p.kp, ks + lane * ldk, p.k) - lses[row]);
-        ds = prob * (dp[r] - deltas[row]);
+        const float prob = sf::recompute_prob(dot(qs + row * p.kp, ks + lane * ldk, p.k), lses[row]);
+        ds = sf::softmax_grads(prob, dp[r], deltas[row], 1.f).ds;  // no dropout
       }
       // unroll 8: without it ptxas spilled here next to dk_block (KPL = 5, sm_80).
 #pragma unroll 8
@@ -338,7 +338,7 @@ SF_DEVICE_INLINE void dqk_mma_block(const Params& p, const T* __restrict__ out, 
       for (int e = 0; e < 4; ++e) {
         const int h2 = e >> 1, col = st * 8 + 2 * t4 + (e & 1);
         const int sr = KEYS ? col : warp * 16 + g + 8 * h2;  // the query's slot in lses / deltas
-        s[st][e] = (rows[h2] < p.n && x0 + col < p.n) ? __expf(s[st][e] - lses[sr]) : 0.f;
+        s[st][e] = (rows[h2] < p.n && x0 + col < p.n) ? sf::recompute_prob(s[st][e], lses[sr]) : 0.f;
       }
     uint32_t pa[MBN / 16][4];  // P^T as A fragments of dYv, rounded to T (as in the forward): KEYS only
     if constexpr (KEYS) {
@@ -377,7 +377,7 @@ SF_DEVICE_INLINE void dqk_mma_block(const Params& p, const T* __restrict__ out, 
       for (int e = 0; e < 4; ++e) {
         const int h2 = e >> 1, col = st * 8 + 2 * t4 + (e & 1);
         const int sr = KEYS ? col : warp * 16 + g + 8 * h2;
-        s[st][e] *= dp[st][e] - deltas[sr];
+        s[st][e] = sf::softmax_grads(s[st][e], dp[st][e], deltas[sr], 1.f).ds;  // no dropout
       }
     sf::mma_ab<T, MBN / 16, NTK>(acc, sf::AccA<T>{s}, xa, ldk, lane);
   }
