@@ -124,7 +124,8 @@ MUTATIONS: List[Mutation] = [
     Mutation("cuda engine: backward-only dropout scale missing on dP", "csrc/include/sf_attention.cuh",
              "  return {prob * f, prob * (dp * f - delta)};",
              "  return {prob * f, prob * (dp * (f != 0.f) - delta)};",
-             ["tests/harness/test_attention_kernels.py", "-k", "dropout_replay"],
+             ["tests/ops/test_window_attention.py", "tests/ops/test_atm_attention.py", "-k",
+              "simt_window_dropout_replay or simt_atm_dropout_replay or atm_dropout_replay_splits"],
              "forward-only checks cannot see it; the replayed keep-mask gives the reference the same dropout"),
     Mutation("cuda window: fused backward reads P and dS before every warp has staged them",
              "csrc/include/sf_window_attention_bwd.cuh",
@@ -135,7 +136,7 @@ MUTATIONS: List[Mutation] = [
     Mutation("cuda ATM: two key ranges not combined", "csrc/ops/atm_attention.cu",
              "  if (p.splits > 1) {",
              "  if (p.splits > 2) {",
-             ["tests/harness/test_attention_kernels.py", "-k", "atm and split"],
+             ["tests/ops/test_atm_attention.py", "-m", "harness", "-k", "split"],
              "the split forward writes partials; only the combine kernel writes out and lse"),
     # ----------------------------------------------------------------- Python layer
     Mutation("validation: a shift equal to the window accepted", "semask_fast/ops/_common.py",
