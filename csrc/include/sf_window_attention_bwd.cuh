@@ -521,9 +521,10 @@ __global__ void __launch_bounds__(kThreads) window_attention_table_fold_sum_kern
   dtable[e] = s;
 }
 
-// The fused kernel serves the shape (any dtype): one tile of keys, head_dim <= 64, and a table
-// the fold's threads cover ((2Wh-1)(2Ww-1) <= 256 rows: every window of <= 64 tokens).
-inline bool fused_backward(const Params& p) {
+// Whether the fused kernel can serve the shape (any dtype): one tile of keys, head_dim <= 64, and
+// a table the fold's threads cover ((2Wh-1)(2Ww-1) <= 256 rows: every window of <= 64 tokens).
+// Whether it runs is the caller's plan (backends/cuda/window_attention.py: fused_backward).
+inline bool fused_backward_serves(const Params& p) {
   return p.n <= FN && p.d <= 64 && table_rows(p) <= kFoldRows * kMmaWarps * 32;
 }
 

@@ -78,12 +78,12 @@ void forward(const Params& p, T* out, float* lse, cudaStream_t stream) {
 }
 
 // dq, or dk with dv, may be null: not wanted (autograd's needs_input_grad); a dkv kernel runs only
-// for dk, dv, a dq kernel for dq or the table's partials (dsum).
+// for dk, dv, a dq kernel for dq or the table's partials (dsum).  fused: the caller's plan (checked
+// against fused_backward_serves by backward_op).
 template <typename T, int DP>
-void backward(const Params& p, const T* out, const float* lse, float* delta, T* dq, T* dk, T* dv,
+void backward(const Params& p, bool fused, const T* out, const float* lse, float* delta, T* dq, T* dk, T* dv,
               float* dsum, int64_t chunks, int64_t per_chunk, float* dtable, cudaStream_t stream) {
   const int64_t rows = p.batch * p.heads * p.n;
-  const bool fused = fused_backward(p);
   if (!fused)  // the fused kernel computes delta itself
     SF_LAUNCH(sf::attention_delta_kernel<T>, dim3(ceil_div(rows, kWarps)), dim3(kThreads), 0, stream, p.dout, out,
               delta, p.batch, p.heads, p.n, p.d);
@@ -254,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& mask, int64_t wh,
     int64_t ww, int64_t grid_h, int64_t grid_w, int64_t shift_h, int64_t shift_w, double scale, double mask_value,
-    double dropout_p, const at::Tensor& seed, int64_t windows_per_chunk, bool need_dq, bool need_dkv,
+    double dropout_p, const at::Tensor& seed, int64_t windows_per_chunk, bool fused, bool need_dq, bool need_dkv,
     bool need_table) {
   Params p = make_params(q, k, v, table, mask, wh, ww, grid_h, grid_w, shift_h, shift_w, scale, mask_value,
                          dropout_p, seed);
@@ -269,7 +269,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   // Contiguous gradients whatever the inputs' strides.
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(q.sizes(), q.options());
   at::Tensor dv = at::empty(q.sizes(), q.options());
-  const bool fused = fused_backward(p);
+  TORCH_CHECK(!fused || fused_backward_serves(p), "window_attention: the fused backward serves N <= ", FN,
+              " tokens and head_dim <= 64, got N = ", p.n, ", head_dim = ", p.d);
   at::Tensor delta = fused ? at::Tensor() : at::empty_like(lse);  // the fused kernel keeps delta in shared memory
   // The table gradient goes through per-chunk partial sums of dS over chunks of
   // `windows_per_chunk` consecutive windows (the plan is the caller's: a function of the
@@ -294,7 +295,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   dispatch(q, [&](auto tag, auto dp) {
     using T = decltype(tag);
     backward<T, decltype(dp)::value>(
-        p, reinterpret_cast<const T*>(out.data_ptr()), lse.data_ptr<float>(), fused ? nullptr : delta.data_ptr<float>(),
+        p, fused, reinterpret_cast<const T*>(out.data_ptr()), lse.data_ptr<float>(),
+        fused ? nullptr : delta.data_ptr<float>(),
         need_dq ? reinterpret_cast<T*>(dq.data_ptr()) : nullptr,
         need_dkv ? reinterpret_cast<T*>(dk.data_ptr()) : nullptr,
         need_dkv ? reinterpret_cast<T*>(dv.data_ptr()) : nullptr,
@@ -313,7 +315,7 @@ SF_TORCH_LIBRARY_FRAGMENT(m) {
         "Tensor seed) -> (Tensor, Tensor)");
   m.def("window_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? bias_table, Tensor? mask, int wh, int ww, int grid_h, int grid_w, int shift_h, int shift_w, "
-        "float scale, float mask_value, float dropout_p, Tensor seed, int windows_per_chunk, bool need_dq, "
+        "float scale, float mask_value, float dropout_p, Tensor seed, int windows_per_chunk, bool fused, bool need_dq, "
         "bool need_dkv, bool need_table) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 

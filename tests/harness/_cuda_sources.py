@@ -61,9 +61,9 @@ def spy_window_library(monkeypatch):
     windows per chunk) while still running them; returns the list of calls."""
     return _spy_library(monkeypatch, "window_attention", {
         "window_attention_forward": lambda q, k, v, *rest: {"call": "forward", "q": q, "k": k, "v": v},
-        # rest ends with windows_per_chunk, need_dq, need_dkv, need_table.
+        # rest ends with windows_per_chunk, fused, need_dq, need_dkv, need_table.
         "window_attention_backward": lambda dout, q, k, v, out, lse, *rest: {
-            "call": "backward", "dout": dout, "q": q, "k": k, "v": v, "per_chunk": rest[-4]},
+            "call": "backward", "dout": dout, "q": q, "k": k, "v": v, "per_chunk": rest[-5], "fused": rest[-4]},
     })
 
 

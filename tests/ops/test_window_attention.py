@@ -852,7 +852,8 @@ def test_window_fused_backward_reads_inputs_once(table, dtype):
     out, lse = lib.window_attention_forward(q, k, v, *args)
     regions, grads = [], []
     traffic = harness_bytes("window_attention.cu", lambda tl: grads.extend(
-        tl.window_attention_backward(dout, q, k, v, out, lse, *args, 1, True, True, True)), [dout, q, k, v, out, lse, tab],
+        tl.window_attention_backward(dout, q, k, v, out, lse, *args, 1, True, True, True, True)),
+        [dout, q, k, v, out, lse, tab],
         regions)
     assert traffic.launches == (2 if table else 1)
     read = {r["begin"]: r["read"] for r in regions}
@@ -864,3 +865,29 @@ def test_window_fused_backward_reads_inputs_once(table, dtype):
     workspace = {r["begin"]: (r["written"], r["read"]) for r in regions if r["written"] and r["begin"] not in want}
     assert list(workspace.values()) == ([(partials, partials)] if table else [])
     assert {a: w for a, w in written.items() if a in want} == want
+
+
+@pytest.mark.harness
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=IDS)  # FFMA and tensor-core kernels
+def test_window_backward_path_is_the_callers_plan(dtype):
+    """The fused-or-not choice is an argument of the kernels (Python's fused_backward plans it): a
+    Swin window run through either path gives the same gradients within rounding, and asking the
+    fused kernel for a shape it cannot serve (N = 65) raises instead of computing nothing."""
+    require_backend("window_attention", BACKEND)
+    lib = _build.load("simt", "window_attention.cu")
+
+    def grads(ws, d, fused):
+        n = ws[0] * ws[1]
+        g = torch.Generator().manual_seed(13)
+        q, k, v, dout = (randn(g, 4, 2, n, d).to(dtype) for _ in range(4))
+        tab = randn(g, (2 * ws[0] - 1) * (2 * ws[1] - 1), 2).float()
+        args = (tab, None, *ws, 2, 2, ws[0] // 2, ws[1] // 2, d ** -0.5, -100.0, 0.0, torch.tensor(0))
+        out, lse = lib.window_attention_forward(q, k, v, *args)
+        return lib.window_attention_backward(dout, q, k, v, out, lse, *args, 1, fused, True, True, True)
+
+    assert cuda_module("window_attention").fused_backward(49, 32, dtype)
+    for fused_grad, split_grad in zip(grads((7, 7), 32, True), grads((7, 7), 32, False)):
+        assert_close(fused_grad, split_grad, dtype, backward=True)
+    with pytest.raises(RuntimeError, match="fused backward serves"):
+        grads((13, 5), 16, True)
+

@@ -51,8 +51,9 @@ MAX_PARTIAL_FLOATS = 1 << 22
 
 
 def fused_backward(n: int, head_dim: int, dtype: torch.dtype) -> bool:
-    """Whether the backward runs the fused one-tile kernel (as ``fused_backward`` in the .cu:
-    N <= 64, head_dim <= 64, any dtype): q, k, v, dO read once, table partials folded."""
+    """The plan: whether the backward runs the fused one-tile kernel (N <= 64, head_dim <= 64, any
+    dtype: q, k, v, dO read once, table partials folded), passed to the kernels, which check that
+    the fused kernel serves the shape (``fused_backward_serves`` in the .cu) and raise otherwise."""
     return n <= 64 and head_dim <= 64
 
 
@@ -147,7 +148,8 @@ class _WindowAttentionKernels:
         q, k, v = (unit_last_stride(t) for t in (inp.q, inp.k, inp.v))
         dq, dk, dv, dtable = self.library().window_attention_backward(
             unit_last_stride(grad_outputs[0]), q, k, v, outputs[0], residuals[0], *self._args(inp, seed),
-            self._per_chunk(inp), needs[0], needs[1] or needs[2], needs[3])
+            self._per_chunk(inp), fused_backward(*inp.q.shape[2:], inp.q.dtype), needs[0], needs[1] or needs[2],
+            needs[3])
         return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
                 dtable.to(inp.bias_table.dtype) if needs[3] else None)
 
