@@ -38,17 +38,17 @@ class Mutation:
 
 MUTATIONS: List[Mutation] = [
     # ----------------------------------------------------------------- cpu kernels
-    Mutation("cpu window: softmax without the row maximum", "csrc/cpu/window_attention.cpp",
+    Mutation("cpu window: softmax without the row maximum", "csrc/cpu/window_attention_kernels.h",
              "const Vec<T> e = vexp2_nonpositive(vload(st + size_t(j) * np + i) - m);",
              "const Vec<T> e = vexp(vload(st + size_t(j) * np + i) * kLn2<T>);",
              ["tests/ops/test_window_attention.py", "-k", "peaked and cpu"],
              "logits past 88.7 overflow exp"),
-    Mutation("cpu window: mask_value ignored (always -100)", "csrc/cpu/window_attention.cpp",
+    Mutation("cpu window: mask_value ignored (always -100)", "csrc/cpu/window_attention_kernels.h",
              "a[size_t(j) * n + i] = T(region[i] != region[j]) * T(p.mask_value);",
              "a[size_t(j) * n + i] = T(region[i] != region[j]) * T(-100);",
              ["tests/ops/test_window_attention.py", "-k", "mild and cpu"],
              "-100 and -1e4 both saturate the softmax; -1.5 does not"),
-    Mutation("cpu window: dQ without the scale", "csrc/cpu/window_attention.cpp",
+    Mutation("cpu window: dQ without the scale", "csrc/cpu/window_attention_kernels.h",
              "write_grad_rows(g.dq, acc, n, d, dp, T(p.scale), pad_acc);",
              "write_grad_rows(g.dq, acc, n, d, dp, T(1), pad_acc);",
              ["tests/ops/test_window_attention.py", "-k", "parity and cpu and swin-t and float32"],
