@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from semask_fast import _build
+from semask_fast.backends.cuda.window_attention import fused_backward
 from tests.conftest import require_toolchain
 
 pytestmark = pytest.mark.harness
@@ -77,7 +78,9 @@ def test_window_attention_is_race_free(dtype, ws, d):
     shift = ws // 2
     args = (table, None, ws, ws, grid, grid, shift, shift, d ** -0.5, -100.0, 0.1, torch.tensor(5))
     out, lse = lib.window_attention_forward(q, k, v, *args)
-    lib.window_attention_backward(torch.randn_like(out), q, k, v, out, lse, *args, 2, True, True, True)
+    fused = fused_backward(N, d, dtype)  # the plan, as the backend passes it
+    assert fused == (ws <= 8)  # the ids say which path each case exercises
+    lib.window_attention_backward(torch.randn_like(out), q, k, v, out, lse, *args, 2, fused, True, True, True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
