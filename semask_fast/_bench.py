@@ -446,6 +446,21 @@ def _quiet_stderr():
         os.close(devnull)
 
 
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Environment variables set for the duration of the block (and restored)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 #: aten kernels worth naming in a row: which path SDPA took.
 _KERNEL_NAMES = {
     "aten::_scaled_dot_product_flash_attention_for_cpu": "flash",
@@ -460,12 +475,14 @@ def working_memory(step: Step) -> Tuple[int, List[str]]:
     The bytes are the peak of the CPU allocator's running total during the step (every allocation
     and free torch's allocator reports, in time order) less what the step hands back (outputs and
     gradients, counted once per storage).  Memory a kernel keeps outside torch's allocator (e.g.
-    persistent per-thread tiles) is not seen.
+    persistent per-thread tiles) is not seen; the cpu kernels' output pool is off during the step,
+    so that their outputs are allocations the profiler sees like every peer's.
     """
     from torch.profiler import ProfilerActivity, profile
 
     step.clear()
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), _environment(SEMASK_FAST_CPU_POOL_MIB="0"), \
+            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         outs = step()
     events = prof.profiler.kineto_results.events()
     allocations = sorted((e.start_ns(), e.nbytes()) for e in events

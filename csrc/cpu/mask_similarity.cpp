@@ -61,8 +61,7 @@ int64_t padded(int64_t n) {
 template <typename T>
 void panel_product(int panels, int vecs, int depth, const T* a, int64_t a_panel, int64_t a_rs, int64_t a_ks,
                    const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate, sf::cpu::NextTaskPrefetch* next) {
-  using Fn = void (*)(int, const T*, int64_t, int64_t, const T*, int64_t, T*, int64_t, const T*,
-                      sf::cpu::NextTaskPrefetch*);
+  using Fn = sf::cpu::BlockProductFn<T>;
   static constexpr auto kernels = []<int... V>(std::integer_sequence<int, V...>) {
     return std::array<Fn, 2 * sizeof...(V)>{&sf::cpu::block_product<T, kPanel, V + 1, true>...,
                                             &sf::cpu::block_product<T, kPanel, V + 1, false>...};
@@ -72,7 +71,7 @@ void panel_product(int panels, int vecs, int depth, const T* a, int64_t a_panel,
     const Fn kernel = kernels[(a_rs == 1 ? 0 : kStripVecs) + std::min(kStripVecs, vecs - v0) - 1];
     for (int p = 0; p < panels; ++p) {
       T* cp = c + int64_t(p) * kPanel * ldc + v0 * L;
-      kernel(depth, a + p * a_panel, a_rs, a_ks, b + v0 * L, ldb, cp, ldc, accumulate ? cp : nullptr, next);
+      kernel(depth, a + p * a_panel, a_rs, a_ks, b + v0 * L, ldb, cp, ldc, accumulate ? cp : nullptr, next, nullptr);
     }
   }
 }

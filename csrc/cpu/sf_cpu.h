@@ -26,6 +26,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -44,21 +45,89 @@
 namespace sf::cpu {
 
 // ---------------------------------------------------------------- outputs --
-// at::empty for a kernel's output, with the 2 MiB-aligned part of a large one advised into
-// transparent huge pages (Linux, THP mode "madvise" or "always").  A large output is freshly
-// mapped memory each call (the CPU allocator returns it to the system); its first touch, by the
-// kernel, otherwise costs a page fault and a memcg charge per 4 KiB: 14 ms for a 54 MB output on
-// one thread here, 6 ms with huge pages.  The advice is a hint: the contents and every result are
-// the same with or without it.
-inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options);
+// Kernels' large outputs come from a pool of storages they returned before.  torch's CPU allocator
+// hands a large block back to the system when it is freed, so every call's output was freshly
+// mapped memory whose first touch, by the kernel, cost a page fault, a memcg charge and the
+// kernel's zeroing per page: 14 ms for a 54 MB output on one thread here (6 ms with huge pages),
+// a quarter of a 512^2 Swin stage's window attention.  A pooled storage is reused once nothing but
+// the pool refers to it (no tensor or view of it is alive), for a request of the same byte size;
+// the least recently used free storages are released when the pool would exceed its cap:
+// SEMASK_FAST_CPU_POOL_MIB (default 256, per op library; 0 turns the pool off; read at each
+// request, so that a process can switch it, e.g. to measure allocations).  Requests under
+// kMinPooledBytes use torch's allocator (small blocks are recycled by malloc already).  Contents
+// are uninitialised either way, as at::empty's.
+class OutputPool {
+ public:
+  static constexpr size_t kMinPooledBytes = size_t(4) << 20;
+
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    const size_t bytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+    const size_t cap = cap_from_environment();
+    if (bytes < kMinPooledBytes || bytes > cap) return fresh(sizes, options);
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (Entry& e : entries_) {
+      if (e.storage.nbytes() == bytes && e.storage.use_count() == 1) {
+        e.stamp = ++clock_;
+        return at::empty({0}, options).set_(e.storage, 0, sizes);
+      }
+    }
+    at::Tensor t = fresh(sizes, options);
+    make_room(bytes, cap);
+    entries_.push_back({t.storage(), ++clock_});
+    held_ += bytes;
+    return t;
+  }
+
+ private:
+  struct Entry {
+    c10::Storage storage;
+    uint64_t stamp;
+  };
+
+  static size_t cap_from_environment() {
+    const char* v = std::getenv("SEMASK_FAST_CPU_POOL_MIB");
+    return size_t(v && *v ? std::strtoull(v, nullptr, 10) : 256) << 20;
+  }
+
+  // at::empty, with the 2 MiB-aligned part of a large block advised into transparent huge pages
+  // (a hint: fewer faults on first touch).
+  static at::Tensor fresh(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    at::Tensor t = at::empty(sizes, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t start = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1), end = (start + t.nbytes()) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+    constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+    const uintptr_t start = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1), end = (start + t.nbytes()) & ~(kHuge - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
 #endif
-  return t;
+    return t;
+  }
+
+  // Drops entries until `bytes` more fit under the cap: free ones first (least recently used
+  // first), then busy ones (their storage lives on with its tensors, outside the pool).
+  void make_room(size_t bytes, size_t cap) {
+    for (bool busy : {false, true}) {
+      while (held_ + bytes > cap) {
+        auto victim = entries_.end();
+        for (auto it = entries_.begin(); it != entries_.end(); ++it)
+          if ((it->storage.use_count() > 1) == busy && (victim == entries_.end() || it->stamp < victim->stamp))
+            victim = it;
+        if (victim == entries_.end()) break;
+        held_ -= victim->storage.nbytes();
+        entries_.erase(victim);
+      }
+    }
+  }
+
+  std::mutex mutex_;
+  std::vector<Entry> entries_;
+  size_t held_ = 0;
+  uint64_t clock_ = 0;
+};
+
+// An output of a kernel: at::empty's contract, memory from this library's OutputPool.
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  static OutputPool pool;
+  return pool.empty(sizes, options);
 }
 
 // ------------------------------------------------------------- prefetching --
@@ -126,10 +195,12 @@ class NextTaskPrefetch {
 // product of the CPU kernels is one of these with the right strides (S^T = K Q^T + bias,
 // O = P V, dV = P^T dO, ...); the register block stays in registers for the whole k loop.
 // kUnitRows: a_rs == 1 (A's rows adjacent, e.g. P^T read as P), so the R scalars of a k step sit at
-// fixed offsets from one pointer instead of R computed addresses.
+// fixed offsets from one pointer instead of R computed addresses.  row_scale (or nullptr): C's row r
+// is stored times row_scale[r], so a product can write its final rows (e.g. O = P V / l) in place.
 template <typename T, int R, int V, bool kUnitRows>
 inline void block_product(int K, const T* __restrict__ A, int64_t a_rs, int64_t a_ks, const T* __restrict__ B,
-                          int64_t ldb, T* C, int64_t ldc, const T* init, NextTaskPrefetch* next) {
+                          int64_t ldb, T* C, int64_t ldc, const T* init, NextTaskPrefetch* next,
+                          const T* row_scale) {
   constexpr int L = kLanes<T>;
   if constexpr (kUnitRows) a_rs = 1;
   // Every loop over the block is unrolled so that acc lives in registers (GCC otherwise keeps the
@@ -158,19 +229,30 @@ inline void block_product(int K, const T* __restrict__ A, int64_t a_rs, int64_t 
       for (int v = 0; v < V; ++v) acc[r][v] += a * b[v];
     }
   }
+  if (row_scale) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const Vec<T> s = vsplat(row_scale[r]);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r][v] *= s;
+    }
+  }
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) vstore(C + r * ldc + v * L, acc[r][v]);
 }
 
+template <typename T>
+using BlockProductFn = void (*)(int, const T*, int64_t, int64_t, const T*, int64_t, T*, int64_t, const T*,
+                                NextTaskPrefetch*, const T*);
+
 constexpr int kMaxBlockVecs = 4;
 constexpr int kMaxBlockRows = 12;
 
 template <typename T, int V, bool kUnitRows, int... Rs>
 constexpr auto row_table(std::integer_sequence<int, Rs...>) {
-  using Fn = void (*)(int, const T*, int64_t, int64_t, const T*, int64_t, T*, int64_t, const T*, NextTaskPrefetch*);
-  return std::array<Fn, sizeof...(Rs)>{&block_product<T, Rs + 1, V, kUnitRows>...};
+  return std::array<BlockProductFn<T>, sizeof...(Rs)>{&block_product<T, Rs + 1, V, kUnitRows>...};
 }
 
 // Rows per register block for V vectors: as many as the accumulator registers allow.
@@ -178,10 +260,12 @@ constexpr int block_rows(int v) { return std::min(kMaxBlockRows, SF_CPU_ACC_REGS
 
 // C (rows x cols, cols a multiple of kLanes<T>) = [C or init +] sum_k A(r, k) B[k][:], tiled into
 // register blocks.  The caller pads cols (zero columns in B) to whole vectors.  accumulate: add to
-// C; init (row stride ldc, exclusive with accumulate): add to these values instead.
+// C; init (row stride ldc, exclusive with accumulate): add to these values instead; row_scale
+// (rows values): C's rows scaled as stored.
 template <typename T>
 inline void product(int rows, int cols, int K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb, T* C,
-                    int64_t ldc, bool accumulate = false, const T* init = nullptr, NextTaskPrefetch* next = nullptr) {
+                    int64_t ldc, bool accumulate = false, const T* init = nullptr, NextTaskPrefetch* next = nullptr,
+                    const T* row_scale = nullptr) {
   constexpr int L = kLanes<T>;
   constexpr auto counts = std::make_integer_sequence<int, kMaxBlockRows>{};
   static constexpr std::array<decltype(row_table<T, 1, false>(counts)), 2 * kMaxBlockVecs> tables = {
@@ -200,7 +284,8 @@ inline void product(int rows, int cols, int K, const T* A, int64_t a_rs, int64_t
       const int nr = std::min(rb, rows - r0);
       const int64_t c_off = int64_t(r0) * ldc + v0 * L;
       const T* start = accumulate ? C + c_off : init ? init + c_off : nullptr;
-      table[nr - 1](K, A + r0 * a_rs, a_rs, a_ks, B + v0 * L, ldb, C + c_off, ldc, start, next);
+      table[nr - 1](K, A + r0 * a_rs, a_rs, a_ks, B + v0 * L, ldb, C + c_off, ldc, start, next,
+                    row_scale ? row_scale + r0 : nullptr);
     }
   }
 }

@@ -83,13 +83,26 @@ inline int relative_index(const Problem& p, int i, int j) {
   return dy * (2 * p.ww - 1) + dx;
 }
 
-// Where a task's token rows are.  q/k/v rows: pointers to d contiguous elements (nullptr never);
-// out rows: nullptr for a pad token (image mode), whose output is cropped away.
+// n token rows of d contiguous elements: row t at base + t * ld (the window mode: a window's rows
+// are equally spaced, and neither building nor checking n addresses is needed), or one listed
+// address per row (the image mode: a window's pixels, pad tokens included).
+template <typename P>
+struct TokenRows {
+  P* base = nullptr;
+  int64_t ld = 0;
+  std::vector<P*> listed;  // empty: strided
+  P* operator[](int t) const { return listed.empty() ? base + t * ld : listed[t]; }
+};
+
+// Where a task's token rows are.  q/k/v rows: never null; out rows: null for a pad token (image
+// mode), whose output is cropped away, or all null (no output).
 template <typename S>
 struct Rows {
-  std::vector<const S*> q, k, v;
-  std::vector<S*> out;
-  explicit Rows(int n) : q(n), k(n), v(n), out(n) {}
+  TokenRows<const S> q, k, v;
+  TokenRows<S> out;
+  Rows(int n, bool listed) {
+    if (listed) q.listed.resize(n), k.listed.resize(n), v.listed.resize(n), out.listed.resize(n);
+  }
 };
 
 template <typename S>
@@ -98,14 +111,13 @@ struct WindowTokens {
   int64_t qs[3], ks[3], vs[3];  // strides of dims 0..2 (the last is 1)
   S* out;                       // (B_, h, N, d) contiguous, or nullptr (backward)
   int n, d, heads;
+  static constexpr bool kListed = false;
 
   void rows(int64_t b, int head, Rows<S>& r) const {
-    for (int t = 0; t < n; ++t) {
-      r.q[t] = q + b * qs[0] + head * qs[1] + t * qs[2];
-      r.k[t] = k + b * ks[0] + head * ks[1] + t * ks[2];
-      r.v[t] = v + b * vs[0] + head * vs[1] + t * vs[2];
-      r.out[t] = out ? out + ((b * heads + head) * n + t) * d : nullptr;
-    }
+    r.q = {q + b * qs[0] + head * qs[1], qs[2], {}};
+    r.k = {k + b * ks[0] + head * ks[1], ks[2], {}};
+    r.v = {v + b * vs[0] + head * vs[1], vs[2], {}};
+    r.out = {out ? out + (b * heads + head) * n * d : nullptr, out ? d : 0, {}};
   }
 };
 
@@ -116,16 +128,17 @@ struct ImageTokens {
   S* out;            // (B, H, W, h d), or nullptr
   Image g;
   int wh, ww, heads, d;
+  static constexpr bool kListed = true;
 
   void rows(int64_t b_, int head, Rows<S>& r) const {
     const int64_t c = int64_t(heads) * d, hoff = int64_t(head) * d;
     for_window_pixels(g, wh, ww, b_, [&](int t, int64_t pixel) {
       const bool real = pixel >= 0;
       const S* base = real ? qkv + pixel * 3 * c : pad_row;
-      r.q[t] = base + hoff;
-      r.k[t] = base + c + hoff;
-      r.v[t] = base + 2 * c + hoff;
-      r.out[t] = real && out ? out + pixel * c + hoff : nullptr;
+      r.q.listed[t] = base + hoff;
+      r.k.listed[t] = base + c + hoff;
+      r.v.listed[t] = base + 2 * c + hoff;
+      r.out.listed[t] = real && out ? out + pixel * c + hoff : nullptr;
     });
   }
 };
@@ -262,11 +275,13 @@ inline void copy_row(T* __restrict__ dst, const S* __restrict__ src, int d, int 
 
 // The rows of a token tensor as an operand: read in place when they are equally spaced rows of
 // the compute type (and, for a B operand or a transpose, fill whole vectors), else staged into
-// tile (N x dp).
+// tile (N x dp).  Listed rows can be equally spaced too (an image-mode window as wide as the
+// image).
 template <typename S, typename T>
-inline Operand<T> rows_operand(const std::vector<const S*>& rows, int n, int d, int dp, bool vector_columns, T* tile) {
+inline Operand<T> rows_operand(const TokenRows<const S>& rows, int n, int d, int dp, bool vector_columns, T* tile) {
   if constexpr (std::is_same_v<S, T>) {
     if (!vector_columns || d == dp) {
+      if (rows.listed.empty()) return {rows.base, rows.ld};
       const int64_t ld = n > 1 ? rows[1] - rows[0] : dp;
       bool uniform = true;
       for (int t = 2; t < n && uniform; ++t) uniform = rows[t] == rows[0] + t * ld;
@@ -274,6 +289,22 @@ inline Operand<T> rows_operand(const std::vector<const S*>& rows, int n, int d, 
     }
   }
   for (int t = 0; t < n; ++t) copy_row(tile + size_t(t) * dp, rows[t], d, dp);
+  return {tile, dp};
+}
+
+// Where a product writes rows bound for `rows`: in place when they are strided rows of the
+// compute type that fill whole vectors (the window mode's outputs and gradients), else into the
+// staging tile, which the caller then writes row by row.
+template <typename T>
+struct Target {
+  T* ptr;
+  int64_t ld;
+};
+template <typename S, typename T>
+inline Target<T> in_place(const TokenRows<S>& rows, int d, int dp, T* tile) {
+  if constexpr (std::is_same_v<S, T>) {
+    if (rows.listed.empty() && rows.base && d == dp) return {rows.base, rows.ld};
+  }
   return {tile, dp};
 }
 
@@ -413,7 +444,7 @@ void forward(const Problem& p, const Tokens& tokens, const Logits<acc_t<S>>& lg,
     T* inv_l = tiles.take(np);
     T* lse_lanes = tiles.take(np);
     if (row_queries) zero_pad_lanes(st, n, np);
-    Rows<S> rows(n), next_rows(n);  // this task's rows and the next one's (prefetched)
+    Rows<S> rows(n, Tokens::kListed), next_rows(n, Tokens::kListed);  // this task's and the next one's
     tokens.rows(begin / p.heads, int(begin % p.heads), rows);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b_ = task / p.heads;
@@ -447,10 +478,12 @@ void forward(const Problem& p, const Tokens& tokens, const Logits<acc_t<S>>& lg,
         dropout_factors(drop, p, np, b_, h);
         for (size_t e = 0; e < size_t(n) * np; e += L) vstore(st + e, vload(st + e) * vload(drop + e));
       }
-      // O[i][:] = sum_j P[i][j] V[j][:]: P^T read as A(i, j) = st[j * np + i].
-      product<T>(n, dp, n, st, 1, np, v.ptr, v.ld, oacc, dp, false, nullptr, &next);
-      for (int i = 0; i < n; ++i)
-        if (rows.out[i]) write_row(rows.out[i], oacc + size_t(i) * dp, d, inv_l[i]);
+      // O[i][:] = sum_j P[i][j] V[j][:] / l_i: P^T read as A(i, j) = st[j * np + i].
+      const Target<T> o = in_place(rows.out, d, dp, oacc);
+      product<T>(n, dp, n, st, 1, np, v.ptr, v.ld, o.ptr, o.ld, false, nullptr, &next, inv_l);
+      if (o.ptr == oacc)
+        for (int i = 0; i < n; ++i)
+          if (rows.out[i]) write_row(rows.out[i], oacc + size_t(i) * dp, d, T(1));
       std::swap(rows, next_rows);
     }
   });
@@ -461,9 +494,12 @@ void forward(const Problem& p, const Tokens& tokens, const Logits<acc_t<S>>& lg,
 // the chunk's qkv_bias partial instead); dout / out rows of a pad token point to zeros.
 template <typename S>
 struct GradRows {
-  std::vector<S*> dq, dk, dv;
-  std::vector<const S*> dout, out;
-  explicit GradRows(int n) : dq(n), dk(n), dv(n), dout(n), out(n) {}
+  TokenRows<S> dq, dk, dv;
+  TokenRows<const S> dout, out;
+  GradRows(int n, bool listed) {
+    if (listed)
+      dq.listed.resize(n), dk.listed.resize(n), dv.listed.resize(n), dout.listed.resize(n), out.listed.resize(n);
+  }
 };
 
 template <typename S>
@@ -471,15 +507,14 @@ struct WindowGrads {
   S *dq, *dk, *dv;      // (B_, h, N, d) contiguous
   const S *dout, *out;  // (B_, h, N, d) contiguous
   int n, d, heads;
+  static constexpr bool kListed = false;
   void rows(int64_t b, int head, GradRows<S>& r) const {
-    for (int t = 0; t < n; ++t) {
-      const int64_t off = ((b * heads + head) * n + t) * d;
-      r.dq[t] = dq + off;
-      r.dk[t] = dk + off;
-      r.dv[t] = dv + off;
-      r.dout[t] = dout + off;
-      r.out[t] = out + off;
-    }
+    const int64_t off = (b * heads + head) * n * d;
+    r.dq = {dq + off, d, {}};
+    r.dk = {dk + off, d, {}};
+    r.dv = {dv + off, d, {}};
+    r.dout = {dout + off, d, {}};
+    r.out = {out + off, d, {}};
   }
 };
 
@@ -490,27 +525,34 @@ struct ImageGrads {
   const S* zeros;       // (d): dout and out of a pad token
   Image g;
   int wh, ww, heads, d;
+  static constexpr bool kListed = true;
   void rows(int64_t b_, int head, GradRows<S>& r) const {
     const int64_t c = int64_t(heads) * d, hoff = int64_t(head) * d;
     for_window_pixels(g, wh, ww, b_, [&](int t, int64_t pixel) {
       const bool real = pixel >= 0;
-      r.dq[t] = real ? dqkv + pixel * 3 * c + hoff : nullptr;
-      r.dk[t] = real ? dqkv + pixel * 3 * c + c + hoff : nullptr;
-      r.dv[t] = real ? dqkv + pixel * 3 * c + 2 * c + hoff : nullptr;
-      r.dout[t] = real ? dout + pixel * c + hoff : zeros;
-      r.out[t] = real ? out + pixel * c + hoff : zeros;
+      r.dq.listed[t] = real ? dqkv + pixel * 3 * c + hoff : nullptr;
+      r.dk.listed[t] = real ? dqkv + pixel * 3 * c + c + hoff : nullptr;
+      r.dv.listed[t] = real ? dqkv + pixel * 3 * c + 2 * c + hoff : nullptr;
+      r.dout.listed[t] = real ? dout + pixel * c + hoff : zeros;
+      r.out.listed[t] = real ? out + pixel * c + hoff : zeros;
     });
   }
 };
 
 // The next task's input rows, fetched by the current task's products (see NextTaskPrefetch).
 template <typename S>
+inline void prefetch_rows(const TokenRows<const S>& r, int n, int d, NextTaskPrefetch& next) {
+  const int64_t row_bytes = int64_t(d) * sizeof(S);
+  if (r.listed.empty()) next.add(r.base, n, r.ld * int64_t(sizeof(S)), row_bytes);
+  else next.add_rows(r.listed.data(), n, row_bytes);
+}
+template <typename S>
 inline void prefetch_rows(const Rows<S>& r, int n, int d, NextTaskPrefetch& next) {
-  for (const auto* rows : {&r.q, &r.k, &r.v}) next.add_rows(rows->data(), n, int64_t(d) * sizeof(S));
+  for (const auto* rows : {&r.q, &r.k, &r.v}) prefetch_rows(*rows, n, d, next);
 }
 template <typename S>
 inline void prefetch_rows(const GradRows<S>& r, int n, int d, NextTaskPrefetch& next) {
-  for (const auto* rows : {&r.dout, &r.out}) next.add_rows(rows->data(), n, int64_t(d) * sizeof(S));
+  for (const auto* rows : {&r.dout, &r.out}) prefetch_rows(*rows, n, d, next);
 }
 
 // Windows per chunk of the table / qkv_bias gradient: a function of the shape only (so the
@@ -522,16 +564,24 @@ inline int64_t windows_per_chunk(int64_t batch, int heads) {
   return (batch + chunks - 1) / chunks;
 }
 
-// Writes gradient rows (scaled); a row without a destination (pad token) is added to pad_acc.
+// Writes gradient rows staged in acc; a row without a destination (pad token) is added to pad_acc.
 template <typename S, typename T>
-inline void write_grad_rows(const std::vector<S*>& dst, const T* acc, int n, int d, int dp, T scale, T* pad_acc) {
+inline void write_grad_rows(const TokenRows<S>& dst, const T* acc, int n, int d, int dp, T* pad_acc) {
   for (int t = 0; t < n; ++t) {
-    if (dst[t]) {
-      write_row(dst[t], acc + size_t(t) * dp, d, scale);
+    if (S* row = dst[t]) {
+      write_row(row, acc + size_t(t) * dp, d, T(1));
     } else {
-      for (int c = 0; c < d; ++c) pad_acc[c] += acc[size_t(t) * dp + c] * scale;
+      for (int c = 0; c < d; ++c) pad_acc[c] += acc[size_t(t) * dp + c];
     }
   }
+}
+
+// One gradient's rows: [scale *] the product run(target), written in place or staged and written.
+template <typename S, typename T, typename Run>
+inline void gradient_rows(const TokenRows<S>& dst, int n, int d, int dp, T* tile, T* pad_acc, Run&& run) {
+  const Target<T> t = in_place(dst, d, dp, tile);
+  run(t);
+  if (t.ptr == tile) write_grad_rows(dst, tile, n, d, dp, pad_acc);
 }
 
 // Which gradients a backward call computes (autograd's needs_input_grad): dQ, dK and dV (dS is
@@ -551,7 +601,7 @@ void backward(const Problem& p, const Tokens& tokens, const Grads& grads, const 
   const int rows_of_table = p.table_rows();
   const int nl = lane_queries<T>(n), row_queries = std::max(0, n - nl);
   const size_t tile_elems = 2 * size_t(dp) * np + 5 * size_t(n) * dp + 4 * size_t(n) * np + 3 * size_t(dp) +
-                            4 * size_t(np) + 1024;
+                            5 * size_t(np) + 1024;
   parallel_for(chunks * p.heads, 1, [&](int64_t begin, int64_t end) {
     Tiles<T> tiles{scratch<T>(0, tile_elems)};
     T* qt = tiles.take(size_t(dp) * np);   // (Q scale)^T
@@ -569,12 +619,14 @@ void backward(const Problem& p, const Tokens& tokens, const Grads& grads, const 
     T* lse_lanes = tiles.take(np);
     T* delta = tiles.take(np);
     T* srow = tiles.take(np);  // a row query's P, then dP
+    T* scales = tiles.take(np);  // the logits' scale per row: dQ and dK are scale dS K, scale dS^T Q
+    std::fill(scales, scales + np, T(p.scale));
     if (row_queries) {
       zero_pad_lanes(st, n, np);
       zero_pad_lanes(dpt, n, np);
     }
-    Rows<S> rows(n), next_rows(n);  // this window's rows and the next one's (prefetched)
-    GradRows<S> g(n), next_g(n);
+    Rows<S> rows(n, Tokens::kListed), next_rows(n, Tokens::kListed);  // this window's and the next one's
+    GradRows<S> g(n, Grads::kListed), next_g(n, Grads::kListed);
     const bool want_table = table_partials != nullptr;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t chunk = task / p.heads;
@@ -633,10 +685,10 @@ void backward(const Problem& p, const Tokens& tokens, const Grads& grads, const 
           pv = drop;
         }
         // dV[j] = sum_i P[i][j] dO[i]
-        if (needs.dkv) {
-          product<T>(n, dp, n, pv, np, 1, dout.ptr, dout.ld, acc, dp, false, nullptr, &next);
-          write_grad_rows(g.dv, acc, n, d, dp, T(1), pad_acc + 2 * dp);
-        }
+        if (needs.dkv)
+          gradient_rows(g.dv, n, d, dp, acc, pad_acc + 2 * dp, [&](Target<T> t) {
+            product<T>(n, dp, n, pv, np, 1, dout.ptr, dout.ld, t.ptr, t.ld, false, nullptr, &next);
+          });
         // dS^T = P^T (dP^T - delta)
         for (int j = 0; j < n; ++j)
           for (int i = 0; i < np; i += L) {
@@ -646,15 +698,15 @@ void backward(const Problem& p, const Tokens& tokens, const Grads& grads, const 
         if (want_table)
           for (size_t e = 0; e < size_t(n) * np; e += L) vstore(ds_sum + e, vload(ds_sum + e) + vload(dpt + e));
         // dQ[i] = scale sum_j dS[i][j] K[j]
-        if (needs.dq) {
-          product<T>(n, dp, n, dpt, 1, np, k.ptr, k.ld, acc, dp, false, nullptr, &next);
-          write_grad_rows(g.dq, acc, n, d, dp, T(p.scale), pad_acc);
-        }
+        if (needs.dq)
+          gradient_rows(g.dq, n, d, dp, acc, pad_acc, [&](Target<T> t) {
+            product<T>(n, dp, n, dpt, 1, np, k.ptr, k.ld, t.ptr, t.ld, false, nullptr, &next, scales);
+          });
         // dK[j] = scale sum_i dS[i][j] Q[i]
-        if (needs.dkv) {
-          product<T>(n, dp, n, dpt, np, 1, q.ptr, q.ld, acc, dp, false, nullptr, &next);
-          write_grad_rows(g.dk, acc, n, d, dp, T(p.scale), pad_acc + dp);
-        }
+        if (needs.dkv)
+          gradient_rows(g.dk, n, d, dp, acc, pad_acc + dp, [&](Target<T> t) {
+            product<T>(n, dp, n, dpt, np, 1, q.ptr, q.ld, t.ptr, t.ld, false, nullptr, &next, scales);
+          });
         std::swap(rows, next_rows);
         std::swap(g, next_g);
       }

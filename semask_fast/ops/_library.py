@@ -324,13 +324,16 @@ def _owned(results: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> L
     """``results``, each copied if it shares memory with an input or an earlier result (a custom
     op's returns may alias neither: e.g. a reference reshape that is a view, or two gradients
     cut from one buffer)."""
-    taken = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
+    # _is_alias_of compares storages in C++: untyped_storage() would give each result's storage a
+    # Python object that outlives the tensor and keeps the storage referenced (the cpu kernels'
+    # output pool reuses a storage only once nothing else refers to it).
+    taken = [t for t in inputs if t.numel()]
     owned = []
     for t in results:
         if t.numel():
-            if t.untyped_storage().data_ptr() in taken:
+            if any(torch._C._is_alias_of(t, u) for u in taken):
                 t = t.clone()
-            taken.add(t.untyped_storage().data_ptr())
+            taken.append(t)
         owned.append(t)
     return owned
 
