@@ -116,9 +116,11 @@ void forward_task(const FwdArgs<T>& a, int64_t b, int i0, int nq, const Blocks& 
   T* st = scratch<T>(1, size_t(keys.size) * ld);
   T* o = scratch<T>(2, size_t(nq) * cpad);
   T* vstage = stage_v ? scratch<T>(3, size_t(keys.size) * cpad) : nullptr;
-  T* m = scratch<T>(4, size_t(3) * ld);
+  T* m = scratch<T>(4, size_t(4) * ld);
   T* l = m + ld;
   T* alpha = l + ld;
+  T* inv_l = alpha + ld;
+  const int64_t row0 = b * a.n + i0;
   stage_transposed(sqt, qcols, sq, a.sq_s.row, std::min(nq, qcols), K);
   std::fill(m, m + ld, -std::numeric_limits<T>::infinity());
   std::fill(l, l + ld, T(0));
@@ -153,14 +155,19 @@ void forward_task(const FwdArgs<T>& a, int64_t b, int i0, int nq, const Blocks& 
       vrows = vstage;
       ldv = cpad;
     }
-    product<T>(nq, cpad, nk, st, 1, ld, vrows, ldv, o, cpad, j0 > 0, nullptr, &next);
+    // The last key block's product writes the output rows, divided by l, in place when they are
+    // whole vectors (o then serves as its init: the same row stride).
+    const bool last = j0 + nk == a.n, in_place = last && cpad == C;
+    if (last)
+      for (int i = 0; i < nq; ++i) inv_l[i] = T(1) / l[i];
+    if (in_place)
+      product<T>(nq, cpad, nk, st, 1, ld, vrows, ldv, a.out + row0 * C, C, false, j0 > 0 ? o : nullptr, &next,
+                 inv_l);
+    else
+      product<T>(nq, cpad, nk, st, 1, ld, vrows, ldv, o, cpad, j0 > 0, nullptr, &next);
+    if (last && !in_place) write_rows(a.out + row0 * C, o, cpad, nq, C, inv_l);
   }
-  const int64_t row0 = b * a.n + i0;
-  for (int i = 0; i < nq; ++i) {
-    a.lse[row0 + i] = m[i] + std::log(l[i]);
-    alpha[i] = T(1) / l[i];
-  }
-  write_rows(a.out + row0 * C, o, cpad, nq, C, alpha);
+  for (int i = 0; i < nq; ++i) a.lse[row0 + i] = m[i] + std::log(l[i]);
 }
 
 // --------------------------------------------------------------- backward --
