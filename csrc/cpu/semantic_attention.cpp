@@ -251,7 +251,14 @@ void backward_task(const BwdArgs<T>& a, int64_t b, int range, int kb0, int kb1, 
         dorows = dop;
         lddo = cpad;
       }
-      if (a.need_dyv) product<T>(nk, cpad, nq, s, 1, bn, dorows, lddo, dyv, cpad, !first, nullptr, &next);
+      // dYv rows that fill whole vectors: the last query block's product writes them in place (the
+      // tile as its init: the same row stride).
+      const bool dyv_in_place = qb + 1 == queries.count && cpad == C;
+      if (a.need_dyv && dyv_in_place)
+        product<T>(nk, cpad, nq, s, 1, bn, dorows, lddo, a.dyv + (row0 + j0) * C, C, false, first ? nullptr : dyv,
+                   &next);
+      else if (a.need_dyv)
+        product<T>(nk, cpad, nq, s, 1, bn, dorows, lddo, dyv, cpad, !first, nullptr, &next);
       if (a.need_dsk) {
         stage_rows(sqp, kpad, sqi, a.sq_s.row, nq, K);
         product<T>(nk, kpad, nq, ds, 1, bn, sqp, kpad, dsk, kpad, !first, nullptr, &next);
@@ -266,7 +273,7 @@ void backward_task(const BwdArgs<T>& a, int64_t b, int range, int kb0, int kb1, 
       }
     }
     if (a.need_dsk) write_rows(a.dsk + (row0 + j0) * K, dsk, kpad, nk, K, static_cast<const T*>(nullptr));
-    if (a.need_dyv) write_rows(a.dyv + (row0 + j0) * C, dyv, cpad, nk, C, static_cast<const T*>(nullptr));
+    if (a.need_dyv && cpad != C) write_rows(a.dyv + (row0 + j0) * C, dyv, cpad, nk, C, static_cast<const T*>(nullptr));
   }
 }
 
