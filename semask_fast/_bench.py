@@ -475,7 +475,7 @@ def working_memory(step: Step) -> Tuple[int, List[str]]:
     The bytes are the peak of the CPU allocator's running total during the step (every allocation
     and free torch's allocator reports, in time order) less what the step hands back (outputs and
     gradients, counted once per storage).  Memory a kernel keeps outside torch's allocator (e.g.
-    persistent per-thread tiles) is not seen; the cpu kernels' output pool is off during the step,
+    persistent per-thread tiles) is not seen; the cpu kernels' buffer pool is off during the step,
     so that their outputs are allocations the profiler sees like every peer's.
     """
     from torch.profiler import ProfilerActivity, profile

@@ -325,8 +325,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& q, c
                                                           const at::Tensor& v, double scale, double dropout_p,
                                                           int64_t seed) {
   check_inputs(q, k, v, dropout_p);
-  at::Tensor out = empty_output(q.sizes(), q.options());
-  at::Tensor mask_logits = empty_output({q.size(0), q.size(2), k.size(2)}, q.options());
+  at::Tensor out = pooled_empty(q.sizes(), q.options());
+  at::Tensor mask_logits = pooled_empty({q.size(0), q.size(2), k.size(2)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   // Every class token in one task unless that leaves threads idle: a task reads all of k and v
   // of its batch item.  Results do not depend on this blocking (no sum runs across query rows).
@@ -368,8 +368,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
               "atm_attention: dmask must be (B, Nq, Nk)");
   TORCH_CHECK(lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
               "atm_attention: lse must be (B, h, Nq)");
-  at::Tensor dq = empty_output(q.sizes(), q.options()), dk = empty_output(k.sizes(), k.options());
-  at::Tensor dv = empty_output(v.sizes(), v.options());
+  at::Tensor dq = pooled_empty(q.sizes(), q.options()), dk = pooled_empty(k.sizes(), k.options());
+  at::Tensor dv = pooled_empty(v.sizes(), v.options());
   const int nk = int(k.size(2)), d = int(q.size(3));
   const Blocks keys = balanced(nk, kBwdKeyBlock), queries = balanced(int(q.size(2)), kBwdQueryBlock);
   const int64_t batch = q.size(0);
@@ -392,7 +392,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
       }
     });
     const bool partials = ranges > 1 && need_dq;
-    at::Tensor part = partials ? at::empty({ranges, q.size(0), q.size(1), q.size(2), d}, q.options()) : dq;
+    at::Tensor part = partials ? pooled_empty({ranges, q.size(0), q.size(1), q.size(2), d}, q.options()) : dq;
     const Grads<T> g{go, dmask.data_ptr<T>(), lse.data_ptr<T>(), dl, dk.data_ptr<T>(), dv.data_ptr<T>(),
                      part.data_ptr<T>(), need_dq, need_dkv};
     parallel_for(batch * ranges, 1, [&](int64_t begin, int64_t end) {

@@ -263,9 +263,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const at
   const std::vector<T> gain = padded_param<T>(weight, K, Kpad, T(1), "norm_weight");
   const std::vector<T> shift = padded_param<T>(bias, K, Kpad, T(0), "norm_bias");
   const auto acc_options = P.options().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor out = sf::cpu::empty_output({B, Np, K}, P.options());
+  at::Tensor out = sf::cpu::pooled_empty({B, Np, K}, P.options());
   const bool scores_in_out = kSameType && !norm;
-  at::Tensor scores = scores_in_out ? at::empty({0}, acc_options) : sf::cpu::empty_output({B, Np, K}, acc_options);
+  at::Tensor scores = scores_in_out ? at::empty({0}, acc_options) : sf::cpu::pooled_empty({B, Np, K}, acc_options);
   at::Tensor rinv_p = at::empty({B, Np}, acc_options), rinv_c = at::empty({B, K}, acc_options);
   if (out.numel() == 0) return {out, scores, rinv_p, rinv_c};
   const scalar_t* p = P.data_ptr<scalar_t>();
@@ -374,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   TORCH_CHECK(rinv_c.scalar_type() == scores.scalar_type() && rinv_c.is_contiguous() && rinv_c.numel() == B * K,
               "rinv_c must be a contiguous (B, K) tensor of the compute type");
   // P and C are contiguous (the Python side makes them so): so are their gradients.
-  at::Tensor dP = sf::cpu::empty_output(P.sizes(), P.options()), dC = sf::cpu::empty_output(C.sizes(), C.options());
+  at::Tensor dP = sf::cpu::pooled_empty(P.sizes(), P.options()), dC = sf::cpu::pooled_empty(C.sizes(), C.options());
   at::Tensor dw = norm ? at::zeros({K}, acc_options) : at::Tensor();
   at::Tensor db = norm ? at::zeros({K}, acc_options) : at::Tensor();
   if (P.numel() == 0 || C.numel() == 0) {

@@ -308,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& sq, const at::Te
   check_inputs(sq, sk, yv);
   const int64_t batch = sq.size(0);
   const int n = int(sq.size(1));
-  at::Tensor out = empty_output({batch, n, yv.size(2)}, yv.options());
+  at::Tensor out = pooled_empty({batch, n, yv.size(2)}, yv.options());
   at::Tensor lse = at::empty({batch, n}, sq.options());
   if (batch == 0) return {out, lse};
   const Blocks queries = balanced(n, kQueryBlock), keys = balanced(n, kKeyBlock);
@@ -356,8 +356,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
   SF_CPU_CHECK_CONTIGUOUS(lse);
   const int64_t batch = sq.size(0);
   const int n = int(sq.size(1)), k = int(sq.size(2)), c = int(yv.size(2));
-  at::Tensor dsq = empty_output(sq.sizes(), sq.options()), dsk = empty_output(sk.sizes(), sk.options());
-  at::Tensor dyv = empty_output(yv.sizes(), yv.options());
+  at::Tensor dsq = pooled_empty(sq.sizes(), sq.options()), dsk = pooled_empty(sk.sizes(), sk.options());
+  at::Tensor dyv = pooled_empty(yv.sizes(), yv.options());
   if (batch == 0) return {dsq, dsk, dyv};
   const Blocks keys = balanced(n, kBwdKeyBlock), queries = balanced(n, kBwdQueryBlock);
   // Key ranges per batch item: a fixed function of the shape (never of the thread count).
@@ -371,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
     const int64_t kpad = round_up(k, kLanes<T>);
     const T* g = dout.data_ptr<T>();
     at::Tensor delta, part;
-    if (partials) part = at::empty({ranges, batch, n, kpad}, sq.options());
+    if (partials) part = pooled_empty({ranges, batch, n, kpad}, sq.options());
     if (several_blocks) {
       delta = at::empty({batch, n}, lse.options());
       const T* o = out.data_ptr<T>();

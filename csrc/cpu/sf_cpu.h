@@ -44,19 +44,19 @@
 #pragma GCC visibility push(hidden)
 namespace sf::cpu {
 
-// ---------------------------------------------------------------- outputs --
-// Kernels' large outputs come from a pool of storages they returned before.  torch's CPU allocator
-// hands a large block back to the system when it is freed, so every call's output was freshly
-// mapped memory whose first touch, by the kernel, cost a page fault, a memcg charge and the
-// kernel's zeroing per page: 14 ms for a 54 MB output on one thread here (6 ms with huge pages),
-// a quarter of a 512^2 Swin stage's window attention.  A pooled storage is reused once nothing but
-// the pool refers to it (no tensor or view of it is alive), for a request of the same byte size;
-// the least recently used free storages are released when the pool would exceed its cap:
-// SEMASK_FAST_CPU_POOL_MIB (default 256, per op library; 0 turns the pool off; read at each
-// request, so that a process can switch it, e.g. to measure allocations).  Requests under
-// kMinPooledBytes use torch's allocator (small blocks are recycled by malloc already).  Contents
-// are uninitialised either way, as at::empty's.
-class OutputPool {
+// ----------------------------------------------------------- large buffers --
+// Kernels' large outputs (and large scratch tensors, e.g. per-range partial sums) come from a pool
+// of storages they released before.  torch's CPU allocator hands a large block back to the system
+// when it is freed, so every call's output was freshly mapped memory whose first touch, by the
+// kernel, cost a page fault, a memcg charge and the kernel's zeroing per page: 14 ms for a 54 MB
+// output on one thread here (6 ms with huge pages), a quarter of a 512^2 Swin stage's window
+// attention.  A pooled storage is reused once nothing but the pool refers to it (no tensor or view
+// of it is alive), for a request of the same byte size; the least recently used free storages are
+// released when the pool would exceed its cap: SEMASK_FAST_CPU_POOL_MIB (default 256, per op
+// library; 0 turns the pool off; read at each request, so that a process can switch it, e.g. to
+// measure allocations).  Requests under kMinPooledBytes use torch's allocator (small blocks are
+// recycled by malloc already).  Contents are uninitialised either way, as at::empty's.
+class BufferPool {
  public:
   static constexpr size_t kMinPooledBytes = size_t(4) << 20;
 
@@ -124,9 +124,9 @@ class OutputPool {
   uint64_t clock_ = 0;
 };
 
-// An output of a kernel: at::empty's contract, memory from this library's OutputPool.
-inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  static OutputPool pool;
+// at::empty's contract, memory from this library's BufferPool.
+inline at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  static BufferPool pool;
   return pool.empty(sizes, options);
 }
 

@@ -124,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_forward(const at::Tensor& q,
   check_small(mask, "mask", q);
   const Problem p = window_problem(q, table, mask, wh, ww, grid_h, grid_w, shift_h, shift_w, scale, mask_value,
                                    dropout_p, seed);
-  at::Tensor out = empty_output({p.batch, p.heads, p.n, p.d}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = pooled_empty({p.batch, p.heads, p.n, p.d}, q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty({p.batch, p.heads, p.n}, q.options().dtype(acc_type(q)));
   SF_CPU_DISPATCH(q.scalar_type(), "window_attention", [&] {
     using T = acc_t<scalar_t>;
@@ -155,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> window
                                    dropout_p, seed);
   const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
   // Gradients not needed are left unwritten (never touched: their pages are never faulted in).
-  at::Tensor dq = empty_output(q.sizes(), opts), dk = empty_output(q.sizes(), opts), dv = empty_output(q.sizes(), opts);
+  at::Tensor dq = pooled_empty(q.sizes(), opts), dk = pooled_empty(q.sizes(), opts), dv = pooled_empty(q.sizes(), opts);
   std::optional<at::Tensor> dtable;
   const bool want_table = table && need_table;
   SF_CPU_DISPATCH(q.scalar_type(), "window_attention", [&] {
@@ -234,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor> shifted_window_attention_forward(
   const int64_t d = qkv.size(3) / (3 * heads);
   const Image g = image_geometry(qkv.size(0), qkv.size(1), qkv.size(2), wh, ww, shift_h, shift_w, pad_then_roll);
   const Problem p = image_problem(g, heads, d, table, wh, ww, shift_h, shift_w, scale, mask_value, dropout_p, seed);
-  at::Tensor out = empty_output({qkv.size(0), qkv.size(1), qkv.size(2), heads * d}, qkv.options());
+  at::Tensor out = pooled_empty({qkv.size(0), qkv.size(1), qkv.size(2), heads * d}, qkv.options());
   at::Tensor lse = at::empty({p.batch, p.heads, p.n}, qkv.options().dtype(acc_type(qkv)));
   SF_CPU_DISPATCH(qkv.scalar_type(), "shifted_window_attention", [&] {
     using T = acc_t<scalar_t>;
@@ -263,7 +263,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> shi
   const Problem p = image_problem(g, heads, d, table, wh, ww, shift_h, shift_w, scale, mask_value, dropout_p, seed);
   TORCH_CHECK(dout.sizes() == out.sizes() && out.size(3) == heads * d, "dout and out must be (B, H, W, h d)");
   TORCH_CHECK(lse.numel() == p.batch * p.heads * p.n, "lse must have one value per window row");
-  at::Tensor dqkv = empty_output(qkv.sizes(), qkv.options());
+  at::Tensor dqkv = pooled_empty(qkv.sizes(), qkv.options());
   std::optional<at::Tensor> dtable, dpad;
   const bool want_table = table && need_table;
   SF_CPU_DISPATCH(qkv.scalar_type(), "shifted_window_attention", [&] {

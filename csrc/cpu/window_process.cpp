@@ -93,7 +93,7 @@ at::Tensor partition(const at::Tensor& x, int64_t wh, int64_t ww, int64_t sy, in
   SF_CPU_CHECK_CONTIGUOUS(x);
   const Geometry g = make_geometry(x.size(1), x.size(2), wh, ww, sy, sx, pad_then_roll);
   const int64_t B = x.size(0), token_bytes = x.size(3) * int64_t(x.element_size());
-  at::Tensor out = sf::cpu::empty_output({B * g.nW, wh, ww, x.size(3)}, x.options());
+  at::Tensor out = sf::cpu::pooled_empty({B * g.nW, wh, ww, x.size(3)}, x.options());
   if (out.numel() == 0) return out;
   const char* src = static_cast<const char*>(x.data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
@@ -126,7 +126,7 @@ at::Tensor merge(const at::Tensor& windows, int64_t H, int64_t W, int64_t wh, in
   TORCH_CHECK(windows.size(0) % g.nW == 0, "windows has ", windows.size(0), " windows, not a multiple of the ",
               g.nW, " windows of a ", H, "x", W, " image");
   const int64_t B = windows.size(0) / g.nW, token_bytes = windows.size(3) * int64_t(windows.element_size());
-  at::Tensor out = sf::cpu::empty_output({B, H, W, windows.size(3)}, windows.options());
+  at::Tensor out = sf::cpu::pooled_empty({B, H, W, windows.size(3)}, windows.options());
   if (out.numel() == 0) return out;
   const char* src = static_cast<const char*>(windows.data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());

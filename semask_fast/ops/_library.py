@@ -326,7 +326,7 @@ def _owned(results: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> L
     cut from one buffer)."""
     # _is_alias_of compares storages in C++: untyped_storage() would give each result's storage a
     # Python object that outlives the tensor and keeps the storage referenced (the cpu kernels'
-    # output pool reuses a storage only once nothing else refers to it).
+    # buffer pool reuses a storage only once nothing else refers to it).
     taken = [t for t in inputs if t.numel()]
     owned = []
     for t in results:

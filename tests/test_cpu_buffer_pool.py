@@ -1,4 +1,4 @@
-"""The native cpu kernels' output pool (csrc/cpu/sf_cpu.h, OutputPool): a large output's storage is
+"""The native cpu kernels' buffer pool (csrc/cpu/sf_cpu.h, BufferPool): a large output's storage is
 reused once nothing refers to it, never while a tensor or view of it lives, and the pool can be
 turned off."""
 
