@@ -32,9 +32,10 @@
 // holds the launch plan and the bindings.
 // Units: the backward launcher of each (dtype, class tile KP) the op declares (INSTANCES in
 // semask_fast/backends/cuda/semantic_attention.py) is compiled by a generated unit of its own
-// (SF_INSTANCE_UNIT: this file without its bindings, then SF_LAUNCHERS), in parallel; the bindings
-// (with the forward, a few small kernels) declare them extern and dispatch over the generated list
-// (sf_semantic_attention_instances.h), which also gives the class limit (semask_fast/_build.py).
+// (SF_INSTANCE_UNIT: this file without its bindings, then SF_LAUNCHERS), in parallel; the unit of
+// the bindings compiles the forward (forward_any_columns, a few small kernels), declares the backward
+// launchers extern and dispatches over the generated list (sf_semantic_attention_instances.h), which
+// also gives the class limit (semask_fast/_build.py).
 
 #include "sf_common.cuh"
 #include "sf_semantic_attention_bwd.cuh"
@@ -89,6 +90,32 @@ void backward(const Params& p, const T* out, const T* dout, const float* lse, T*
   SF_CHECK_LAUNCH();
 }
 
+template <int I, typename F>
+void with_int(int value, F&& f) {
+  // value in 1..I: calls f(std::integral_constant<int, value>).
+  if constexpr (I >= 1) {
+    if (value == I) return f(std::integral_constant<int, I>{});
+    with_int<I - 1>(value, f);
+  }
+}
+
+// Output columns per lane: C tiles of up to 128 columns.
+inline int cols_per_lane(int c) { return c >= 128 ? 4 : (c + 31) / 32; }
+
+// The forward of a dtype, its C tile chosen from C: compiled by the bindings' unit, instantiated here
+// for every dtype, outside the bindings' host-only section (nvcc's device passes must see the
+// kernels it launches).
+template <typename T>
+void forward_any_columns(const Params& p, T* out, float* lse, cudaStream_t stream) {
+  with_int<4>(cols_per_lane(p.c), [&](auto cpl) { forward<T, decltype(cpl)::value>(p, out, lse, stream); });
+}
+
+#ifndef SF_INSTANCE_UNIT
+template void forward_any_columns<float>(const Params&, float*, float*, cudaStream_t);
+template void forward_any_columns<__half>(const Params&, __half*, float*, cudaStream_t);
+template void forward_any_columns<__nv_bfloat16>(const Params&, __nv_bfloat16*, float*, cudaStream_t);
+#endif
+
 }  // namespace sf_semantic_attention
 
 // The backward launcher of one instance (KP = 32 * KPL classes): `prefix` empty, its explicit
@@ -114,15 +141,6 @@ SF_SEMANTIC_ATTENTION_INSTANCES(SF_EXTERN_LAUNCHERS)
 #include <type_traits>
 
 namespace sf_semantic_attention {
-
-template <int I, typename F>
-void with_int(int value, F&& f) {
-  // value in 1..I: calls f(std::integral_constant<int, value>).
-  if constexpr (I >= 1) {
-    if (value == I) return f(std::integral_constant<int, I>{});
-    with_int<I - 1>(value, f);
-  }
-}
 
 // sq, sk, yv may be strided in the batch and row dims (column views of one fused projection);
 // their rows must be contiguous.
@@ -161,19 +179,13 @@ Params make_params(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor&
   return p;
 }
 
-// Output columns per lane: C tiles of up to 128 columns.
-inline int cols_per_lane(int c) { return c >= 128 ? 4 : (c + 31) / 32; }
-
 std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv) {
   const Params p = make_params(sq, sk, yv);
   SF_DEVICE_GUARD(sq);
   at::Tensor out = at::empty(yv.sizes(), yv.options());  // contiguous whatever yv's strides
   at::Tensor lse = at::empty({sq.size(0), sq.size(1)}, sq.options().dtype(at::kFloat));
   SF_DISPATCH_FLOAT(sq.scalar_type(), "semantic_attention", [&] {
-    with_int<4>(cols_per_lane(p.c), [&](auto cpl) {
-      forward<scalar_t, decltype(cpl)::value>(p, sf::data_ptr<scalar_t>(out), lse.data_ptr<float>(),
-                                              sf::current_stream());
-    });
+    forward_any_columns<scalar_t>(p, sf::data_ptr<scalar_t>(out), lse.data_ptr<float>(), sf::current_stream());
   });
   return {out, lse};
 }

@@ -18,7 +18,8 @@
 //   * a key tile is BN = 32 keys, one key per lane for the logits, so row
 //     max / sum are warp shuffles, and P v is a shuffle-broadcast loop where a
 //     lane owns head-dim columns lane, lane+32, ...;
-//   * head_dim is padded to DP in {32, 64, 128} in shared memory (zeros).
+//   * head_dim is padded to DP, the smallest head_dim tile that holds it (the INSTANCES below),
+//     in shared memory (zeros).
 // Backward, deterministic (no float atomics):
 //   1. delta_i = rowsum(dO_i * O_i);
 //   2. dK, dV: a block owns a key tile and loops over the query tiles;
