@@ -6,8 +6,8 @@ A pure install never compiles anything and works with or without a GPU or nvcc.
 sm_80 and sm_90 ahead of time (needs torch with CUDA and CUDA_HOME), instead of on first use.
 """
 
-import importlib.util
 import os
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -18,18 +18,21 @@ def _cuda_extensions():
         return {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    # semask_fast/_build.py (flags, library names) without importing the package.
+    # semask_fast/_build.py (flags, library names, generated instance units) from this checkout: its
+    # ops' CUDA backends declare the instances a source is compiled as (INSTANCES).
     root = Path(__file__).resolve().parent
-    spec = importlib.util.spec_from_file_location("_semask_fast_build", root / "semask_fast" / "_build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
+    sys.path.insert(0, str(root))
+    from semask_fast import _build as build
+
     csrc = root / "csrc"
-    extensions = [
-        CUDAExtension(name=build.prebuilt_module(src, csrc), sources=[str(src.relative_to(root))],
-                      include_dirs=[str(csrc / "include")],
-                      extra_compile_args={"cxx": ["-O2", "-std=c++20"], "nvcc": list(build.CUDA_CFLAGS)})
-        for src in sorted((csrc / "ops").glob("*.cu"))
-    ]
+    extensions = []
+    for src in sorted((csrc / "ops").glob("*.cu")):
+        units_dir = root / "build" / "semask_fast_units" / src.stem
+        units = build.write_generated("cuda", src, units_dir)
+        extensions.append(CUDAExtension(
+            name=build.prebuilt_module(src, csrc), sources=[str(f.relative_to(root)) for f in [src] + units],
+            include_dirs=[str(csrc / "include"), str(units_dir), str(csrc)],
+            extra_compile_args={"cxx": ["-O2", "-std=c++20"], "nvcc": list(build.CUDA_CFLAGS)}))
     return {"ext_modules": extensions, "cmdclass": {"build_ext": BuildExtension}}
 
 

@@ -1,7 +1,9 @@
 """Per-kernel resources of the CUDA kernels (csrc/ops/*.cu) for sm_80 and sm_90, from ptxas.
 
 Compiles the device code of every source with ``nvcc -Xptxas -v`` (the flags of the cuda
-extension build, semask_fast/_build.py) and writes a table of registers, spills, stack and static
+extension build, semask_fast/_build.py), with the generated instance units of the sources that have
+them (``semask_fast._build.generated_files``: a kernel compiled by several units, such as a kernel
+templated on the dtype alone, is one row), and writes a table of registers, spills, stack and static
 shared memory per kernel instantiation into benchmarks/results/resources.md, between the
 ``<!-- cuda:begin -->`` and ``<!-- cuda:end -->`` markers (the Triton table has its own markers
 in the same file).  Dynamic shared memory is sized at launch and is not in this table.
@@ -37,13 +39,14 @@ _FRAME = re.compile(r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes sp
 _USED = re.compile(r"Used (?P<regs>\d+) registers(?:.*?(?P<smem>\d+) bytes smem)?")
 
 
-def nvcc_command(source: Path, out_dir: Path) -> list:
+def nvcc_command(source: Path, out_dir: Path, units_dir: Path) -> list:
     from torch.utils import cpp_extension
 
     home = _build.cuda_home()
     if home is None:
         raise SystemExit("nvcc not found: set CUDA_HOME")
-    includes = [_build.csrc_dir() / "include"] + [Path(p) for p in cpp_extension.include_paths()]
+    includes = ([_build.csrc_dir() / "include", units_dir, _build.csrc_dir()]
+                + [Path(p) for p in cpp_extension.include_paths()])
     import sysconfig
 
     includes.append(Path(sysconfig.get_paths()["include"]))
@@ -99,13 +102,35 @@ def parse_ptxas(source: str, log: str) -> list:
     return rows
 
 
-def compile_one(source: Path):
+def compile_unit(source: Path, unit: Path, units_dir: Path):
+    """(source name, rows, error) of one translation unit of ``source`` (itself or a generated unit)."""
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run(nvcc_command(source, Path(tmp)), capture_output=True, text=True)
+        proc = subprocess.run(nvcc_command(unit, Path(tmp), units_dir), capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
-        return source.name, None, _build.first_error_line(log)
+        return source.name, None, f"{unit.name}: {_build.first_error_line(log)}"
     return source.name, parse_ptxas(source.name, log), None
+
+
+def compile_sources(sources: list, jobs: int, units_root: Path):
+    """Yields (source name, rows, error) per source; its units compile in parallel with the others'."""
+    work = []
+    for source in sources:
+        units_dir = units_root / source.stem
+        work += [(source, unit, units_dir) for unit in [source] + _build.write_generated("cuda", source, units_dir)]
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        results = list(pool.map(lambda w: compile_unit(*w), work))
+    for source in sources:
+        mine = [r for r in results if r[0] == source.name]
+        errors = [err for _, _, err in mine if err is not None]
+        if errors:
+            yield source.name, None, errors[0]
+            continue
+        rows = {}
+        for _, found, _ in mine:
+            for r in found:
+                rows.setdefault((r["kernel"], r["arch"]), r)  # the same kernel in several units: one row
+        yield source.name, list(rows.values()), None
 
 
 def markdown(rows: list, failures: dict) -> str:
@@ -163,8 +188,8 @@ def main(argv=None) -> int:
     known = {p.name for p in _build.op_sources()}
     kept = [r for r in read_table() if r["source"] not in redo and r["source"] in known] if args.sources else []
     rows, failures = list(kept), {}
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        for name, found, err in pool.map(compile_one, sources):
+    with tempfile.TemporaryDirectory() as units_root:
+        for name, found, err in compile_sources(sources, args.jobs, Path(units_root)):
             if err is None:
                 rows.extend(found)
                 print(f"{name}: {len(found)} kernel builds", file=sys.stderr)

@@ -28,11 +28,18 @@ The native CPU kernels, ``csrc/cpu/<name>.cpp``, are another flavour:
   hands one a library built for the other.
 
 One shared library per (flavour, source file): a file that does not compile only takes its own
-ops down, and editing one kernel rebuilds one library.  Builds go through
+ops down, and editing one kernel rebuilds one library.  A source whose op declares its template
+instances (:class:`Instances`, ``INSTANCES`` in ``semask_fast/backends/cuda/<name>.py``) is
+compiled as several translation units linked into that one library, in parallel (ninja,
+``$MAX_JOBS``): one generated unit per (dtype, tile) explicitly instantiating that case's
+launchers, and the source itself for the bindings, which declares them extern; a generated header
+(``sf_<name>_instances.h``, an X-macro list) is what the source's dispatch and size limit are
+written from, so the limit has one owner (:func:`generated_files`).  The generated files live in
+the build directory.  Builds go through
 ``torch.utils.cpp_extension.load`` (ninja) into a directory named after a hash of everything
 that affects the binary (the source, every header under ``csrc/include`` and ``csrc/harness``,
-flags, torch version), under ``$SEMASK_FAST_BUILD_DIR`` or ``~/.cache/semask_fast``, so a build
-is reused across processes and CI runs until an input changes.
+the generated units and header, flags, torch version), under ``$SEMASK_FAST_BUILD_DIR`` or
+``~/.cache/semask_fast``, so a build is reused across processes and CI runs until an input changes.
 
 Nothing here runs at import time: a pure install never compiles.  ``SEMASK_FAST_BUILD_CUDA=1``
 makes setup.py build the cuda flavour ahead of time into ``semask_fast/_prebuilt`` (used while
@@ -42,6 +49,7 @@ its hash matches, see :func:`prebuilt_module`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import os
@@ -311,6 +319,104 @@ def _cpp_extension():
     return cpp_extension
 
 
+#: C++ element type and ATen scalar type of each dtype an op can be instantiated for.
+DTYPES = {"float32": ("float", "at::kFloat"), "float16": ("__half", "at::kHalf"),
+          "bfloat16": ("__nv_bfloat16", "at::kBFloat16")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Instances:
+    """The template instances of a ``csrc/ops`` source, declared by its op's CUDA backend module
+    (``INSTANCES``): one per (dtype, tile), ``tiles`` ascending, a size padded to the smallest tile
+    that holds it.  The build compiles one unit per instance and generates the X-macro list the
+    source's dispatch and limit check are written from (:func:`generated_files`); the backend
+    derives its reasons from :attr:`limit`.  ``name`` names the padded size (``head_dim``,
+    ``classes``): the source's limit is ``SF_<SOURCE>_MAX_<NAME>``."""
+
+    name: str
+    tiles: Tuple[int, ...]
+    dtypes: Tuple[str, ...] = tuple(DTYPES)
+
+    def __post_init__(self):
+        if not self.tiles or list(self.tiles) != sorted(set(self.tiles)) or self.tiles[0] < 1:
+            raise ValueError(f"tiles must be distinct, ascending and positive, got {self.tiles}")
+        unknown = set(self.dtypes) - set(DTYPES)
+        if unknown or not self.dtypes:
+            raise ValueError(f"dtypes must be among {tuple(DTYPES)}, got {self.dtypes}")
+
+    @property
+    def limit(self) -> int:
+        """The largest size served: the largest tile."""
+        return self.tiles[-1]
+
+
+def instances(source: Path) -> Optional[Instances]:
+    """The instances the op of ``csrc/ops/<name>.cu`` declares (``INSTANCES`` of
+    ``semask_fast.backends.cuda.<name>``); None: the source is one translation unit."""
+    if source.parent.name != "ops":
+        return None
+    module = f"{__package__ or 'semask_fast'}.backends.cuda.{source.stem}"
+    try:
+        if importlib.util.find_spec(module) is None:
+            return None
+    except ModuleNotFoundError:
+        return None
+    return getattr(importlib.import_module(module), "INSTANCES", None)
+
+
+def _macro(source: Path) -> str:
+    return "SF_" + re.sub(r"\W", "_", source.stem).upper()
+
+
+def generated_files(source: Path, declared: Optional[Instances] = None) -> Dict[str, str]:
+    """File name -> text of what the build generates for ``source`` (``declared``: its
+    :func:`instances`), independent of where the files go (it enters the build hash):
+
+    * ``sf_<name>_instances.h``: ``SF_<NAME>_INSTANCES(X)``, an X-macro list ``X(T, scalar type,
+      TILE)`` of every instance, tiles ascending per dtype (the source's dispatch and its extern
+      launcher declarations), and ``SF_<NAME>_MAX_<SIZE>``, the limit;
+    * ``<name>__<dtype>_<tile>.cu`` per instance: includes the source (``SF_INSTANCE_UNIT``: its
+      launchers, not its bindings) and expands ``SF_LAUNCHERS(, T, TILE)``, the source's explicit
+      instantiations of that case's launchers.
+
+    Empty for a source without instances."""
+    declared = declared if declared is not None else instances(source)
+    if declared is None:
+        return {}
+    macro, origin = _macro(source), f"semask_fast/backends/cuda/{source.stem}.py (INSTANCES)"
+    cases = [(dtype, tile) for dtype in declared.dtypes for tile in declared.tiles]
+    lines = [f"// Generated by semask_fast/_build.py from {origin}: do not edit.",
+             "#pragma once", "",
+             f"// X(T, scalar type, {declared.name} tile) per compiled instance, tiles ascending per dtype.",
+             f"#define {macro}_INSTANCES(X) \\"]
+    lines += [f"  X({DTYPES[d][0]}, {DTYPES[d][1]}, {t}) \\" for d, t in cases]
+    lines += ["", f"// The largest {declared.name} served (the largest tile).",
+              f"#define {macro}_MAX_{declared.name.upper()} {declared.limit}", ""]
+    files = {f"sf_{source.stem}_instances.h": "\n".join(lines)}
+    for dtype, tile in cases:
+        files[f"{source.stem}__{dtype}_{tile}.cu"] = (
+            f"// Generated by semask_fast/_build.py from {origin}: the {dtype} {declared.name} {tile} launchers "
+            f"of csrc/ops/{source.name}.\n"
+            f'#define SF_INSTANCE_UNIT\n#include "ops/{source.name}"\n\nSF_LAUNCHERS(, {DTYPES[dtype][0]}, {tile})\n')
+    return files
+
+
+def write_generated(flavour: str, source: Path, directory: Path, declared: Optional[Instances] = None) -> List[Path]:
+    """Writes :func:`generated_files` of ``source`` into ``directory`` (a file whose text is unchanged
+    keeps its time stamp: ninja stays up to date) and returns the units to compile, ``.cu`` for nvcc,
+    ``.cpp`` for the flavours compiled as C++ (the harness)."""
+    units = []
+    for name, text in generated_files(source, declared).items():
+        if name.endswith(".cu"):
+            name = name[:-3] + (".cu" if flavour == "cuda" else ".cpp")
+            units.append(directory / name)
+        path = directory / name
+        if not path.is_file() or path.read_text() != text:
+            directory.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    return units
+
+
 def _digest(flavour: str, source: Path, csrc: Optional[Path] = None) -> str:
     import torch
 
@@ -326,6 +432,9 @@ def _digest(flavour: str, source: Path, csrc: Optional[Path] = None) -> str:
         if f.is_file():
             h.update(f.name.encode())
             h.update(f.read_bytes())
+    for name, text in sorted(generated_files(source).items()):
+        h.update(name.encode())
+        h.update(text.encode())
     return h.hexdigest()[:16]
 
 
@@ -436,6 +545,11 @@ def _compile(flavour: str, source: Path, out: Path, verbose: bool) -> None:
     build_dir.mkdir(parents=True, exist_ok=True)
     includes = [str(csrc_dir() / "include")]
     home = cuda_home()
+    # The generated units (one per instance) and header: compiled beside the source, linked into
+    # its library; the units include the source as "ops/<name>.cu".
+    units = [] if flavour == "cpu" else [str(u) for u in write_generated(flavour, source, build_dir / "units")]
+    if units:
+        includes += [str(build_dir / "units"), str(csrc_dir())]
     if flavour == "cpu":
         includes = [str(csrc_dir() / "cpu")]
         sources = [str(source)]
@@ -450,11 +564,11 @@ def _compile(flavour: str, source: Path, out: Path, verbose: bool) -> None:
         flags = list(HOST_CFLAGS[flavour])
         if flavour == "trace":
             flags.append(f"-DSF_TRACE_NS={namespace(flavour, source)}")
-        sources, kwargs = [str(wrapper)], dict(extra_cflags=flags, with_cuda=False)
+        sources, kwargs = [str(wrapper)] + units, dict(extra_cflags=flags, with_cuda=False)
         if flavour == "asan":  # the library needs the sanitizers' runtimes
             kwargs["extra_ldflags"] = [ASAN_SANITIZERS]
     else:
-        sources = [str(source)]
+        sources = [str(source)] + units
         kwargs = dict(extra_cflags=["-O2", "-std=c++20"], extra_cuda_cflags=list(CUDA_CFLAGS), with_cuda=True)
     # cpp_extension.load also loads what it built; an asan library must not be loaded here (only
     # in a process with the ASan runtime preloaded), and :func:`load` loads every flavour itself.

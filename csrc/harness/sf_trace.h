@@ -169,7 +169,9 @@ SF_NO_TRACE inline void on_launch() {
 }  // namespace sf
 
 // The instrumentation's callbacks.  Hidden: each traced library counts its own kernels.
-#define SF_TRACE_EXPORT extern "C" __attribute__((visibility("hidden"))) SF_NO_TRACE
+// weak: a library built from several translation units (semask_fast/_build.py's instance units)
+// defines them in each.
+#define SF_TRACE_EXPORT extern "C" __attribute__((visibility("hidden"), weak)) SF_NO_TRACE
 #define SF_TRACE_ACCESS(n)                                                                                     \
   SF_TRACE_EXPORT void __tsan_read##n(void* p) { sf::trace::plain_access(p, n, false); }                      \
   SF_TRACE_EXPORT void __tsan_write##n(void* p) { sf::trace::plain_access(p, n, true); }                      \
@@ -236,8 +238,11 @@ SF_TRACE_EXPORT void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__A
 SF_TRACE_EXPORT void __tsan_atomic_signal_fence(int) { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
 #undef SF_TRACE_EXPORT
 
-// Catch-all kernels: trace_end has no tensor argument to dispatch on.
+// Catch-all kernels: trace_end has no tensor argument to dispatch on.  Registered by the unit with
+// the op's bindings only (a generated instance unit defines SF_INSTANCE_UNIT).
+#ifndef SF_INSTANCE_UNIT
 TORCH_LIBRARY_FRAGMENT(SF_TRACE_NS, m) {
   m.def("trace_begin(Tensor[] inputs) -> ()", [](std::vector<at::Tensor> inputs) { sf::trace::begin(inputs); });
   m.def("trace_end() -> Tensor", []() { return sf::trace::end(); });
 }
+#endif

@@ -15,6 +15,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #ifndef SF_SIMT
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -87,6 +89,28 @@
         TORCH_CHECK(false, name ": unsupported dtype ", dtype, " (float32, float16, bfloat16)"); \
     }                                                                                           \
   }()
+
+// Runs the following lambda, f(T{}, std::integral_constant<int, TILE>{}), for the instance of
+// `dtype` with the smallest TILE >= size among those of LIST, an X-macro list X(T, scalar type,
+// TILE) with tiles ascending per dtype: SF_<OP>_INSTANCES of the op's generated header
+// (semask_fast/_build.py, from the op's INSTANCES in semask_fast/backends/cuda/<op>.py).  Only
+// the listed instances are named, so only their (extern) launchers are referenced:
+//   SF_DISPATCH_INSTANCE(SF_ATM_ATTENTION_INSTANCES, q.scalar_type(), d, "atm_attention",
+//                        [&](auto tag, auto tile) { forward<decltype(tag), decltype(tile)::value>(...); });
+#define SF_DISPATCH_INSTANCE(LIST, dtype, size, name, ...)                                               \
+  [&] {                                                                                                 \
+    const at::ScalarType sf_dtype_ = (dtype);                                                           \
+    const int64_t sf_size_ = (size);                                                                    \
+    auto&& sf_body_ = __VA_ARGS__;                                                                      \
+    bool sf_found_ = false;                                                                             \
+    LIST(SF_DISPATCH_INSTANCE_CASE_)                                                                    \
+    TORCH_CHECK(sf_found_, name ": no compiled instance for dtype ", sf_dtype_, " and size ", sf_size_); \
+  }()
+#define SF_DISPATCH_INSTANCE_CASE_(T, scalar_type, TILE)                 \
+  if (!sf_found_ && sf_dtype_ == (scalar_type) && sf_size_ <= (TILE)) { \
+    sf_found_ = true;                                                    \
+    sf_body_(T{}, std::integral_constant<int, (TILE)>{});                \
+  }
 
 namespace sf {
 

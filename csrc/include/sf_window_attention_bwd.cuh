@@ -114,10 +114,12 @@ __global__ void __launch_bounds__(kThreads) window_attention_dq_kernel(Params p,
 // grid (table rows, h): dtable[r, head] = sum over chunks and over the (i, j)
 // pairs of index r of dsum[chunk, head, i, j].  Each thread sums a fixed
 // strided subset in a fixed order, then a fixed-shape tree: deterministic.
-__global__ void __launch_bounds__(kThreads) window_attention_table_grad_kernel(const float* __restrict__ dsum,
-                                                                               float* __restrict__ dtable,
-                                                                               int64_t chunks, int heads, int n,
-                                                                               int wh, int ww) {
+// static (as the fold below): every generated instance unit of window_attention.cu includes this
+// header (semask_fast/_build.py), and neither kernel is a template.
+static __global__ void __launch_bounds__(kThreads) window_attention_table_grad_kernel(const float* __restrict__ dsum,
+                                                                                      float* __restrict__ dtable,
+                                                                                      int64_t chunks, int heads, int n,
+                                                                                      int wh, int ww) {
   SF_STATIC_SHARED(float, red, kThreads);
   const int r = blockIdx.x, head = blockIdx.y;
   const int dy = r / (2 * ww - 1) - (wh - 1), dx = r % (2 * ww - 1) - (ww - 1);
@@ -509,10 +511,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) window_attention_bwd_fused_
 }
 
 // dtable[r, head] = sum over chunks, in order, of tpart[chunk, head, r]: a thread per (r, head).
-__global__ void __launch_bounds__(kThreads) window_attention_table_fold_sum_kernel(const float* __restrict__ tpart,
-                                                                                   float* __restrict__ dtable,
-                                                                                   int64_t chunks, int heads,
-                                                                                   int trows) {
+static __global__ void __launch_bounds__(kThreads)
+    window_attention_table_fold_sum_kernel(const float* __restrict__ tpart, float* __restrict__ dtable, int64_t chunks,
+                                           int heads, int trows) {
   const int e = blockIdx.x * kThreads + threadIdx.x;
   if (e >= trows * heads) return;
   const int r = e / heads, head = e % heads;

@@ -31,6 +31,11 @@
 // csrc/include/sf_atm_attention_fwd.cuh and _bwd.cuh, built on the attention engine
 // (csrc/include/sf_attention.cuh: online softmax, P V, backward recomputation); this file
 // holds the launch plan and the bindings.
+// Units: the launchers of each (dtype, head_dim tile) the op declares (INSTANCES in
+// semask_fast/backends/cuda/atm_attention.py) are compiled by a generated unit of their own
+// (SF_INSTANCE_UNIT: this file without its bindings, then SF_LAUNCHERS), in parallel; the bindings
+// declare them extern and dispatch over the generated list (sf_atm_attention_instances.h), which
+// also gives the head_dim limit (semask_fast/_build.py).
 
 #include "sf_common.cuh"
 #include "sf_atm_attention_bwd.cuh"
@@ -96,8 +101,24 @@ void backward(const Params& p, const T* out, const T* dmask, const float* lse, f
 
 }  // namespace sf_atm_attention
 
+// The launchers of one instance: `prefix` empty, their explicit instantiation (a generated unit);
+// extern, their declaration (the bindings).
+#define SF_LAUNCHERS(prefix, T, DP)                                                                             \
+  namespace sf_atm_attention {                                                                                  \
+  prefix template void forward<T, DP>(const Params&, const FwdDest<T>&, T*, cudaStream_t);                       \
+  prefix template void backward<T, DP>(const Params&, const T*, const T*, const float*, float*, T*, T*, T*,        \
+                                       cudaStream_t);                                                            \
+  }
+
+// Host code only: not in the generated units, nor in nvcc's device passes (which would parse the torch
+// headers once per GPU architecture for nothing).
+#if !defined(SF_INSTANCE_UNIT) && !defined(__CUDA_ARCH__)
 // ----------------------------------------------------------------- bindings --
 #include "sf_torch.h"
+#include "sf_atm_attention_instances.h"
+
+#define SF_EXTERN_LAUNCHERS(T, scalar_type, DP) SF_LAUNCHERS(extern, T, DP)
+SF_ATM_ATTENTION_INSTANCES(SF_EXTERN_LAUNCHERS)
 
 #include <ATen/ops/empty_like.h>
 
@@ -106,21 +127,18 @@ void backward(const Params& p, const T* out, const T* dmask, const float* lse, f
 
 namespace sf_atm_attention {
 
+// f(T{}, head_dim tile) for the dtype and the smallest tile that holds head_dim d.
 template <typename F>
 void dispatch(at::ScalarType dtype, int64_t d, F&& f) {
-  SF_DISPATCH_FLOAT(dtype, "atm_attention", [&] {
-    if (d <= 32) f(scalar_t{}, std::integral_constant<int, 32>{});
-    else if (d <= 64) f(scalar_t{}, std::integral_constant<int, 64>{});
-    else f(scalar_t{}, std::integral_constant<int, 128>{});
-  });
+  SF_DISPATCH_INSTANCE(SF_ATM_ATTENTION_INSTANCES, dtype, d, "atm_attention", f);
 }
 
 // [bytes of shared memory a forward block needs for the dtype, head_dim and heads (every head's
 // row statistics, the warps' tiles), bytes CUDA device `device` gives a block]: the one owner of
 // this limit (Python falls back with the reason where the need exceeds the device's).
 std::vector<int64_t> shared_memory(at::ScalarType dtype, int64_t head_dim, int64_t heads, int64_t device) {
-  TORCH_CHECK(head_dim >= 1 && head_dim <= 128 && heads >= 1, "atm_attention: head_dim must be in 1..128 and heads "
-              ">= 1, got ", head_dim, " and ", heads);
+  TORCH_CHECK(head_dim >= 1 && head_dim <= SF_ATM_ATTENTION_MAX_HEAD_DIM && heads >= 1, "atm_attention: head_dim must "
+              "be in 1..", SF_ATM_ATTENTION_MAX_HEAD_DIM, " and heads >= 1, got ", head_dim, " and ", heads);
   int64_t need = 0;
   dispatch(dtype, head_dim,
            [&](auto tag, auto dp) { need = fwd_smem_bytes<decltype(tag), decltype(dp)::value>(heads); });
@@ -158,7 +176,8 @@ Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   TORCH_CHECK(v.sizes() == k.sizes(), "atm_attention: v must have k's shape");
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
               "atm_attention: k must be (B, h, Nk, d) matching q");
-  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 128, "atm_attention: head_dim must be in 1..128, got ", q.size(3));
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= SF_ATM_ATTENTION_MAX_HEAD_DIM, "atm_attention: head_dim must be in 1..",
+              SF_ATM_ATTENTION_MAX_HEAD_DIM, ", got ", q.size(3));
   Params p{};
   p.q = rows_of(q);
   p.k = rows_of(k);
@@ -262,3 +281,5 @@ SF_TORCH_LIBRARY_IMPL(m) {
   m.impl("atm_attention_forward", &sf_atm_attention::forward_op);
   m.impl("atm_attention_backward", &sf_atm_attention::backward_op);
 }
+
+#endif  // the bindings

@@ -30,6 +30,12 @@
 // csrc/include/sf_semantic_attention_fwd.cuh and _bwd.cuh, built on the attention engine
 // (csrc/include/sf_attention.cuh: online softmax, P V, backward recomputation); this file
 // holds the launch plan and the bindings.
+// Units: the backward launcher of each (dtype, class tile KP) the op declares (INSTANCES in
+// semask_fast/backends/cuda/semantic_attention.py) is compiled by a generated unit of its own
+// (SF_INSTANCE_UNIT: this file without its bindings, then SF_LAUNCHERS), in parallel; the unit of
+// the bindings compiles the forward (forward_any_columns, a few small kernels), declares the backward
+// launchers extern and dispatches over the generated list (sf_semantic_attention_instances.h), which
+// also gives the class limit (semask_fast/_build.py).
 
 #include "sf_common.cuh"
 #include "sf_semantic_attention_bwd.cuh"
@@ -84,20 +90,6 @@ void backward(const Params& p, const T* out, const T* dout, const float* lse, T*
   SF_CHECK_LAUNCH();
 }
 
-}  // namespace sf_semantic_attention
-
-// ----------------------------------------------------------------- bindings --
-#include "sf_torch.h"
-
-#include <tuple>
-#include <type_traits>
-
-namespace sf_semantic_attention {
-
-// Largest class count served: the K tile is staged whole, and beyond KP = 160 the dSq
-// accumulators of the backward spill registers (ptxas, sm_80 / sm_90).
-constexpr int kMaxClasses = 160;
-
 template <int I, typename F>
 void with_int(int value, F&& f) {
   // value in 1..I: calls f(std::integral_constant<int, value>).
@@ -106,6 +98,49 @@ void with_int(int value, F&& f) {
     with_int<I - 1>(value, f);
   }
 }
+
+// Output columns per lane: C tiles of up to 128 columns.
+inline int cols_per_lane(int c) { return c >= 128 ? 4 : (c + 31) / 32; }
+
+// The forward of a dtype, its C tile chosen from C: compiled by the bindings' unit, instantiated here
+// for every dtype, outside the bindings' host-only section (nvcc's device passes must see the
+// kernels it launches).
+template <typename T>
+void forward_any_columns(const Params& p, T* out, float* lse, cudaStream_t stream) {
+  with_int<4>(cols_per_lane(p.c), [&](auto cpl) { forward<T, decltype(cpl)::value>(p, out, lse, stream); });
+}
+
+#ifndef SF_INSTANCE_UNIT
+template void forward_any_columns<float>(const Params&, float*, float*, cudaStream_t);
+template void forward_any_columns<__half>(const Params&, __half*, float*, cudaStream_t);
+template void forward_any_columns<__nv_bfloat16>(const Params&, __nv_bfloat16*, float*, cudaStream_t);
+#endif
+
+}  // namespace sf_semantic_attention
+
+// The backward launcher of one instance (KP = 32 * KPL classes): `prefix` empty, its explicit
+// instantiation (a generated unit); extern, its declaration (the bindings).
+#define SF_LAUNCHERS(prefix, T, KP)                                                                        \
+  namespace sf_semantic_attention {                                                                        \
+  static_assert((KP) % 32 == 0, "class tiles are multiples of 32");                                        \
+  prefix template void backward<T, (KP) / 32>(const Params&, const T*, const T*, const float*, T*, T*, T*, \
+                                              cudaStream_t);                                               \
+  }
+
+// Host code only: not in the generated units, nor in nvcc's device passes (which would parse the torch
+// headers once per GPU architecture for nothing).
+#if !defined(SF_INSTANCE_UNIT) && !defined(__CUDA_ARCH__)
+// ----------------------------------------------------------------- bindings --
+#include "sf_torch.h"
+#include "sf_semantic_attention_instances.h"
+
+#define SF_EXTERN_LAUNCHERS(T, scalar_type, KP) SF_LAUNCHERS(extern, T, KP)
+SF_SEMANTIC_ATTENTION_INSTANCES(SF_EXTERN_LAUNCHERS)
+
+#include <tuple>
+#include <type_traits>
+
+namespace sf_semantic_attention {
 
 // sq, sk, yv may be strided in the batch and row dims (column views of one fused projection);
 // their rows must be contiguous.
@@ -124,8 +159,8 @@ Params make_params(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor&
   SF_CHECK_SAME_DTYPE(yv, sq);
   TORCH_CHECK(sk.sizes() == sq.sizes(), "semantic_attention: sk must have sq's shape");
   TORCH_CHECK(yv.size(0) == sq.size(0) && yv.size(1) == sq.size(1), "semantic_attention: yv must be (B_, N, C)");
-  TORCH_CHECK(sq.size(2) >= 1 && sq.size(2) <= kMaxClasses, "semantic_attention: K must be in 1..", kMaxClasses,
-              ", got ", sq.size(2));
+  TORCH_CHECK(sq.size(2) >= 1 && sq.size(2) <= SF_SEMANTIC_ATTENTION_MAX_CLASSES, "semantic_attention: K must be "
+              "in 1..", SF_SEMANTIC_ATTENTION_MAX_CLASSES, ", got ", sq.size(2));
   Params p{};
   p.sq = sq.data_ptr();
   p.sk = sk.data_ptr();
@@ -144,19 +179,13 @@ Params make_params(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor&
   return p;
 }
 
-// Output columns per lane: C tiles of up to 128 columns.
-inline int cols_per_lane(int c) { return c >= 128 ? 4 : (c + 31) / 32; }
-
 std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv) {
   const Params p = make_params(sq, sk, yv);
   SF_DEVICE_GUARD(sq);
   at::Tensor out = at::empty(yv.sizes(), yv.options());  // contiguous whatever yv's strides
   at::Tensor lse = at::empty({sq.size(0), sq.size(1)}, sq.options().dtype(at::kFloat));
   SF_DISPATCH_FLOAT(sq.scalar_type(), "semantic_attention", [&] {
-    with_int<4>(cols_per_lane(p.c), [&](auto cpl) {
-      forward<scalar_t, decltype(cpl)::value>(p, sf::data_ptr<scalar_t>(out), lse.data_ptr<float>(),
-                                              sf::current_stream());
-    });
+    forward_any_columns<scalar_t>(p, sf::data_ptr<scalar_t>(out), lse.data_ptr<float>(), sf::current_stream());
   });
   return {out, lse};
 }
@@ -178,13 +207,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
   // Contiguous gradients whatever the inputs' strides (the kernels write rows of k / c elements).
   at::Tensor dsq = at::empty(sq.sizes(), sq.options()), dsk = at::empty(sk.sizes(), sk.options());
   at::Tensor dyv = at::empty(yv.sizes(), yv.options());
-  SF_DISPATCH_FLOAT(sq.scalar_type(), "semantic_attention", [&] {
-    with_int<kMaxClasses / 32>(p.kp / 32, [&](auto kpl) {
-      backward<scalar_t, decltype(kpl)::value>(p, sf::data_ptr<scalar_t>(out), sf::data_ptr<scalar_t>(dout),
-                                               lse.data_ptr<float>(), need_dsq ? sf::data_ptr<scalar_t>(dsq) : nullptr,
-                                               need_dsk ? sf::data_ptr<scalar_t>(dsk) : nullptr,
-                                               need_dyv ? sf::data_ptr<scalar_t>(dyv) : nullptr, sf::current_stream());
-    });
+  // The class tile: K padded to KP = 32 * ceil(K / 32), the smallest tile of the list.
+  SF_DISPATCH_INSTANCE(SF_SEMANTIC_ATTENTION_INSTANCES, sq.scalar_type(), p.kp, "semantic_attention",
+                       [&](auto tag, auto kp) {
+    using T = decltype(tag);
+    TORCH_CHECK(decltype(kp)::value == p.kp, "semantic_attention: no class tile of ", p.kp, " (a gap in the list)");
+    backward<T, decltype(kp)::value / 32>(p, sf::data_ptr<T>(out), sf::data_ptr<T>(dout), lse.data_ptr<float>(),
+                                          need_dsq ? sf::data_ptr<T>(dsq) : nullptr,
+                                          need_dsk ? sf::data_ptr<T>(dsk) : nullptr,
+                                          need_dyv ? sf::data_ptr<T>(dyv) : nullptr, sf::current_stream());
   });
   return {dsq, dsk, dyv};
 }
@@ -201,3 +232,5 @@ SF_TORCH_LIBRARY_IMPL(m) {
   m.impl("semantic_attention_forward", &sf_semantic_attention::forward_op);
   m.impl("semantic_attention_backward", &sf_semantic_attention::backward_op);
 }
+
+#endif  // the bindings

@@ -18,7 +18,8 @@
 //   * a key tile is BN = 32 keys, one key per lane for the logits, so row
 //     max / sum are warp shuffles, and P v is a shuffle-broadcast loop where a
 //     lane owns head-dim columns lane, lane+32, ...;
-//   * head_dim is padded to DP in {32, 64, 128} in shared memory (zeros).
+//   * head_dim is padded to DP, the smallest head_dim tile that holds it (the INSTANCES below),
+//     in shared memory (zeros).
 // Backward, deterministic (no float atomics):
 //   1. delta_i = rowsum(dO_i * O_i);
 //   2. dK, dV: a block owns a key tile and loops over the query tiles;
@@ -47,6 +48,11 @@
 // csrc/include/sf_window_attention_fwd.cuh and _bwd.cuh, built on the attention engine
 // (csrc/include/sf_attention.cuh: online softmax, P V, backward recomputation); this file
 // holds the launch plan and the bindings.
+// Units: the launchers of each (dtype, head_dim tile) the op declares (INSTANCES in
+// semask_fast/backends/cuda/window_attention.py) are compiled by a generated unit of their own
+// (SF_INSTANCE_UNIT: this file without its bindings, then SF_LAUNCHERS), in parallel; the bindings
+// declare them extern and dispatch over the generated list (sf_window_attention_instances.h), which
+// also gives the head_dim limit (semask_fast/_build.py).
 
 #include "sf_common.cuh"
 #include "sf_window_attention_bwd.cuh"
@@ -139,8 +145,24 @@ void backward(const Params& p, bool fused, const T* out, const float* lse, float
 
 }  // namespace sf_window_attention
 
+// The launchers of one instance: `prefix` empty, their explicit instantiation (a generated unit);
+// extern, their declaration (the bindings).
+#define SF_LAUNCHERS(prefix, T, DP)                                                                               \
+  namespace sf_window_attention {                                                                                 \
+  prefix template void forward<T, DP>(const Params&, T*, float*, cudaStream_t);                                    \
+  prefix template void backward<T, DP>(const Params&, bool, const T*, const float*, float*, T*, T*, T*, float*,      \
+                                       int64_t, int64_t, float*, cudaStream_t);                                    \
+  }
+
+// Host code only: not in the generated units, nor in nvcc's device passes (which would parse the torch
+// headers once per GPU architecture for nothing).
+#if !defined(SF_INSTANCE_UNIT) && !defined(__CUDA_ARCH__)
 // ----------------------------------------------------------------- bindings --
 #include "sf_torch.h"
+#include "sf_window_attention_instances.h"
+
+#define SF_EXTERN_LAUNCHERS(T, scalar_type, DP) SF_LAUNCHERS(extern, T, DP)
+SF_WINDOW_ATTENTION_INSTANCES(SF_EXTERN_LAUNCHERS)
 
 #include <ATen/ops/empty_like.h>
 
@@ -151,14 +173,10 @@ void backward(const Params& p, bool fused, const T* out, const float* lse, float
 
 namespace sf_window_attention {
 
+// f(T{}, head_dim tile) for q's dtype and the smallest tile that holds its head_dim.
 template <typename F>
 void dispatch(const at::Tensor& q, F&& f) {
-  const int64_t d = q.size(3);
-  SF_DISPATCH_FLOAT(q.scalar_type(), "window_attention", [&] {
-    if (d <= 32) f(scalar_t{}, std::integral_constant<int, 32>{});
-    else if (d <= 64) f(scalar_t{}, std::integral_constant<int, 64>{});
-    else f(scalar_t{}, std::integral_constant<int, 128>{});
-  });
+  SF_DISPATCH_INSTANCE(SF_WINDOW_ATTENTION_INSTANCES, q.scalar_type(), q.size(3), "window_attention", f);
 }
 
 // Inputs are read in place with any strides but the last (q, k, v, dO: (B_, h, N, d)), e.g.
@@ -182,7 +200,8 @@ Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "window_attention: q, k, v must share a dtype");
   TORCH_CHECK(q.size(2) == wh * ww, "window_attention: N = ", q.size(2), " is not Wh*Ww = ", wh * ww);
-  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 128, "window_attention: head_dim must be in 1..128, got ", q.size(3));
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= SF_WINDOW_ATTENTION_MAX_HEAD_DIM, "window_attention: head_dim must be "
+              "in 1..", SF_WINDOW_ATTENTION_MAX_HEAD_DIM, ", got ", q.size(3));
   Params p{};
   p.q = rows_of(q);
   p.k = rows_of(k);
@@ -323,3 +342,5 @@ SF_TORCH_LIBRARY_IMPL(m) {
   m.impl("window_attention_forward", &sf_window_attention::forward_op);
   m.impl("window_attention_backward", &sf_window_attention::backward_op);
 }
+
+#endif  // the bindings

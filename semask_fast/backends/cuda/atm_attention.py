@@ -26,12 +26,17 @@ from typing import Iterator, List, Optional
 
 import torch
 
+from ... import _build
 from ...ops.atm_attention import ATMAttentionInputs
 from ..base import unit_last_stride
 from ..registry import register
 from . import CudaImpl, SimtImpl, cuda_index
 
-MAX_HEAD_DIM = 128
+#: The kernels' instances: head_dim padded to the smallest of these tiles that holds it, every
+#: dtype.  The one owner of the head_dim limit: the build compiles a unit per (dtype, tile) and
+#: generates the list the .cu's dispatch and head_dim checks are written from (semask_fast/_build.py);
+#: the reasons below come from it.
+INSTANCES = _build.Instances("head_dim", (32, 64, 128))
 #: Query rows and keys per forward tile (BM, BN in the .cu).
 BLOCK_ROWS, BLOCK_KEYS = 16, 32
 #: Multiprocessors of the device the harness stands for in the split plan: an H100 SXM.
@@ -121,8 +126,8 @@ class _ATMAttentionKernels:
 
     def input_reasons(self, inp: ATMAttentionInputs) -> List[str]:
         d = inp.q.shape[-1]
-        if d > MAX_HEAD_DIM:
-            return [f"head_dim={d} (supported: 1..{MAX_HEAD_DIM})"]
+        if d > INSTANCES.limit:
+            return [f"head_dim={d} (supported: 1..{INSTANCES.limit})"]
         if inp.q.device.type not in self.supported_devices():
             return []  # the device reason says it
         # The C++ side owns the forward's shared memory (every head's row statistics and the warps'

@@ -1,6 +1,6 @@
 """semantic_attention from ``csrc/ops/semantic_attention.cu`` (cuda and SIMT-harness backends).
 
-The class dimension K is staged whole in shared memory (K <= 160); C is tiled
+The class dimension K is staged whole in shared memory (K <= 160, :data:`INSTANCES`); C is tiled
 over blocks.  sq, sk and yv are read in place with their batch and row strides
 (only the last dim must be contiguous).  Forward saves the output and the fp32 row logsumexp; backward
 recomputes the probabilities (N x N never reaches global memory) in one launch: dSq blocks, and
@@ -17,13 +17,18 @@ from typing import List
 
 import torch
 
+from ... import _build
 from ...ops.semantic_attention import SemanticAttentionInputs
 from ..base import unit_last_stride
 from ..registry import register
 from . import CudaImpl, SimtImpl
 
-#: The K tile is staged whole; beyond 160 the backward's dSq accumulators spill (ptxas).
-MAX_CLASSES = 160
+#: The backward's instances: K padded to KP = 32 * ceil(K / 32) (every multiple of 32 up to the
+#: limit), every dtype.  The K tile is staged whole; beyond 160 the backward's dSq accumulators
+#: spill (ptxas, sm_80 / sm_90).  The one owner of the class limit: the build compiles a unit per
+#: (dtype, tile) and generates the list the .cu's dispatch and K check are written from
+#: (semask_fast/_build.py); the reasons below come from it.
+INSTANCES = _build.Instances("classes", (32, 64, 96, 128, 160))
 
 
 class _SemanticAttentionKernels:
@@ -31,7 +36,7 @@ class _SemanticAttentionKernels:
 
     def input_reasons(self, inp: SemanticAttentionInputs) -> List[str]:
         k = inp.sq.shape[-1]
-        return [f"K={k} classes (supported: 1..{MAX_CLASSES})"] if k > MAX_CLASSES else []
+        return [f"K={k} classes (supported: 1..{INSTANCES.limit})"] if k > INSTANCES.limit else []
 
     def forward(self, inp: SemanticAttentionInputs, seed: int):
         sq, sk, yv = (unit_last_stride(t) for t in (inp.sq, inp.sk, inp.yv))

@@ -32,14 +32,18 @@ from typing import Iterator, List, Optional
 
 import torch
 
+from ... import _build
 from ...ops.window_attention import WindowAttentionInputs
 from ..base import unit_last_stride
 from ..registry import register
 from . import CudaImpl, SimtImpl
 
 
-#: Head dims are padded to 32, 64 or 128 in shared memory.
-MAX_HEAD_DIM = 128
+#: The kernels' instances: head_dim padded (zeros in shared memory) to the smallest of these tiles
+#: that holds it, every dtype.  The one owner of the head_dim limit: the build compiles a unit per
+#: (dtype, tile) and generates the list the .cu's dispatch and head_dim check are written from
+#: (semask_fast/_build.py); the reasons below come from it.
+INSTANCES = _build.Instances("head_dim", (32, 64, 128))
 
 #: dQ blocks to keep (about one wave of a large GPU) before windows are packed into chunks.
 DQ_MIN_BLOCKS = 128
@@ -117,7 +121,7 @@ class _WindowAttentionKernels:
 
     def input_reasons(self, inp: WindowAttentionInputs) -> List[str]:
         d = inp.q.shape[-1]
-        return [f"head_dim={d} (supported: 1..{MAX_HEAD_DIM})"] if d > MAX_HEAD_DIM else []
+        return [f"head_dim={d} (supported: 1..{INSTANCES.limit})"] if d > INSTANCES.limit else []
 
     @staticmethod
     def _fp32(t):
