@@ -51,11 +51,15 @@ namespace sf::cpu {
 // kernel, cost a page fault, a memcg charge and the kernel's zeroing per page: 14 ms for a 54 MB
 // output on one thread here (6 ms with huge pages), a quarter of a 512^2 Swin stage's window
 // attention.  A pooled storage is reused once nothing but the pool refers to it (no tensor or view
-// of it is alive), for a request of the same byte size; the least recently used free storages are
-// released when the pool would exceed its cap: SEMASK_FAST_CPU_POOL_MIB (default 256, per op
-// library; 0 turns the pool off; read at each request, so that a process can switch it, e.g. to
-// measure allocations).  Requests under kMinPooledBytes use torch's allocator (small blocks are
-// recycled by malloc already).  Contents are uninitialised either way, as at::empty's.
+// of it is alive), for a request of the same byte size.  The pool keeps every storage it took
+// while they fit under its cap, SEMASK_FAST_CPU_POOL_MIB (default 512, per op library; 0 turns
+// the pool off; read at each request, so that a process can switch it, e.g. to measure
+// allocations); past the cap a request gets torch's memory, unpooled.  It never evicts: evicting
+// to make room made a step whose buffers exceed the cap allocate and release every one of them
+// each call, slower than no pool (SeMask windowed fwd+bwd, 278 MB of buffers: 163 ms with a
+// 256 MiB evicting pool, 94 without a pool, 74 with all of them pooled).  Requests under
+// kMinPooledBytes use torch's allocator (malloc recycles small blocks already).  Contents are
+// uninitialised either way, as at::empty's.
 class BufferPool {
  public:
   static constexpr size_t kMinPooledBytes = size_t(4) << 20;
@@ -63,30 +67,22 @@ class BufferPool {
   at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
     const size_t bytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
     const size_t cap = cap_from_environment();
-    if (bytes < kMinPooledBytes || bytes > cap) return fresh(sizes, options);
+    if (bytes < kMinPooledBytes || cap == 0) return fresh(sizes, options);
     std::lock_guard<std::mutex> lock(mutex_);
-    for (Entry& e : entries_) {
-      if (e.storage.nbytes() == bytes && e.storage.use_count() == 1) {
-        e.stamp = ++clock_;
-        return at::empty({0}, options).set_(e.storage, 0, sizes);
-      }
-    }
+    for (const c10::Storage& s : storages_)
+      if (s.nbytes() == bytes && s.use_count() == 1) return at::empty({0}, options).set_(s, 0, sizes);
     at::Tensor t = fresh(sizes, options);
-    make_room(bytes, cap);
-    entries_.push_back({t.storage(), ++clock_});
-    held_ += bytes;
+    if (held_ + bytes <= cap) {
+      storages_.push_back(t.storage());
+      held_ += bytes;
+    }
     return t;
   }
 
  private:
-  struct Entry {
-    c10::Storage storage;
-    uint64_t stamp;
-  };
-
   static size_t cap_from_environment() {
     const char* v = std::getenv("SEMASK_FAST_CPU_POOL_MIB");
-    return size_t(v && *v ? std::strtoull(v, nullptr, 10) : 256) << 20;
+    return size_t(v && *v ? std::strtoull(v, nullptr, 10) : 512) << 20;
   }
 
   // at::empty, with the 2 MiB-aligned part of a large block advised into transparent huge pages
@@ -102,26 +98,9 @@ class BufferPool {
     return t;
   }
 
-  // Drops entries until `bytes` more fit under the cap: free ones first (least recently used
-  // first), then busy ones (their storage lives on with its tensors, outside the pool).
-  void make_room(size_t bytes, size_t cap) {
-    for (bool busy : {false, true}) {
-      while (held_ + bytes > cap) {
-        auto victim = entries_.end();
-        for (auto it = entries_.begin(); it != entries_.end(); ++it)
-          if ((it->storage.use_count() > 1) == busy && (victim == entries_.end() || it->stamp < victim->stamp))
-            victim = it;
-        if (victim == entries_.end()) break;
-        held_ -= victim->storage.nbytes();
-        entries_.erase(victim);
-      }
-    }
-  }
-
   std::mutex mutex_;
-  std::vector<Entry> entries_;
+  std::vector<c10::Storage> storages_;
   size_t held_ = 0;
-  uint64_t clock_ = 0;
 };
 
 // at::empty's contract, memory from this library's BufferPool.
