@@ -13,8 +13,9 @@
   optionally appends to a CSV.  ``bench --quick``: Swin-T stage 1 window
   attention against eager and SDPA in seconds.
 * ``gpu-check``: the whole GPU validation on one GPU, within a time budget (8 minutes by
-  default): builds the CUDA kernels, parity of every op x backend (cuda, triton) x dtype, the
-  layers under ``torch.compile(fullgraph=True)``, and the benchmark's cases on the GPU; writes
+  default): builds the CUDA kernels, parity of every op x backend (cuda, triton) x dtype on small
+  inputs and at the papers' shapes, the benchmark's cases on the GPU, and the layers under
+  ``torch.compile(fullgraph=True)``; writes
   ``benchmarks/results/gpu_check.md``.  Fails (exit 2) without a GPU; ``--dry-run`` lists what it
   would run.  See :mod:`semask_fast._gpu_check`.
 """
@@ -322,7 +323,9 @@ def main(argv=None) -> int:
                                         "written to benchmarks/results, nothing otherwise; '' writes nothing)")
     gpu = sub.add_parser("gpu-check", help="the whole GPU validation (parity, compile, benchmarks) on one GPU")
     gpu.add_argument("--dry-run", action="store_true", help="list what would run (no GPU needed)")
-    gpu.add_argument("--step", action="append", choices=["build", "parity", "compile", "bench"],
+    from semask_fast._gpu_check import STEPS as gpu_check_steps
+
+    gpu.add_argument("--step", action="append", choices=gpu_check_steps,
                      help="only this step (repeatable; default: all, in order)")
     gpu.add_argument("--bench-dtype", nargs="+", default=["bfloat16"], choices=["float32", "float16", "bfloat16"])
     gpu.add_argument("--compiled-peers", action="store_true",

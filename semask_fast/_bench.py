@@ -150,8 +150,9 @@ def sdpa_window(q, k, v, bias_table, *, window: int, shift: int, grid: Tuple[int
     nw = grid[0] * grid[1]
     bias = _window_bias(bias_table, index, n).unsqueeze(0)
     attn_mask = (bias + mask.unsqueeze(1) if mask is not None else bias.expand(nw, h, n, n)).reshape(1, nw * h, n, n)
-    fold = lambda x: x.view(windows // nw, nw * h, n, d)  # noqa: E731
-    return F.scaled_dot_product_attention(fold(q), fold(k), fold(v), attn_mask=attn_mask).view(q.shape)
+    # reshape, not view: on CUDA the fused backward hands back gradients that are not contiguous.
+    fold = lambda x: x.reshape(windows // nw, nw * h, n, d)  # noqa: E731
+    return F.scaled_dot_product_attention(fold(q), fold(k), fold(v), attn_mask=attn_mask).reshape(q.shape)
 
 
 def _flex_attention(*args, **kwargs):

@@ -6,11 +6,13 @@ On one CUDA GPU, within a time budget (default 8 minutes), in this order:
 2. ``parity``: every op x backend (``cuda``, ``triton``) x dtype (fp32, fp16, bf16) on the small
    cases of :func:`semask_fast.testing.small_cases`, outputs and every gradient against float64
    (:func:`semask_fast.testing.check_parity`, its tolerances), the backend that ran asserted;
-3. ``compile``: ``torch.compile(fullgraph=True)`` (inductor) of the layers and a patched timm Swin-T
-   on CUDA tensors against eager, outputs and every parameter gradient, the kernels asserted to run;
+3. ``shapes``: the same parity at the papers' shapes (the benchmark's cases), fp32 and bf16: the
+   tiles, grids and index arithmetic of real sizes, which the small cases do not reach;
 4. ``bench``: the CPU benchmark's cases (:func:`semask_fast._bench.bench_cases`, the papers'
    shapes) on the GPU: eager and SDPA (optionally the compiled peers) beside our ``cuda`` and
-   ``triton`` backends, forward and forward+backward, timed with CUDA events, with peak memory.
+   ``triton`` backends, forward and forward+backward, timed with CUDA events, with peak memory;
+5. ``compile``: ``torch.compile(fullgraph=True)`` (inductor) of the layers and a patched timm Swin-T
+   on CUDA tensors against eager, outputs and every parameter gradient, the kernels asserted to run.
 
 Results go to ``benchmarks/results/gpu_check.md`` (and ``gpu_check.json``).  Exit status 0 when
 every check passed, 1 when one failed or a backend was unavailable, 2 when there is no GPU.
@@ -29,15 +31,18 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-STEPS = ("build", "parity", "compile", "bench")
+STEPS = ("build", "parity", "shapes", "bench", "compile")
 BACKENDS = ("cuda", "triton")
 PARITY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Dtypes of the parity check at the papers' shapes (the bench cases): fp32 and the training dtype.
+SHAPES_DTYPES = (torch.float32, torch.bfloat16)
 MODES = ("fwd", "fwd+bwd")
 #: Peers timed by default (the compiled ones compile per case: ``--compiled-peers`` adds them).
 DEFAULT_PEERS = ("eager", "SDPA")
 COMPILED_PEERS = ("FlexAttention (compiled)", "torch.compile(eager)")
-COMPILE_MODELS = ("WindowAttention", "swin_t", "swin_t_zero_copy", "SemanticLayer", "ATMDecoderLayer",
-                  "MaskTransformerHead")
+#: The layers first: the whole Swin-T models take the longest to compile.
+COMPILE_MODELS = ("WindowAttention", "SemanticLayer", "ATMDecoderLayer", "MaskTransformerHead", "swin_t",
+                  "swin_t_zero_copy")
 
 
 class NoGPUError(RuntimeError):
@@ -73,13 +78,16 @@ def plan(options: Options) -> Dict[str, List[str]]:
     if "parity" in options.steps:
         items["parity"] = [f"{case.op} [{case.name}] {backend} {_dtype_name(dtype)}"
                            for case in small_cases() for backend in BACKENDS for dtype in PARITY_DTYPES]
-    if "compile" in options.steps:
-        items["compile"] = [f"{name}: torch.compile(fullgraph=True) vs eager, outputs and gradients"
-                            for name in COMPILE_MODELS]
+    if "shapes" in options.steps:
+        items["shapes"] = [f"{case.key} {backend} {_dtype_name(dtype)}"
+                           for case in bench_cases("paper") for backend in BACKENDS for dtype in SHAPES_DTYPES]
     if "bench" in options.steps:
         peers = _bench_peers(options)
         items["bench"] = [f"{case.key} {_dtype_name(dtype)} {mode}: {', '.join(peers + list(BACKENDS))}"
                           for dtype in options.bench_dtypes for case in bench_cases("paper") for mode in MODES]
+    if "compile" in options.steps:
+        items["compile"] = [f"{name}: torch.compile(fullgraph=True) vs eager, outputs and gradients"
+                            for name in COMPILE_MODELS]
     return items
 
 
@@ -151,6 +159,9 @@ def step_parity(options: Options, deadline: float, device: torch.device) -> Step
     result = StepResult("parity", header=("op", "case", "backend", "dtype", "status", "detail"))
     for case in small_cases():
         for backend in BACKENDS:
+            if registry.implementation(case.op, backend) is None:  # declared: not a failure
+                result.rows.append([case.op, case.name, backend, "-", "not implemented", "-"])
+                continue
             why = registry.reasons(case.op, backend)
             if why:
                 result.rows.append([case.op, case.name, backend, "-", "unavailable", "; ".join(why)[:200]])
@@ -179,6 +190,44 @@ def step_parity(options: Options, deadline: float, device: torch.device) -> Step
                 result.failures += bool(bad)
                 result.rows.append([case.op, case.name, backend, name, "FAIL" if bad else "ok",
                                     "; ".join(map(str, bad)) if bad else f"worst {worst}"])
+    return result
+
+
+def step_shapes(options: Options, deadline: float, device: torch.device) -> StepResult:
+    """:func:`step_parity` at the papers' shapes: each benchmark case's inputs, every gradient."""
+    from ._bench import bench_cases
+    from .backends import registry
+    from .testing import check_parity
+
+    result = StepResult("shapes", header=("case", "backend", "dtype", "status", "seconds", "detail"))
+    for case in bench_cases("paper"):
+        gen = torch.Generator().manual_seed(0)
+        tensors = {n: t.to(device) for n, t in case.make(torch.float32, gen).items()}
+        grad_names = [n for n, t in tensors.items() if t.is_floating_point()]
+        for backend in BACKENDS:
+            why = registry.reasons(case.op, backend)
+            for dtype in SHAPES_DTYPES:
+                name = _dtype_name(dtype)
+                if why or time.monotonic() > deadline:
+                    detail = "; ".join(why)[:200] if why else "time budget spent"
+                    result.rows.append([case.key, backend, name, "unavailable" if why else "not run", "-", detail])
+                    result.failures += 1
+                    continue
+                start = time.monotonic()
+                try:
+                    checks = check_parity(lambda backend, **kw: case.call(backend, **kw), tensors, grad_names,
+                                          dtype, backend=backend, op=case.op)
+                except Exception as e:  # a crash is a failure, reported with the rest
+                    result.rows.append([case.key, backend, name, "FAIL", f"{time.monotonic() - start:.1f}",
+                                        f"{type(e).__name__}: {e}"[:200]])
+                    result.failures += 1
+                    continue
+                bad = [c for c in checks if not c.ok]
+                worst = max(checks, key=lambda c: c.max_error)
+                result.failures += bool(bad)
+                result.rows.append([case.key, backend, name, "FAIL" if bad else "ok", f"{time.monotonic() - start:.1f}",
+                                    "; ".join(map(str, bad))[:300] if bad else f"worst {worst}"])
+        torch.cuda.empty_cache()
     return result
 
 
@@ -226,6 +275,8 @@ def compile_models(device: torch.device) -> Dict[str, Callable[[], Tuple[torch.n
             for m in model.modules():  # compiled and eager code draw dropout masks differently
                 if isinstance(m, torch.nn.Dropout):
                     m.p = 0.0
+                if isinstance(m, torch.nn.MultiheadAttention):  # its dropout is a float, not a module
+                    m.dropout = 0.0
             return model.to(device).train(), tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
         return build
 
@@ -436,17 +487,20 @@ def run(options: Options, command: str = "python -m semask_fast gpu-check",
         if name == "build":
             r = step_build(options, deadline)
         else:
-            r = {"parity": step_parity, "compile": step_compile, "bench": step_bench}[name](options, deadline, device)
+            r = {"parity": step_parity, "shapes": step_shapes, "compile": step_compile,
+                 "bench": step_bench}[name](options, deadline, device)
         r.seconds = time.monotonic() - t0
         results.append(r)
         echo(f"[gpu-check] {name}: {r.failures} failure(s), {r.seconds:.0f} s")
-    text = report(results, options, device, command, time.monotonic() - start)
+        # Written after every step: a run stopped from outside keeps the steps it finished.
+        text = report(results, options, device, command, time.monotonic() - start)
+        if options.out:
+            os.makedirs(options.out, exist_ok=True)
+            with open(os.path.join(options.out, "gpu_check.md"), "w") as f:
+                f.write(text)
+            with open(os.path.join(options.out, "gpu_check.json"), "w") as f:
+                json.dump([dataclasses.asdict(r) for r in results], f, indent=1)
     if options.out:
-        os.makedirs(options.out, exist_ok=True)
-        with open(os.path.join(options.out, "gpu_check.md"), "w") as f:
-            f.write(text)
-        with open(os.path.join(options.out, "gpu_check.json"), "w") as f:
-            json.dump([dataclasses.asdict(r) for r in results], f, indent=1)
         echo(f"[gpu-check] wrote {os.path.join(options.out, 'gpu_check.md')}")
     echo(text)
     return 1 if any(r.failures for r in results) else 0

@@ -80,7 +80,8 @@ def compare(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: Tolera
     """Compare ``actual`` with the high-precision ``expected`` (see the module docstring)."""
     if actual.shape != expected.shape:
         raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    # On the tensors' device: at the papers' shapes (gpu-check) a copy to the host costs more than the check.
+    a, e = actual.detach().double(), expected.detach().double().to(actual.device)
     if not torch.isfinite(a).all():
         return Comparison(name, float("inf"), 0.0, None, False)
     err = (a - e).abs()
@@ -90,7 +91,7 @@ def compare(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: Tolera
     ok = bool((err <= bound).all())
     base_err = None
     if baseline is not None:
-        base_err = (baseline.detach().double().cpu() - e).abs().max().item() if err.numel() else 0.0
+        base_err = (baseline.detach().double().to(e.device) - e).abs().max().item() if err.numel() else 0.0
         ok = ok or max_err <= 2 * base_err
     return Comparison(name, max_err, allowed, base_err, ok)
 

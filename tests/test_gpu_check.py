@@ -27,6 +27,9 @@ def test_dry_run_lists_every_op_backend_and_dtype(capsys):
     for case in _bench.bench_cases("paper"):
         for mode in ("fwd", "fwd+bwd"):
             assert f"{case.key} bfloat16 {mode}: eager, SDPA, cuda, triton" in text
+        for backend in ("cuda", "triton"):
+            for dtype in ("float32", "bfloat16"):
+                assert f"{case.key} {backend} {dtype}" in text
     assert "-gencode=arch=compute_90,code=compute_90" in text
 
 
@@ -68,6 +71,7 @@ def test_run_writes_the_report_and_fails_on_any_failure(monkeypatch, tmp_path):
 
     monkeypatch.setattr(_gpu_check, "step_build", fake("build", 0))
     monkeypatch.setattr(_gpu_check, "step_parity", fake("parity", 0))
+    monkeypatch.setattr(_gpu_check, "step_shapes", fake("shapes", 0))
     monkeypatch.setattr(_gpu_check, "step_compile", fake("compile", 1))
     monkeypatch.setattr(_gpu_check, "step_bench", fake("bench", 0))
     status = _gpu_check.run(_gpu_check.Options(out=str(tmp_path)), echo=lambda line: None)
@@ -110,3 +114,14 @@ def test_compile_models_are_built_on_the_given_device(name):
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     with torch.no_grad():
         model(*args)
+
+
+def test_parity_reports_an_op_a_backend_does_not_implement_without_failing(monkeypatch):
+    import semask_fast.testing as testing
+
+    (case,) = [c for c in small_cases() if c.op == "shifted_window_attention"]
+    monkeypatch.setattr(testing, "small_cases", lambda: [case])
+    monkeypatch.setattr(_gpu_check, "BACKENDS", ("cuda",))  # the cuda backend has no zero-copy kernel
+    result = _gpu_check.step_parity(_gpu_check.Options(), float("inf"), torch.device("cpu"))
+    assert result.failures == 0
+    assert result.rows == [["shifted_window_attention", case.name, "cuda", "-", "not implemented", "-"]]

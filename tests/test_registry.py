@@ -179,3 +179,18 @@ def test_implementation_modules_derive_from_the_op_descriptions():
                         "atm_attention", "mask_similarity"}
     assert set(modules[1:]) == {f"semask_fast.backends.{p}.{f}" for p in ("triton", "cuda", "cpu") for f in families}
     assert registry.OPS == tuple(sf.ops.SPECS)
+
+
+def test_record_dispatch_sees_other_threads():
+    """The backward of CUDA tensors runs on autograd's device threads: a record taken on the
+    calling thread must see what ran there (the first GPU run missed every backward)."""
+    import threading
+
+    from semask_fast.backends.base import note_ran
+
+    with record_dispatch() as ran:
+        worker = threading.Thread(target=note_ran, args=("semantic_attention", "cuda", "backward"))
+        worker.start()
+        worker.join()
+    note_ran("semantic_attention", "cuda", "forward")  # after the block: not recorded
+    assert ran == [("semantic_attention", "cuda", "backward")]

@@ -19,7 +19,9 @@ import torch
 
 FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 
-_recorders = threading.local()
+# Process-wide, not per thread: the backward of CUDA tensors runs on autograd's device threads.
+_recorders: list = []
+_recorders_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -34,21 +36,21 @@ def record_dispatch():
         assert ran == [("window_attention", "triton", "forward"),
                        ("window_attention", "triton", "backward")]
     """
-    stack = getattr(_recorders, "stack", None)
-    if stack is None:
-        stack = _recorders.stack = []
     log: list = []
-    stack.append(log)
+    with _recorders_lock:
+        _recorders.append(log)
     try:
         yield log
     finally:
-        stack.remove(log)
+        with _recorders_lock:
+            _recorders.remove(log)
 
 
 def note_ran(op: str, backend: str, phase: str) -> None:
     """Called by every implementation when it executes (see :func:`record_dispatch`)."""
-    for log in getattr(_recorders, "stack", ()):
-        log.append((op, backend, phase))
+    with _recorders_lock:
+        for log in _recorders:
+            log.append((op, backend, phase))
 
 
 def draw_seed(device: torch.device, bound: int) -> torch.Tensor:

@@ -35,6 +35,8 @@ from ._common import load_cols, load_rows, mm, store_rows
 
 #: Largest class count: a program holds all K columns (LayerNorm over K) in registers.
 MAX_K = 256
+#: The narrowest fp32 (ieee) dot the installed Triton compiles (seen on a GPU: 3.6 rejects 8).
+FP32_DOT_MIN_K = 8 if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 8) else 16
 
 
 @triton.jit
@@ -187,8 +189,9 @@ def backward_plan(np_: int, k: int, d: int, dtype, *, interpreter: Optional[bool
     interpreter = interpreter_tiles(interpreter)
     kp = p2(k)
     if kp > 64:
-        # fp32 dots run on FMAs (ieee), where an 8-wide D chunk is allowed and keeps the tiles in registers.
-        block_d = 8 if dtype == torch.float32 else 16
+        # fp32 dots run on FMAs (ieee), where a narrow D chunk keeps the tiles in registers: 8 wide
+        # where Triton compiles it (3.8; 3.6 rejects a dot narrower than 16).
+        block_d = FP32_DOT_MIN_K if dtype == torch.float32 else 16
         rows = Plan(dict(BLOCK_M=p2(np_, hi=16), BLOCK_KP=kp, BLOCK_D=p2(d, lo=block_d, hi=block_d)), num_warps=8)
     else:
         rows = forward_plan(np_, k, d, dtype, interpreter=False)
