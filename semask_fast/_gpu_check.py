@@ -6,13 +6,15 @@ On one CUDA GPU, within a time budget (default 8 minutes), in this order:
 2. ``parity``: every op x backend (``cuda``, ``triton``) x dtype (fp32, fp16, bf16) on the small
    cases of :func:`semask_fast.testing.small_cases`, outputs and every gradient against float64
    (:func:`semask_fast.testing.check_parity`, its tolerances), the backend that ran asserted;
-3. ``shapes``: the same parity at the papers' shapes (the benchmark's cases), fp32 and bf16: the
-   tiles, grids and index arithmetic of real sizes, which the small cases do not reach;
-4. ``bench``: the CPU benchmark's cases (:func:`semask_fast._bench.bench_cases`, the papers'
+3. ``bench``: the CPU benchmark's cases (:func:`semask_fast._bench.bench_cases`, the papers'
    shapes) on the GPU: eager and SDPA (optionally the compiled peers) beside our ``cuda`` and
-   ``triton`` backends, forward and forward+backward, timed with CUDA events, with peak memory;
-5. ``compile``: ``torch.compile(fullgraph=True)`` (inductor) of the layers and a patched timm Swin-T
-   on CUDA tensors against eager, outputs and every parameter gradient, the kernels asserted to run.
+   ``triton`` backends, forward and forward+backward, timed with CUDA events per call (host
+   overhead included, as a user's loop sees it) and as CUDA-graph replays (the kernels alone),
+   with peak memory;
+4. ``compile``: ``torch.compile(fullgraph=True)`` (inductor) of the layers and a patched timm Swin-T
+   on CUDA tensors against eager, outputs and every parameter gradient, the kernels asserted to run;
+5. ``shapes``: the parity of step 2 at the papers' shapes (the benchmark's cases), fp32 and bf16:
+   the tiles, grids and index arithmetic of real sizes, which the small cases do not reach.
 
 Results go to ``benchmarks/results/gpu_check.md`` (and ``gpu_check.json``).  Exit status 0 when
 every check passed, 1 when one failed or a backend was unavailable, 2 when there is no GPU.
@@ -31,7 +33,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-STEPS = ("build", "parity", "shapes", "bench", "compile")
+#: The costliest step, the float64 references at the papers' shapes, runs last: a spent budget
+#: cuts it, not the benchmark or the compile check.
+STEPS = ("build", "parity", "bench", "compile", "shapes")
 BACKENDS = ("cuda", "triton")
 PARITY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: Dtypes of the parity check at the papers' shapes (the bench cases): fp32 and the training dtype.
@@ -342,6 +346,31 @@ def time_cuda(step: Callable[[], Any], *, min_time: float = 0.1, min_reps: int =
     return statistics.median(times), len(times)
 
 
+def time_cuda_graph(step: Callable[[], Any], *, replays: int = 20) -> float:
+    """Median seconds of one replay of ``step()`` captured in a CUDA graph: the kernels without
+    the host's per-call overhead.  Warmed up on a side stream first, as capture requires."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+    times: List[float] = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
 def _bench_step(fn: Callable[..., Any], inputs: Dict[str, torch.Tensor], mode: str, grads: Optional[Sequence[str]]):
     inputs = {n: t.detach().clone().requires_grad_(mode == "fwd+bwd" and (grads is None or n in grads))
               for n, t in inputs.items()}
@@ -364,7 +393,8 @@ def step_bench(options: Options, deadline: float, device: torch.device) -> StepR
     from . import _bench, record_dispatch
     from .backends import registry
 
-    header = ("case", "dtype", "mode", "implementation", "ms", "vs fastest peer", "TFLOP/s", "peak MiB", "note")
+    header = ("case", "dtype", "mode", "implementation", "ms", "vs fastest peer", "TFLOP/s", "graph ms",
+              "graph vs fastest peer", "peak MiB", "note")
     result = StepResult("bench", header=header)
     wanted_peers = _bench_peers(options)
     for dtype in options.bench_dtypes:
@@ -387,7 +417,8 @@ def step_bench(options: Options, deadline: float, device: torch.device) -> StepR
                 for name, kind, fn, _, grads in contenders:
                     if mode == "fwd" and grads is not None:
                         continue
-                    row = dict(name=name, kind=kind, mode=mode, seconds=None, note="", grads=grads, memory=None)
+                    row = dict(name=name, kind=kind, mode=mode, seconds=None, graph=None, note="", grads=grads,
+                               memory=None, step=None)
                     rows.append(row)
                     if time.monotonic() > deadline:
                         row["note"] = "not run: time budget spent"
@@ -407,23 +438,39 @@ def step_bench(options: Options, deadline: float, device: torch.device) -> StepR
                         if kind in BACKENDS and {b for _, b, _ in ran} != {kind}:
                             row["note"] = f"ran {sorted({b for _, b, _ in ran})}, not {kind}"
                             row["seconds"] = None
+                        else:
+                            row["step"] = step
                     except Exception as e:  # reported in the table; a peer may not support a dtype
                         row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"
                     if kind in BACKENDS and row["seconds"] is None and not row["note"].startswith("not run"):
                         result.failures += 1
+            # Graph replays after every per-call timing of the case: a capture that fails cannot
+            # disturb those.  A failed capture is reported in the row, not counted as a failure.
+            for row in rows:
+                if row["step"] is not None and time.monotonic() <= deadline:
+                    try:
+                        row["graph"] = time_cuda_graph(row["step"])
+                    except Exception as e:
+                        torch.cuda.synchronize()
+                        row["note"] = (row["note"] + "; " if row["note"] else "") + \
+                            f"graph capture failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                row["step"] = None
             if any(c.compiled for c in case.peers):
                 torch._dynamo.reset()
             for mode in MODES:
                 peers = [r for r in rows if r["mode"] == mode and r["kind"] == "peer" and r["grads"] is None
                          and r["seconds"]]
                 best = min((r["seconds"] for r in peers), default=None)
+                best_graph = min((r["graph"] for r in peers if r["graph"]), default=None)
                 flops = _bench.step_flops(case.flops, mode)
                 for r in (r for r in rows if r["mode"] == mode):
-                    s = r["seconds"]
+                    s, g = r["seconds"], r["graph"]
+                    mine = r["kind"] != "peer"
                     result.rows.append([
                         case.name, _dtype_name(dtype), mode, r["name"], f"{s * 1e3:.3f}" if s else "-",
-                        f"{best / s:.2f}x" if s and best and r["kind"] != "peer" else "-",
-                        f"{flops / s / 1e12:.1f}" if s else "-",
+                        f"{best / s:.2f}x" if s and best and mine else "-",
+                        f"{flops / s / 1e12:.1f}" if s else "-", f"{g * 1e3:.3f}" if g else "-",
+                        f"{best_graph / g:.2f}x" if g and best_graph and mine else "-",
                         f"{r['memory']:.0f}" if r["memory"] is not None else "-", r["note"]])
     return result
 
@@ -507,4 +554,4 @@ def run(options: Options, command: str = "python -m semask_fast gpu-check",
 
 
 __all__ = ["Options", "NoGPUError", "plan", "format_plan", "require_gpu", "run", "report", "StepResult",
-           "compile_models", "time_cuda", "STEPS", "BACKENDS"]
+           "compile_models", "time_cuda", "time_cuda_graph", "STEPS", "BACKENDS"]
