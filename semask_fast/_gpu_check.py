@@ -452,8 +452,9 @@ def step_bench(options: Options, deadline: float, device: torch.device) -> StepR
                         row["graph"] = time_cuda_graph(row["step"])
                     except Exception as e:
                         torch.cuda.synchronize()
-                        row["note"] = (row["note"] + "; " if row["note"] else "") + \
-                            f"graph capture failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                        why = str(e).splitlines()[0][:120] if str(e) else ""
+                        failed = f"graph capture failed: {type(e).__name__}: {why}"
+                        row["note"] = "; ".join(filter(None, [row["note"], failed]))
                 row["step"] = None
             if any(c.compiled for c in case.peers):
                 torch._dynamo.reset()
