@@ -125,3 +125,97 @@ def test_parity_reports_an_op_a_backend_does_not_implement_without_failing(monke
     result = _gpu_check.step_parity(_gpu_check.Options(), float("inf"), torch.device("cpu"))
     assert result.failures == 0
     assert result.rows == [["shifted_window_attention", case.name, "cuda", "-", "not implemented", "-"]]
+
+
+class _FakeCuda:
+    """The torch.cuda calls of the bench step, on the CPU: events read a host clock, a graph
+    replays nothing (capture cannot be emulated), a capture of a step marked failing raises."""
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            import time
+
+            self.t = time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class CUDAGraph:
+        def replay(self):
+            pass
+
+    def __init__(self):
+        self.fail_capture = False
+        self.captures = 0
+
+    def graph(self, graph):
+        import contextlib
+
+        fake = self
+
+        @contextlib.contextmanager
+        def capture():
+            fake.captures += 1
+            if fake.fail_capture:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            yield
+        return capture()
+
+    def stream(self, stream):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def current_stream(self):
+        return self.Stream()
+
+    def synchronize(self):
+        pass
+
+    def reset_peak_memory_stats(self, device):
+        pass
+
+    def memory_allocated(self, device):
+        return 0
+
+    max_memory_allocated = memory_allocated
+
+
+@pytest.mark.parametrize("fail_capture", [False, True])
+def test_bench_times_per_call_and_graph_replays(monkeypatch, fail_capture):
+    """The bench step's orchestration on CPU tensors with torch.cuda faked: every contender gets a
+    per-call time and a graph-replay time, or a note that its capture failed (never a failure)."""
+    fake = _FakeCuda()
+    fake.fail_capture = fail_capture
+    for name in ("Event", "Stream", "CUDAGraph", "graph", "stream", "current_stream", "synchronize",
+                 "reset_peak_memory_stats", "memory_allocated", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    small = {c.key: c for c in _bench.bench_cases("small")}
+    monkeypatch.setattr(_bench, "bench_cases", lambda scale="paper": [small["swin-t-224-s4"]])
+    monkeypatch.setattr(_gpu_check, "BACKENDS", ("cpu",))
+    options = _gpu_check.Options(bench_dtypes=(torch.float32,))
+    result = _gpu_check.step_bench(options, float("inf"), torch.device("cpu"))
+    assert result.failures == 0
+    rows = [dict(zip(result.header, r)) for r in result.rows]
+    assert {r["implementation"] for r in rows} >= {"eager", "SDPA", "semask_fast cpu"}
+    timed = [r for r in rows if r["ms"] != "-"]
+    assert len(timed) == len(rows)  # every peer runs on these CPU tensors
+    assert fake.captures == len(timed)
+    for r in timed:
+        if fail_capture:
+            assert r["graph ms"] == "-" and "graph capture failed: RuntimeError" in r["note"]
+        else:
+            assert float(r["graph ms"]) >= 0 and "graph" not in r["note"]
+    ours = [r for r in timed if r["implementation"] == "semask_fast cpu"]
+    assert {r["mode"] for r in ours} == {"fwd", "fwd+bwd"}
+    assert all(r["vs fastest peer"].endswith("x") for r in ours)
