@@ -176,3 +176,19 @@ def test_every_implementation_runs_under_its_inputs_device(monkeypatch):
     semask_fast.window_attention(q, q, q, window_size=4, backend="reference").sum().backward()
     assert seen == [("window_attention", "forward", [q.device]), ("window_attention", "backward", [q.device])]
     assert set(SPECS)  # every op goes through the same OpSpec.run_forward / run_backward
+
+
+@pytest.mark.parametrize("version, available", [("3.6.0", False), ("3.8.0", True), ("4.0.1", True)])
+def test_triton_interpreter_declares_the_triton_it_needs(monkeypatch, version, available):
+    """Triton 3.6's interpreter cannot run the kernels (seen beside the first GPU run): the triton
+    backend on CPU tensors says so instead of failing inside a kernel."""
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", version)
+    monkeypatch.setattr(triton_backend, "interpreting", lambda: True)
+    reasons = triton_backend.triton_reasons()
+    assert (reasons == []) == available
+    if not available:
+        assert reasons == [f"Triton {version}'s interpreter cannot run these kernels (needs Triton >= 3.8; "
+                           "compiled kernels on a GPU are unaffected)"]
+        assert registry.reasons("semantic_attention", "triton") == reasons

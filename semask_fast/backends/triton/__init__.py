@@ -50,11 +50,28 @@ def device_reasons(device: torch.device) -> List[str]:
     return []
 
 
+#: Oldest Triton whose interpreter runs the kernels: 3.6's fails on a scalar argument handed to a
+#: nested jit function ("only 0-dimensional arrays can be converted to Python scalars"; 3.8 runs them).
+MIN_INTERPRETER_VERSION = (3, 8)
+
+
+def interpreter_reasons() -> List[str]:
+    import triton
+
+    version = tuple(int(x) for x in triton.__version__.split(".")[:2])
+    if version < MIN_INTERPRETER_VERSION:
+        return [f"Triton {triton.__version__}'s interpreter cannot run these kernels (needs Triton >= "
+                f"{'.'.join(map(str, MIN_INTERPRETER_VERSION))}; compiled kernels on a GPU are unaffected)"]
+    return []
+
+
 def triton_reasons() -> List[str]:
     """Reasons the triton backend cannot run at all on this machine (no device it can run on)."""
     reasons = list(_static_reasons())
-    if reasons or interpreting():
+    if reasons:
         return reasons
+    if interpreting():
+        return interpreter_reasons()
     if not torch.cuda.is_available():
         return [f"no CUDA device ({INTERPRET_HINT})"]
     per_device = [device_reasons(torch.device("cuda", i)) for i in range(torch.cuda.device_count())]
