@@ -10,8 +10,9 @@
 // every head inside.  Scores are computed transposed, S_h^T = k_h (scale q_h)^T (keys as rows,
 // queries as vector lanes), from the scaled q^T of every head staged once per task.  Per key
 // block of 32 keys the heads run in order: the head sum of the block's logits accumulates in a
-// tile (written to M once, after the last head) in the same sweep as the column max, and each
-// head's online softmax (statistics down the columns) accumulates out_h = P v_h in a tile.
+// tile (written to M once, after the last head) and the column max is taken, both by the S^T
+// product's register blocks (ColumnStats), and each head's online softmax (statistics down the
+// columns) accumulates out_h = P v_h in a tile.
 // Backward: a task per (batch item, range of key blocks), every head and every query inside,
 // S = q k^T (queries as rows, keys as lanes) from k^T and v^T staged once per key block and head:
 //   P = exp(S - lse), dP = (dO v^T) * D, dS = scale (P (dP - delta) + dM / h),
@@ -145,10 +146,11 @@ void forward_task(const Problem<T>& p, int64_t b, int i0, int nq, T* out, T* lse
   T* st = scratch<T>(1, size_t(keys.size) * ld);  // S_h^T, then P_h^T
   T* mt = scratch<T>(2, size_t(keys.size) * ld);  // head sum of S^T
   T* o = scratch<T>(3, size_t(H) * nq * d);       // [h][nq][d]
-  T* stats = scratch<T>(4, size_t(3) * H * ld);   // m, l [h][ld]; alpha [ld]
+  T* stats = scratch<T>(4, size_t(2 * H + 2) * ld);  // m, l [h][ld]; alpha, the block's new max [ld]
   T* m = stats;
   T* l = m + size_t(H) * ld;
   T* alpha = l + size_t(H) * ld;
+  T* m_new = alpha + ld;
   for (int h = 0; h < H; ++h)
     transpose(p.q + p.q_offset(b, h) + int64_t(i0) * d, d, nq, d, qt + size_t(h) * d * ld, ld, p.scale);
   std::fill(m, m + size_t(H) * ld, -std::numeric_limits<T>::infinity());
@@ -160,19 +162,15 @@ void forward_task(const Problem<T>& p, int64_t b, int i0, int nq, T* out, T* lse
     for (int h = 0; h < H; ++h) {
       const T* kh = p.k + p.k_offset(b, h) + int64_t(j0) * d;
       const T* vh = p.v + p.k_offset(b, h) + int64_t(j0) * d;
-      product<T>(nk, ld, d, kh, d, 1, qt + size_t(h) * d * ld, ld, st, ld);
       T* mh = m + size_t(h) * ld;
       T* lh = l + size_t(h) * ld;
-      for (int v = 0; v < nv; ++v) {
-        Vec<T> m_new = vload(mh + v * L);
-        for (int j = 0; j < nk; ++j) {  // the head sum of the logits and the column max, one read of S^T
-          const int64_t e = int64_t(j) * ld + v * L;
-          const Vec<T> x = vload(st + e);
-          vstore(mt + e, h == 0 ? x : vload(mt + e) + x);
-          m_new = vmax<T>(m_new, x);
-        }
-        online_softmax_block(st + v * L, ld, nk, m_new, mh + v * L, lh + v * L, alpha + v * L);
-      }
+      // The head sum of the logits and the column max, taken by the product's register blocks.
+      std::copy_n(mh, ld, m_new);
+      const ColumnStats<T> head_stats{m_new, mt, h == 0};
+      product<T>(nk, ld, d, kh, d, 1, qt + size_t(h) * d * ld, ld, st, ld, false, nullptr, nullptr, nullptr,
+                 &head_stats);
+      for (int v = 0; v < nv; ++v)
+        online_softmax_block(st + v * L, ld, nk, vload(m_new + v * L), mh + v * L, lh + v * L, alpha + v * L);
       if (p.dropout_p > 0.f) {  // lanes past nq: multipliers of no element, on unused columns
         for (int j = 0; j < nk; ++j)
           for (int i = 0; i < ld; i += L) {

@@ -176,10 +176,18 @@ class NextTaskPrefetch {
 // kUnitRows: a_rs == 1 (A's rows adjacent, e.g. P^T read as P), so the R scalars of a k step sit at
 // fixed offsets from one pointer instead of R computed addresses.  row_scale (or nullptr): C's row r
 // is stored times row_scale[r], so a product can write its final rows (e.g. O = P V / l) in place.
+// stats (or nullptr): the block's column statistics taken while it is in registers (ColumnStats).
+template <typename T>
+struct ColumnStats {
+  T* col_max;  // per column: the max of the values here and of C's column (NaN wins)
+  T* sum;      // row stride ldc, as C: C added here (first: stored)
+  bool first;
+};
+
 template <typename T, int R, int V, bool kUnitRows>
 inline void block_product(int K, const T* __restrict__ A, int64_t a_rs, int64_t a_ks, const T* __restrict__ B,
                           int64_t ldb, T* C, int64_t ldc, const T* init, NextTaskPrefetch* next,
-                          const T* row_scale) {
+                          const T* row_scale, const ColumnStats<T>* stats) {
   constexpr int L = kLanes<T>;
   if constexpr (kUnitRows) a_rs = 1;
   // Every loop over the block is unrolled so that acc lives in registers (GCC otherwise keeps the
@@ -220,11 +228,24 @@ inline void block_product(int K, const T* __restrict__ A, int64_t a_rs, int64_t 
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) vstore(C + r * ldc + v * L, acc[r][v]);
+  if (stats) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      Vec<T> mx = vload(stats->col_max + v * L);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        mx = vmax<T>(mx, acc[r][v]);
+        T* e = stats->sum + r * ldc + v * L;
+        vstore(e, stats->first ? acc[r][v] : vload(e) + acc[r][v]);
+      }
+      vstore(stats->col_max + v * L, mx);
+    }
+  }
 }
 
 template <typename T>
 using BlockProductFn = void (*)(int, const T*, int64_t, int64_t, const T*, int64_t, T*, int64_t, const T*,
-                                NextTaskPrefetch*, const T*);
+                                NextTaskPrefetch*, const T*, const ColumnStats<T>*);
 
 constexpr int kMaxBlockVecs = 4;
 constexpr int kMaxBlockRows = 12;
@@ -240,11 +261,12 @@ constexpr int block_rows(int v) { return std::min(kMaxBlockRows, SF_CPU_ACC_REGS
 // C (rows x cols, cols a multiple of kLanes<T>) = [C or init +] sum_k A(r, k) B[k][:], tiled into
 // register blocks.  The caller pads cols (zero columns in B) to whole vectors.  accumulate: add to
 // C; init (row stride ldc, exclusive with accumulate): add to these values instead; row_scale
-// (rows values): C's rows scaled as stored.
+// (rows values): C's rows scaled as stored; stats: C's column maxima (col_max, cols values) and
+// C added to stats->sum (row stride ldc), without another pass over C.
 template <typename T>
 inline void product(int rows, int cols, int K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb, T* C,
                     int64_t ldc, bool accumulate = false, const T* init = nullptr, NextTaskPrefetch* next = nullptr,
-                    const T* row_scale = nullptr) {
+                    const T* row_scale = nullptr, const ColumnStats<T>* stats = nullptr) {
   constexpr int L = kLanes<T>;
   constexpr auto counts = std::make_integer_sequence<int, kMaxBlockRows>{};
   static constexpr std::array<decltype(row_table<T, 1, false>(counts)), 2 * kMaxBlockVecs> tables = {
@@ -255,16 +277,19 @@ inline void product(int rows, int cols, int K, const T* A, int64_t a_rs, int64_t
   for (int v0 = 0; v0 < vecs; v0 += kMaxBlockVecs) {
     const int nv = std::min(kMaxBlockVecs, vecs - v0);
     const auto& table = tables[(a_rs == 1 ? kMaxBlockVecs : 0) + nv - 1];
-    // Rows split evenly over the fewest blocks (49 rows in blocks of 8: seven of 7, not six of 8
-    // and one of 1, whose single accumulator chain runs at the FMA latency, not its throughput).
+    // Rows split evenly over the fewest blocks, sizes differing by one at most (49 rows in blocks
+    // of 8: seven of 7, not six of 8 and one of 1, whose single accumulator chain runs at the FMA
+    // latency, not its throughput; 32 in blocks of 6: 6 6 5 5 5 5, not 6 6 6 6 6 2).
     const int blocks = (rows + block_rows(nv) - 1) / block_rows(nv);
-    const int rb = blocks ? (rows + blocks - 1) / blocks : 1;
-    for (int r0 = 0; r0 < rows; r0 += rb) {
-      const int nr = std::min(rb, rows - r0);
+    const int small = blocks ? rows / blocks : 0, larger = blocks ? rows % blocks : 0;
+    for (int b = 0, r0 = 0; b < blocks; r0 += small + (b < larger), ++b) {
+      const int nr = small + (b < larger);
       const int64_t c_off = int64_t(r0) * ldc + v0 * L;
       const T* start = accumulate ? C + c_off : init ? init + c_off : nullptr;
+      const ColumnStats<T> block_stats =
+          stats ? ColumnStats<T>{stats->col_max + v0 * L, stats->sum + c_off, stats->first} : ColumnStats<T>{};
       table[nr - 1](K, A + r0 * a_rs, a_rs, a_ks, B + v0 * L, ldb, C + c_off, ldc, start, next,
-                    row_scale ? row_scale + r0 : nullptr);
+                    row_scale ? row_scale + r0 : nullptr, stats ? &block_stats : nullptr);
     }
   }
 }
