@@ -166,9 +166,7 @@ void forward_task(const Problem<T>& p, int64_t b, int i0, int nq, T* out, T* lse
       T* lh = l + size_t(h) * ld;
       // The head sum of the logits and the column max, taken by the product's register blocks.
       std::copy_n(mh, ld, m_new);
-      const ColumnStats<T> head_stats{m_new, mt, h == 0};
-      product<T>(nk, ld, d, kh, d, 1, qt + size_t(h) * d * ld, ld, st, ld, false, nullptr, nullptr, nullptr,
-                 &head_stats);
+      product_with_stats<T>(nk, ld, d, kh, d, 1, qt + size_t(h) * d * ld, ld, st, ld, {m_new, mt, h == 0});
       for (int v = 0; v < nv; ++v)
         online_softmax_block(st + v * L, ld, nk, vload(m_new + v * L), mh + v * L, lh + v * L, alpha + v * L);
       if (p.dropout_p > 0.f) {  // lanes past nq: multipliers of no element, on unused columns

@@ -71,8 +71,7 @@ void panel_product(int panels, int vecs, int depth, const T* a, int64_t a_panel,
     const Fn kernel = kernels[(a_rs == 1 ? 0 : kStripVecs) + std::min(kStripVecs, vecs - v0) - 1];
     for (int p = 0; p < panels; ++p) {
       T* cp = c + int64_t(p) * kPanel * ldc + v0 * L;
-      kernel(depth, a + p * a_panel, a_rs, a_ks, b + v0 * L, ldb, cp, ldc, accumulate ? cp : nullptr, next, nullptr,
-             nullptr);
+      kernel(depth, a + p * a_panel, a_rs, a_ks, b + v0 * L, ldb, cp, ldc, accumulate ? cp : nullptr, next, nullptr);
     }
   }
 }

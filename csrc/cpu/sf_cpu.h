@@ -176,7 +176,8 @@ class NextTaskPrefetch {
 // kUnitRows: a_rs == 1 (A's rows adjacent, e.g. P^T read as P), so the R scalars of a k step sit at
 // fixed offsets from one pointer instead of R computed addresses.  row_scale (or nullptr): C's row r
 // is stored times row_scale[r], so a product can write its final rows (e.g. O = P V / l) in place.
-// stats (or nullptr): the block's column statistics taken while it is in registers (ColumnStats).
+// kStats: the block's column statistics are taken while it is in registers (ColumnStats); a
+// separate instance, so that the other products carry neither the argument nor the test.
 template <typename T>
 struct ColumnStats {
   T* col_max;  // per column: the max of the values here and of C's column (NaN wins)
@@ -184,10 +185,10 @@ struct ColumnStats {
   bool first;
 };
 
-template <typename T, int R, int V, bool kUnitRows>
-inline void block_product(int K, const T* __restrict__ A, int64_t a_rs, int64_t a_ks, const T* __restrict__ B,
-                          int64_t ldb, T* C, int64_t ldc, const T* init, NextTaskPrefetch* next,
-                          const T* row_scale, const ColumnStats<T>* stats) {
+template <typename T, int R, int V, bool kUnitRows, bool kStats>
+inline void block_product_body(int K, const T* __restrict__ A, int64_t a_rs, int64_t a_ks, const T* __restrict__ B,
+                               int64_t ldb, T* C, int64_t ldc, const T* init, NextTaskPrefetch* next,
+                               const T* row_scale, const ColumnStats<T>* stats) {
   constexpr int L = kLanes<T>;
   if constexpr (kUnitRows) a_rs = 1;
   // Every loop over the block is unrolled so that acc lives in registers (GCC otherwise keeps the
@@ -228,7 +229,7 @@ inline void block_product(int K, const T* __restrict__ A, int64_t a_rs, int64_t 
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) vstore(C + r * ldc + v * L, acc[r][v]);
-  if (stats) {
+  if constexpr (kStats) {
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) {
       Vec<T> mx = vload(stats->col_max + v * L);
@@ -243,16 +244,48 @@ inline void block_product(int K, const T* __restrict__ A, int64_t a_rs, int64_t 
   }
 }
 
+template <typename T, int R, int V, bool kUnitRows>
+inline void block_product(int K, const T* __restrict__ A, int64_t a_rs, int64_t a_ks, const T* __restrict__ B,
+                          int64_t ldb, T* C, int64_t ldc, const T* init, NextTaskPrefetch* next,
+                          const T* row_scale) {
+  block_product_body<T, R, V, kUnitRows, false>(K, A, a_rs, a_ks, B, ldb, C, ldc, init, next, row_scale, nullptr);
+}
+
+template <typename T, int R, int V, bool kUnitRows>
+inline void block_product_stats(int K, const T* __restrict__ A, int64_t a_rs, int64_t a_ks, const T* __restrict__ B,
+                                int64_t ldb, T* C, int64_t ldc, const T* init, NextTaskPrefetch* next,
+                                const T* row_scale, const ColumnStats<T>* stats) {
+  block_product_body<T, R, V, kUnitRows, true>(K, A, a_rs, a_ks, B, ldb, C, ldc, init, next, row_scale, stats);
+}
+
 template <typename T>
 using BlockProductFn = void (*)(int, const T*, int64_t, int64_t, const T*, int64_t, T*, int64_t, const T*,
-                                NextTaskPrefetch*, const T*, const ColumnStats<T>*);
+                                NextTaskPrefetch*, const T*);
+template <typename T>
+using BlockProductStatsFn = void (*)(int, const T*, int64_t, int64_t, const T*, int64_t, T*, int64_t, const T*,
+                                     NextTaskPrefetch*, const T*, const ColumnStats<T>*);
 
 constexpr int kMaxBlockVecs = 4;
 constexpr int kMaxBlockRows = 12;
 
-template <typename T, int V, bool kUnitRows, int... Rs>
+// The register blocks of R = 1..kMaxBlockRows rows for V vectors (with the statistics: kStats).
+template <typename T, int V, bool kUnitRows, bool kStats, int... Rs>
 constexpr auto row_table(std::integer_sequence<int, Rs...>) {
-  return std::array<BlockProductFn<T>, sizeof...(Rs)>{&block_product<T, Rs + 1, V, kUnitRows>...};
+  if constexpr (kStats)
+    return std::array<BlockProductStatsFn<T>, sizeof...(Rs)>{&block_product_stats<T, Rs + 1, V, kUnitRows>...};
+  else
+    return std::array<BlockProductFn<T>, sizeof...(Rs)>{&block_product<T, Rs + 1, V, kUnitRows>...};
+}
+
+// Every (V, kUnitRows) table: [kUnitRows * kMaxBlockVecs + V - 1][R - 1].
+template <typename T, bool kStats>
+constexpr auto block_tables() {
+  constexpr auto counts = std::make_integer_sequence<int, kMaxBlockRows>{};
+  return std::array<decltype(row_table<T, 1, false, kStats>(counts)), 2 * kMaxBlockVecs>{
+      row_table<T, 1, false, kStats>(counts), row_table<T, 2, false, kStats>(counts),
+      row_table<T, 3, false, kStats>(counts), row_table<T, 4, false, kStats>(counts),
+      row_table<T, 1, true, kStats>(counts),  row_table<T, 2, true, kStats>(counts),
+      row_table<T, 3, true, kStats>(counts),  row_table<T, 4, true, kStats>(counts)};
 }
 
 // Rows per register block for V vectors: as many as the accumulator registers allow.
@@ -261,18 +294,14 @@ constexpr int block_rows(int v) { return std::min(kMaxBlockRows, SF_CPU_ACC_REGS
 // C (rows x cols, cols a multiple of kLanes<T>) = [C or init +] sum_k A(r, k) B[k][:], tiled into
 // register blocks.  The caller pads cols (zero columns in B) to whole vectors.  accumulate: add to
 // C; init (row stride ldc, exclusive with accumulate): add to these values instead; row_scale
-// (rows values): C's rows scaled as stored; stats: C's column maxima (col_max, cols values) and
-// C added to stats->sum (row stride ldc), without another pass over C.
-template <typename T>
-inline void product(int rows, int cols, int K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb, T* C,
-                    int64_t ldc, bool accumulate = false, const T* init = nullptr, NextTaskPrefetch* next = nullptr,
-                    const T* row_scale = nullptr, const ColumnStats<T>* stats = nullptr) {
+// (rows values): C's rows scaled as stored; stats (product_with_stats): C's column maxima
+// (col_max, cols values) and C added to stats.sum (row stride ldc), without another pass over C.
+template <typename T, bool kStats>
+inline void tiled_product(int rows, int cols, int K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb,
+                          T* C, int64_t ldc, bool accumulate, const T* init, NextTaskPrefetch* next,
+                          const T* row_scale, const ColumnStats<T>* stats) {
   constexpr int L = kLanes<T>;
-  constexpr auto counts = std::make_integer_sequence<int, kMaxBlockRows>{};
-  static constexpr std::array<decltype(row_table<T, 1, false>(counts)), 2 * kMaxBlockVecs> tables = {
-      row_table<T, 1, false>(counts), row_table<T, 2, false>(counts), row_table<T, 3, false>(counts),
-      row_table<T, 4, false>(counts), row_table<T, 1, true>(counts),  row_table<T, 2, true>(counts),
-      row_table<T, 3, true>(counts),  row_table<T, 4, true>(counts)};
+  static constexpr auto tables = block_tables<T, kStats>();
   const int vecs = cols / L;
   for (int v0 = 0; v0 < vecs; v0 += kMaxBlockVecs) {
     const int nv = std::min(kMaxBlockVecs, vecs - v0);
@@ -286,12 +315,28 @@ inline void product(int rows, int cols, int K, const T* A, int64_t a_rs, int64_t
       const int nr = small + (b < larger);
       const int64_t c_off = int64_t(r0) * ldc + v0 * L;
       const T* start = accumulate ? C + c_off : init ? init + c_off : nullptr;
-      const ColumnStats<T> block_stats =
-          stats ? ColumnStats<T>{stats->col_max + v0 * L, stats->sum + c_off, stats->first} : ColumnStats<T>{};
-      table[nr - 1](K, A + r0 * a_rs, a_rs, a_ks, B + v0 * L, ldb, C + c_off, ldc, start, next,
-                    row_scale ? row_scale + r0 : nullptr, stats ? &block_stats : nullptr);
+      const T* scale = row_scale ? row_scale + r0 : nullptr;
+      if constexpr (kStats) {
+        const ColumnStats<T> block{stats->col_max + v0 * L, stats->sum + c_off, stats->first};
+        table[nr - 1](K, A + r0 * a_rs, a_rs, a_ks, B + v0 * L, ldb, C + c_off, ldc, start, next, scale, &block);
+      } else {
+        table[nr - 1](K, A + r0 * a_rs, a_rs, a_ks, B + v0 * L, ldb, C + c_off, ldc, start, next, scale);
+      }
     }
   }
+}
+
+template <typename T>
+inline void product(int rows, int cols, int K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb, T* C,
+                    int64_t ldc, bool accumulate = false, const T* init = nullptr, NextTaskPrefetch* next = nullptr,
+                    const T* row_scale = nullptr) {
+  tiled_product<T, false>(rows, cols, K, A, a_rs, a_ks, B, ldb, C, ldc, accumulate, init, next, row_scale, nullptr);
+}
+
+template <typename T>
+inline void product_with_stats(int rows, int cols, int K, const T* A, int64_t a_rs, int64_t a_ks, const T* B,
+                               int64_t ldb, T* C, int64_t ldc, const ColumnStats<T>& stats) {
+  tiled_product<T, true>(rows, cols, K, A, a_rs, a_ks, B, ldb, C, ldc, false, nullptr, nullptr, nullptr, &stats);
 }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
