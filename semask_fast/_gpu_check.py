@@ -189,12 +189,18 @@ def step_parity(options: Options, deadline: float, device: torch.device) -> Step
                     result.rows.append([case.op, case.name, backend, name, "FAIL", f"{type(e).__name__}: {e}"[:200]])
                     result.failures += 1
                     continue
-                bad = [c for c in checks if not c.ok]
-                worst = max(checks, key=lambda c: c.max_error)
-                result.failures += bool(bad)
-                result.rows.append([case.op, case.name, backend, name, "FAIL" if bad else "ok",
-                                    "; ".join(map(str, bad)) if bad else f"worst {worst}"])
+                status, detail = _verdict(checks)
+                result.failures += status == "FAIL"
+                result.rows.append([case.op, case.name, backend, name, status, detail])
     return result
+
+
+def _verdict(checks) -> Tuple[str, str]:
+    """(status, detail) of one parity check's comparisons: the failed ones, or the worst."""
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        return "FAIL", "; ".join(map(str, bad))
+    return "ok", f"worst {max(checks, key=lambda c: c.max_error)}"
 
 
 def step_shapes(options: Options, deadline: float, device: torch.device) -> StepResult:
@@ -226,11 +232,9 @@ def step_shapes(options: Options, deadline: float, device: torch.device) -> Step
                                         f"{type(e).__name__}: {e}"[:200]])
                     result.failures += 1
                     continue
-                bad = [c for c in checks if not c.ok]
-                worst = max(checks, key=lambda c: c.max_error)
-                result.failures += bool(bad)
-                result.rows.append([case.key, backend, name, "FAIL" if bad else "ok", f"{time.monotonic() - start:.1f}",
-                                    "; ".join(map(str, bad))[:300] if bad else f"worst {worst}"])
+                status, detail = _verdict(checks)
+                result.failures += status == "FAIL"
+                result.rows.append([case.key, backend, name, status, f"{time.monotonic() - start:.1f}", detail[:300]])
         torch.cuda.empty_cache()
     return result
 
@@ -337,13 +341,18 @@ def time_cuda(step: Callable[[], Any], *, min_time: float = 0.1, min_reps: int =
     torch.cuda.synchronize()
     times: List[float] = []
     while len(times) < min_reps or (sum(times) < min_time and len(times) < max_reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        times.append(_event_seconds(step))
     return statistics.median(times), len(times)
+
+
+def _event_seconds(work: Callable[[], Any]) -> float:
+    """Seconds of ``work()`` on the current stream, between two CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    work()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
 
 
 def time_cuda_graph(step: Callable[[], Any], *, replays: int = 20) -> float:
@@ -360,15 +369,7 @@ def time_cuda_graph(step: Callable[[], Any], *, replays: int = 20) -> float:
         step()
     graph.replay()
     torch.cuda.synchronize()
-    times: List[float] = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return statistics.median(_event_seconds(graph.replay) for _ in range(replays))
 
 
 def _bench_step(fn: Callable[..., Any], inputs: Dict[str, torch.Tensor], mode: str, grads: Optional[Sequence[str]]):

@@ -60,6 +60,14 @@ def dot_fp32(dtype) -> bool:
     return BF16_DOT_UPCAST and dtype == torch.bfloat16
 
 
+def triton_version() -> tuple:
+    """(major, minor) of the installed Triton: the kernels' plans and the interpreter's reasons
+    depend on it."""
+    import triton
+
+    return tuple(int(x) for x in triton.__version__.split(".")[:2])
+
+
 def p2(x: int, lo: int = 16, hi: int = 1 << 30) -> int:
     """The power of two at least ``x``, clamped to [lo, hi] (tile sizes)."""
     return max(lo, min(hi, 1 << (max(int(x), 1) - 1).bit_length()))

@@ -30,13 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import AOTConfig, Plan, dot_fp32, interpreter_tiles, p2
+from . import AOTConfig, Plan, dot_fp32, interpreter_tiles, p2, triton_version
 from ._common import load_cols, load_rows, mm, store_rows
 
 #: Largest class count: a program holds all K columns (LayerNorm over K) in registers.
 MAX_K = 256
 #: The narrowest fp32 (ieee) dot the installed Triton compiles (seen on a GPU: 3.6 rejects 8).
-FP32_DOT_MIN_K = 8 if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 8) else 16
+FP32_DOT_MIN_K = 8 if triton_version() >= (3, 8) else 16
 
 
 @triton.jit

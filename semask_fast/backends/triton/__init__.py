@@ -58,8 +58,9 @@ MIN_INTERPRETER_VERSION = (3, 8)
 def interpreter_reasons() -> List[str]:
     import triton
 
-    version = tuple(int(x) for x in triton.__version__.split(".")[:2])
-    if version < MIN_INTERPRETER_VERSION:
+    from ...kernels import triton_version
+
+    if triton_version() < MIN_INTERPRETER_VERSION:
         return [f"Triton {triton.__version__}'s interpreter cannot run these kernels (needs Triton >= "
                 f"{'.'.join(map(str, MIN_INTERPRETER_VERSION))}; compiled kernels on a GPU are unaffected)"]
     return []
