@@ -37,8 +37,9 @@ launchers, and the source itself for the bindings, which declares them extern; a
 written from, so the limit has one owner (:func:`generated_files`).  The generated files live in
 the build directory.  Builds go through
 ``torch.utils.cpp_extension.load`` (ninja) into a directory named after a hash of everything
-that affects the binary (the source, every header under ``csrc/include`` and ``csrc/harness``,
-the generated units and header, flags, torch version), under ``$SEMASK_FAST_BUILD_DIR`` or
+that affects the binary (the source, every header of its language (``csrc/cpu``, or ``csrc/include``
+and ``csrc/harness``) and of both (``csrc/common``), the generated units and header, flags, torch
+version), under ``$SEMASK_FAST_BUILD_DIR`` or
 ``~/.cache/semask_fast``, so a build is reused across processes and CI runs until an input changes.
 
 Nothing here runs at import time: a pure install never compiles.  ``SEMASK_FAST_BUILD_CUDA=1``
@@ -425,7 +426,8 @@ def _digest(flavour: str, source: Path, csrc: Optional[Path] = None) -> str:
     h.update(f"{flavour}|{torch.__version__}|{_flags(flavour)}".encode())
     if flavour == "cpu":
         h.update(cpu_features().encode())
-    header_dirs = ("cpu",) if flavour == "cpu" else ("include", "harness")
+    # csrc/common: headers of both languages (included by relative path).
+    header_dirs = ("cpu", "common") if flavour == "cpu" else ("include", "harness", "common")
     headers = [f for d in header_dirs for f in sorted((csrc / d).iterdir()) if f.suffix in (".h", ".cuh")]
     files = [source] + headers
     for f in files:

@@ -181,37 +181,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> window
 }
 
 // ------------------------------------------------------------ image mode --
-Image image_geometry(int64_t B, int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sy, int64_t sx,
-                     bool pad_then_roll) {
+sf::WindowGeometry image_geometry(int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sy, int64_t sx,
+                                  bool pad_then_roll) {
   TORCH_CHECK(H > 0 && W > 0 && wh > 0 && ww > 0, "H, W and the window must be positive");
   TORCH_CHECK(sy >= 0 && sx >= 0 && sy < wh && sx < ww, "shift must be in [0, window)");
-  Image g;
-  g.B = B;
-  g.H = int(H);
-  g.W = int(W);
-  g.Hp = int((H + wh - 1) / wh * wh);
-  g.Wp = int((W + ww - 1) / ww * ww);
-  g.nWw = g.Wp / int(ww);
-  g.nW = (g.Hp / int(wh)) * g.nWw;
-  // Rolling the unpadded image (timm's order) by s is rolling by s mod its length.
-  g.sy = int(pad_then_roll ? sy : sy % H);
-  g.sx = int(pad_then_roll ? sx : sx % W);
-  g.pad_then_roll = pad_then_roll;
-  return g;
+  TORCH_CHECK((H + wh - 1) / wh * wh * ((W + ww - 1) / ww * ww) < (int64_t(1) << 31),
+              "the padded image must have fewer than 2^31 pixels, got ", H, " x ", W);
+  return sf::make_window_geometry(H, W, wh, ww, sy, sx, pad_then_roll);
 }
 
-Problem image_problem(const Image& g, int64_t heads, int64_t d, const std::optional<at::Tensor>& table, int64_t wh,
-                      int64_t ww, int64_t shift_h, int64_t shift_w, double scale, double mask_value, double dropout_p,
-                      int64_t seed) {
+// shift_h, shift_w: the op's shifts (the mask's), not the geometry's roll (timm's is mod the image).
+Problem image_problem(int64_t B, const sf::WindowGeometry& g, int64_t heads, int64_t d,
+                      const std::optional<at::Tensor>& table, int64_t shift_h, int64_t shift_w, double scale,
+                      double mask_value, double dropout_p, int64_t seed) {
   Problem p;
-  p.batch = g.B * g.nW;
+  p.batch = B * g.nW;
   p.heads = int(heads);
-  p.n = int(wh * ww);
+  p.n = g.Wh * g.Ww;
   p.d = int(d);
-  p.wh = int(wh);
-  p.ww = int(ww);
+  p.wh = g.Wh;
+  p.ww = g.Ww;
   const bool shifted = shift_h > 0 || shift_w > 0;
-  p.grid_h = shifted ? g.Hp / int(wh) : 0;
+  p.grid_h = shifted ? g.Hp / g.Wh : 0;
   p.grid_w = shifted ? g.nWw : 0;
   p.shift_h = int(shift_h);
   p.shift_w = int(shift_w);
@@ -232,8 +223,9 @@ std::tuple<at::Tensor, at::Tensor> shifted_window_attention_forward(
   TORCH_CHECK(qkv.size(3) % (3 * heads) == 0, "qkv's last dim must be 3 * heads * head_dim");
   TORCH_CHECK(pad_row.numel() == qkv.size(3), "pad_row must have qkv's channel count");
   const int64_t d = qkv.size(3) / (3 * heads);
-  const Image g = image_geometry(qkv.size(0), qkv.size(1), qkv.size(2), wh, ww, shift_h, shift_w, pad_then_roll);
-  const Problem p = image_problem(g, heads, d, table, wh, ww, shift_h, shift_w, scale, mask_value, dropout_p, seed);
+  const sf::WindowGeometry g = image_geometry(qkv.size(1), qkv.size(2), wh, ww, shift_h, shift_w, pad_then_roll);
+  const Problem p =
+      image_problem(qkv.size(0), g, heads, d, table, shift_h, shift_w, scale, mask_value, dropout_p, seed);
   at::Tensor out = pooled_empty({qkv.size(0), qkv.size(1), qkv.size(2), heads * d}, qkv.options());
   at::Tensor lse = at::empty({p.batch, p.heads, p.n}, qkv.options().dtype(acc_type(qkv)));
   SF_CPU_DISPATCH(qkv.scalar_type(), "shifted_window_attention", [&] {
@@ -241,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor> shifted_window_attention_forward(
     const auto lg = make_logits<T>(p, table, std::nullopt);
     ImageTokens<scalar_t> tokens{reinterpret_cast<const scalar_t*>(qkv.data_ptr()),
                                  reinterpret_cast<const scalar_t*>(pad_row.data_ptr()),
-                                 reinterpret_cast<scalar_t*>(out.data_ptr()), g, int(wh), int(ww), int(heads), int(d)};
+                                 reinterpret_cast<scalar_t*>(out.data_ptr()), g, int(heads), int(d)};
     forward<scalar_t>(p, tokens, lg, lse.data_ptr<T>());
   });
   return {out, lse};
@@ -259,8 +251,9 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> shi
   SF_CPU_CHECK_SAME_DTYPE(pad_row, qkv);
   check_small(table, "bias_table", qkv);
   const int64_t d = qkv.size(3) / (3 * heads);
-  const Image g = image_geometry(qkv.size(0), qkv.size(1), qkv.size(2), wh, ww, shift_h, shift_w, pad_then_roll);
-  const Problem p = image_problem(g, heads, d, table, wh, ww, shift_h, shift_w, scale, mask_value, dropout_p, seed);
+  const sf::WindowGeometry g = image_geometry(qkv.size(1), qkv.size(2), wh, ww, shift_h, shift_w, pad_then_roll);
+  const Problem p =
+      image_problem(qkv.size(0), g, heads, d, table, shift_h, shift_w, scale, mask_value, dropout_p, seed);
   TORCH_CHECK(dout.sizes() == out.sizes() && out.size(3) == heads * d, "dout and out must be (B, H, W, h d)");
   TORCH_CHECK(lse.numel() == p.batch * p.heads * p.n, "lse must have one value per window row");
   at::Tensor dqkv = pooled_empty(qkv.sizes(), qkv.options());
@@ -275,14 +268,13 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> shi
     if (want_table) table_partials = at::empty({chunks, p.heads, p.table_rows()}, lse.options());
     if (need_dpad) pad_partials = at::empty({chunks, 3 * heads * d}, lse.options());
     ImageTokens<scalar_t> tokens{reinterpret_cast<const scalar_t*>(qkv.data_ptr()),
-                                 reinterpret_cast<const scalar_t*>(pad_row.data_ptr()), nullptr, g, int(wh), int(ww),
-                                 int(heads), int(d)};
+                                 reinterpret_cast<const scalar_t*>(pad_row.data_ptr()), nullptr, g, int(heads),
+                                 int(d)};
     const at::Tensor zeros = at::zeros({d}, qkv.options());
     ImageGrads<scalar_t> grads{reinterpret_cast<scalar_t*>(dqkv.data_ptr()),
                                reinterpret_cast<const scalar_t*>(dout.data_ptr()),
                                reinterpret_cast<const scalar_t*>(out.data_ptr()),
-                               reinterpret_cast<const scalar_t*>(zeros.data_ptr()), g, int(wh), int(ww), int(heads),
-                               int(d)};
+                               reinterpret_cast<const scalar_t*>(zeros.data_ptr()), g, int(heads), int(d)};
     backward<scalar_t>(p, tokens, grads, lg, lse.data_ptr<T>(), Needs{},
                        want_table ? table_partials.data_ptr<T>() : nullptr,
                        need_dpad ? pad_partials.data_ptr<T>() : nullptr);

@@ -4,49 +4,25 @@
 // Included by window_attention_kernels.h alone (the same anonymous namespace).
 #pragma once
 
+#include "../common/sf_window_geometry.h"
 #include "sf_cpu.h"
 
 namespace {
 
 using namespace sf::cpu;
 
-// Token geometry of the image mode (as csrc/ops/window_process.cu).
-struct Image {
-  int64_t B;
-  int H, W, Hp, Wp, nWw, nW;
-  int sy, sx;  // roll
-  bool pad_then_roll;
-};
-
-// Window-frame position (py, px) -> image pixel (y, x), or false for a pad token.
-inline bool window_to_pixel(const Image& g, int py, int px, int& y, int& x) {
-  if (g.pad_then_roll) {
-    y = py + g.sy;
-    x = px + g.sx;
-    if (y >= g.Hp) y -= g.Hp;
-    if (x >= g.Wp) x -= g.Wp;
-    return y < g.H && x < g.W;
-  }
-  if (py >= g.H || px >= g.W) return false;
-  y = py + g.sy;
-  x = px + g.sx;
-  if (y >= g.H) y -= g.H;
-  if (x >= g.W) x -= g.W;
-  return true;
-}
-
 // f(t, pixel) for the tokens t of window row b_ (window wh x ww): pixel = the token's index in the
 // (B, H, W) image, or -1 for a pad token.  The divisions run once per window, not per token (at
 // six per token they cost half as much as the attention of a 7x7 window).
 template <typename F>
-inline void for_window_pixels(const Image& g, int wh, int ww, int64_t b_, F&& f) {
+inline void for_window_pixels(const sf::WindowGeometry& g, int64_t b_, F&& f) {
   const int64_t b = b_ / g.nW;
   const int w = int(b_ - b * g.nW), wy = w / g.nWw, wx = w - wy * g.nWw;
   int t = 0;
-  for (int ty = 0; ty < wh; ++ty)
-    for (int tx = 0; tx < ww; ++tx, ++t) {
+  for (int ty = 0; ty < g.Wh; ++ty)
+    for (int tx = 0; tx < g.Ww; ++tx, ++t) {
       int y, x;
-      f(t, window_to_pixel(g, wy * wh + ty, wx * ww + tx, y, x) ? (b * g.H + y) * g.W + x : int64_t(-1));
+      f(t, sf::window_to_pixel(g, wy * g.Wh + ty, wx * g.Ww + tx, y, x) ? (b * g.H + y) * g.W + x : int64_t(-1));
     }
 }
 
@@ -93,13 +69,13 @@ struct ImageTokens {
   const S* qkv;      // (B, H, W, 3 h d)
   const S* pad_row;  // (3 h d): qkv_bias in qkv's dtype, or zeros
   S* out;            // (B, H, W, h d), or nullptr
-  Image g;
-  int wh, ww, heads, d;
+  sf::WindowGeometry g;
+  int heads, d;
   static constexpr bool kListed = true;
 
   void rows(int64_t b_, int head, Rows<S>& r) const {
     const int64_t c = int64_t(heads) * d, hoff = int64_t(head) * d;
-    for_window_pixels(g, wh, ww, b_, [&](int t, int64_t pixel) {
+    for_window_pixels(g, b_, [&](int t, int64_t pixel) {
       const bool real = pixel >= 0;
       const S* base = real ? qkv + pixel * 3 * c : pad_row;
       r.q.listed[t] = base + hoff;
@@ -144,12 +120,12 @@ struct ImageGrads {
   S* dqkv;              // (B, H, W, 3 h d)
   const S *dout, *out;  // (B, H, W, h d)
   const S* zeros;       // (d): dout and out of a pad token
-  Image g;
-  int wh, ww, heads, d;
+  sf::WindowGeometry g;
+  int heads, d;
   static constexpr bool kListed = true;
   void rows(int64_t b_, int head, GradRows<S>& r) const {
     const int64_t c = int64_t(heads) * d, hoff = int64_t(head) * d;
-    for_window_pixels(g, wh, ww, b_, [&](int t, int64_t pixel) {
+    for_window_pixels(g, b_, [&](int t, int64_t pixel) {
       const bool real = pixel >= 0;
       r.dq.listed[t] = real ? dqkv + pixel * 3 * c + hoff : nullptr;
       r.dk.listed[t] = real ? dqkv + pixel * 3 * c + c + hoff : nullptr;

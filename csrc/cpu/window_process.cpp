@@ -1,66 +1,25 @@
 // window_partition / window_merge on the CPU, forward and backward: pad + roll + partition and its
-// exact inverse as parallel row copies (SPEC.md section 1; the geometry is that of
-// csrc/ops/window_process.cu).
-//
-// x (B, H, W, C) is padded with zeros to Hp x Wp (window multiples) and rolled by (-sy, -sx):
-//   pad_then_roll (segmentation Swin / SeMask): the roll wraps around the padded Hp x Wp grid;
-//   roll_then_pad (timm): the roll wraps around the H x W image, padding comes after.
-// Window b * nW + wy * nWw + wx holds the padded-rolled pixels (wy*Wh + i, wx*Ww + j).
+// exact inverse as parallel row copies (SPEC.md section 1; the geometry, padding and roll in
+// either order: csrc/common/sf_window_geometry.h, shared with csrc/ops/window_process.cu).
 //
 // Partition walks the rows of every window (one source image row each), merge the image rows
 // (each crosses a few windows); either way a row is a few runs of tokens that are consecutive in
 // both tensors, and each run is one memcpy of (run length x C) elements.  Pure byte copies:
 // bitwise exact for every dtype.  Each direction is the other's gradient.  Offsets are int64_t.
+#include "../common/sf_window_geometry.h"
 #include "sf_cpu.h"
 
 namespace {
 
-struct Geometry {
-  int64_t H, W;    // image
-  int64_t Hp, Wp;  // padded image
-  int64_t Wh, Ww;  // window
-  int64_t nWw, nW; // windows per padded row, per image
-  int64_t sy, sx;  // roll (shift)
-  bool pad_then_roll;
-};
-
-Geometry make_geometry(int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sy, int64_t sx, bool pad_then_roll) {
+sf::WindowGeometry make_geometry(int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sy, int64_t sx,
+                                 bool pad_then_roll) {
   TORCH_CHECK(H > 0 && W > 0, "window_process: H and W must be positive, got ", H, " x ", W);
   TORCH_CHECK(wh > 0 && ww > 0, "window_process: window_size must be positive, got (", wh, ", ", ww, ")");
   TORCH_CHECK(sy >= 0 && sx >= 0 && sy < wh && sx < ww, "window_process: shift_size must be in [0, window), got (",
               sy, ", ", sx, ")");
-  Geometry g;
-  g.H = H;
-  g.W = W;
-  g.Wh = wh;
-  g.Ww = ww;
-  g.Hp = (H + wh - 1) / wh * wh;
-  g.Wp = (W + ww - 1) / ww * ww;
-  g.nWw = g.Wp / ww;
-  g.nW = (g.Hp / wh) * g.nWw;
-  // Rolling the unpadded image (timm), a shift may exceed a tiny image: a roll by s is a roll by
-  // s mod the axis length.
-  g.sy = pad_then_roll ? sy : sy % H;
-  g.sx = pad_then_roll ? sx : sx % W;
-  g.pad_then_roll = pad_then_roll;
-  return g;
-}
-
-// Image coordinate of padded-rolled coordinate p along an axis of `size` image and `padded`
-// positions, shift s; -1 for a pad position.
-inline int64_t window_to_image(int64_t p, int64_t s, int64_t size, int64_t padded, bool pad_then_roll) {
-  if (pad_then_roll) {
-    const int64_t q = p + s < padded ? p + s : p + s - padded;
-    return q < size ? q : -1;
-  }
-  if (p >= size) return -1;
-  return p + s < size ? p + s : p + s - size;
-}
-
-// Padded-rolled coordinate of image coordinate y (the inverse of window_to_image).
-inline int64_t image_to_window(int64_t y, int64_t s, int64_t size, int64_t padded, bool pad_then_roll) {
-  const int64_t period = pad_then_roll ? padded : size;
-  return y >= s ? y - s : y - s + period;
+  TORCH_CHECK((H + wh - 1) / wh * wh * ((W + ww - 1) / ww * ww) < (int64_t(1) << 31),
+              "window_process: the padded image must have fewer than 2^31 pixels, got ", H, " x ", W);
+  return sf::make_window_geometry(H, W, wh, ww, sy, sx, pad_then_roll);
 }
 
 // Copies `count` tokens of `row_bytes` into dst (contiguous), token j from src_of(j) (nullptr: a
@@ -91,7 +50,7 @@ int64_t grain_rows(int64_t row_bytes) {
 at::Tensor partition(const at::Tensor& x, int64_t wh, int64_t ww, int64_t sy, int64_t sx, bool pad_then_roll) {
   SF_CPU_CHECK_INPUT(x, 4);
   SF_CPU_CHECK_CONTIGUOUS(x);
-  const Geometry g = make_geometry(x.size(1), x.size(2), wh, ww, sy, sx, pad_then_roll);
+  const sf::WindowGeometry g = make_geometry(x.size(1), x.size(2), wh, ww, sy, sx, pad_then_roll);
   const int64_t B = x.size(0), token_bytes = x.size(3) * int64_t(x.element_size());
   at::Tensor out = sf::cpu::pooled_empty({B * g.nW, wh, ww, x.size(3)}, x.options());
   if (out.numel() == 0) return out;
@@ -102,12 +61,12 @@ at::Tensor partition(const at::Tensor& x, int64_t wh, int64_t ww, int64_t sy, in
   sf::cpu::parallel_for(window_rows, grain_rows(ww * token_bytes), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t i = r % wh, bw = r / wh, w = bw % g.nW, b = bw / g.nW;
-      const int64_t y = window_to_image((w / g.nWw) * wh + i, g.sy, g.H, g.Hp, pad_then_roll);
+      const int64_t y = sf::window_to_image(int((w / g.nWw) * wh + i), g.sy, g.H, g.Hp, pad_then_roll);
       const int64_t px0 = (w % g.nWw) * ww;
       const char* image_row = y < 0 ? nullptr : src + (b * g.H + y) * g.W * token_bytes;
       copy_runs(dst + r * ww * token_bytes, ww, token_bytes, [&](int64_t j) -> const char* {
         if (image_row == nullptr) return nullptr;
-        const int64_t xx = window_to_image(px0 + j, g.sx, g.W, g.Wp, pad_then_roll);
+        const int64_t xx = sf::window_to_image(int(px0 + j), g.sx, g.W, g.Wp, pad_then_roll);
         return xx < 0 ? nullptr : image_row + xx * token_bytes;
       });
     }
@@ -120,7 +79,7 @@ at::Tensor merge(const at::Tensor& windows, int64_t H, int64_t W, int64_t wh, in
                  bool pad_then_roll) {
   SF_CPU_CHECK_INPUT(windows, 4);
   SF_CPU_CHECK_CONTIGUOUS(windows);
-  const Geometry g = make_geometry(H, W, wh, ww, sy, sx, pad_then_roll);
+  const sf::WindowGeometry g = make_geometry(H, W, wh, ww, sy, sx, pad_then_roll);
   TORCH_CHECK(windows.size(1) == wh && windows.size(2) == ww, "windows must have window dims (", wh, ", ", ww,
               "), got ", windows.sizes());
   TORCH_CHECK(windows.size(0) % g.nW == 0, "windows has ", windows.size(0), " windows, not a multiple of the ",
@@ -134,11 +93,11 @@ at::Tensor merge(const at::Tensor& windows, int64_t H, int64_t W, int64_t wh, in
   sf::cpu::parallel_for(B * H, grain_rows(W * token_bytes), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t y = r % H, b = r / H;
-      const int64_t py = image_to_window(y, g.sy, g.H, g.Hp, pad_then_roll);
+      const int64_t py = sf::image_to_window(int(y), g.sy, g.H, g.Hp, pad_then_roll);
       const int64_t window_row0 = b * g.nW + (py / wh) * g.nWw;  // first window of this row of windows
       const int64_t i = py % wh;
       copy_runs(dst + r * W * token_bytes, W, token_bytes, [&](int64_t xx) -> const char* {
-        const int64_t px = image_to_window(xx, g.sx, g.W, g.Wp, pad_then_roll);
+        const int64_t px = sf::image_to_window(int(xx), g.sx, g.W, g.Wp, pad_then_roll);
         return src + (((window_row0 + px / ww) * wh + i) * ww + px % ww) * token_bytes;
       });
     }

@@ -1,11 +1,7 @@
 // window_partition / window_merge, forward and backward: pad + roll + partition and its inverse
 // as single gather copies (SPEC.md section 1).
 //
-// Geometry: x (B, H, W, C) is padded with zeros to Hp x Wp (multiples of the window Wh x Ww) and
-// rolled by (-sy, -sx), in either order:
-//   pad_then_roll (segmentation Swin / SeMask): the roll wraps around the padded Hp x Wp grid;
-//   roll_then_pad (timm): the roll wraps around the H x W image, padding is added after.
-// Window row b_ = b * nW + wy * nWw + wx holds the padded-rolled pixels (wy*Wh + i, wx*Ww + j).
+// Geometry (padding, roll in either order, window order): csrc/common/sf_window_geometry.h.
 //
 // The two kernels are the two directions of one bijection between image pixels and the non-pad
 // window positions: partition gathers windows from the image (zeros at pad positions), merge
@@ -16,49 +12,18 @@
 // used.  dtype does not matter (bitwise exact for every dtype).  Index math runs in I = int64_t
 // when the tensor has 2^31 vectors or more, else in int32_t (64-bit division is many instructions
 // on a GPU); coordinates inside one image are int.
+#include "../common/sf_window_geometry.h"
 #include "sf_common.cuh"
 
 namespace {
 
-struct Geometry {
-  int H, W;      // image
-  int Hp, Wp;    // padded image
-  int Wh, Ww;    // window
-  int nWw, nW;   // windows per padded row, per image
-  int sy, sx;    // roll (shift)
-  bool pad_then_roll;
-};
-
-// Window position (in the padded, rolled frame) -> image pixel, or false for a pad position.
-SF_DEVICE_INLINE bool window_to_pixel(const Geometry& g, int py, int px, int& y, int& x) {
-  if (g.pad_then_roll) {
-    y = py + g.sy;
-    x = px + g.sx;
-    if (y >= g.Hp) y -= g.Hp;
-    if (x >= g.Wp) x -= g.Wp;
-    return y < g.H && x < g.W;
-  }
-  if (py >= g.H || px >= g.W) return false;
-  y = py + g.sy;
-  x = px + g.sx;
-  if (y >= g.H) y -= g.H;
-  if (x >= g.W) x -= g.W;
-  return true;
-}
-
-// Image pixel -> window position (py, px) in the padded, rolled frame.
-SF_DEVICE_INLINE void pixel_to_window(const Geometry& g, int y, int x, int& py, int& px) {
-  const int mh = g.pad_then_roll ? g.Hp : g.H, mw = g.pad_then_roll ? g.Wp : g.W;
-  py = y - g.sy;
-  px = x - g.sx;
-  if (py < 0) py += mh;
-  if (px < 0) px += mw;
-}
+using sf::pixel_to_window;
+using sf::window_to_pixel;
 
 // out: (B * nW, Wh, Ww, vpt) vectors, x: (B, H, W, vpt).
 template <typename V, typename I>
-__global__ void __launch_bounds__(256) partition_kernel(const V* __restrict__ x, V* __restrict__ out, Geometry g,
-                                                        int vpt, I total) {
+__global__ void __launch_bounds__(256) partition_kernel(const V* __restrict__ x, V* __restrict__ out,
+                                                        sf::WindowGeometry g, int vpt, I total) {
   const I stride = I(gridDim.x) * blockDim.x;
   for (I o = I(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += stride) {
     const I token = o / vpt;
@@ -80,8 +45,8 @@ __global__ void __launch_bounds__(256) partition_kernel(const V* __restrict__ x,
 
 // out: (B, H, W, vpt) vectors, windows: (B * nW, Wh, Ww, vpt).
 template <typename V, typename I>
-__global__ void __launch_bounds__(256) merge_kernel(const V* __restrict__ windows, V* __restrict__ out, Geometry g,
-                                                    int vpt, I total) {
+__global__ void __launch_bounds__(256) merge_kernel(const V* __restrict__ windows, V* __restrict__ out,
+                                                    sf::WindowGeometry g, int vpt, I total) {
   const I stride = I(gridDim.x) * blockDim.x;
   for (I o = I(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += stride) {
     const I pixel = o / vpt;
@@ -104,7 +69,7 @@ constexpr int64_t kMaxBlocks = 132 * 8;
 
 // Copies every token row (row_bytes bytes) of the gather; kMerge picks the direction.
 template <bool kMerge>
-void launch_copy(const void* src, void* dst, const Geometry& g, int64_t tokens, int64_t src_tokens,
+void launch_copy(const void* src, void* dst, const sf::WindowGeometry& g, int64_t tokens, int64_t src_tokens,
                  int64_t row_bytes, cudaStream_t stream) {
   // Widest vector dividing the row and both pointers' alignment.
   const auto align = uintptr_t(src) | uintptr_t(dst) | uintptr_t(row_bytes);
@@ -136,25 +101,13 @@ void launch_copy(const void* src, void* dst, const Geometry& g, int64_t tokens, 
   SF_CHECK_LAUNCH();
 }
 
-Geometry make_geometry(int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sy, int64_t sx, bool pad_then_roll) {
+sf::WindowGeometry make_geometry(int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sy, int64_t sx,
+                                 bool pad_then_roll) {
   SF_CHECK(H > 0 && W > 0 && wh > 0 && ww > 0, "window_process: H, W and the window must be positive");
   SF_CHECK(sy >= 0 && sx >= 0 && sy < wh && sx < ww, "window_process: shift must be in [0, window)");
-  Geometry g;
-  g.H = int(H);
-  g.W = int(W);
-  g.Wh = int(wh);
-  g.Ww = int(ww);
-  g.Hp = int(sf::ceil_div(H, wh) * wh);
-  g.Wp = int(sf::ceil_div(W, ww) * ww);
-  g.nWw = g.Wp / g.Ww;
-  g.nW = (g.Hp / g.Wh) * g.nWw;
-  // Rolling then padding rolls the unpadded image, where a shift may exceed H or W
-  // (tiny images): a roll by s is a roll by s mod the axis length.
-  g.sy = int(pad_then_roll ? sy : sy % H);
-  g.sx = int(pad_then_roll ? sx : sx % W);
-  g.pad_then_roll = pad_then_roll;
-  SF_CHECK(int64_t(g.Hp) * g.Wp < (int64_t(1) << 31), "window_process: padded image too large");
-  return g;
+  SF_CHECK(sf::ceil_div(H, wh) * wh * (sf::ceil_div(W, ww) * ww) < (int64_t(1) << 31),
+           "window_process: padded image too large");
+  return sf::make_window_geometry(H, W, wh, ww, sy, sx, pad_then_roll);
 }
 
 }  // namespace
@@ -167,7 +120,7 @@ namespace {
 at::Tensor partition(const at::Tensor& x, int64_t wh, int64_t ww, int64_t sy, int64_t sx, bool pad_then_roll) {
   SF_CHECK_INPUT(x, 4);
   SF_DEVICE_GUARD(x);
-  const Geometry g = make_geometry(x.size(1), x.size(2), wh, ww, sy, sx, pad_then_roll);
+  const sf::WindowGeometry g = make_geometry(x.size(1), x.size(2), wh, ww, sy, sx, pad_then_roll);
   const int64_t B = x.size(0), C = x.size(3);
   at::Tensor out = at::empty({B * g.nW, wh, ww, C}, x.options());
   launch_copy<false>(x.data_ptr(), out.data_ptr(), g, B * g.nW * wh * ww, B * g.H * g.W,
@@ -180,7 +133,7 @@ at::Tensor merge(const at::Tensor& windows, int64_t H, int64_t W, int64_t wh, in
                  bool pad_then_roll) {
   SF_CHECK_INPUT(windows, 4);
   SF_DEVICE_GUARD(windows);
-  const Geometry g = make_geometry(H, W, wh, ww, sy, sx, pad_then_roll);
+  const sf::WindowGeometry g = make_geometry(H, W, wh, ww, sy, sx, pad_then_roll);
   TORCH_CHECK(windows.size(1) == wh && windows.size(2) == ww, "windows must have window dims (", wh, ", ", ww,
               "), got ", windows.sizes());
   TORCH_CHECK(windows.size(0) % g.nW == 0, "windows has ", windows.size(0), " windows, not a multiple of ", g.nW);

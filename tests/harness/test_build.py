@@ -102,6 +102,7 @@ def test_build_failure_becomes_an_availability_reason(tmp_path, monkeypatch):
     src = tmp_path / "csrc"
     shutil.copytree(_build.csrc_dir() / "include", src / "include")
     shutil.copytree(_build.csrc_dir() / "harness", src / "harness")
+    shutil.copytree(_build.csrc_dir() / "common", src / "common")
     (src / "ops").mkdir()
     (src / "ops" / "broken_for_test.cu").write_text('#include "sf_common.cuh"\nstatic int x = not_declared_anywhere;\n')
     monkeypatch.setattr(_build, "csrc_dir", lambda: src)
