@@ -12,9 +12,10 @@
 //   broadcast scalars.  Np = N rounded up to the vector width; padded query lanes hold zero q.
 // The bias is gathered once per call into (h, N, Np) from the table; the shift mask is computed
 // from the tokens' region ids (0 inside a region, mask_value across); an explicit (nW, N, N) mask
-// is transposed once per call.  Forward saves O and the row logsumexp (fp32; fp64 for double);
-// backward recomputes P per task (nothing N x N per window reaches memory) and takes
-//   dV = P^T dO,  dP = dO V^T,  dS = P (dP - rowsum(dO O)),  dQ = scale dS K,  dK = dS^T (scale Q).
+// is transposed once per call.  Forward saves the row logsumexp (fp32; fp64 for double); backward
+// recomputes P per task (nothing N x N per window reaches memory) and takes
+//   dV = P^T dO,  dP = dO V^T,  dS = P (dP - rowsum(P dP)),  dQ = scale dS K,  dK = dS^T (scale Q)
+// (rowsum(P dP) = rowsum(dO O), from the tiles: O itself, maybe rounded to a half type, is not read).
 // Table gradient: the windows are split into chunks fixed by the shape (not by the thread count);
 // a task (chunk, head) sums dS over its windows, folds the sum onto the table rows, and the chunks'
 // partials are added in chunk order: bitwise reproducible for any torch.set_num_threads.  The
@@ -136,8 +137,8 @@ std::tuple<at::Tensor, at::Tensor> window_attention_forward(const at::Tensor& q,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> window_attention_backward(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& mask, int64_t wh,
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+    const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& mask, int64_t wh,
     int64_t ww, int64_t grid_h, int64_t grid_w, int64_t shift_h, int64_t shift_w, double scale, double mask_value,
     double dropout_p, int64_t seed, bool need_dq, bool need_dkv, bool need_table) {
   check_qkv(q, k, v);
@@ -145,11 +146,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> window
   check_small(mask, "mask", q);
   SF_CPU_CHECK_INPUT(dout, 4);
   SF_CPU_CHECK_CONTIGUOUS(dout);
-  SF_CPU_CHECK_CONTIGUOUS(out);
   SF_CPU_CHECK_CONTIGUOUS(lse);
   SF_CPU_CHECK_SAME_DTYPE(dout, q);
-  SF_CPU_CHECK_SAME_DTYPE(out, q);
-  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "dout and out must have q's shape");
+  TORCH_CHECK(dout.sizes() == q.sizes(), "dout must have q's shape");
   TORCH_CHECK(lse.scalar_type() == acc_type(q), "lse must be ", acc_type(q));
   const Problem p = window_problem(q, table, mask, wh, ww, grid_h, grid_w, shift_h, shift_w, scale, mask_value,
                                    dropout_p, seed);
@@ -166,8 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> window
     if (want_table) partials = at::empty({chunks, p.heads, p.table_rows()}, lse.options());
     WindowGrads<scalar_t> grads{reinterpret_cast<scalar_t*>(dq.data_ptr()), reinterpret_cast<scalar_t*>(dk.data_ptr()),
                                 reinterpret_cast<scalar_t*>(dv.data_ptr()),
-                                reinterpret_cast<const scalar_t*>(dout.data_ptr()),
-                                reinterpret_cast<const scalar_t*>(out.data_ptr()), p.n, p.d, p.heads};
+                                reinterpret_cast<const scalar_t*>(dout.data_ptr()), p.n, p.d, p.heads};
     backward<scalar_t>(p, window_tokens<scalar_t>(q, k, v, nullptr), grads, lg, lse.data_ptr<T>(),
                        Needs{need_dq, need_dkv}, want_table ? partials.data_ptr<T>() : nullptr, nullptr);
     if (want_table) {
@@ -240,21 +238,22 @@ std::tuple<at::Tensor, at::Tensor> shifted_window_attention_forward(
 }
 
 std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> shifted_window_attention_backward(
-    const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
-    const std::optional<at::Tensor>& table, const at::Tensor& pad_row, int64_t heads, int64_t wh, int64_t ww,
+    const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& lse, const std::optional<at::Tensor>& table,
+    const at::Tensor& pad_row, int64_t heads, int64_t wh, int64_t ww,
     int64_t shift_h, int64_t shift_w, bool pad_then_roll, double scale, double mask_value, double dropout_p,
     int64_t seed, bool need_table, bool need_dpad) {
   SF_CPU_CHECK_INPUT(qkv, 4);
-  for (const at::Tensor* t : {&dout, &qkv, &out, &lse, &pad_row}) TORCH_CHECK(t->is_contiguous(), "inputs must be contiguous");
+  for (const at::Tensor* t : {&dout, &qkv, &lse, &pad_row}) TORCH_CHECK(t->is_contiguous(), "inputs must be contiguous");
   SF_CPU_CHECK_SAME_DTYPE(dout, qkv);
-  SF_CPU_CHECK_SAME_DTYPE(out, qkv);
   SF_CPU_CHECK_SAME_DTYPE(pad_row, qkv);
   check_small(table, "bias_table", qkv);
   const int64_t d = qkv.size(3) / (3 * heads);
   const sf::WindowGeometry g = image_geometry(qkv.size(1), qkv.size(2), wh, ww, shift_h, shift_w, pad_then_roll);
   const Problem p =
       image_problem(qkv.size(0), g, heads, d, table, shift_h, shift_w, scale, mask_value, dropout_p, seed);
-  TORCH_CHECK(dout.sizes() == out.sizes() && out.size(3) == heads * d, "dout and out must be (B, H, W, h d)");
+  TORCH_CHECK(dout.dim() == 4 && dout.size(0) == qkv.size(0) && dout.size(1) == qkv.size(1) &&
+                  dout.size(2) == qkv.size(2) && dout.size(3) == heads * d,
+              "dout must be (B, H, W, h d)");
   TORCH_CHECK(lse.numel() == p.batch * p.heads * p.n, "lse must have one value per window row");
   at::Tensor dqkv = pooled_empty(qkv.sizes(), qkv.options());
   std::optional<at::Tensor> dtable, dpad;
@@ -273,7 +272,6 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> shi
     const at::Tensor zeros = at::zeros({d}, qkv.options());
     ImageGrads<scalar_t> grads{reinterpret_cast<scalar_t*>(dqkv.data_ptr()),
                                reinterpret_cast<const scalar_t*>(dout.data_ptr()),
-                               reinterpret_cast<const scalar_t*>(out.data_ptr()),
                                reinterpret_cast<const scalar_t*>(zeros.data_ptr()), g, int(heads), int(d)};
     backward<scalar_t>(p, tokens, grads, lg, lse.data_ptr<T>(), Needs{},
                        want_table ? table_partials.data_ptr<T>() : nullptr,
@@ -297,14 +295,14 @@ SF_CPU_LIBRARY(m) {
   m.def("window_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? table, Tensor? mask, int wh, int ww, "
         "int grid_h, int grid_w, int shift_h, int shift_w, float scale, float mask_value, float dropout_p, "
         "int seed) -> (Tensor, Tensor)");
-  m.def("window_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+  m.def("window_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, "
         "Tensor? table, Tensor? mask, int wh, int ww, int grid_h, int grid_w, int shift_h, int shift_w, "
         "float scale, float mask_value, float dropout_p, int seed, bool need_dq, bool need_dkv, bool need_table) "
         "-> (Tensor, Tensor, Tensor, Tensor?)");
   m.def("shifted_window_attention_forward(Tensor qkv, Tensor? table, Tensor pad_row, int heads, int wh, int ww, "
         "int shift_h, int shift_w, bool pad_then_roll, float scale, float mask_value, float dropout_p, int seed) "
         "-> (Tensor, Tensor)");
-  m.def("shifted_window_attention_backward(Tensor dout, Tensor qkv, Tensor out, Tensor lse, Tensor? table, "
+  m.def("shifted_window_attention_backward(Tensor dout, Tensor qkv, Tensor lse, Tensor? table, "
         "Tensor pad_row, int heads, int wh, int ww, int shift_h, int shift_w, bool pad_then_roll, float scale, "
         "float mask_value, float dropout_p, int seed, bool need_table, bool need_dpad) -> (Tensor, Tensor?, Tensor?)");
 }

@@ -87,7 +87,7 @@ struct Logits {
         const int64_t wy = (pat & 2) ? p.grid_h - 1 : 0, wx = (pat & 1) ? p.grid_w - 1 : 0;
         for (int t = 0; t < n; ++t) region[t] = region_id(p, wy * p.grid_w + wx, t);
         for (int j = 0; j < n; ++j)
-          for (int i = 0; i < n; ++i) a[size_t(j) * n + i] = T(region[i] != region[j]) * T(p.mask_value);
+          for (int i = 0; i < n; ++i) a[size_t(j) * n + i] = region[i] != region[j] ? T(p.mask_value) : T(0);
       }
     }
     // Up to a few MiB in the calling thread's scratch (kept between calls: a fresh allocation is
@@ -219,20 +219,6 @@ inline void write_row(S* __restrict__ dst, const T* __restrict__ src, int d, T s
     for (; c + L <= d; c += L) vstore(dst + c, vload(src + c) * s);
   }
   for (; c < d; ++c) dst[c] = static_cast<S>(src[c] * scale);
-}
-
-template <typename S, typename T>
-inline T dot_row(const T* __restrict__ a, const S* __restrict__ b, int d) {
-  constexpr int L = kLanes<T>;
-  int c = 0;
-  T s = 0;
-  if constexpr (std::is_same_v<S, T>) {
-    Vec<T> acc{};
-    for (; c + L <= d; c += L) acc += vload(a + c) * vload(b + c);
-    s = hsum<T>(acc);
-  }
-  for (; c < d; ++c) s += a[c] * static_cast<T>(b[c]);
-  return s;
 }
 
 // Fills f[j][i] (N x Np) with the dropout multipliers of (window b_, head h).
@@ -490,7 +476,6 @@ void backward(const Problem& p, const Tokens& tokens, const Grads& grads, const 
         for (int i = 0; i < np; ++i) {
           // base-2 units, as the logits; P = 0 in pad lanes
           lse_lanes[i] = i < n ? lse_row[i] * kLog2e<T> : std::numeric_limits<T>::infinity();
-          delta[i] = i < n ? dot_row(dout.ptr + i * dout.ld, g.out[i], d) : T(0);  // rowsum(dO O)
         }
         const T* init = lg.tile(b_, h);
         product<T>(n, nl, d, k.ptr, k.ld, 1, qt, np, st, np, false, init, &next);
@@ -525,6 +510,22 @@ void backward(const Problem& p, const Tokens& tokens, const Grads& grads, const 
           gradient_rows(g.dv, n, d, dp, acc, pad_acc + 2 * dp, [&](Target<T> t) {
             product<T>(n, dp, n, pv, np, 1, dout.ptr, dout.ld, t.ptr, t.ld, false, nullptr, &next);
           });
+        // delta[i] = rowsum(dO O)[i] = sum_j P[i][j] dP[i][j] / sum_j P[i][j] (dP with the dropout
+        // factors; the sum of P is 1, up to the recomputed P's error), from the tiles in the compute
+        // type: not from the output rounded to S (in a half type that rounding, times dO, is the
+        // whole of dS where P is nearly one-hot), and O is not read.  The division cancels an error
+        // the row's P share: exp(s - lse) with large logits is off by lse's rounding, relative 1e-5
+        // at logits near 120, and that error times |dP| (not |dP - delta|) would reach dS.
+        for (int i = 0; i < np; i += L) {
+          Vec<T> weighted{}, total{};
+          for (int j = 0; j < n; ++j) {
+            const Vec<T> pj = vload(st + size_t(j) * np + i);
+            weighted += pj * vload(dpt + size_t(j) * np + i);
+            total += pj;
+          }
+          vstore(delta + i, weighted / total);
+        }
+        std::fill(delta + n, delta + np, T(0));  // pad lanes: 0 / 0
         // dS^T = P^T (dP^T - delta)
         for (int j = 0; j < n; ++j)
           for (int i = 0; i < np; i += L) {

@@ -88,21 +88,20 @@ struct ImageTokens {
 
 // -------------------------------------------------------------- gradients --
 // Gradient rows of a task: dq/dk/dv of token t (nullptr for a pad token, whose gradient goes to
-// the chunk's qkv_bias partial instead); dout / out rows of a pad token point to zeros.
+// the chunk's qkv_bias partial instead); the dout row of a pad token points to zeros.
 template <typename S>
 struct GradRows {
   TokenRows<S> dq, dk, dv;
-  TokenRows<const S> dout, out;
+  TokenRows<const S> dout;
   GradRows(int n, bool listed) {
-    if (listed)
-      dq.listed.resize(n), dk.listed.resize(n), dv.listed.resize(n), dout.listed.resize(n), out.listed.resize(n);
+    if (listed) dq.listed.resize(n), dk.listed.resize(n), dv.listed.resize(n), dout.listed.resize(n);
   }
 };
 
 template <typename S>
 struct WindowGrads {
-  S *dq, *dk, *dv;      // (B_, h, N, d) contiguous
-  const S *dout, *out;  // (B_, h, N, d) contiguous
+  S *dq, *dk, *dv;  // (B_, h, N, d) contiguous
+  const S* dout;    // (B_, h, N, d) contiguous
   int n, d, heads;
   static constexpr bool kListed = false;
   void rows(int64_t b, int head, GradRows<S>& r) const {
@@ -111,15 +110,14 @@ struct WindowGrads {
     r.dk = {dk + off, d, {}};
     r.dv = {dv + off, d, {}};
     r.dout = {dout + off, d, {}};
-    r.out = {out + off, d, {}};
   }
 };
 
 template <typename S>
 struct ImageGrads {
-  S* dqkv;              // (B, H, W, 3 h d)
-  const S *dout, *out;  // (B, H, W, h d)
-  const S* zeros;       // (d): dout and out of a pad token
+  S* dqkv;         // (B, H, W, 3 h d)
+  const S* dout;   // (B, H, W, h d)
+  const S* zeros;  // (d): dout of a pad token
   sf::WindowGeometry g;
   int heads, d;
   static constexpr bool kListed = true;
@@ -131,7 +129,6 @@ struct ImageGrads {
       r.dk.listed[t] = real ? dqkv + pixel * 3 * c + c + hoff : nullptr;
       r.dv.listed[t] = real ? dqkv + pixel * 3 * c + 2 * c + hoff : nullptr;
       r.dout.listed[t] = real ? dout + pixel * c + hoff : zeros;
-      r.out.listed[t] = real ? out + pixel * c + hoff : zeros;
     });
   }
 };
@@ -149,7 +146,7 @@ inline void prefetch_rows(const Rows<S>& r, int n, int d, NextTaskPrefetch& next
 }
 template <typename S>
 inline void prefetch_rows(const GradRows<S>& r, int n, int d, NextTaskPrefetch& next) {
-  for (const auto* rows : {&r.dout, &r.out}) prefetch_rows(*rows, n, d, next);
+  prefetch_rows(r.dout, n, d, next);
 }
 
 }  // namespace

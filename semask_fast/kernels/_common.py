@@ -30,8 +30,11 @@ def softmax_step(m_i, l_i, s):
     was accumulated under the old max, exp(s - m_new) and the new running row sum.
     """
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp(m_i - m_new)
-    p = tl.exp(s - m_new[:, None])
+    # A row whose logits so far are all -inf (masked, e.g. mask_value=-inf) keeps m = -inf: its
+    # exps are taken against 0 (giving 0), not against -inf (-inf - -inf = NaN).
+    m_exp = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_exp)
+    p = tl.exp(s - m_exp[:, None])
     return m_new, alpha, p, l_i * alpha + tl.sum(p, 1)
 
 

@@ -37,7 +37,7 @@ from semask_fast import reference
 from semask_fast.backends import registry
 from semask_fast.backends.registry import BackendNotSupportedError
 from semask_fast.ops.atm_attention import ATMAttentionInputs
-from semask_fast.testing import assert_parity, dropout_keep
+from semask_fast.testing import assert_close, assert_parity, dropout_keep
 from tests.conftest import next_seed as _next_seed, require_backend
 from tests.harness._cuda_sources import BACKEND, IDS, assert_override_is_scoped, cuda_module, randn, spy_atm_library
 from tests.kernels._launch_parity import atm_inputs, ids, kernels, rounded, run_atm
@@ -234,6 +234,26 @@ def test_cpu_odd_head_dim(dtype):
     device = require_backend(OP, "cpu")
     assert_parity(semask_fast.atm_attention, _inputs(2, 3, 30, 70, 20, device), ["q", "k", "v"], dtype,
                   backend="cpu", op=OP)
+
+
+@pytest.mark.parametrize("head_dim", [20, 32], ids=["d20-padded", "d32"])
+def test_channels_last_inputs_and_gradients(kernel_backend, head_dim):
+    """q, k, v and the output gradient in channels_last (a dense layout whose last dim is not the
+    fastest): computed like contiguous ones, through the cpu backend's head_dim padding too."""
+    device = require_backend(OP, kernel_backend)
+    t = _inputs(2, 3, 7, 9, head_dim, device)
+    cl = {n: x.float().contiguous(memory_format=torch.channels_last).requires_grad_() for n, x in t.items()}
+    gout = torch.randn(2, 3, 7, head_dim, device=device).contiguous(memory_format=torch.channels_last)
+    gmask = torch.randn(2, 7, 9, device=device)
+    with semask_fast.record_dispatch() as ran:
+        out, mask = semask_fast.atm_attention(cl["q"], cl["k"], cl["v"], backend=kernel_backend)
+        grads = torch.autograd.grad((out, mask), list(cl.values()), (gout, gmask))
+    assert {b for _, b, _ in ran} == {kernel_backend}
+    r = {n: x.detach().double().requires_grad_() for n, x in cl.items()}  # the float32-rounded inputs
+    ref_out, ref_mask = semask_fast.atm_attention(r["q"], r["k"], r["v"], backend="reference")
+    ref_grads = torch.autograd.grad((ref_out, ref_mask), list(r.values()), (gout.double(), gmask.double()))
+    for what, got, want in zip(("out", "mask", "dq", "dk", "dv"), (out, mask, *grads), (ref_out, ref_mask, *ref_grads)):
+        assert_close(got, want, torch.float32, backward=what.startswith("d"), what=what)
 
 
 def test_cpu_thread_count_invariant():

@@ -111,6 +111,20 @@ def test_parity_row_strided_views(kernel_backend, shape, dtype):
     assert_parity(fn, _fused(*shape, device), ["qkv"], dtype, backend=kernel_backend, op=OP)
 
 
+@pytest.mark.parametrize("which", ["K", "C"])
+def test_parity_size_one_last_dim_with_a_stride(kernel_backend, which):
+    """K = 1 (or C = 1) taken as every other column: a last dim of size 1 whose stride is 2 is still
+    a contiguous last dim, and is computed (a binding that demands stride 1 rejects it)."""
+    device = require_backend(OP, kernel_backend)
+    K, C = (1, 8) if which == "K" else (3, 1)
+    t = _inputs(2, 16, 2 * K, 2 * C, device)
+
+    def fn(backend, sq, sk, yv):
+        return semask_fast.semantic_attention(sq[..., ::2], sk[..., ::2], yv[..., ::2], backend=backend)
+
+    assert_parity(fn, t, ["sq", "sk", "yv"], torch.float32, backend=kernel_backend, op=OP)
+
+
 def test_triton_reads_views_in_place(semantic_launches):
     """The Triton backend hands row-strided views to the kernels as they are (no copy)."""
     K, C = 19, 24

@@ -77,6 +77,14 @@ def test_parity(kernel_backend, name, dtype):
     assert_parity(_fn(h, ws, shift, order), t, list(t), dtype, backend=kernel_backend, op=OP)
 
 
+def test_infinite_mask_value(kernel_backend):
+    """mask_value=-inf (every token sees its own region): finite, as the reference."""
+    device = require_backend(OP, kernel_backend)
+    t = _inputs(1, 10, 13, 1, 16, (7, 7), device)
+    fn = functools.partial(_fn(1, (7, 7), (3, 3), True), mask_value=float("-inf"))
+    assert_parity(fn, t, list(t), torch.float32, backend=kernel_backend, op=OP)
+
+
 def test_no_pad_qkv_bias_gradient_is_zero(kernel_backend):
     """Without padding the qkv bias takes no part: its gradient is zero (or None)."""
     device = require_backend(OP, kernel_backend)

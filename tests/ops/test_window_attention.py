@@ -15,7 +15,8 @@
   that drops the running-max subtraction overflows) and a mild ``mask_value`` (-1.5: masked pairs
   keep a visible weight, so a shift mask that ignores the argument and adds a constant that
   saturates the softmax changes the output).  Non-finite results always fail.
-* cpu: the native C++ kernels (gradcheck, dropout replay, thread-count independence, allocations).
+* cpu: the native C++ kernels (gradcheck, dropout replay, D from the float32 tiles in half types,
+  thread-count independence, allocations).
 * cuda sources: csrc/ops/window_attention.cu run by the SIMT harness (``harness`` marker; helpers:
   ``tests/harness/_cuda_sources.py``), beyond the shared parity tests: dropout replayed exactly in
   the reference with the keep-mask recomputed on the host; the bias-table gradient bitwise identical
@@ -39,9 +40,11 @@ tiles (interpreter cost is per tile operation); GPUs use 16-token tiles with the
 same kernel code, which the launcher tests run here too (``interpreter=False`` plans).
 
 Peaked inputs are q = k = a z with a wide inner dim (64) and a modest a (3.9), not large operands:
-the backward's D = rowsum(dO * O) is computed from the rounded output (as in every flash-attention
-backward), and its rounding error reaches dq, dk multiplied by scale * |k|, scale * |q|, so large
-operands would measure that known limit instead of the bugs these tests are for.
+the GPU kernels' backward takes D = rowsum(dO * O) from the rounded output (as in every
+flash-attention backward), and its rounding error reaches dq, dk multiplied by scale * |k|,
+scale * |q|, so large operands would measure that known limit instead of the bugs these tests are
+for.  (The cpu kernels take D = rowsum(P * dP) from their float32 tiles:
+test_cpu_half_dropout_isolated_tokens.)
 """
 
 import dataclasses
@@ -115,6 +118,14 @@ def test_no_bias_table_custom_scale_mask_value(kernel_backend):
     del t["bias_table"]
     assert_parity(_fn((7, 7), (3, 3), (2, 2), scale=0.3, mask_value=-1e4), t, ["q", "k", "v"], torch.float32,
                   backend=kernel_backend, op=OP)
+
+
+def test_infinite_shift_mask_value(kernel_backend):
+    """mask_value=-inf is a valid mask (every token sees its own region): finite outputs and
+    gradients (a kernel that forms the mask as (region differs) * mask_value gets 0 * -inf = NaN)."""
+    device = require_backend(OP, kernel_backend)
+    assert_parity(_fn((7, 7), (3, 3), (2, 2), mask_value=float("-inf")), _inputs(4, 1, (7, 7), 32, None, device),
+                  GRADS, torch.float32, backend=kernel_backend, op=OP)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
@@ -466,6 +477,33 @@ def test_cpu_dropout_replay(dtype):
     torch.testing.assert_close(out.double(), ref, atol=tol.atol, rtol=tol.rtol)
     for name, g, rg in zip(GRADS, grads, ref_grads):
         torch.testing.assert_close(g.double(), rg, atol=tol.atol, rtol=tol.rtol, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_cpu_half_dropout_isolated_tokens(dtype):
+    """Windows of 2x2 shifted by 1 on a 1x1 grid: the shift mask isolates every token, P is one-hot,
+    and every d(bias_table) entry is ~0.  With dropout, O = v / (1 - p) rounds to the half type, so
+    a backward that takes rowsum(dO O) from the rounded output leaves dS = dO (O - round(O)) per
+    token (0.07 summed into the table here in bf16, over its 0.05 tolerance); the cpu kernels take
+    it as rowsum(P dP) from their float32 tiles."""
+    require_backend(OP, "cpu")
+    p, b_, h, d = 0.3, 16, 2, 32
+    t = {n: v.to(dtype).requires_grad_() for n, v in _inputs(b_, h, (2, 2), d, None, "cpu").items()}
+    torch.manual_seed(7)
+    keep = dropout_keep(_next_seed("cpu"), (b_, h, 4, 4), p)
+    torch.manual_seed(7)
+    kw = dict(window_size=(2, 2), shift_size=(1, 1), grid=(1, 1), dropout_p=p)
+    with record_dispatch() as ran:
+        out = semask_fast.window_attention(t["q"], t["k"], t["v"], t["bias_table"], backend="cpu", **kw)
+        gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        grads = torch.autograd.grad(out, [t[n] for n in GRADS], gout)
+    assert ran == [(OP, "cpu", "forward"), (OP, "cpu", "backward")]
+    r = {n: v.detach().double().requires_grad_() for n, v in t.items()}
+    ref = reference.window_attention(r["q"], r["k"], r["v"], r["bias_table"], dropout_keep=keep, **kw)
+    ref_grads = torch.autograd.grad(ref, [r[n] for n in GRADS], gout.double())
+    assert_close(out, ref, dtype, what="out")
+    for name, g, rg in zip(GRADS, grads, ref_grads):
+        assert_close(g, rg, dtype, backward=True, what=name)
 
 
 def _cpu_fwd_bwd(t, threads):

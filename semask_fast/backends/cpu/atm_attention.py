@@ -29,7 +29,8 @@ def _compute(t: torch.Tensor) -> torch.Tensor:
     if t.dtype not in (torch.float32, torch.float64):
         t = t.float()
     pad = -t.shape[-1] % HEAD_DIM_MULTIPLE
-    return F.pad(t, (0, pad)) if pad else t.contiguous()
+    # F.pad keeps a channels_last layout: contiguous after it too.
+    return (F.pad(t, (0, pad)) if pad else t).contiguous()
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

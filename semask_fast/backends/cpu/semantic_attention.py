@@ -12,15 +12,14 @@ from __future__ import annotations
 import torch
 
 from ...ops.semantic_attention import SemanticAttentionInputs
+from ..base import unit_last_stride
 from ..registry import register
 from . import CpuImpl
 
 
 def _compute(t: torch.Tensor) -> torch.Tensor:
     """``t`` in the kernels' compute type (float32, or float64) with a contiguous last dim."""
-    if t.dtype not in (torch.float32, torch.float64):
-        t = t.float()
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+    return unit_last_stride(t if t.dtype in (torch.float32, torch.float64) else t.float())
 
 
 def _rounded(dtype: torch.dtype) -> bool:

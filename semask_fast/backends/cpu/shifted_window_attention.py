@@ -51,7 +51,7 @@ class ShiftedWindowAttentionCpu(CpuImpl):
     def backward(self, inp, outputs, residuals, grad_outputs, needs, seed: int):
         # The kernels skip the table and qkv_bias gradients when autograd does not need them.
         dqkv, dtable, dpad = self.library().shifted_window_attention_backward(
-            grad_outputs[0].contiguous(), inp.qkv.contiguous(), outputs[0], residuals[0],
+            grad_outputs[0].contiguous(), inp.qkv.contiguous(), residuals[0],
             as_compute(inp.bias_table, inp.qkv.dtype), self._pad_row(inp), *self._args(inp, seed), needs[1],
             needs[2])
         dtable = dtable.to(inp.bias_table.dtype) if needs[1] else None

@@ -2,8 +2,9 @@
 
 A task per (window, head): S^T = K (Q scale)^T in per-thread tiles with the queries in vector
 lanes, bias gathered and shift mask computed in the kernel, softmax down the key rows, O = P V.
-Forward saves the output and the row logsumexp; backward recomputes P per task (nothing N x N
-per window reaches memory).  The bias table gradient is summed over chunks of windows fixed by
+Forward saves the row logsumexp; backward recomputes P per task (nothing N x N per window reaches
+memory) and takes rowsum(dO O) as rowsum(P dP) from its tiles, in float32 (not from the output
+rounded to float16 / bfloat16).  The bias table gradient is summed over chunks of windows fixed by
 the shape and reduced in chunk order: bitwise reproducible for any thread count.  q, k and v are
 read in place with their strides (timm's permuted views of one qkv tensor are not copied).
 Dropout replays the GPU kernels' Philox hash (``semask_fast.backends.cuda.window_attention``).
@@ -70,7 +71,7 @@ class WindowAttentionCpu(CpuImpl):
         q, k, v = (unit_last_stride(t) for t in (inp.q, inp.k, inp.v))
         need_dkv = needs[1] or needs[2]
         dq, dk, dv, dtable = self.library().window_attention_backward(
-            grad_outputs[0].contiguous(), q, k, v, outputs[0], residuals[0], *self._args(inp, seed), needs[0],
+            grad_outputs[0].contiguous(), q, k, v, residuals[0], *self._args(inp, seed), needs[0],
             need_dkv, needs[3])
         return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
                 dtable.to(inp.bias_table.dtype) if needs[3] else None)
