@@ -38,6 +38,12 @@ def test_window_attention_geometry():
     raises(TypeError, "window_size must be an int or a pair of ints", sf.window_attention, q, k, v, window_size=4.0)
     raises(ValueError, "dropout_p must be a float in \\[0, 1\\)", sf.window_attention, q, k, v, window_size=4, dropout_p=1.0)
     raises(TypeError, "scale must be a float or None", sf.window_attention, q, k, v, window_size=4, scale="x")
+    raises(TypeError, "mask_value must be a float, got 'x'", sf.window_attention, q, k, v, window_size=4, shift_size=2,
+           grid=(2, 2), mask_value="x")
+    raises(TypeError, "mask_value must be a float, got None", sf.window_attention, q, k, v, window_size=4,
+           mask_value=None)
+    raises(ValueError, r"q must have head_dim >= 1 \(dim 3\), got shape \(4, 2, 16, 0\)", sf.window_attention,
+           *qkv(d=0), window_size=4)
 
 
 def test_window_attention_bias_table_and_mask():
@@ -56,6 +62,17 @@ def test_window_attention_bias_table_and_mask():
     if torch.cuda.is_available():
         raises(ValueError, "bias_table is on", sf.window_attention, q, k, v, torch.randn(49, 2, device="cuda"),
                window_size=4)
+
+
+def test_a_mask_that_requires_grad_is_rejected():
+    """The mask is not differentiated: a mask that requires grad would silently get no gradient."""
+    q, k, v = qkv()
+    mask = torch.zeros(2, 16, 16, requires_grad=True)
+    raises(ValueError, "mask requires grad, but window_attention does not differentiate its mask", sf.window_attention,
+           q, k, v, window_size=4, mask=mask)
+    with torch.no_grad():
+        assert sf.window_attention(q, k, v, window_size=4, mask=mask).shape == q.shape
+    assert sf.window_attention(q, k, v, window_size=4, mask=mask.detach()).shape == q.shape
 
 
 def test_device_mix_is_rejected():
@@ -93,6 +110,9 @@ def test_partition_and_merge_errors():
     raises(ValueError, "windows must have window dims", sf.window_merge, w, 3, 2, 7, 9)
     raises(ValueError, "windows must have N = 16 tokens", sf.window_merge, w.reshape(12, 8, 6), 4, 2, 7, 9)
     raises(ValueError, "H must be a positive int", sf.window_merge, w, 4, 2, 0, 9)
+    raises(ValueError, r"x must have C >= 1 \(dim 3\)", sf.window_partition, x[..., :0], 4)
+    raises(ValueError, r"x must have H >= 1 \(dim 1\)", sf.window_partition, x[:, :0], 4)
+    raises(ValueError, r"windows must have C >= 1 \(dim 3\)", sf.window_merge, w[..., :0], 4, 2, 7, 9)
     raises(ValueError, r"windows must have shape \(B\*nW, Wh, Ww, C\) or \(B\*nW, N, C\)", sf.window_merge, w[0, 0], 4, 2, 7, 9)
     assert torch.equal(sf.window_merge(w.reshape(12, 16, 3), 4, 2, 7, 9), x)
 
@@ -107,6 +127,12 @@ def test_shifted_window_attention_errors():
            window_size=4, qkv_bias=torch.zeros(47))
     raises(ValueError, r"bias_table must have shape \(49, 2\)", sf.shifted_window_attention, qkv_img,
            torch.zeros(49, 3), num_heads=2, window_size=4)
+    raises(ValueError, r"qkv must have W >= 1 \(dim 2\)", sf.shifted_window_attention, qkv_img[:, :, :0],
+           num_heads=2, window_size=4)
+    raises(ValueError, r"qkv must have 3\*heads\*head_dim >= 1 \(dim 3\)", sf.shifted_window_attention,
+           qkv_img[..., :0], num_heads=2, window_size=4)
+    raises(TypeError, "mask_value must be a float", sf.shifted_window_attention, qkv_img, num_heads=2, window_size=4,
+           mask_value="-100")
     out = sf.shifted_window_attention(qkv_img, torch.zeros(49, 2), num_heads=2, window_size=4, shift_size=2)
     assert out.shape == (1, 7, 9, 16)
 
@@ -127,6 +153,7 @@ def test_atm_attention_errors():
            k[:, :3], v[:, :3])
     raises(ValueError, "v must have the shape of k", sf.atm_attention, q, k, v[:, :, :10])
     raises(ValueError, r"q must have shape \(B, heads, Nq, head_dim\)", sf.atm_attention, q[0], k, v)
+    raises(ValueError, r"q must have head_dim >= 1 \(dim 3\)", sf.atm_attention, q[..., :0], k[..., :0], v[..., :0])
     out, logits = sf.atm_attention(q, k, v)
     assert out.shape == (2, 4, 5, 8) and logits.shape == (2, 5, 11)
 
@@ -136,6 +163,12 @@ def test_mask_similarity_errors():
     raises(ValueError, r"classes must have shape \(B, K, D\) = \(2, K, 8\)", sf.mask_similarity, p, c[:, :, :7])
     raises(ValueError, "norm_weight is given but norm=False", sf.mask_similarity, p, c, norm_weight=torch.ones(6))
     raises(ValueError, r"norm_bias must have shape \(6,\)", sf.mask_similarity, p, c, norm=True, norm_bias=torch.ones(5))
+    raises(TypeError, "norm must be a bool, got 'no'", sf.mask_similarity, p, c, norm="no")
+    raises(TypeError, "norm_eps must be a float, got None", sf.mask_similarity, p, c, norm=True, norm_eps=None)
+    raises(TypeError, "norm_weight must have patches's dtype torch.float32, got torch.float64", sf.mask_similarity, p,
+           c, norm=True, norm_weight=torch.ones(6, dtype=torch.float64))
+    # float32 affine parameters with half activations (autocast's) are accepted.
+    assert sf.mask_similarity(p.bfloat16(), c.bfloat16(), norm=True, norm_weight=torch.ones(6)).dtype == torch.bfloat16
     assert sf.mask_similarity(p, c, norm=True).shape == (2, 10, 6)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 import typing
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
@@ -67,9 +68,32 @@ def check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, *, 
         raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
 
 
-def check_dim(name: str, t: torch.Tensor, dim: int, expected: int, what: str) -> None:
-    if t.shape[dim] != expected:
-        raise ValueError(f"{name} must have {what} = {expected} in dim {dim}, got shape {tuple(t.shape)}")
+def check_param_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """A small parameter (bias table, LayerNorm affine) in the inputs' dtype or float32 (autocast's
+    float32 parameters with half activations)."""
+    if t.dtype not in (ref.dtype, torch.float32):
+        also = "" if ref.dtype == torch.float32 else " or torch.float32"
+        raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}{also}, got {t.dtype}")
+
+
+def check_size(name: str, t: torch.Tensor, dim: int, what: str) -> None:
+    """Dim ``dim`` of ``t`` (named ``what``) at least 1: a size the math divides by or cannot be
+    empty in (a head_dim, an image side)."""
+    if t.shape[dim] < 1:
+        raise ValueError(f"{name} must have {what} >= 1 (dim {dim}), got shape {tuple(t.shape)}")
+
+
+def check_float(name: str, value: Any) -> float:
+    """A real number (int or float, not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {value!r}")
+    return float(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
 
 
 def check_window_geometry(window_size: Any, shift_size: Any) -> Tuple[Pair, Pair]:
@@ -92,8 +116,7 @@ def check_bias_table(table: Optional[torch.Tensor], ref_name: str, ref: torch.Te
     if tuple(table.shape) != (rows, heads):
         raise ValueError(f"bias_table must have shape ({rows}, {heads}) for window_size={window_size} and {heads} "
                          f"heads, got {tuple(table.shape)}")
-    if table.dtype not in (ref.dtype, torch.float32):
-        raise TypeError(f"bias_table must have {ref_name}'s dtype {ref.dtype} or float32, got {table.dtype}")
+    check_param_dtype("bias_table", table, ref_name, ref)
 
 
 def check_probability(name: str, p: Any) -> float:
@@ -105,7 +128,7 @@ def check_probability(name: str, p: Any) -> float:
 def check_scale(name: str, scale: Any, default: float) -> float:
     if scale is None:
         return default
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{name} must be a float or None, got {scale!r}")
     return float(scale)
 
@@ -198,7 +221,7 @@ class OpInputs:
 
 
 __all__ = [
-    "Pair", "to_pair", "check_tensor", "check_like", "check_dim", "check_probability", "check_scale",
-    "check_window_geometry", "check_bias_table",
+    "Pair", "to_pair", "check_tensor", "check_like", "check_param_dtype", "check_size", "check_float", "check_bool",
+    "check_probability", "check_scale", "check_window_geometry", "check_bias_table",
     "OpInputs", "SymInt", "SymPair",
 ]

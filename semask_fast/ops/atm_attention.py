@@ -8,7 +8,7 @@ from typing import Tuple
 import torch
 
 from .. import reference as ref
-from ._common import OpInputs, check_like, check_probability, check_scale, check_tensor
+from ._common import OpInputs, check_like, check_probability, check_scale, check_size, check_tensor
 from ._library import Autocast, OpSpec
 
 
@@ -44,6 +44,7 @@ def atm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale=No
     check_tensor("v", v, 4, "(B, heads, Nk, head_dim)")
     check_like("k", k, "q", q)
     check_like("v", v, "q", q)
+    check_size("q", q, 3, "head_dim")
     if v.shape != k.shape:
         raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:

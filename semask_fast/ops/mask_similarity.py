@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from .. import reference as ref
-from ._common import OpInputs, check_like, check_tensor
+from ._common import OpInputs, check_bool, check_float, check_like, check_param_dtype, check_tensor
 from ._library import Autocast, OpSpec
 
 
@@ -46,6 +46,7 @@ def mask_similarity(patches: torch.Tensor, classes: torch.Tensor, *, norm: bool 
         raise ValueError(f"classes must have shape (B, K, D) = ({patches.shape[0]}, K, {patches.shape[2]}) "
                          f"to match patches, got {tuple(classes.shape)}")
     kcls = classes.shape[1]
+    check_bool("norm", norm)
     for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         if t is None:
             continue
@@ -53,10 +54,11 @@ def mask_similarity(patches: torch.Tensor, classes: torch.Tensor, *, norm: bool 
             raise ValueError(f"{name} is given but norm=False")
         check_tensor(name, t, 1, f"({kcls},)")
         check_like(name, t, "patches", patches, dtype=False)
+        check_param_dtype(name, t, "patches", patches)
         if t.shape[0] != kcls:
             raise ValueError(f"{name} must have shape ({kcls},), got {tuple(t.shape)}")
     return SPEC(backend, patches=patches, classes=classes, norm_weight=norm_weight, norm_bias=norm_bias,
-                norm=bool(norm), norm_eps=float(norm_eps))[0]
+                norm=norm, norm_eps=check_float("norm_eps", norm_eps))[0]
 
 
 def _outputs_like(inp: MaskSimilarityInputs):

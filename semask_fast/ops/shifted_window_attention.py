@@ -8,8 +8,8 @@ from typing import Optional
 import torch
 
 from .. import reference as ref
-from ._common import (OpInputs, Pair, check_bias_table, check_like, check_probability, check_scale, check_tensor,
-                      check_window_geometry)
+from ._common import (OpInputs, Pair, check_bias_table, check_bool, check_float, check_like, check_probability,
+                      check_scale, check_size, check_tensor, check_window_geometry)
 from ._library import Autocast, OpSpec
 from .window_process import padded_grid
 
@@ -64,12 +64,13 @@ def shifted_window_attention(qkv: torch.Tensor, bias_table: Optional[torch.Tenso
     check_tensor("qkv", qkv, 4, "(B, H, W, 3*heads*head_dim)")
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    for dim, what in ((1, "H"), (2, "W"), (3, "3*heads*head_dim")):
+        check_size("qkv", qkv, dim, what)
     c3 = qkv.shape[-1]
     if c3 % (3 * num_heads):
         raise ValueError(f"qkv's last dim must be 3*num_heads*head_dim, got {c3} with num_heads={num_heads}")
     ws, shift = check_window_geometry(window_size, shift_size)
-    if not isinstance(pad_then_roll, bool):
-        raise TypeError(f"pad_then_roll must be a bool, got {pad_then_roll!r}")
+    check_bool("pad_then_roll", pad_then_roll)
     check_bias_table(bias_table, "qkv", qkv, ws, num_heads)
     if qkv_bias is not None:
         check_tensor("qkv_bias", qkv_bias, 1, f"({c3},)")
@@ -79,7 +80,8 @@ def shifted_window_attention(qkv: torch.Tensor, bias_table: Optional[torch.Tenso
     d = c3 // (3 * num_heads)
     return SPEC(backend, qkv=qkv, bias_table=bias_table, qkv_bias=qkv_bias, num_heads=num_heads, window_size=ws,
                 shift_size=shift, pad_then_roll=pad_then_roll, scale=check_scale("scale", scale, d ** -0.5),
-                mask_value=float(mask_value), dropout_p=check_probability("dropout_p", dropout_p))[0]
+                mask_value=check_float("mask_value", mask_value),
+                dropout_p=check_probability("dropout_p", dropout_p))[0]
 
 
 def _reference(inp: ShiftedWindowAttentionInputs, dropout_keep):

@@ -8,8 +8,8 @@ from typing import Optional
 import torch
 
 from .. import reference as ref
-from ._common import (OpInputs, Pair, SymPair, check_bias_table, check_like, check_probability, check_scale,
-                      check_tensor, check_window_geometry, to_pair)
+from ._common import (OpInputs, Pair, SymPair, check_bias_table, check_float, check_like, check_probability,
+                      check_scale, check_size, check_tensor, check_window_geometry, to_pair)
 from ._library import Autocast, OpSpec
 
 _QKV = "(B*nW, heads, N, head_dim)"
@@ -80,6 +80,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_tab
         check_like(name, t, "q", q)
         if t.shape != q.shape:
             raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
+    check_size("q", q, 3, "head_dim")
     b_, h, n, d = q.shape
     ws, shift = check_window_geometry(window_size, shift_size)
     if n != ws[0] * ws[1]:
@@ -95,13 +96,16 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_tab
             raise ValueError("pass either mask or shift_size > 0 (with grid), not both")
         check_tensor("mask", mask, 3, "(nW, N, N)")
         check_like("mask", mask, "q", q, dtype=False)
+        if mask.requires_grad and torch.is_grad_enabled():
+            raise ValueError("mask requires grad, but window_attention does not differentiate its mask (only q, k, v "
+                             "and bias_table): pass mask.detach()")
         if mask.shape[1:] != (n, n) or mask.shape[0] == 0 or b_ % mask.shape[0]:
             raise ValueError(f"mask must have shape (nW, {n}, {n}) with nW dividing B*nW={b_}, "
                              f"got {tuple(mask.shape)}")
     elif any(shift) and grid is None:
         raise ValueError("grid=(nWh, nWw) is required when shift_size > 0 (the shift mask depends on it)")
     return SPEC(backend, q=q, k=k, v=v, bias_table=bias_table, mask=mask, window_size=ws, shift_size=shift,
-                grid=grid, scale=check_scale("scale", scale, d ** -0.5), mask_value=float(mask_value),
+                grid=grid, scale=check_scale("scale", scale, d ** -0.5), mask_value=check_float("mask_value", mask_value),
                 dropout_p=check_probability("dropout_p", dropout_p))[0]
 
 

@@ -7,14 +7,8 @@ import dataclasses
 import torch
 
 from .. import reference as ref
-from ._common import OpInputs, Pair, SymInt, check_tensor, check_window_geometry
+from ._common import OpInputs, Pair, SymInt, check_bool, check_size, check_tensor, check_window_geometry
 from ._library import OpSpec
-
-
-def _check_order(pad_then_roll) -> bool:
-    if not isinstance(pad_then_roll, bool):
-        raise TypeError(f"pad_then_roll must be a bool, got {pad_then_roll!r}")
-    return pad_then_roll
 
 
 def padded_grid(H: int, W: int, window_size: Pair) -> Pair:
@@ -60,8 +54,11 @@ def window_partition(x: torch.Tensor, window_size, shift_size=0, pad_then_roll: 
         (B*nW, Wh, Ww, C) windows, window index fastest, windows row-major.
     """
     check_tensor("x", x, 4, "(B, H, W, C)")
+    for dim, what in ((1, "H"), (2, "W"), (3, "C")):
+        check_size("x", x, dim, what)
     ws, shift = check_window_geometry(window_size, shift_size)
-    return PARTITION(backend, x=x, window_size=ws, shift_size=shift, pad_then_roll=_check_order(pad_then_roll))[0]
+    return PARTITION(backend, x=x, window_size=ws, shift_size=shift,
+                     pad_then_roll=check_bool("pad_then_roll", pad_then_roll))[0]
 
 
 def window_merge(windows: torch.Tensor, window_size, shift_size, H: int, W: int, pad_then_roll: bool = True,
@@ -80,6 +77,7 @@ def window_merge(windows: torch.Tensor, window_size, shift_size, H: int, W: int,
         shape = tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows).__name__
         raise ValueError(f"windows must have shape (B*nW, Wh, Ww, C) or (B*nW, N, C), got {shape}")
     check_tensor("windows", windows, windows.dim(), "(B*nW, Wh, Ww, C)")
+    check_size("windows", windows, windows.dim() - 1, "C")
     ws, shift = check_window_geometry(window_size, shift_size)
     for name, size in (("H", H), ("W", W)):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -96,7 +94,7 @@ def window_merge(windows: torch.Tensor, window_size, shift_size, H: int, W: int,
         raise ValueError(f"windows has {windows.shape[0]} windows, not a multiple of the {nwh * nww} "
                          f"windows of a {H}x{W} image with window_size={ws}")
     return MERGE(backend, windows=windows, window_size=ws, shift_size=shift, H=H, W=W,
-                 pad_then_roll=_check_order(pad_then_roll))[0]
+                 pad_then_roll=check_bool("pad_then_roll", pad_then_roll))[0]
 
 
 def _partition_like(inp: WindowPartitionInputs):
