@@ -5,7 +5,11 @@ Four models with the same weights (one random initialisation, copied): timm as s
 there), timm with ``fused_attn = True`` on every attention module (SDPA), ``patch_timm(model)`` and
 ``patch_timm(model, zero_copy=True)``.  Each is timed for inference (eval, no_grad) and for a
 training step (forward, cross-entropy, backward, SGD step), and its eval output is compared with
-timm's as shipped.  Used by ``python -m semask_fast bench``.
+timm's as shipped.  A fifth row is a bound, not a model: the zero-copy model for inference with the
+attention itself skipped (the qkv and output projections kept, the projection applied to v), the
+time everything but the attention takes: no attention kernel can make inference faster than that.
+(Not for training: the backward of taking v out of qkv is a copy the model does not make.)
+Used by ``python -m semask_fast bench``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+import types
 from typing import Callable, List
 
 import torch
@@ -32,8 +37,18 @@ def _median_seconds(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(times)
 
 
+#: The bound row's name (its outputs are not Swin's: not compared).
+BOUND = "bound: patch_timm(model, zero_copy=True), attention skipped"
+
+
+def _attention_skipped(self, x: torch.Tensor) -> torch.Tensor:
+    # The block's _attn with the projections and no attention: proj(v), v taken from qkv.
+    c = x.shape[-1]
+    return self.attn.proj(self.attn.qkv(x)[..., 2 * c:])
+
+
 def variants(base: torch.nn.Module) -> List[tuple]:
-    """(name, model) for the four settings, each a copy of ``base``."""
+    """(name, model) for the four settings and the bound, each a copy of ``base``."""
     fused = copy.deepcopy(base)
     for m in fused.modules():
         if hasattr(m, "fused_attn"):
@@ -41,8 +56,12 @@ def variants(base: torch.nn.Module) -> List[tuple]:
     patched, zero_copy = copy.deepcopy(base), copy.deepcopy(base)
     patch_timm(patched)
     patch_timm(zero_copy, zero_copy=True)
+    bound = copy.deepcopy(zero_copy)
+    for m in bound.modules():
+        if "_attn" in vars(m):  # the blocks patch_timm gave the zero-copy _attn
+            m._attn = types.MethodType(_attention_skipped, m)
     return [("timm (as shipped)", copy.deepcopy(base)), ("timm, fused_attn=True", fused),
-            ("patch_timm(model)", patched), ("patch_timm(model, zero_copy=True)", zero_copy)]
+            ("patch_timm(model)", patched), ("patch_timm(model, zero_copy=True)", zero_copy), (BOUND, bound)]
 
 
 def _backends_that_ran(model: torch.nn.Module, x: torch.Tensor) -> str:
@@ -52,7 +71,7 @@ def _backends_that_ran(model: torch.nn.Module, x: torch.Tensor) -> str:
 
 
 def run(batch: int = 8, reps: int = 5, progress: Callable[[str], None] = print, **model_kwargs) -> dict:
-    """Time the four settings; returns the figures :func:`semask_fast._bench_report.e2e_markdown` prints.
+    """Time the four settings and the bound; returns the figures :func:`semask_fast._bench_report.e2e_markdown` prints.
     ``model_kwargs`` go to ``timm.create_model`` (the tests shrink the model)."""
     import timm
 
@@ -70,6 +89,7 @@ def run(batch: int = 8, reps: int = 5, progress: Callable[[str], None] = print, 
         with torch.no_grad():
             out = model(x)
         reference_out = out if reference_out is None else reference_out
+        bound = name == BOUND
         backend = _backends_that_ran(model, x)
 
         def infer():
@@ -85,13 +105,15 @@ def run(batch: int = 8, reps: int = 5, progress: Callable[[str], None] = print, 
             torch.nn.functional.cross_entropy(model(x), labels).backward()
             opt.step()
 
-        train_s = _median_seconds(train_step, reps)
-        rows.append(dict(name=name, backend=backend, infer_s=infer_s, images_per_s=batch / infer_s, train_s=train_s,
-                         max_abs_diff=(out - reference_out).abs().max().item()))
-        progress(f"    inference {infer_s * 1e3:.0f} ms ({batch / infer_s:.1f} images/s), training step "
-                 f"{train_s * 1e3:.0f} ms, max abs diff {rows[-1]['max_abs_diff']:.1e}")
+        train_s = None if bound else _median_seconds(train_step, reps)
+        rows.append(dict(name=name, backend="none (bound)" if bound else backend, infer_s=infer_s,
+                         images_per_s=batch / infer_s, train_s=train_s,
+                         max_abs_diff=None if bound else (out - reference_out).abs().max().item()))
+        progress(f"    inference {infer_s * 1e3:.0f} ms ({batch / infer_s:.1f} images/s)" + ("" if bound else
+                 f", training step {train_s * 1e3:.0f} ms, max abs diff {rows[-1]['max_abs_diff']:.1e}"))
     timm_rows = [r for r in rows if r["name"].startswith("timm")]
     best_infer, best_train = min(r["infer_s"] for r in timm_rows), min(r["train_s"] for r in timm_rows)
     for r in rows:
-        r["infer_ratio"], r["train_ratio"] = best_infer / r["infer_s"], best_train / r["train_s"]
+        r["infer_ratio"] = best_infer / r["infer_s"]
+        r["train_ratio"] = None if r["train_s"] is None else best_train / r["train_s"]
     return dict(model=MODEL, batch=batch, size=size, threads=torch.get_num_threads(), reps=reps, rows=rows)

@@ -176,17 +176,20 @@ def test_info_names_the_tools_and_the_cpu_target(capsys):
     assert f"SEMASK_FAST_CPU_ISA={os.environ.get('SEMASK_FAST_CPU_ISA', 'native')}" in out
 
 
-def test_e2e_times_four_settings_of_the_same_model():
+def test_e2e_times_four_settings_of_the_same_model_and_the_bound():
     pytest.importorskip("timm")
     # A narrow Swin at 112^2: windows of 7, shifted blocks in stages 1 and 2, one window in stage 3.
     e2e = _bench_e2e.run(batch=1, reps=1, progress=lambda m: None, img_size=112, depths=(2, 2, 1), embed_dim=16,
                          num_heads=(1, 2, 4))
     rows = {r["name"]: r for r in e2e["rows"]}
     assert list(rows) == ["timm (as shipped)", "timm, fused_attn=True", "patch_timm(model)",
-                          "patch_timm(model, zero_copy=True)"]
+                          "patch_timm(model, zero_copy=True)", _bench_e2e.BOUND]
     assert rows["timm (as shipped)"]["backend"] == rows["timm, fused_attn=True"]["backend"] == "timm's own code"
     assert rows["patch_timm(model)"]["backend"] != "timm's own code"
-    for r in rows.values():
+    # The bound runs no attention at all, and its outputs (not Swin's) are not compared.
+    bound = rows[_bench_e2e.BOUND]
+    assert bound["backend"] == "none (bound)" and bound["max_abs_diff"] is None and bound["train_s"] is None
+    for r in list(rows.values())[:-1]:
         assert r["max_abs_diff"] <= TOLERANCES[torch.float32][0].atol, r["name"]
     assert max(r["infer_ratio"] for r in rows.values() if r["name"].startswith("timm")) == 1.0
     assert "| patch_timm(model, zero_copy=True) |" in _bench_report.e2e_markdown(e2e)
