@@ -7,7 +7,7 @@
 //   pad_then_roll (segmentation Swin / SeMask): the roll wraps around the padded Hp x Wp grid;
 //   roll_then_pad (timm): the roll wraps around the H x W image, padding is added after.
 // Window b * nW + wy * nWw + wx holds the padded-rolled pixels (wy * Wh + i, wx * Ww + j).
-// Coordinates inside one image are int (make_window_geometry's caller checks Hp * Wp < 2^31);
+// Coordinates inside one image are int (window_geometry_error rules out Hp * Wp >= 2^31);
 // offsets across images are the callers', in 64 bits.
 #pragma once
 
@@ -30,7 +30,16 @@ struct WindowGeometry {
   bool pad_then_roll;
 };
 
-// Sizes checked by the caller: positive, shifts in [0, window), Hp * Wp < 2^31.
+// Why these sizes have no geometry here, or nullptr: each language raises it its own way.
+inline const char* window_geometry_error(int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sy, int64_t sx) {
+  if (H <= 0 || W <= 0 || wh <= 0 || ww <= 0) return "H, W and the window must be positive";
+  if (sy < 0 || sx < 0 || sy >= wh || sx >= ww) return "the shift must be in [0, window)";
+  if ((H + wh - 1) / wh * wh * ((W + ww - 1) / ww * ww) >= (int64_t(1) << 31))
+    return "the padded image must have fewer than 2^31 pixels";
+  return nullptr;
+}
+
+// Sizes without a window_geometry_error.
 inline WindowGeometry make_window_geometry(int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sy, int64_t sx,
                                            bool pad_then_roll) {
   WindowGeometry g;

@@ -181,10 +181,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> window
 // ------------------------------------------------------------ image mode --
 sf::WindowGeometry image_geometry(int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sy, int64_t sx,
                                   bool pad_then_roll) {
-  TORCH_CHECK(H > 0 && W > 0 && wh > 0 && ww > 0, "H, W and the window must be positive");
-  TORCH_CHECK(sy >= 0 && sx >= 0 && sy < wh && sx < ww, "shift must be in [0, window)");
-  TORCH_CHECK((H + wh - 1) / wh * wh * ((W + ww - 1) / ww * ww) < (int64_t(1) << 31),
-              "the padded image must have fewer than 2^31 pixels, got ", H, " x ", W);
+  const char* error = sf::window_geometry_error(H, W, wh, ww, sy, sx);
+  TORCH_CHECK(error == nullptr, "shifted_window_attention: ", error, " (image ", H, " x ", W, ", window ", wh, " x ",
+              ww, ", shift ", sy, ", ", sx, ")");
   return sf::make_window_geometry(H, W, wh, ww, sy, sx, pad_then_roll);
 }
 

@@ -13,12 +13,9 @@ namespace {
 
 sf::WindowGeometry make_geometry(int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sy, int64_t sx,
                                  bool pad_then_roll) {
-  TORCH_CHECK(H > 0 && W > 0, "window_process: H and W must be positive, got ", H, " x ", W);
-  TORCH_CHECK(wh > 0 && ww > 0, "window_process: window_size must be positive, got (", wh, ", ", ww, ")");
-  TORCH_CHECK(sy >= 0 && sx >= 0 && sy < wh && sx < ww, "window_process: shift_size must be in [0, window), got (",
-              sy, ", ", sx, ")");
-  TORCH_CHECK((H + wh - 1) / wh * wh * ((W + ww - 1) / ww * ww) < (int64_t(1) << 31),
-              "window_process: the padded image must have fewer than 2^31 pixels, got ", H, " x ", W);
+  const char* error = sf::window_geometry_error(H, W, wh, ww, sy, sx);
+  TORCH_CHECK(error == nullptr, "window_process: ", error, " (image ", H, " x ", W, ", window ", wh, " x ", ww,
+              ", shift ", sy, ", ", sx, ")");
   return sf::make_window_geometry(H, W, wh, ww, sy, sx, pad_then_roll);
 }
 

@@ -103,10 +103,8 @@ void launch_copy(const void* src, void* dst, const sf::WindowGeometry& g, int64_
 
 sf::WindowGeometry make_geometry(int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sy, int64_t sx,
                                  bool pad_then_roll) {
-  SF_CHECK(H > 0 && W > 0 && wh > 0 && ww > 0, "window_process: H, W and the window must be positive");
-  SF_CHECK(sy >= 0 && sx >= 0 && sy < wh && sx < ww, "window_process: shift must be in [0, window)");
-  SF_CHECK(sf::ceil_div(H, wh) * wh * (sf::ceil_div(W, ww) * ww) < (int64_t(1) << 31),
-           "window_process: padded image too large");
+  const char* error = sf::window_geometry_error(H, W, wh, ww, sy, sx);
+  SF_CHECK(error == nullptr, "window_process: ", error);
   return sf::make_window_geometry(H, W, wh, ww, sy, sx, pad_then_roll);
 }
 
