@@ -204,7 +204,8 @@ def _verdict(checks) -> Tuple[str, str]:
 
 
 def step_shapes(options: Options, deadline: float, device: torch.device) -> StepResult:
-    """:func:`step_parity` at the papers' shapes: each benchmark case's inputs, every gradient."""
+    """:func:`step_parity` at the papers' shapes: each benchmark case's inputs, every gradient.  The
+    backends of a (case, dtype) share its reference runs (float64 and in-dtype: most of the time)."""
     from ._bench import bench_cases
     from .backends import registry
     from .testing import check_parity
@@ -214,10 +215,11 @@ def step_shapes(options: Options, deadline: float, device: torch.device) -> Step
         gen = torch.Generator().manual_seed(0)
         tensors = {n: t.to(device) for n, t in case.make(torch.float32, gen).items()}
         grad_names = [n for n, t in tensors.items() if t.is_floating_point()]
-        for backend in BACKENDS:
-            why = registry.reasons(case.op, backend)
-            for dtype in SHAPES_DTYPES:
-                name = _dtype_name(dtype)
+        for dtype in SHAPES_DTYPES:
+            name = _dtype_name(dtype)
+            references: dict = {}
+            for backend in BACKENDS:
+                why = registry.reasons(case.op, backend)
                 if why or time.monotonic() > deadline:
                     detail = "; ".join(why)[:200] if why else "time budget spent"
                     result.rows.append([case.key, backend, name, "unavailable" if why else "not run", "-", detail])
@@ -226,7 +228,7 @@ def step_shapes(options: Options, deadline: float, device: torch.device) -> Step
                 start = time.monotonic()
                 try:
                     checks = check_parity(lambda backend, **kw: case.call(backend, **kw), tensors, grad_names,
-                                          dtype, backend=backend, op=case.op)
+                                          dtype, backend=backend, op=case.op, references=references)
                 except Exception as e:  # a crash is a failure, reported with the rest
                     result.rows.append([case.key, backend, name, "FAIL", f"{time.monotonic() - start:.1f}",
                                         f"{type(e).__name__}: {e}"[:200]])

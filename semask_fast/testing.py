@@ -125,7 +125,7 @@ def run_with_grads(fn: Callable[..., Sequence[torch.Tensor]], tensors: Dict[str,
 
 def check_parity(fn: Callable[..., Sequence[torch.Tensor]], tensors: Dict[str, Optional[torch.Tensor]],
                  grad_names: Sequence[str], dtype: torch.dtype, *, backend: str, op: str,
-                 exact: bool = False, seed: int = 0) -> List[Comparison]:
+                 exact: bool = False, seed: int = 0, references: Optional[dict] = None) -> List[Comparison]:
     """Run ``fn(backend=..., **tensors)`` in ``dtype`` and compare outputs and gradients with float64.
 
     ``tensors`` are the inputs at any precision: they are rounded to ``dtype``
@@ -133,6 +133,11 @@ def check_parity(fn: Callable[..., Sequence[torch.Tensor]], tensors: Dict[str, O
     ``AssertionError`` if the backend that ran was not ``backend`` (forward and,
     when gradients are taken, backward).  Returns one :class:`Comparison` per
     output and gradient; the caller asserts (``assert_parity`` does both).
+
+    ``references``: a dict shared by the calls that differ only in ``backend`` (same ``fn``,
+    ``tensors``, ``grad_names``, ``dtype``, ``seed``): the first computes the float64 and in-dtype
+    reference runs into it, the others reuse them (at the papers' shapes they cost more than the
+    backend's own run).
     """
     low = _clone_inputs(tensors, dtype, grad_names)
     with record_dispatch() as ran:
@@ -152,13 +157,18 @@ def check_parity(fn: Callable[..., Sequence[torch.Tensor]], tensors: Dict[str, O
     if ran != expected_ran or ran_bwd != expected_bwd:
         raise AssertionError(f"expected {op} to run on {backend}, but dispatch recorded {ran + ran_bwd}")
 
-    high = {n: (t.double() if t is not None and t.is_floating_point() else t) for n, t in low.items()}
-    high = _clone_inputs(high, torch.float64, grad_names)
-    ref_outs, ref_grads = run_with_grads(lambda **kw: fn(backend="reference", **kw), high, grad_names,
-                                         grad_outputs)
-    base = _clone_inputs(low, dtype, grad_names)
-    base_outs, base_grads = run_with_grads(lambda **kw: fn(backend="reference", **kw), base, grad_names,
-                                           grad_outputs)
+    if references:
+        ref_outs, ref_grads, base_outs, base_grads = references["runs"]
+    else:
+        high = {n: (t.double() if t is not None and t.is_floating_point() else t) for n, t in low.items()}
+        high = _clone_inputs(high, torch.float64, grad_names)
+        ref_outs, ref_grads = run_with_grads(lambda **kw: fn(backend="reference", **kw), high, grad_names,
+                                             grad_outputs)
+        base = _clone_inputs(low, dtype, grad_names)
+        base_outs, base_grads = run_with_grads(lambda **kw: fn(backend="reference", **kw), base, grad_names,
+                                               grad_outputs)
+        if references is not None:
+            references["runs"] = ref_outs, ref_grads, base_outs, base_grads
 
     fwd_tol, bwd_tol = (EXACT, EXACT) if exact else TOLERANCES[dtype]
     results = []

@@ -127,6 +127,24 @@ def test_parity_reports_an_op_a_backend_does_not_implement_without_failing(monke
     assert result.rows == [["shifted_window_attention", case.name, "cuda", "-", "not implemented", "-"]]
 
 
+def test_shapes_step_backends_share_the_reference_runs(monkeypatch):
+    """At the papers' shapes the float64 and in-dtype reference runs cost more than a backend's: the
+    backends of a (case, dtype) compute them once."""
+    import semask_fast.testing as testing
+    from semask_fast import _bench
+
+    (case,) = [c for c in _bench.bench_cases("small") if c.op == "mask_similarity"]
+    monkeypatch.setattr(_bench, "bench_cases", lambda scale: [case])
+    monkeypatch.setattr(_gpu_check, "BACKENDS", ("cpu", "reference"))
+    runs = []
+    real = testing.run_with_grads
+    monkeypatch.setattr(testing, "run_with_grads", lambda *a, **kw: runs.append(1) or real(*a, **kw))
+    result = _gpu_check.step_shapes(_gpu_check.Options(), float("inf"), torch.device("cpu"))
+    assert result.failures == 0, result.rows
+    assert [(r[1], r[3]) for r in result.rows] == [("cpu", "ok"), ("reference", "ok")] * len(_gpu_check.SHAPES_DTYPES)
+    assert len(runs) == 2 * len(_gpu_check.SHAPES_DTYPES)  # float64 and in-dtype, once per dtype
+
+
 class _FakeCuda:
     """The torch.cuda calls of the bench step, on the CPU: events read a host clock, a graph
     replays nothing (capture cannot be emulated), a capture of a step marked failing raises."""
