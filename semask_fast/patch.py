@@ -11,18 +11,15 @@ keys, shapes, devices, dtypes, train/eval mode, dropout rates and optimizers sta
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import numbers
-import types
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .backends.registry import BACKENDS
 from .nn import swin_families as fam
-from .nn.timm_patch import patch_timm
+from .nn.timm_patch import check_patch_arguments, patch_timm
 from .nn.window_attention import WindowAttention
 from .reference import relative_position_index
 
@@ -230,7 +227,7 @@ def _apply_torchvision(model, path, m, backend, zero_copy) -> str:
 
 
 def _bind_forward(m: nn.Module, fn, backend: str, path: str) -> None:
-    m.forward = types.MethodType(functools.partial(fn, backend=backend, where=path), m)
+    m.forward = fam.BoundPatch(m, fn, backend=backend, where=path)
 
 
 def _looks_like_hf_v4(m: nn.Module) -> bool:
@@ -303,6 +300,13 @@ def _looks_like_official_window(m: nn.Module) -> bool:
 
 _TIMM = "timm Swin WindowAttention"
 
+def _timm_description(model, path, m, backend, zero_copy) -> str:
+    # patch_timm patched the whole model; a block with timm's dynamic_mask keeps the copy path.
+    block = model.get_submodule(path.rpartition(".")[0])
+    zero_copy = zero_copy and not getattr(block, "dynamic_mask", False)
+    return "semask_fast.nn.WindowAttention (patch_timm" + (", zero-copy block)" if zero_copy else ")")
+
+
 _FAMILIES: Sequence[_Family] = (
     _Family("mmseg/mmdet/mmpretrain ShiftWindowMSA", _looks_like_shift_window_msa, _shift_window_msa_reason,
             _apply_shift_window_msa),
@@ -311,9 +315,7 @@ _FAMILIES: Sequence[_Family] = (
             replaces_module=False),
     _Family("transformers Swin self-attention (v4 layout)", _looks_like_hf_v4, _hf_v4_reason, _apply_hf_v4,
             replaces_module=False),
-    _Family(_TIMM, _looks_like_timm, _timm_reason,
-            lambda model, path, m, backend, zero_copy: "semask_fast.nn.WindowAttention (patch_timm"
-                                                       + (", zero-copy block)" if zero_copy else ")")),
+    _Family(_TIMM, _looks_like_timm, _timm_reason, _timm_description),
     _Family("official Swin / SeMask WindowAttention or mm* WindowMSA", _looks_like_official_window,
             _official_window_reason, _apply_official_window),
 )
@@ -327,8 +329,8 @@ def _qualname(m: nn.Module) -> str:
 
 
 def _already_patched(m: nn.Module) -> bool:
-    bound = getattr(m.__dict__.get("forward"), "__func__", None)
-    return isinstance(m, _OURS) or (isinstance(bound, functools.partial) and bound.func in _OUR_FORWARDS)
+    bound = m.__dict__.get("forward")
+    return isinstance(m, _OURS) or (isinstance(bound, fam.BoundPatch) and bound.fn in _OUR_FORWARDS)
 
 
 def _is_candidate(m: nn.Module) -> bool:
@@ -357,12 +359,7 @@ def patch(model: nn.Module, backend: str = "auto", zero_copy: bool = True) -> Pa
         :class:`PatchReport`: each patched layer's path, family and replacement, and each
         Swin-like layer left with its reason.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not a backend (expected 'auto' or one of {BACKENDS})")
-    if not isinstance(zero_copy, bool):
-        raise TypeError(f"zero_copy must be a bool, got {zero_copy!r}")
+    check_patch_arguments(model, backend, zero_copy)
     report = PatchReport(backend=backend, zero_copy=zero_copy)
     done: List[str] = []  # subtrees already patched (or ours): not entered
     noted: List[str] = []  # subtrees with a "left" entry: their parts are not reported again

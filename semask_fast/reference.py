@@ -126,9 +126,10 @@ def window_partition(x, window_size: Pair, shift_size: Pair = (0, 0), pad_then_r
         if pad_value is None:
             x = F.pad(x, (0, 0, 0, pw, 0, ph))
         else:
-            padded = pad_value.to(x.dtype).expand(b, h + ph, w + pw, c).clone()
-            padded[:, :h, :w] = x
-            x = padded
+            # Concatenated, not assigned into a filled tensor: exported graphs are functional.
+            fill = pad_value.to(x.dtype)
+            x = torch.cat([x, fill.expand(b, h, pw, c)], dim=2)
+            x = torch.cat([x, fill.expand(b, ph, w + pw, c)], dim=1)
     if pad_then_roll and any(shift_size):
         x = torch.roll(x, shifts, dims)
     hp, wp = h + ph, w + pw

@@ -36,6 +36,15 @@ def _swin(zero_copy: bool):
     return model, (torch.randn(1, 3, 224, 224),)
 
 
+def _padded_swin():
+    """A small timm Swin whose 9 x 13 token grid pads to windows of 4: the zero-copy op pads."""
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=(36, 52), patch_size=4,
+                              window_size=4, embed_dim=16, depths=(2,), num_heads=(2,), num_classes=3).eval()
+    assert semask_fast.patch_timm(model, zero_copy=True) == 2
+    return model, (torch.randn(1, 3, 36, 52),)
+
+
 def _semantic_layer():
     torch.manual_seed(0)
     layer = semask_fast.models.SemanticLayer(48, 11, window_size=7).eval()
@@ -47,12 +56,14 @@ def _semantic_layer():
 MODELS = {
     "swin-t": lambda: _swin(False),
     "swin-t zero_copy": lambda: _swin(True),
+    "swin zero_copy padded": _padded_swin,
     "semantic layer": _semantic_layer,
 }
 #: The ops each model's exported graph calls.
 OPS = {
     "swin-t": {"window_attention"},
     "swin-t zero_copy": {"shifted_window_attention"},
+    "swin zero_copy padded": {"shifted_window_attention"},
     "semantic layer": {"window_partition", "semantic_attention", "window_merge"},
 }
 
@@ -82,6 +93,29 @@ def test_torch_export_keeps_the_ops_and_computes_the_model(name):
         lowered = ep.run_decompositions(decompositions())
         assert _ours(lowered.graph) == set()
         _assert_close(lowered.module()(*args), expected)
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non-strict"])
+def test_export_with_a_dynamic_image_size(strict):
+    """H and W as export dims: the ops' validation takes the symbolic sizes (their schemas are SymInt),
+    in torch.export's default non-strict mode too, and the program runs another size."""
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = semask_fast.models.SemanticLayer(16, 5, window_size=4)
+
+        def forward(self, x):
+            b, h, w, c = x.shape
+            return self.m(x.reshape(b, h * w, c), h, w)[0]
+
+    torch.manual_seed(0)
+    model = Layer().eval()
+    dims = {"x": {1: torch.export.Dim("H", min=2, max=64), 2: torch.export.Dim("W", min=2, max=64)}}
+    with torch.no_grad():
+        ep = torch.export.export(model, (torch.randn(2, 9, 13, 16),), dynamic_shapes=dims, strict=strict)
+        other = torch.randn(2, 11, 6, 16)
+        _assert_close(ep.module()(other), model(other))
 
 
 @pytest.mark.parametrize("name", list(MODELS))

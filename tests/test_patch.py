@@ -265,6 +265,36 @@ def test_transformers_swin_current_layout(size):
                  out_of=lambda o: o.last_hidden_state)
 
 
+def _timm_zero_copy():
+    timm = pytest.importorskip("timm", reason="timm is not installed")
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=(36, 52), patch_size=4,
+                              window_size=4, embed_dim=16, depths=(2,), num_heads=(2,), num_classes=3).eval()
+    semask_fast.patch(model, backend=BACKEND, zero_copy=True)
+    return model, torch.randn(1, 3, 36, 52), lambda o: o
+
+
+def _hf_patched():
+    model = _hf_model(_transformers_swin()).eval()
+    semask_fast.patch(model, backend=BACKEND)
+    return model, torch.randn(1, 3, 32, 48), lambda o: o.last_hidden_state
+
+
+@pytest.mark.parametrize("make", [_timm_zero_copy, _hf_patched], ids=["timm-zero-copy", "transformers"])
+def test_patched_models_pickle_and_compile(make, tmp_path):
+    """A replaced forward is a picklable, traceable callable (not a bound functools.partial or a
+    method under another name): torch.save(model) round-trips and torch.compile traces it."""
+    model, x, out_of = make()
+    with torch.no_grad():
+        expected = out_of(model(x))
+        torch.save(model, tmp_path / "model.pt")
+        loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+        with record_dispatch() as ran:
+            assert torch.equal(out_of(loaded(x)), expected)
+        assert {b for _, b, _ in ran} == {BACKEND}
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(out_of(compiled(x)), expected, atol=REORDERED_FP32.atol, rtol=REORDERED_FP32.rtol)
+
+
 def test_transformers_swin_attention_weights_run_the_original():
     hf = _transformers_swin()
     orig, patched = _twins(lambda: _hf_model(hf, attn_implementation="eager"))
@@ -334,6 +364,42 @@ def test_timm_swin_goes_through_patch_timm(zero_copy):
     _assert_same(orig, patched, [torch.randn(1, 3, 36, 52)], ops)
 
 
+def test_timm_report_says_which_blocks_run_zero_copy():
+    """timm blocks with a dynamic mask (strict_img_size=False) keep the copy path: the report says so."""
+    timm = pytest.importorskip("timm", reason="timm is not installed")
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=(32, 32), patch_size=4,
+                              window_size=4, embed_dim=16, depths=(2,), num_heads=(2,), num_classes=3,
+                              strict_img_size=False)
+    report = semask_fast.patch(model, backend=BACKEND, zero_copy=True)
+    assert report.patched and all("zero-copy" not in p.replacement for p in report.patched), report
+    with record_dispatch() as ran:
+        model(torch.randn(1, 3, 32, 32))
+    assert {op for op, _, _ in ran} == {"window_attention"}
+
+
+def test_timm_replacement_adopts_the_original_tensors():
+    """An optimizer built before patching keeps training the model, and frozen parameters stay
+    frozen: the replacement holds timm's own modules and tensors, not copies."""
+    timm = pytest.importorskip("timm", reason="timm is not installed")
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=(32, 32), patch_size=4,
+                              window_size=4, embed_dim=16, depths=(2,), num_heads=(2,), num_classes=3)
+    attn = model.layers[0].blocks[0].attn
+    attn.qkv.weight.requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    semask_fast.patch(model, backend=BACKEND)
+    new = model.layers[0].blocks[0].attn
+    assert type(new) is WindowAttention and new.qkv is attn.qkv and new.proj is attn.proj
+    assert new.relative_position_bias_table is attn.relative_position_bias_table
+    assert new.relative_position_index is attn.relative_position_index
+    assert not new.qkv.weight.requires_grad
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert all(id(p) in in_opt for p in model.parameters())
+    before = new.relative_position_bias_table.detach().clone()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    assert not torch.equal(before, new.relative_position_bias_table)
+
+
 # --------------------------------------------------------------------------- #
 # What is left, and why; the report; arguments
 # --------------------------------------------------------------------------- #
@@ -390,13 +456,14 @@ def test_report_prints_what_was_patched_and_left():
     assert "left    unknown (tests.test_patch._Unknown): " in text
 
 
-def test_bad_arguments_name_what_was_expected():
+@pytest.mark.parametrize("fn", [semask_fast.patch, semask_fast.patch_timm], ids=["patch", "patch_timm"])
+def test_bad_arguments_name_what_was_expected(fn):
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
-        semask_fast.patch("swin")
+        fn("swin")
     with pytest.raises(ValueError, match="backend='gpu' is not a backend"):
-        semask_fast.patch(nn.Linear(2, 2), backend="gpu")
+        fn(nn.Linear(2, 2), backend="gpu")
     with pytest.raises(TypeError, match="zero_copy must be a bool"):
-        semask_fast.patch(nn.Linear(2, 2), zero_copy="yes")
+        fn(nn.Linear(2, 2), zero_copy="yes")
 
 
 def test_training_mode_dropout_is_carried():

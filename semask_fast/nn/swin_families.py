@@ -40,7 +40,19 @@ def warn_fallback_once(where: str, reason: str) -> None:
         warnings.warn(f"semask_fast.patch: {where} runs its original forward: {reason}", stacklevel=3)
 
 
-def _adopt_buffer(new: nn.Module, name: str, old: nn.Module) -> None:
+class BoundPatch:
+    """``fn(module, *args, **settings, **kwargs)`` as a module's method (a replaced ``forward``):
+    unlike a bound ``functools.partial``, it pickles (``torch.save(model)``) and torch.compile
+    traces it."""
+
+    def __init__(self, module: nn.Module, fn, **settings):
+        self.module, self.fn, self.settings = module, fn, settings
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.module, *args, **self.settings, **kwargs)
+
+
+def adopt_buffer(new: nn.Module, name: str, old: nn.Module) -> None:
     """Take ``old``'s buffer ``name`` itself, with its persistence (so state_dict keys match)."""
     persistent = name not in old._non_persistent_buffers_set
     new.register_buffer(name, getattr(old, name), persistent=persistent)
@@ -71,7 +83,7 @@ class SwinWindowAttention(WindowAttention):
                   backend=backend)
         new.qkv, new.proj, new.attn_drop, new.proj_drop = m.qkv, m.proj, attn_drop, proj_drop
         new.relative_position_bias_table = m.relative_position_bias_table
-        _adopt_buffer(new, "relative_position_index", m)
+        adopt_buffer(new, "relative_position_index", m)
         new.scale = scale
         new.train(m.training)
         return new
@@ -167,7 +179,7 @@ class ShiftedWindowAttention(SwinWindowAttention):
                   zero_copy=zero_copy)
         new.qkv, new.proj = m.qkv, m.proj
         new.relative_position_bias_table = m.relative_position_bias_table
-        _adopt_buffer(new, "relative_position_index", m)
+        adopt_buffer(new, "relative_position_index", m)
         new.train(m.training)
         return new
 

@@ -32,17 +32,22 @@ _PAIR_TYPES = (Pair, SymPair, Optional[SymPair])
 _ALL_FLOAT = FLOAT_DTYPES | {torch.float64}
 
 
+def is_int(value: Any) -> bool:
+    """An int, or a symbolic one (a size traced by torch.export / torch.compile with dynamic shapes)."""
+    return isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
+
+
 def to_pair(name: str, value: Any, *, minimum: int = 0) -> Pair:
     """An int or an (h, w) pair of ints, each >= minimum."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
+    if is_int(value):
         value = (value, value)
     try:
         pair = tuple(value)
     except TypeError:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+    if len(pair) != 2 or not all(is_int(v) for v in pair):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if any(v < minimum for v in pair):
         raise ValueError(f"{name} must be >= {minimum} on both axes, got {pair}")
@@ -221,7 +226,7 @@ class OpInputs:
 
 
 __all__ = [
-    "Pair", "to_pair", "check_tensor", "check_like", "check_param_dtype", "check_size", "check_float", "check_bool",
+    "Pair", "is_int", "to_pair", "check_tensor", "check_like", "check_param_dtype", "check_size", "check_float", "check_bool",
     "check_probability", "check_scale", "check_window_geometry", "check_bias_table",
     "OpInputs", "SymInt", "SymPair",
 ]

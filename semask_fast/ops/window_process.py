@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from .. import reference as ref
-from ._common import OpInputs, Pair, SymInt, check_bool, check_size, check_tensor, check_window_geometry
+from ._common import OpInputs, Pair, SymInt, check_bool, check_size, check_tensor, check_window_geometry, is_int
 from ._library import OpSpec
 
 
@@ -80,7 +80,7 @@ def window_merge(windows: torch.Tensor, window_size, shift_size, H: int, W: int,
     check_size("windows", windows, windows.dim() - 1, "C")
     ws, shift = check_window_geometry(window_size, shift_size)
     for name, size in (("H", H), ("W", W)):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if not is_int(size) or size < 1:
             raise ValueError(f"{name} must be a positive int, got {size!r}")
     if windows.dim() == 3:
         if windows.shape[1] != ws[0] * ws[1]:
