@@ -17,12 +17,12 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-import types
 from typing import Callable, List
 
 import torch
 
 from . import patch_timm, record_dispatch
+from .nn.swin_families import BoundPatch
 
 MODEL = "swin_tiny_patch4_window7_224"
 
@@ -59,7 +59,7 @@ def variants(base: torch.nn.Module) -> List[tuple]:
     bound = copy.deepcopy(zero_copy)
     for m in bound.modules():
         if "_attn" in vars(m):  # the blocks patch_timm gave the zero-copy _attn
-            m._attn = types.MethodType(_attention_skipped, m)
+            m._attn = BoundPatch(m, _attention_skipped)
     return [("timm (as shipped)", copy.deepcopy(base)), ("timm, fused_attn=True", fused),
             ("patch_timm(model)", patched), ("patch_timm(model, zero_copy=True)", zero_copy), (BOUND, bound)]
 

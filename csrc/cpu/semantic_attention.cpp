@@ -299,10 +299,9 @@ void check_inputs(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& 
   constexpr int64_t kIntLimit = int64_t(1) << 31;
   TORCH_CHECK(sq.size(1) < kIntLimit && sq.size(2) < kIntLimit && yv.size(2) < kIntLimit,
               "semantic_attention: N, K and C must be below 2^31");
-  // A last dim of size 1 is contiguous whatever its stride.
-  TORCH_CHECK(sq.stride(2) == 1 || sq.size(2) == 1, "semantic_attention: sq must have a contiguous last dim");
-  TORCH_CHECK(sk.stride(2) == 1 || sk.size(2) == 1, "semantic_attention: sk must have a contiguous last dim");
-  TORCH_CHECK(yv.stride(2) == 1 || yv.size(2) == 1, "semantic_attention: yv must have a contiguous last dim");
+  SF_CPU_CHECK_CONTIGUOUS_LAST_DIM(sq);
+  SF_CPU_CHECK_CONTIGUOUS_LAST_DIM(sk);
+  SF_CPU_CHECK_CONTIGUOUS_LAST_DIM(yv);
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv) {

@@ -35,6 +35,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "../common/sf_window_geometry.h"
 #include "sf_cpu_vec.h"
 
 // Hidden: every kernel library (csrc/cpu/*.cpp, one .so each) runs its own compiled copy of these
@@ -569,6 +570,15 @@ inline float dropout_factor(uint64_t seed, uint64_t index, float p) {
   return u >= p ? 1.0f / (1.0f - p) : 0.0f;
 }
 
+// The shifted-window geometry of an H x W image, or an error naming `op` and the sizes.
+inline sf::WindowGeometry window_geometry(const char* op, int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sy,
+                                          int64_t sx, bool pad_then_roll) {
+  const char* error = sf::window_geometry_error(H, W, wh, ww, sy, sx);
+  TORCH_CHECK(error == nullptr, op, ": ", error, " (image ", H, " x ", W, ", window ", wh, " x ", ww, ", shift ", sy,
+              ", ", sx, ")");
+  return sf::make_window_geometry(H, W, wh, ww, sy, sx, pad_then_roll);
+}
+
 }  // namespace sf::cpu
 #pragma GCC visibility pop
 
@@ -580,6 +590,9 @@ inline float dropout_factor(uint64_t seed, uint64_t index, float p) {
   TORCH_CHECK((t).device().is_cpu(), #t " must be a CPU tensor, got ", (t).device());             \
   TORCH_CHECK((t).dim() == (n), #t " must have ", n, " dims, got ", (t).dim())
 #define SF_CPU_CHECK_CONTIGUOUS(t) TORCH_CHECK((t).is_contiguous(), #t " must be contiguous")
+// Kernels that take row strides: the last dim contiguous (stride 1, or a single element).
+#define SF_CPU_CHECK_CONTIGUOUS_LAST_DIM(t) \
+  TORCH_CHECK((t).stride(-1) == 1 || (t).size(-1) == 1, #t " must have a contiguous last dim")
 #define SF_CPU_CHECK_SAME_DTYPE(t, ref) \
   TORCH_CHECK((t).scalar_type() == (ref).scalar_type(), #t " has dtype ", (t).scalar_type(), " but " #ref " has ", (ref).scalar_type())
 

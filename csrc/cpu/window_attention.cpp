@@ -109,8 +109,9 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   SF_CPU_CHECK_SAME_DTYPE(k, q);
   SF_CPU_CHECK_SAME_DTYPE(v, q);
   TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k and v must have one shape");
-  for (const at::Tensor* t : {&q, &k, &v})
-    TORCH_CHECK(t->stride(3) == 1 || t->size(3) == 1, "q, k and v must have a unit last-dim stride");
+  SF_CPU_CHECK_CONTIGUOUS_LAST_DIM(q);
+  SF_CPU_CHECK_CONTIGUOUS_LAST_DIM(k);
+  SF_CPU_CHECK_CONTIGUOUS_LAST_DIM(v);
 }
 
 std::tuple<at::Tensor, at::Tensor> window_attention_forward(const at::Tensor& q, const at::Tensor& k,
@@ -179,14 +180,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> window
 }
 
 // ------------------------------------------------------------ image mode --
-sf::WindowGeometry image_geometry(int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sy, int64_t sx,
-                                  bool pad_then_roll) {
-  const char* error = sf::window_geometry_error(H, W, wh, ww, sy, sx);
-  TORCH_CHECK(error == nullptr, "shifted_window_attention: ", error, " (image ", H, " x ", W, ", window ", wh, " x ",
-              ww, ", shift ", sy, ", ", sx, ")");
-  return sf::make_window_geometry(H, W, wh, ww, sy, sx, pad_then_roll);
-}
-
 // shift_h, shift_w: the op's shifts (the mask's), not the geometry's roll (timm's is mod the image).
 Problem image_problem(int64_t B, const sf::WindowGeometry& g, int64_t heads, int64_t d,
                       const std::optional<at::Tensor>& table, int64_t shift_h, int64_t shift_w, double scale,
@@ -220,7 +213,8 @@ std::tuple<at::Tensor, at::Tensor> shifted_window_attention_forward(
   TORCH_CHECK(qkv.size(3) % (3 * heads) == 0, "qkv's last dim must be 3 * heads * head_dim");
   TORCH_CHECK(pad_row.numel() == qkv.size(3), "pad_row must have qkv's channel count");
   const int64_t d = qkv.size(3) / (3 * heads);
-  const sf::WindowGeometry g = image_geometry(qkv.size(1), qkv.size(2), wh, ww, shift_h, shift_w, pad_then_roll);
+  const sf::WindowGeometry g =
+      window_geometry("shifted_window_attention", qkv.size(1), qkv.size(2), wh, ww, shift_h, shift_w, pad_then_roll);
   const Problem p =
       image_problem(qkv.size(0), g, heads, d, table, shift_h, shift_w, scale, mask_value, dropout_p, seed);
   at::Tensor out = pooled_empty({qkv.size(0), qkv.size(1), qkv.size(2), heads * d}, qkv.options());
@@ -247,7 +241,8 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> shi
   SF_CPU_CHECK_SAME_DTYPE(pad_row, qkv);
   check_small(table, "bias_table", qkv);
   const int64_t d = qkv.size(3) / (3 * heads);
-  const sf::WindowGeometry g = image_geometry(qkv.size(1), qkv.size(2), wh, ww, shift_h, shift_w, pad_then_roll);
+  const sf::WindowGeometry g =
+      window_geometry("shifted_window_attention", qkv.size(1), qkv.size(2), wh, ww, shift_h, shift_w, pad_then_roll);
   const Problem p =
       image_problem(qkv.size(0), g, heads, d, table, shift_h, shift_w, scale, mask_value, dropout_p, seed);
   TORCH_CHECK(dout.dim() == 4 && dout.size(0) == qkv.size(0) && dout.size(1) == qkv.size(1) &&

@@ -4,7 +4,6 @@
 // Included by window_attention_kernels.h alone (the same anonymous namespace).
 #pragma once
 
-#include "../common/sf_window_geometry.h"
 #include "sf_cpu.h"
 
 namespace {

@@ -6,18 +6,9 @@
 // (each crosses a few windows); either way a row is a few runs of tokens that are consecutive in
 // both tensors, and each run is one memcpy of (run length x C) elements.  Pure byte copies:
 // bitwise exact for every dtype.  Each direction is the other's gradient.  Offsets are int64_t.
-#include "../common/sf_window_geometry.h"
 #include "sf_cpu.h"
 
 namespace {
-
-sf::WindowGeometry make_geometry(int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sy, int64_t sx,
-                                 bool pad_then_roll) {
-  const char* error = sf::window_geometry_error(H, W, wh, ww, sy, sx);
-  TORCH_CHECK(error == nullptr, "window_process: ", error, " (image ", H, " x ", W, ", window ", wh, " x ", ww,
-              ", shift ", sy, ", ", sx, ")");
-  return sf::make_window_geometry(H, W, wh, ww, sy, sx, pad_then_roll);
-}
 
 // Copies `count` tokens of `row_bytes` into dst (contiguous), token j from src_of(j) (nullptr: a
 // zero pad token), one memcpy per run of tokens consecutive in the source.
@@ -47,7 +38,8 @@ int64_t grain_rows(int64_t row_bytes) {
 at::Tensor partition(const at::Tensor& x, int64_t wh, int64_t ww, int64_t sy, int64_t sx, bool pad_then_roll) {
   SF_CPU_CHECK_INPUT(x, 4);
   SF_CPU_CHECK_CONTIGUOUS(x);
-  const sf::WindowGeometry g = make_geometry(x.size(1), x.size(2), wh, ww, sy, sx, pad_then_roll);
+  const sf::WindowGeometry g = sf::cpu::window_geometry("window_partition", x.size(1), x.size(2), wh, ww, sy, sx,
+                                                               pad_then_roll);
   const int64_t B = x.size(0), token_bytes = x.size(3) * int64_t(x.element_size());
   at::Tensor out = sf::cpu::pooled_empty({B * g.nW, wh, ww, x.size(3)}, x.options());
   if (out.numel() == 0) return out;
@@ -76,7 +68,7 @@ at::Tensor merge(const at::Tensor& windows, int64_t H, int64_t W, int64_t wh, in
                  bool pad_then_roll) {
   SF_CPU_CHECK_INPUT(windows, 4);
   SF_CPU_CHECK_CONTIGUOUS(windows);
-  const sf::WindowGeometry g = make_geometry(H, W, wh, ww, sy, sx, pad_then_roll);
+  const sf::WindowGeometry g = sf::cpu::window_geometry("window_merge", H, W, wh, ww, sy, sx, pad_then_roll);
   TORCH_CHECK(windows.size(1) == wh && windows.size(2) == ww, "windows must have window dims (", wh, ", ", ww,
               "), got ", windows.sizes());
   TORCH_CHECK(windows.size(0) % g.nW == 0, "windows has ", windows.size(0), " windows, not a multiple of the ",

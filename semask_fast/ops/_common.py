@@ -226,7 +226,7 @@ class OpInputs:
 
 
 __all__ = [
-    "Pair", "is_int", "to_pair", "check_tensor", "check_like", "check_param_dtype", "check_size", "check_float", "check_bool",
-    "check_probability", "check_scale", "check_window_geometry", "check_bias_table",
+    "Pair", "is_int", "to_pair", "check_tensor", "check_like", "check_param_dtype", "check_size", "check_float",
+    "check_bool", "check_probability", "check_scale", "check_window_geometry", "check_bias_table",
     "OpInputs", "SymInt", "SymPair",
 ]

@@ -105,7 +105,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_tab
     elif any(shift) and grid is None:
         raise ValueError("grid=(nWh, nWw) is required when shift_size > 0 (the shift mask depends on it)")
     return SPEC(backend, q=q, k=k, v=v, bias_table=bias_table, mask=mask, window_size=ws, shift_size=shift,
-                grid=grid, scale=check_scale("scale", scale, d ** -0.5), mask_value=check_float("mask_value", mask_value),
+                grid=grid, scale=check_scale("scale", scale, d ** -0.5),
+                mask_value=check_float("mask_value", mask_value),
                 dropout_p=check_probability("dropout_p", dropout_p))[0]
 
 
