@@ -22,6 +22,7 @@
 // count.  Nothing N x N outlives a tile.
 
 #include "sf_cpu.h"
+#include "sf_cpu_matrix.h"
 
 #ifdef SF_CPU_X86
 #include <immintrin.h>
@@ -30,6 +31,7 @@
 namespace sf_cpu_semantic {
 
 using namespace sf::cpu;
+using sf::cpu::matrix::serves;
 
 constexpr int kQueryBlock = 64;      // forward: queries per task (vector lanes of S^T)
 constexpr int kKeyBlock = 128;       // forward: keys per online-softmax step
@@ -277,12 +279,245 @@ void backward_task(const BwdArgs<T>& a, int64_t b, int range, int kb0, int kb1, 
   }
 }
 
+// ---------------------------------------------- bf16 / fp16 on the matrix unit --
+// Inputs of a reduced type where sf_cpu_matrix.h serves it: every product on the matrix unit, the
+// softmax in fp32.  A task holds a block of queries against every key at once (its m x N fp32
+// logits in per-thread scratch, m smaller as N grows), so the softmax takes two passes without
+// rescaling and P, rounded to the input type as the unit takes it (as PyTorch's reduced-precision
+// attention rounds it), multiplies Yv in one product over all keys.  Backward, a task per batch
+// item: per query block, S and dP recomputed, delta = rowsum(P dP) / rowsum(P) from the fp32
+// tiles, dS rounded for its products; dSk^T = Sq^T dS and dYv^T = dO^T P accumulate in fp32 over
+// the blocks in order (bitwise the same for any thread count) and are rounded once.
+namespace reduced {
+
+using namespace sf::cpu::matrix;
+
+// Queries per block, from N only: the block's logits (m x N fp32) stay within 256 KiB.
+inline int query_block(int n) {
+  int m = 64;
+  while (m > 16 && int64_t(m) * n * int64_t(sizeof(float)) > (int64_t(256) << 10)) m /= 2;
+  return m;
+}
+
+// Rows [0, m) of A = x (row stride ldx, k columns) as the unit reads them: in place when k is even,
+// else staged with a zero column.
+template <typename S>
+inline const S* a_rows(const S* x, int64_t ldx, int m, int k, S* stage, int64_t& lda) {
+  if (k % 2 == 0) {
+    lda = ldx;
+    return x;
+  }
+  lda = even(k);
+  for (int r = 0; r < m; ++r) {
+    std::copy_n(x + r * ldx, k, stage + r * lda);
+    stage[r * lda + k] = S(0);
+  }
+  return stage;
+}
+
+// A = X^T for X (m rows x cols, row stride ldx): (cols x even(m)), zero in the padding column.
+// Through fp32 (exact both ways) and the register transpose; tmp: round_up(m, L) * round_up(cols, L)
+// * 2 floats.
+template <typename S>
+inline void a_transposed(S* __restrict__ dst, const S* __restrict__ x, int64_t ldx, int m, int cols, float* tmp) {
+  constexpr int L = kLanes<float>;
+  const int wc = int(round_up(cols, L)), wm = int(round_up(m, L));
+  float* rows = tmp;
+  float* t = tmp + int64_t(m) * wc;
+  for (int r = 0; r < m; ++r) {
+    load_row(rows + int64_t(r) * wc, x + r * ldx, cols);
+    std::fill(rows + int64_t(r) * wc + cols, rows + int64_t(r + 1) * wc, 0.0f);
+  }
+  transpose(rows, wc, m, wc, t, wm);
+  for (int c = 0; c < cols; ++c) round_to(dst + c * even(m), t + int64_t(c) * wm, even(m));
+}
+
+// dst (n rows x cols, the storage type) = src^T for src (cols rows x ld >= round_up(n, L)), through
+// the register transpose a vector of rows at a time; tmp: L * round_up(cols, L) floats.
+template <typename S>
+inline void write_transposed(S* __restrict__ dst, const float* __restrict__ src, int64_t ld, int n, int cols,
+                             float* tmp) {
+  constexpr int L = kLanes<float>;
+  const int64_t wc = round_up(cols, L);
+  for (int j0 = 0; j0 < n; j0 += L) {
+    transpose(src + j0, ld, cols, L, tmp, wc);
+    for (int j = j0; j < std::min(n, j0 + L); ++j) round_to(dst + int64_t(j) * cols, tmp + (j - j0) * wc, cols);
+  }
+}
+
+// Row i of a logits tile (ld columns, N real): exp(s - mx) in place, -inf past N giving 0; returns
+// the sum.  With lse given, mx = lse (backward); else mx = the row max (returned through mx).
+inline float exp_row(float* row, int n, int64_t ld, float& mx, bool given) {
+  constexpr int L = kLanes<float>;
+  std::fill(row + n, row + ld, -std::numeric_limits<float>::infinity());
+  if (!given) {
+    Vec<float> m = vsplat(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < ld; j += L) m = vmax<float>(m, vload(row + j));
+    mx = hmax<float>(m);
+  }
+  const Vec<float> shift = vsplat(mx * kLog2e<float>), scale = vsplat(kLog2e<float>);
+  Vec<float> sum{};
+  for (int64_t j = 0; j < ld; j += L) {
+    const Vec<float> e = vexp2_nonpositive(vload(row + j) * scale - shift);
+    vstore(row + j, e);
+    sum += e;
+  }
+  return hsum<float>(sum);
+}
+
+template <typename S>
+void forward(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv, at::Tensor& out, at::Tensor& lse) {
+  const int64_t batch = sq.size(0);
+  const int n = int(sq.size(1)), k = int(sq.size(2)), c = int(yv.size(2));
+  const int mb = query_block(n), blocks = (n + mb - 1) / mb;
+  const int64_t lk = whole_blocks(n), lc = whole_blocks(c), lp = even(n);
+  const int64_t keys_size = packed_size(k, n), pack_size = keys_size + packed_size(n, c);
+  const S* q = sq.data_ptr<S>();
+  const S* kp = sk.data_ptr<S>();
+  const S* vp = yv.data_ptr<S>();
+  const Strides qs = strides_of(sq), ks = strides_of(sk), vs = strides_of(yv);
+  S* o = out.data_ptr<S>();
+  float* lse_p = lse.data_ptr<float>();
+  auto pack = [&](int64_t b, S* dst) {  // Sk^T (K x N) and Yv (N x C) of batch item b
+    pack_transposed(dst, kp + b * ks.batch, ks.row, n, k);
+    pack_rows(dst + keys_size, vp + b * vs.batch, vs.row, n, c);
+  };
+  // Several blocks of a batch item share its packed Sk^T and Yv: packed in a pass before.
+  at::Tensor packs;
+  if (blocks > 1) {
+    packs = pooled_empty({batch, pack_size}, sq.options());
+    parallel_for(batch, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) pack(b, packs.data_ptr<S>() + b * pack_size);
+    });
+  }
+  parallel_for(batch * blocks, 1, [&](int64_t t0, int64_t t1) {
+    Session session;
+    float* logits = scratch<float>(0, size_t(mb) * lk);
+    float* acc = scratch<float>(1, size_t(mb) * lc);
+    float* inv = scratch<float>(2, size_t(mb));
+    S* p = scratch<S>(0, size_t(mb) * lp);
+    S* stage = scratch<S>(1, size_t(mb) * even(k));
+    S* local = blocks > 1 ? nullptr : scratch<S>(2, size_t(pack_size));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / blocks;
+      const int i0 = int(t % blocks) * mb, m = std::min(mb, n - i0);
+      const S* packed = local ? local : packs.data_ptr<S>() + b * pack_size;
+      if (local) pack(b, local);
+      int64_t lda;
+      const S* a = a_rows(q + b * qs.batch + i0 * qs.row, qs.row, m, k, stage, lda);
+      product(m, n, k, a, lda, packed, logits, lk, false);
+      for (int i = 0; i < m; ++i) {
+        float mx;
+        const float sum = exp_row(logits + i * lk, n, lk, mx, false);
+        round_to(p + i * lp, logits + i * lk, lp);
+        lse_p[b * n + i0 + i] = mx + std::log(sum);
+        inv[i] = 1.0f / sum;
+      }
+      product(m, c, n, p, lp, packed + keys_size, acc, lc, false);
+      S* dst = o + (b * n + i0) * int64_t(c);
+      for (int i = 0; i < m; ++i) {
+        const Vec<float> s = vsplat(inv[i]);
+        for (int64_t j = 0; j < lc; j += kLanes<float>) vstore(acc + i * lc + j, vload(acc + i * lc + j) * s);
+        round_to(dst + int64_t(i) * c, acc + i * lc, c);
+      }
+    }
+  });
+}
+
+template <typename S>
+void backward(const at::Tensor& dout, const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv,
+              const at::Tensor& lse, at::Tensor& dsq, at::Tensor& dsk, at::Tensor& dyv, bool need_dsq,
+              bool need_dsk, bool need_dyv) {
+  const int64_t batch = sq.size(0);
+  const int n = int(sq.size(1)), k = int(sq.size(2)), c = int(yv.size(2));
+  const int mb = query_block(n), blocks = (n + mb - 1) / mb;
+  const int64_t lk = whole_blocks(n), lq = whole_blocks(k), lp = even(n), lm = even(mb);
+  const int64_t keys_t = packed_size(k, n), keys = packed_size(n, k), values_t = packed_size(c, n);
+  const S* q = sq.data_ptr<S>();
+  const S* kp = sk.data_ptr<S>();
+  const S* vp = yv.data_ptr<S>();
+  const S* g = dout.data_ptr<S>();
+  const float* lse_p = lse.data_ptr<float>();
+  const Strides qs = strides_of(sq), ks = strides_of(sk), vs = strides_of(yv);
+  parallel_for(batch, 1, [&](int64_t b0, int64_t b1) {
+    Session session;
+    S* packed = scratch<S>(0, size_t(keys_t + keys + values_t));
+    S* sk_t = packed;                    // Sk^T (K x N): the logits
+    S* sk_rows = packed + keys_t;        // Sk (N x K): dSq = dS Sk
+    S* yv_t = sk_rows + keys;            // Yv^T (C x N): dP = dO Yv^T
+    S* ds_s = scratch<S>(1, size_t(mb) * lp);                           // dS rounded (A of dSq)
+    S* b_op = scratch<S>(2, size_t(packed_size(mb, n)));                // dS or P packed (B of dSk^T, dYv^T)
+    S* a_op = scratch<S>(3, size_t(std::max(k, c)) * lm + size_t(mb) * even(std::max(k, c)));  // A staged
+    float* st = scratch<float>(0, size_t(mb) * lk);   // logits, then P
+    float* dpt = scratch<float>(1, size_t(mb) * lk);  // dP, then dS
+    float* dsq_t = scratch<float>(2, size_t(mb) * lq);
+    float* dsk_t = scratch<float>(3, size_t(k) * lk);  // dSk^T
+    float* dyv_t = scratch<float>(4, size_t(c) * lk);  // dYv^T
+    const int64_t wide = round_up(std::max(k, c), kLanes<float>), wm = round_up(mb, kLanes<float>);
+    float* tmp = scratch<float>(5, size_t(2 * wide * wm));  // the transposes' staging
+    for (int64_t b = b0; b < b1; ++b) {
+      const S* qb = q + b * qs.batch;
+      const S* kb = kp + b * ks.batch;
+      const S* vb = vp + b * vs.batch;
+      const S* gb = g + b * n * int64_t(c);
+      pack_transposed(sk_t, kb, ks.row, n, k);
+      if (need_dsq) pack_rows(sk_rows, kb, ks.row, n, k);
+      pack_transposed(yv_t, vb, vs.row, n, c);
+      for (int blk = 0; blk < blocks; ++blk) {
+        const int i0 = blk * mb, m = std::min(mb, n - i0);
+        int64_t lda;
+        const S* a = a_rows(qb + i0 * qs.row, qs.row, m, k, a_op, lda);
+        product(m, n, k, a, lda, sk_t, st, lk, false);
+        a = a_rows(gb + i0 * int64_t(c), c, m, c, a_op, lda);
+        product(m, n, c, a, lda, yv_t, dpt, lk, false);
+        for (int i = 0; i < m; ++i) {
+          float* pr = st + i * lk;
+          float* dr = dpt + i * lk;
+          float mx = lse_p[b * n + i0 + i];
+          const float total = exp_row(pr, n, lk, mx, true);
+          Vec<float> weighted{};
+          for (int64_t j = 0; j < lk; j += kLanes<float>) weighted += vload(pr + j) * vload(dr + j);
+          // / rowsum(P): cancels the error P's row shares through lse (see window_attention's backward)
+          const Vec<float> delta = vsplat(hsum<float>(weighted) / total);
+          for (int64_t j = 0; j < lk; j += kLanes<float>) vstore(dr + j, vload(pr + j) * (vload(dr + j) - delta));
+          if (need_dsq) round_to(ds_s + i * lp, dr, lp);
+        }
+        if (need_dsq) {
+          product(m, k, n, ds_s, lp, sk_rows, dsq_t, lq, false);
+          S* dst = dsq.data_ptr<S>() + (b * n + i0) * int64_t(k);
+          for (int i = 0; i < m; ++i) round_to(dst + int64_t(i) * k, dsq_t + i * lq, k);
+        }
+        if (need_dsk) {  // dSk^T += Sq_blk^T dS
+          a_transposed(a_op, qb + i0 * qs.row, qs.row, m, k, tmp);
+          pack_rows(b_op, dpt, lk, m, n);
+          product(k, n, m, a_op, even(m), b_op, dsk_t, lk, blk > 0);
+        }
+        if (need_dyv) {  // dYv^T += dO_blk^T P
+          a_transposed(a_op, gb + i0 * int64_t(c), c, m, c, tmp);
+          pack_rows(b_op, st, lk, m, n);
+          product(c, n, m, a_op, even(m), b_op, dyv_t, lk, blk > 0);
+        }
+      }
+      if (need_dsk) write_transposed(dsk.data_ptr<S>() + b * n * int64_t(k), dsk_t, lk, n, k, tmp);
+      if (need_dyv) write_transposed(dyv.data_ptr<S>() + b * n * int64_t(c), dyv_t, lk, n, c, tmp);
+    }
+  });
+}
+
+}  // namespace reduced
+
 // ---------------------------------------------------------------- bindings --
-// f(T{}) with T = float or double (fp16 / bf16 arrive converted to float32).
+// f(T{}) with T = float or double (fp16 / bf16 arrive converted to float32 unless the matrix unit
+// serves them: dispatch_reduced).
 template <typename F>
 void dispatch_compute(at::ScalarType dtype, F&& f) {
   if (dtype == at::kDouble) f(double{});
   else f(float{});
+}
+template <typename F>
+void dispatch_reduced(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kBFloat16) f(c10::BFloat16{});
+  else f(c10::Half{});
 }
 
 void check_inputs(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv) {
@@ -291,8 +526,9 @@ void check_inputs(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& 
   SF_CPU_CHECK_INPUT(yv, 3);
   SF_CPU_CHECK_SAME_DTYPE(sk, sq);
   SF_CPU_CHECK_SAME_DTYPE(yv, sq);
-  TORCH_CHECK(sq.scalar_type() == at::kFloat || sq.scalar_type() == at::kDouble,
-              "semantic_attention: the cpu kernels take float32 or float64, got ", sq.scalar_type());
+  TORCH_CHECK(sq.scalar_type() == at::kFloat || sq.scalar_type() == at::kDouble || serves(sq.scalar_type()),
+              "semantic_attention: the cpu kernels take float32 or float64 (float16 / bfloat16 where the "
+              "matrix unit serves them), got ", sq.scalar_type());
   TORCH_CHECK(sk.sizes() == sq.sizes(), "semantic_attention: sk must have sq's shape (B_, N, K)");
   TORCH_CHECK(yv.size(0) == sq.size(0) && yv.size(1) == sq.size(1), "semantic_attention: yv must be (B_, N, C)");
   TORCH_CHECK(sq.size(1) >= 1 && sq.size(2) >= 1 && yv.size(2) >= 1, "semantic_attention: empty N, K or C");
@@ -309,8 +545,12 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& sq, const at::Te
   const int64_t batch = sq.size(0);
   const int n = int(sq.size(1));
   at::Tensor out = pooled_empty({batch, n, yv.size(2)}, yv.options());
-  at::Tensor lse = at::empty({batch, n}, sq.options());
+  at::Tensor lse = at::empty({batch, n}, sq.options().dtype(sq.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   if (batch == 0) return {out, lse};
+  if (serves(sq.scalar_type())) {
+    dispatch_reduced(sq.scalar_type(), [&](auto tag) { reduced::forward<decltype(tag)>(sq, sk, yv, out, lse); });
+    return {out, lse};
+  }
   const Blocks queries = balanced(n, kQueryBlock), keys = balanced(n, kKeyBlock);
   dispatch_compute(sq.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -347,7 +587,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
   SF_CPU_CHECK_INPUT(lse, 2);
   SF_CPU_CHECK_SAME_DTYPE(dout, sq);
   SF_CPU_CHECK_SAME_DTYPE(out, sq);
-  SF_CPU_CHECK_SAME_DTYPE(lse, sq);
+  TORCH_CHECK(lse.scalar_type() == (sq.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
+              "semantic_attention: lse must be float32 (float64 for float64 inputs), got ", lse.scalar_type());
   TORCH_CHECK(dout.sizes() == yv.sizes() && out.sizes() == yv.sizes(),
               "semantic_attention: dout and out must be (B_, N, C)");
   TORCH_CHECK(lse.size(0) == sq.size(0) && lse.size(1) == sq.size(1), "semantic_attention: lse must be (B_, N)");
@@ -359,6 +600,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
   at::Tensor dsq = pooled_empty(sq.sizes(), sq.options()), dsk = pooled_empty(sk.sizes(), sk.options());
   at::Tensor dyv = pooled_empty(yv.sizes(), yv.options());
   if (batch == 0) return {dsq, dsk, dyv};
+  if (serves(sq.scalar_type())) {  // out is not read: delta comes from the recomputed tiles
+    dispatch_reduced(sq.scalar_type(), [&](auto tag) {
+      reduced::backward<decltype(tag)>(dout, sq, sk, yv, lse, dsq, dsk, dyv, need_dsq, need_dsk, need_dyv);
+    });
+    return {dsq, dsk, dyv};
+  }
   const Blocks keys = balanced(n, kBwdKeyBlock), queries = balanced(n, kBwdQueryBlock);
   // Key ranges per batch item: a fixed function of the shape (never of the thread count).
   const int ranges_wanted = int(std::min<int64_t>(keys.count, (kBwdTasks + batch - 1) / batch));
@@ -425,6 +672,10 @@ SF_CPU_LIBRARY(m) {
   m.def("semantic_attention_forward(Tensor sq, Tensor sk, Tensor yv) -> (Tensor, Tensor)");
   m.def("semantic_attention_backward(Tensor dout, Tensor sq, Tensor sk, Tensor yv, Tensor out, Tensor lse, "
         "bool need_dsq, bool need_dsk, bool need_dyv) -> (Tensor, Tensor, Tensor)");
+  // Whether inputs of dtype run as they are, on the matrix unit (else the caller converts them).
+  m.def("semantic_attention_matrix_unit(ScalarType dtype) -> bool", [](at::ScalarType dtype) {
+    return sf::cpu::matrix::serves(dtype);
+  });
 }
 
 SF_CPU_LIBRARY_IMPL(m) {

@@ -2,9 +2,11 @@
 
 float32 and float64 inputs are read in place with any batch and row strides (SemanticAttention's
 column views of one fused projection are not copied); only a non-unit last-dim stride needs a
-copy.  float16 / bfloat16 are converted to float32 here (a copy), computed in float32 and rounded
-once.  Forward saves the row logsumexp, and for float16 / bfloat16 the float32 output (the
-returned output is its rounding); backward recomputes the probabilities tile by tile.
+copy.  float16 / bfloat16 run as they are where the CPU's matrix unit serves them (AMX; the
+kernels say so: ``semantic_attention_matrix_unit``), products accumulated in float32; elsewhere
+they are converted to float32 here (a copy), computed in float32 and rounded once.  Forward saves
+the row logsumexp, and on the converted path the float32 output (the returned output is its
+rounding); backward recomputes the probabilities tile by tile.
 """
 
 from __future__ import annotations
@@ -17,13 +19,8 @@ from ..registry import register
 from . import CpuImpl
 
 
-def _compute(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in the kernels' compute type (float32, or float64) with a contiguous last dim."""
-    return unit_last_stride(t if t.dtype in (torch.float32, torch.float64) else t.float())
-
-
 def _rounded(dtype: torch.dtype) -> bool:
-    """Whether the output is a rounding of the kernels' float32 output (kept for backward)."""
+    """Whether the kernels compute in another (wider) type than ``dtype``."""
     return dtype not in (torch.float32, torch.float64)
 
 
@@ -31,23 +28,41 @@ def _rounded(dtype: torch.dtype) -> bool:
 class SemanticAttentionCpu(CpuImpl):
     op = "semantic_attention"
 
+    def _on_matrix_unit(self, dtype: torch.dtype) -> bool:
+        return _rounded(dtype) and self.library().semantic_attention_matrix_unit(dtype)
+
+    def _compute(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as the kernels take it: float32 / float64, or a reduced type the matrix unit serves
+        (else converted to float32), with a contiguous last dim."""
+        if _rounded(t.dtype) and not self._on_matrix_unit(t.dtype):
+            t = t.float()
+        return unit_last_stride(t)
+
     def forward(self, inp: SemanticAttentionInputs, seed: int):
-        sq, sk, yv = (_compute(t) for t in (inp.sq, inp.sk, inp.yv))
+        sq, sk, yv = (self._compute(t) for t in (inp.sq, inp.sk, inp.yv))
         out, lse = self.library().semantic_attention_forward(sq, sk, yv)
-        if _rounded(inp.yv.dtype):
+        if out.dtype != inp.yv.dtype:
             return (out.to(inp.yv.dtype),), (lse, out)
         return (out,), (lse,)
 
     def residuals_like(self, inp: SemanticAttentionInputs):
-        lse = inp.sq.new_empty(inp.sq.shape[:2], dtype=torch.float32 if _rounded(inp.sq.dtype) else inp.sq.dtype)
-        if _rounded(inp.yv.dtype):
+        wide = torch.float64 if inp.sq.dtype == torch.float64 else torch.float32
+        lse = inp.sq.new_empty(inp.sq.shape[:2], dtype=wide)
+        if _rounded(inp.yv.dtype) and not self._on_matrix_unit(inp.yv.dtype):
             return lse, inp.yv.new_empty(inp.yv.shape, dtype=torch.float32)
         return (lse,)
 
     def backward(self, inp: SemanticAttentionInputs, outputs, residuals, grad_outputs, needs, seed: int):
         # The kernels compute only the gradients autograd needs.
-        lse, out = residuals[0], residuals[1] if _rounded(inp.yv.dtype) else outputs[0]
-        sq, sk, yv = (_compute(t) for t in (inp.sq, inp.sk, inp.yv))
+        sq, sk, yv = (self._compute(t) for t in (inp.sq, inp.sk, inp.yv))
+        if len(residuals) == 2:  # converted in forward: the float32 output
+            lse, out = residuals
+        elif sq.dtype == inp.sq.dtype:  # as forward ran (float32 / float64, or the matrix unit)
+            lse, out = residuals[0], outputs[0]
+        else:
+            # Forward ran on the matrix unit, which has been switched off since (oneDNN disabled):
+            # the converted path's float32 output, recomputed.
+            out, lse = self.library().semantic_attention_forward(sq, sk, yv)
         dout = grad_outputs[0].to(out.dtype).contiguous()
         grads = self.library().semantic_attention_backward(dout, sq, sk, yv, out, lse, *needs)
         return tuple(g.to(t.dtype) if need else None for g, t, need in zip(grads, (inp.sq, inp.sk, inp.yv), needs))

@@ -1,0 +1,158 @@
+// Products of bf16 / fp16 operands on the CPU's matrix unit (Intel AMX), accumulated in fp32: what
+// the kernels of reduced-precision inputs are made of where the machine has one.  The microkernel
+// is oneDNN's batch-reduce GEMM as PyTorch exports it (at::native::cpublas::brgemm, the one its
+// own CPU flash attention runs): it generates the tile code for each shape once per thread and
+// keeps it.  Where it would not run on the matrix unit (no AMX, AMX without fp16 for half inputs,
+// oneDNN turned off with torch.backends.mkldnn), `serves` says no and the kernels take their
+// portable fp32 path.
+//
+// A product C (m x n, fp32) [+]= A (m x k) B (k x n): A row-major in the storage type with k even
+// (rows padded with a zero column otherwise), B packed by this header in the layout the unit reads
+// (VNNI): blocks of kBlockN columns, each [k/2][kBlockN][2], k rounded up to even and n to whole
+// blocks with zeros.  C has whole blocks of columns too (its padding columns receive zeros).
+#pragma once
+
+#include <ATen/Context.h>
+#include <ATen/native/CPUBlas.h>
+
+#include "sf_cpu.h"
+
+#pragma GCC visibility push(hidden)
+namespace sf::cpu::matrix {
+
+constexpr int64_t kBlockN = 32;  // columns per packed block (two 16-column fp32 tiles of C)
+
+template <typename S>
+constexpr bool kReduced = std::is_same_v<S, c10::BFloat16> || std::is_same_v<S, c10::Half>;
+
+// Whether products of `dtype` run on the matrix unit (asked per call: oneDNN can be switched off).
+inline bool serves(at::ScalarType dtype) {
+  return (dtype == at::kBFloat16 || dtype == at::kHalf) && at::native::cpublas::could_pack(dtype);
+}
+
+inline int64_t even(int64_t k) { return (k + 1) / 2 * 2; }
+inline int64_t whole_blocks(int64_t n) { return round_up(n, kBlockN); }
+// Elements of a packed k x n operand.
+inline int64_t packed_size(int64_t k, int64_t n) { return even(k) * whole_blocks(n); }
+
+#if defined(__AVX512BW__)
+// 32 consecutive values of x as the storage type S, in one register.
+template <typename S, typename X>
+inline bool load32(const X* x, __m512i& v) {
+  if constexpr (std::is_same_v<X, S>) {
+    v = _mm512_loadu_si512(x);
+    return true;
+  }
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<X, float> && std::is_same_v<S, c10::BFloat16>) {
+    v = _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x))),
+                           (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + 16)), 1);
+    return true;
+  }
+#endif
+  if constexpr (std::is_same_v<X, float> && std::is_same_v<S, c10::Half>) {
+    constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtps_ph(_mm512_loadu_ps(x), kRound)),
+                           _mm512_cvtps_ph(_mm512_loadu_ps(x + 16), kRound), 1);
+    return true;
+  }
+  return false;
+}
+#endif
+
+// B = X, X (k rows x n) with row stride ldx, values converted to S: element (r, c) = X[r][c].
+// Pairs of rows are interleaved per column (whole 32-column blocks of two rows in registers).
+template <typename S, typename X>
+inline void pack_rows(S* __restrict__ dst, const X* __restrict__ x, int64_t ldx, int64_t k, int64_t n) {
+  const int64_t kk = even(k), nn = whole_blocks(n);
+  for (int64_t j0 = 0; j0 < nn; j0 += kBlockN) {
+    S* blk = dst + j0 * kk;
+    const int64_t cols = std::max<int64_t>(0, std::min(kBlockN, n - j0));
+    for (int64_t r = 0; r < kk; r += 2) {
+      S* out = blk + r * kBlockN;
+      const X* x0 = x + r * ldx + j0;
+      const X* x1 = x0 + ldx;
+      const bool second = r + 1 < k;
+#if defined(__AVX512BW__)
+      static_assert(kBlockN == 32, "one register of 16-bit values per row of a block");
+      __m512i a, b;
+      if (cols == kBlockN && second && load32<S>(x0, a) && load32<S>(x1, b)) {
+        // out[2c] = a[c], out[2c + 1] = b[c]: element i of the result takes a[i / 2] or b[i / 2].
+        alignas(64) static constexpr uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                                         8,  40, 9,  41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+        const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+        _mm512_storeu_si512(out, _mm512_permutex2var_epi16(a, lo, b));
+        _mm512_storeu_si512(out + kBlockN, _mm512_permutex2var_epi16(a, hi, b));
+        continue;
+      }
+#endif
+      for (int64_t c = 0; c < cols; ++c) {
+        out[2 * c] = static_cast<S>(x0[c]);
+        out[2 * c + 1] = second ? static_cast<S>(x1[c]) : S(0);
+      }
+      for (int64_t c = cols; c < kBlockN; ++c) out[2 * c] = out[2 * c + 1] = S(0);
+    }
+  }
+}
+
+// B = X^T, X (n rows x k) with row stride ldx: element (r, c) = X[c][r].  A pair (r, r + 1) of one
+// column is two consecutive elements of a row of X: a 32-bit copy.
+template <typename S>
+inline void pack_transposed(S* __restrict__ dst, const S* __restrict__ x, int64_t ldx, int64_t n, int64_t k) {
+  const int64_t kk = even(k), nn = whole_blocks(n);
+  for (int64_t j0 = 0; j0 < nn; j0 += kBlockN) {
+    S* blk = dst + j0 * kk;
+    const int64_t cols = std::max<int64_t>(0, std::min(kBlockN, n - j0));
+    for (int64_t c = 0; c < cols; ++c) {
+      const S* row = x + (j0 + c) * ldx;
+      int64_t r = 0;
+      for (; r + 1 < k; r += 2) std::memcpy(blk + r * kBlockN + 2 * c, row + r, 2 * sizeof(S));
+      if (r < k) {
+        blk[r * kBlockN + 2 * c] = row[r];
+        blk[r * kBlockN + 2 * c + 1] = S(0);
+      }
+    }
+    for (int64_t r = 0; r < kk; r += 2)
+      std::fill(blk + r * kBlockN + 2 * cols, blk + (r + 2) * kBlockN, S(0));
+  }
+}
+
+// dst[0:n] = src[0:n] rounded to the storage type (nearest even), with the conversion instructions
+// of the build where it has them.
+template <typename S>
+inline void round_to(S* __restrict__ dst, const float* __restrict__ src, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<S, c10::BFloat16>)
+    for (; i + 16 <= n; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+#endif
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<S, c10::Half>)
+    for (; i + 16 <= n; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                          _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<S>(src[i]);
+}
+
+// C (m x whole_blocks(n), ldc) [+]= A (m x even(k), lda) B (packed k x n).
+template <typename S>
+inline void product(int64_t m, int64_t n, int64_t k, const S* a, int64_t lda, const S* packed, float* c, int64_t ldc,
+                    bool accumulate) {
+  const int64_t kk = even(k), nn = whole_blocks(n);
+  for (int64_t j0 = 0; j0 < nn; j0 += kBlockN)
+    at::native::cpublas::brgemm(m, kBlockN, kk, lda, kBlockN, ldc, accumulate, a, packed + j0 * kk, c + j0, true);
+}
+
+// Hands the unit's state (tile configuration) back at the end of a thread's run of products.
+class Session {
+ public:
+  Session() = default;
+  ~Session() { at::native::cpublas::brgemm_release(true); }
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+};
+
+}  // namespace sf::cpu::matrix
+#pragma GCC visibility pop
