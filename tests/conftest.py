@@ -5,6 +5,7 @@ interpreter: TRITON_INTERPRET must be set before ``semask_fast.kernels`` is
 first imported, i.e. here, before any test module is collected.
 """
 
+import contextlib
 import os
 
 import torch
@@ -58,6 +59,23 @@ def require_backend(op: str, backend: str) -> torch.device:
             pytest.fail(msg)
         pytest.skip(msg)
     return impl.preferred_device()
+
+
+@contextlib.contextmanager
+def onednn(enabled: bool):
+    """oneDNN switched on or off, as a user would (the cpu kernels' matrix-unit products come from it)."""
+    saved = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = saved
+
+
+def cpu_matrix_unit(dtype: torch.dtype) -> bool:
+    """Whether the cpu kernels run ``dtype`` on the matrix unit here (AMX; csrc/cpu/sf_cpu_matrix.h)."""
+    require_backend("semantic_attention", "cpu")
+    return registry.implementation("semantic_attention", "cpu").library().semantic_attention_matrix_unit(dtype)
 
 
 def next_seed(backend: str, op: str = "window_attention", device=None) -> int:

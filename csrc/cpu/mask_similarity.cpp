@@ -35,6 +35,7 @@
 // order after the pass.
 
 #include "sf_cpu.h"
+#include "sf_cpu_matrix.h"
 
 namespace {
 
@@ -76,14 +77,17 @@ void panel_product(int panels, int vecs, int depth, const T* a, int64_t a_panel,
   }
 }
 
-// sum_i x[i] y[i] over n elements (vectors, then the tail in order).
+// sum_i x[i] y[i] over n elements (vectors into four independent sums, as one chain would wait on
+// each FMA's latency; then the tail in order).
 template <typename T>
 T dot(const T* x, const T* y, int64_t n) {
   constexpr int L = kLanes<T>;
-  Vec<T> acc{};
+  Vec<T> acc[4] = {};
   int64_t i = 0;
-  for (; i + L <= n; i += L) acc += sf::cpu::vload(x + i) * sf::cpu::vload(y + i);
-  T s = sf::cpu::hsum<T>(acc);
+  for (; i + 4 * L <= n; i += 4 * L)
+    for (int u = 0; u < 4; ++u) acc[u] += sf::cpu::vload(x + i + u * L) * sf::cpu::vload(y + i + u * L);
+  for (; i + L <= n; i += L) acc[0] += sf::cpu::vload(x + i) * sf::cpu::vload(y + i);
+  T s = sf::cpu::hsum<T>((acc[0] + acc[1]) + (acc[2] + acc[3]));
   for (; i < n; ++i) s += x[i] * y[i];
   return s;
 }
@@ -348,6 +352,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const at
   return {out, scores, rinv_p, rinv_c};
 }
 
+// The per-row constants of the backward's row step.
+template <typename T>
+struct RowTerms {
+  const T* gain;   // LayerNorm gain, padded to Kpad
+  const T* valid;  // 1 for real classes, 0 for padding
+  int64_t K, Kpad;
+  bool norm;
+  T eps;
+};
+// Rows of Kpad values the row step works in (per thread).
+template <typename T>
+struct RowScratch {
+  T *s, *dy, *ds, *dh;
+};
+
+// One patch row of the backward: dS (the cosines' gradient, through the LayerNorm with norm),
+// g = rp dS rc (Kpad values, zero past K), colsum += dS S and the LayerNorm partials dw += dy shat,
+// db += dy (when given); returns rowdot = sum_k dS S.  s_row: the row's cosines, dy_row: its
+// output gradient, rc: the classes' inverse norms padded with zeros.
+template <typename S, typename T>
+T row_gradient(const T* s_row, const S* dy_row, T rp, const T* rc, const RowTerms<T>& t, const RowScratch<T>& w,
+               T* colsum, T* dw_part, T* db_part, T* g) {
+  constexpr int L = kLanes<T>;
+  using sf::cpu::vload;
+  using sf::cpu::vstore;
+  const int64_t K = t.K, Kpad = t.Kpad;
+  T *s = w.s, *dy = w.dy, *ds = w.ds, *dh = w.dh;
+  std::copy_n(s_row, K, s);
+  std::fill_n(s + K, Kpad - K, T(0));
+  sf::cpu::load_row(dy, dy_row, K);
+  std::fill_n(dy + K, Kpad - K, T(0));
+  const T* dsr = dy;  // dS = dy without the LayerNorm
+  if (t.norm) {
+    // dS = rstd (dh - mean(dh) - shat mean(dh shat)), shat = (s - mean) rstd, dh = dy gain.
+    T mean, rstd;
+    layer_norm_stats(s, K, Kpad, t.eps, mean, rstd);  // s's padding now holds the mean
+    const Vec<T> m = sf::cpu::vsplat<T>(mean), rs = sf::cpu::vsplat<T>(rstd);
+    Vec<T> sum_dh{}, sum_dh_shat{};
+    for (int64_t k = 0; k < Kpad; k += L) {
+      const Vec<T> shat = (vload(s + k) - m) * rs, y = vload(dy + k), h = y * vload(t.gain + k);
+      vstore(ds + k, shat);
+      vstore(dh + k, h);
+      if (dw_part) {
+        vstore(dw_part + k, vload(dw_part + k) + y * shat);
+        vstore(db_part + k, vload(db_part + k) + y);
+      }
+      sum_dh += h;
+      sum_dh_shat += h * shat;
+    }
+    const Vec<T> a1 = sf::cpu::vsplat<T>(sf::cpu::hsum<T>(sum_dh) / T(K));
+    const Vec<T> a2 = sf::cpu::vsplat<T>(sf::cpu::hsum<T>(sum_dh_shat) / T(K));
+    for (int64_t k = 0; k < Kpad; k += L)
+      vstore(ds + k, rs * (vload(dh + k) - a1 - vload(ds + k) * a2) * vload(t.valid + k));
+    dsr = ds;
+  }
+  // dsr is zero past K, so the mean left in s's padding does not enter these sums.
+  Vec<T> dot_acc{};
+  const Vec<T> rpv = sf::cpu::vsplat<T>(rp);
+  for (int64_t k = 0; k < Kpad; k += L) {
+    const Vec<T> d = vload(dsr + k), sv = vload(s + k);
+    dot_acc += d * sv;
+    vstore(colsum + k, vload(colsum + k) + d * sv);
+    vstore(g + k, rpv * d * vload(rc + k));
+  }
+  return sf::cpu::hsum<T>(dot_acc);
+}
+
 // Backward (see the file comment).  scores: the forward's cosines (B, Np, K) in the compute type;
 // rinv_p, rinv_c: its inverse norms.  Returns dP, dC and, with norm, dw and db in the compute
 // type (empty tensors otherwise).
@@ -424,7 +495,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     T* dct = cs + group_strips * strip_size;
     T* pk = dct + group_strips * tile_size;
     T rowdot[kChunk];
-    std::fill_n(dy + K, Kpad - K, T(0));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / groups, s0 = (t % groups) * group_strips, s1 = std::min(strips, s0 + group_strips);
       const int64_t c0 = s0 * W, width = std::min(D, s1 * W) - c0;
@@ -453,43 +523,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
         std::fill_n(colsum, Kpad, T(0));
         for (int r = 0; r < rows; ++r) {
           const int64_t n = b * Np + n0 + r;
-          std::copy_n(s_all + n * K, K, s);
-          std::fill_n(s + K, Kpad - K, T(0));
-          sf::cpu::load_row(dy, dy_all + n * K, K);
-          const T* dsr = dy;  // dS = dy without the LayerNorm
-          if (norm) {
-            // dS = rstd (dh - mean(dh) - shat mean(dh shat)), shat = (s - mean) rstd, dh = dy gain.
-            T mean, rstd;
-            layer_norm_stats(s, K, Kpad, T(eps), mean, rstd);  // s's padding now holds the mean
-            const Vec<T> m = sf::cpu::vsplat<T>(mean), rs = sf::cpu::vsplat<T>(rstd);
-            Vec<T> sum_dh{}, sum_dh_shat{};
-            for (int64_t k = 0; k < Kpad; k += L) {
-              const Vec<T> shat = (vload(s + k) - m) * rs, y = vload(dy + k), h = y * vload(gain.data() + k);
-              vstore(ds + k, shat);
-              vstore(dh + k, h);
-              if (dw_part) {
-                vstore(dw_part + k, vload(dw_part + k) + y * shat);
-                vstore(db_part + k, vload(db_part + k) + y);
-              }
-              sum_dh += h;
-              sum_dh_shat += h * shat;
-            }
-            const Vec<T> a1 = sf::cpu::vsplat<T>(sf::cpu::hsum<T>(sum_dh) / T(K));
-            const Vec<T> a2 = sf::cpu::vsplat<T>(sf::cpu::hsum<T>(sum_dh_shat) / T(K));
-            for (int64_t k = 0; k < Kpad; k += L)
-              vstore(ds + k, rs * (vload(dh + k) - a1 - vload(ds + k) * a2) * vload(valid.data() + k));
-            dsr = ds;
-          }
-          // dsr is zero past K, so the mean left in s's padding does not enter these sums.
-          Vec<T> dot_acc{};
-          const Vec<T> rp = sf::cpu::vsplat<T>(rp_all[n]);
-          for (int64_t k = 0; k < Kpad; k += L) {
-            const Vec<T> d = vload(dsr + k), sv = vload(s + k);
-            dot_acc += d * sv;
-            vstore(colsum + k, vload(colsum + k) + d * sv);
-            vstore(g + r * Kpad + k, rp * d * vload(rc + k));
-          }
-          rowdot[r] = sf::cpu::hsum<T>(dot_acc);
+          rowdot[r] = row_gradient(s_all + n * K, dy_all + n * K, rp_all[n], rc, RowTerms<T>{gain.data(), valid.data(),
+                                   K, Kpad, norm, T(eps)}, RowScratch<T>{s, dy, ds, dh}, colsum, dw_part, db_part,
+                                   g + r * Kpad);
         }
         // coldot: the blocks' column sums added in block order.
         for (int64_t k = 0; k < Kpad; k += L) vstore(coldot + k, vload(coldot + k) + vload(colsum + k));
@@ -559,11 +595,213 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   return {dP, dC, dw, db};
 }
 
+// ---------------------------------------------- bf16 / fp16 on the matrix unit --
+// Inputs of a reduced type where sf_cpu_matrix.h serves it: the three products on the matrix unit
+// on the raw operands (S = rp (P C^T) rc, dP = G C - ..., dC = G^T P - ..., as above), everything
+// else in fp32 as on the vector path (the same row step), with the same residuals.  G is rounded to
+// the input type for its products (as PyTorch's reduced-precision autograd rounds every gradient).
+namespace reduced {
+
+using namespace sf::cpu::matrix;
+namespace matrix = sf::cpu::matrix;
+using T = float;
+
+template <typename S>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& P, const at::Tensor& C,
+                                                                   const std::optional<at::Tensor>& weight,
+                                                                   const std::optional<at::Tensor>& bias, bool norm,
+                                                                   double eps) {
+  constexpr int L = kLanes<T>;
+  const int64_t B = P.size(0), Np = P.size(1), K = C.size(1), D = P.size(2), Kpad = padded<T>(K);
+  const int64_t lk = whole_blocks(K), kd = even(D), cls_size = packed_size(D, K);
+  TORCH_CHECK(norm || !(weight.has_value() || bias.has_value()), "norm_weight / norm_bias given but norm=False");
+  const std::vector<T> gain = padded_param<T>(weight, K, Kpad, T(1), "norm_weight");
+  const std::vector<T> shift = padded_param<T>(bias, K, Kpad, T(0), "norm_bias");
+  const auto acc_options = P.options().dtype(at::kFloat);
+  at::Tensor out = sf::cpu::pooled_empty({B, Np, K}, P.options());
+  at::Tensor scores = sf::cpu::pooled_empty({B, Np, K}, acc_options);
+  at::Tensor rinv_p = at::empty({B, Np}, acc_options), rinv_c = at::empty({B, K}, acc_options);
+  if (out.numel() == 0) return {out, scores, rinv_p, rinv_c};
+  const S* p = P.data_ptr<S>();
+  const S* c = C.data_ptr<S>();
+  S* o = out.data_ptr<S>();
+  T* s_all = scores.data_ptr<T>();
+  T* rp_all = rinv_p.data_ptr<T>();
+  T* rc_all = rinv_c.data_ptr<T>();
+  // The classes of each batch, packed as C^T (D x K), and their inverse norms: a pass before.
+  at::Tensor packed = sf::cpu::pooled_empty({B, cls_size}, P.options());
+  S* packed_all = packed.data_ptr<S>();
+  sf::cpu::parallel_for(B, 1, [&](int64_t b0, int64_t b1) {
+    T* buf = sf::cpu::scratch<T>(0, size_t(D));
+    for (int64_t b = b0; b < b1; ++b) {
+      pack_transposed(packed_all + b * cls_size, c + b * K * D, D, K, D);
+      for (int64_t k = 0; k < K; ++k) rc_all[b * K + k] = inverse_norm(c + (b * K + k) * D, D, buf);
+    }
+  });
+  const int64_t chunks = (Np + kChunk - 1) / kChunk;
+  sf::cpu::parallel_for(B * chunks, 1, [&](int64_t t0, int64_t t1) {
+    Session session;
+    T* tile = sf::cpu::scratch<T>(0, size_t(kChunk * lk));
+    T* rc = sf::cpu::scratch<T>(1, size_t(Kpad));
+    T* buf = sf::cpu::scratch<T>(2, size_t(std::max(D, Kpad)));
+    S* stage = D % 2 ? sf::cpu::scratch<S>(0, size_t(kChunk * kd)) : nullptr;
+    int64_t rc_batch = -1;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / chunks, n0 = (t % chunks) * kChunk;
+      const int rows = int(std::min<int64_t>(kChunk, Np - n0));
+      if (b != rc_batch) {
+        std::copy_n(rc_all + b * K, K, rc);
+        std::fill(rc + K, rc + Kpad, T(0));
+        rc_batch = b;
+      }
+      const S* pb = p + (b * Np + n0) * D;
+      const S* a = pb;
+      if (stage) {
+        for (int r = 0; r < rows; ++r) {
+          std::copy_n(pb + r * D, D, stage + r * kd);
+          stage[r * kd + D] = S(0);
+        }
+        a = stage;
+      }
+      product(rows, K, D, a, stage ? kd : D, packed_all + b * cls_size, tile, lk, false);
+      for (int r = 0; r < rows; ++r) {
+        const T rp = inverse_norm(pb + r * D, D, buf);
+        rp_all[b * Np + n0 + r] = rp;
+        T* row = tile + r * lk;
+        const Vec<T> rpv = sf::cpu::vsplat<T>(rp);
+        for (int64_t k = 0; k < Kpad; k += L) sf::cpu::vstore(row + k, sf::cpu::vload(row + k) * rpv * sf::cpu::vload(rc + k));
+        const int64_t orow = (b * Np + n0 + r) * K;
+        std::copy_n(row, K, s_all + orow);
+        if (norm) {
+          T mean, rstd;
+          layer_norm_stats(row, K, Kpad, T(eps), mean, rstd);
+          const Vec<T> m = sf::cpu::vsplat<T>(mean), rs = sf::cpu::vsplat<T>(rstd);
+          for (int64_t k = 0; k < Kpad; k += L) {
+            const Vec<T> y = (sf::cpu::vload(row + k) - m) * rs;
+            sf::cpu::vstore(row + k, y * sf::cpu::vload(gain.data() + k) + sf::cpu::vload(shift.data() + k));
+          }
+        }
+        round_to(o + orow, row, K);
+      }
+    }
+  });
+  return {out, scores, rinv_p, rinv_c};
+}
+
+template <typename S>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad, const at::Tensor& P, const at::Tensor& C, const at::Tensor& scores,
+    const at::Tensor& rinv_p, const at::Tensor& rinv_c, const std::optional<at::Tensor>& weight, bool norm,
+    double eps, bool need_dp, bool need_dc) {
+  constexpr int L = kLanes<T>;
+  const int64_t B = P.size(0), Np = P.size(1), K = C.size(1), D = P.size(2), Kpad = padded<T>(K);
+  const int64_t ld = whole_blocks(D), kk = even(K), mm = even(kChunk), wm = sf::cpu::round_up(kChunk, L);
+  const std::vector<T> gain = padded_param<T>(weight, K, Kpad, T(1), "norm_weight");
+  const auto acc_options = P.options().dtype(at::kFloat);
+  at::Tensor dP = sf::cpu::pooled_empty(P.sizes(), P.options()), dC = sf::cpu::pooled_empty(C.sizes(), C.options());
+  at::Tensor dw = norm ? at::zeros({K}, acc_options) : at::Tensor();
+  at::Tensor db = norm ? at::zeros({K}, acc_options) : at::Tensor();
+  if (P.numel() == 0 || C.numel() == 0) {
+    dP.zero_();
+    dC.zero_();
+    return {dP, dC, dw, db};
+  }
+  const S* p = P.data_ptr<S>();
+  const S* c = C.data_ptr<S>();
+  const S* dy_all = grad.data_ptr<S>();
+  const T* s_all = scores.data_ptr<T>();
+  const T* rp_all = rinv_p.data_ptr<T>();
+  const T* rc_all = rinv_c.data_ptr<T>();
+  S* dp = dP.data_ptr<S>();
+  S* dc = dC.data_ptr<S>();
+  const int64_t blocks = (Np + kChunk - 1) / kChunk;
+  std::vector<T> ln_partials(norm ? size_t(B * blocks * 2 * Kpad) : 0);
+  std::vector<T> valid(size_t(Kpad), T(0));
+  std::fill_n(valid.data(), K, T(1));
+  const RowTerms<T> terms{gain.data(), valid.data(), K, Kpad, norm, T(eps)};
+  // A task per batch: its blocks in order, so that dC's sum over the patches has one order.
+  sf::cpu::parallel_for(B, 1, [&](int64_t b0, int64_t b1) {
+    Session session;
+    const RowScratch<T> w{sf::cpu::scratch<T>(0, size_t(Kpad)), sf::cpu::scratch<T>(1, size_t(Kpad)),
+                          sf::cpu::scratch<T>(2, size_t(Kpad)), sf::cpu::scratch<T>(3, size_t(Kpad))};
+    T* colsum = sf::cpu::scratch<T>(4, size_t(2 * Kpad));
+    T* coldot = colsum + Kpad;
+    T* g = sf::cpu::scratch<T>(5, size_t(kChunk * Kpad + Kpad * wm + Kpad));  // G rows, then G^T
+    T* gt = g + kChunk * Kpad;
+    T* rc = gt + Kpad * wm;
+    T* tile = sf::cpu::scratch<T>(6, size_t(kChunk * ld + K * ld));  // dP rows, the dC accumulator
+    T* dct = tile + kChunk * ld;
+    S* c_rows = sf::cpu::scratch<S>(0, size_t(packed_size(K, D)));  // C (K x D) packed: B of dP
+    S* p_rows = sf::cpu::scratch<S>(1, size_t(packed_size(kChunk, D)));  // the block's P: B of dC
+    S* g_s = sf::cpu::scratch<S>(2, size_t(std::max(kChunk * kk, K * mm)));  // G or G^T rounded: A
+    T rowdot[kChunk];
+    for (int64_t b = b0; b < b1; ++b) {
+      std::copy_n(rc_all + b * K, K, rc);
+      std::fill(rc + K, rc + Kpad, T(0));
+      if (need_dp) matrix::pack_rows(c_rows, c + b * K * D, D, K, D);
+      std::fill_n(coldot, Kpad, T(0));
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t n0 = blk * kChunk;
+        const int rows = int(std::min<int64_t>(kChunk, Np - n0));
+        T* dw_part = norm ? ln_partials.data() + (b * blocks + blk) * 2 * Kpad : nullptr;
+        T* db_part = dw_part ? dw_part + Kpad : nullptr;
+        if (dw_part) std::fill_n(dw_part, 2 * Kpad, T(0));
+        std::fill_n(colsum, Kpad, T(0));
+        for (int r = 0; r < rows; ++r) {
+          const int64_t n = b * Np + n0 + r;
+          rowdot[r] = row_gradient(s_all + n * K, dy_all + n * K, rp_all[n], rc, terms, w, colsum, dw_part, db_part,
+                                   g + r * Kpad);
+        }
+        for (int64_t k = 0; k < Kpad; k += L)
+          sf::cpu::vstore(coldot + k, sf::cpu::vload(coldot + k) + sf::cpu::vload(colsum + k));
+        const S* pb = p + (b * Np + n0) * D;
+        if (need_dp) {  // dP rows = G C - P rp^2 rowdot
+          for (int r = 0; r < rows; ++r) round_to(g_s + r * kk, g + r * Kpad, kk);
+          product(rows, D, K, g_s, kk, c_rows, tile, ld, false);
+          for (int r = 0; r < rows; ++r) {
+            const int64_t n = b * Np + n0 + r;
+            store_difference(dp + n * D, tile + r * ld, pb + r * D, rp_all[n] * rp_all[n] * rowdot[r], D);
+          }
+        }
+        if (need_dc) {  // dC += G^T P over the block's rows
+          sf::cpu::transpose(g, Kpad, rows, int(Kpad), gt, wm);
+          for (int64_t k = 0; k < K; ++k) round_to(g_s + k * even(rows), gt + k * wm, even(rows));
+          matrix::pack_rows(p_rows, pb, D, rows, D);
+          product(K, D, rows, g_s, even(rows), p_rows, dct, ld, blk > 0);
+        }
+      }
+      // dC = G^T P - C rc^2 coldot.
+      for (int64_t k = 0; need_dc && k < K; ++k) {
+        const T rck = rc_all[b * K + k];
+        store_difference(dc + (b * K + k) * D, dct + k * ld, c + (b * K + k) * D, rck * rck * coldot[k], D);
+      }
+    }
+  });
+  if (norm) {  // dw and db, summed over the row blocks in order
+    T* dwp = dw.data_ptr<T>();
+    T* dbp = db.data_ptr<T>();
+    for (int64_t j = 0; j < B * blocks; ++j) {
+      const T* part = ln_partials.data() + j * 2 * Kpad;
+      for (int64_t k = 0; k < K; ++k) {
+        dwp[k] += part[k];
+        dbp[k] += part[Kpad + k];
+      }
+    }
+  }
+  return {dP, dC, dw, db};
+}
+
+}  // namespace reduced
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& P, const at::Tensor& C,
                                                                    const std::optional<at::Tensor>& weight,
                                                                    const std::optional<at::Tensor>& bias, bool norm,
                                                                    double eps) {
   check_inputs(P, C);
+  if (sf::cpu::matrix::serves(P.scalar_type())) {
+    if (P.scalar_type() == at::kBFloat16) return reduced::forward<c10::BFloat16>(P, C, weight, bias, norm, eps);
+    return reduced::forward<c10::Half>(P, C, weight, bias, norm, eps);
+  }
   return SF_CPU_DISPATCH(P.scalar_type(), "mask_similarity", [&] {
     return forward_impl<scalar_t>(P, C, weight, bias, norm, eps);
   });
@@ -583,6 +821,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
   TORCH_CHECK(grad.size(0) == P.size(0) && grad.size(1) == P.size(1) && grad.size(2) == C.size(1),
               "grad must have shape (B, Np, K) = (", P.size(0), ", ", P.size(1), ", ", C.size(1), "), got ",
               grad.sizes());
+  if (sf::cpu::matrix::serves(P.scalar_type())) {
+    if (P.scalar_type() == at::kBFloat16)
+      return reduced::backward<c10::BFloat16>(grad, P, C, scores, rinv_p, rinv_c, weight, norm, eps, need_dp, need_dc);
+    return reduced::backward<c10::Half>(grad, P, C, scores, rinv_p, rinv_c, weight, norm, eps, need_dp, need_dc);
+  }
   return SF_CPU_DISPATCH(P.scalar_type(), "mask_similarity", [&] {
     return backward_impl<scalar_t>(grad, P, C, scores, rinv_p, rinv_c, weight, norm, eps, need_dp, need_dc);
   });

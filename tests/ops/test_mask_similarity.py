@@ -22,7 +22,7 @@ import semask_fast
 from semask_fast import reference
 from semask_fast.backends.base import record_dispatch
 from semask_fast.testing import GRADCHECK, assert_close, assert_parity
-from tests.conftest import require_backend
+from tests.conftest import cpu_matrix_unit, onednn, require_backend
 from tests.kernels._launch_parity import assert_matches_reference, grad_outputs_like, ids, kernels, rounded
 
 OP = "mask_similarity"
@@ -159,6 +159,26 @@ def test_cpu_gradcheck_fp64(norm, affine):
     with record_dispatch() as ran:
         assert torch.autograd.gradcheck(fn, tuple(t.values()), **GRADCHECK)
     _ran_cpu_only(ran)
+
+
+# (B, Np, K, D) at the matrix-unit path's edges: odd D (staged rows), odd K, a last block of one row,
+# several row blocks.
+MATRIX_UNIT_SHAPES = [(2, 129, 150, 96), (1, 65, 7, 33), (3, 37, 19, 64)]
+
+
+@pytest.mark.parametrize("unit", [True, False], ids=["matrix-unit", "vector-units"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("norm,affine", EPILOGUES, ids=["plain", "norm-affine", "norm"])
+@pytest.mark.parametrize("shape", MATRIX_UNIT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cpu_reduced_paths(shape, norm, affine, dtype, unit):
+    """float16 / bfloat16 on the matrix unit (AMX, where oneDNN packs the type) and on the vector
+    units (oneDNN switched off): both within the dtype's tolerance of float64."""
+    if unit and not cpu_matrix_unit(dtype):
+        pytest.skip(f"no matrix unit for {dtype} on this machine (AMX; float16 needs AMX-FP16)")
+    t = _inputs(*shape, "cpu", affine)
+    with onednn(unit):
+        assert cpu_matrix_unit(dtype) == unit
+        assert_parity(_op(norm), t, list(t), dtype, backend="cpu", op=OP)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).replace("torch.", ""))

@@ -25,7 +25,6 @@ and bf16 stores are exercised; the bf16 tensor-core product itself is not (it
 is on a GPU).
 """
 
-import contextlib
 import dataclasses
 
 import pytest
@@ -35,7 +34,7 @@ import semask_fast
 from semask_fast import _build
 from semask_fast._traffic import harness_bytes
 from semask_fast.testing import assert_close, assert_parity
-from tests.conftest import require_backend, require_toolchain
+from tests.conftest import cpu_matrix_unit, onednn, require_backend, require_toolchain
 from tests.harness._cuda_sources import BACKEND, IDS, randn
 from tests.kernels._launch_parity import ids, kernels, rounded, run_semantic, semantic_inputs
 
@@ -321,34 +320,16 @@ def test_cpu_thread_count_invariant(shape, dtype):
 MATRIX_UNIT_SHAPES = [(2, 49, 150, 96), (1, 131, 19, 40), (2, 33, 7, 9), (3, 1, 4, 6), (1, 300, 150, 48)]
 
 
-@contextlib.contextmanager
-def _onednn(enabled):
-    """oneDNN (which the matrix unit's products come from) switched on or off, as a user would."""
-    saved = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = enabled
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = saved
-
-
-def _matrix_unit(dtype):
-    require_backend(OP, "cpu")
-    from semask_fast.backends import registry
-
-    return registry.implementation(OP, "cpu").library().semantic_attention_matrix_unit(dtype)
-
-
 @pytest.mark.parametrize("unit", [True, False], ids=["matrix-unit", "converted"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("shape", MATRIX_UNIT_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_cpu_reduced_paths(shape, dtype, unit):
     """float16 / bfloat16 on the matrix unit (AMX, where oneDNN packs the type) and on the converted
     float32 path (oneDNN switched off): both within the dtype's tolerance of float64."""
-    if unit and not _matrix_unit(dtype):
+    if unit and not cpu_matrix_unit(dtype):
         pytest.skip(f"no matrix unit for {dtype} on this machine (AMX; float16 needs AMX-FP16)")
-    with _onednn(unit):
-        assert _matrix_unit(dtype) == unit
+    with onednn(unit):
+        assert cpu_matrix_unit(dtype) == unit
         assert_parity(semask_fast.semantic_attention, _inputs(*shape, "cpu"), ["sq", "sk", "yv"], dtype,
                       backend="cpu", op=OP)
 
@@ -356,7 +337,7 @@ def test_cpu_reduced_paths(shape, dtype, unit):
 def test_cpu_matrix_unit_switched_off_before_backward():
     """A forward on the matrix unit whose backward runs with oneDNN switched off (the converted path,
     which recomputes the float32 output it needs) gives the same gradients within tolerance."""
-    if not _matrix_unit(torch.bfloat16):
+    if not cpu_matrix_unit(torch.bfloat16):
         pytest.skip("no matrix unit for bfloat16 on this machine")
     t = _inputs(2, 70, 19, 40, "cpu")
     g = torch.randn(2, 70, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -364,7 +345,7 @@ def test_cpu_matrix_unit_switched_off_before_backward():
     for switch in (False, True):
         x = {k: v.bfloat16().requires_grad_() for k, v in t.items()}
         out = semask_fast.semantic_attention(x["sq"], x["sk"], x["yv"], backend="cpu")
-        with _onednn(not switch):
+        with onednn(not switch):
             out.backward(g.bfloat16())
         grads.append([x[k].grad for k in ("sq", "sk", "yv")])
     for a, b in zip(*grads):
