@@ -98,6 +98,7 @@ def cmd_info(args) -> int:
     print(f"triton       {triton_version}" + (" (kernels run in the interpreter on CPU tensors)" if interpreted else ""))
     print(f"nvcc         {_nvcc_version()}")
     print(f"cpu backend  {_cpu_target()}")
+    print(f"cpu matrix   {_cpu_matrix_unit()}")
     print()
     footnotes: List[str] = []
     rows = []
@@ -132,6 +133,22 @@ def _cpu_target() -> str:
     if _build.cpu_isa() == "native":
         target += f"; -march=native is {_bench_report.march_native()} here"
     return f"{target}); this CPU: {' '.join(_bench_report.isa_flags()) or 'none of the listed ISA flags'}"
+
+
+def _cpu_matrix_unit() -> str:
+    """Which reduced dtypes the cpu kernels run on the CPU's matrix unit here, and for which ops."""
+    import torch
+
+    from semask_fast.backends.cpu import matrix_unit_dtypes, matrix_unit_ops
+
+    dtypes = matrix_unit_dtypes()
+    served = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+    if not dtypes:
+        reason = ("oneDNN is switched off (torch.backends.mkldnn)" if not torch.backends.mkldnn.enabled
+                  else "no AMX on this CPU (or the kernels cannot be built)")
+        return f"none: {reason}; float16 / bfloat16 run in float32 on the vector units"
+    rest = "" if len(dtypes) == 2 else "; float16 on the vector units (its matrix unit needs AMX-FP16)"
+    return f"{served} on AMX (oneDNN's brgemm) for {', '.join(matrix_unit_ops())}{rest}"
 
 
 def cmd_check(args) -> int:
@@ -224,6 +241,8 @@ def cmd_bench(args) -> int:
         _prepare_interpreter()  # without a GPU, Triton's kernels are timed in its interpreter
     if args.quick:
         return _bench_quick(args)
+    import torch
+
     from semask_fast import _bench, _bench_report
 
     dtype = _dtype(args.dtype)
@@ -241,7 +260,10 @@ def cmd_bench(args) -> int:
     rows = _bench.run(cases, dtype, modes, args.backend, include_tools=args.include_tools, sgemm_gflops=sgemm)
     e2e = None
     full_run = args.scale == "paper" and not args.case and modes == _bench.MODES
-    if args.e2e or (args.e2e is None and full_run):
+    # The committed tables: float32 in benchmarks/results (with the end to end and the README's
+    # figures), another dtype in a folder of its own.
+    main_table = full_run and dtype == torch.float32
+    if args.e2e or (args.e2e is None and main_table):
         if importlib.util.find_spec("timm") is None:
             print("end to end skipped: timm is not installed (pip install timm)")
         else:
@@ -252,7 +274,9 @@ def cmd_bench(args) -> int:
     print(_bench_report.summary_table(rows, modes))
     if e2e:
         print(_bench_report.e2e_markdown(e2e))
-    out = args.out if args.out is not None else (os.path.join("benchmarks", "results") if full_run else "")
+    results = os.path.join("benchmarks", "results")
+    out = args.out if args.out is not None else (
+        (results if main_table else os.path.join(results, args.dtype)) if full_run else "")
     if out:
         md, png = os.path.join(out, "bench_cpu.md"), os.path.join(out, "bench_cpu.png")
         header = _bench_report.header_lines(machine, dtype, args.scale, sgemm, command)
@@ -262,7 +286,7 @@ def cmd_bench(args) -> int:
         readme = args.readme
         if readme is None:
             checkout_readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
-            readme = checkout_readme if full_run and args.out is None else ""
+            readme = checkout_readme if main_table and args.out is None else ""
         if readme:
             plot = os.path.relpath(png, os.path.dirname(os.path.abspath(readme))) if plotted else None
             text = _bench_report.readme_results(rows, modes, header, e2e, plot)
@@ -314,12 +338,13 @@ def main(argv=None) -> int:
     bench.add_argument("--include-tools", action="store_true",
                        help="also time the Triton interpreter and the SIMT harness (correctness tools)")
     bench.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=None,
-                       help="time timm's Swin-T end to end (default: with --scale paper and no --case)")
+                       help="time timm's Swin-T end to end (default: with --scale paper, float32 and no --case)")
     bench.add_argument("--out", help="write bench_cpu.md and bench_cpu.png here (default: benchmarks/results "
-                                     "for a full paper-scale run, nothing otherwise; '' writes nothing)")
+                                     "for a full paper-scale float32 run, benchmarks/results/<dtype> for another "
+                                     "dtype, nothing otherwise; '' writes nothing)")
     bench.add_argument("--csv", help="append the rows to this CSV file")
     bench.add_argument("--readme", help="write the summary, plot and end to end into this README's generated "
-                                        "part (default: the checkout's README.md for a full paper-scale run "
+                                        "part (default: the checkout's README.md for a full paper-scale float32 run "
                                         "written to benchmarks/results, nothing otherwise; '' writes nothing)")
     gpu = sub.add_parser("gpu-check", help="the whole GPU validation (parity, compile, benchmarks) on one GPU")
     gpu.add_argument("--dry-run", action="store_true", help="list what would run (no GPU needed)")

@@ -74,8 +74,10 @@ def onednn(enabled: bool):
 
 def cpu_matrix_unit(dtype: torch.dtype) -> bool:
     """Whether the cpu kernels run ``dtype`` on the matrix unit here (AMX; csrc/cpu/sf_cpu_matrix.h)."""
+    from semask_fast.backends.cpu import matrix_unit_dtypes
+
     require_backend("semantic_attention", "cpu")
-    return registry.implementation("semantic_attention", "cpu").library().semantic_attention_matrix_unit(dtype)
+    return dtype in matrix_unit_dtypes()
 
 
 def next_seed(backend: str, op: str = "window_attention", device=None) -> int:

@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from semask_fast import _bench, _bench_e2e, _bench_report
 from semask_fast.__main__ import main
 from semask_fast.testing import TOLERANCES, assert_close
+from tests.conftest import onednn
 
 # The paper cases' geometry, tiny: a padded shifted grid (16 tokens -> 3x3 windows of 7), one
 # unshifted window, a 12-wide window, semantic attention with K > C (Yv padded for SDPA) and
@@ -174,6 +175,42 @@ def test_info_names_the_tools_and_the_cpu_target(capsys):
     assert "simt" in out and "correctness tools" in out and "never chosen automatically" in out.lower()
     assert "-march=native" in out or "SEMASK_FAST_CPU_ISA=portable" in out
     assert f"SEMASK_FAST_CPU_ISA={os.environ.get('SEMASK_FAST_CPU_ISA', 'native')}" in out
+
+
+def test_info_says_which_dtypes_run_on_the_matrix_unit(capsys):
+    from semask_fast.backends.cpu import matrix_unit_dtypes, matrix_unit_ops
+
+    assert set(matrix_unit_ops()) == {"semantic_attention", "mask_similarity"}
+    assert main(["info"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cpu matrix"))
+    dtypes = matrix_unit_dtypes()
+    if dtypes:
+        assert "AMX" in line and all(str(d).replace("torch.", "") in line for d in dtypes)
+        assert "semantic_attention, mask_similarity" in line
+    else:
+        assert line.split(None, 2)[2].startswith("none: ")
+    with onednn(False):
+        assert matrix_unit_dtypes() == []
+        assert main(["info"]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cpu matrix"))
+        assert "oneDNN is switched off" in line
+
+
+def test_bench_of_another_dtype_writes_its_own_folder_and_no_readme(monkeypatch, tmp_path):
+    """A full bfloat16 run does not overwrite the committed float32 tables, the README or the e2e."""
+    monkeypatch.chdir(tmp_path)
+    calls = {}
+    monkeypatch.setattr(_bench, "sgemm_rate", lambda: 100.0)
+    monkeypatch.setattr(_bench, "run", lambda cases, dtype, *a, **k: calls.setdefault("dtype", dtype) and [])
+    monkeypatch.setattr(_bench_e2e, "run", lambda **k: calls.setdefault("e2e", True))
+    written = []
+    monkeypatch.setattr(_bench_report, "write_markdown", lambda md, *a, **k: written.append(md))
+    monkeypatch.setattr(_bench_report, "write_plot", lambda png, *a, **k: False)
+    monkeypatch.setattr(_bench_report, "update_readme", lambda *a, **k: written.append("README") or True)
+    monkeypatch.setattr(_bench_report, "summary_table", lambda *a, **k: "")
+    assert main(["bench", "--dtype", "bfloat16"]) == 0
+    assert calls == {"dtype": torch.bfloat16}
+    assert written == [os.path.join("benchmarks", "results", "bfloat16", "bench_cpu.md")]
 
 
 def test_e2e_times_four_settings_of_the_same_model_and_the_bound():

@@ -28,6 +28,9 @@ class CpuImpl(_CompiledImpl):
     dtypes = FLOAT_DTYPES | {torch.float64}
     #: File of ``csrc/cpu`` with this op's kernels; empty means ``<module name>.cpp``.
     source: ClassVar[str] = ""
+    #: Whether the kernels run float16 / bfloat16 on the CPU's matrix unit where it serves the dtype
+    #: (``csrc/cpu/sf_cpu_matrix.h``); elsewhere on the vector units in float32.
+    matrix_unit: ClassVar[bool] = False
 
     @classmethod
     def source_name(cls) -> str:
@@ -40,4 +43,23 @@ class CpuImpl(_CompiledImpl):
         return frozenset({"cpu"})
 
 
-__all__ = ["CpuImpl"]
+def matrix_unit_dtypes() -> List[torch.dtype]:
+    """The reduced dtypes the cpu kernels run on the matrix unit now (AMX through oneDNN's brgemm,
+    as csrc/cpu/sf_cpu_matrix.h decides: bfloat16 with AMX, float16 with AMX-FP16, neither with
+    oneDNN switched off); empty where the kernels cannot be built."""
+    from ..registry import implementation
+
+    impl = implementation("semantic_attention", "cpu")
+    if impl is None or impl.availability_reasons():
+        return []
+    return [d for d in (torch.bfloat16, torch.float16) if impl.library().semantic_attention_matrix_unit(d)]
+
+
+def matrix_unit_ops() -> List[str]:
+    """The ops whose cpu kernels use the matrix unit where it serves their dtype."""
+    from .. import registry
+
+    return [op for op in registry.OPS if getattr(registry.implementation(op, "cpu"), "matrix_unit", False)]
+
+
+__all__ = ["CpuImpl", "matrix_unit_dtypes", "matrix_unit_ops"]

@@ -29,6 +29,7 @@ def _affine(t, dtype):
 @register
 class MaskSimilarityCpu(CpuImpl):
     op = "mask_similarity"
+    matrix_unit = True
 
     def forward(self, inp: MaskSimilarityInputs, seed: int):
         acc = _compute_dtype(inp.patches.dtype)

@@ -27,6 +27,7 @@ def _rounded(dtype: torch.dtype) -> bool:
 @register
 class SemanticAttentionCpu(CpuImpl):
     op = "semantic_attention"
+    matrix_unit = True
 
     def _on_matrix_unit(self, dtype: torch.dtype) -> bool:
         return _rounded(dtype) and self.library().semantic_attention_matrix_unit(dtype)
