@@ -180,13 +180,13 @@ def test_info_names_the_tools_and_the_cpu_target(capsys):
 def test_info_says_which_dtypes_run_on_the_matrix_unit(capsys):
     from semask_fast.backends.cpu import matrix_unit_dtypes, matrix_unit_ops
 
-    assert set(matrix_unit_ops()) == {"semantic_attention", "mask_similarity"}
+    assert set(matrix_unit_ops()) == {"semantic_attention", "atm_attention", "mask_similarity"}
     assert main(["info"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cpu matrix"))
     dtypes = matrix_unit_dtypes()
     if dtypes:
         assert "AMX" in line and all(str(d).replace("torch.", "") in line for d in dtypes)
-        assert "semantic_attention, mask_similarity" in line
+        assert all(op in line for op in matrix_unit_ops())
     else:
         assert line.split(None, 2)[2].startswith("none: ")
     with onednn(False):

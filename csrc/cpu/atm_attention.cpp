@@ -25,6 +25,7 @@
 // runs across class tokens: results are bitwise the same for any thread count.
 
 #include "sf_cpu.h"
+#include "sf_cpu_matrix.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -33,6 +34,7 @@
 namespace sf_cpu_atm {
 
 using namespace sf::cpu;
+using sf::cpu::matrix::serves;
 
 constexpr int kKeyBlock = 32;        // forward: keys per online-softmax step (the S^T and head-sum tiles stay in L1)
 constexpr int kBwdKeyBlock = 64;     // backward: keys per block (vector lanes of S)
@@ -287,6 +289,195 @@ void dispatch_compute(at::ScalarType dtype, F&& f) {
   if (dtype == at::kDouble) f(double{});
   else f(float{});
 }
+template <typename F>
+void dispatch_reduced(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kBFloat16) f(c10::BFloat16{});
+  else f(c10::Half{});
+}
+
+// ---------------------------------------------- bf16 / fp16 on the matrix unit --
+// Inputs of a reduced type where sf_cpu_matrix.h serves it (head_dim zero padded to a multiple of
+// 16 by the caller, as for fp32): every product on the matrix unit, the softmax in fp32, a block of
+// class tokens against every key at once.  Forward, a task per (batch item, block of class tokens),
+// every head inside: the heads' scaled logits sum into the block's M tile in fp32; P (dropped,
+// unnormalised) is rounded to the input type for P v.  Backward, a task per (batch item, head):
+// per block of class tokens S and dP recomputed, delta = rowsum(P dP) / rowsum(P) from the fp32
+// tiles, dS = scale (P (dP - delta) + dM / h) rounded for its products; dQ complete per block,
+// dK^T = q^T dS and dV^T = dO^T (P D) accumulated in fp32 over the blocks in order.
+namespace reduced {
+
+using namespace sf::cpu::matrix;
+namespace matrix = sf::cpu::matrix;
+
+inline Problem<float> dropout_problem(const at::Tensor& q, const at::Tensor& k, double scale, double dropout_p,
+                                      int64_t seed) {
+  return {nullptr, nullptr, nullptr, q.size(0), int(q.size(1)), int(q.size(2)), int(k.size(2)), int(q.size(3)),
+          float(scale), float(dropout_p), 1.0f / (1.0f - float(dropout_p)), uint64_t(seed)};
+}
+
+// Multiplies row i of a (keys in lanes) tile by the dropout multipliers of (b, h, i, 0..).
+inline void drop_row(float* row, const Problem<float>& p, int64_t b, int h, int i, int64_t ld) {
+  for (int j = 0; j < ld; j += kLanes<float>) vstore(row + j, vload(row + j) * p.dropout_lanes(b, h, i, j, false));
+}
+
+template <typename S>
+void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, double dropout_p,
+             int64_t seed, at::Tensor& out, at::Tensor& mask_logits, at::Tensor& lse) {
+  const Problem<float> p = dropout_problem(q, k, scale, dropout_p, seed);
+  const int64_t batch = p.batch;
+  const int heads = p.heads, nq = p.nq, nk = p.nk, d = p.d;
+  const int mb = query_block(nk), blocks = (nq + mb - 1) / mb;
+  const int64_t lk = whole_blocks(nk), ld = whole_blocks(d), lp = even(nk);
+  const int64_t keys_size = packed_size(d, nk), pack_size = keys_size + packed_size(nk, d);
+  const S* qp = q.data_ptr<S>();
+  const S* kp = k.data_ptr<S>();
+  const S* vp = v.data_ptr<S>();
+  S* o = out.data_ptr<S>();
+  S* ml = mask_logits.data_ptr<S>();
+  float* ls = lse.data_ptr<float>();
+  // k^T (d x Nk) and v (Nk x d) of every (batch item, head), packed in a pass before.
+  at::Tensor packs = pooled_empty({batch * heads, pack_size}, q.options());
+  S* packed = packs.data_ptr<S>();
+  parallel_for(batch * heads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      pack_transposed(packed + t * pack_size, kp + t * nk * int64_t(d), d, nk, d);
+      matrix::pack_rows(packed + t * pack_size + keys_size, vp + t * nk * int64_t(d), d, nk, d);
+    }
+  });
+  const float inv_heads = 1.0f / float(heads);
+  parallel_for(batch * blocks, 1, [&](int64_t t0, int64_t t1) {
+    Session session;
+    float* logits = scratch<float>(0, size_t(mb) * lk);
+    float* macc = scratch<float>(1, size_t(mb) * lk);  // the heads' sum of the logits
+    float* acc = scratch<float>(2, size_t(mb) * ld);
+    float* inv = scratch<float>(3, size_t(mb));
+    S* ps = scratch<S>(0, size_t(mb) * lp);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / blocks;
+      const int i0 = int(t % blocks) * mb, m = std::min(mb, nq - i0);
+      for (int h = 0; h < heads; ++h) {
+        const int64_t bh = b * heads + h;
+        product(m, nk, d, qp + (bh * nq + i0) * int64_t(d), d, packed + bh * pack_size, logits, lk, false);
+        const Vec<float> sc = vsplat(p.scale);
+        for (int i = 0; i < m; ++i) {
+          float* row = logits + i * lk;
+          float* mrow = macc + i * lk;
+          for (int64_t j = 0; j < lk; j += kLanes<float>) {
+            const Vec<float> x = vload(row + j) * sc;
+            vstore(row + j, x);
+            vstore(mrow + j, h ? vload(mrow + j) + x : x);
+          }
+          float mx;
+          const float sum = exp_row(row, nk, lk, mx, false);
+          ls[bh * nq + i0 + i] = mx + std::log(sum);
+          inv[i] = 1.0f / sum;
+          if (p.dropout_p > 0.f) drop_row(row, p, b, h, i0 + i, lk);
+          round_to(ps + i * lp, row, lp);
+        }
+        product(m, d, nk, ps, lp, packed + bh * pack_size + keys_size, acc, ld, false);
+        for (int i = 0; i < m; ++i) {
+          const Vec<float> s = vsplat(inv[i]);
+          for (int64_t j = 0; j < ld; j += kLanes<float>) vstore(acc + i * ld + j, vload(acc + i * ld + j) * s);
+          round_to(o + (bh * nq + i0 + i) * int64_t(d), acc + i * ld, d);
+        }
+      }
+      const Vec<float> s = vsplat(inv_heads);
+      for (int i = 0; i < m; ++i) {
+        float* mrow = macc + i * lk;
+        for (int64_t j = 0; j < lk; j += kLanes<float>) vstore(mrow + j, vload(mrow + j) * s);
+        round_to(ml + (b * nq + i0 + i) * int64_t(nk), mrow, nk);
+      }
+    }
+  });
+}
+
+template <typename S>
+void backward(const at::Tensor& dout, const at::Tensor& dmask, const at::Tensor& q, const at::Tensor& k,
+              const at::Tensor& v, const at::Tensor& lse, double scale, double dropout_p, int64_t seed, at::Tensor& dq,
+              at::Tensor& dk, at::Tensor& dv, bool need_dq, bool need_dkv) {
+  const Problem<float> p = dropout_problem(q, k, scale, dropout_p, seed);
+  const int heads = p.heads, nq = p.nq, nk = p.nk, d = p.d;
+  const int mb = query_block(nk), blocks = (nq + mb - 1) / mb;
+  const int64_t lk = whole_blocks(nk), ld = whole_blocks(d), lp = even(nk), wm = round_up(mb, kLanes<float>);
+  const int64_t keys_t = packed_size(d, nk), keys = packed_size(nk, d), values_t = packed_size(d, nk);
+  const S* qp = q.data_ptr<S>();
+  const S* kp = k.data_ptr<S>();
+  const S* vp = v.data_ptr<S>();
+  const S* gp = dout.data_ptr<S>();
+  const S* gm = dmask.data_ptr<S>();
+  const float* ls = lse.data_ptr<float>();
+  const bool dropout = p.dropout_p > 0.f;
+  const float inv_heads = 1.0f / float(heads);
+  parallel_for(p.batch * heads, 1, [&](int64_t t0, int64_t t1) {
+    Session session;
+    S* packed = scratch<S>(0, size_t(keys_t + keys + values_t));
+    S* k_t = packed;               // k^T (d x Nk): the logits
+    S* k_rows = packed + keys_t;   // k (Nk x d): dQ = dS k
+    S* v_t = k_rows + keys;        // v^T (d x Nk): dP = dO v^T
+    S* ds_s = scratch<S>(1, size_t(mb) * lp);
+    S* b_op = scratch<S>(2, size_t(packed_size(mb, nk)));
+    S* a_op = scratch<S>(3, size_t(d) * even(mb));
+    float* st = scratch<float>(0, size_t(mb) * lk);   // logits, then P (then P D)
+    float* dpt = scratch<float>(1, size_t(mb) * lk);  // dP, then dS
+    float* dq_t = scratch<float>(2, size_t(mb) * ld);
+    float* dk_t = scratch<float>(3, size_t(d) * lk);
+    float* dv_t = scratch<float>(4, size_t(d) * lk);
+    float* tmp = scratch<float>(5, size_t(2 * round_up(d, kLanes<float>) * wm));
+    float* dm = scratch<float>(6, size_t(lk));
+    for (int64_t bh = t0; bh < t1; ++bh) {
+      const int64_t b = bh / heads;
+      const int h = int(bh % heads);
+      const S* qb = qp + bh * nq * int64_t(d);
+      const S* gb = gp + bh * nq * int64_t(d);
+      const S* kb = kp + bh * nk * int64_t(d);
+      pack_transposed(k_t, kb, d, nk, d);
+      if (need_dq) matrix::pack_rows(k_rows, kb, d, nk, d);
+      pack_transposed(v_t, vp + bh * nk * int64_t(d), d, nk, d);
+      for (int blk = 0; blk < blocks; ++blk) {
+        const int i0 = blk * mb, m = std::min(mb, nq - i0);
+        product(m, nk, d, qb + i0 * int64_t(d), d, k_t, st, lk, false);
+        product(m, nk, d, gb + i0 * int64_t(d), d, v_t, dpt, lk, false);
+        const Vec<float> sc = vsplat(p.scale), mean = vsplat(inv_heads);
+        for (int i = 0; i < m; ++i) {
+          float* pr = st + i * lk;
+          float* dr = dpt + i * lk;
+          for (int64_t j = 0; j < lk; j += kLanes<float>) vstore(pr + j, vload(pr + j) * sc);
+          float mx = ls[bh * nq + i0 + i];
+          const float total = exp_row(pr, nk, lk, mx, true);
+          if (dropout) drop_row(dr, p, b, h, i0 + i, lk);  // dP D: the gradient of the dropped P
+          Vec<float> weighted{};
+          for (int64_t j = 0; j < lk; j += kLanes<float>) weighted += vload(pr + j) * vload(dr + j);
+          const Vec<float> delta = vsplat(hsum<float>(weighted) / total);  // / rowsum(P), as semantic's
+          load_row(dm, gm + (b * nq + i0 + i) * int64_t(nk), nk);
+          std::fill(dm + nk, dm + lk, 0.0f);
+          for (int64_t j = 0; j < lk; j += kLanes<float>)
+            vstore(dr + j, sc * (vload(pr + j) * (vload(dr + j) - delta) + vload(dm + j) * mean));
+          if (need_dq) round_to(ds_s + i * lp, dr, lp);
+          if (dropout && need_dkv) drop_row(pr, p, b, h, i0 + i, lk);  // P D, the factor of dV
+        }
+        if (need_dq) {
+          product(m, d, nk, ds_s, lp, k_rows, dq_t, ld, false);
+          S* dst = dq.data_ptr<S>() + (bh * nq + i0) * int64_t(d);
+          for (int i = 0; i < m; ++i) round_to(dst + int64_t(i) * d, dq_t + i * ld, d);
+        }
+        if (need_dkv) {  // dK^T += q_blk^T dS, dV^T += dO_blk^T (P D)
+          a_transposed(a_op, qb + i0 * int64_t(d), d, m, d, tmp);
+          matrix::pack_rows(b_op, dpt, lk, m, nk);
+          product(d, nk, m, a_op, even(m), b_op, dk_t, lk, blk > 0);
+          a_transposed(a_op, gb + i0 * int64_t(d), d, m, d, tmp);
+          matrix::pack_rows(b_op, st, lk, m, nk);
+          product(d, nk, m, a_op, even(m), b_op, dv_t, lk, blk > 0);
+        }
+      }
+      if (need_dkv) {
+        write_transposed(dk.data_ptr<S>() + bh * nk * int64_t(d), dk_t, lk, nk, d, tmp);
+        write_transposed(dv.data_ptr<S>() + bh * nk * int64_t(d), dv_t, lk, nk, d, tmp);
+      }
+    }
+  });
+}
+
+}  // namespace reduced
 
 template <typename T>
 Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
@@ -302,8 +493,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   SF_CPU_CHECK_INPUT(v, 4);
   SF_CPU_CHECK_SAME_DTYPE(k, q);
   SF_CPU_CHECK_SAME_DTYPE(v, q);
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-              "atm_attention: the cpu kernels take float32 or float64, got ", q.scalar_type());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble || serves(q.scalar_type()),
+              "atm_attention: the cpu kernels take float32 or float64 (float16 / bfloat16 where the matrix unit "
+              "serves them), got ", q.scalar_type());
   TORCH_CHECK(v.sizes() == k.sizes(), "atm_attention: v must have k's shape");
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
               "atm_attention: k must be (B, h, Nk, d) matching q");
@@ -323,7 +515,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& q, c
   check_inputs(q, k, v, dropout_p);
   at::Tensor out = pooled_empty(q.sizes(), q.options());
   at::Tensor mask_logits = pooled_empty({q.size(0), q.size(2), k.size(2)}, q.options());
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)},
+                             q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  if (serves(q.scalar_type())) {
+    dispatch_reduced(q.scalar_type(), [&](auto tag) {
+      reduced::forward<decltype(tag)>(q, k, v, scale, dropout_p, seed, out, mask_logits, lse);
+    });
+    return {out, mask_logits, lse};
+  }
   // Every class token in one task unless that leaves threads idle: a task reads all of k and v
   // of its batch item.  Results do not depend on this blocking (no sum runs across query rows).
   const int nq = int(q.size(2));
@@ -347,25 +546,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& q, c
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dout, const at::Tensor& dmask,
                                                            const at::Tensor& q, const at::Tensor& k,
-                                                           const at::Tensor& v, const at::Tensor& out,
+                                                           const at::Tensor& v, const std::optional<at::Tensor>& out,
                                                            const at::Tensor& lse, double scale, double dropout_p,
                                                            int64_t seed, bool need_dq, bool need_dkv) {
   check_inputs(q, k, v, dropout_p);
   SF_CPU_CHECK_INPUT(dout, 4);
   SF_CPU_CHECK_INPUT(dmask, 3);
-  SF_CPU_CHECK_INPUT(out, 4);
   SF_CPU_CHECK_INPUT(lse, 3);
-  for (const at::Tensor* t : {&dout, &dmask, &out, &lse}) {
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "atm_attention: gradients and saved tensors must have q's dtype");
-    TORCH_CHECK(t->is_contiguous(), "atm_attention: gradients and saved tensors must be contiguous");
+  for (const at::Tensor* t : {&dout, &dmask}) {
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "atm_attention: gradients must have q's dtype");
+    TORCH_CHECK(t->is_contiguous(), "atm_attention: gradients must be contiguous");
   }
-  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "atm_attention: dout and out must match q");
+  TORCH_CHECK(lse.scalar_type() == (q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat) && lse.is_contiguous(),
+              "atm_attention: lse must be contiguous float32 (float64 for float64 inputs)");
+  TORCH_CHECK(dout.sizes() == q.sizes(), "atm_attention: dout must match q");
   TORCH_CHECK(dmask.size(0) == q.size(0) && dmask.size(1) == q.size(2) && dmask.size(2) == k.size(2),
               "atm_attention: dmask must be (B, Nq, Nk)");
   TORCH_CHECK(lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
               "atm_attention: lse must be (B, h, Nq)");
   at::Tensor dq = pooled_empty(q.sizes(), q.options()), dk = pooled_empty(k.sizes(), k.options());
   at::Tensor dv = pooled_empty(v.sizes(), v.options());
+  if (serves(q.scalar_type())) {  // out is not read: delta comes from the recomputed tiles
+    dispatch_reduced(q.scalar_type(), [&](auto tag) {
+      reduced::backward<decltype(tag)>(dout, dmask, q, k, v, lse, scale, dropout_p, seed, dq, dk, dv, need_dq,
+                                       need_dkv);
+    });
+    return {dq, dk, dv};
+  }
+  TORCH_CHECK(out.has_value() && out->scalar_type() == q.scalar_type() && out->is_contiguous() &&
+                  out->sizes() == q.sizes(),
+              "atm_attention: out (the forward's output, contiguous, q's shape and dtype) is needed here");
   const int nk = int(k.size(2)), d = int(q.size(3));
   const Blocks keys = balanced(nk, kBwdKeyBlock), queries = balanced(int(q.size(2)), kBwdQueryBlock);
   const int64_t batch = q.size(0);
@@ -377,7 +587,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
     using T = decltype(tag);
     const Problem<T> p = make_problem<T>(q, k, v, scale, dropout_p, seed);
     at::Tensor delta = at::empty(lse.sizes(), lse.options());
-    const T* o = out.data_ptr<T>();
+    const T* o = out->data_ptr<T>();
     const T* go = dout.data_ptr<T>();
     T* dl = delta.data_ptr<T>();
     parallel_for(delta.numel(), 64, [&](int64_t begin, int64_t end) {
@@ -418,8 +628,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
 SF_CPU_LIBRARY(m) {
   m.def("atm_attention_forward(Tensor q, Tensor k, Tensor v, float scale, float dropout_p, int seed) "
         "-> (Tensor, Tensor, Tensor)");
-  m.def("atm_attention_backward(Tensor dout, Tensor dmask_logits, Tensor q, Tensor k, Tensor v, Tensor out, "
+  m.def("atm_attention_backward(Tensor dout, Tensor dmask_logits, Tensor q, Tensor k, Tensor v, Tensor? out, "
         "Tensor lse, float scale, float dropout_p, int seed, bool need_dq, bool need_dkv) -> (Tensor, Tensor, Tensor)");
+  SF_CPU_MATRIX_UNIT_QUERY(m, "atm_attention");
 }
 
 SF_CPU_LIBRARY_IMPL(m) {

@@ -839,6 +839,7 @@ SF_CPU_LIBRARY(m) {
   m.def("mask_similarity_backward(Tensor grad, Tensor patches, Tensor classes, Tensor scores, Tensor rinv_p, "
         "Tensor rinv_c, Tensor? norm_weight, bool norm, float eps, bool need_dp, bool need_dc) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  SF_CPU_MATRIX_UNIT_QUERY(m, "mask_similarity");
 }
 
 SF_CPU_LIBRARY_IMPL(m) {

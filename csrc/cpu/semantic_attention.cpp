@@ -292,79 +292,6 @@ namespace reduced {
 
 using namespace sf::cpu::matrix;
 
-// Queries per block, from N only: the block's logits (m x N fp32) stay within 256 KiB.
-inline int query_block(int n) {
-  int m = 64;
-  while (m > 16 && int64_t(m) * n * int64_t(sizeof(float)) > (int64_t(256) << 10)) m /= 2;
-  return m;
-}
-
-// Rows [0, m) of A = x (row stride ldx, k columns) as the unit reads them: in place when k is even,
-// else staged with a zero column.
-template <typename S>
-inline const S* a_rows(const S* x, int64_t ldx, int m, int k, S* stage, int64_t& lda) {
-  if (k % 2 == 0) {
-    lda = ldx;
-    return x;
-  }
-  lda = even(k);
-  for (int r = 0; r < m; ++r) {
-    std::copy_n(x + r * ldx, k, stage + r * lda);
-    stage[r * lda + k] = S(0);
-  }
-  return stage;
-}
-
-// A = X^T for X (m rows x cols, row stride ldx): (cols x even(m)), zero in the padding column.
-// Through fp32 (exact both ways) and the register transpose; tmp: round_up(m, L) * round_up(cols, L)
-// * 2 floats.
-template <typename S>
-inline void a_transposed(S* __restrict__ dst, const S* __restrict__ x, int64_t ldx, int m, int cols, float* tmp) {
-  constexpr int L = kLanes<float>;
-  const int wc = int(round_up(cols, L)), wm = int(round_up(m, L));
-  float* rows = tmp;
-  float* t = tmp + int64_t(m) * wc;
-  for (int r = 0; r < m; ++r) {
-    load_row(rows + int64_t(r) * wc, x + r * ldx, cols);
-    std::fill(rows + int64_t(r) * wc + cols, rows + int64_t(r + 1) * wc, 0.0f);
-  }
-  transpose(rows, wc, m, wc, t, wm);
-  for (int c = 0; c < cols; ++c) round_to(dst + c * even(m), t + int64_t(c) * wm, even(m));
-}
-
-// dst (n rows x cols, the storage type) = src^T for src (cols rows x ld >= round_up(n, L)), through
-// the register transpose a vector of rows at a time; tmp: L * round_up(cols, L) floats.
-template <typename S>
-inline void write_transposed(S* __restrict__ dst, const float* __restrict__ src, int64_t ld, int n, int cols,
-                             float* tmp) {
-  constexpr int L = kLanes<float>;
-  const int64_t wc = round_up(cols, L);
-  for (int j0 = 0; j0 < n; j0 += L) {
-    transpose(src + j0, ld, cols, L, tmp, wc);
-    for (int j = j0; j < std::min(n, j0 + L); ++j) round_to(dst + int64_t(j) * cols, tmp + (j - j0) * wc, cols);
-  }
-}
-
-// Row i of a logits tile (ld columns, N real): exp(s - mx) in place, -inf past N giving 0; returns
-// the sum.  With lse given, mx = lse (backward); else mx = the row max (returned through mx).
-inline float exp_row(float* row, int n, int64_t ld, float& mx, bool given) {
-  constexpr int L = kLanes<float>;
-  std::fill(row + n, row + ld, -std::numeric_limits<float>::infinity());
-  if (!given) {
-    Vec<float> m = vsplat(-std::numeric_limits<float>::infinity());
-    for (int64_t j = 0; j < ld; j += L) m = vmax<float>(m, vload(row + j));
-    mx = hmax<float>(m);
-  }
-  const Vec<float> shift = vsplat(mx * kLog2e<float>), scale = vsplat(kLog2e<float>);
-  Vec<float> sum{};
-  for (int64_t j = 0; j < ld; j += L) {
-    const Vec<float> e = vexp2_nonpositive(vload(row + j) * scale - shift);
-    vstore(row + j, e);
-    sum += e;
-  }
-  return hsum<float>(sum);
-}
-
 template <typename S>
 void forward(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv, at::Tensor& out, at::Tensor& lse) {
   const int64_t batch = sq.size(0);
@@ -672,10 +599,7 @@ SF_CPU_LIBRARY(m) {
   m.def("semantic_attention_forward(Tensor sq, Tensor sk, Tensor yv) -> (Tensor, Tensor)");
   m.def("semantic_attention_backward(Tensor dout, Tensor sq, Tensor sk, Tensor yv, Tensor out, Tensor lse, "
         "bool need_dsq, bool need_dsk, bool need_dyv) -> (Tensor, Tensor, Tensor)");
-  // Whether inputs of dtype run as they are, on the matrix unit (else the caller converts them).
-  m.def("semantic_attention_matrix_unit(ScalarType dtype) -> bool", [](at::ScalarType dtype) {
-    return sf::cpu::matrix::serves(dtype);
-  });
+  SF_CPU_MATRIX_UNIT_QUERY(m, "semantic_attention");
 }
 
 SF_CPU_LIBRARY_IMPL(m) {

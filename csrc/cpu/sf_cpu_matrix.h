@@ -30,6 +30,11 @@ inline bool serves(at::ScalarType dtype) {
   return (dtype == at::kBFloat16 || dtype == at::kHalf) && at::native::cpublas::could_pack(dtype);
 }
 
+// Registers `<op>_matrix_unit(ScalarType dtype) -> bool` in an op's library: whether its kernels
+// take dtype as it is, on the unit (the Python side converts it otherwise).
+#define SF_CPU_MATRIX_UNIT_QUERY(m, op) \
+  m.def(op "_matrix_unit(ScalarType dtype) -> bool", [](at::ScalarType dtype) { return sf::cpu::matrix::serves(dtype); })
+
 inline int64_t even(int64_t k) { return (k + 1) / 2 * 2; }
 inline int64_t whole_blocks(int64_t n) { return round_up(n, kBlockN); }
 // Elements of a packed k x n operand.
@@ -143,6 +148,83 @@ inline void product(int64_t m, int64_t n, int64_t k, const S* a, int64_t lda, co
   const int64_t kk = even(k), nn = whole_blocks(n);
   for (int64_t j0 = 0; j0 < nn; j0 += kBlockN)
     at::native::cpublas::brgemm(m, kBlockN, kk, lda, kBlockN, ldc, accumulate, a, packed + j0 * kk, c + j0, true);
+}
+
+// ------------------------------------------------ attention on the unit --
+// What the attention kernels on the unit share: a task holds a block of queries against every key
+// (m x N fp32 logits), so the softmax takes two passes with no rescaling.
+
+// Queries per block, from N only: the block's logits (m x N fp32) stay within 256 KiB.
+inline int query_block(int n) {
+  int m = 64;
+  while (m > 16 && int64_t(m) * n * int64_t(sizeof(float)) > (int64_t(256) << 10)) m /= 2;
+  return m;
+}
+
+// Rows [0, m) of A = x (row stride ldx, k columns) as the unit reads them: in place when k is even,
+// else staged with a zero column.
+template <typename S>
+inline const S* a_rows(const S* x, int64_t ldx, int m, int k, S* stage, int64_t& lda) {
+  if (k % 2 == 0) {
+    lda = ldx;
+    return x;
+  }
+  lda = even(k);
+  for (int r = 0; r < m; ++r) {
+    std::copy_n(x + r * ldx, k, stage + r * lda);
+    stage[r * lda + k] = S(0);
+  }
+  return stage;
+}
+
+// A = X^T for X (m rows x cols, row stride ldx): (cols x even(m)), zero in the padding column.
+// Through fp32 (exact both ways) and the register transpose; tmp: round_up(m, L) * round_up(cols, L)
+// * 2 floats.
+template <typename S>
+inline void a_transposed(S* __restrict__ dst, const S* __restrict__ x, int64_t ldx, int m, int cols, float* tmp) {
+  constexpr int L = kLanes<float>;
+  const int wc = int(round_up(cols, L)), wm = int(round_up(m, L));
+  float* rows = tmp;
+  float* t = tmp + int64_t(m) * wc;
+  for (int r = 0; r < m; ++r) {
+    load_row(rows + int64_t(r) * wc, x + r * ldx, cols);
+    std::fill(rows + int64_t(r) * wc + cols, rows + int64_t(r + 1) * wc, 0.0f);
+  }
+  transpose(rows, wc, m, wc, t, wm);
+  for (int c = 0; c < cols; ++c) round_to(dst + c * even(m), t + int64_t(c) * wm, even(m));
+}
+
+// dst (n rows x cols, the storage type) = src^T for src (cols rows x ld >= round_up(n, L)), through
+// the register transpose a vector of rows at a time; tmp: L * round_up(cols, L) floats.
+template <typename S>
+inline void write_transposed(S* __restrict__ dst, const float* __restrict__ src, int64_t ld, int n, int cols,
+                             float* tmp) {
+  constexpr int L = kLanes<float>;
+  const int64_t wc = round_up(cols, L);
+  for (int j0 = 0; j0 < n; j0 += L) {
+    transpose(src + j0, ld, cols, L, tmp, wc);
+    for (int j = j0; j < std::min(n, j0 + L); ++j) round_to(dst + int64_t(j) * cols, tmp + (j - j0) * wc, cols);
+  }
+}
+
+// Row i of a logits tile (ld columns, N real): exp(s - mx) in place, -inf past N giving 0; returns
+// the sum.  With lse given, mx = lse (backward); else mx = the row max (returned through mx).
+inline float exp_row(float* row, int n, int64_t ld, float& mx, bool given) {
+  constexpr int L = kLanes<float>;
+  std::fill(row + n, row + ld, -std::numeric_limits<float>::infinity());
+  if (!given) {
+    Vec<float> m = vsplat(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < ld; j += L) m = vmax<float>(m, vload(row + j));
+    mx = hmax<float>(m);
+  }
+  const Vec<float> shift = vsplat(mx * kLog2e<float>), scale = vsplat(kLog2e<float>);
+  Vec<float> sum{};
+  for (int64_t j = 0; j < ld; j += L) {
+    const Vec<float> e = vexp2_nonpositive(vload(row + j) * scale - shift);
+    vstore(row + j, e);
+    sum += e;
+  }
+  return hsum<float>(sum);
 }
 
 // Hands the unit's state (tile configuration) back at the end of a thread's run of products.

@@ -38,7 +38,7 @@ from semask_fast.backends import registry
 from semask_fast.backends.registry import BackendNotSupportedError
 from semask_fast.ops.atm_attention import ATMAttentionInputs
 from semask_fast.testing import assert_close, assert_parity, dropout_keep
-from tests.conftest import next_seed as _next_seed, require_backend
+from tests.conftest import cpu_matrix_unit, next_seed as _next_seed, onednn, require_backend
 from tests.harness._cuda_sources import BACKEND, IDS, assert_override_is_scoped, cuda_module, randn, spy_atm_library
 from tests.kernels._launch_parity import atm_inputs, ids, kernels, rounded, run_atm
 
@@ -103,7 +103,7 @@ def _keep_mask(backend, B, H, NQ, NK, p, device):
 
 
 _DROPOUT_CASES = [("triton", torch.float32), ("triton", torch.float16), ("cpu", torch.float32),
-                  ("cpu", torch.float64)]
+                  ("cpu", torch.float64), ("cpu", torch.bfloat16)]  # cpu bfloat16: on the matrix unit where there is one
 
 
 @pytest.mark.parametrize("backend,dtype", _DROPOUT_CASES,
@@ -256,19 +256,22 @@ def test_channels_last_inputs_and_gradients(kernel_backend, head_dim):
         assert_close(got, want, torch.float32, backward=what.startswith("d"), what=what)
 
 
-def test_cpu_thread_count_invariant():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_cpu_thread_count_invariant(dtype):
     """Outputs and gradients are bitwise the same on 1 and 2 threads (the forward splits the class tokens
-    of the one batch item over 2 threads; dQ partials are added in range order)."""
+    of the one batch item over 2 threads; dQ partials are added in range order; bfloat16 on the matrix
+    unit where the machine has one)."""
     require_backend(OP, "cpu")
     t = _inputs(1, 4, 150, 300, 32, "cpu")
     g = torch.Generator().manual_seed(1)
-    gout, gmask = torch.randn(1, 4, 150, 32, generator=g), torch.randn(1, 150, 300, generator=g)
+    gout, gmask = (torch.randn(1, 4, 150, 32, generator=g).to(dtype),
+                   torch.randn(1, 150, 300, generator=g).to(dtype))
     results = []
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            x = {k: v.float().requires_grad_() for k, v in t.items()}
+            x = {k: v.to(dtype).requires_grad_() for k, v in t.items()}
             torch.manual_seed(5)
             out, mask_logits = semask_fast.atm_attention(x["q"], x["k"], x["v"], dropout_p=0.1, backend="cpu")
             torch.autograd.backward([out, mask_logits], [gout, gmask])
@@ -277,6 +280,45 @@ def test_cpu_thread_count_invariant():
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+# (B, h, Nq, Nk, d) at the matrix-unit path's edges: a padded head_dim, odd Nq / Nk, several blocks
+# of class tokens, one class token.
+MATRIX_UNIT_SHAPES = [(1, 4, 150, 400, 32), (2, 3, 37, 81, 20), (1, 2, 1, 17, 16)]
+
+
+@pytest.mark.parametrize("unit", [True, False], ids=["matrix-unit", "converted"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("shape", MATRIX_UNIT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cpu_reduced_paths(shape, dtype, unit):
+    """float16 / bfloat16 on the matrix unit (AMX, where oneDNN packs the type) and on the converted
+    float32 path (oneDNN switched off): both within the dtype's tolerance of float64."""
+    if unit and not cpu_matrix_unit(dtype):
+        pytest.skip(f"no matrix unit for {dtype} on this machine (AMX; float16 needs AMX-FP16)")
+    with onednn(unit):
+        assert cpu_matrix_unit(dtype) == unit
+        assert_parity(semask_fast.atm_attention, _inputs(*shape, "cpu"), ["q", "k", "v"], dtype, backend="cpu", op=OP)
+
+
+@pytest.mark.parametrize("head_dim", [32, 20], ids=["d32", "d20-padded"])
+def test_cpu_matrix_unit_switched_off_before_backward(head_dim):
+    """A forward on the matrix unit (with dropout) whose backward runs with oneDNN switched off (the
+    converted path recomputes the float32 output with the same seed) gives the same gradients."""
+    if not cpu_matrix_unit(torch.bfloat16):
+        pytest.skip("no matrix unit for bfloat16 on this machine")
+    t = _inputs(2, 3, 40, 90, head_dim, "cpu")
+    g = torch.Generator().manual_seed(3)
+    gout, gmask = torch.randn(2, 3, 40, head_dim, generator=g), torch.randn(2, 40, 90, generator=g)
+    grads = []
+    for switch in (False, True):
+        x = {k: v.bfloat16().requires_grad_() for k, v in t.items()}
+        torch.manual_seed(11)
+        out, mask_logits = semask_fast.atm_attention(x["q"], x["k"], x["v"], dropout_p=0.1, backend="cpu")
+        with onednn(not switch):
+            torch.autograd.backward([out, mask_logits], [gout.bfloat16(), gmask.bfloat16()])
+        grads.append([x[k].grad for k in ("q", "k", "v")])
+    for a, b in zip(*grads):
+        assert_close(a, b, torch.bfloat16, backward=True)
 
 
 # --------------------------------------------------------------------------- #

@@ -36,6 +36,12 @@ class CpuImpl(_CompiledImpl):
     def source_name(cls) -> str:
         return "cpu/" + (cls.source or cls.__module__.rsplit(".", 1)[-1] + ".cpp")
 
+    def on_matrix_unit(self, dtype: torch.dtype) -> bool:
+        """Whether the kernels take ``dtype`` as it is, on the matrix unit, now (else float16 /
+        bfloat16 are converted to float32 for them)."""
+        return (self.matrix_unit and dtype in (torch.float16, torch.bfloat16)
+                and getattr(self.library(), f"{self.op}_matrix_unit")(dtype))
+
     def availability_reasons(self) -> List[str]:
         return self.build_reasons()
 
@@ -52,7 +58,7 @@ def matrix_unit_dtypes() -> List[torch.dtype]:
     impl = implementation("semantic_attention", "cpu")
     if impl is None or impl.availability_reasons():
         return []
-    return [d for d in (torch.bfloat16, torch.float16) if impl.library().semantic_attention_matrix_unit(d)]
+    return [d for d in (torch.bfloat16, torch.float16) if impl.on_matrix_unit(d)]
 
 
 def matrix_unit_ops() -> List[str]:

@@ -3,7 +3,7 @@
 float32 and float64 inputs are read in place with any batch and row strides (SemanticAttention's
 column views of one fused projection are not copied); only a non-unit last-dim stride needs a
 copy.  float16 / bfloat16 run as they are where the CPU's matrix unit serves them (AMX; the
-kernels say so: ``semantic_attention_matrix_unit``), products accumulated in float32; elsewhere
+kernels say so: ``CpuImpl.on_matrix_unit``), products accumulated in float32; elsewhere
 they are converted to float32 here (a copy), computed in float32 and rounded once.  Forward saves
 the row logsumexp, and on the converted path the float32 output (the returned output is its
 rounding); backward recomputes the probabilities tile by tile.
@@ -29,13 +29,10 @@ class SemanticAttentionCpu(CpuImpl):
     op = "semantic_attention"
     matrix_unit = True
 
-    def _on_matrix_unit(self, dtype: torch.dtype) -> bool:
-        return _rounded(dtype) and self.library().semantic_attention_matrix_unit(dtype)
-
     def _compute(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` as the kernels take it: float32 / float64, or a reduced type the matrix unit serves
         (else converted to float32), with a contiguous last dim."""
-        if _rounded(t.dtype) and not self._on_matrix_unit(t.dtype):
+        if _rounded(t.dtype) and not self.on_matrix_unit(t.dtype):
             t = t.float()
         return unit_last_stride(t)
 
@@ -49,21 +46,22 @@ class SemanticAttentionCpu(CpuImpl):
     def residuals_like(self, inp: SemanticAttentionInputs):
         wide = torch.float64 if inp.sq.dtype == torch.float64 else torch.float32
         lse = inp.sq.new_empty(inp.sq.shape[:2], dtype=wide)
-        if _rounded(inp.yv.dtype) and not self._on_matrix_unit(inp.yv.dtype):
+        if _rounded(inp.yv.dtype) and not self.on_matrix_unit(inp.yv.dtype):
             return lse, inp.yv.new_empty(inp.yv.shape, dtype=torch.float32)
         return (lse,)
 
     def backward(self, inp: SemanticAttentionInputs, outputs, residuals, grad_outputs, needs, seed: int):
         # The kernels compute only the gradients autograd needs.
         sq, sk, yv = (self._compute(t) for t in (inp.sq, inp.sk, inp.yv))
-        if len(residuals) == 2:  # converted in forward: the float32 output
-            lse, out = residuals
-        elif sq.dtype == inp.sq.dtype:  # as forward ran (float32 / float64, or the matrix unit)
-            lse, out = residuals[0], outputs[0]
+        lse = residuals[0]
+        if sq.dtype == inp.sq.dtype:  # float32 / float64, or on the matrix unit (which reads no out)
+            out = outputs[0]
+        elif len(residuals) == 2:  # converted in forward: the float32 output
+            out = residuals[1]
         else:
             # Forward ran on the matrix unit, which has been switched off since (oneDNN disabled):
             # the converted path's float32 output, recomputed.
             out, lse = self.library().semantic_attention_forward(sq, sk, yv)
-        dout = grad_outputs[0].to(out.dtype).contiguous()
+        dout = grad_outputs[0].to(sq.dtype).contiguous()
         grads = self.library().semantic_attention_backward(dout, sq, sk, yv, out, lse, *needs)
         return tuple(g.to(t.dtype) if need else None for g, t, need in zip(grads, (inp.sq, inp.sk, inp.yv), needs))
