@@ -300,10 +300,12 @@ def test_cpu_reduced_paths(shape, dtype, unit):
         assert_parity(semask_fast.atm_attention, _inputs(*shape, "cpu"), ["q", "k", "v"], dtype, backend="cpu", op=OP)
 
 
+@pytest.mark.parametrize("forward_on_unit", [True, False], ids=["unit-then-converted", "converted-then-unit"])
 @pytest.mark.parametrize("head_dim", [32, 20], ids=["d32", "d20-padded"])
-def test_cpu_matrix_unit_switched_off_before_backward(head_dim):
-    """A forward on the matrix unit (with dropout) whose backward runs with oneDNN switched off (the
-    converted path recomputes the float32 output with the same seed) gives the same gradients."""
+def test_cpu_matrix_unit_switched_between_forward_and_backward(head_dim, forward_on_unit):
+    """oneDNN switched between forward (with dropout) and backward (the backward then runs on the other
+    path; from the unit to the converted path it recomputes the float32 output with the same seed):
+    the same gradients within tolerance as with no switch."""
     if not cpu_matrix_unit(torch.bfloat16):
         pytest.skip("no matrix unit for bfloat16 on this machine")
     t = _inputs(2, 3, 40, 90, head_dim, "cpu")
@@ -313,8 +315,9 @@ def test_cpu_matrix_unit_switched_off_before_backward(head_dim):
     for switch in (False, True):
         x = {k: v.bfloat16().requires_grad_() for k, v in t.items()}
         torch.manual_seed(11)
-        out, mask_logits = semask_fast.atm_attention(x["q"], x["k"], x["v"], dropout_p=0.1, backend="cpu")
-        with onednn(not switch):
+        with onednn(forward_on_unit):
+            out, mask_logits = semask_fast.atm_attention(x["q"], x["k"], x["v"], dropout_p=0.1, backend="cpu")
+        with onednn(forward_on_unit != switch):
             torch.autograd.backward([out, mask_logits], [gout.bfloat16(), gmask.bfloat16()])
         grads.append([x[k].grad for k in ("q", "k", "v")])
     for a, b in zip(*grads):

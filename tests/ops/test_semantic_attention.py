@@ -334,19 +334,23 @@ def test_cpu_reduced_paths(shape, dtype, unit):
                       backend="cpu", op=OP)
 
 
-def test_cpu_matrix_unit_switched_off_before_backward():
-    """A forward on the matrix unit whose backward runs with oneDNN switched off (the converted path,
-    which recomputes the float32 output it needs) gives the same gradients within tolerance."""
+@pytest.mark.parametrize("forward_on_unit", [True, False], ids=["unit-then-converted", "converted-then-unit"])
+def test_cpu_matrix_unit_switched_between_forward_and_backward(forward_on_unit):
+    """oneDNN switched between forward and backward (the backward then runs on the other path; from the
+    unit to the converted path it recomputes the float32 output it needs): the same gradients within
+    tolerance as with no switch."""
     if not cpu_matrix_unit(torch.bfloat16):
         pytest.skip("no matrix unit for bfloat16 on this machine")
     t = _inputs(2, 70, 19, 40, "cpu")
-    g = torch.randn(2, 70, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    gout = torch.randn(2, 70, 40, generator=g, dtype=torch.float64).bfloat16()
     grads = []
     for switch in (False, True):
         x = {k: v.bfloat16().requires_grad_() for k, v in t.items()}
-        out = semask_fast.semantic_attention(x["sq"], x["sk"], x["yv"], backend="cpu")
-        with onednn(not switch):
-            out.backward(g.bfloat16())
+        with onednn(forward_on_unit):
+            out = semask_fast.semantic_attention(x["sq"], x["sk"], x["yv"], backend="cpu")
+        with onednn(forward_on_unit != switch):
+            out.backward(gout)
         grads.append([x[k].grad for k in ("sq", "sk", "yv")])
     for a, b in zip(*grads):
         assert_close(a, b, torch.bfloat16, backward=True)
