@@ -281,19 +281,25 @@ void backward_task(const BwdArgs<T>& a, int64_t b, int range, int kb0, int kb1, 
 
 // ---------------------------------------------- bf16 / fp16 on the matrix unit --
 // Inputs of a reduced type where sf_cpu_matrix.h serves it: every product on the matrix unit, the
-// softmax in fp32.  A task holds a block of queries against every key at once (its m x N fp32
-// logits in per-thread scratch, m smaller as N grows), so the softmax takes two passes without
+// softmax in fp32.  Forward: a task holds a block of queries against every key at once (its m x N
+// fp32 logits in per-thread scratch, m smaller as N grows), so the softmax takes two passes without
 // rescaling and P, rounded to the input type as the unit takes it (as PyTorch's reduced-precision
-// attention rounds it), multiplies Yv in one product over all keys.  Backward, a task per batch
-// item: per query block, S and dP recomputed, delta = rowsum(P dP) / rowsum(P) from the fp32
-// tiles, dS rounded for its products; dSk^T = Sq^T dS and dYv^T = dO^T P accumulate in fp32 over
-// the blocks in order (bitwise the same for any thread count) and are rounded once.
+// attention rounds it), multiplies Yv in one product over all keys; the output is written rounded
+// and in fp32 (backward's delta = rowsum(dO O) reads the latter, as the converted path does).
+// Backward, a task per batch item, per block of keys against every query (queries in lanes):
+// S^T = Sk Sq^T and dP^T = Yv dO^T recomputed, dS^T = P^T (dP^T - delta); dSk = dS^T Sq and
+// dYv = P^T dO complete per block (products over every query), dSq^T = Sk^T dS^T accumulated in
+// fp32 over the key blocks in order (bitwise the same for any thread count) and rounded once.
 namespace reduced {
 
 using namespace sf::cpu::matrix;
+namespace matrix = sf::cpu::matrix;
+
+constexpr int kKeys = 64;  // backward: keys per block (its S^T and dP^T tiles: 64 x N fp32 each)
 
 template <typename S>
-void forward(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv, at::Tensor& out, at::Tensor& lse) {
+void forward(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv, at::Tensor& out, at::Tensor& out_wide,
+             at::Tensor& lse) {
   const int64_t batch = sq.size(0);
   const int n = int(sq.size(1)), k = int(sq.size(2)), c = int(yv.size(2));
   const int mb = query_block(n), blocks = (n + mb - 1) / mb;
@@ -342,10 +348,12 @@ void forward(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv, a
       }
       product(m, c, n, p, lp, packed + keys_size, acc, lc, false);
       S* dst = o + (b * n + i0) * int64_t(c);
+      float* wide = out_wide.data_ptr<float>() + (b * n + i0) * int64_t(c);
       for (int i = 0; i < m; ++i) {
         const Vec<float> s = vsplat(inv[i]);
         for (int64_t j = 0; j < lc; j += kLanes<float>) vstore(acc + i * lc + j, vload(acc + i * lc + j) * s);
         round_to(dst + int64_t(i) * c, acc + i * lc, c);
+        std::copy_n(acc + i * lc, c, wide + int64_t(i) * c);
       }
     }
   });
@@ -353,80 +361,92 @@ void forward(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv, a
 
 template <typename S>
 void backward(const at::Tensor& dout, const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv,
-              const at::Tensor& lse, at::Tensor& dsq, at::Tensor& dsk, at::Tensor& dyv, bool need_dsq,
-              bool need_dsk, bool need_dyv) {
+              const at::Tensor& out, const at::Tensor& lse, at::Tensor& dsq, at::Tensor& dsk, at::Tensor& dyv,
+              bool need_dsq, bool need_dsk, bool need_dyv) {
+  constexpr int L = kLanes<float>;
   const int64_t batch = sq.size(0);
   const int n = int(sq.size(1)), k = int(sq.size(2)), c = int(yv.size(2));
-  const int mb = query_block(n), blocks = (n + mb - 1) / mb;
-  const int64_t lk = whole_blocks(n), lq = whole_blocks(k), lp = even(n), lm = even(mb);
-  const int64_t keys_t = packed_size(k, n), keys = packed_size(n, k), values_t = packed_size(c, n);
+  const int kb = kKeys;
+  const int64_t ln = whole_blocks(n), lq = whole_blocks(k), lc = whole_blocks(c), lp = even(n), lb = even(kb);
+  const int64_t q_t = packed_size(k, n), g_t = packed_size(c, n), q_rows = packed_size(n, k);
   const S* q = sq.data_ptr<S>();
   const S* kp = sk.data_ptr<S>();
   const S* vp = yv.data_ptr<S>();
   const S* g = dout.data_ptr<S>();
+  const float* o = out.data_ptr<float>();
   const float* lse_p = lse.data_ptr<float>();
   const Strides qs = strides_of(sq), ks = strides_of(sk), vs = strides_of(yv);
   parallel_for(batch, 1, [&](int64_t b0, int64_t b1) {
     Session session;
-    S* packed = scratch<S>(0, size_t(keys_t + keys + values_t));
-    S* sk_t = packed;                    // Sk^T (K x N): the logits
-    S* sk_rows = packed + keys_t;        // Sk (N x K): dSq = dS Sk
-    S* yv_t = sk_rows + keys;            // Yv^T (C x N): dP = dO Yv^T
-    S* ds_s = scratch<S>(1, size_t(mb) * lp);                           // dS rounded (A of dSq)
-    S* b_op = scratch<S>(2, size_t(packed_size(mb, n)));                // dS or P packed (B of dSk^T, dYv^T)
-    S* a_op = scratch<S>(3, size_t(std::max(k, c)) * lm + size_t(mb) * even(std::max(k, c)));  // A staged
-    float* st = scratch<float>(0, size_t(mb) * lk);   // logits, then P
-    float* dpt = scratch<float>(1, size_t(mb) * lk);  // dP, then dS
-    float* dsq_t = scratch<float>(2, size_t(mb) * lq);
-    float* dsk_t = scratch<float>(3, size_t(k) * lk);  // dSk^T
-    float* dyv_t = scratch<float>(4, size_t(c) * lk);  // dYv^T
-    const int64_t wide = round_up(std::max(k, c), kLanes<float>), wm = round_up(mb, kLanes<float>);
-    float* tmp = scratch<float>(5, size_t(2 * wide * wm));  // the transposes' staging
+    S* packed = scratch<S>(0, size_t(q_t + g_t + q_rows + packed_size(n, c)));
+    S* sq_t = packed;              // Sq^T (K x N): S^T = Sk Sq^T
+    S* do_t = sq_t + q_t;          // dO^T (C x N): dP^T = Yv dO^T
+    S* sq_rows = do_t + g_t;       // Sq (N x K): dSk = dS^T Sq
+    S* do_rows = sq_rows + q_rows; // dO (N x C): dYv = P^T dO
+    S* a_op = scratch<S>(1, size_t(kb) * std::max<int64_t>(lp, even(std::max(k, c))) + size_t(k) * lb);
+    S* b_op = scratch<S>(2, size_t(packed_size(kb, n)));
+    float* st = scratch<float>(0, size_t(kb) * ln);   // S^T, then P^T
+    float* dpt = scratch<float>(1, size_t(kb) * ln);  // dP^T, then dS^T
+    float* cols = scratch<float>(2, size_t(2 * ln));  // per query: lse in base-2 units, delta
+    float* lse2 = cols;
+    float* delta = cols + ln;
+    float* tile = scratch<float>(3, size_t(kb) * std::max(lq, lc));
+    float* dsq_t = scratch<float>(4, size_t(k) * ln);  // dSq^T
+    const int64_t wide = round_up(std::max(k, kb), L), wm = round_up(std::max(kb, n), L);
+    float* tmp = scratch<float>(5, size_t(2 * wide * wm));
     for (int64_t b = b0; b < b1; ++b) {
       const S* qb = q + b * qs.batch;
-      const S* kb = kp + b * ks.batch;
+      const S* kb_p = kp + b * ks.batch;
       const S* vb = vp + b * vs.batch;
       const S* gb = g + b * n * int64_t(c);
-      pack_transposed(sk_t, kb, ks.row, n, k);
-      if (need_dsq) pack_rows(sk_rows, kb, ks.row, n, k);
-      pack_transposed(yv_t, vb, vs.row, n, c);
-      for (int blk = 0; blk < blocks; ++blk) {
-        const int i0 = blk * mb, m = std::min(mb, n - i0);
+      pack_transposed(sq_t, qb, qs.row, n, k);
+      pack_transposed(do_t, gb, c, n, c);
+      if (need_dsk) matrix::pack_rows(sq_rows, qb, qs.row, n, k);
+      if (need_dyv) matrix::pack_rows(do_rows, gb, c, n, c);
+      // Per query: lse (base 2; +inf past N gives P = 0) and delta = rowsum(dO O) from the fp32 output.
+      for (int i = 0; i < n; ++i) {
+        lse2[i] = lse_p[b * n + i] * kLog2e<float>;
+        load_row(tile, gb + int64_t(i) * c, c);  // tile: free until the key blocks
+        delta[i] = dot(tile, o + (b * n + i) * int64_t(c), c);
+      }
+      std::fill(lse2 + n, lse2 + ln, std::numeric_limits<float>::infinity());
+      std::fill(delta + n, delta + ln, 0.0f);
+      for (int j0 = 0; j0 < n; j0 += kb) {
+        const int m = std::min(kb, n - j0);
         int64_t lda;
-        const S* a = a_rows(qb + i0 * qs.row, qs.row, m, k, a_op, lda);
-        product(m, n, k, a, lda, sk_t, st, lk, false);
-        a = a_rows(gb + i0 * int64_t(c), c, m, c, a_op, lda);
-        product(m, n, c, a, lda, yv_t, dpt, lk, false);
-        for (int i = 0; i < m; ++i) {
-          float* pr = st + i * lk;
-          float* dr = dpt + i * lk;
-          float mx = lse_p[b * n + i0 + i];
-          const float total = exp_row(pr, n, lk, mx, true);
-          Vec<float> weighted{};
-          for (int64_t j = 0; j < lk; j += kLanes<float>) weighted += vload(pr + j) * vload(dr + j);
-          // / rowsum(P): cancels the error P's row shares through lse (see window_attention's backward)
-          const Vec<float> delta = vsplat(hsum<float>(weighted) / total);
-          for (int64_t j = 0; j < lk; j += kLanes<float>) vstore(dr + j, vload(pr + j) * (vload(dr + j) - delta));
-          if (need_dsq) round_to(ds_s + i * lp, dr, lp);
+        const S* a = a_rows(kb_p + j0 * ks.row, ks.row, m, k, a_op, lda);
+        product(m, n, k, a, lda, sq_t, st, ln, false);
+        a = a_rows(vb + j0 * vs.row, vs.row, m, c, a_op, lda);
+        product(m, n, c, a, lda, do_t, dpt, ln, false);
+        const Vec<float> log2e = vsplat(kLog2e<float>);
+        for (int r = 0; r < m; ++r) {  // P^T = exp(S^T - lse), dS^T = P^T (dP^T - delta): queries in lanes
+          float* pr = st + r * ln;
+          float* dr = dpt + r * ln;
+          for (int64_t i = 0; i < ln; i += L) {
+            const Vec<float> pv = vexp2_nonpositive(vload(pr + i) * log2e - vload(lse2 + i));
+            vstore(pr + i, pv);
+            vstore(dr + i, pv * (vload(dr + i) - vload(delta + i)));
+          }
         }
-        if (need_dsq) {
-          product(m, k, n, ds_s, lp, sk_rows, dsq_t, lq, false);
-          S* dst = dsq.data_ptr<S>() + (b * n + i0) * int64_t(k);
-          for (int i = 0; i < m; ++i) round_to(dst + int64_t(i) * k, dsq_t + i * lq, k);
+        if (need_dsk) {  // dSk rows = dS^T Sq, complete
+          for (int r = 0; r < m; ++r) round_to(a_op + r * lp, dpt + r * ln, lp);
+          product(m, k, n, a_op, lp, sq_rows, tile, lq, false);
+          S* dst = dsk.data_ptr<S>() + (b * n + j0) * int64_t(k);
+          for (int r = 0; r < m; ++r) round_to(dst + int64_t(r) * k, tile + r * lq, k);
         }
-        if (need_dsk) {  // dSk^T += Sq_blk^T dS
-          a_transposed(a_op, qb + i0 * qs.row, qs.row, m, k, tmp);
-          pack_rows(b_op, dpt, lk, m, n);
-          product(k, n, m, a_op, even(m), b_op, dsk_t, lk, blk > 0);
+        if (need_dyv) {  // dYv rows = P^T dO, complete
+          for (int r = 0; r < m; ++r) round_to(a_op + r * lp, st + r * ln, lp);
+          product(m, c, n, a_op, lp, do_rows, tile, lc, false);
+          S* dst = dyv.data_ptr<S>() + (b * n + j0) * int64_t(c);
+          for (int r = 0; r < m; ++r) round_to(dst + int64_t(r) * c, tile + r * lc, c);
         }
-        if (need_dyv) {  // dYv^T += dO_blk^T P
-          a_transposed(a_op, gb + i0 * int64_t(c), c, m, c, tmp);
-          pack_rows(b_op, st, lk, m, n);
-          product(c, n, m, a_op, even(m), b_op, dyv_t, lk, blk > 0);
+        if (need_dsq) {  // dSq^T += Sk_blk^T dS^T, in key-block order
+          a_transposed(a_op, kb_p + j0 * ks.row, ks.row, m, k, tmp);
+          matrix::pack_rows(b_op, dpt, ln, m, n);
+          product(k, n, m, a_op, even(m), b_op, dsq_t, ln, j0 > 0);
         }
       }
-      if (need_dsk) write_transposed(dsk.data_ptr<S>() + b * n * int64_t(k), dsk_t, lk, n, k, tmp);
-      if (need_dyv) write_transposed(dyv.data_ptr<S>() + b * n * int64_t(c), dyv_t, lk, n, c, tmp);
+      if (need_dsq) write_transposed(dsq.data_ptr<S>() + b * n * int64_t(k), dsq_t, ln, n, k, tmp);
     }
   });
 }
@@ -467,16 +487,22 @@ void check_inputs(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& 
   SF_CPU_CHECK_CONTIGUOUS_LAST_DIM(yv);
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv) {
+// Returns (out, lse, out_wide): out_wide is the fp32 output of reduced inputs (kept for backward;
+// out is its rounding), empty otherwise.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& sq, const at::Tensor& sk,
+                                                          const at::Tensor& yv) {
   check_inputs(sq, sk, yv);
   const int64_t batch = sq.size(0);
   const int n = int(sq.size(1));
   at::Tensor out = pooled_empty({batch, n, yv.size(2)}, yv.options());
   at::Tensor lse = at::empty({batch, n}, sq.options().dtype(sq.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
-  if (batch == 0) return {out, lse};
-  if (serves(sq.scalar_type())) {
-    dispatch_reduced(sq.scalar_type(), [&](auto tag) { reduced::forward<decltype(tag)>(sq, sk, yv, out, lse); });
-    return {out, lse};
+  const bool reduced_inputs = serves(sq.scalar_type());
+  at::Tensor out_wide = reduced_inputs ? pooled_empty(out.sizes(), lse.options()) : at::empty({0}, lse.options());
+  if (batch == 0) return {out, lse, out_wide};
+  if (reduced_inputs) {
+    dispatch_reduced(sq.scalar_type(),
+                     [&](auto tag) { reduced::forward<decltype(tag)>(sq, sk, yv, out, out_wide, lse); });
+    return {out, lse, out_wide};
   }
   const Blocks queries = balanced(n, kQueryBlock), keys = balanced(n, kKeyBlock);
   dispatch_compute(sq.scalar_type(), [&](auto tag) {
@@ -501,7 +527,7 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& sq, const at::Te
       }
     });
   });
-  return {out, lse};
+  return {out, lse, out_wide};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dout, const at::Tensor& sq,
@@ -513,7 +539,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
   SF_CPU_CHECK_INPUT(out, 3);
   SF_CPU_CHECK_INPUT(lse, 2);
   SF_CPU_CHECK_SAME_DTYPE(dout, sq);
-  SF_CPU_CHECK_SAME_DTYPE(out, sq);
+  TORCH_CHECK(out.scalar_type() == (serves(sq.scalar_type()) ? at::kFloat : sq.scalar_type()),
+              "semantic_attention: out must be the forward's ", serves(sq.scalar_type()) ? "float32 output" : "output",
+              ", got ", out.scalar_type());
   TORCH_CHECK(lse.scalar_type() == (sq.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
               "semantic_attention: lse must be float32 (float64 for float64 inputs), got ", lse.scalar_type());
   TORCH_CHECK(dout.sizes() == yv.sizes() && out.sizes() == yv.sizes(),
@@ -527,9 +555,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
   at::Tensor dsq = pooled_empty(sq.sizes(), sq.options()), dsk = pooled_empty(sk.sizes(), sk.options());
   at::Tensor dyv = pooled_empty(yv.sizes(), yv.options());
   if (batch == 0) return {dsq, dsk, dyv};
-  if (serves(sq.scalar_type())) {  // out is not read: delta comes from the recomputed tiles
+  if (serves(sq.scalar_type())) {
     dispatch_reduced(sq.scalar_type(), [&](auto tag) {
-      reduced::backward<decltype(tag)>(dout, sq, sk, yv, lse, dsq, dsk, dyv, need_dsq, need_dsk, need_dyv);
+      reduced::backward<decltype(tag)>(dout, sq, sk, yv, out, lse, dsq, dsk, dyv, need_dsq, need_dsk, need_dyv);
     });
     return {dsq, dsk, dyv};
   }
@@ -596,7 +624,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
 }  // namespace sf_cpu_semantic
 
 SF_CPU_LIBRARY(m) {
-  m.def("semantic_attention_forward(Tensor sq, Tensor sk, Tensor yv) -> (Tensor, Tensor)");
+  m.def("semantic_attention_forward(Tensor sq, Tensor sk, Tensor yv) -> (Tensor, Tensor, Tensor)");
   m.def("semantic_attention_backward(Tensor dout, Tensor sq, Tensor sk, Tensor yv, Tensor out, Tensor lse, "
         "bool need_dsq, bool need_dsk, bool need_dyv) -> (Tensor, Tensor, Tensor)");
   SF_CPU_MATRIX_UNIT_QUERY(m, "semantic_attention");

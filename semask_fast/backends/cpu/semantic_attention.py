@@ -3,10 +3,11 @@
 float32 and float64 inputs are read in place with any batch and row strides (SemanticAttention's
 column views of one fused projection are not copied); only a non-unit last-dim stride needs a
 copy.  float16 / bfloat16 run as they are where the CPU's matrix unit serves them (AMX; the
-kernels say so: ``CpuImpl.on_matrix_unit``), products accumulated in float32; elsewhere
-they are converted to float32 here (a copy), computed in float32 and rounded once.  Forward saves
-the row logsumexp, and on the converted path the float32 output (the returned output is its
-rounding); backward recomputes the probabilities tile by tile.
+kernels say so: ``CpuImpl.on_matrix_unit``), products accumulated in float32; elsewhere they are
+converted to float32 here (a copy), computed in float32 and rounded once.  Forward saves the row
+logsumexp, and for float16 / bfloat16 the float32 output (the returned output is its rounding) on
+either path, so a backward runs on whichever path serves it then.  Backward recomputes the
+probabilities tile by tile.
 """
 
 from __future__ import annotations
@@ -38,30 +39,25 @@ class SemanticAttentionCpu(CpuImpl):
 
     def forward(self, inp: SemanticAttentionInputs, seed: int):
         sq, sk, yv = (self._compute(t) for t in (inp.sq, inp.sk, inp.yv))
-        out, lse = self.library().semantic_attention_forward(sq, sk, yv)
-        if out.dtype != inp.yv.dtype:
-            return (out.to(inp.yv.dtype),), (lse, out)
-        return (out,), (lse,)
+        out, lse, wide = self.library().semantic_attention_forward(sq, sk, yv)
+        if not _rounded(inp.yv.dtype):
+            return (out,), (lse,)
+        if out.dtype == inp.yv.dtype:  # on the matrix unit: the kernels rounded it and kept float32
+            return (out,), (lse, wide)
+        return (out.to(inp.yv.dtype),), (lse, out)
 
     def residuals_like(self, inp: SemanticAttentionInputs):
         wide = torch.float64 if inp.sq.dtype == torch.float64 else torch.float32
         lse = inp.sq.new_empty(inp.sq.shape[:2], dtype=wide)
-        if _rounded(inp.yv.dtype) and not self.on_matrix_unit(inp.yv.dtype):
+        if _rounded(inp.yv.dtype):
             return lse, inp.yv.new_empty(inp.yv.shape, dtype=torch.float32)
         return (lse,)
 
     def backward(self, inp: SemanticAttentionInputs, outputs, residuals, grad_outputs, needs, seed: int):
-        # The kernels compute only the gradients autograd needs.
+        # The kernels compute only the gradients autograd needs; with float16 / bfloat16 they read
+        # the float32 output, kept by either path.
         sq, sk, yv = (self._compute(t) for t in (inp.sq, inp.sk, inp.yv))
-        lse = residuals[0]
-        if sq.dtype == inp.sq.dtype:  # float32 / float64, or on the matrix unit (which reads no out)
-            out = outputs[0]
-        elif len(residuals) == 2:  # converted in forward: the float32 output
-            out = residuals[1]
-        else:
-            # Forward ran on the matrix unit, which has been switched off since (oneDNN disabled):
-            # the converted path's float32 output, recomputed.
-            out, lse = self.library().semantic_attention_forward(sq, sk, yv)
+        lse, out = residuals if _rounded(inp.yv.dtype) else (residuals[0], outputs[0])
         dout = grad_outputs[0].to(sq.dtype).contiguous()
         grads = self.library().semantic_attention_backward(dout, sq, sk, yv, out, lse, *needs)
         return tuple(g.to(t.dtype) if need else None for g, t, need in zip(grads, (inp.sq, inp.sk, inp.yv), needs))
