@@ -83,6 +83,7 @@ def cmd_info(args) -> int:
 
     import semask_fast
     from semask_fast.backends import registry
+    from semask_fast.backends.cpu import matrix_unit_summary
 
     try:
         import triton
@@ -98,7 +99,7 @@ def cmd_info(args) -> int:
     print(f"triton       {triton_version}" + (" (kernels run in the interpreter on CPU tensors)" if interpreted else ""))
     print(f"nvcc         {_nvcc_version()}")
     print(f"cpu backend  {_cpu_target()}")
-    print(f"cpu matrix   {_cpu_matrix_unit()}")
+    print(f"cpu matrix   {matrix_unit_summary()}")
     print()
     footnotes: List[str] = []
     rows = []
@@ -133,22 +134,6 @@ def _cpu_target() -> str:
     if _build.cpu_isa() == "native":
         target += f"; -march=native is {_bench_report.march_native()} here"
     return f"{target}); this CPU: {' '.join(_bench_report.isa_flags()) or 'none of the listed ISA flags'}"
-
-
-def _cpu_matrix_unit() -> str:
-    """Which reduced dtypes the cpu kernels run on the CPU's matrix unit here, and for which ops."""
-    import torch
-
-    from semask_fast.backends.cpu import matrix_unit_dtypes, matrix_unit_ops
-
-    dtypes = matrix_unit_dtypes()
-    served = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-    if not dtypes:
-        reason = ("oneDNN is switched off (torch.backends.mkldnn)" if not torch.backends.mkldnn.enabled
-                  else "no AMX on this CPU (or the kernels cannot be built)")
-        return f"none: {reason}; float16 / bfloat16 run in float32 on the vector units"
-    rest = "" if len(dtypes) == 2 else "; float16 on the vector units (its matrix unit needs AMX-FP16)"
-    return f"{served} on AMX (oneDNN's brgemm) for {', '.join(matrix_unit_ops())}{rest}"
 
 
 def cmd_check(args) -> int:
@@ -286,14 +271,14 @@ def cmd_bench(args) -> int:
         readme = args.readme
         if readme is None:
             checkout_readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
-            readme = checkout_readme if main_table and args.out is None else ""
+            readme = checkout_readme if full_run and args.out is None else ""
         if readme:
             plot = os.path.relpath(png, os.path.dirname(os.path.abspath(readme))) if plotted else None
             text = _bench_report.readme_results(rows, modes, header, e2e, plot)
-            if _bench_report.update_readme(readme, text):
+            if _bench_report.update_readme(readme, text, dtype):
                 print(f"wrote the results into {readme}")
             else:
-                print(f"{readme}: no {_bench_report.README_BEGIN} ... {_bench_report.README_END} markers; not written")
+                print(f"{readme}: no {' ... '.join(_bench_report.readme_markers(dtype))} markers; not written")
     if args.csv:
         _bench_report.append_csv(args.csv, rows, machine, dtype)
         print(f"appended to {args.csv}")
@@ -344,7 +329,7 @@ def main(argv=None) -> int:
                                      "dtype, nothing otherwise; '' writes nothing)")
     bench.add_argument("--csv", help="append the rows to this CSV file")
     bench.add_argument("--readme", help="write the summary, plot and end to end into this README's generated "
-                                        "part (default: the checkout's README.md for a full paper-scale float32 run "
+                                        "part, between the dtype's markers (default: the checkout's README.md for a full paper-scale run "
                                         "written to benchmarks/results, nothing otherwise; '' writes nothing)")
     gpu = sub.add_parser("gpu-check", help="the whole GPU validation (parity, compile, benchmarks) on one GPU")
     gpu.add_argument("--dry-run", action="store_true", help="list what would run (no GPU needed)")

@@ -11,7 +11,7 @@ import os
 import platform
 import shutil
 import subprocess
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -121,13 +121,19 @@ def rows_table(rows: Sequence[dict]) -> str:
 
 
 def header_lines(machine: str, dtype: torch.dtype, scale: str, sgemm_gflops: float, command: str) -> List[str]:
-    return [
+    lines = [
         f"Machine: {machine}.",
         f"Run: `{command}`, {str(dtype).replace('torch.', '')}, {scale} shapes, {_utc_now()}, "
         f"semask_fast {__version__}.",
         f"sgemm rate: {sgemm_gflops:.0f} GFLOP/s (fp32 `torch.mm` of 2048x2048 matrices, best of 5, "
         f"{torch.get_num_threads()} threads), measured in the same run.",
     ]
+    if dtype in (torch.float16, torch.bfloat16):
+        from .backends.cpu import matrix_unit_summary
+
+        lines.append(f"Matrix unit of the cpu kernels: {matrix_unit_summary()}. % sgemm compares with the "
+                     "fp32 rate above (products on a matrix unit can exceed it).")
+    return lines
 
 
 READING = """\
@@ -181,6 +187,14 @@ README_BEGIN = "<!-- bench_cpu:results:begin -->"
 README_END = "<!-- bench_cpu:results:end -->"
 
 
+def readme_markers(dtype: torch.dtype) -> Tuple[str, str]:
+    """The README markers around a dtype's generated results (float32: README_BEGIN / README_END)."""
+    if dtype == torch.float32:
+        return README_BEGIN, README_END
+    name = str(dtype).replace("torch.", "")
+    return f"<!-- bench_cpu_{name}:results:begin -->", f"<!-- bench_cpu_{name}:results:end -->"
+
+
 def readme_results(rows: Sequence[dict], modes: Sequence[str], header: Sequence[str], e2e: Optional[dict],
                    plot_path: Optional[str]) -> str:
     """The README's generated part of "CPU performance": machine, run, summary, plot, end to end."""
@@ -192,17 +206,18 @@ def readme_results(rows: Sequence[dict], modes: Sequence[str], header: Sequence[
     return "\n".join(parts).rstrip("\n")
 
 
-def update_readme(path: str, text: str) -> bool:
-    """Replaces what stands between README_BEGIN and README_END in ``path`` by ``text``; False
-    (nothing written) when the file or a marker is missing."""
+def update_readme(path: str, text: str, dtype: torch.dtype = torch.float32) -> bool:
+    """Replaces what stands between the dtype's markers (:func:`readme_markers`) in ``path`` by
+    ``text``; False (nothing written) when the file or a marker is missing."""
     if not os.path.exists(path):
         return False
     with open(path) as f:
         content = f.read()
-    begin, end = content.find(README_BEGIN), content.find(README_END)
+    first, last = readme_markers(dtype)
+    begin, end = content.find(first), content.find(last)
     if begin < 0 or end < begin:
         return False
-    content = content[:begin + len(README_BEGIN)] + "\n" + text + "\n" + content[end:]
+    content = content[:begin + len(first)] + "\n" + text + "\n" + content[end:]
     with open(path, "w") as f:
         f.write(content)
     return True

@@ -196,8 +196,17 @@ def test_info_says_which_dtypes_run_on_the_matrix_unit(capsys):
         assert "oneDNN is switched off" in line
 
 
-def test_bench_of_another_dtype_writes_its_own_folder_and_no_readme(monkeypatch, tmp_path):
-    """A full bfloat16 run does not overwrite the committed float32 tables, the README or the e2e."""
+def test_header_of_a_reduced_dtype_names_the_matrix_unit():
+    from semask_fast.backends.cpu import matrix_unit_summary
+
+    lines = _bench_report.header_lines("m", torch.bfloat16, "paper", 100.0, "cmd")
+    assert lines[-1].startswith("Matrix unit of the cpu kernels: " + matrix_unit_summary())
+    assert not any("Matrix unit" in x for x in _bench_report.header_lines("m", torch.float32, "paper", 100.0, "cmd"))
+
+
+def test_bench_of_another_dtype_writes_its_own_folder_and_readme_part(monkeypatch, tmp_path):
+    """A full bfloat16 run writes its own folder and its own README part (markers of its dtype): it
+    does not overwrite the float32 tables, their README part or run the float32 end to end."""
     monkeypatch.chdir(tmp_path)
     calls = {}
     monkeypatch.setattr(_bench, "sgemm_rate", lambda: 100.0)
@@ -206,11 +215,16 @@ def test_bench_of_another_dtype_writes_its_own_folder_and_no_readme(monkeypatch,
     written = []
     monkeypatch.setattr(_bench_report, "write_markdown", lambda md, *a, **k: written.append(md))
     monkeypatch.setattr(_bench_report, "write_plot", lambda png, *a, **k: False)
-    monkeypatch.setattr(_bench_report, "update_readme", lambda *a, **k: written.append("README") or True)
     monkeypatch.setattr(_bench_report, "summary_table", lambda *a, **k: "")
-    assert main(["bench", "--dtype", "bfloat16"]) == 0
+    readme = tmp_path / "README.md"
+    fp32_part = f"{_bench_report.README_BEGIN}\nfloat32 figures\n{_bench_report.README_END}"
+    bf16_begin, bf16_end = _bench_report.readme_markers(torch.bfloat16)
+    readme.write_text(f"{fp32_part}\n{bf16_begin}\nstale\n{bf16_end}\n")
+    assert main(["bench", "--dtype", "bfloat16", "--readme", str(readme)]) == 0
     assert calls == {"dtype": torch.bfloat16}
     assert written == [os.path.join("benchmarks", "results", "bfloat16", "bench_cpu.md")]
+    text = readme.read_text()
+    assert fp32_part in text and "stale" not in text and "Run: `python -m semask_fast bench" in text
 
 
 def test_e2e_times_four_settings_of_the_same_model_and_the_bound():

@@ -68,4 +68,17 @@ def matrix_unit_ops() -> List[str]:
     return [op for op in registry.OPS if getattr(registry.implementation(op, "cpu"), "matrix_unit", False)]
 
 
-__all__ = ["CpuImpl", "matrix_unit_dtypes", "matrix_unit_ops"]
+def matrix_unit_summary() -> str:
+    """One line: which reduced dtypes the cpu kernels run on the matrix unit here, for which ops,
+    or why none (``info`` and the bench's header print it)."""
+    dtypes = matrix_unit_dtypes()
+    if not dtypes:
+        reason = ("oneDNN is switched off (torch.backends.mkldnn)" if not torch.backends.mkldnn.enabled
+                  else "no AMX on this CPU (or the kernels cannot be built)")
+        return f"none: {reason}; float16 / bfloat16 run in float32 on the vector units"
+    served = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+    rest = "" if len(dtypes) == 2 else "; float16 on the vector units (its matrix unit needs AMX-FP16)"
+    return f"{served} on AMX (oneDNN's brgemm) for {', '.join(matrix_unit_ops())}{rest}"
+
+
+__all__ = ["CpuImpl", "matrix_unit_dtypes", "matrix_unit_ops", "matrix_unit_summary"]
