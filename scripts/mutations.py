@@ -34,6 +34,9 @@ class Mutation:
     new: str
     tests: Sequence[str]  # pytest arguments: files, node ids, -k expressions
     why: str
+    #: Runs only where the cpu kernels use the CPU's matrix unit (AMX) for bfloat16: elsewhere the
+    #: mutated code never runs, so the mutation is skipped (and said so).
+    matrix_unit: bool = False
 
 
 MUTATIONS: List[Mutation] = [
@@ -148,6 +151,27 @@ MUTATIONS: List[Mutation] = [
              "  if (p.splits > 2) {",
              ["tests/ops/test_atm_attention.py", "-m", "harness", "-k", "split"],
              "the split forward writes partials; only the combine kernel writes out and lse"),
+    # ------------------------------------------------- cpu kernels on the matrix unit (AMX)
+    Mutation("cpu matrix unit: VNNI pairs of rows interleaved in the wrong order", "csrc/cpu/sf_cpu_matrix.h",
+             "_mm512_storeu_si512(out, _mm512_permutex2var_epi16(a, lo, b));",
+             "_mm512_storeu_si512(out, _mm512_permutex2var_epi16(b, lo, a));",
+             ["tests/ops/test_mask_similarity.py", "-k", "cpu_reduced and bfloat16 and matrix-unit"],
+             "every packed B operand with two real rows per pair goes through it", matrix_unit=True),
+    Mutation("cpu semantic, matrix unit: dSq^T not accumulated over key blocks", "csrc/cpu/semantic_attention.cpp",
+             "product(k, n, m, a_op, even(m), b_op, dsq_t, ln, j0 > 0);",
+             "product(k, n, m, a_op, even(m), b_op, dsq_t, ln, false);",
+             ["tests/ops/test_semantic_attention.py", "-k", "cpu_reduced and bfloat16 and matrix-unit"],
+             "N = 131 and 300 have several key blocks of 64", matrix_unit=True),
+    Mutation("cpu ATM, matrix unit: the mask logits' gradient dropped", "csrc/cpu/atm_attention.cpp",
+             "vstore(dr + j, sc * (vload(pr + j) * (vload(dr + j) - delta) + vload(dm + j) * mean));",
+             "vstore(dr + j, sc * (vload(pr + j) * (vload(dr + j) - delta)));",
+             ["tests/ops/test_atm_attention.py", "-k", "cpu_reduced and bfloat16 and matrix-unit"],
+             "dM / h enters dS", matrix_unit=True),
+    Mutation("cpu mask similarity, matrix unit: dC not accumulated over row blocks", "csrc/cpu/mask_similarity.cpp",
+             "product(K, D, rows, g_s, even(rows), p_rows, dct, ld, blk > 0);",
+             "product(K, D, rows, g_s, even(rows), p_rows, dct, ld, false);",
+             ["tests/ops/test_mask_similarity.py", "-k", "cpu_reduced and bfloat16 and matrix-unit"],
+             "Np = 129 has three row blocks of 64", matrix_unit=True),
     # ----------------------------------------------------------------- Python layer
     Mutation("validation: a shift equal to the window accepted", "semask_fast/ops/_common.py",
              "if any(s >= w for s, w in zip(shift, ws)):",
@@ -172,6 +196,14 @@ def _imports_from_this_checkout() -> str:
         return out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "import failed"
     elsewhere = [p for p in out.stdout.split() if not Path(p).resolve().is_relative_to(ROOT)]
     return ", ".join(elsewhere)
+
+
+def _matrix_unit_here() -> bool:
+    """Whether this checkout's cpu kernels run bfloat16 on the matrix unit on this machine."""
+    code = "import torch; from semask_fast.backends.cpu import matrix_unit_dtypes as d; print(torch.bfloat16 in d())"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    return out.stdout.strip().endswith("True")
 
 
 def run_one(m: Mutation) -> bool:
@@ -211,14 +243,20 @@ def main(argv=None) -> int:
         print(f"these would be imported from outside {ROOT}: {elsewhere}; reinstall this checkout "
               "(pip install -e .) before mutating it")
         return 2
-    survived = []
+    survived, skipped = [], []
+    unit = _matrix_unit_here()
     for m in chosen:
+        if m.matrix_unit and not unit:
+            print(f"skipped  {m.name} (no matrix unit for bfloat16 here: the mutated code does not run)")
+            skipped.append(m.name)
+            continue
         start = time.time()
         caught = run_one(m)
         print(f"{'caught  ' if caught else 'SURVIVED'} {m.name} ({time.time() - start:.0f} s)", flush=True)
         if not caught:
             survived.append(m.name)
-    print(f"{len(chosen) - len(survived)} of {len(chosen)} planted bugs caught")
+    ran = len(chosen) - len(skipped)
+    print(f"{ran - len(survived)} of {ran} planted bugs caught" + (f" ({len(skipped)} skipped)" if skipped else ""))
     return 1 if survived else 0
 
 
