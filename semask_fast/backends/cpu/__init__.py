@@ -6,7 +6,9 @@ built on first use by g++ for this machine's instruction set (:mod:`semask_fast.
 ``"cpu"``), cached; a failed build is an availability reason carrying the compiler's first error
 line.  Kernels run fused per (window, head) or row block, parallel with ``at::parallel_for``
 (``torch.set_num_threads`` is honoured), in fp32 (fp64 for double inputs, so ``gradcheck`` runs on
-them; fp16 / bf16 are converted when staged, accumulated in fp32 and rounded once).
+them; fp16 / bf16 are converted when staged, accumulated in fp32 and rounded once).  Ops with
+``matrix_unit`` run fp16 / bf16 products on the CPU's matrix unit (AMX) where it serves the dtype
+(``csrc/cpu/sf_cpu_matrix.h``; :func:`matrix_unit_summary` says what runs here).
 """
 
 from __future__ import annotations
