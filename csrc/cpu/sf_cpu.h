@@ -8,7 +8,8 @@
 // (semask_fast/_build.py), or the compiler's baseline for SEMASK_FAST_CPU_ISA=portable.
 //
 // Every kernel computes in fp32 (fp64 for double inputs, so gradcheck runs on the kernels);
-// fp16 / bf16 rows are converted to fp32 when staged and rounded once when written.
+// fp16 / bf16 rows are converted to fp32 when staged and rounded once when written (or, where the
+// CPU has a matrix unit, multiplied there: sf_cpu_matrix.h).
 #pragma once
 
 #include <ATen/Parallel.h>
