@@ -419,6 +419,38 @@ T row_gradient(const T* s_row, const S* dy_row, T rp, const T* rc, const RowTerm
   return sf::cpu::hsum<T>(dot_acc);
 }
 
+// The backward's outputs: dP, dC in the inputs' type, dw and db (with norm) zeroed in the compute
+// type T.  Empty inputs get zero gradients here (the caller returns them as they are).
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_outputs(const at::Tensor& P, const at::Tensor& C,
+                                                                            bool norm) {
+  const auto acc_options = P.options().dtype(c10::CppTypeToScalarType<T>::value);
+  // P and C are contiguous (the Python side makes them so): so are their gradients.
+  at::Tensor dP = sf::cpu::pooled_empty(P.sizes(), P.options()), dC = sf::cpu::pooled_empty(C.sizes(), C.options());
+  at::Tensor dw = norm ? at::zeros({C.size(1)}, acc_options) : at::Tensor();
+  at::Tensor db = norm ? at::zeros({C.size(1)}, acc_options) : at::Tensor();
+  if (P.numel() == 0 || C.numel() == 0) {
+    dP.zero_();
+    dC.zero_();
+  }
+  return {dP, dC, dw, db};
+}
+
+// dw and db = the row blocks' partials ((dw, db) x Kpad each, `parts` of them) added in order.
+template <typename T>
+void sum_layer_norm_partials(const std::vector<T>& partials, int64_t parts, int64_t K, int64_t Kpad, at::Tensor& dw,
+                             at::Tensor& db) {
+  T* dwp = dw.data_ptr<T>();
+  T* dbp = db.data_ptr<T>();
+  for (int64_t j = 0; j < parts; ++j) {
+    const T* part = partials.data() + j * 2 * Kpad;
+    for (int64_t k = 0; k < K; ++k) {
+      dwp[k] += part[k];
+      dbp[k] += part[Kpad + k];
+    }
+  }
+}
+
 // Backward (see the file comment).  scores: the forward's cosines (B, Np, K) in the compute type;
 // rinv_p, rinv_c: its inverse norms.  Returns dP, dC and, with norm, dw and db in the compute
 // type (empty tensors otherwise).
@@ -435,24 +467,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const int panels = int((K + kPanel - 1) / kPanel);
   const int64_t strips = (D + W - 1) / W;
   const std::vector<T> gain = padded_param<T>(weight, K, Kpad, T(1), "norm_weight");
-  const auto acc_options = P.options().dtype(c10::CppTypeToScalarType<T>::value);
-  constexpr at::ScalarType acc_type = c10::CppTypeToScalarType<T>::value;
-  TORCH_CHECK(scores.scalar_type() == acc_type && scores.is_contiguous() && scores.dim() == 3 &&
-                  scores.size(0) == B && scores.size(1) == Np && scores.size(2) == K,
-              "scores must be a contiguous (B, Np, K) tensor of the compute type");
-  TORCH_CHECK(rinv_p.scalar_type() == scores.scalar_type() && rinv_p.is_contiguous() && rinv_p.numel() == B * Np,
-              "rinv_p must be a contiguous (B, Np) tensor of the compute type");
-  TORCH_CHECK(rinv_c.scalar_type() == scores.scalar_type() && rinv_c.is_contiguous() && rinv_c.numel() == B * K,
-              "rinv_c must be a contiguous (B, K) tensor of the compute type");
-  // P and C are contiguous (the Python side makes them so): so are their gradients.
-  at::Tensor dP = sf::cpu::pooled_empty(P.sizes(), P.options()), dC = sf::cpu::pooled_empty(C.sizes(), C.options());
-  at::Tensor dw = norm ? at::zeros({K}, acc_options) : at::Tensor();
-  at::Tensor db = norm ? at::zeros({K}, acc_options) : at::Tensor();
-  if (P.numel() == 0 || C.numel() == 0) {
-    dP.zero_();
-    dC.zero_();
-    return {dP, dC, dw, db};
-  }
+  at::Tensor dP, dC, dw, db;
+  std::tie(dP, dC, dw, db) = backward_outputs<T>(P, C, norm);
+  if (P.numel() == 0 || C.numel() == 0) return {dP, dC, dw, db};
   const scalar_t* p = P.data_ptr<scalar_t>();
   const scalar_t* c = C.data_ptr<scalar_t>();
   const scalar_t* dy_all = grad.data_ptr<scalar_t>();
@@ -580,18 +597,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     sf::cpu::stream_fence();
   });
 
-  // dw and db, summed over the row blocks in order.
-  if (norm) {
-    T* dwp = dw.data_ptr<T>();
-    T* dbp = db.data_ptr<T>();
-    for (int64_t j = 0; j < B * blocks; ++j) {
-      const T* part = ln_partials.data() + j * 2 * Kpad;
-      for (int64_t k = 0; k < K; ++k) {
-        dwp[k] += part[k];
-        dbp[k] += part[Kpad + k];
-      }
-    }
-  }
+  if (norm) sum_layer_norm_partials(ln_partials, B * blocks, K, Kpad, dw, db);
   return {dP, dC, dw, db};
 }
 
@@ -697,15 +703,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const int64_t B = P.size(0), Np = P.size(1), K = C.size(1), D = P.size(2), Kpad = padded<T>(K);
   const int64_t ld = whole_blocks(D), kk = even(K), mm = even(kChunk), wm = sf::cpu::round_up(kChunk, L);
   const std::vector<T> gain = padded_param<T>(weight, K, Kpad, T(1), "norm_weight");
-  const auto acc_options = P.options().dtype(at::kFloat);
-  at::Tensor dP = sf::cpu::pooled_empty(P.sizes(), P.options()), dC = sf::cpu::pooled_empty(C.sizes(), C.options());
-  at::Tensor dw = norm ? at::zeros({K}, acc_options) : at::Tensor();
-  at::Tensor db = norm ? at::zeros({K}, acc_options) : at::Tensor();
-  if (P.numel() == 0 || C.numel() == 0) {
-    dP.zero_();
-    dC.zero_();
-    return {dP, dC, dw, db};
-  }
+  at::Tensor dP, dC, dw, db;
+  std::tie(dP, dC, dw, db) = backward_outputs<T>(P, C, norm);
+  if (P.numel() == 0 || C.numel() == 0) return {dP, dC, dw, db};
   const S* p = P.data_ptr<S>();
   const S* c = C.data_ptr<S>();
   const S* dy_all = grad.data_ptr<S>();
@@ -777,17 +777,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
       }
     }
   });
-  if (norm) {  // dw and db, summed over the row blocks in order
-    T* dwp = dw.data_ptr<T>();
-    T* dbp = db.data_ptr<T>();
-    for (int64_t j = 0; j < B * blocks; ++j) {
-      const T* part = ln_partials.data() + j * 2 * Kpad;
-      for (int64_t k = 0; k < K; ++k) {
-        dwp[k] += part[k];
-        dbp[k] += part[Kpad + k];
-      }
-    }
-  }
+  if (norm) sum_layer_norm_partials(ln_partials, B * blocks, K, Kpad, dw, db);
   return {dP, dC, dw, db};
 }
 
@@ -821,6 +811,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
   TORCH_CHECK(grad.size(0) == P.size(0) && grad.size(1) == P.size(1) && grad.size(2) == C.size(1),
               "grad must have shape (B, Np, K) = (", P.size(0), ", ", P.size(1), ", ", C.size(1), "), got ",
               grad.sizes());
+  const int64_t B = P.size(0), Np = P.size(1), K = C.size(1);
+  const at::ScalarType acc_type = P.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(scores.scalar_type() == acc_type && scores.is_contiguous() && scores.dim() == 3 &&
+                  scores.size(0) == B && scores.size(1) == Np && scores.size(2) == K,
+              "scores must be a contiguous (B, Np, K) tensor of the compute type");
+  TORCH_CHECK(rinv_p.scalar_type() == acc_type && rinv_p.is_contiguous() && rinv_p.numel() == B * Np,
+              "rinv_p must be a contiguous (B, Np) tensor of the compute type");
+  TORCH_CHECK(rinv_c.scalar_type() == acc_type && rinv_c.is_contiguous() && rinv_c.numel() == B * K,
+              "rinv_c must be a contiguous (B, K) tensor of the compute type");
   if (sf::cpu::matrix::serves(P.scalar_type())) {
     if (P.scalar_type() == at::kBFloat16)
       return reduced::backward<c10::BFloat16>(grad, P, C, scores, rinv_p, rinv_c, weight, norm, eps, need_dp, need_dc);
