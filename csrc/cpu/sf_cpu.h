@@ -419,15 +419,57 @@ struct Acc<double> {
 template <typename T>
 using acc_t = typename Acc<T>::type;
 
+// 16 fp16 / bf16 values <-> fp32 vectors with the conversion instructions of the build: widening
+// is exact; narrowing rounds to nearest even (bf16 needs AVX512-BF16 for it, else the scalar loop).
+#if defined(__AVX512F__)
+template <typename S>
+constexpr bool kWidens16 = std::is_same_v<S, c10::BFloat16> || std::is_same_v<S, c10::Half>;
+template <typename S>
+constexpr bool kNarrows16 = std::is_same_v<S, c10::Half>
+#if defined(__AVX512BF16__)
+                            || std::is_same_v<S, c10::BFloat16>
+#endif
+    ;
+template <typename S>
+inline __m512 widen16(const S* src) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  if constexpr (std::is_same_v<S, c10::BFloat16>) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  else return _mm512_cvtph_ps(h);
+}
+template <typename S>
+inline __m256i narrow16(__m512 v) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<S, c10::BFloat16>) return (__m256i)_mm512_cvtneps_pbh(v);
+  else
+#endif
+    return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+#endif
+
 // n elements of src (any storage type) -> dst in the compute type, times scale.
 template <typename S, typename T>
 inline void load_row(T* __restrict__ dst, const S* __restrict__ src, int64_t n, T scale = T(1)) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]) * scale;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float> && kWidens16<S>) {
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, _mm512_mul_ps(widen16(src + i), sv));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]) * scale;
 }
 // n compute-type values -> storage type (fp16 / bf16: round to nearest even).
 template <typename S, typename T>
 inline void store_row(S* __restrict__ dst, const T* __restrict__ src, int64_t n, T scale = T(1)) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<S>(src[i] * scale);
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float> && kNarrows16<S>) {
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (; i + 16 <= n; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), narrow16<S>(_mm512_mul_ps(_mm512_loadu_ps(src + i), sv)));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<S>(src[i] * scale);
 }
 
 // ------------------------------------------------------- denormals, threads --

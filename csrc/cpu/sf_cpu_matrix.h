@@ -22,9 +22,6 @@ namespace sf::cpu::matrix {
 
 constexpr int64_t kBlockN = 32;  // columns per packed block (two 16-column fp32 tiles of C)
 
-template <typename S>
-constexpr bool kReduced = std::is_same_v<S, c10::BFloat16> || std::is_same_v<S, c10::Half>;
-
 // Whether products of `dtype` run on the matrix unit (asked per call: oneDNN can be switched off).
 inline bool serves(at::ScalarType dtype) {
   return (dtype == at::kBFloat16 || dtype == at::kHalf) && at::native::cpublas::could_pack(dtype);
@@ -41,24 +38,15 @@ inline int64_t whole_blocks(int64_t n) { return round_up(n, kBlockN); }
 inline int64_t packed_size(int64_t k, int64_t n) { return even(k) * whole_blocks(n); }
 
 #if defined(__AVX512BW__)
-// 32 consecutive values of x as the storage type S, in one register.
+// 32 consecutive values of x as the storage type S, in one register (false: not in this build).
 template <typename S, typename X>
 inline bool load32(const X* x, __m512i& v) {
   if constexpr (std::is_same_v<X, S>) {
     v = _mm512_loadu_si512(x);
     return true;
-  }
-#if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<X, float> && std::is_same_v<S, c10::BFloat16>) {
-    v = _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x))),
-                           (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + 16)), 1);
-    return true;
-  }
-#endif
-  if constexpr (std::is_same_v<X, float> && std::is_same_v<S, c10::Half>) {
-    constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtps_ph(_mm512_loadu_ps(x), kRound)),
-                           _mm512_cvtps_ph(_mm512_loadu_ps(x + 16), kRound), 1);
+  } else if constexpr (std::is_same_v<X, float> && kNarrows16<S>) {
+    v = _mm512_inserti64x4(_mm512_castsi256_si512(narrow16<S>(_mm512_loadu_ps(x))),
+                           narrow16<S>(_mm512_loadu_ps(x + 16)), 1);
     return true;
   }
   return false;
@@ -122,23 +110,10 @@ inline void pack_transposed(S* __restrict__ dst, const S* __restrict__ x, int64_
   }
 }
 
-// dst[0:n] = src[0:n] rounded to the storage type (nearest even), with the conversion instructions
-// of the build where it has them.
+// dst[0:n] = src[0:n] rounded to the storage type (nearest even).
 template <typename S>
 inline void round_to(S* __restrict__ dst, const float* __restrict__ src, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<S, c10::BFloat16>)
-    for (; i + 16 <= n; i += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
-#endif
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<S, c10::Half>)
-    for (; i + 16 <= n; i += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
-                          _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#endif
-  for (; i < n; ++i) dst[i] = static_cast<S>(src[i]);
+  store_row(dst, src, n);
 }
 
 // C (m x whole_blocks(n), ldc) [+]= A (m x even(k), lda) B (packed k x n).

@@ -169,8 +169,11 @@ inline void copy_row(T* __restrict__ dst, const S* __restrict__ src, int d, int 
   int c = 0;
   if constexpr (std::is_same_v<S, T>) {
     for (; c + L <= d; c += L) vstore(dst + c, vload(src + c));
+    for (; c < d; ++c) dst[c] = src[c];
+  } else {
+    load_row(dst, src, d);
+    c = d;
   }
-  for (; c < d; ++c) dst[c] = static_cast<T>(src[c]);
   for (; c < dp; ++c) dst[c] = T(0);
 }
 
@@ -213,12 +216,14 @@ inline Target<T> in_place(const TokenRows<S>& rows, int d, int dp, T* tile) {
 template <typename S, typename T>
 inline void write_row(S* __restrict__ dst, const T* __restrict__ src, int d, T scale) {
   constexpr int L = kLanes<T>;
-  int c = 0;
   if constexpr (std::is_same_v<S, T>) {
     const Vec<T> s = vsplat(scale);
+    int c = 0;
     for (; c + L <= d; c += L) vstore(dst + c, vload(src + c) * s);
+    for (; c < d; ++c) dst[c] = src[c] * scale;
+  } else {
+    store_row(dst, src, d, scale);
   }
-  for (; c < d; ++c) dst[c] = static_cast<S>(src[c] * scale);
 }
 
 // Fills f[j][i] (N x Np) with the dropout multipliers of (window b_, head h).
