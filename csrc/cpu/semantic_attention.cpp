@@ -284,10 +284,12 @@ void backward_task(const BwdArgs<T>& a, int64_t b, int range, int kb0, int kb1, 
 // softmax in fp32.  Forward: a task holds a block of queries against every key at once (its m x N
 // fp32 logits in per-thread scratch, m smaller as N grows), so the softmax takes two passes without
 // rescaling and P, rounded to the input type as the unit takes it (as PyTorch's reduced-precision
-// attention rounds it), multiplies Yv in one product over all keys; the output is written rounded
-// and in fp32 (backward's delta = rowsum(dO O) reads the latter, as the converted path does).
+// attention rounds it), multiplies Yv in one product over all keys; the output is written rounded,
+// and in fp32 too where the backward needs it (keeps_output).
 // Backward, a task per batch item, per block of keys against every query (queries in lanes):
-// S^T = Sk Sq^T and dP^T = Yv dO^T recomputed, dS^T = P^T (dP^T - delta); dSk = dS^T Sq and
+// S^T = Sk Sq^T and dP^T = Yv dO^T recomputed, dS^T = P^T (dP^T - delta), delta = rowsum(dO O)
+// from the fp32 output (as the converted path takes it) with several key blocks, or from the one
+// block's tiles, rowsum(P dP) / rowsum(P) (see window_attention's backward); dSk = dS^T Sq and
 // dYv = P^T dO complete per block (products over every query), dSq^T = Sk^T dS^T accumulated in
 // fp32 over the key blocks in order (bitwise the same for any thread count) and rounded once.
 namespace reduced {
@@ -296,6 +298,11 @@ using namespace sf::cpu::matrix;
 namespace matrix = sf::cpu::matrix;
 
 constexpr int kKeys = 64;  // backward: keys per block (its S^T and dP^T tiles: 64 x N fp32 each)
+
+// Whether the forward keeps the fp32 output for the backward: only when the backward has several
+// key blocks (with one, delta comes from its tiles; SeMask's windows of 49 tokens write no 4-byte
+// copy of their output, a third of the forward's memory traffic).
+inline bool keeps_output(int n) { return n > kKeys; }
 
 template <typename S>
 void forward(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv, at::Tensor& out, at::Tensor& out_wide,
@@ -348,12 +355,12 @@ void forward(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv, a
       }
       product(m, c, n, p, lp, packed + keys_size, acc, lc, false);
       S* dst = o + (b * n + i0) * int64_t(c);
-      float* wide = out_wide.data_ptr<float>() + (b * n + i0) * int64_t(c);
+      float* wide = out_wide.numel() ? out_wide.data_ptr<float>() + (b * n + i0) * int64_t(c) : nullptr;
       for (int i = 0; i < m; ++i) {
         const Vec<float> s = vsplat(inv[i]);
         for (int64_t j = 0; j < lc; j += kLanes<float>) vstore(acc + i * lc + j, vload(acc + i * lc + j) * s);
         round_to(dst + int64_t(i) * c, acc + i * lc, c);
-        std::copy_n(acc + i * lc, c, wide + int64_t(i) * c);
+        if (wide) std::copy_n(acc + i * lc, c, wide + int64_t(i) * c);
       }
     }
   });
@@ -361,8 +368,8 @@ void forward(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv, a
 
 template <typename S>
 void backward(const at::Tensor& dout, const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv,
-              const at::Tensor& out, const at::Tensor& lse, at::Tensor& dsq, at::Tensor& dsk, at::Tensor& dyv,
-              bool need_dsq, bool need_dsk, bool need_dyv) {
+              const std::optional<at::Tensor>& out, const at::Tensor& lse, at::Tensor& dsq, at::Tensor& dsk,
+              at::Tensor& dyv, bool need_dsq, bool need_dsk, bool need_dyv) {
   constexpr int L = kLanes<float>;
   const int64_t batch = sq.size(0);
   const int n = int(sq.size(1)), k = int(sq.size(2)), c = int(yv.size(2));
@@ -373,7 +380,7 @@ void backward(const at::Tensor& dout, const at::Tensor& sq, const at::Tensor& sk
   const S* kp = sk.data_ptr<S>();
   const S* vp = yv.data_ptr<S>();
   const S* g = dout.data_ptr<S>();
-  const float* o = out.data_ptr<float>();
+  const float* o = keeps_output(n) ? out->data_ptr<float>() : nullptr;  // else delta from the tiles
   const float* lse_p = lse.data_ptr<float>();
   const Strides qs = strides_of(sq), ks = strides_of(sk), vs = strides_of(yv);
   parallel_for(batch, 1, [&](int64_t b0, int64_t b1) {
@@ -390,7 +397,7 @@ void backward(const at::Tensor& dout, const at::Tensor& sq, const at::Tensor& sk
     float* cols = scratch<float>(2, size_t(2 * ln));  // per query: lse in base-2 units, delta
     float* lse2 = cols;
     float* delta = cols + ln;
-    float* tile = scratch<float>(3, size_t(kb) * std::max(lq, lc));
+    float* tile = scratch<float>(3, std::max(size_t(kb) * std::max(lq, lc), size_t(2 * ln)));
     float* dsq_t = scratch<float>(4, size_t(k) * ln);  // dSq^T
     const int64_t wide = round_up(std::max(k, kb), L), wm = round_up(std::max(kb, n), L);
     float* tmp = scratch<float>(5, size_t(2 * wide * wm));
@@ -406,6 +413,7 @@ void backward(const at::Tensor& dout, const at::Tensor& sq, const at::Tensor& sk
       // Per query: lse (base 2; +inf past N gives P = 0) and delta = rowsum(dO O) from the fp32 output.
       for (int i = 0; i < n; ++i) {
         lse2[i] = lse_p[b * n + i] * kLog2e<float>;
+        if (!o) continue;
         load_row(tile, gb + int64_t(i) * c, c);  // tile: free until the key blocks
         delta[i] = dot(tile, o + (b * n + i) * int64_t(c), c);
       }
@@ -419,11 +427,26 @@ void backward(const at::Tensor& dout, const at::Tensor& sq, const at::Tensor& sk
         a = a_rows(vb + j0 * vs.row, vs.row, m, c, a_op, lda);
         product(m, n, c, a, lda, do_t, dpt, ln, false);
         const Vec<float> log2e = vsplat(kLog2e<float>);
+        if (!o) {  // the one key block: P^T first, delta = rowsum(P dP) / rowsum(P) from the tiles
+          float* weighted = tile;  // tile: free until dSk
+          float* total = tile + ln;
+          std::fill(tile, tile + 2 * ln, 0.0f);
+          for (int r = 0; r < m; ++r) {
+            float* pr = st + r * ln;
+            for (int64_t i = 0; i < ln; i += L) {
+              const Vec<float> pv = vexp2_nonpositive(vload(pr + i) * log2e - vload(lse2 + i));
+              vstore(pr + i, pv);
+              vstore(weighted + i, vload(weighted + i) + pv * vload(dpt + r * ln + i));
+              vstore(total + i, vload(total + i) + pv);
+            }
+          }
+          for (int i = 0; i < n; ++i) delta[i] = weighted[i] / total[i];
+        }
         for (int r = 0; r < m; ++r) {  // P^T = exp(S^T - lse), dS^T = P^T (dP^T - delta): queries in lanes
           float* pr = st + r * ln;
           float* dr = dpt + r * ln;
           for (int64_t i = 0; i < ln; i += L) {
-            const Vec<float> pv = vexp2_nonpositive(vload(pr + i) * log2e - vload(lse2 + i));
+            const Vec<float> pv = o ? vexp2_nonpositive(vload(pr + i) * log2e - vload(lse2 + i)) : vload(pr + i);
             vstore(pr + i, pv);
             vstore(dr + i, pv * (vload(dr + i) - vload(delta + i)));
           }
@@ -487,8 +510,8 @@ void check_inputs(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& 
   SF_CPU_CHECK_CONTIGUOUS_LAST_DIM(yv);
 }
 
-// Returns (out, lse, out_wide): out_wide is the fp32 output of reduced inputs (kept for backward;
-// out is its rounding), empty otherwise.
+// Returns (out, lse, out_wide): out_wide is the fp32 output of reduced inputs where the backward
+// needs it (reduced::keeps_output; out is its rounding), empty otherwise.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& sq, const at::Tensor& sk,
                                                           const at::Tensor& yv) {
   check_inputs(sq, sk, yv);
@@ -497,7 +520,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& sq, 
   at::Tensor out = pooled_empty({batch, n, yv.size(2)}, yv.options());
   at::Tensor lse = at::empty({batch, n}, sq.options().dtype(sq.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   const bool reduced_inputs = serves(sq.scalar_type());
-  at::Tensor out_wide = reduced_inputs ? pooled_empty(out.sizes(), lse.options()) : at::empty({0}, lse.options());
+  at::Tensor out_wide = reduced_inputs && reduced::keeps_output(n) ? pooled_empty(out.sizes(), lse.options())
+                                                                     : at::empty({0}, lse.options());
   if (batch == 0) return {out, lse, out_wide};
   if (reduced_inputs) {
     dispatch_reduced(sq.scalar_type(),
@@ -530,32 +554,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& sq, 
   return {out, lse, out_wide};
 }
 
+// out: the forward's output (float32 for reduced inputs: its out_wide), where the backward reads it
+// (not for reduced inputs whose forward kept none).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dout, const at::Tensor& sq,
                                                            const at::Tensor& sk, const at::Tensor& yv,
-                                                           const at::Tensor& out, const at::Tensor& lse,
-                                                           bool need_dsq, bool need_dsk, bool need_dyv) {
+                                                           const std::optional<at::Tensor>& out,
+                                                           const at::Tensor& lse, bool need_dsq, bool need_dsk,
+                                                           bool need_dyv) {
   check_inputs(sq, sk, yv);
   SF_CPU_CHECK_INPUT(dout, 3);
-  SF_CPU_CHECK_INPUT(out, 3);
   SF_CPU_CHECK_INPUT(lse, 2);
   SF_CPU_CHECK_SAME_DTYPE(dout, sq);
-  TORCH_CHECK(out.scalar_type() == (serves(sq.scalar_type()) ? at::kFloat : sq.scalar_type()),
-              "semantic_attention: out must be the forward's ", serves(sq.scalar_type()) ? "float32 output" : "output",
-              ", got ", out.scalar_type());
+  const bool on_unit = serves(sq.scalar_type());
+  if (!on_unit || reduced::keeps_output(int(sq.size(1)))) {
+    TORCH_CHECK(out.has_value(), "semantic_attention: the forward's output is needed here");
+    const at::Tensor& output = *out;
+    SF_CPU_CHECK_INPUT(output, 3);
+    TORCH_CHECK(output.scalar_type() == (on_unit ? at::kFloat : sq.scalar_type()),
+                "semantic_attention: out must be the forward's ", on_unit ? "float32 output" : "output", ", got ",
+                output.scalar_type());
+    TORCH_CHECK(output.sizes() == yv.sizes(), "semantic_attention: out must be (B_, N, C)");
+    SF_CPU_CHECK_CONTIGUOUS(output);
+  }
   TORCH_CHECK(lse.scalar_type() == (sq.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
               "semantic_attention: lse must be float32 (float64 for float64 inputs), got ", lse.scalar_type());
-  TORCH_CHECK(dout.sizes() == yv.sizes() && out.sizes() == yv.sizes(),
-              "semantic_attention: dout and out must be (B_, N, C)");
+  TORCH_CHECK(dout.sizes() == yv.sizes(), "semantic_attention: dout must be (B_, N, C)");
   TORCH_CHECK(lse.size(0) == sq.size(0) && lse.size(1) == sq.size(1), "semantic_attention: lse must be (B_, N)");
   SF_CPU_CHECK_CONTIGUOUS(dout);
-  SF_CPU_CHECK_CONTIGUOUS(out);
   SF_CPU_CHECK_CONTIGUOUS(lse);
   const int64_t batch = sq.size(0);
   const int n = int(sq.size(1)), k = int(sq.size(2)), c = int(yv.size(2));
   at::Tensor dsq = pooled_empty(sq.sizes(), sq.options()), dsk = pooled_empty(sk.sizes(), sk.options());
   at::Tensor dyv = pooled_empty(yv.sizes(), yv.options());
   if (batch == 0) return {dsq, dsk, dyv};
-  if (serves(sq.scalar_type())) {
+  if (on_unit) {
     dispatch_reduced(sq.scalar_type(), [&](auto tag) {
       reduced::backward<decltype(tag)>(dout, sq, sk, yv, out, lse, dsq, dsk, dyv, need_dsq, need_dsk, need_dyv);
     });
@@ -576,14 +608,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
     if (partials) part = pooled_empty({ranges, batch, n, kpad}, sq.options());
     if (several_blocks) {
       delta = at::empty({batch, n}, lse.options());
-      const T* o = out.data_ptr<T>();
+      const T* o = out->data_ptr<T>();
       T* dl = delta.data_ptr<T>();
       parallel_for(batch * n, 64, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) dl[r] = dot(o + r * c, g + r * c, c);
       });
     }
     const BwdArgs<T> a{g, sq.data_ptr<T>(), sk.data_ptr<T>(), yv.data_ptr<T>(), lse.data_ptr<T>(),
-                       out.data_ptr<T>(), several_blocks ? delta.data_ptr<T>() : nullptr,
+                       out->data_ptr<T>(), several_blocks ? delta.data_ptr<T>() : nullptr,
                        strides_of(sq), strides_of(sk), strides_of(yv), n, k, c, dsq.data_ptr<T>(),
                        dsk.data_ptr<T>(), dyv.data_ptr<T>(), partials ? part.data_ptr<T>() : nullptr, batch,
                        need_dsq, need_dsk, need_dyv};
@@ -625,9 +657,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
 
 SF_CPU_LIBRARY(m) {
   m.def("semantic_attention_forward(Tensor sq, Tensor sk, Tensor yv) -> (Tensor, Tensor, Tensor)");
-  m.def("semantic_attention_backward(Tensor dout, Tensor sq, Tensor sk, Tensor yv, Tensor out, Tensor lse, "
+  m.def("semantic_attention_backward(Tensor dout, Tensor sq, Tensor sk, Tensor yv, Tensor? out, Tensor lse, "
         "bool need_dsq, bool need_dsk, bool need_dyv) -> (Tensor, Tensor, Tensor)");
   SF_CPU_MATRIX_UNIT_QUERY(m, "semantic_attention");
+  // Whether the forward on the matrix unit keeps the fp32 output (its third result) for N tokens.
+  m.def("semantic_attention_keeps_output(int n) -> bool", [](int64_t n) { return sf_cpu_semantic::reduced::keeps_output(int(n)); });
 }
 
 SF_CPU_LIBRARY_IMPL(m) {

@@ -335,15 +335,16 @@ def test_cpu_reduced_paths(shape, dtype, unit):
 
 
 @pytest.mark.parametrize("forward_on_unit", [True, False], ids=["unit-then-converted", "converted-then-unit"])
-def test_cpu_matrix_unit_switched_between_forward_and_backward(forward_on_unit):
+@pytest.mark.parametrize("n", [49, 70], ids=["one-key-block", "two-key-blocks"])
+def test_cpu_matrix_unit_switched_between_forward_and_backward(n, forward_on_unit):
     """oneDNN switched between forward and backward (the backward then runs on the other path; from the
     unit to the converted path it recomputes the float32 output it needs): the same gradients within
     tolerance as with no switch."""
     if not cpu_matrix_unit(torch.bfloat16):
         pytest.skip("no matrix unit for bfloat16 on this machine")
-    t = _inputs(2, 70, 19, 40, "cpu")
+    t = _inputs(2, n, 19, 40, "cpu")
     g = torch.Generator().manual_seed(2)
-    gout = torch.randn(2, 70, 40, generator=g, dtype=torch.float64).bfloat16()
+    gout = torch.randn(2, n, 40, generator=g, dtype=torch.float64).bfloat16()
     grads = []
     for switch in (False, True):
         x = {k: v.bfloat16().requires_grad_() for k, v in t.items()}

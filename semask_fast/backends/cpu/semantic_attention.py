@@ -5,8 +5,9 @@ column views of one fused projection are not copied); only a non-unit last-dim s
 copy.  float16 / bfloat16 run as they are where the CPU's matrix unit serves them (AMX; the
 kernels say so: ``CpuImpl.on_matrix_unit``), products accumulated in float32; elsewhere they are
 converted to float32 here (a copy), computed in float32 and rounded once.  Forward saves the row
-logsumexp, and for float16 / bfloat16 the float32 output (the returned output is its rounding) on
-either path, so a backward runs on whichever path serves it then.  Backward recomputes the
+logsumexp, and for float16 / bfloat16 the float32 output (the returned output is its rounding)
+where the backward needs it: always on the converted path, on the matrix unit when its backward
+has several key blocks (``semantic_attention_keeps_output``).  Backward recomputes the
 probabilities tile by tile.
 """
 
@@ -37,27 +38,41 @@ class SemanticAttentionCpu(CpuImpl):
             t = t.float()
         return unit_last_stride(t)
 
+    def _keeps_float32_output(self, inp: SemanticAttentionInputs) -> bool:
+        """Whether forward saves the float32 output for backward."""
+        if not _rounded(inp.yv.dtype):
+            return False
+        return (not self.on_matrix_unit(inp.yv.dtype)
+                or self.library().semantic_attention_keeps_output(inp.sq.shape[1]))
+
     def forward(self, inp: SemanticAttentionInputs, seed: int):
         sq, sk, yv = (self._compute(t) for t in (inp.sq, inp.sk, inp.yv))
         out, lse, wide = self.library().semantic_attention_forward(sq, sk, yv)
-        if not _rounded(inp.yv.dtype):
-            return (out,), (lse,)
-        if out.dtype == inp.yv.dtype:  # on the matrix unit: the kernels rounded it and kept float32
-            return (out,), (lse, wide)
-        return (out.to(inp.yv.dtype),), (lse, out)
+        if out.dtype != inp.yv.dtype:  # converted: the kernels' float32 output, rounded here
+            return (out.to(inp.yv.dtype),), (lse, out)
+        return (out,), ((lse, wide) if self._keeps_float32_output(inp) else (lse,))
 
     def residuals_like(self, inp: SemanticAttentionInputs):
         wide = torch.float64 if inp.sq.dtype == torch.float64 else torch.float32
         lse = inp.sq.new_empty(inp.sq.shape[:2], dtype=wide)
-        if _rounded(inp.yv.dtype):
+        if self._keeps_float32_output(inp):
             return lse, inp.yv.new_empty(inp.yv.shape, dtype=torch.float32)
         return (lse,)
 
     def backward(self, inp: SemanticAttentionInputs, outputs, residuals, grad_outputs, needs, seed: int):
-        # The kernels compute only the gradients autograd needs; with float16 / bfloat16 they read
-        # the float32 output, kept by either path.
+        # The kernels compute only the gradients autograd needs.
         sq, sk, yv = (self._compute(t) for t in (inp.sq, inp.sk, inp.yv))
-        lse, out = residuals if _rounded(inp.yv.dtype) else (residuals[0], outputs[0])
+        lse = residuals[0]
+        if not _rounded(inp.yv.dtype):
+            out = outputs[0]
+        elif len(residuals) == 2:  # the float32 output, kept by forward (either path reads it)
+            out = residuals[1]
+        elif sq.dtype == inp.sq.dtype:  # on the matrix unit, which needs none here
+            out = None
+        else:
+            # Forward ran on the matrix unit without keeping it, and oneDNN has been switched off since:
+            # the converted path's float32 output, recomputed.
+            out, lse, _ = self.library().semantic_attention_forward(sq, sk, yv)
         dout = grad_outputs[0].to(sq.dtype).contiguous()
         grads = self.library().semantic_attention_backward(dout, sq, sk, yv, out, lse, *needs)
         return tuple(g.to(t.dtype) if need else None for g, t, need in zip(grads, (inp.sq, inp.sk, inp.yv), needs))
