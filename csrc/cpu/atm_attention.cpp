@@ -289,11 +289,6 @@ void dispatch_compute(at::ScalarType dtype, F&& f) {
   if (dtype == at::kDouble) f(double{});
   else f(float{});
 }
-template <typename F>
-void dispatch_reduced(at::ScalarType dtype, F&& f) {
-  if (dtype == at::kBFloat16) f(c10::BFloat16{});
-  else f(c10::Half{});
-}
 
 // ---------------------------------------------- bf16 / fp16 on the matrix unit --
 // Inputs of a reduced type where sf_cpu_matrix.h serves it (head_dim zero padded to a multiple of
@@ -372,20 +367,20 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, doub
           ls[bh * nq + i0 + i] = mx + std::log(sum);
           inv[i] = 1.0f / sum;
           if (p.dropout_p > 0.f) drop_row(row, p, b, h, i0 + i, lk);
-          round_to(ps + i * lp, row, lp);
+          store_row(ps + i * lp, row, lp);
         }
         product(m, d, nk, ps, lp, packed + bh * pack_size + keys_size, acc, ld, false);
         for (int i = 0; i < m; ++i) {
           const Vec<float> s = vsplat(inv[i]);
           for (int64_t j = 0; j < ld; j += kLanes<float>) vstore(acc + i * ld + j, vload(acc + i * ld + j) * s);
-          round_to(o + (bh * nq + i0 + i) * int64_t(d), acc + i * ld, d);
+          store_row(o + (bh * nq + i0 + i) * int64_t(d), acc + i * ld, d);
         }
       }
       const Vec<float> s = vsplat(inv_heads);
       for (int i = 0; i < m; ++i) {
         float* mrow = macc + i * lk;
         for (int64_t j = 0; j < lk; j += kLanes<float>) vstore(mrow + j, vload(mrow + j) * s);
-        round_to(ml + (b * nq + i0 + i) * int64_t(nk), mrow, nk);
+        store_row(ml + (b * nq + i0 + i) * int64_t(nk), mrow, nk);
       }
     }
   });
@@ -452,13 +447,13 @@ void backward(const at::Tensor& dout, const at::Tensor& dmask, const at::Tensor&
           std::fill(dm + nk, dm + lk, 0.0f);
           for (int64_t j = 0; j < lk; j += kLanes<float>)
             vstore(dr + j, sc * (vload(pr + j) * (vload(dr + j) - delta) + vload(dm + j) * mean));
-          if (need_dq) round_to(ds_s + i * lp, dr, lp);
+          if (need_dq) store_row(ds_s + i * lp, dr, lp);
           if (dropout && need_dkv) drop_row(pr, p, b, h, i0 + i, lk);  // P D, the factor of dV
         }
         if (need_dq) {
           product(m, d, nk, ds_s, lp, k_rows, dq_t, ld, false);
           S* dst = dq.data_ptr<S>() + (bh * nq + i0) * int64_t(d);
-          for (int i = 0; i < m; ++i) round_to(dst + int64_t(i) * d, dq_t + i * ld, d);
+          for (int i = 0; i < m; ++i) store_row(dst + int64_t(i) * d, dq_t + i * ld, d);
         }
         if (need_dkv) {  // dK^T += q_blk^T dS, dV^T += dO_blk^T (P D)
           a_transposed(a_op, qb + i0 * int64_t(d), d, m, d, tmp);
@@ -518,7 +513,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& q, c
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)},
                              q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   if (serves(q.scalar_type())) {
-    dispatch_reduced(q.scalar_type(), [&](auto tag) {
+    sf::cpu::matrix::dispatch(q.scalar_type(), [&](auto tag) {
       reduced::forward<decltype(tag)>(q, k, v, scale, dropout_p, seed, out, mask_logits, lse);
     });
     return {out, mask_logits, lse};
@@ -567,7 +562,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
   at::Tensor dq = pooled_empty(q.sizes(), q.options()), dk = pooled_empty(k.sizes(), k.options());
   at::Tensor dv = pooled_empty(v.sizes(), v.options());
   if (serves(q.scalar_type())) {  // out is not read: delta comes from the recomputed tiles
-    dispatch_reduced(q.scalar_type(), [&](auto tag) {
+    sf::cpu::matrix::dispatch(q.scalar_type(), [&](auto tag) {
       reduced::backward<decltype(tag)>(dout, dmask, q, k, v, lse, scale, dropout_p, seed, dq, dk, dv, need_dq,
                                        need_dkv);
     });

@@ -687,7 +687,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const at::Ten
             sf::cpu::vstore(row + k, y * sf::cpu::vload(gain.data() + k) + sf::cpu::vload(shift.data() + k));
           }
         }
-        round_to(o + orow, row, K);
+        sf::cpu::store_row(o + orow, row, K);
       }
     }
   });
@@ -756,7 +756,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
           sf::cpu::vstore(coldot + k, sf::cpu::vload(coldot + k) + sf::cpu::vload(colsum + k));
         const S* pb = p + (b * Np + n0) * D;
         if (need_dp) {  // dP rows = G C - P rp^2 rowdot
-          for (int r = 0; r < rows; ++r) round_to(g_s + r * kk, g + r * Kpad, kk);
+          for (int r = 0; r < rows; ++r) sf::cpu::store_row(g_s + r * kk, g + r * Kpad, kk);
           product(rows, D, K, g_s, kk, c_rows, tile, ld, false);
           for (int r = 0; r < rows; ++r) {
             const int64_t n = b * Np + n0 + r;
@@ -765,7 +765,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
         }
         if (need_dc) {  // dC += G^T P over the block's rows
           sf::cpu::transpose(g, Kpad, rows, int(Kpad), gt, wm);
-          for (int64_t k = 0; k < K; ++k) round_to(g_s + k * even(rows), gt + k * wm, even(rows));
+          for (int64_t k = 0; k < K; ++k) sf::cpu::store_row(g_s + k * even(rows), gt + k * wm, even(rows));
           matrix::pack_rows(p_rows, pb, D, rows, D);
           product(K, D, rows, g_s, even(rows), p_rows, dct, ld, blk > 0);
         }
@@ -789,8 +789,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const at::Ten
                                                                    double eps) {
   check_inputs(P, C);
   if (sf::cpu::matrix::serves(P.scalar_type())) {
-    if (P.scalar_type() == at::kBFloat16) return reduced::forward<c10::BFloat16>(P, C, weight, bias, norm, eps);
-    return reduced::forward<c10::Half>(P, C, weight, bias, norm, eps);
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> results;
+    sf::cpu::matrix::dispatch(P.scalar_type(), [&](auto tag) {
+      results = reduced::forward<decltype(tag)>(P, C, weight, bias, norm, eps);
+    });
+    return results;
   }
   return SF_CPU_DISPATCH(P.scalar_type(), "mask_similarity", [&] {
     return forward_impl<scalar_t>(P, C, weight, bias, norm, eps);
@@ -821,9 +824,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
   TORCH_CHECK(rinv_c.scalar_type() == acc_type && rinv_c.is_contiguous() && rinv_c.numel() == B * K,
               "rinv_c must be a contiguous (B, K) tensor of the compute type");
   if (sf::cpu::matrix::serves(P.scalar_type())) {
-    if (P.scalar_type() == at::kBFloat16)
-      return reduced::backward<c10::BFloat16>(grad, P, C, scores, rinv_p, rinv_c, weight, norm, eps, need_dp, need_dc);
-    return reduced::backward<c10::Half>(grad, P, C, scores, rinv_p, rinv_c, weight, norm, eps, need_dp, need_dc);
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> results;
+    sf::cpu::matrix::dispatch(P.scalar_type(), [&](auto tag) {
+      results = reduced::backward<decltype(tag)>(grad, P, C, scores, rinv_p, rinv_c, weight, norm, eps, need_dp,
+                                                 need_dc);
+    });
+    return results;
   }
   return SF_CPU_DISPATCH(P.scalar_type(), "mask_similarity", [&] {
     return backward_impl<scalar_t>(grad, P, C, scores, rinv_p, rinv_c, weight, norm, eps, need_dp, need_dc);

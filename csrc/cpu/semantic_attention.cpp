@@ -349,7 +349,7 @@ void forward(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv, a
       for (int i = 0; i < m; ++i) {
         float mx;
         const float sum = exp_row(logits + i * lk, n, lk, mx, false);
-        round_to(p + i * lp, logits + i * lk, lp);
+        store_row(p + i * lp, logits + i * lk, lp);
         lse_p[b * n + i0 + i] = mx + std::log(sum);
         inv[i] = 1.0f / sum;
       }
@@ -359,7 +359,7 @@ void forward(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv, a
       for (int i = 0; i < m; ++i) {
         const Vec<float> s = vsplat(inv[i]);
         for (int64_t j = 0; j < lc; j += kLanes<float>) vstore(acc + i * lc + j, vload(acc + i * lc + j) * s);
-        round_to(dst + int64_t(i) * c, acc + i * lc, c);
+        store_row(dst + int64_t(i) * c, acc + i * lc, c);
         if (wide) std::copy_n(acc + i * lc, c, wide + int64_t(i) * c);
       }
     }
@@ -452,16 +452,16 @@ void backward(const at::Tensor& dout, const at::Tensor& sq, const at::Tensor& sk
           }
         }
         if (need_dsk) {  // dSk rows = dS^T Sq, complete
-          for (int r = 0; r < m; ++r) round_to(a_op + r * lp, dpt + r * ln, lp);
+          for (int r = 0; r < m; ++r) store_row(a_op + r * lp, dpt + r * ln, lp);
           product(m, k, n, a_op, lp, sq_rows, tile, lq, false);
           S* dst = dsk.data_ptr<S>() + (b * n + j0) * int64_t(k);
-          for (int r = 0; r < m; ++r) round_to(dst + int64_t(r) * k, tile + r * lq, k);
+          for (int r = 0; r < m; ++r) store_row(dst + int64_t(r) * k, tile + r * lq, k);
         }
         if (need_dyv) {  // dYv rows = P^T dO, complete
-          for (int r = 0; r < m; ++r) round_to(a_op + r * lp, st + r * ln, lp);
+          for (int r = 0; r < m; ++r) store_row(a_op + r * lp, st + r * ln, lp);
           product(m, c, n, a_op, lp, do_rows, tile, lc, false);
           S* dst = dyv.data_ptr<S>() + (b * n + j0) * int64_t(c);
-          for (int r = 0; r < m; ++r) round_to(dst + int64_t(r) * c, tile + r * lc, c);
+          for (int r = 0; r < m; ++r) store_row(dst + int64_t(r) * c, tile + r * lc, c);
         }
         if (need_dsq) {  // dSq^T += Sk_blk^T dS^T, in key-block order
           a_transposed(a_op, kb_p + j0 * ks.row, ks.row, m, k, tmp);
@@ -478,16 +478,11 @@ void backward(const at::Tensor& dout, const at::Tensor& sq, const at::Tensor& sk
 
 // ---------------------------------------------------------------- bindings --
 // f(T{}) with T = float or double (fp16 / bf16 arrive converted to float32 unless the matrix unit
-// serves them: dispatch_reduced).
+// serves them: sf::cpu::matrix::dispatch).
 template <typename F>
 void dispatch_compute(at::ScalarType dtype, F&& f) {
   if (dtype == at::kDouble) f(double{});
   else f(float{});
-}
-template <typename F>
-void dispatch_reduced(at::ScalarType dtype, F&& f) {
-  if (dtype == at::kBFloat16) f(c10::BFloat16{});
-  else f(c10::Half{});
 }
 
 void check_inputs(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv) {
@@ -524,7 +519,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& sq, 
                                                                      : at::empty({0}, lse.options());
   if (batch == 0) return {out, lse, out_wide};
   if (reduced_inputs) {
-    dispatch_reduced(sq.scalar_type(),
+    sf::cpu::matrix::dispatch(sq.scalar_type(),
                      [&](auto tag) { reduced::forward<decltype(tag)>(sq, sk, yv, out, out_wide, lse); });
     return {out, lse, out_wide};
   }
@@ -588,7 +583,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dou
   at::Tensor dyv = pooled_empty(yv.sizes(), yv.options());
   if (batch == 0) return {dsq, dsk, dyv};
   if (on_unit) {
-    dispatch_reduced(sq.scalar_type(), [&](auto tag) {
+    sf::cpu::matrix::dispatch(sq.scalar_type(), [&](auto tag) {
       reduced::backward<decltype(tag)>(dout, sq, sk, yv, out, lse, dsq, dsk, dyv, need_dsq, need_dsk, need_dyv);
     });
     return {dsq, dsk, dyv};

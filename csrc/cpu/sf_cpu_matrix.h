@@ -27,6 +27,13 @@ inline bool serves(at::ScalarType dtype) {
   return (dtype == at::kBFloat16 || dtype == at::kHalf) && at::native::cpublas::could_pack(dtype);
 }
 
+// f(S{}) with S the reduced storage type of dtype (bf16 or fp16; a dtype `serves` accepts).
+template <typename F>
+void dispatch(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kBFloat16) f(c10::BFloat16{});
+  else f(c10::Half{});
+}
+
 // Registers `<op>_matrix_unit(ScalarType dtype) -> bool` in an op's library: whether its kernels
 // take dtype as it is, on the unit (the Python side converts it otherwise).
 #define SF_CPU_MATRIX_UNIT_QUERY(m, op) \
@@ -110,12 +117,6 @@ inline void pack_transposed(S* __restrict__ dst, const S* __restrict__ x, int64_
   }
 }
 
-// dst[0:n] = src[0:n] rounded to the storage type (nearest even).
-template <typename S>
-inline void round_to(S* __restrict__ dst, const float* __restrict__ src, int64_t n) {
-  store_row(dst, src, n);
-}
-
 // C (m x whole_blocks(n), ldc) [+]= A (m x even(k), lda) B (packed k x n).
 template <typename S>
 inline void product(int64_t m, int64_t n, int64_t k, const S* a, int64_t lda, const S* packed, float* c, int64_t ldc,
@@ -166,7 +167,7 @@ inline void a_transposed(S* __restrict__ dst, const S* __restrict__ x, int64_t l
     std::fill(rows + int64_t(r) * wc + cols, rows + int64_t(r + 1) * wc, 0.0f);
   }
   transpose(rows, wc, m, wc, t, wm);
-  for (int c = 0; c < cols; ++c) round_to(dst + c * even(m), t + int64_t(c) * wm, even(m));
+  for (int c = 0; c < cols; ++c) store_row(dst + c * even(m), t + int64_t(c) * wm, even(m));
 }
 
 // dst (n rows x cols, the storage type) = src^T for src (cols rows x ld >= round_up(n, L)), through
@@ -178,7 +179,7 @@ inline void write_transposed(S* __restrict__ dst, const float* __restrict__ src,
   const int64_t wc = round_up(cols, L);
   for (int j0 = 0; j0 < n; j0 += L) {
     transpose(src + j0, ld, cols, L, tmp, wc);
-    for (int j = j0; j < std::min(n, j0 + L); ++j) round_to(dst + int64_t(j) * cols, tmp + (j - j0) * wc, cols);
+    for (int j = j0; j < std::min(n, j0 + L); ++j) store_row(dst + int64_t(j) * cols, tmp + (j - j0) * wc, cols);
   }
 }
 

@@ -21,6 +21,11 @@ from ..base import FLOAT_DTYPES
 from ..cuda import _CompiledImpl
 
 
+def computes_wider(dtype: torch.dtype) -> bool:
+    """Whether the kernels accumulate in a wider type than ``dtype`` (float16 / bfloat16: float32)."""
+    return dtype not in (torch.float32, torch.float64)
+
+
 class CpuImpl(_CompiledImpl):
     """An op whose kernels come from one ``csrc/cpu/*.cpp`` file (built like the CUDA sources, in
     the ``cpu`` flavour)."""
@@ -83,4 +88,4 @@ def matrix_unit_summary() -> str:
     return f"{served} on AMX (oneDNN's brgemm) for {', '.join(matrix_unit_ops())}{rest}"
 
 
-__all__ = ["CpuImpl", "matrix_unit_dtypes", "matrix_unit_ops", "matrix_unit_summary"]
+__all__ = ["CpuImpl", "computes_wider", "matrix_unit_dtypes", "matrix_unit_ops", "matrix_unit_summary"]

@@ -19,31 +19,25 @@ import torch.nn.functional as F
 
 from ...ops.atm_attention import ATMAttentionInputs
 from ..registry import register
-from . import CpuImpl
+from . import CpuImpl, computes_wider
 
 #: The kernels' head_dim granularity (whole vectors of the widest instruction set).
 HEAD_DIM_MULTIPLE = 16
 
 
-def _rounded(dtype: torch.dtype) -> bool:
-    """Whether the kernels compute in another (wider) type than ``dtype``."""
-    return dtype not in (torch.float32, torch.float64)
-
-
 def _output_is_kernels(inp: ATMAttentionInputs, on_unit: bool) -> bool:
     """Whether the returned output is the kernels' own (no rounding, no head_dim padding to cut)."""
-    return (on_unit or not _rounded(inp.q.dtype)) and inp.q.shape[-1] % HEAD_DIM_MULTIPLE == 0
+    return (on_unit or not computes_wider(inp.q.dtype)) and inp.q.shape[-1] % HEAD_DIM_MULTIPLE == 0
 
 
 @register
 class ATMAttentionCpu(CpuImpl):
     op = "atm_attention"
-
     matrix_unit = True
 
     def _compute(self, t: torch.Tensor, on_unit: bool) -> torch.Tensor:
         """``t`` contiguous as the kernels take it, head_dim zero padded to the granularity."""
-        if _rounded(t.dtype) and not on_unit:
+        if computes_wider(t.dtype) and not on_unit:
             t = t.float()
         pad = -t.shape[-1] % HEAD_DIM_MULTIPLE
         # F.pad keeps a channels_last layout: contiguous after it too.

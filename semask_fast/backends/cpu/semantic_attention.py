@@ -18,12 +18,7 @@ import torch
 from ...ops.semantic_attention import SemanticAttentionInputs
 from ..base import unit_last_stride
 from ..registry import register
-from . import CpuImpl
-
-
-def _rounded(dtype: torch.dtype) -> bool:
-    """Whether the kernels compute in another (wider) type than ``dtype``."""
-    return dtype not in (torch.float32, torch.float64)
+from . import CpuImpl, computes_wider
 
 
 @register
@@ -31,22 +26,21 @@ class SemanticAttentionCpu(CpuImpl):
     op = "semantic_attention"
     matrix_unit = True
 
-    def _compute(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` as the kernels take it: float32 / float64, or a reduced type the matrix unit serves
-        (else converted to float32), with a contiguous last dim."""
-        if _rounded(t.dtype) and not self.on_matrix_unit(t.dtype):
-            t = t.float()
-        return unit_last_stride(t)
+    def _operands(self, inp: SemanticAttentionInputs):
+        """(sq, sk, yv) as the kernels take them: float32 / float64, or a reduced type the matrix unit
+        serves (else converted to float32), each with a contiguous last dim."""
+        wider = computes_wider(inp.sq.dtype) and not self.on_matrix_unit(inp.sq.dtype)
+        return tuple(unit_last_stride(t.float() if wider else t) for t in (inp.sq, inp.sk, inp.yv))
 
     def _keeps_float32_output(self, inp: SemanticAttentionInputs) -> bool:
         """Whether forward saves the float32 output for backward."""
-        if not _rounded(inp.yv.dtype):
+        if not computes_wider(inp.yv.dtype):
             return False
         return (not self.on_matrix_unit(inp.yv.dtype)
                 or self.library().semantic_attention_keeps_output(inp.sq.shape[1]))
 
     def forward(self, inp: SemanticAttentionInputs, seed: int):
-        sq, sk, yv = (self._compute(t) for t in (inp.sq, inp.sk, inp.yv))
+        sq, sk, yv = self._operands(inp)
         out, lse, wide = self.library().semantic_attention_forward(sq, sk, yv)
         if out.dtype != inp.yv.dtype:  # converted: the kernels' float32 output, rounded here
             return (out.to(inp.yv.dtype),), (lse, out)
@@ -61,9 +55,9 @@ class SemanticAttentionCpu(CpuImpl):
 
     def backward(self, inp: SemanticAttentionInputs, outputs, residuals, grad_outputs, needs, seed: int):
         # The kernels compute only the gradients autograd needs.
-        sq, sk, yv = (self._compute(t) for t in (inp.sq, inp.sk, inp.yv))
+        sq, sk, yv = self._operands(inp)
         lse = residuals[0]
-        if not _rounded(inp.yv.dtype):
+        if not computes_wider(inp.yv.dtype):
             out = outputs[0]
         elif len(residuals) == 2:  # the float32 output, kept by forward (either path reads it)
             out = residuals[1]
