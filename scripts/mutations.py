@@ -153,8 +153,8 @@ MUTATIONS: List[Mutation] = [
              "the split forward writes partials; only the combine kernel writes out and lse"),
     # ------------------------------------------------- cpu kernels on the matrix unit (AMX)
     Mutation("cpu matrix unit: VNNI pairs of rows interleaved in the wrong order", "csrc/cpu/sf_cpu_matrix.h",
-             "_mm512_storeu_si512(out, _mm512_permutex2var_epi16(a, lo, b));",
-             "_mm512_storeu_si512(out, _mm512_permutex2var_epi16(b, lo, a));",
+             "_mm512_storeu_si512(out + 2 * c, _mm512_permutex2var_epi16(a, lo, b));",
+             "_mm512_storeu_si512(out + 2 * c, _mm512_permutex2var_epi16(b, lo, a));",
              ["tests/ops/test_mask_similarity.py", "-k", "cpu_reduced and bfloat16 and matrix-unit"],
              "every packed B operand with two real rows per pair goes through it", matrix_unit=True),
     Mutation("cpu semantic, matrix unit: dSq^T not accumulated over key blocks", "csrc/cpu/semantic_attention.cpp",

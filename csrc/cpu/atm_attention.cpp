@@ -322,7 +322,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, doub
   const int64_t batch = p.batch;
   const int heads = p.heads, nq = p.nq, nk = p.nk, d = p.d;
   const int mb = query_block(nk), blocks = (nq + mb - 1) / mb;
-  const int64_t lk = whole_blocks(nk), ld = whole_blocks(d), lp = even(nk);
+  const int64_t lk = tile_ld(nk), ld = tile_ld(d), lp = even(nk);
   const int64_t keys_size = packed_size(d, nk), pack_size = keys_size + packed_size(nk, d);
   const S* qp = q.data_ptr<S>();
   const S* kp = k.data_ptr<S>();
@@ -393,7 +393,7 @@ void backward(const at::Tensor& dout, const at::Tensor& dmask, const at::Tensor&
   const Problem<float> p = dropout_problem(q, k, scale, dropout_p, seed);
   const int heads = p.heads, nq = p.nq, nk = p.nk, d = p.d;
   const int mb = query_block(nk), blocks = (nq + mb - 1) / mb;
-  const int64_t lk = whole_blocks(nk), ld = whole_blocks(d), lp = even(nk), wm = round_up(mb, kLanes<float>);
+  const int64_t lk = tile_ld(nk), ld = tile_ld(d), lp = even(nk), wm = round_up(mb, kLanes<float>);
   const int64_t keys_t = packed_size(d, nk), keys = packed_size(nk, d), values_t = packed_size(d, nk);
   const S* qp = q.data_ptr<S>();
   const S* kp = k.data_ptr<S>();

@@ -619,7 +619,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const at::Ten
                                                                    double eps) {
   constexpr int L = kLanes<T>;
   const int64_t B = P.size(0), Np = P.size(1), K = C.size(1), D = P.size(2), Kpad = padded<T>(K);
-  const int64_t lk = whole_blocks(K), kd = even(D), cls_size = packed_size(D, K);
+  const int64_t lk = tile_ld(K), kd = even(D), cls_size = packed_size(D, K);
   TORCH_CHECK(norm || !(weight.has_value() || bias.has_value()), "norm_weight / norm_bias given but norm=False");
   const std::vector<T> gain = padded_param<T>(weight, K, Kpad, T(1), "norm_weight");
   const std::vector<T> shift = padded_param<T>(bias, K, Kpad, T(0), "norm_bias");
@@ -701,7 +701,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     double eps, bool need_dp, bool need_dc) {
   constexpr int L = kLanes<T>;
   const int64_t B = P.size(0), Np = P.size(1), K = C.size(1), D = P.size(2), Kpad = padded<T>(K);
-  const int64_t ld = whole_blocks(D), kk = even(K), mm = even(kChunk), wm = sf::cpu::round_up(kChunk, L);
+  const int64_t ld = tile_ld(D), kk = even(K), mm = even(kChunk), wm = sf::cpu::round_up(kChunk, L);
   const std::vector<T> gain = padded_param<T>(weight, K, Kpad, T(1), "norm_weight");
   at::Tensor dP, dC, dw, db;
   std::tie(dP, dC, dw, db) = backward_outputs<T>(P, C, norm);

@@ -310,7 +310,7 @@ void forward(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& yv, a
   const int64_t batch = sq.size(0);
   const int n = int(sq.size(1)), k = int(sq.size(2)), c = int(yv.size(2));
   const int mb = query_block(n), blocks = (n + mb - 1) / mb;
-  const int64_t lk = whole_blocks(n), lc = whole_blocks(c), lp = even(n);
+  const int64_t lk = tile_ld(n), lc = tile_ld(c), lp = even(n);
   const int64_t keys_size = packed_size(k, n), pack_size = keys_size + packed_size(n, c);
   const S* q = sq.data_ptr<S>();
   const S* kp = sk.data_ptr<S>();
@@ -374,7 +374,7 @@ void backward(const at::Tensor& dout, const at::Tensor& sq, const at::Tensor& sk
   const int64_t batch = sq.size(0);
   const int n = int(sq.size(1)), k = int(sq.size(2)), c = int(yv.size(2));
   const int kb = kKeys;
-  const int64_t ln = whole_blocks(n), lq = whole_blocks(k), lc = whole_blocks(c), lp = even(n), lb = even(kb);
+  const int64_t ln = tile_ld(n), lq = tile_ld(k), lc = tile_ld(c), lp = even(n), lb = even(kb);
   const int64_t q_t = packed_size(k, n), g_t = packed_size(c, n), q_rows = packed_size(n, k);
   const S* q = sq.data_ptr<S>();
   const S* kp = sk.data_ptr<S>();

@@ -8,8 +8,9 @@
 //
 // A product C (m x n, fp32) [+]= A (m x k) B (k x n): A row-major in the storage type with k even
 // (rows padded with a zero column otherwise), B packed by this header in the layout the unit reads
-// (VNNI): blocks of kBlockN columns, each [k/2][kBlockN][2], k rounded up to even and n to whole
-// blocks with zeros.  C has whole blocks of columns too (its padding columns receive zeros).
+// (VNNI): [k/2][tile_ld(n)][2], k rounded up to even, the columns past n zero.  C's rows have
+// tile_ld(n) columns too (the padding columns receive zeros).  One brgemm call per product (one per
+// 32-column block before: SegViT-L's ATM bf16 fwd+bwd 9.9 -> 8.5 ms on 2 SPR cores).
 #pragma once
 
 #include <ATen/Context.h>
@@ -19,8 +20,6 @@
 
 #pragma GCC visibility push(hidden)
 namespace sf::cpu::matrix {
-
-constexpr int64_t kBlockN = 32;  // columns per packed block (two 16-column fp32 tiles of C)
 
 // Whether products of `dtype` run on the matrix unit (asked per call: oneDNN can be switched off).
 inline bool serves(at::ScalarType dtype) {
@@ -40,9 +39,16 @@ void dispatch(at::ScalarType dtype, F&& f) {
   m.def(op "_matrix_unit(ScalarType dtype) -> bool", [](at::ScalarType dtype) { return sf::cpu::matrix::serves(dtype); })
 
 inline int64_t even(int64_t k) { return (k + 1) / 2 * 2; }
-inline int64_t whole_blocks(int64_t n) { return round_up(n, kBlockN); }
+// Columns of a packed B and of an fp32 C tile (their row stride): n in whole 32-column blocks (two
+// 16-column tiles of C), and 16 more where fp32 rows would be a multiple of 2 KiB: the 16 rows of
+// a tile at such steps share one or two L1 sets, which cost the global semantic attention's
+// logits product (N = 1024) a quarter of its speed.
+inline int64_t tile_ld(int64_t n) {
+  const int64_t ld = round_up(n, int64_t(32));
+  return ld % 512 == 0 ? ld + 16 : ld;
+}
 // Elements of a packed k x n operand.
-inline int64_t packed_size(int64_t k, int64_t n) { return even(k) * whole_blocks(n); }
+inline int64_t packed_size(int64_t k, int64_t n) { return even(k) * tile_ld(n); }
 
 #if defined(__AVX512BW__)
 // 32 consecutive values of x as the storage type S, in one register (false: not in this build).
@@ -61,37 +67,34 @@ inline bool load32(const X* x, __m512i& v) {
 #endif
 
 // B = X, X (k rows x n) with row stride ldx, values converted to S: element (r, c) = X[r][c].
-// Pairs of rows are interleaved per column (whole 32-column blocks of two rows in registers).
+// Pairs of rows are interleaved per column (32 columns of two rows at a time in registers).
 template <typename S, typename X>
 inline void pack_rows(S* __restrict__ dst, const X* __restrict__ x, int64_t ldx, int64_t k, int64_t n) {
-  const int64_t kk = even(k), nn = whole_blocks(n);
-  for (int64_t j0 = 0; j0 < nn; j0 += kBlockN) {
-    S* blk = dst + j0 * kk;
-    const int64_t cols = std::max<int64_t>(0, std::min(kBlockN, n - j0));
-    for (int64_t r = 0; r < kk; r += 2) {
-      S* out = blk + r * kBlockN;
-      const X* x0 = x + r * ldx + j0;
-      const X* x1 = x0 + ldx;
-      const bool second = r + 1 < k;
+  const int64_t kk = even(k), ld = tile_ld(n);
+  for (int64_t r = 0; r < kk; r += 2) {
+    S* out = dst + r * ld;
+    const X* x0 = x + r * ldx;
+    const X* x1 = x0 + ldx;
+    const bool second = r + 1 < k;
+    int64_t c = 0;
 #if defined(__AVX512BW__)
-      static_assert(kBlockN == 32, "one register of 16-bit values per row of a block");
+    if (second) {
+      // out[2c] = a[c], out[2c + 1] = b[c]: element i of the result takes a[i / 2] or b[i / 2].
+      alignas(64) static constexpr uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                                       8,  40, 9,  41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+      const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
       __m512i a, b;
-      if (cols == kBlockN && second && load32<S>(x0, a) && load32<S>(x1, b)) {
-        // out[2c] = a[c], out[2c + 1] = b[c]: element i of the result takes a[i / 2] or b[i / 2].
-        alignas(64) static constexpr uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
-                                                         8,  40, 9,  41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-        const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
-        _mm512_storeu_si512(out, _mm512_permutex2var_epi16(a, lo, b));
-        _mm512_storeu_si512(out + kBlockN, _mm512_permutex2var_epi16(a, hi, b));
-        continue;
+      for (; c + 32 <= n && load32<S>(x0 + c, a) && load32<S>(x1 + c, b); c += 32) {
+        _mm512_storeu_si512(out + 2 * c, _mm512_permutex2var_epi16(a, lo, b));
+        _mm512_storeu_si512(out + 2 * c + 32, _mm512_permutex2var_epi16(a, hi, b));
       }
-#endif
-      for (int64_t c = 0; c < cols; ++c) {
-        out[2 * c] = static_cast<S>(x0[c]);
-        out[2 * c + 1] = second ? static_cast<S>(x1[c]) : S(0);
-      }
-      for (int64_t c = cols; c < kBlockN; ++c) out[2 * c] = out[2 * c + 1] = S(0);
     }
+#endif
+    for (; c < n; ++c) {
+      out[2 * c] = static_cast<S>(x0[c]);
+      out[2 * c + 1] = second ? static_cast<S>(x1[c]) : S(0);
+    }
+    std::fill(out + 2 * n, out + 2 * ld, S(0));
   }
 }
 
@@ -99,31 +102,26 @@ inline void pack_rows(S* __restrict__ dst, const X* __restrict__ x, int64_t ldx,
 // column is two consecutive elements of a row of X: a 32-bit copy.
 template <typename S>
 inline void pack_transposed(S* __restrict__ dst, const S* __restrict__ x, int64_t ldx, int64_t n, int64_t k) {
-  const int64_t kk = even(k), nn = whole_blocks(n);
-  for (int64_t j0 = 0; j0 < nn; j0 += kBlockN) {
-    S* blk = dst + j0 * kk;
-    const int64_t cols = std::max<int64_t>(0, std::min(kBlockN, n - j0));
-    for (int64_t c = 0; c < cols; ++c) {
-      const S* row = x + (j0 + c) * ldx;
-      int64_t r = 0;
-      for (; r + 1 < k; r += 2) std::memcpy(blk + r * kBlockN + 2 * c, row + r, 2 * sizeof(S));
-      if (r < k) {
-        blk[r * kBlockN + 2 * c] = row[r];
-        blk[r * kBlockN + 2 * c + 1] = S(0);
-      }
+  const int64_t kk = even(k), ld = tile_ld(n);
+  for (int64_t c = 0; c < n; ++c) {
+    const S* row = x + c * ldx;
+    S* col = dst + 2 * c;
+    int64_t r = 0;
+    for (; r + 1 < k; r += 2) std::memcpy(col + r * ld, row + r, 2 * sizeof(S));
+    if (r < k) {
+      col[r * ld] = row[r];
+      col[r * ld + 1] = S(0);
     }
-    for (int64_t r = 0; r < kk; r += 2)
-      std::fill(blk + r * kBlockN + 2 * cols, blk + (r + 2) * kBlockN, S(0));
   }
+  for (int64_t r = 0; r < kk; r += 2) std::fill(dst + r * ld + 2 * n, dst + (r + 2) * ld, S(0));
 }
 
-// C (m x whole_blocks(n), ldc) [+]= A (m x even(k), lda) B (packed k x n).
+// C (m x tile_ld(n), ldc) [+]= A (m x even(k), lda) B (packed k x n).
 template <typename S>
 inline void product(int64_t m, int64_t n, int64_t k, const S* a, int64_t lda, const S* packed, float* c, int64_t ldc,
                     bool accumulate) {
-  const int64_t kk = even(k), nn = whole_blocks(n);
-  for (int64_t j0 = 0; j0 < nn; j0 += kBlockN)
-    at::native::cpublas::brgemm(m, kBlockN, kk, lda, kBlockN, ldc, accumulate, a, packed + j0 * kk, c + j0, true);
+  const int64_t ld = tile_ld(n);
+  at::native::cpublas::brgemm(m, ld, even(k), lda, ld, ldc, accumulate, a, packed, c, true);
 }
 
 // ------------------------------------------------ attention on the unit --
