@@ -18,6 +18,7 @@ import torch
 from semask_fast import _bench
 
 CASES = {c.key: c for c in _bench.bench_cases(os.environ.get("SEMASK_FAST_BENCH_SCALE", "small"))}
+_bench.recycle_allocations()  # the allocator as `python -m semask_fast bench` sets it, for every contender
 
 
 @functools.lru_cache(maxsize=None)

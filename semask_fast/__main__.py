@@ -197,6 +197,7 @@ def _bench_quick(args) -> int:
 
     case = _bench.quick_case()
     modes = _modes(args.mode)
+    _bench.recycle_allocations()
     print(f"semask_fast on {_bench_report.machine_line()}")
     sgemm = _bench.sgemm_rate()
     print(f"{case.name}, {args.dtype}; sgemm rate {sgemm:.0f} GFLOP/s:")
@@ -239,6 +240,7 @@ def cmd_bench(args) -> int:
         return 2
     machine = _bench_report.machine_line()
     command = "python -m semask_fast bench" + "".join(f" {a}" for a in (args.argv or []))
+    allocator = _bench.recycle_allocations()
     print(f"CPU benchmark, {args.dtype}, {args.scale} shapes, on {machine}", flush=True)
     sgemm = _bench.sgemm_rate()
     print(f"sgemm rate: {sgemm:.0f} GFLOP/s (fp32 torch.mm 2048^3, best of 5)", flush=True)
@@ -264,7 +266,7 @@ def cmd_bench(args) -> int:
         (results if main_table else os.path.join(results, args.dtype)) if full_run else "")
     if out:
         md, png = os.path.join(out, "bench_cpu.md"), os.path.join(out, "bench_cpu.png")
-        header = _bench_report.header_lines(machine, dtype, args.scale, sgemm, command)
+        header = _bench_report.header_lines(machine, dtype, args.scale, sgemm, command, allocator)
         plotted = _bench_report.write_plot(png, rows, modes, f"{args.dtype}, {args.scale} shapes\n{machine}")
         _bench_report.write_markdown(md, rows, modes, header, e2e, os.path.basename(png) if plotted else None)
         print(f"wrote {md}" + (f" and {png}" if plotted else " (no plot: matplotlib is not installed)"))

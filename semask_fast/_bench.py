@@ -497,6 +497,33 @@ def working_memory(step: Step) -> Tuple[int, List[str]]:
     return max(0, peak - sum(storages.values())), ran
 
 
+# glibc's malloc maps a block of 128 KiB or more afresh and unmaps it when freed, unless an earlier
+# free raised that threshold: a peer's large temporaries (eager's attention matrix) were page-faulted
+# in on every call, or recycled, depending on what had run before in the process (SeMask-T global,
+# bf16, eager fwd: 14.8 ms in a process of its own, 6.4 ms after the windowed case).
+MMAP_THRESHOLD = 32 << 20  # glibc's largest
+
+
+def recycle_allocations() -> Optional[str]:
+    """Fixes glibc's mmap threshold at its largest and turns off trimming, for every contender of
+    the process: temporaries up to 32 MiB are recycled instead of page-faulted per call, as with a
+    tuned allocator (larger ones are still mapped per call; our kernels recycle their outputs of
+    any size in their own pool).  Returns what it set, for the report, or None where the C library
+    is not glibc."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    if not (libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD) and libc.mallopt(m_trim_threshold, 2 ** 30)):
+        return None
+    return (f"glibc malloc with its mmap threshold fixed at {MMAP_THRESHOLD >> 20} MiB and no trimming (set by the "
+            "bench, for every contender): temporaries up to that size are recycled rather than page-faulted on "
+            "every call; larger ones are mapped per call")
+
+
 def sgemm_rate(n: int = 2048, reps: int = 5) -> float:
     """GFLOP/s of a fp32 ``torch.mm`` of n x n matrices, best of ``reps`` (after a warm-up)."""
     gen = torch.Generator().manual_seed(0)

@@ -120,13 +120,15 @@ def rows_table(rows: Sequence[dict]) -> str:
                    "working memory (MiB)", "note"], body)
 
 
-def header_lines(machine: str, dtype: torch.dtype, scale: str, sgemm_gflops: float, command: str) -> List[str]:
+def header_lines(machine: str, dtype: torch.dtype, scale: str, sgemm_gflops: float, command: str,
+                 allocator: Optional[str] = None) -> List[str]:
     lines = [
         f"Machine: {machine}.",
         f"Run: `{command}`, {str(dtype).replace('torch.', '')}, {scale} shapes, {_utc_now()}, "
         f"semask_fast {__version__}.",
         f"sgemm rate: {sgemm_gflops:.0f} GFLOP/s (fp32 `torch.mm` of 2048x2048 matrices, best of 5, "
         f"{torch.get_num_threads()} threads), measured in the same run.",
+        f"Allocator: {allocator or 'as the process found it'}.",
     ]
     if dtype in (torch.float16, torch.bfloat16):
         from .backends.cpu import matrix_unit_summary

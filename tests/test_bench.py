@@ -97,6 +97,46 @@ def test_working_memory_sees_a_temporary():
     assert n * 4 * 4 <= nbytes < 2 * n * 4 * 4  # the (n, 4) fp32 temporary, not the (4,) output
 
 
+_FAULTS_OF_A_REUSED_BLOCK = """
+import ctypes, resource, sys
+from semask_fast import _bench
+if sys.argv[1] == "recycle":
+    assert "32 MiB" in _bench.recycle_allocations()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+def faults(nbytes=16 << 20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(nbytes)
+    libc.memset(block, 1, nbytes)
+    libc.free(block)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults()
+print(faults())
+"""
+
+
+def test_the_bench_recycles_large_temporaries_for_every_contender():
+    """In a fresh process, glibc maps a second 16 MiB block afresh after freeing the first (its
+    threshold follows what was freed before, so the peers' timings depended on what the process
+    had run before); after recycle_allocations the freed block is reused: (almost) no page faults."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the C library is not glibc")
+
+    def second_block_faults(mode):
+        run = subprocess.run([sys.executable, "-c", _FAULTS_OF_A_REUSED_BLOCK, mode], capture_output=True, text=True,
+                             check=True)
+        return int(run.stdout.split()[-1])
+
+    assert second_block_faults("default") > 2000  # 4096 pages of 4 KiB
+    assert second_block_faults("recycle") < 200
+
+
 def test_sdpa_runs_flash_unless_the_table_needs_a_gradient():
     """The claim behind the SDPA rows: the 4-D form takes the flash kernel; with the bias table
     requiring grad PyTorch falls back to the math kernel."""
@@ -127,7 +167,7 @@ def test_bench_cli_names_the_machine_and_writes_the_table(fast_bench, tmp_path, 
     model = _bench_report.cpu_model()
     assert model in out.splitlines()[0] and "threads" in out.splitlines()[0]
     md = (tmp_path / "bench_cpu.md").read_text()
-    assert f"Machine: {model}" in md and "sgemm rate: 100 GFLOP/s" in md
+    assert f"Machine: {model}" in md and "sgemm rate: 100 GFLOP/s" in md and "Allocator: " in md
     for name in ("eager", "SDPA", "FlexAttention (compiled)", "torch.compile(eager)"):
         assert f"| window-padded | fwd | {name} |" in md
     assert "| window-padded | fwd+bwd | SDPA, table frozen |" in md
