@@ -283,8 +283,8 @@ def test_cpu_thread_count_invariant(dtype):
 
 
 # (B, h, Nq, Nk, d) at the matrix-unit path's edges: a padded head_dim, odd Nq / Nk, several blocks
-# of class tokens, one class token.
-MATRIX_UNIT_SHAPES = [(1, 4, 150, 400, 32), (2, 3, 37, 81, 20), (1, 2, 1, 17, 16)]
+# of class tokens, one class token, Nk whose tiles get a padded row stride (tile_ld: 512 -> 528).
+MATRIX_UNIT_SHAPES = [(1, 4, 150, 400, 32), (2, 3, 37, 81, 20), (1, 2, 1, 17, 16), (1, 2, 20, 512, 16)]
 
 
 @pytest.mark.parametrize("unit", [True, False], ids=["matrix-unit", "converted"])

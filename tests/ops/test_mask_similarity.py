@@ -162,8 +162,8 @@ def test_cpu_gradcheck_fp64(norm, affine):
 
 
 # (B, Np, K, D) at the matrix-unit path's edges: odd D (staged rows), odd K, a last block of one row,
-# several row blocks.
-MATRIX_UNIT_SHAPES = [(2, 129, 150, 96), (1, 65, 7, 33), (3, 37, 19, 64)]
+# several row blocks, K and D whose tiles get padded row strides (tile_ld: 512 -> 528).
+MATRIX_UNIT_SHAPES = [(2, 129, 150, 96), (1, 65, 7, 33), (3, 37, 19, 64), (1, 40, 512, 512)]
 
 
 @pytest.mark.parametrize("unit", [True, False], ids=["matrix-unit", "vector-units"])

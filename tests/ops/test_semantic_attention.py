@@ -316,8 +316,10 @@ def test_cpu_thread_count_invariant(shape, dtype):
 
 
 # Shapes of the matrix-unit path's edges: odd K and C (staged A rows), one query block with an odd
-# count (the transposed A's zero column), several query blocks (packed operands shared), one token.
-MATRIX_UNIT_SHAPES = [(2, 49, 150, 96), (1, 131, 19, 40), (2, 33, 7, 9), (3, 1, 4, 6), (1, 300, 150, 48)]
+# count (the transposed A's zero column), several query blocks (packed operands shared), one token,
+# N and C whose tiles get padded row strides (sf_cpu_matrix.h tile_ld: 512 columns -> 528).
+MATRIX_UNIT_SHAPES = [(2, 49, 150, 96), (1, 131, 19, 40), (2, 33, 7, 9), (3, 1, 4, 6), (1, 300, 150, 48),
+                      (1, 512, 9, 512)]
 
 
 @pytest.mark.parametrize("unit", [True, False], ids=["matrix-unit", "converted"])
